@@ -1,0 +1,124 @@
+"""AsyncEngine: the engine's step loop on one background thread, with an asyncio face.
+
+`add_request` returns an async iterator of incremental RequestOutputs. The engine itself is
+touched only by the loop thread; callers hand it work through a lock-protected inbox, and
+outputs come back to each caller's event loop with call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from .config import EngineConfig
+from .llm_engine import LLMEngine, RequestOutput
+from .sampling_params import SamplingParams
+
+log = logging.getLogger("loragate.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop failed; requests in flight cannot complete."""
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None, *, engine: LLMEngine | None = None, progress: bool = True):
+        self.engine = engine or LLMEngine(config, progress=progress)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: list = []  # ("add", Request) | ("abort", request_id), in arrival order
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="loragate-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    async def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                          request_id: str | None = None, cache_salt: str = "") -> AsyncIterator[RequestOutput]:
+        """Validate and queue a request; iterate the result for its outputs. Raises
+        InvalidRequestError at once for bad input. Breaking out of the iteration (or the
+        task being cancelled) aborts the request and frees its KV blocks."""
+        if self.error is not None:
+            raise EngineDeadError(f"engine stopped: {self.error}")
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        # Tokenise and validate here, not on the loop thread, so a step never waits for it
+        # and this event loop never waits for a step.
+        req = self.engine.make_request(prompt, params, request_id, cache_salt)
+        with self._lock:
+            if req.request_id in self._streams:
+                raise ValueError(f"request id {req.request_id!r} is already in use")
+            self._streams[req.request_id] = (loop, queue)
+            self._inbox.append(("add", req))
+            self._wake.notify()
+        return self._stream(req.request_id, queue)
+
+    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise EngineDeadError(f"engine stopped: {item}") from item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+            self._wake.notify()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopped and not self._inbox and not self.engine.has_unfinished:
+                        self._wake.wait()
+                    if self._stopped:
+                        return
+                    inbox, self._inbox = self._inbox, []
+                # In arrival order, so an abort always follows the add it refers to.
+                for kind, item in inbox:
+                    if kind == "add":
+                        self.engine.enqueue(item)
+                    else:
+                        self.engine.abort(item)
+                        with self._lock:
+                            self._streams.pop(item, None)
+                outputs = self.engine.step()
+                for out in outputs:
+                    self._deliver(out.request_id, out, out.finished)
+        except BaseException as e:  # noqa: BLE001 - every waiter must hear about it
+            log.exception("engine step loop failed")
+            self.error = e
+            with self._lock:
+                streams = list(self._streams)
+            for request_id in streams:
+                self._deliver(request_id, e, True)
+
+    def _deliver(self, request_id: str, item, is_last: bool) -> None:
+        with self._lock:
+            entry = self._streams.pop(request_id, None) if is_last else self._streams.get(request_id)
+        if entry is not None:
+            loop, queue = entry
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening
+                self.abort(request_id)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(timeout=30)

@@ -1,0 +1,66 @@
+"""EngineConfig: every engine knob in one validated dataclass (CLI flags and LORAGATE_*
+environment variables map onto these fields)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ModelConfigError
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def parse_bytes(value: str | int) -> int:
+    """'2GiB', '512MiB', '1.5GB', '1073741824' -> bytes."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise ModelConfigError(f"cannot parse a size from {value!r} (examples: 512MiB, 2GiB)")
+    unit = (m.group(2) or "").upper().rstrip("B").rstrip("I")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def physical_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2-135m-instruct"  # a catalog name (see `loragate models list`) or a model directory
+    # bfloat16 is the default: on CPUs with AMX/AVX-512-BF16 it moves half the bytes of fp32
+    # per decoded token, and decode is memory-bound (README's benchmark table).
+    dtype: str = "bfloat16"
+    max_model_len: int | None = None  # default: the model's max_position_embeddings, capped by the KV cache
+    block_size: int = 16
+    kv_cache_memory: int | str = "1GiB"
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 1024
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None  # torch intra-op threads; default: the cores this process may use
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ModelConfigError(f"dtype must be one of {sorted(set(DTYPES))}, got {self.dtype!r}")
+        self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ModelConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ModelConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ModelConfigError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.kv_cache_memory <= 0:
+            raise ModelConfigError("kv_cache_memory must be positive")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

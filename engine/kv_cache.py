@@ -1,0 +1,154 @@
+"""Paged KV cache bookkeeping: fixed-size blocks, per-request block tables, prefix caching.
+
+Only block ids live here; the K/V tensors themselves belong to the model runner. A full
+block is content-addressed by a chained hash of (cache salt, every token id up to the block
+end), so a later request with the same prefix (and the same adapter) reuses it. Blocks whose
+reference count drops to zero stay cached until the allocator needs them, oldest first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+
+from .request import Request
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be >= 1")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        # Blocks with no reference, in eviction order (least recently freed first).
+        self.free_blocks: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.cached_block_by_hash: dict[bytes, int] = {}
+        self.hash_of_block: dict[int, bytes] = {}
+        # Counters for metrics and tests.
+        self.num_prefix_queries_tokens = 0
+        self.num_prefix_hit_tokens = 0
+        self.num_evictions = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- prefix caching -------------------------------------------------------------------
+
+    @staticmethod
+    def _block_hash(parent: bytes, tokens: list[int], salt: str) -> bytes:
+        # A cryptographic hash, not Python's hash(): tenants choose their token ids, and a
+        # crafted collision would hand them another tenant's K/V.
+        h = hashlib.blake2b(parent, digest_size=16)
+        h.update(salt.encode())
+        h.update(array("q", tokens).tobytes())
+        return h.digest()
+
+    def _extend_hashes(self, request: Request, num_tokens: int) -> None:
+        """Compute hashes for every full block among the request's first `num_tokens` tokens."""
+        bs = self.block_size
+        if (len(request.block_hashes) + 1) * bs > num_tokens:
+            return
+        tokens = request.all_token_ids
+        while (len(request.block_hashes) + 1) * bs <= num_tokens:
+            i = len(request.block_hashes)
+            parent = request.block_hashes[-1] if i else b""
+            request.block_hashes.append(self._block_hash(parent, tokens[i * bs:(i + 1) * bs], request.cache_salt))
+
+    def match_prefix(self, request: Request) -> int:
+        """Attach cached blocks for the longest cached prefix; returns the number of tokens hit.
+
+        At least one token is always left to compute: the last one produces the logits.
+        """
+        assert not request.block_ids, "prefix matching is for requests holding no blocks"
+        if not self.enable_prefix_caching:
+            return 0
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        self._extend_hashes(request, max_blocks * self.block_size)
+        hits: list[int] = []
+        for h in request.block_hashes[:max_blocks]:
+            block = self.cached_block_by_hash.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        for block in hits:
+            self._ref(block)
+        request.block_ids = hits
+        num_hit = len(hits) * self.block_size
+        self.num_prefix_queries_tokens += request.num_tokens
+        self.num_prefix_hit_tokens += num_hit
+        return num_hit
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Register the request's newly completed blocks under their content hash."""
+        if not self.enable_prefix_caching:
+            return
+        self._extend_hashes(request, request.num_computed_tokens)
+        num_full = request.num_computed_tokens // self.block_size
+        for i in range(num_full):
+            block = request.block_ids[i]
+            if block in self.hash_of_block:
+                continue
+            h = request.block_hashes[i]
+            if h in self.cached_block_by_hash:
+                continue  # an identical block is cached already; ours stays private
+            self.cached_block_by_hash[h] = block
+            self.hash_of_block[block] = h
+
+    # -- allocation -----------------------------------------------------------------------
+
+    def _ref(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self.free_blocks[block]
+        self.ref_counts[block] += 1
+
+    def _take_free_block(self) -> int:
+        block, _ = self.free_blocks.popitem(last=False)
+        h = self.hash_of_block.pop(block, None)
+        if h is not None:
+            del self.cached_block_by_hash[h]
+            self.num_evictions += 1
+        self.ref_counts[block] = 1
+        return block
+
+    def can_allocate(self, request: Request, num_new_tokens: int) -> bool:
+        needed = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
+        return needed <= self.num_free_blocks
+
+    def allocate(self, request: Request, num_new_tokens: int) -> bool:
+        """Grow the request's block table to hold `num_new_tokens` more tokens; False if full."""
+        needed = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
+        if needed > self.num_free_blocks:
+            return False
+        for _ in range(needed):
+            request.block_ids.append(self._take_free_block())
+        return True
+
+    def free(self, request: Request) -> None:
+        """Drop the request's references. Tail blocks go first in the eviction order: they are
+        the least likely to be shared by a later request."""
+        for block in reversed(request.block_ids):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+        request.block_ids = []
+
+    def truncate(self, request: Request, num_tokens: int) -> None:
+        """Release blocks beyond the first `num_tokens` tokens (speculative rollback)."""
+        keep = self.blocks_needed(num_tokens)
+        for block in reversed(request.block_ids[keep:]):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+        del request.block_ids[keep:]
+        del request.block_hashes[num_tokens // self.block_size:]

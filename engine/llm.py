@@ -1,0 +1,45 @@
+"""LLM: the synchronous, offline API. `LLM(...).generate(prompts, params)` runs every prompt
+through one continuously batched engine and returns the outputs in prompt order."""
+
+from __future__ import annotations
+
+from tqdm import tqdm
+
+from .config import EngineConfig
+from .llm_engine import LLMEngine, RequestOutput
+from .sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str | None = None, *, progress: bool = True, **config_fields):
+        config = EngineConfig(**({"model": model} if model else {}), **config_fields)
+        self.engine = LLMEngine(config, progress=progress)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: str | list[int] | list[str | list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 *, progress: bool = False) -> list[RequestOutput]:
+        """Generate for each prompt (text or token ids); returns final outputs in order.
+        Every prompt is validated before any is queued, so a bad one queues nothing."""
+        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+        prompt_list = [prompts] if single else list(prompts)
+        param_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompt_list)
+        if len(param_list) != len(prompt_list):
+            raise ValueError("params must be one SamplingParams or one per prompt")
+        ids = []
+        try:
+            for prompt, p in zip(prompt_list, param_list):
+                ids.append(self.engine.add_request(prompt, p).request_id)
+        except Exception:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        final: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generate", disable=not progress)
+        while len(final) < len(ids):
+            for out in self.engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+                    bar.update()
+        bar.close()
+        return [final[rid] for rid in ids]

@@ -1,0 +1,188 @@
+"""LLMEngine: one synchronous step loop over scheduler + model runner. Not thread-safe on
+its own; `LLM` drives it directly and `AsyncEngine` drives it from one background thread."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import EngineConfig, physical_cores
+from .detokenizer import IncrementalDetokenizer
+from .errors import InvalidRequestError, ModelConfigError
+from .kv_cache import KVCacheManager
+from .model_runner import ModelRunner
+from .models.loader import load_hf_config, load_model
+from .models.prepare import resolve_model
+from .request import Request, RequestStatus
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+
+log = logging.getLogger("loragate.engine")
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # all output tokens so far
+    new_token_ids: list[int]  # tokens added by this step
+    text: str  # all output text so far (stop string excluded)
+    delta_text: str  # text that became final in this step
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None  # the stop string or stop token that ended it
+    num_cached_tokens: int = 0
+    new_logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, *, progress: bool = True):
+        self.config = config = config or EngineConfig()
+        torch.set_num_threads(config.num_threads or physical_cores())
+        model_dir = resolve_model(config.model, progress=progress)
+        self.model_dir = Path(model_dir)
+        hf_config = load_hf_config(self.model_dir)
+        max_len = min(config.max_model_len or hf_config.max_position_embeddings, hf_config.max_position_embeddings)
+        t0 = time.perf_counter()
+        self.model, _ = load_model(self.model_dir, config.torch_dtype, max_len)
+        self.tokenizer = _load_tokenizer(self.model_dir)
+        bytes_per_block = ModelRunner.bytes_per_block(self.model, config.block_size)
+        num_blocks = config.kv_cache_memory // bytes_per_block
+        if num_blocks < 2:
+            raise ModelConfigError(f"kv_cache_memory {config.kv_cache_memory} B holds fewer than 2 blocks of {bytes_per_block} B")
+        # A request must always fit alone, or it could be preempted forever.
+        self.max_model_len = min(max_len, num_blocks * config.block_size)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.eos_token_ids = _eos_ids(self.tokenizer, hf_config, self.model_dir)
+        self.model_name = config.model if not Path(config.model).is_dir() else self.model_dir.name
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+        self.num_computed_tokens_total = 0  # tokens run through the model (prefix hits excluded)
+        self.num_generated_tokens_total = 0
+        if progress:
+            print(f"loragate: {self.model_name} ({config.dtype}, {torch.get_num_threads()} threads) loaded in "
+                  f"{time.perf_counter() - t0:.1f}s; KV cache {num_blocks} blocks x {config.block_size} tokens "
+                  f"= {num_blocks * config.block_size} tokens ({num_blocks * bytes_per_block / 2**20:.0f} MiB); "
+                  f"max_model_len {self.max_model_len}", file=sys.stderr)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return list(prompt)
+
+    def make_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                     request_id: str | None = None, cache_salt: str = "") -> Request:
+        """Tokenize and validate; raises InvalidRequestError. Touches no engine state, so it
+        may run on any thread."""
+        params = params or SamplingParams()
+        ids = self.tokenize(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt is empty", "prompt")
+        vocab = self.model.config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt is {len(ids)} tokens; this model's context is {self.max_model_len} tokens "
+                "including at least one generated token", "prompt")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        return Request(request_id, ids, params, cache_salt=cache_salt)
+
+    def enqueue(self, req: Request) -> None:
+        self.scheduler.add(req)
+        self._detokenizers[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.sampling_params.stop)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, cache_salt: str = "") -> Request:
+        req = self.make_request(prompt, params, request_id, cache_salt)
+        self.enqueue(req)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            return False
+        self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        self._detokenizers.pop(request_id, None)
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # -- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        out = self.runner.execute(scheduled)
+        self.scheduler.update(scheduled, out)
+        self.num_computed_tokens_total += out.num_computed_tokens
+        self.num_generated_tokens_total += len(out.token_ids)
+        now = time.monotonic()
+        outputs = []
+        for req, token, logprob in zip(out.requests, out.token_ids, out.logprobs):
+            if req.first_token_time is None:
+                req.first_token_time = now
+            detok = self._detokenizers[req.request_id]
+            detok.add_tokens([token])
+            status = self._stop_status(req, token, detok)
+            if status is not None:
+                self.scheduler.finish(req, status)
+                del self._detokenizers[req.request_id]
+            outputs.append(RequestOutput(
+                request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
+                token_ids=req.output_token_ids, new_token_ids=[token], text=detok.text,
+                delta_text=detok.take_delta(req.is_finished), finished=req.is_finished,
+                finish_reason=req.finish_reason, stop_reason=req.stop_reason,
+                num_cached_tokens=req.num_cached_tokens, new_logprobs=[logprob] if logprob else []))
+        return outputs
+
+    def _stop_status(self, req: Request, token: int, detok: IncrementalDetokenizer) -> RequestStatus | None:
+        p = req.sampling_params
+        if token in p.stop_token_ids:
+            req.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if not p.ignore_eos and token in self.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if detok.matched_stop is not None:
+            req.stop_reason = detok.matched_stop
+            return RequestStatus.FINISHED_STOPPED
+        if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+
+def _load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelConfigError(f"cannot load the tokenizer from {model_dir}: {e}") from e
+
+
+def _eos_ids(tokenizer, hf_config, model_dir: Path) -> set[int]:
+    ids: set[int] = set()
+    for source in (tokenizer.eos_token_id, getattr(hf_config, "eos_token_id", None)):
+        if source is not None:
+            ids.update(source if isinstance(source, list) else [source])
+    gen_path = model_dir / "generation_config.json"
+    if gen_path.is_file():
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
+        if eos is not None:
+            ids.update(eos if isinstance(eos, list) else [eos])
+    return ids

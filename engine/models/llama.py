@@ -1,0 +1,164 @@
+"""Llama-family decoder (Llama, SmolLM2, Mistral-style GQA, Qwen2 with q/k/v bias) over a
+packed variable-length token batch: all tokens of all requests in one [num_tokens, hidden]
+tensor, each with its own position, attending through the paged KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loragate.kernels.attention import paged_attention, write_kv
+
+from ..errors import ModelConfigError
+from .linear import Projection
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+# RoPE variants whose frequencies do not depend on the sequence being processed.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class ModelArchConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+
+    @classmethod
+    def from_hf(cls, hf) -> "ModelArchConfig":
+        if hf.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelConfigError(f"model_type {hf.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        if getattr(hf, "use_sliding_window", False):
+            raise ModelConfigError("sliding-window attention is not supported")
+        if getattr(hf, "hidden_act", "silu") != "silu":
+            raise ModelConfigError(f"hidden_act {hf.hidden_act!r} is not supported (only silu)")
+        rope_type = (getattr(hf, "rope_parameters", None) or {}).get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ModelConfigError(f"rope_type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        is_qwen2 = hf.model_type == "qwen2"
+        attention_bias = bool(getattr(hf, "attention_bias", False))
+        return cls(
+            model_type=hf.model_type,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=hf.num_attention_heads,
+            num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
+            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+            rms_norm_eps=hf.rms_norm_eps,
+            max_position_embeddings=hf.max_position_embeddings,
+            tie_word_embeddings=bool(hf.tie_word_embeddings),
+            qkv_bias=is_qwen2 or attention_bias,
+            o_bias=attention_bias and not is_qwen2,
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        )
+
+
+def rope_tables(hf_config, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_positions, head_dim] in fp32, computed like transformers does
+    (its ROPE_INIT_FUNCTIONS give the inverse frequencies and the attention scaling)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(hf_config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": hf_config.rope_theta}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        scaling = 1.0
+    else:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * scaling, emb.sin() * scaling
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, exactly as the HF models do.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelArchConfig, dtype: torch.dtype):
+        super().__init__()
+        self.c = c
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+        self.qkv_proj = Projection(c.hidden_size, {"q_proj": q, "k_proj": kv, "v_proj": kv}, c.qkv_bias, dtype)
+        self.o_proj = Projection(q, {"o_proj": c.hidden_size}, c.o_bias, dtype)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+        self.gate_up_proj = Projection(c.hidden_size, {"gate_proj": c.intermediate_size, "up_proj": c.intermediate_size}, c.mlp_bias, dtype)
+        self.down_proj = Projection(c.intermediate_size, {"down_proj": c.hidden_size}, c.mlp_bias, dtype)
+        self.scale = c.head_dim ** -0.5
+
+    def forward(self, x, cos, sin, k_cache, v_cache, batch) -> torch.Tensor:
+        c = self.c
+        T = x.shape[0]
+        qkv = self.qkv_proj(self.input_layernorm(x), batch)
+        # q and k heads rotate together: one RoPE pass over [T, heads + kv_heads, d].
+        qk = qkv[:, : (c.num_heads + c.num_kv_heads) * c.head_dim].view(T, -1, c.head_dim)
+        half = c.head_dim // 2
+        rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+        qk = qk * cos + rotated * sin
+        q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
+        v = qkv[:, (c.num_heads + c.num_kv_heads) * c.head_dim:].view(T, c.num_kv_heads, c.head_dim)
+        write_kv(k, v, k_cache, v_cache, batch.attention.slot_mapping)
+        attn = paged_attention(q, k, v, k_cache, v_cache, batch.attention, self.scale)
+        x = x + self.o_proj(attn.reshape(T, -1), batch)
+        gate_up = self.gate_up_proj(self.post_attention_layernorm(x), batch)
+        gate, up = gate_up.split(c.intermediate_size, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up, batch)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, c: ModelArchConfig, hf_config, dtype: torch.dtype, max_positions: int):
+        super().__init__()
+        self.config = c
+        self.dtype = dtype
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(c, dtype) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+        self.lm_head = None if c.tie_word_embeddings else nn.Parameter(
+            torch.empty(c.vocab_size, c.hidden_size, dtype=dtype), requires_grad=False)
+        cos, sin = rope_tables(hf_config, max_positions)
+        # Cast like transformers (which computes in fp32, then casts to the activation dtype).
+        self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
+        self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, batch) -> torch.Tensor:
+        """input_ids, positions: [num_tokens]; kv_caches: per layer (k_cache, v_cache).
+        Returns final hidden states [num_tokens, hidden]."""
+        x = self.embed_tokens(input_ids)
+        cos = self.rope_cos.index_select(0, positions).unsqueeze(1)  # [T, 1, d]
+        sin = self.rope_sin.index_select(0, positions).unsqueeze(1)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, k_cache, v_cache, batch)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [n, hidden] -> fp32 logits [n, vocab]."""
+        return F.linear(hidden, self.lm_head_weight).float()

@@ -1,0 +1,98 @@
+"""Build our model from a Hugging Face model directory (config.json + *.safetensors)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import ModelConfigError
+from .llama import LlamaForCausalLM, ModelArchConfig
+
+# Checkpoint module -> (our fused projection, its slice name).
+_FUSED = {
+    "self_attn.q_proj": ("qkv_proj", "q_proj"),
+    "self_attn.k_proj": ("qkv_proj", "k_proj"),
+    "self_attn.v_proj": ("qkv_proj", "v_proj"),
+    "self_attn.o_proj": ("o_proj", "o_proj"),
+    "mlp.gate_proj": ("gate_up_proj", "gate_proj"),
+    "mlp.up_proj": ("gate_up_proj", "up_proj"),
+    "mlp.down_proj": ("down_proj", "down_proj"),
+}
+
+
+def load_hf_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ModelConfigError(f"{model_dir} is not a model directory (no config.json)")
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+        raise ModelConfigError(f"cannot read {model_dir / 'config.json'}: {e}") from e
+
+
+def _checkpoint_tensors(model_dir: Path):
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelConfigError(f"{model_dir} has no *.safetensors weights (pickle checkpoints are not loaded)")
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                yield name, st.get_tensor(name)
+
+
+def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int) -> tuple[LlamaForCausalLM, object]:
+    model_dir = Path(model_dir)
+    hf_config = load_hf_config(model_dir)
+    arch = ModelArchConfig.from_hf(hf_config)
+    model = LlamaForCausalLM(arch, hf_config, dtype, max_positions)
+    layers = model.layers
+    loaded: set[str] = set()
+    for name, tensor in _checkpoint_tensors(model_dir):
+        name = name.removeprefix("model.")
+        if name == "embed_tokens.weight":
+            target = model.embed_tokens.weight
+        elif name == "norm.weight":
+            target = model.norm.weight
+        elif name == "lm_head.weight":
+            if model.lm_head is None:
+                continue  # tied: the embedding serves as the head
+            target = model.lm_head
+        elif name.startswith("layers."):
+            _, idx, rest = name.split(".", 2)
+            layer = layers[int(idx)]
+            module, _, kind = rest.rpartition(".")
+            if module in ("input_layernorm", "post_attention_layernorm"):
+                target = getattr(layer, module).weight
+            elif module in _FUSED and kind in ("weight", "bias"):
+                proj_name, slice_name = _FUSED[module]
+                proj = getattr(layer, proj_name)
+                full = getattr(proj, kind)
+                if full is None:
+                    raise ModelConfigError(f"checkpoint has {name} but the config says the projection has no bias")
+                start = 0
+                for s, width in proj.output_slices.items():
+                    if s == slice_name:
+                        break
+                    start += width
+                target = full[start:start + proj.output_slices[slice_name]]
+            elif "rotary_emb" in rest:
+                continue
+            else:
+                raise ModelConfigError(f"unexpected tensor {name!r} in checkpoint")
+        else:
+            raise ModelConfigError(f"unexpected tensor {name!r} in checkpoint")
+        if target.shape != tensor.shape:
+            raise ModelConfigError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(target.shape)}")
+        target.copy_(tensor)
+        loaded.add(name)
+    expected = 2 + arch.num_layers * (2 + len(_FUSED)) + (0 if arch.tie_word_embeddings else 1)
+    expected += arch.num_layers * (3 * arch.qkv_bias + arch.o_bias + 3 * arch.mlp_bias)
+    if len(loaded) != expected:
+        raise ModelConfigError(f"checkpoint in {model_dir} holds {len(loaded)} of the {expected} tensors the model needs")
+    model.eval()
+    return model, hf_config

@@ -1,0 +1,77 @@
+"""The one object that carries a generation request from the API down to the runner."""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    # Key that separates prefix-cache entries of different weights (adapter id + version);
+    # empty for the base model.
+    cache_salt: str = ""
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    # Tokens whose K/V are in the cache (prompt and output tokens alike).
+    num_computed_tokens: int = 0
+    # Of those, how many came from the prefix cache on the last admission.
+    num_cached_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    # Chained hashes of this request's full blocks, in order (prefix-cache keys).
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+    stop_reason: str | int | None = None
+    # Per output token: (chosen token logprob, {token id: logprob} of the top alternatives).
+    logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
+    generator: torch.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator()
+        seed = self.sampling_params.seed
+        self.generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.value if self.is_finished else None

@@ -1,0 +1,105 @@
+"""Continuous-batching scheduler: owns every request state change (admit, preempt, finish,
+free). Each step it gives running requests their next tokens first (decode before new
+prefill, FCFS), then admits waiting requests into what is left of the token budget, with
+long prompts split into chunks. When KV blocks run out, the most recently admitted running
+request is preempted: its blocks are freed and it is recomputed later (prefix caching
+usually makes the recompute cheap)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .kv_cache import KVCacheManager
+from .model_runner import StepOutput
+from .request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def schedule(self) -> list[tuple[Request, int]]:
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate(req, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            else:
+                scheduled.append((req, num_new))
+                budget -= num_new
+                i += 1
+        # After a preemption the cache is short: admitting new work would only thrash.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            if not req.block_ids:
+                req.num_cached_tokens = self.kv.match_prefix(req)
+                req.num_computed_tokens = req.num_cached_tokens
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.kv.allocate(req, num_new):
+                self.kv.free(req)  # give back the prefix hits until it can run
+                req.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append((req, num_new))
+            budget -= num_new
+        return scheduled
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update(self, scheduled: list[tuple[Request, int]], output: StepOutput) -> None:
+        """Record what the step computed and the tokens it sampled."""
+        for req, num_new in scheduled:
+            req.num_computed_tokens += num_new
+        for req, token, logprob in zip(output.requests, output.token_ids, output.logprobs):
+            req.output_token_ids.append(token)
+            if logprob is not None:
+                req.logprobs.append(logprob)
+        for req, _ in scheduled:
+            self.kv.cache_full_blocks(req)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """End a request (stopped, length, aborted) and free its blocks. Idempotent."""
+        if req.is_finished:
+            return
+        req.status = status
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        self.kv.free(req)
+        self.requests.pop(req.request_id, None)

@@ -1,0 +1,56 @@
+"""Token sampling from fp32 logits: greedy, temperature, top-k, top-p, per-request generators.
+
+Semantics: for each row, greedy rows (temperature 0) take argmax; the others sample from
+softmax(logits / temperature) restricted to the top_k most likely tokens (0 = all) and then to
+the smallest set whose probability mass reaches top_p (the token that crosses top_p is kept),
+using that row's own torch.Generator so a seeded request draws the same tokens whatever
+else is in the batch. Pure torch: this is both the reference and the CPU path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """logits [n, V] fp32; top_k [n] int64 (0 = off); top_p [n] fp32. Returns logits with
+    filtered-out entries set to -inf (a new tensor)."""
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    rank = torch.arange(vocab).unsqueeze(0)
+    remove = rank >= k.unsqueeze(1)
+    probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+    # Mass strictly before each token: a token is kept while that is below top_p.
+    mass_before = probs.cumsum(dim=-1) - probs
+    remove |= mass_before >= top_p.unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           generators: list[torch.Generator]) -> torch.Tensor:
+    """logits [n, V] fp32; temperature, top_p [n] fp32; top_k [n] int64. Returns token ids [n]."""
+    tokens = logits.argmax(dim=-1)
+    is_random = temperature > 0
+    if not bool(is_random.any()):
+        return tokens
+    rows = is_random.nonzero().squeeze(1)
+    scaled = logits[rows] / temperature[rows].unsqueeze(1)
+    needs_filter = (top_k[rows] > 0) | (top_p[rows] < 1.0)
+    if bool(needs_filter.any()):
+        scaled = top_k_top_p_filter(scaled, top_k[rows], top_p[rows])
+    probs = scaled.softmax(dim=-1)
+    for i, row in enumerate(rows.tolist()):
+        tokens[row] = torch.multinomial(probs[i], 1, generator=generators[row])[0]
+    return tokens
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, num_top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities under the model's own distribution (before temperature/filtering).
+
+    Returns (chosen [n], top values [n, num_top], top ids [n, num_top])."""
+    logp = logits.log_softmax(dim=-1)
+    chosen = logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    top_vals, top_ids = logp.topk(num_top, dim=-1) if num_top > 0 else (logp[:, :0], tokens[:, None][:, :0])
+    return chosen, top_vals, top_ids

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random Llama / Qwen2 checkpoints written in HF format, and the
+real bundled model (prepared once into LORAGATE_HOME)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_VOCAB = 512
+
+
+def _write_tiny(path, arch: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0 if arch == "llama" else 1)
+    common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=arch == "qwen2")
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    # Random init gives near-uniform logits; widen them so greedy choices are not near-ties.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            elif arch == "qwen2" and p.dim() == 1 and p.shape[0] != 64:
+                p.normal_(0, 0.05)  # q/k/v biases
+    model.save_pretrained(path)
+    vocab = {f"t{i}": i for i in range(TINY_VOCAB)}
+    vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2})
+    tok = Tokenizer(models.WordLevel({k: v for k, v in vocab.items()}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    return _write_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    return _write_tiny(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny_model(request, tiny_llama, tiny_qwen2):
+    return tiny_llama if request.param == "llama" else tiny_qwen2
+
+
+@pytest.fixture(scope="session")
+def real_model_dir():
+    from loragate.engine.models.prepare import DEFAULT_MODEL, resolve_model
+
+    return resolve_model(DEFAULT_MODEL, progress=False)
