@@ -14,13 +14,13 @@ from .errors import ModelConfigError
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
 
-def parse_bytes(value: str | int) -> int:
+def parse_bytes(value: str | int, name: str = "size") -> int:
     """'2GiB', '512MiB', '1.5GB', '1073741824' -> bytes."""
     if isinstance(value, int):
         return value
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*", str(value), re.IGNORECASE)
     if not m:
-        raise ModelConfigError(f"cannot parse a size from {value!r} (examples: 512MiB, 2GiB)")
+        raise ModelConfigError(f"{name}: cannot parse a size from {value!r} (examples: 512MiB, 2GiB)")
     unit = (m.group(2) or "").upper().rstrip("B").rstrip("I")
     scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
     return int(float(m.group(1)) * scale)
@@ -50,7 +50,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ModelConfigError(f"dtype must be one of {sorted(set(DTYPES))}, got {self.dtype!r}")
-        self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
+        self.kv_cache_memory = parse_bytes(self.kv_cache_memory, "kv_cache_memory")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ModelConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

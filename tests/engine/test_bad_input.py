@@ -1,0 +1,71 @@
+"""Bad input gets a clear exception naming the problem, and the engine keeps serving."""
+
+from __future__ import annotations
+
+import pytest
+
+from loragate.engine import EngineConfig, InvalidRequestError, LLMEngine, ModelConfigError, SamplingParams
+from loragate.engine.models.prepare import ModelPrepareError
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama):
+    return LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", max_model_len=128), progress=False)
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -3}, "max_tokens"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_k": -1}, "top_k"),
+    ({"stop": [""]}, "stop"),
+    ({"logprobs": 50}, "logprobs"),
+])
+def test_bad_sampling_params_name_the_parameter(kwargs, param):
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == param
+    assert param in str(e.value)
+
+
+@pytest.mark.parametrize("prompt, fragment", [
+    ([], "empty"),
+    ("", "empty"),
+    (list(range(3, 131)), "context is 128 tokens"),
+    ([5, 99999], "token ids must be"),
+    ([5, -1], "token ids must be"),
+])
+def test_bad_prompts_are_refused_and_the_engine_keeps_serving(engine, prompt, fragment):
+    good = engine.add_request([5, 6, 7], SamplingParams(max_tokens=3, temperature=0))
+    with pytest.raises(InvalidRequestError, match=fragment):
+        engine.add_request(prompt, SamplingParams(max_tokens=3))
+    outs = []
+    while engine.has_unfinished:
+        outs += engine.step()
+    assert [o.request_id for o in outs if o.finished] == [good.request_id]
+    assert len(outs[-1].token_ids) == 3
+
+
+def test_generation_stops_at_the_context_limit(engine):
+    req = engine.add_request(list(range(3, 123)), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    outs = []
+    while engine.has_unfinished:
+        outs += engine.step()
+    assert outs[-1].finish_reason == "length"
+    assert req.num_tokens == 128
+
+
+def test_unknown_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelPrepareError, match="no-such-model"):
+        LLMEngine(EngineConfig(model="no-such-model"), progress=False)
+    with pytest.raises((ModelPrepareError, ModelConfigError), match="config.json"):
+        LLMEngine(EngineConfig(model=str(tmp_path)), progress=False)
+
+
+@pytest.mark.parametrize("field, value", [("dtype", "int3"), ("block_size", 0), ("max_num_seqs", 0),
+                                          ("kv_cache_memory", "lots"), ("max_model_len", 1)])
+def test_bad_engine_config(field, value):
+    with pytest.raises(ModelConfigError, match=field.split("_")[0]):
+        EngineConfig(**{field: value})

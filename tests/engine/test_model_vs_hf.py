@@ -1,0 +1,97 @@
+"""Our model and engine against Hugging Face transformers on the same weights (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from loragate.engine import LLM, SamplingParams
+from loragate.engine.batch import build_batch
+from loragate.engine.kv_cache import KVCacheManager
+from loragate.engine.model_runner import ModelRunner
+from loragate.engine.models.loader import load_model
+from loragate.engine.request import Request
+
+PROMPT_LENGTHS = [1, 5, 17, 40, 100, 3, 64, 250]
+# fp32 logits of two implementations that sum in different orders.
+LOGIT_ATOL = 1e-4
+
+
+def random_prompts(lengths, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(hf, prompt, n):
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_tokens_match_hf_for_mixed_batch(tiny_model):
+    llm = LLM(str(tiny_model), dtype="float32", progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    prompts = random_prompts(PROMPT_LENGTHS, hf.config.vocab_size)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(hf, prompt, 12), f"prompt of {len(prompt)} tokens diverged"
+
+
+def test_prefill_and_decode_logits_match_hf(tiny_model):
+    """One packed prefill of all prompts, then one batched decode step at eight different
+    context lengths: every logit row within LOGIT_ATOL of HF's."""
+    model, _ = load_model(tiny_model, torch.float32, 2048)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    prompts = random_prompts(PROMPT_LENGTHS, model.config.vocab_size, seed=1)
+    block_size = 16
+    kv = KVCacheManager(num_blocks=64, block_size=block_size)
+    runner = ModelRunner(model, 64, block_size)
+    reqs = [Request(f"r{i}", p, SamplingParams(temperature=0)) for i, p in enumerate(prompts)]
+    for r in reqs:
+        assert kv.allocate(r, r.num_tokens)
+    with torch.inference_mode():
+        batch = build_batch([(r, r.num_tokens) for r in reqs], block_size, runner.num_queries_per_kv)
+        logits = model.compute_logits(model(batch.input_ids, batch.positions, runner.kv_caches, batch))
+        start = 0
+        next_tokens = []
+        for p in prompts:
+            ref = hf(torch.tensor([p])).logits[0]
+            torch.testing.assert_close(logits[start:start + len(p)], ref, atol=LOGIT_ATOL, rtol=0)
+            next_tokens.append(int(ref[-1].argmax()))
+            start += len(p)
+        for r, t in zip(reqs, next_tokens):
+            r.num_computed_tokens = r.num_tokens
+            r.output_token_ids.append(t)
+            assert kv.allocate(r, 1)
+        batch = build_batch([(r, 1) for r in reqs], block_size, runner.num_queries_per_kv)
+        assert batch.attention.batch_query_index is not None  # the padded decode path ran
+        logits = model.compute_logits(model(batch.input_ids, batch.positions, runner.kv_caches, batch))
+        for i, r in enumerate(reqs):
+            ref = hf(torch.tensor([r.all_token_ids])).logits[0, -1]
+            torch.testing.assert_close(logits[i], ref, atol=LOGIT_ATOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_real_smollm2_matches_hf_fp32(real_model_dir):
+    llm = LLM(str(real_model_dir), dtype="float32", progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32)
+    tok = llm.tokenizer
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time",
+             "List three primary colors:", "Translate to German: good morning",
+             "The quick brown fox " * 20, "Water boils at", "import numpy as np\n" * 3]
+    prompts = [tok.encode(t) for t in texts]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(hf, prompt, 24), tok.decode(prompt)
+    # Logits of a whole prompt, prefill path, against HF.
+    model = llm.engine.model
+    prompt = prompts[5]
+    with torch.inference_mode():
+        req = Request("x", prompt, SamplingParams())
+        kv = KVCacheManager(64, 16)
+        runner = ModelRunner(model, 64, 16)
+        kv.allocate(req, len(prompt))
+        batch = build_batch([(req, len(prompt))], 16, runner.num_queries_per_kv)
+        logits = model.compute_logits(model(batch.input_ids, batch.positions, runner.kv_caches, batch))
+        ref = hf(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(logits, ref, atol=2e-3, rtol=0)
