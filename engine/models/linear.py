@@ -8,8 +8,9 @@ placed on the matching output range.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from loragate.kernels.dense import dense_linear, pack_weight
 
 
 class Projection(nn.Module):
@@ -18,8 +19,24 @@ class Projection(nn.Module):
         self.in_features = in_features
         self.output_slices = dict(output_slices)  # module name -> output width, in order
         self.out_features = sum(output_slices.values())
-        self.weight = nn.Parameter(torch.empty(self.out_features, in_features, dtype=dtype), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=dtype), requires_grad=False) if bias else None
+        # Filled by the loader, then replaced by `packed` (see pack()).
+        self.weight: torch.Tensor | None = torch.empty(self.out_features, in_features, dtype=dtype)
+        self.bias = torch.zeros(self.out_features, dtype=dtype) if bias else None
+        self.packed: torch.Tensor | None = None
+
+    def slice_range(self, name: str) -> tuple[int, int]:
+        start = 0
+        for s, width in self.output_slices.items():
+            if s == name:
+                return start, start + width
+            start += width
+        raise KeyError(name)
+
+    def pack(self) -> None:
+        """Switch to the GEMM-friendly weight layout once loading is done; the plain copy is
+        dropped when the packed one is a different tensor, so weights are held once."""
+        self.packed = pack_weight(self.weight)
+        self.weight = None
 
     def forward(self, x: torch.Tensor, batch) -> torch.Tensor:  # noqa: ARG002 (batch: LoRA segments)
-        return F.linear(x, self.weight, self.bias)
+        return dense_linear(x, self.packed, self.bias)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loragate.kernels.attention import paged_attention, write_kv
+from loragate.kernels.dense import dense_linear, pack_weight
 
 from ..errors import ModelConfigError
 from .linear import Projection
@@ -145,9 +146,13 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
 
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head
+    def pack_weights(self) -> None:
+        """Called once after loading: every projection (and the head) to its fast layout."""
+        for module in self.modules():
+            if isinstance(module, Projection):
+                module.pack()
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head
+        self.lm_head_packed = pack_weight(head)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, batch) -> torch.Tensor:
         """input_ids, positions: [num_tokens]; kv_caches: per layer (k_cache, v_cache).
@@ -161,4 +166,4 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, hidden] -> fp32 logits [n, vocab]."""
-        return F.linear(hidden, self.lm_head_weight).float()
+        return dense_linear(hidden, self.lm_head_packed, None).float()

@@ -74,12 +74,8 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int) -> tuple
                 full = getattr(proj, kind)
                 if full is None:
                     raise ModelConfigError(f"checkpoint has {name} but the config says the projection has no bias")
-                start = 0
-                for s, width in proj.output_slices.items():
-                    if s == slice_name:
-                        break
-                    start += width
-                target = full[start:start + proj.output_slices[slice_name]]
+                start, end = proj.slice_range(slice_name)
+                target = full[start:end]
             elif "rotary_emb" in rest:
                 continue
             else:
@@ -94,5 +90,5 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int) -> tuple
     expected += arch.num_layers * (3 * arch.qkv_bias + arch.o_bias + 3 * arch.mlp_bias)
     if len(loaded) != expected:
         raise ModelConfigError(f"checkpoint in {model_dir} holds {len(loaded)} of the {expected} tensors the model needs")
-    model.eval()
+    model.pack_weights()
     return model, hf_config
