@@ -29,7 +29,6 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         c = model.config
-        self.num_queries_per_kv = c.num_heads // c.num_kv_heads
         shape = (c.num_layers, 2, num_blocks * block_size, c.num_kv_heads, c.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=model.dtype)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.num_layers)]
@@ -41,7 +40,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Request, int]]) -> StepOutput:
-        batch = build_batch(scheduled, self.block_size, self.num_queries_per_kv)
+        batch = build_batch(scheduled, self.block_size)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch)
         num_tokens = int(batch.input_ids.shape[0])
         if not batch.sampled_requests:

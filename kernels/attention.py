@@ -1,9 +1,11 @@
-"""Attention over a paged KV cache for a packed, variable-length token batch (torch; CPU path).
+"""Attention over a paged KV cache for a packed, variable-length token batch.
 
 Layout: each layer's cache is `[num_slots, num_kv_heads, head_dim]` with slot =
 block_id * block_size + offset. Requests with few new tokens (decode, speculative
-verification) run together as one padded batch; long prefill chunks run one request at a
-time, where the per-call overhead is amortised over many tokens.
+verification) form the "short" batch: on CPU a native kernel reads their K/V straight from
+the blocks (kernels/native.py); the torch reference gathers them into one padded batch.
+Long prefill chunks run one request at a time through SDPA, where the call overhead is
+amortised over many tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from . import native
 
 
 @dataclass
@@ -26,22 +30,15 @@ class PrefillSpan:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64, cache slot of each new token
-    # Padded batch of short-query requests (B requests, up to Q new tokens each).
-    batch_query_index: torch.Tensor | None = None  # [B, Q] int64 token index (padding: 0)
-    batch_valid_index: torch.Tensor | None = None  # [num_valid] int64 into the flattened [B*Q]
-    batch_token_index: torch.Tensor | None = None  # [num_valid] int64 token index of each valid
-    batch_context_slots: torch.Tensor | None = None  # [B, C] int64 cache slots (padding: 0)
-    # [B, 1, group*Q, C] bool, True = may attend, rows ordered (query head in group, query);
-    # None when every query may see every slot.
-    batch_mask: torch.Tensor | None = None
+    block_size: int
+    # The short-query batch, B requests (all None when empty):
+    query_start: torch.Tensor | None = None  # [B] int64, first new token's index in the batch
+    query_len: torch.Tensor | None = None  # [B] int64, new tokens (<= MAX_SHORT_QUERY)
+    context_len: torch.Tensor | None = None  # [B] int64, context incl. the new tokens
+    block_table: torch.Tensor | None = None  # [B, max_blocks] int64 (padding: 0)
     prefill_spans: list[PrefillSpan] = field(default_factory=list)
-
-
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Semantics: k_cache[slot_mapping[i]] = k[i] (same for v). k, v: [num_tokens, kv_heads, d]."""
-    k_cache.index_copy_(0, slot_mapping, k)
-    v_cache.index_copy_(0, slot_mapping, v)
+    use_native: bool = True
+    _padded: tuple | None = field(default=None, repr=False)  # torch path's gather plan, built once per step
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -55,8 +52,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     out = torch.empty_like(q)
-    if meta.batch_query_index is not None:
-        _batched_short_queries(q, k_cache, v_cache, meta, scale, out)
+    if meta.query_start is not None:
+        if meta.use_native and native.supports(q):
+            native.paged_attention_short(q, k_cache, v_cache, out, meta.query_start, meta.query_len,
+                                         meta.context_len, meta.block_table, meta.block_size, scale)
+        else:
+            _short_queries_reference(q, k_cache, v_cache, meta, scale, out)
     for span in meta.prefill_spans:
         qs = q[span.token_start:span.token_end].transpose(0, 1).unsqueeze(0)  # [1, H, m, d]
         if span.context_slots is None:
@@ -76,19 +77,39 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return out
 
 
-def _batched_short_queries(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out) -> None:
-    B, Q = meta.batch_query_index.shape
+def _padded_plan(meta: AttentionMetadata, group: int) -> tuple:
+    """Gather indices and mask that turn the short batch into one padded SDPA call."""
+    if meta._padded is None:
+        B = meta.query_start.shape[0]
+        Q, C = int(meta.query_len.max()), int(meta.context_len.max())
+        i = torch.arange(Q)
+        query_index = (meta.query_start[:, None] + i).clamp(max=meta.slot_mapping.shape[0] - 1)  # [B, Q]
+        is_valid = i[None, :] < meta.query_len[:, None]  # [B, Q]
+        t = torch.arange(C)
+        block = meta.block_table.gather(1, (t // meta.block_size).expand(B, C).clamp(max=meta.block_table.shape[1] - 1))
+        context_slots = block * meta.block_size + t % meta.block_size  # [B, C]
+        query_pos = meta.context_len[:, None] - meta.query_len[:, None] + i  # [B, Q]
+        mask = (t[None, None, :] <= query_pos[:, :, None]) & (t[None, None, :] < meta.context_len[:, None, None])
+        # Rows ordered (head in group, query) to match the folded query layout below.
+        mask = mask.repeat(1, group, 1).unsqueeze(1)  # [B, 1, group*Q, C]
+        meta._padded = (query_index, is_valid.view(-1).nonzero().squeeze(1), query_index[is_valid], context_slots, mask)
+    return meta._padded
+
+
+def _short_queries_reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out) -> None:
     num_heads, d = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
-    C = meta.batch_context_slots.shape[1]
-    # Fold the query heads that share a KV head into the query-length axis, so K/V are used
-    # as they are instead of being repeated per query head: [B, kv_heads, group*Q, d].
-    qb = q.index_select(0, meta.batch_query_index.view(-1)).view(B, Q, num_kv_heads, group, d)
+    query_index, valid_rows, valid_tokens, context_slots, mask = _padded_plan(meta, group)
+    B, Q = query_index.shape
+    C = context_slots.shape[1]
+    # Fold the query heads that share a KV head into the query axis, so K/V are used as they
+    # are instead of being repeated per query head: [B, kv_heads, group*Q, d].
+    qb = q.index_select(0, query_index.view(-1)).view(B, Q, num_kv_heads, group, d)
     qb = qb.permute(0, 2, 3, 1, 4).reshape(B, num_kv_heads, group * Q, d)
-    slots = meta.batch_context_slots.view(-1)
+    slots = context_slots.view(-1)
     kb = k_cache.index_select(0, slots).view(B, C, num_kv_heads, d).transpose(1, 2)
     vb = v_cache.index_select(0, slots).view(B, C, num_kv_heads, d).transpose(1, 2)
-    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=meta.batch_mask, scale=scale)
+    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
     o = o.view(B, num_kv_heads, group, Q, d).permute(0, 3, 1, 2, 4).reshape(B * Q, num_heads, d)
-    out.index_copy_(0, meta.batch_token_index, o.index_select(0, meta.batch_valid_index))
+    out.index_copy_(0, valid_tokens, o.index_select(0, valid_rows))

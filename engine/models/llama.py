@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from loragate.kernels.attention import paged_attention, write_kv
+from loragate.kernels import layer_ops
+from loragate.kernels.attention import paged_attention
 from loragate.kernels.dense import dense_linear, pack_weight
 
 from ..errors import ModelConfigError
@@ -93,9 +93,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the weight, exactly as the HF models do.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+    def forward(self, x: torch.Tensor, residual_delta: torch.Tensor | None, native: bool) -> torch.Tensor:
+        return layer_ops.rms_norm(x, self.weight, self.eps, residual_delta, native)
 
 
 class DecoderLayer(nn.Module):
@@ -111,23 +110,18 @@ class DecoderLayer(nn.Module):
         self.down_proj = Projection(c.intermediate_size, {"down_proj": c.hidden_size}, c.mlp_bias, dtype)
         self.scale = c.head_dim ** -0.5
 
-    def forward(self, x, cos, sin, k_cache, v_cache, batch) -> torch.Tensor:
-        c = self.c
+    def forward(self, x, pending, rope, k_cache, v_cache, batch) -> torch.Tensor:
+        """x: the residual stream [T, hidden], updated in place; pending: the previous layer's
+        output not yet added to it (the add is fused into this layer's first norm).
+        Returns this layer's MLP output, pending for the next layer."""
+        c, native = self.c, batch.use_native_kernels
         T = x.shape[0]
-        qkv = self.qkv_proj(self.input_layernorm(x), batch)
-        # q and k heads rotate together: one RoPE pass over [T, heads + kv_heads, d].
-        qk = qkv[:, : (c.num_heads + c.num_kv_heads) * c.head_dim].view(T, -1, c.head_dim)
-        half = c.head_dim // 2
-        rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
-        qk = qk * cos + rotated * sin
-        q, k = qk[:, : c.num_heads], qk[:, c.num_heads:]
-        v = qkv[:, (c.num_heads + c.num_kv_heads) * c.head_dim:].view(T, c.num_kv_heads, c.head_dim)
-        write_kv(k, v, k_cache, v_cache, batch.attention.slot_mapping)
+        qkv = self.qkv_proj(self.input_layernorm(x, pending, native), batch)
+        q, k, v = layer_ops.rope_write_kv(qkv, batch.positions, rope[0], rope[1], c.num_heads, c.num_kv_heads,
+                                          c.head_dim, batch.attention.slot_mapping, k_cache, v_cache, native)
         attn = paged_attention(q, k, v, k_cache, v_cache, batch.attention, self.scale)
-        x = x + self.o_proj(attn.reshape(T, -1), batch)
-        gate_up = self.gate_up_proj(self.post_attention_layernorm(x), batch)
-        gate, up = gate_up.split(c.intermediate_size, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up, batch)
+        h = self.post_attention_layernorm(x, self.o_proj(attn.view(T, -1), batch), native)
+        return self.down_proj(layer_ops.silu_mul(self.gate_up_proj(h, batch), native), batch)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -158,11 +152,11 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [num_tokens]; kv_caches: per layer (k_cache, v_cache).
         Returns final hidden states [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
-        cos = self.rope_cos.index_select(0, positions).unsqueeze(1)  # [T, 1, d]
-        sin = self.rope_sin.index_select(0, positions).unsqueeze(1)
+        pending = None
+        rope = (self.rope_cos, self.rope_sin)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, k_cache, v_cache, batch)
-        return self.norm(x)
+            pending = layer(x, pending, rope, k_cache, v_cache, batch)
+        return self.norm(x, pending, batch.use_native_kernels)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, hidden] -> fp32 logits [n, vocab]."""

@@ -37,7 +37,8 @@ def test_greedy_tokens_match_hf_for_mixed_batch(tiny_model):
         assert out.token_ids == hf_greedy(hf, prompt, 12), f"prompt of {len(prompt)} tokens diverged"
 
 
-def test_prefill_and_decode_logits_match_hf(tiny_model):
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch"])
+def test_prefill_and_decode_logits_match_hf(tiny_model, use_native):
     """One packed prefill of all prompts, then one batched decode step at eight different
     context lengths: every logit row within LOGIT_ATOL of HF's."""
     model, _ = load_model(tiny_model, torch.float32, 2048)
@@ -50,7 +51,7 @@ def test_prefill_and_decode_logits_match_hf(tiny_model):
     for r in reqs:
         assert kv.allocate(r, r.num_tokens)
     with torch.inference_mode():
-        batch = build_batch([(r, r.num_tokens) for r in reqs], block_size, runner.num_queries_per_kv)
+        batch = build_batch([(r, r.num_tokens) for r in reqs], block_size, use_native)
         logits = model.compute_logits(model(batch.input_ids, batch.positions, runner.kv_caches, batch))
         start = 0
         next_tokens = []
@@ -63,8 +64,8 @@ def test_prefill_and_decode_logits_match_hf(tiny_model):
             r.num_computed_tokens = r.num_tokens
             r.output_token_ids.append(t)
             assert kv.allocate(r, 1)
-        batch = build_batch([(r, 1) for r in reqs], block_size, runner.num_queries_per_kv)
-        assert batch.attention.batch_query_index is not None  # the padded decode path ran
+        batch = build_batch([(r, 1) for r in reqs], block_size, use_native)
+        assert batch.attention.query_start is not None  # the short-query path ran
         logits = model.compute_logits(model(batch.input_ids, batch.positions, runner.kv_caches, batch))
         for i, r in enumerate(reqs):
             ref = hf(torch.tensor([r.all_token_ids])).logits[0, -1]
@@ -91,7 +92,7 @@ def test_real_smollm2_matches_hf_fp32(real_model_dir):
         kv = KVCacheManager(64, 16)
         runner = ModelRunner(model, 64, 16)
         kv.allocate(req, len(prompt))
-        batch = build_batch([(req, len(prompt))], 16, runner.num_queries_per_kv)
+        batch = build_batch([(req, len(prompt))], 16)
         logits = model.compute_logits(model(batch.input_ids, batch.positions, runner.kv_caches, batch))
         ref = hf(torch.tensor([prompt])).logits[0]
     torch.testing.assert_close(logits, ref, atol=2e-3, rtol=0)

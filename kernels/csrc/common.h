@@ -1,0 +1,86 @@
+/* Shared helpers for the native CPU kernels: bf16 <-> fp32 rows and a vectorised exp. */
+#pragma once
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+/* n elements starting at src (bf16 bits or fp32) into fp32 dst. */
+static inline void load_row(float *restrict dst, const void *src, int n, int is_bf16) {
+    if (is_bf16) {
+        const uint16_t *s = (const uint16_t *)src;
+        uint32_t *d = (uint32_t *)dst;
+        for (int i = 0; i < n; i++) d[i] = (uint32_t)s[i] << 16;
+    } else {
+        memcpy(dst, src, sizeof(float) * (size_t)n);
+    }
+}
+
+static inline uint16_t bf16_round(uint32_t u) {
+    /* round to nearest even; NaN stays NaN */
+    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40u)
+                                           : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline void store_row(void *dst, const float *restrict src, int n, int is_bf16) {
+    if (is_bf16) {
+        uint16_t *d = (uint16_t *)dst;
+        const uint32_t *s = (const uint32_t *)src;
+        for (int i = 0; i < n; i++) d[i] = bf16_round(s[i]);
+    } else {
+        memcpy(dst, src, sizeof(float) * (size_t)n);
+    }
+}
+
+/* Scratch rows are declared this much longer than needed: rows spaced a multiple of 4 KiB
+ * apart make loads and stores falsely alias (4K aliasing) and stall the pipeline. */
+#define ROW_PAD 16
+
+/* f rounded to what storing it as the element type would give. */
+static inline float round_to(float f, int is_bf16) {
+    if (!is_bf16) return f;
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u = (uint32_t)bf16_round(u) << 16;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round a fp32 row in place to what storing it as the element type would give, so fused
+ * kernels can reproduce the rounding steps of the unfused torch code they replace. */
+static inline void round_row(float *restrict x, int n, int is_bf16) {
+    if (!is_bf16) return;
+    uint32_t *u = (uint32_t *)x;
+    for (int i = 0; i < n; i++) u[i] = (uint32_t)bf16_round(u[i]) << 16;
+}
+
+/* x[i] = exp(x[i]) for x in [-87, 88], returning their sum. libm's expf is scalar here, so
+ * this is 2^(x*log2 e) with the fractional power from a degree-6 polynomial (relative
+ * error about 2e-7, the size of fp32 rounding) and the integer power applied by scalef. */
+static inline float exp_inplace_sum(float *restrict x, int n) {
+    float sum = 0.f;
+    int i = 0;
+#if defined(__AVX512F__)
+    const float c[7] = {1.0f, 6.931472028550421e-1f, 2.402264791363012e-1f, 5.550332471162809e-2f,
+                        9.618437357674640e-3f, 1.339887440266574e-3f, 1.535336188319500e-4f};
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(1.44269504088896341f));
+        v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-126.f)), _mm512_set1_ps(127.f));
+        __m512 fl = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        __m512 f = _mm512_sub_ps(v, fl), p = _mm512_set1_ps(c[6]);
+        for (int k = 5; k >= 0; k--) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[k]));
+        p = _mm512_scalef_ps(p, fl);
+        _mm512_storeu_ps(x + i, p);
+        acc = _mm512_add_ps(acc, p);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < n; i++) {
+        x[i] = expf(x[i]);
+        sum += x[i];
+    }
+    return sum;
+}

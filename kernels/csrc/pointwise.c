@@ -1,0 +1,107 @@
+/* Fused pointwise steps of a decoder layer on CPU: each replaces several torch ops (and
+ * their dispatch overhead, which dominates at decode batch sizes) with one pass over the
+ * rows. Rounding to bf16 happens at the same points as in the unfused torch code, so bf16
+ * results match it. Element type: bf16 (is_bf16 = 1) or fp32 for every tensor argument.
+ * Rows are processed in parallel when there are enough of them to pay for the threads. */
+#include <stdlib.h>
+
+#include "common.h"
+
+#define MAX_WIDTH 16384
+#define PARALLEL_MIN_ELEMENTS 32768
+
+static inline const char *at(const void *base, int64_t index, int is_bf16) {
+    return (const char *)base + index * (is_bf16 ? 2 : 4);
+}
+
+/* If delta: x[t] = x[t] + delta[t] (in place, rounded).  Then
+ * out[t] = w * round(x[t] / sqrt(mean(x[t]^2) + eps)), as the HF Llama RMSNorm does. */
+int rms_norm(void *x, const void *delta, const void *w, void *out, int64_t rows, int width, float eps,
+             int is_bf16, int num_threads) {
+    if (width > MAX_WIDTH) return -1;
+    const int nt = rows * width >= PARALLEL_MIN_ELEMENTS ? num_threads : 1;
+    float *wf = malloc(sizeof(float) * width);
+    if (!wf) return -1;
+    load_row(wf, w, width, is_bf16);
+#pragma omp parallel for num_threads(nt) if (nt > 1)
+    for (int64_t t = 0; t < rows; t++) {
+        float v[MAX_WIDTH + ROW_PAD], dv[MAX_WIDTH + ROW_PAD];
+        load_row(v, at(x, t * width, is_bf16), width, is_bf16);
+        if (delta) {
+            load_row(dv, at(delta, t * width, is_bf16), width, is_bf16);
+#pragma omp simd
+            for (int i = 0; i < width; i++) v[i] += dv[i];
+            round_row(v, width, is_bf16);
+            store_row((char *)at(x, t * width, is_bf16), v, width, is_bf16);
+        }
+        float ss = 0.f;
+#pragma omp simd reduction(+:ss)
+        for (int i = 0; i < width; i++) ss += v[i] * v[i];
+        const float inv = 1.f / sqrtf(ss / width + eps);
+#pragma omp simd
+        for (int i = 0; i < width; i++) v[i] *= inv;
+        round_row(v, width, is_bf16);
+#pragma omp simd
+        for (int i = 0; i < width; i++) v[i] *= wf[i];
+        store_row((char *)at(out, t * width, is_bf16), v, width, is_bf16);
+    }
+    free(wf);
+    return 0;
+}
+
+/* qkv rows [heads + 2*kv_heads][d] (row stride row_stride): rotate the q and k heads of
+ * token t by position positions[t] (cos/sin tables [max_pos][d], HF's rotate-half layout),
+ * in place, then copy its k and v heads to the caches at slot slot_mapping[t]. */
+int rope_write_kv(void *qkv, int64_t row_stride, int64_t rows, const int64_t *positions, const void *cos_table,
+                  const void *sin_table, int heads, int kv_heads, int d, const int64_t *slot_mapping,
+                  void *k_cache, void *v_cache, int64_t slot_stride, int is_bf16, int num_threads) {
+    if (d > 512 || d % 2) return -1;
+    const int half = d / 2, rotated = heads + kv_heads;
+    const int nt = rows * rotated * d >= PARALLEL_MIN_ELEMENTS ? num_threads : 1;
+#pragma omp parallel for num_threads(nt) if (nt > 1)
+    for (int64_t t = 0; t < rows; t++) {
+        float c[512 + ROW_PAD], s[512 + ROW_PAD], x[512 + ROW_PAD];
+        load_row(c, at(cos_table, positions[t] * d, is_bf16), d, is_bf16);
+        load_row(s, at(sin_table, positions[t] * d, is_bf16), d, is_bf16);
+        char *row = (char *)at(qkv, t * row_stride, is_bf16);
+        for (int h = 0; h < rotated; h++) {
+            char *head = (char *)at(row, (int64_t)h * d, is_bf16);
+            load_row(x, head, d, is_bf16);
+            /* x*cos + rotate_half(x)*sin, each product rounded as torch would */
+#pragma omp simd
+            for (int i = 0; i < half; i++) {
+                const float lo = x[i], hi = x[i + half];
+                x[i] = round_to(lo * c[i], is_bf16) + round_to(-hi * s[i], is_bf16);
+                x[i + half] = round_to(hi * c[i + half], is_bf16) + round_to(lo * s[i + half], is_bf16);
+            }
+            store_row(head, x, d, is_bf16);
+        }
+        const int64_t slot = slot_mapping[t];
+        const size_t kv_bytes = (size_t)kv_heads * d * (is_bf16 ? 2 : 4);
+        memcpy((char *)at(k_cache, slot * slot_stride, is_bf16), at(row, (int64_t)heads * d, is_bf16), kv_bytes);
+        memcpy((char *)at(v_cache, slot * slot_stride, is_bf16), at(row, (int64_t)rotated * d, is_bf16), kv_bytes);
+    }
+    return 0;
+}
+
+/* out[t] = round(silu(gate_up[t, :width])) * gate_up[t, width:] */
+int silu_mul(const void *gate_up, void *out, int64_t rows, int width, int is_bf16, int num_threads) {
+    if (width > MAX_WIDTH) return -1;
+    const int nt = rows * width >= PARALLEL_MIN_ELEMENTS ? num_threads : 1;
+#pragma omp parallel for num_threads(nt) if (nt > 1)
+    for (int64_t t = 0; t < rows; t++) {
+        float g[MAX_WIDTH + ROW_PAD], u[MAX_WIDTH + ROW_PAD], e[MAX_WIDTH + ROW_PAD];
+        load_row(g, at(gate_up, t * 2 * width, is_bf16), width, is_bf16);
+        load_row(u, at(gate_up, t * 2 * width + width, is_bf16), width, is_bf16);
+#pragma omp simd
+        for (int i = 0; i < width; i++) e[i] = -g[i];
+        exp_inplace_sum(e, width);
+#pragma omp simd
+        for (int i = 0; i < width; i++) g[i] = g[i] / (1.f + e[i]);
+        round_row(g, width, is_bf16);
+#pragma omp simd
+        for (int i = 0; i < width; i++) g[i] *= u[i];
+        store_row((char *)at(out, t * width, is_bf16), g, width, is_bf16);
+    }
+    return 0;
+}

@@ -1,0 +1,139 @@
+"""Native CPU kernels (kernels/csrc/*.c), compiled once with the system C compiler and loaded
+with ctypes. Plain C with no torch headers: builds in about a second. Cached per source
+hash and CPU under $LORAGATE_HOME/build; when no compiler is found, or LORAGATE_CPU_KERNELS=0,
+callers fall back to the torch reference path."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("loragate.kernels")
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / "paged_attention.c", _CSRC / "pointwise.c"]
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def _build_dir() -> Path:
+    return Path(os.environ.get("LORAGATE_HOME") or "~/.cache/loragate").expanduser() / "build"
+
+
+def _compile() -> Path:
+    digest = hashlib.sha256(" ".join(_FLAGS).encode() + _cpu_id().encode())
+    for f in sorted(_CSRC.iterdir()):
+        digest.update(f.name.encode() + f.read_bytes())
+    target = _build_dir() / f"loragate_cpu-{digest.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        subprocess.run([cc, *_FLAGS, "-o", str(out), *map(str, _SOURCES), "-lm"], check=True, capture_output=True, text=True)
+        os.replace(out, target)  # atomic: concurrent builders both end with a whole file
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None when native kernels are disabled or cannot be built."""
+    global _lib, _tried
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("LORAGATE_CPU_KERNELS", "1") == "0":
+            return None
+        try:
+            lib = ctypes.CDLL(str(_compile()))
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", "") or e
+            log.warning("native CPU kernels unavailable, using the torch path: %s", detail)
+            return None
+        i64, i32, ptr, f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+        signatures = {
+            "paged_attention": [ptr, i64, ptr, ptr, i64, ptr, i64, i32, ptr, ptr, ptr, ptr, i64, i32, i32, i32,
+                                i32, f32, i32, i32],
+            "rms_norm": [ptr, ptr, ptr, ptr, i64, i32, f32, i32, i32],
+            "rope_write_kv": [ptr, i64, i64, ptr, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, i64, i32, i32],
+            "silu_mul": [ptr, ptr, i64, i32, i32, i32],
+        }
+        for name, argtypes in signatures.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = ctypes.c_int, argtypes
+        _lib = lib
+        return _lib
+
+
+def paged_attention_short(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                          query_start: torch.Tensor, query_len: torch.Tensor, context_len: torch.Tensor,
+                          block_table: torch.Tensor, block_size: int, scale: float) -> None:
+    """Native version of kernels.attention's short-query batch (see csrc/paged_attention.c).
+    q [T, heads, d] (token rows may be strided, heads/d contiguous); caches [slots, kv_heads, d];
+    out [T, heads, d]; per-request int64 vectors; block_table [B, max_blocks] int64."""
+    lib = library()
+    heads, d = q.shape[1], q.shape[2]
+    rc = lib.paged_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
+            out.data_ptr(), out.stride(0), int(query_start.shape[0]), query_start.data_ptr(), query_len.data_ptr(),
+            context_len.data_ptr(), block_table.data_ptr(), block_table.shape[1], heads, k_cache.shape[1], d,
+            block_size, scale, int(q.dtype == torch.bfloat16), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError("paged attention kernel refused its arguments or could not allocate scratch memory")
+
+
+def supports(q: torch.Tensor) -> bool:
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32) and q.shape[2] <= 256
+            and q.stride(2) == 1 and q.stride(1) == q.shape[2] and library() is not None)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise RuntimeError(f"native {what} kernel refused its arguments")
+
+
+def rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor, eps: float) -> None:
+    rows, width = x.shape
+    _check(library().rms_norm(x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
+                              out.data_ptr(), rows, width, eps, int(x.dtype == torch.bfloat16),
+                              torch.get_num_threads()), "rms_norm")
+
+
+def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                  kv_heads: int, d: int, slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    _check(library().rope_write_kv(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], positions.data_ptr(), cos.data_ptr(),
+                                   sin.data_ptr(), heads, kv_heads, d, slot_mapping.data_ptr(), k_cache.data_ptr(),
+                                   v_cache.data_ptr(), k_cache.stride(0), int(qkv.dtype == torch.bfloat16),
+                                   torch.get_num_threads()), "rope_write_kv")
+
+
+def silu_mul(gate_up: torch.Tensor, out: torch.Tensor) -> None:
+    _check(library().silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.shape[0], out.shape[1],
+                              int(gate_up.dtype == torch.bfloat16), torch.get_num_threads()), "silu_mul")
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the native kernels can take these tensors (CPU, bf16/fp32, contiguous rows)."""
+    return library() is not None and all(
+        t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float32) and t.stride(-1) == 1 for t in tensors)
