@@ -29,7 +29,7 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         c = model.config
-        shape = (c.num_layers, 2, num_blocks * block_size, c.num_kv_heads, c.head_dim)
+        shape = (c.num_layers, 2, num_blocks, c.num_kv_heads, block_size, c.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=model.dtype)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.num_layers)]
 

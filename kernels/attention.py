@@ -1,7 +1,8 @@
 """Attention over a paged KV cache for a packed, variable-length token batch.
 
-Layout: each layer's cache is `[num_slots, num_kv_heads, head_dim]` with slot =
-block_id * block_size + offset. Requests with few new tokens (decode, speculative
+Layout: each layer's cache is `[num_blocks, num_kv_heads, block_size, head_dim]`; a token's
+slot is block_id * block_size + offset. One KV head's rows of a block are contiguous, which
+is what a decode kernel streams. Requests with few new tokens (decode, speculative
 verification) form the "short" batch: on CPU a native kernel reads their K/V straight from
 the blocks (kernels/native.py); the torch reference gathers them into one padded batch.
 Long prefill chunks run one request at a time through SDPA, where the call overhead is
@@ -41,12 +42,24 @@ class AttentionMetadata:
     _padded: tuple | None = field(default=None, repr=False)  # torch path's gather plan, built once per step
 
 
+def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache [blocks, kv_heads, block_size, d], slots [...] -> [..., kv_heads, d]."""
+    block_size = cache.shape[2]
+    return cache[slots // block_size, :, slots % block_size]
+
+
+def write_slots(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """cache[slot] = values[i] for each slots[i]; values [T, kv_heads, d]."""
+    block_size = cache.shape[2]
+    cache[slots // block_size, :, slots % block_size] = values
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Semantics: causal softmax attention of every new token over its request's context.
 
     q: [num_tokens, heads, d]; k, v: [num_tokens, kv_heads, d] (already written to the cache);
-    caches: [num_slots, kv_heads, d]. Token t of a request whose context holds n tokens and that
+    caches: [blocks, kv_heads, block_size, d]. Token t of a request whose context holds n tokens and that
     has m new tokens attends to context positions 0 .. n - m + (t's index among the m).
     Query head h uses KV head h // (heads / kv_heads). Returns [num_tokens, heads, d].
     """
@@ -66,8 +79,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
                                                enable_gqa=num_heads != num_kv_heads)
         else:
-            ks = k_cache.index_select(0, span.context_slots).transpose(0, 1).unsqueeze(0)
-            vs = v_cache.index_select(0, span.context_slots).transpose(0, 1).unsqueeze(0)
+            ks = gather_slots(k_cache, span.context_slots).transpose(0, 1).unsqueeze(0)
+            vs = gather_slots(v_cache, span.context_slots).transpose(0, 1).unsqueeze(0)
             m, n = qs.shape[2], ks.shape[2]
             # Bottom-right aligned causal mask: the chunk's last query sees the whole context.
             mask = torch.ones(m, n, dtype=torch.bool).tril_(diagonal=n - m)
@@ -107,9 +120,8 @@ def _short_queries_reference(q, k_cache, v_cache, meta: AttentionMetadata, scale
     # are instead of being repeated per query head: [B, kv_heads, group*Q, d].
     qb = q.index_select(0, query_index.view(-1)).view(B, Q, num_kv_heads, group, d)
     qb = qb.permute(0, 2, 3, 1, 4).reshape(B, num_kv_heads, group * Q, d)
-    slots = context_slots.view(-1)
-    kb = k_cache.index_select(0, slots).view(B, C, num_kv_heads, d).transpose(1, 2)
-    vb = v_cache.index_select(0, slots).view(B, C, num_kv_heads, d).transpose(1, 2)
+    kb = gather_slots(k_cache, context_slots).transpose(1, 2)  # [B, kv_heads, C, d]
+    vb = gather_slots(v_cache, context_slots).transpose(1, 2)
     o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
     o = o.view(B, num_kv_heads, group, Q, d).permute(0, 3, 1, 2, 4).reshape(B * Q, num_heads, d)
     out.index_copy_(0, valid_tokens, o.index_select(0, valid_rows))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native as _native
+from .attention import write_slots
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual_delta: torch.Tensor | None = None,
@@ -33,7 +34,7 @@ def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, native: bool = True):
     """Semantics: qkv [T, (heads + 2*kv_heads) * d] holds q, k, v heads per token. Rotates q and
     k by each token's position (HF rotate-half RoPE; cos/sin tables [max_pos, d]) and writes k
-    and v to the caches [slots, kv_heads, d] at slot_mapping [T]. Returns q [T, heads, d],
+    and v to the caches [blocks, kv_heads, block_size, d] at slot_mapping [T]. Returns q [T, heads, d],
     k, v [T, kv_heads, d] (views; the native path rotates qkv in place)."""
     T = qkv.shape[0]
     if native and qkv.is_contiguous() and _native.usable(qkv, cos, k_cache):
@@ -48,8 +49,8 @@ def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
     qk = qk * c + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * s
     q, k = qk[:, :num_heads], qk[:, num_heads:]
     v = qkv[:, (num_heads + num_kv_heads) * head_dim:].view(T, num_kv_heads, head_dim)
-    k_cache.index_copy_(0, slot_mapping, k)
-    v_cache.index_copy_(0, slot_mapping, v)
+    write_slots(k_cache, slot_mapping, k)
+    write_slots(v_cache, slot_mapping, v)
     return q, k, v
 
 

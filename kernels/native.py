@@ -74,10 +74,10 @@ def library() -> ctypes.CDLL | None:
             return None
         i64, i32, ptr, f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
         signatures = {
-            "paged_attention": [ptr, i64, ptr, ptr, i64, ptr, i64, i32, ptr, ptr, ptr, ptr, i64, i32, i32, i32,
+            "paged_attention": [ptr, i64, ptr, ptr, ptr, i64, i32, ptr, ptr, ptr, ptr, i64, i32, i32, i32,
                                 i32, f32, i32, i32],
             "rms_norm": [ptr, ptr, ptr, ptr, i64, i32, f32, i32, i32],
-            "rope_write_kv": [ptr, i64, i64, ptr, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, i64, i32, i32],
+            "rope_write_kv": [ptr, i64, i64, ptr, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, i32, i32, i32],
             "silu_mul": [ptr, ptr, i64, i32, i32, i32],
         }
         for name, argtypes in signatures.items():
@@ -91,14 +91,15 @@ def paged_attention_short(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                           query_start: torch.Tensor, query_len: torch.Tensor, context_len: torch.Tensor,
                           block_table: torch.Tensor, block_size: int, scale: float) -> None:
     """Native version of kernels.attention's short-query batch (see csrc/paged_attention.c).
-    q [T, heads, d] (token rows may be strided, heads/d contiguous); caches [slots, kv_heads, d];
+    q [T, heads, d] (token rows may be strided, heads/d contiguous); caches [blocks, kv_heads, block_size, d];
     out [T, heads, d]; per-request int64 vectors; block_table [B, max_blocks] int64."""
     lib = library()
     heads, d = q.shape[1], q.shape[2]
-    rc = lib.paged_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
-            out.data_ptr(), out.stride(0), int(query_start.shape[0]), query_start.data_ptr(), query_len.data_ptr(),
-            context_len.data_ptr(), block_table.data_ptr(), block_table.shape[1], heads, k_cache.shape[1], d,
-            block_size, scale, int(q.dtype == torch.bfloat16), torch.get_num_threads())
+    rc = lib.paged_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+                             out.stride(0), int(query_start.shape[0]), query_start.data_ptr(), query_len.data_ptr(),
+                             context_len.data_ptr(), block_table.data_ptr(), block_table.shape[1], heads,
+                             k_cache.shape[1], d, block_size, scale, int(q.dtype == torch.bfloat16),
+                             torch.get_num_threads())
     if rc != 0:
         raise RuntimeError("paged attention kernel refused its arguments or could not allocate scratch memory")
 
@@ -124,7 +125,7 @@ def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                   kv_heads: int, d: int, slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     _check(library().rope_write_kv(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], positions.data_ptr(), cos.data_ptr(),
                                    sin.data_ptr(), heads, kv_heads, d, slot_mapping.data_ptr(), k_cache.data_ptr(),
-                                   v_cache.data_ptr(), k_cache.stride(0), int(qkv.dtype == torch.bfloat16),
+                                   v_cache.data_ptr(), k_cache.shape[2], int(qkv.dtype == torch.bfloat16),
                                    torch.get_num_threads()), "rope_write_kv")
 
 

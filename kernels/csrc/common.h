@@ -7,6 +7,13 @@
 #include <immintrin.h>
 #endif
 
+/* Element offset of (slot, kv head) in a KV cache laid out [num_blocks][kv_heads][block_size][d],
+ * slot = block * block_size + offset: one head's rows of a block are contiguous, so a
+ * (request, kv head) task streams whole 2 KiB runs instead of every third 128 bytes. */
+static inline int64_t kv_offset(int64_t slot, int h, int kv_heads, int block_size, int d) {
+    return ((slot / block_size * kv_heads + h) * block_size + slot % block_size) * d;
+}
+
 /* n elements starting at src (bf16 bits or fp32) into fp32 dst. */
 static inline void load_row(float *restrict dst, const void *src, int n, int is_bf16) {
     if (is_bf16) {

@@ -51,10 +51,10 @@ int rms_norm(void *x, const void *delta, const void *w, void *out, int64_t rows,
 
 /* qkv rows [heads + 2*kv_heads][d] (row stride row_stride): rotate the q and k heads of
  * token t by position positions[t] (cos/sin tables [max_pos][d], HF's rotate-half layout),
- * in place, then copy its k and v heads to the caches at slot slot_mapping[t]. */
+ * in place, then copy its k and v heads to the caches (layout: kv_offset) at slot_mapping[t]. */
 int rope_write_kv(void *qkv, int64_t row_stride, int64_t rows, const int64_t *positions, const void *cos_table,
                   const void *sin_table, int heads, int kv_heads, int d, const int64_t *slot_mapping,
-                  void *k_cache, void *v_cache, int64_t slot_stride, int is_bf16, int num_threads) {
+                  void *k_cache, void *v_cache, int block_size, int is_bf16, int num_threads) {
     if (d > 512 || d % 2) return -1;
     const int half = d / 2, rotated = heads + kv_heads;
     const int nt = rows * rotated * d >= PARALLEL_MIN_ELEMENTS ? num_threads : 1;
@@ -77,9 +77,12 @@ int rope_write_kv(void *qkv, int64_t row_stride, int64_t rows, const int64_t *po
             store_row(head, x, d, is_bf16);
         }
         const int64_t slot = slot_mapping[t];
-        const size_t kv_bytes = (size_t)kv_heads * d * (is_bf16 ? 2 : 4);
-        memcpy((char *)at(k_cache, slot * slot_stride, is_bf16), at(row, (int64_t)heads * d, is_bf16), kv_bytes);
-        memcpy((char *)at(v_cache, slot * slot_stride, is_bf16), at(row, (int64_t)rotated * d, is_bf16), kv_bytes);
+        const size_t head_bytes = (size_t)d * (is_bf16 ? 2 : 4);
+        for (int h = 0; h < kv_heads; h++) {
+            const int64_t dst = kv_offset(slot, h, kv_heads, block_size, d);
+            memcpy((char *)at(k_cache, dst, is_bf16), at(row, (int64_t)(heads + h) * d, is_bf16), head_bytes);
+            memcpy((char *)at(v_cache, dst, is_bf16), at(row, (int64_t)(rotated + h) * d, is_bf16), head_bytes);
+        }
     }
     return 0;
 }
