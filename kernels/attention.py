@@ -66,7 +66,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     out = torch.empty_like(q)
     if meta.query_start is not None:
-        if meta.use_native and native.supports(q):
+        if meta.use_native and native.supports(q, meta.block_size):
             native.paged_attention_short(q, k_cache, v_cache, out, meta.query_start, meta.query_len,
                                          meta.context_len, meta.block_table, meta.block_size, scale)
         else:

@@ -57,7 +57,7 @@ def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
 def silu_mul(gate_up: torch.Tensor, native: bool = True) -> torch.Tensor:
     """Semantics: gate_up [T, 2*I] -> silu(gate_up[:, :I]) * gate_up[:, I:]."""
     width = gate_up.shape[1] // 2
-    if native and gate_up.is_contiguous() and _native.usable(gate_up):
+    if native and gate_up.is_contiguous() and width <= _native.MAX_ROW_WIDTH and _native.usable(gate_up):
         out = torch.empty(gate_up.shape[0], width, dtype=gate_up.dtype)
         _native.silu_mul(gate_up, out)
         return out

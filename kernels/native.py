@@ -104,9 +104,16 @@ def paged_attention_short(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         raise RuntimeError("paged attention kernel refused its arguments or could not allocate scratch memory")
 
 
-def supports(q: torch.Tensor) -> bool:
-    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32) and q.shape[2] <= 256
-            and q.stride(2) == 1 and q.stride(1) == q.shape[2] and library() is not None)
+# Limits of the C code (scratch rows on the stack): larger shapes take the torch path.
+MAX_HEAD_DIM = 256
+MAX_BLOCK_SIZE = 64
+MAX_ROW_WIDTH = 16384
+
+
+def supports(q: torch.Tensor, block_size: int) -> bool:
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32) and q.shape[2] <= MAX_HEAD_DIM
+            and block_size <= MAX_BLOCK_SIZE and q.stride(2) == 1 and q.stride(1) == q.shape[2]
+            and library() is not None)
 
 
 def _check(rc: int, what: str) -> None:
@@ -137,4 +144,5 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor) -> None:
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether the native kernels can take these tensors (CPU, bf16/fp32, contiguous rows)."""
     return library() is not None and all(
-        t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float32) and t.stride(-1) == 1 for t in tensors)
+        t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float32) and t.stride(-1) == 1
+        and t.shape[-1] <= MAX_ROW_WIDTH for t in tensors)

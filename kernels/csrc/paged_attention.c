@@ -165,7 +165,7 @@ static void values_bf16(const float *p, int cs, const uint16_t *v_cache, int kv_
             else if (rc == 2) VALUES_CASE(4, 2); else VALUES_CASE(4, 1);
         } else if (nv == 8) {
             if (rc == 2) VALUES_CASE(8, 2); else VALUES_CASE(8, 1);
-        } else {
+        } else { /* d == 32 */
             if (rc == 4) VALUES_CASE(2, 4); else if (rc == 3) VALUES_CASE(2, 3);
             else if (rc == 2) VALUES_CASE(2, 2); else VALUES_CASE(2, 1);
         }
@@ -184,7 +184,7 @@ static void attend_one(const char *q, int64_t q_stride, const char *k_cache, con
     const size_t es = is_bf16 ? 2 : 4;
     const int rows = group * n, first_limit = ctx - n; /* query i sees 0 .. first_limit + i */
 #ifdef HAVE_BF16_FAST_PATH
-    if (is_bf16 && d % 32 == 0 && d <= 128 && block_size % 16 == 0) {
+    if (is_bf16 && (d == 32 || d == 64 || d == 128) && block_size % 16 == 0) {
         const int cs = (ctx + 15) / 16 * 16;
         const uint16_t *q_rows[rows];
         for (int i = 0; i < n; i++)

