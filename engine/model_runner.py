@@ -11,6 +11,7 @@ import torch
 from loragate.kernels.sampling import logprobs_of, sample
 
 from .batch import BatchMetadata, build_batch
+from .host_memory import zeros_on_huge_pages
 from .models.llama import LlamaForCausalLM
 from .request import Request
 
@@ -30,7 +31,7 @@ class ModelRunner:
         self.block_size = block_size
         c = model.config
         shape = (c.num_layers, 2, num_blocks, c.num_kv_heads, block_size, c.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=model.dtype)
+        self.kv_cache = zeros_on_huge_pages(shape, model.dtype)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.num_layers)]
 
     @staticmethod

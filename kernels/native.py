@@ -143,6 +143,6 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor) -> None:
 
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether the native kernels can take these tensors (CPU, bf16/fp32, contiguous rows)."""
-    return library() is not None and all(
+    return (_lib if _tried else library()) is not None and all(
         t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float32) and t.stride(-1) == 1
         and t.shape[-1] <= MAX_ROW_WIDTH for t in tensors)

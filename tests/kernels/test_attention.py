@@ -257,8 +257,6 @@ def test_other_head_dims(dtype, head_dim):
     assert_close_to(case.run(use_native=False), want, dtype, f"reference d={head_dim}")
 
 
-
-
 def test_bf16_head_dim_96():
     reqs = [(ctx, n, "short") for ctx, n in ((1, 1), (20, 1), (200, 3), (64, 16))]
     case = Case(reqs, kv_heads=1, group=2, head_dim=96, block_size=16, dtype=torch.bfloat16, seed=96)
