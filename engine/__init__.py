@@ -2,11 +2,11 @@
 
 from .async_engine import AsyncEngine, EngineDeadError
 from .config import EngineConfig
-from .errors import InvalidRequestError, ModelConfigError
+from .errors import AdapterNotFoundError, InvalidRequestError, ModelConfigError
 from .llm import LLM
 from .llm_engine import LLMEngine, RequestOutput
 from .request import Request, RequestStatus
 from .sampling_params import SamplingParams
 
-__all__ = ["AsyncEngine", "EngineConfig", "EngineDeadError", "InvalidRequestError", "LLM", "LLMEngine",
+__all__ = ["AdapterNotFoundError", "AsyncEngine", "EngineConfig", "EngineDeadError", "InvalidRequestError", "LLM", "LLMEngine",
            "ModelConfigError", "Request", "RequestOutput", "RequestStatus", "SamplingParams"]

@@ -40,7 +40,8 @@ class AsyncEngine:
         return self.engine.tokenizer
 
     async def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                          request_id: str | None = None, cache_salt: str = "") -> AsyncIterator[RequestOutput]:
+                          request_id: str | None = None, cache_salt: str = "",
+                          adapter: str | None = None) -> AsyncIterator[RequestOutput]:
         """Validate and queue a request; iterate the result for its outputs. Raises
         InvalidRequestError at once for bad input. Breaking out of the iteration (or the
         task being cancelled) aborts the request and frees its KV blocks."""
@@ -50,7 +51,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         # Tokenise and validate here, not on the loop thread, so a step never waits for it
         # and this event loop never waits for a step.
-        req = self.engine.make_request(prompt, params, request_id, cache_salt)
+        req = self.engine.make_request(prompt, params, request_id, cache_salt, adapter)
         with self._lock:
             if req.request_id in self._streams:
                 raise ValueError(f"request id {req.request_id!r} is already in use")

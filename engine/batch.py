@@ -8,12 +8,21 @@ from dataclasses import dataclass
 import torch
 
 from loragate.kernels.attention import AttentionMetadata, PrefillSpan
+from loragate.kernels.lora import LoraPlan, plan_segments
 
 from .request import Request
 
 # Requests with at most this many new tokens join the short-query attention batch (decode,
 # speculative verification); longer chunks get their own attention call.
 MAX_SHORT_QUERY = 16
+
+
+@dataclass
+class LoraBatch:
+    plan: LoraPlan
+    pool: object  # adapters.pool.LoraSlotPool
+    rank: int  # largest rank among this step's adapters: stacks are sliced to it
+    modules: frozenset[str]  # modules some adapter of this step targets
 
 
 @dataclass
@@ -25,10 +34,17 @@ class BatchMetadata:
     logits_indices: torch.Tensor  # [num_sampled] int64
     sampled_requests: list[Request]
     use_native_kernels: bool = True
+    lora: LoraBatch | None = None  # None: no request of this step uses an adapter
 
 
-def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_native_kernels: bool = True) -> BatchMetadata:
-    """scheduled: (request, number of new tokens to compute) in batch order."""
+def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_native_kernels: bool = True,
+                lora_pool=None) -> BatchMetadata:
+    """scheduled: (request, number of new tokens to compute). With adapters in play the
+    requests are reordered so each adapter's tokens form one contiguous segment."""
+    slots = [req.lora_slot for req, _ in scheduled]
+    uses_lora = lora_pool is not None and any(s >= 0 for s in slots)
+    if uses_lora:
+        scheduled = sorted(scheduled, key=lambda item: item[0].lora_slot)
     input_ids: list[int] = []
     positions: list[int] = []
     slot_mapping: list[int] = []
@@ -61,7 +77,9 @@ def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_nativ
         attention.context_len = torch.tensor([c for _, _, c, _ in short], dtype=torch.int64)
         attention.block_table = torch.tensor(
             [b[: -(-c // block_size)] + [0] * (max_blocks - -(-c // block_size)) for _, _, c, b in short], dtype=torch.int64)
+    lora = _lora_batch(scheduled, lora_pool) if uses_lora else None
     return BatchMetadata(
+        lora=lora,
         input_ids=torch.tensor(input_ids, dtype=torch.int64),
         positions=torch.tensor(positions, dtype=torch.int64),
         attention=attention,
@@ -69,6 +87,18 @@ def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_nativ
         sampled_requests=sampled,
         use_native_kernels=use_native_kernels,
     )
+
+
+def _lora_batch(scheduled: list[tuple[Request, int]], pool) -> LoraBatch:
+    indptr, slot_ids = [0], []
+    for req, num_new in scheduled:
+        if slot_ids and slot_ids[-1] == req.lora_slot:
+            indptr[-1] += num_new
+        else:
+            slot_ids.append(req.lora_slot)
+            indptr.append(indptr[-1] + num_new)
+    used = [s for s in slot_ids if s >= 0]
+    return LoraBatch(plan_segments(indptr, slot_ids), pool, pool.max_rank_of(used), pool.modules_of(used))
 
 
 def _context_slots(blocks: list[int], context_len: int, block_size: int) -> torch.Tensor:

@@ -46,6 +46,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads; default: the cores this process may use
+    max_loras: int = 4  # LoRA slots (distinct adapters per step); 0 disables LoRA support
+    max_lora_rank: int = 64
+    max_cpu_loras: int = 32  # adapters kept in host memory after eviction from a slot
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -58,6 +61,11 @@ class EngineConfig:
             raise ModelConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ModelConfigError(f"num_threads must be >= 1, got {self.num_threads}")
+        for name in ("max_loras", "max_cpu_loras"):
+            if getattr(self, name) < 0:
+                raise ModelConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_lora_rank < 1:
+            raise ModelConfigError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         if self.kv_cache_memory <= 0:
             raise ModelConfigError("kv_cache_memory must be positive")
 

@@ -14,3 +14,7 @@ class InvalidRequestError(ValueError):
 
 class ModelConfigError(ValueError):
     """A model directory or engine configuration the engine cannot run."""
+
+
+class AdapterNotFoundError(InvalidRequestError):
+    """A request names an adapter the engine does not have."""

@@ -16,20 +16,27 @@ class LLM:
         self.engine = LLMEngine(config, progress=progress)
         self.tokenizer = self.engine.tokenizer
 
+    def add_adapter(self, name: str, path) -> int:
+        return self.engine.add_adapter(name, path)
+
+    def remove_adapter(self, name: str) -> bool:
+        return self.engine.remove_adapter(name)
+
     def generate(self, prompts: str | list[int] | list[str | list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None,
-                 *, progress: bool = False) -> list[RequestOutput]:
+                 *, adapters: str | None | list[str | None] = None, progress: bool = False) -> list[RequestOutput]:
         """Generate for each prompt (text or token ids); returns final outputs in order.
         Every prompt is validated before any is queued, so a bad one queues nothing."""
         single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
         prompt_list = [prompts] if single else list(prompts)
         param_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompt_list)
-        if len(param_list) != len(prompt_list):
-            raise ValueError("params must be one SamplingParams or one per prompt")
+        adapter_list = adapters if isinstance(adapters, list) else [adapters] * len(prompt_list)
+        if len(param_list) != len(prompt_list) or len(adapter_list) != len(prompt_list):
+            raise ValueError("params and adapters must be given once or once per prompt")
         ids = []
         try:
-            for prompt, p in zip(prompt_list, param_list):
-                ids.append(self.engine.add_request(prompt, p).request_id)
+            for prompt, p, adapter in zip(prompt_list, param_list, adapter_list):
+                ids.append(self.engine.add_request(prompt, p, adapter=adapter).request_id)
         except Exception:
             for rid in ids:
                 self.engine.abort(rid)

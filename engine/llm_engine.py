@@ -14,7 +14,7 @@ import torch
 
 from .config import EngineConfig, physical_cores
 from .detokenizer import IncrementalDetokenizer
-from .errors import InvalidRequestError, ModelConfigError
+from .errors import AdapterNotFoundError, InvalidRequestError, ModelConfigError
 from .kv_cache import KVCacheManager
 from .model_runner import ModelRunner
 from .models.loader import load_hf_config, load_model
@@ -59,8 +59,16 @@ class LLMEngine:
         # A request must always fit alone, or it could be preempted forever.
         self.max_model_len = min(max_len, num_blocks * config.block_size)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.lora_pool = None
+        if config.max_loras > 0:
+            from loragate.adapters.pool import LoraSlotPool
+
+            self.lora_pool = LoraSlotPool(self.model.config, config.max_loras, config.max_lora_rank,
+                                          config.torch_dtype, config.max_cpu_loras)
+        self.adapters: dict[str, tuple[int, object]] = {}  # name -> (version, LoraWeights)
+        self._adapter_versions: dict[str, int] = {}
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.lora_pool)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.lora_pool)
         self.eos_token_ids = _eos_ids(self.tokenizer, hf_config, self.model_dir)
         self.model_name = config.model if not Path(config.model).is_dir() else self.model_dir.name
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -80,8 +88,37 @@ class LLMEngine:
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         return list(prompt)
 
+    # -- adapters -------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, path) -> int:
+        """Load and validate a PEFT LoRA adapter directory under `name`; returns its version.
+        Adding an existing name creates a new version: running requests finish on the old
+        one, new requests get the new one, and the prefix cache never mixes them."""
+        if self.lora_pool is None:
+            raise ModelConfigError("LoRA support is off (max_loras=0)")
+        from loragate.adapters.loader import load_adapter
+
+        weights = load_adapter(Path(path), self.model.config, self.config.max_lora_rank)
+        return self.add_adapter_weights(name, weights)
+
+    def add_adapter_weights(self, name: str, weights) -> int:
+        version = self._adapter_versions.get(name, 0) + 1
+        self._adapter_versions[name] = version
+        self.adapters[name] = (version, weights)
+        self.lora_pool.forget(f"{name}@")  # unpinned copies of older versions
+        return version
+
+    def remove_adapter(self, name: str) -> bool:
+        """Forget an adapter; requests already running on it finish."""
+        if self.adapters.pop(name, None) is None:
+            return False
+        self.lora_pool.forget(f"{name}@")
+        return True
+
+    # -- requests -------------------------------------------------------------------------
+
     def make_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                     request_id: str | None = None, cache_salt: str = "") -> Request:
+                     request_id: str | None = None, cache_salt: str = "", adapter: str | None = None) -> Request:
         """Tokenize and validate; raises InvalidRequestError. Touches no engine state, so it
         may run on any thread."""
         params = params or SamplingParams()
@@ -96,15 +133,23 @@ class LLMEngine:
                 f"prompt is {len(ids)} tokens; this model's context is {self.max_model_len} tokens "
                 "including at least one generated token", "prompt")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        return Request(request_id, ids, params, cache_salt=cache_salt)
+        req = Request(request_id, ids, params, cache_salt=cache_salt)
+        if adapter is not None:
+            entry = self.adapters.get(adapter)
+            if entry is None:
+                raise AdapterNotFoundError(f"adapter {adapter!r} does not exist", "model")
+            version, weights = entry
+            req.adapter, req.lora_key, req.lora_weights = adapter, f"{adapter}@{version}", weights
+            req.cache_salt = f"{cache_salt}|lora:{req.lora_key}"
+        return req
 
     def enqueue(self, req: Request) -> None:
         self.scheduler.add(req)
         self._detokenizers[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.sampling_params.stop)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, cache_salt: str = "") -> Request:
-        req = self.make_request(prompt, params, request_id, cache_salt)
+                    request_id: str | None = None, cache_salt: str = "", adapter: str | None = None) -> Request:
+        req = self.make_request(prompt, params, request_id, cache_salt, adapter)
         self.enqueue(req)
         return req
 

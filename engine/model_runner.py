@@ -26,8 +26,9 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int):
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, lora_pool=None):
         self.model = model
+        self.lora_pool = lora_pool
         self.block_size = block_size
         c = model.config
         shape = (c.num_layers, 2, num_blocks, c.num_kv_heads, block_size, c.head_dim)
@@ -41,7 +42,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Request, int]]) -> StepOutput:
-        batch = build_batch(scheduled, self.block_size)
+        batch = build_batch(scheduled, self.block_size, lora_pool=self.lora_pool)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch)
         num_tokens = int(batch.input_ids.shape[0])
         if not batch.sampled_requests:

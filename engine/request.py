@@ -34,6 +34,12 @@ class Request:
     # empty for the base model.
     cache_salt: str = ""
     arrival_time: float = field(default_factory=time.monotonic)
+    # LoRA: the adapter's name, its "name@version" key, and its weights (held here so a
+    # request finishes on the version it started with even if the adapter is replaced).
+    adapter: str | None = None
+    lora_key: str | None = None
+    lora_weights: object = field(default=None, repr=False)
+    lora_slot: int = -1  # pool slot while running, -1 for the base model
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

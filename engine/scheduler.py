@@ -3,7 +3,12 @@ free). Each step it gives running requests their next tokens first (decode befor
 prefill, FCFS), then admits waiting requests into what is left of the token budget, with
 long prompts split into chunks. When KV blocks run out, the most recently admitted running
 request is preempted: its blocks are freed and it is recomputed later (prefix caching
-usually makes the recompute cheap)."""
+usually makes the recompute cheap).
+
+With LoRA, a request holds (pins) its adapter's pool slot from admission until it finishes
+or is preempted, so the adapters of one step never outnumber the slots. A waiting request
+whose adapter cannot get a slot (all pinned) is skipped for now, not blocking the ones
+behind it."""
 
 from __future__ import annotations
 
@@ -15,8 +20,9 @@ from .request import Request, RequestStatus
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, lora_pool=None):
         self.kv = kv
+        self.lora_pool = lora_pool
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -53,8 +59,12 @@ class Scheduler:
                 budget -= num_new
                 i += 1
         # After a preemption the cache is short: admitting new work would only thrash.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
+        admitted: list[Request] = []
+        for req in list(self.waiting) if not preempted else []:
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if not self._pin_adapter(req):
+                continue
             if not req.block_ids:
                 req.num_cached_tokens = self.kv.match_prefix(req)
                 req.num_computed_tokens = req.num_cached_tokens
@@ -62,16 +72,34 @@ class Scheduler:
             if not self.kv.allocate(req, num_new):
                 self.kv.free(req)  # give back the prefix hits until it can run
                 req.num_computed_tokens = 0
+                self._unpin_adapter(req)
                 break
-            self.waiting.popleft()
+            admitted.append(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             scheduled.append((req, num_new))
             budget -= num_new
+        for req in admitted:
+            self.waiting.remove(req)
         return scheduled
+
+    def _pin_adapter(self, req: Request) -> bool:
+        if req.lora_key is None:
+            return True
+        slot = self.lora_pool.acquire(req.lora_key, lambda: req.lora_weights)
+        if slot is None:
+            return False
+        req.lora_slot = slot
+        return True
+
+    def _unpin_adapter(self, req: Request) -> None:
+        if req.lora_slot >= 0:
+            self.lora_pool.release(req.lora_slot)
+            req.lora_slot = -1
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        self._unpin_adapter(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
@@ -102,4 +130,5 @@ class Scheduler:
             except ValueError:
                 pass
         self.kv.free(req)
+        self._unpin_adapter(req)
         self.requests.pop(req.request_id, None)

@@ -11,11 +11,14 @@ import torch
 from torch import nn
 
 from loragate.kernels.dense import dense_linear, pack_weight
+from loragate.kernels.lora import add_lora
 
 
 class Projection(nn.Module):
-    def __init__(self, in_features: int, output_slices: dict[str, int], bias: bool, dtype: torch.dtype):
+    def __init__(self, in_features: int, output_slices: dict[str, int], bias: bool, dtype: torch.dtype,
+                 layer_index: int = 0):
         super().__init__()
+        self.layer_index = layer_index
         self.in_features = in_features
         self.output_slices = dict(output_slices)  # module name -> output width, in order
         self.out_features = sum(output_slices.values())
@@ -38,5 +41,15 @@ class Projection(nn.Module):
         self.packed = pack_weight(self.weight)
         self.weight = None
 
-    def forward(self, x: torch.Tensor, batch) -> torch.Tensor:  # noqa: ARG002 (batch: LoRA segments)
-        return dense_linear(x, self.packed, self.bias)
+    def forward(self, x: torch.Tensor, batch) -> torch.Tensor:
+        y = dense_linear(x, self.packed, self.bias)
+        lora = batch.lora
+        if lora is not None:
+            r, layer = lora.rank, self.layer_index
+            start = 0
+            for name, width in self.output_slices.items():
+                if name in lora.modules:
+                    add_lora(y[:, start:start + width], x, lora.pool.a[name][layer, :, :r],
+                             lora.pool.b[name][layer, :, :, :r], lora.plan)
+                start += width
+        return y

@@ -98,16 +98,16 @@ class RMSNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: ModelArchConfig, dtype: torch.dtype):
+    def __init__(self, c: ModelArchConfig, dtype: torch.dtype, index: int):
         super().__init__()
         self.c = c
-        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
-        self.qkv_proj = Projection(c.hidden_size, {"q_proj": q, "k_proj": kv, "v_proj": kv}, c.qkv_bias, dtype)
-        self.o_proj = Projection(q, {"o_proj": c.hidden_size}, c.o_bias, dtype)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
-        self.gate_up_proj = Projection(c.hidden_size, {"gate_proj": c.intermediate_size, "up_proj": c.intermediate_size}, c.mlp_bias, dtype)
-        self.down_proj = Projection(c.intermediate_size, {"down_proj": c.hidden_size}, c.mlp_bias, dtype)
+        q, kv, h, i = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
+        self.input_layernorm = RMSNorm(h, c.rms_norm_eps, dtype)
+        self.qkv_proj = Projection(h, {"q_proj": q, "k_proj": kv, "v_proj": kv}, c.qkv_bias, dtype, index)
+        self.o_proj = Projection(q, {"o_proj": h}, c.o_bias, dtype, index)
+        self.post_attention_layernorm = RMSNorm(h, c.rms_norm_eps, dtype)
+        self.gate_up_proj = Projection(h, {"gate_proj": i, "up_proj": i}, c.mlp_bias, dtype, index)
+        self.down_proj = Projection(i, {"down_proj": h}, c.mlp_bias, dtype, index)
         self.scale = c.head_dim ** -0.5
 
     def forward(self, x, pending, rope, k_cache, v_cache, batch) -> torch.Tensor:
@@ -131,7 +131,7 @@ class LlamaForCausalLM(nn.Module):
         self.dtype = dtype
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(c, dtype) for _ in range(c.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(c, dtype, i) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
         self.lm_head = None if c.tie_word_embeddings else nn.Parameter(
             torch.empty(c.vocab_size, c.hidden_size, dtype=dtype), requires_grad=False)

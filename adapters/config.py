@@ -1,0 +1,250 @@
+"""A PEFT `adapter_config.json`, parsed and checked against what loragate can serve.
+
+Matching follows peft 0.21 (`check_target_module_exists`) so an adapter targets exactly the
+modules peft would wrap on the HF model: a list entry matches a module whose full name
+equals it or ends with "." + entry; a string is re.fullmatch'ed against full names such as
+"model.layers.3.self_attn.q_proj"; layers_to_transform filters suffix matches only.
+Anything that would change the forward pass and that we do not implement is refused, so an
+adapter is never served silently wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AdapterError
+
+# LoRA-targetable module -> its parent in every decoder layer (HF Llama/Qwen2 names).
+TARGET_MODULES: dict[str, str] = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}
+MAX_CONFIG_BYTES = 1 << 20  # real configs are ~2 KB; a bigger one is not a config
+
+# Training-time or bookkeeping keys: they do not change what the adapter computes.
+_IGNORED_KEYS = frozenset({
+    "task_type", "auto_mapping", "peft_version", "revision", "inference_mode", "lora_dropout",
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_core",
+    "qalora_group_size", "runtime_config", "ensure_weight_tying",
+})
+# Keys that change the forward pass when set (truthy); we do not implement them (yet).
+_UNSUPPORTED_IF_SET = {
+    "use_dora": "DoRA (use_dora=true) is not supported; train a plain LoRA",
+    "modules_to_save": "modules_to_save (fully trained copies of base modules) is not supported; "
+                       "only LoRA deltas can be served on the shared base model",
+    "rank_pattern": "per-module ranks (rank_pattern) are not supported yet; use one r for all modules",
+    "alpha_pattern": "per-module alphas (alpha_pattern) are not supported yet; use one lora_alpha",
+    "lora_bias": "lora_bias=true (a bias on lora_B) is not supported",
+    "use_qalora": "QALoRA (use_qalora=true) is not supported",
+    "use_bdlora": "BD-LoRA (use_bdlora) is not supported",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
+    "layer_replication": "layer_replication is not supported",
+    "megatron_config": "Megatron-parallel LoRA (megatron_config) is not supported",
+    "trainable_token_indices": "trainable_token_indices (trained embedding rows) is not supported",
+    "target_parameters": "target_parameters (LoRA on raw parameters) is not supported",
+    "arrow_config": "Arrow routing (arrow_config) is not supported",
+    "kasa_config": "KaSA (kasa_config) is not supported",
+    "velora_config": "VeLoRA (velora_config) is not supported",
+    "monteclora_config": "MonteCLoRA (monteclora_config) is not supported",
+}
+_HANDLED_KEYS = frozenset({
+    "peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules",
+    "layers_to_transform", "layers_pattern", "fan_in_fan_out", "bias", "base_model_name_or_path",
+    "init_lora_weights",
+})
+# These inits rewrite the base weights during training; unless the adapter was converted on
+# save (path_initial_model_for_weight_conversion, which records init_lora_weights=true), it
+# is only correct on that rewritten base. "mica" switches peft to a different forward.
+_SAFE_INITS = ("gaussian", "eva", "orthogonal")  # and true/false
+
+
+def _invalid(msg: str) -> AdapterError:
+    return AdapterError("invalid_config", f"adapter_config.json: {msg}")
+
+
+def _layer_regex(pattern: str | None) -> str:
+    # peft's: the first numbered component after layers_pattern (or after any name).
+    return r".*?\.[^.]*\.(?P<idx>\d+)\." if pattern is None else rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
+
+
+def module_path(layer: int, name: str) -> str:
+    return f"model.layers.{layer}.{TARGET_MODULES[name]}.{name}"
+
+
+def _names(d: dict, key: str, allow_str: bool) -> tuple[str, ...] | str | None:
+    v = d.get(key)
+    if v is None or (allow_str and isinstance(v, str)):
+        if isinstance(v, str):
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise _invalid(f"{key} {v!r} is not a valid regular expression: {e}") from None
+        return v
+    if isinstance(v, list) and all(isinstance(x, str) and x for x in v):
+        return tuple(sorted(set(v)))  # peft stores a set; order carries no meaning
+    raise _invalid(f"{key} must be a list of module names{' or a regex string' if allow_str else ''}, got {v!r}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int
+    lora_alpha: float
+    target_modules: tuple[str, ...] | str  # names, or a regex / "all-linear"
+    use_rslora: bool = False
+    exclude_modules: tuple[str, ...] | str | None = None
+    layers_to_transform: tuple[int, ...] | None = None
+    layers_pattern: tuple[str, ...] | None = None
+    fan_in_fan_out: bool = False  # only describes the base layer's layout (GPT-2 Conv1D); see loader
+    base_model_name_or_path: str | None = None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "LoraConfig":
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)
+        except FileNotFoundError:
+            raise AdapterError("missing_file", f"{path.name} is missing from the adapter directory") from None
+        except OSError as e:
+            raise _invalid(f"cannot read {path.name}: {e.strerror}") from None
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise AdapterError("too_large", f"{path.name} is over {MAX_CONFIG_BYTES} bytes")
+        try:
+            d = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _invalid(f"not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoraConfig":
+        if not isinstance(d, dict):
+            raise _invalid("must be a JSON object")
+        peft_type = d.get("peft_type")
+        if not isinstance(peft_type, str):
+            raise _invalid("peft_type is missing; is this a PEFT adapter directory?")
+        if peft_type != "LORA":
+            raise AdapterError("unsupported_adapter",
+                               f"peft_type {peft_type!r} is not supported; only LORA adapters can be served")
+        for key, why in _UNSUPPORTED_IF_SET.items():
+            if d.get(key):
+                raise AdapterError("unsupported_adapter", f"adapter_config.json: {why} (got {key}={d[key]!r})")
+        if d.get("bias", "none") != "none":
+            raise AdapterError("unsupported_adapter", f"adapter_config.json: bias={d['bias']!r} trains the base model's "
+                                                      "biases, which a shared base cannot apply; use bias=\"none\"")
+        init = d.get("init_lora_weights", True)
+        if not (init is True or init is False or (isinstance(init, str) and init in _SAFE_INITS)):
+            raise AdapterError("unsupported_adapter", f"adapter_config.json: init_lora_weights={init!r} is not supported: "
+                               "PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapters only work on the base model they rewrote; re-save "
+                               "with peft's path_initial_model_for_weight_conversion to get a plain LoRA")
+        for key, value in d.items():
+            known = key in _IGNORED_KEYS or key in _UNSUPPORTED_IF_SET or key in _HANDLED_KEYS
+            if not known and value not in (None, False, "", [], {}):
+                # An option from a newer peft may change the forward pass; refuse rather than guess.
+                raise AdapterError("unsupported_adapter", f"adapter_config.json: unknown option {key}={value!r}")
+
+        r = d.get("r", 8)  # peft's defaults, so a config that omits them means what peft means
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise _invalid(f"r must be a positive integer, got {r!r}")
+        alpha = d.get("lora_alpha", 8)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise _invalid(f"lora_alpha must be a finite number, got {alpha!r}")
+        for key in ("use_rslora", "fan_in_fan_out"):
+            if not isinstance(d.get(key, False), bool):
+                raise _invalid(f"{key} must be true or false, got {d[key]!r}")
+        targets = _names(d, "target_modules", allow_str=True)
+        if not targets:
+            raise _invalid("target_modules is missing or empty; list the modules the adapter was trained on")
+        layers = d.get("layers_to_transform")
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = [layers]
+        if layers is not None and not (isinstance(layers, list) and all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+            raise _invalid(f"layers_to_transform must be a layer index or a list of them, got {layers!r}")
+        if layers and isinstance(targets, str):
+            raise _invalid("layers_to_transform cannot be combined with a target_modules string (peft refuses it too)")
+        pattern = d.get("layers_pattern")
+        if isinstance(pattern, str):
+            pattern = [pattern]
+        if pattern is not None and not (isinstance(pattern, list) and all(isinstance(p, str) for p in pattern)):
+            raise _invalid(f"layers_pattern must be a string or a list of strings, got {pattern!r}")
+        for p in pattern or ():
+            try:  # peft splices it into a regex unescaped, so it must compile there
+                re.compile(_layer_regex(p))
+            except re.error as e:
+                raise _invalid(f"layers_pattern {p!r} is not a valid regular expression: {e}") from None
+        base = d.get("base_model_name_or_path")
+        if base is not None and not isinstance(base, str):
+            raise _invalid(f"base_model_name_or_path must be a string, got {base!r}")
+        return cls(r=r, lora_alpha=float(alpha), target_modules=targets, use_rslora=d.get("use_rslora", False),
+                   exclude_modules=_names(d, "exclude_modules", allow_str=True),
+                   layers_to_transform=tuple(sorted(set(layers))) if layers else None,  # peft: [] means all layers
+                   layers_pattern=tuple(pattern) if pattern else None,
+                   fan_in_fan_out=d.get("fan_in_fan_out", False), base_model_name_or_path=base)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def targets(self, num_layers: int) -> set[tuple[int, str]]:
+        """(layer index, module name) pairs this adapter applies to on a base model with
+        `num_layers` decoder layers."""
+        if self.layers_to_transform and self.layers_to_transform[-1] >= num_layers:
+            raise AdapterError("unknown_target_module", f"layers_to_transform names layer {self.layers_to_transform[-1]}, "
+                               f"but the base model has {num_layers} layers (0..{num_layers - 1})")
+        paths = {module_path(i, m): (i, m) for i in range(num_layers) for m in TARGET_MODULES}
+        found: set[tuple[int, str]] = set()
+        if isinstance(self.target_modules, str):
+            everything = self.target_modules.lower() == "all-linear"  # peft: every linear but the LM head
+            found = {t for p, t in paths.items() if everything or re.fullmatch(self.target_modules, p)}
+        else:
+            unknown = [e for e in self.target_modules if not any(p == e or p.endswith("." + e) for p in paths)]
+            if unknown:
+                raise AdapterError("unknown_target_module", f"target_modules {unknown} match no module of the base model; "
+                                   f"LoRA can target {', '.join(TARGET_MODULES)} in layers 0..{num_layers - 1}")
+            for p, t in paths.items():
+                if p in self.target_modules:  # an exact full name ignores layers_to_transform, as in peft
+                    found.add(t)
+                elif any(p.endswith("." + e) for e in self.target_modules) and self._layer_selected(p):
+                    found.add(t)
+        found = {t for t in found if not self._excluded(module_path(*t))}
+        if not found:
+            raise AdapterError("unknown_target_module", f"target_modules={self.target_modules!r} (with layers_to_transform="
+                               f"{self.layers_to_transform}, layers_pattern={self.layers_pattern}) selects no module; "
+                               f"LoRA can target {', '.join(TARGET_MODULES)}")
+        return found
+
+    def _layer_selected(self, path: str) -> bool:
+        if not self.layers_to_transform:
+            return True
+        patterns = self.layers_pattern or (None,)
+        for pattern in patterns:
+            m = re.match(_layer_regex(pattern), path)
+            if m:
+                return int(m["idx"]) in self.layers_to_transform
+        return False
+
+    def _excluded(self, path: str) -> bool:
+        ex = self.exclude_modules
+        if not ex:
+            return False
+        if isinstance(ex, str):
+            return re.fullmatch(ex, path) is not None
+        return any(path == e or path.endswith("." + e) for e in ex)
+
+    def check_rank(self, max_lora_rank: int) -> None:
+        if self.r > max_lora_rank:
+            raise AdapterError("rank_too_large", f"adapter rank r={self.r} exceeds this server's max_lora_rank="
+                               f"{max_lora_rank}; retrain with r <= {max_lora_rank}")
+
+    def check_base_model(self, expected_name: str | None, strict: bool) -> None:
+        """Names are compared loosely (case, trailing slash): the same hub id is often
+        written both ways. Only a strict server refuses; otherwise the name is advisory."""
+        if not strict or not expected_name or not self.base_model_name_or_path:
+            return
+        if self.base_model_name_or_path.rstrip("/").lower() != expected_name.rstrip("/").lower():
+            raise AdapterError("base_model_mismatch", f"adapter was trained on {self.base_model_name_or_path!r}, "
+                               f"but this server serves {expected_name!r}")

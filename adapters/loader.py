@@ -1,0 +1,162 @@
+"""Load a PEFT LoRA adapter directory into the fp32 A/B pairs the slot pool copies from.
+
+Only `adapter_model.safetensors` is ever read: pickle formats (`adapter_model.bin`, .pt)
+can run code when loaded, so their presence alone is an error. Everything that could make
+the engine compute something other than what peft computes on the HF model is refused
+with an AdapterError naming the file, key or module, and what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .config import TARGET_MODULES, LoraConfig, module_path
+from .errors import AdapterError
+
+if TYPE_CHECKING:
+    from loragate.engine.models.llama import ModelArchConfig
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+DEFAULT_MAX_ADAPTER_BYTES = 2 << 30  # a rank-64 all-linear LoRA of an 8B model is ~0.7 GB in fp32
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+# peft saves "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"; state_dict()
+# dumps and other tools add the adapter name ("lora_A.default.weight") or drop the prefix.
+_LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_A|lora_B)(?:\.[\w-]+)?\.weight")
+_MODULE_PATH = re.compile(r"(?:base_model\.model\.)?(?:model\.)?layers\.(?P<layer>\d+)\.(?P<parent>\w+)\.(?P<module>\w+)")
+_KEY_HINTS = (("lora_magnitude_vector", "a DoRA magnitude vector"), ("lora_embedding", "an embedding LoRA"),
+              ("base_layer", "a copy of a base weight"), (".bias", "a bias"))
+
+
+def module_shapes(arch: ModelArchConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each LoRA-targetable module of the base model."""
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    h, i = arch.hidden_size, arch.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+@dataclass
+class LoraWeights:
+    rank: int
+    config: LoraConfig
+    # (layer, module name) -> (A [rank, in_features], B [out_features, rank] with scaling folded in), fp32
+    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.modules.values() for t in pair)
+
+
+def load_adapter(adapter_dir: str | Path, arch: ModelArchConfig, max_lora_rank: int, *,
+                 base_model_name: str | None = None, strict_base_model: bool = False,
+                 max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES) -> LoraWeights:
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise AdapterError("missing_file", f"adapter directory {str(adapter_dir)!r} does not exist")
+    if not (adapter_dir / CONFIG_FILE).exists():
+        raise AdapterError("missing_file", f"{CONFIG_FILE} is missing from the adapter directory{_subdir_hint(adapter_dir)}")
+    config = LoraConfig.from_file(adapter_dir / CONFIG_FILE)
+    # Cheap config checks first, so a wrong adapter is refused before its weights are read.
+    config.check_base_model(base_model_name, strict_base_model)
+    config.check_rank(max_lora_rank)
+    targets = config.targets(arch.num_layers)
+    path = adapter_dir / WEIGHTS_FILE
+    if not path.is_file():
+        pickles = sorted(p.name for p in adapter_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise AdapterError("pickle_weights", f"found only pickle weights ({', '.join(pickles)}), which are never "
+                               f"loaded because unpickling can run code; save with safe_serialization=True to get {WEIGHTS_FILE}")
+        raise AdapterError("missing_file", f"{WEIGHTS_FILE} is missing from the adapter directory{_subdir_hint(adapter_dir)}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise AdapterError("too_large", f"{WEIGHTS_FILE} is {size} bytes; the limit is {max_bytes}")
+    try:
+        modules = _read_weights(path, config, targets, module_shapes(arch), arch.num_layers)
+    except AdapterError:
+        raise
+    except Exception as e:  # safetensors raises its own error types, OSError, or ValueError on bad files
+        raise AdapterError("invalid_weights", f"{WEIGHTS_FILE} is not a valid safetensors file ({e})") from e
+    return LoraWeights(rank=config.r, config=config, modules=modules)
+
+
+def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
+                  shapes: dict[str, tuple[int, int]], num_layers: int) -> dict:
+    from safetensors import safe_open
+
+    r = config.r
+    found: dict[tuple[int, str, str], str] = {}  # (layer, module, "lora_A"/"lora_B") -> key
+    with safe_open(str(path), framework="pt") as f:
+        keys = sorted(f.keys())
+        for key in keys:  # validate every key's name before reading any tensor
+            target, kind = _parse_key(key, targets, num_layers, config)
+            if (*target, kind) in found:
+                raise AdapterError("invalid_weights", f"{key!r} and {found[(*target, kind)]!r} both hold {kind} of "
+                                   f"{module_path(*target)}; the file mixes several adapters")
+            found[(*target, kind)] = key
+        for layer, name in sorted(targets):
+            for kind in ("lora_A", "lora_B"):
+                if (layer, name, kind) not in found:
+                    raise AdapterError("invalid_weights", f"{WEIGHTS_FILE} has no {kind} for {module_path(layer, name)}, "
+                                       "which adapter_config.json targets")
+        modules = {}
+        for layer, name in sorted(targets):
+            fan_in, fan_out = shapes[name]
+            # A is [r, in] and B [out, r] whatever fan_in_fan_out says: in peft it only marks a
+            # transposed *base* weight (GPT-2's Conv1D); lora_A/B are always nn.Linear, and peft
+            # resets fan_in_fan_out to false on nn.Linear targets such as Llama's.
+            a = _tensor(f, found[(layer, name, "lora_A")], (r, fan_in), 0, f"r={r}, in_features={fan_in}")
+            b = _tensor(f, found[(layer, name, "lora_B")], (fan_out, r), 1, f"out_features={fan_out}, r={r}")
+            b = b * config.scaling
+            if not torch.isfinite(b).all():
+                raise AdapterError("non_finite_weights", f"{found[(layer, name, 'lora_B')]!r} overflows fp32 after "
+                                   f"scaling by {config.scaling:g}")
+            modules[(layer, name)] = (a.contiguous(), b.contiguous())
+    return modules
+
+
+def _parse_key(key: str, targets: set[tuple[int, str]], num_layers: int, config: LoraConfig) -> tuple[tuple[int, str], str]:
+    m = _LORA_KEY.fullmatch(key)
+    if m is None:
+        what = next((w for marker, w in _KEY_HINTS if marker in key), "not a LoRA A/B weight")
+        raise AdapterError("invalid_weights", f"unexpected key {key!r} in {WEIGHTS_FILE} ({what}); "
+                           "only lora_A/lora_B weights of linear modules can be served")
+    p = _MODULE_PATH.fullmatch(m["path"])
+    if p is None or TARGET_MODULES.get(p["module"]) != p["parent"]:
+        raise AdapterError("unknown_target_module", f"key {key!r} adapts {m['path']!r}, which is not a LoRA target of "
+                           f"the base model; targets are {', '.join(TARGET_MODULES)} in each layer")
+    layer, name = int(p["layer"]), p["module"]
+    if (layer, name) not in targets:
+        why = (f"the base model has only {num_layers} layers" if layer >= num_layers
+               else f"adapter_config.json does not target it (target_modules={config.target_modules!r}, "
+                    f"layers_to_transform={config.layers_to_transform})")
+        raise AdapterError("invalid_weights", f"key {key!r} is for {module_path(layer, name)}, but {why}")
+    return (layer, name), m["kind"]
+
+
+def _tensor(f, key: str, expected: tuple[int, int], rank_axis: int, meaning: str) -> torch.Tensor:
+    sl = f.get_slice(key)
+    dtype, shape = sl.get_dtype(), tuple(sl.get_shape())
+    if dtype not in _FLOAT_DTYPES:
+        raise AdapterError("invalid_weights", f"{key!r} has dtype {dtype}; expected one of {', '.join(_FLOAT_DTYPES)}")
+    if shape != expected:
+        rank_only = len(shape) == 2 and shape[1 - rank_axis] == expected[1 - rank_axis]
+        hint = "its rank differs from r in adapter_config.json" if rank_only else "was it trained for another base model?"
+        raise AdapterError("shape_mismatch", f"{key!r} has shape {list(shape)}; expected {list(expected)} "
+                           f"({meaning}): {hint}")
+    t = f.get_tensor(key).to(torch.float32)
+    if not torch.isfinite(t).all():
+        raise AdapterError("non_finite_weights", f"{key!r} contains NaN or inf (or values beyond fp32's range)")
+    return t
+
+
+def _subdir_hint(adapter_dir: Path) -> str:
+    # peft saves a non-"default" adapter into a subfolder named after it.
+    subs = sorted(p.name for p in adapter_dir.iterdir() if p.is_dir() and (p / CONFIG_FILE).exists())
+    return f" (found one in subdirectory {subs[0]!r}: peft saves named adapters there)" if subs else ""

@@ -1,0 +1,138 @@
+"""Device slots for LoRA adapters: preallocated, rank-padded stacks the kernels read.
+
+For every decoder layer and every LoRA-targetable module the pool holds
+A [num_slots, max_rank, in] and B [num_slots, out, max_rank] (scaling folded into B, zeros
+beyond an adapter's rank or for modules it does not target). Loading an adapter is a copy_
+into a free slot; the base weights are never touched. Slots used by running requests are
+pinned; when a slot is needed the least recently used unpinned one is evicted. Evicted
+adapters stay in a host-memory LRU tier (max_cpu_loras), so reloading them needs no disk.
+The pool never blocks: when every slot is pinned, acquire() returns None and the scheduler
+keeps the request waiting.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import TARGET_MODULES
+from .loader import module_shapes
+
+MODULE_NAMES = tuple(TARGET_MODULES)
+
+
+@dataclass
+class PoolStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    load_seconds: list[float] = field(default_factory=list)
+
+
+class LoraSlotPool:
+    def __init__(self, arch, num_slots: int, max_rank: int, dtype: torch.dtype, max_cpu_loras: int = 64):
+        if num_slots < 1 or max_rank < 1:
+            raise ValueError("num_slots and max_rank must be >= 1")
+        self.num_slots, self.max_rank, self.dtype = num_slots, max_rank, dtype
+        self.num_layers = arch.num_layers
+        self.a: dict[str, torch.Tensor] = {}  # module -> [layers, slots, max_rank, in]
+        self.b: dict[str, torch.Tensor] = {}  # module -> [layers, slots, out, max_rank]
+        for name, (fan_in, fan_out) in module_shapes(arch).items():
+            self.a[name] = torch.zeros(arch.num_layers, num_slots, max_rank, fan_in, dtype=dtype)
+            self.b[name] = torch.zeros(arch.num_layers, num_slots, fan_out, max_rank, dtype=dtype)
+        self.slot_key: list[str | None] = [None] * num_slots
+        self.slot_rank = [0] * num_slots
+        self.slot_modules: list[frozenset[str]] = [frozenset()] * num_slots
+        self.pins = [0] * num_slots
+        self.slot_of: OrderedDict[str, int] = OrderedDict()  # loaded keys, least recently used first
+        self.host_cache: OrderedDict[str, object] = OrderedDict()
+        self.max_cpu_loras = max_cpu_loras
+        self.stats = PoolStats()
+        self._lock = threading.Lock()
+
+    # -- slots ----------------------------------------------------------------------------
+
+    def acquire(self, key: str, load: Callable[[], object]) -> int | None:
+        """Pin the slot holding adapter `key`, loading it (via `load()` -> LoraWeights) into a
+        free or least recently used unpinned slot first. None when every slot is pinned."""
+        with self._lock:
+            slot = self.slot_of.get(key)
+            if slot is not None:
+                self.stats.hits += 1
+                self.slot_of.move_to_end(key)
+                self.pins[slot] += 1
+                return slot
+            slot = self._free_slot()
+            if slot is None:
+                return None
+            self.stats.misses += 1
+            t0 = time.perf_counter()
+            weights = self.host_cache.pop(key, None) or load()
+            self._write(slot, weights)
+            self._remember_on_host(key, weights)
+            self.stats.load_seconds.append(time.perf_counter() - t0)
+            self.slot_key[slot], self.slot_rank[slot] = key, weights.rank
+            self.slot_modules[slot] = frozenset(name for _, name in weights.modules)
+            self.slot_of[key] = slot
+            self.pins[slot] = 1
+            return slot
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            if self.pins[slot] <= 0:
+                raise RuntimeError(f"slot {slot} released more often than acquired")
+            self.pins[slot] -= 1
+
+    def forget(self, key_prefix: str) -> None:
+        """Drop unpinned copies of an adapter's versions (after deletion or replacement)."""
+        with self._lock:
+            for key in [k for k in self.host_cache if k.startswith(key_prefix)]:
+                del self.host_cache[key]
+            for key, slot in list(self.slot_of.items()):
+                if key.startswith(key_prefix) and self.pins[slot] == 0:
+                    del self.slot_of[key]
+                    self.slot_key[slot] = None
+
+    def _free_slot(self) -> int | None:
+        for slot in range(self.num_slots):
+            if self.slot_key[slot] is None:
+                return slot
+        for key, slot in self.slot_of.items():  # least recently used first
+            if self.pins[slot] == 0:
+                del self.slot_of[key]
+                self.slot_key[slot] = None
+                self.stats.evictions += 1
+                return slot
+        return None
+
+    def _write(self, slot: int, weights) -> None:
+        if weights.rank > self.max_rank:
+            raise ValueError(f"adapter rank {weights.rank} exceeds the pool's max rank {self.max_rank}")
+        r = weights.rank
+        for name in MODULE_NAMES:
+            self.a[name][:, slot].zero_()
+            self.b[name][:, slot].zero_()
+        for (layer, name), (a, b) in weights.modules.items():
+            self.a[name][layer, slot, :r].copy_(a)
+            self.b[name][layer, slot, :, :r].copy_(b)
+
+    def _remember_on_host(self, key: str, weights) -> None:
+        self.host_cache[key] = weights
+        self.host_cache.move_to_end(key)
+        while len(self.host_cache) > self.max_cpu_loras:
+            self.host_cache.popitem(last=False)
+
+    @property
+    def num_pinned(self) -> int:
+        return sum(1 for p in self.pins if p > 0)
+
+    def max_rank_of(self, slots) -> int:
+        return max((self.slot_rank[s] for s in slots if s >= 0), default=0)
+
+    def modules_of(self, slots) -> frozenset[str]:
+        return frozenset().union(*(self.slot_modules[s] for s in slots if s >= 0))

@@ -1,0 +1,162 @@
+"""Every way an uploaded adapter can be wrong ends in an AdapterError with a specific code and
+a message that names what is wrong. Most bad adapters are made by peft itself (DoRA, IA3,
+prefix tuning, modules_to_save, another hidden size); the rest are a good peft adapter with
+one thing broken."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import IA3Config, PrefixTuningConfig
+from peft import LoraConfig as PeftLoraConfig
+from safetensors.torch import load_file, save_file
+
+from loragate.adapters.errors import AdapterError
+from loragate.adapters.loader import WEIGHTS_FILE, load_adapter
+
+GOOD = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+MAX_RANK = 8
+
+
+def edit_config(d: Path, **changes) -> None:
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def edit_weights(d: Path, fn) -> None:
+    tensors = load_file(d / WEIGHTS_FILE)
+    fn(tensors)
+    save_file(tensors, d / WEIGHTS_FILE)
+
+
+def _set(key, value):
+    return lambda t: t.__setitem__(key, value)
+
+
+def _poison(key, value):
+    def fn(t):
+        t[key] = t[key].clone()
+        t[key][0, 1] = value
+    return fn
+
+
+class _Evil:
+    """Unpickling this creates a marker file: proof the loader never unpickles."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _pickle_only(d: Path) -> None:
+    (d / WEIGHTS_FILE).unlink()
+    (d / "adapter_model.bin").write_bytes(pickle.dumps(_Evil(d.parent / "UNPICKLED")))
+
+
+def _named_subfolder(d: Path) -> None:
+    (d / "mine").mkdir()
+    for f in ("adapter_config.json", WEIGHTS_FILE):
+        shutil.move(d / f, d / "mine" / f)
+
+
+def _header_claims_huge(d: Path) -> None:
+    (d / WEIGHTS_FILE).write_bytes((2**40).to_bytes(8, "little") + b"{}")
+
+
+# id -> (how to break a copy of the good adapter | peft kwargs for a fresh one, load kwargs, code, message fragment)
+CASES = {
+    "missing_config": (lambda d: (d / "adapter_config.json").unlink(), {}, "missing_file", "adapter_config.json is missing"),
+    "missing_weights": (lambda d: (d / WEIGHTS_FILE).unlink(), {}, "missing_file", "adapter_model.safetensors is missing"),
+    "named_adapter_subfolder": (_named_subfolder, {}, "missing_file", "subdirectory 'mine'"),
+    "pickle_bin_only": (_pickle_only, {}, "pickle_weights", "adapter_model.bin"),
+    "truncated_safetensors": (lambda d: (d / WEIGHTS_FILE).write_bytes((d / WEIGHTS_FILE).read_bytes()[:-100]), {},
+                              "invalid_weights", "not a valid safetensors file"),
+    "header_claims_huge": (_header_claims_huge, {}, "invalid_weights", "not a valid safetensors file"),
+    "not_json": (lambda d: (d / "adapter_config.json").write_text("{r: 4"), {}, "invalid_config", "not valid JSON"),
+    "r_is_a_string": (lambda d: edit_config(d, r="4"), {}, "invalid_config", "r must be a positive integer"),
+    "other_hidden_size": ({"hidden_size": 32}, {}, "shape_mismatch",
+                          "expected [4, 128] (r=4, in_features=128): was it trained for another base model?"),
+    "rank_differs_from_config": (lambda d: edit_config(d, r=6), {}, "shape_mismatch", "rank differs from r"),
+    "nan": (lambda d: edit_weights(d, _poison(f"{Q0}.lora_A.weight", float("nan"))), {},
+            "non_finite_weights", f"{Q0}.lora_A.weight"),
+    "inf": (lambda d: edit_weights(d, _poison("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight",
+                                              float("inf"))), {}, "non_finite_weights", "layers.1.mlp.down_proj.lora_B"),
+    "overflow_after_scaling": (lambda d: (edit_config(d, lora_alpha=1e38),
+                                          edit_weights(d, _poison(f"{Q0}.lora_B.weight", 1e30))), {},
+                               "non_finite_weights", "after scaling"),
+    "integer_dtype": (lambda d: edit_weights(d, _set(f"{Q0}.lora_A.weight", torch.ones(4, 64, dtype=torch.int32))), {},
+                      "invalid_weights", "dtype I32"),
+    "rank_above_max": ({"r": 16}, {}, "rank_too_large", "max_lora_rank=8"),
+    "dora": ({"use_dora": True}, {}, "unsupported_adapter", "DoRA"),
+    "modules_to_save": ({"modules_to_save": ["lm_head"]}, {}, "unsupported_adapter", "modules_to_save"),
+    "bias_all": ({"bias": "all"}, {}, "unsupported_adapter", "bias='all'"),
+    "rank_pattern": ({"rank_pattern": {"q_proj": 2}}, {}, "unsupported_adapter", "not supported yet"),
+    "pissa_unconverted": (lambda d: edit_config(d, init_lora_weights="pissa"), {}, "unsupported_adapter",
+                          "path_initial_model_for_weight_conversion"),
+    "unknown_option": (lambda d: edit_config(d, use_future_trick=True), {}, "unsupported_adapter", "use_future_trick"),
+    "ia3": (IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]), {},
+            "unsupported_adapter", "'IA3'"),
+    "prefix_tuning": (PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), {},
+                      "unsupported_adapter", "'PREFIX_TUNING'"),
+    "embedding_target": ({"target_modules": ["q_proj", "embed_tokens"]}, {}, "unknown_target_module", "embed_tokens"),
+    "gpt2_style_target": (lambda d: edit_config(d, target_modules=["c_attn"]), {}, "unknown_target_module", "c_attn"),
+    "regex_selects_nothing": (lambda d: edit_config(d, target_modules=r".*\.attn\.c_proj"), {},
+                              "unknown_target_module", "selects no module"),
+    "layer_out_of_range": (lambda d: edit_config(d, layers_to_transform=[5]), {}, "unknown_target_module", "layer 5"),
+    "dora_vector_without_dora": (lambda d: edit_weights(d, _set(f"{Q0}.lora_magnitude_vector", torch.ones(64))), {},
+                                 "invalid_weights", "DoRA magnitude vector"),
+    "lora_b_bias": (lambda d: edit_weights(d, _set(f"{Q0}.lora_B.bias", torch.zeros(64))), {}, "invalid_weights", "a bias"),
+    "untargeted_module_key": (lambda d: edit_weights(d, _set(Q0.replace("q_proj", "k_proj") + ".lora_A.weight",
+                                                             torch.zeros(4, 64))), {},
+                              "invalid_weights", "does not target it"),
+    "lm_head_key": (lambda d: edit_weights(d, _set("base_model.model.lm_head.lora_A.weight", torch.zeros(4, 64))), {},
+                    "unknown_target_module", "'base_model.model.lm_head'"),
+    "missing_lora_b": (lambda d: edit_weights(d, lambda t: t.pop(f"{Q0}.lora_B.weight")), {},
+                       "invalid_weights", "no lora_B for model.layers.0.self_attn.q_proj"),
+    "two_adapters_in_one_file": (lambda d: edit_weights(d, lambda t: t.__setitem__(
+        f"{Q0}.lora_A.other.weight", t[f"{Q0}.lora_A.weight"].clone())), {}, "invalid_weights", "mixes several adapters"),
+    "base_model_mismatch_strict": (lambda d: edit_config(d, base_model_name_or_path="Qwen/Qwen2.5-7B"),
+                                   dict(base_model_name="tiny-llama", strict_base_model=True),
+                                   "base_model_mismatch", "'Qwen/Qwen2.5-7B'"),
+    "too_large": (lambda d: None, dict(max_bytes=1000), "too_large", "the limit is 1000"),
+}
+
+
+@pytest.fixture(scope="module")
+def good_adapter(tmp_path_factory, save_peft):
+    path = tmp_path_factory.mktemp("good")
+    save_peft(path, PeftLoraConfig(**GOOD))
+    return path
+
+
+def test_the_good_adapter_loads(good_adapter, arch):
+    assert len(load_adapter(good_adapter, arch, MAX_RANK).modules) == 6
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_bad_adapter(case, tmp_path, good_adapter, arch, save_peft):
+    make, load_kwargs, code, fragment = CASES[case]
+    d = tmp_path / "adapter"
+    if callable(make):
+        shutil.copytree(good_adapter, d)
+        make(d)
+    elif isinstance(make, dict):  # a LoRA made by peft with these options (hidden_size: of its base model)
+        hidden = make.get("hidden_size", 64)
+        save_peft(d, PeftLoraConfig(**{**GOOD, **{k: v for k, v in make.items() if k != "hidden_size"}}),
+                  hidden_size=hidden)
+    else:  # another PEFT method's config
+        save_peft(d, make)
+    with pytest.raises(AdapterError) as e:
+        load_adapter(d, arch, MAX_RANK, **load_kwargs)
+    assert e.value.code == code, str(e.value)
+    assert fragment in str(e.value)
+    assert not (tmp_path / "UNPICKLED").exists()

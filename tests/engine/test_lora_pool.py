@@ -1,0 +1,120 @@
+"""The adapter slot pool: LRU, pinning, many adapters through few slots, replacement."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from loragate.adapters.loader import LoraWeights
+from loragate.adapters.loader import module_shapes
+from loragate.adapters.pool import LoraSlotPool
+from loragate.engine import EngineConfig, LLMEngine, SamplingParams
+from loragate.engine.models.loader import load_hf_config
+from loragate.engine.models.llama import ModelArchConfig
+
+
+def random_weights(arch, rank, seed, modules=("q_proj", "v_proj", "o_proj", "down_proj")) -> LoraWeights:
+    g = torch.Generator().manual_seed(seed)
+    shapes = module_shapes(arch)
+    return LoraWeights(rank=rank, config=None, modules={
+        (layer, m): (torch.randn(rank, shapes[m][0], generator=g) * 0.3, torch.randn(shapes[m][1], rank, generator=g) * 0.3)
+        for layer in range(arch.num_layers) for m in modules})
+
+
+@pytest.fixture(scope="module")
+def arch(tiny_llama):
+    return ModelArchConfig.from_hf(load_hf_config(tiny_llama))
+
+
+def test_lru_eviction_and_pinning(arch):
+    pool = LoraSlotPool(arch, num_slots=2, max_rank=8, dtype=torch.float32)
+    w = {k: random_weights(arch, 4, i) for i, k in enumerate("abc")}
+    sa = pool.acquire("a", lambda: w["a"])
+    sb = pool.acquire("b", lambda: w["b"])
+    assert pool.acquire("c", lambda: w["c"]) is None  # both pinned: wait, never evict a pinned slot
+    pool.release(sa)
+    pool.release(sb)
+    assert pool.acquire("a", lambda: w["a"]) == sa  # hit; now "b" is least recently used
+    pool.release(sa)
+    assert pool.acquire("c", lambda: w["c"]) == sb  # evicts b, not a
+    assert pool.stats.evictions == 1 and pool.stats.hits == 1 and pool.stats.misses == 3
+    layer0_q = pool.a["q_proj"][0, sb, :4]
+    torch.testing.assert_close(layer0_q, w["c"].modules[(0, "q_proj")][0])
+    assert torch.all(pool.a["q_proj"][0, sb, 4:] == 0)  # rank padding stays zero
+    with pytest.raises(RuntimeError):
+        pool.release(sa)  # "a" was released already
+
+
+def run(engine):
+    done = {}
+    while engine.has_unfinished:
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+    return done
+
+
+def test_twenty_adapters_through_four_slots(tiny_llama, arch):
+    weights = {f"ad{i}": random_weights(arch, rng_rank, seed=i) for i, rng_rank in
+               zip(range(20), [4, 8, 16, 64] * 5)}
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", max_loras=4, max_lora_rank=64,
+                                    max_cpu_loras=6), progress=False)
+    for name, w in weights.items():
+        engine.add_adapter_weights(name, w)
+    rng = random.Random(0)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    jobs = [(f"r{i}", [rng.randrange(3, 500) for _ in range(rng.randint(2, 30))],
+             rng.choice(list(weights) + [None])) for i in range(48)]
+    for rid, prompt, adapter in jobs:
+        engine.add_request(prompt, params, request_id=rid, adapter=adapter)
+    seen_pins = []
+    done = {}
+    while engine.has_unfinished:
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+        pool = engine.lora_pool
+        running_slots = {r.lora_slot for r in engine.scheduler.running if r.lora_slot >= 0}
+        assert all(pool.pins[s] > 0 for s in running_slots)  # a running request's slot is pinned
+        seen_pins.append(pool.num_pinned)
+    assert len(done) == len(jobs)  # no deadlock: everything finished
+    assert engine.lora_pool.num_pinned == 0 and max(seen_pins) <= 4
+    assert engine.lora_pool.stats.evictions > 0
+    alone = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", max_loras=1, max_lora_rank=64),
+                      progress=False)
+    for name, w in weights.items():
+        alone.add_adapter_weights(name, w)
+    for rid, prompt, adapter in jobs[:16]:
+        alone.add_request(prompt, params, request_id=rid, adapter=adapter)
+        assert run(alone)[rid] == done[rid], f"{rid} on {adapter}"
+
+
+def test_replacing_an_adapter_during_traffic(tiny_llama, arch):
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", max_loras=2), progress=False)
+    v1, v2 = random_weights(arch, 8, seed=1), random_weights(arch, 8, seed=2)
+    prompt = list(range(10, 60))  # 50 tokens: three full blocks to cache
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+    def alone(w):
+        e = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", max_loras=1), progress=False)
+        e.add_adapter_weights("x", w)
+        e.add_request(prompt, params, request_id="solo", adapter="x")
+        return run(e)["solo"]
+
+    assert engine.add_adapter_weights("x", v1) == 1
+    engine.add_request(prompt, params, request_id="old", adapter="x")
+    done = {}
+    for _ in range(4):  # "old" is mid-generation
+        for out in engine.step():
+            done[out.request_id] = out.token_ids
+    assert engine.add_adapter_weights("x", v2) == 2
+    hits_before = engine.kv.num_prefix_hit_tokens
+    engine.add_request(prompt, params, request_id="new", adapter="x")
+    done.update(run(engine))
+    assert engine.kv.num_prefix_hit_tokens == hits_before  # v1's cached blocks are not v2's
+    assert done["old"] == alone(v1)
+    assert done["new"] == alone(v2)
+    assert done["old"] != done["new"]
+    assert engine.lora_pool.num_pinned == 0

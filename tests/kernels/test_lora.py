@@ -1,0 +1,99 @@
+"""Segmented LoRA: the fast CPU path (add_lora with a LoraPlan) against the torch reference
+(lora_shrink + lora_expand) and a float64 per-row computation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from loragate.kernels.lora import SHORT_SEGMENT, add_lora, lora_expand, lora_shrink, plan_segments
+
+NUM_SLOTS = 8
+IN, OUT = 48, 40
+
+
+def zipf_slots(n, rng):
+    weights = [1 / (k + 1) for k in range(NUM_SLOTS)]
+    return rng.choices(range(NUM_SLOTS), weights=weights, k=n)
+
+
+PATTERNS = {
+    "all-distinct": lambda n, rng: [i % NUM_SLOTS for i in range(n)],
+    "all-same": lambda n, rng: [3] * n,
+    "zipf": zipf_slots,
+    "with-base-rows": lambda n, rng: [rng.choice([-1, -1, 0, 5]) for _ in range(n)],
+}
+
+
+def make_case(batch, rank, pattern, dtype, seed, long_every=0):
+    """`batch` requests, each 1 token (decode) or, every `long_every`-th, a long prefill chunk.
+    Requests are grouped by slot like the engine does; returns x, stacks and segments."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    slots = sorted(PATTERNS[pattern](batch, rng))
+    lengths = [SHORT_SEGMENT + 9 if long_every and i % long_every == 0 else rng.randint(1, 4) for i in range(batch)]
+    indptr, seg_slots = [0], []
+    for slot, n in zip(slots, lengths):  # merge consecutive equal slots into one segment
+        if seg_slots and seg_slots[-1] == slot:
+            indptr[-1] += n
+        else:
+            seg_slots.append(slot)
+            indptr.append(indptr[-1] + n)
+    T = indptr[-1]
+    x = torch.randn(T, IN, generator=g).to(dtype)
+    a = torch.zeros(NUM_SLOTS, 64, IN, dtype=dtype)
+    b = torch.zeros(NUM_SLOTS, OUT, 64, dtype=dtype)
+    a[:, :rank] = (torch.randn(NUM_SLOTS, rank, IN, generator=g) * 0.2).to(dtype)
+    b[:, :, :rank] = (torch.randn(NUM_SLOTS, OUT, rank, generator=g) * 0.2).to(dtype)
+    return x, a, b, indptr, seg_slots
+
+
+def naive(x, a, b, indptr, seg_slots):
+    y = torch.zeros(x.shape[0], b.shape[1], dtype=torch.float64)
+    for i, slot in enumerate(seg_slots):
+        for t in range(indptr[i], indptr[i + 1]):
+            if slot >= 0:
+                y[t] = (x[t].double() @ a[slot].double().T) @ b[slot].double().T
+    return y
+
+
+CASES = [(batch, rank, pattern, dtype, long_every)
+         for batch in (1, 2, 3, 7, 16, 33)
+         for rank in (4, 8, 16, 64)
+         for pattern in PATTERNS
+         for dtype in (torch.float32, torch.bfloat16)
+         for long_every in (0, 5)
+         if (batch + rank + len(pattern)) % 3 == 0 or batch in (1, 33)]
+
+
+@pytest.mark.parametrize("batch, rank, pattern, dtype, long_every", CASES)
+def test_fast_path_matches_reference_and_float64(batch, rank, pattern, dtype, long_every):
+    x, a, b, indptr, seg_slots = make_case(batch, rank, pattern, dtype, seed=batch * 100 + rank, long_every=long_every)
+    ip, ss = torch.tensor(indptr), torch.tensor(seg_slots)
+    ref = lora_expand(torch.zeros(x.shape[0], OUT, dtype=dtype), lora_shrink(x, a, ip, ss), b, ip, ss)
+    fast = torch.zeros(x.shape[0], OUT, dtype=dtype)
+    add_lora(fast, x, a[:, :rank], b[:, :, :rank], plan_segments(indptr, seg_slots))
+    want = naive(x, a, b, indptr, seg_slots)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(ref.double(), want, **tol)
+    torch.testing.assert_close(fast.double(), want, **tol)
+    base_rows = [t for i, s in enumerate(seg_slots) if s < 0 for t in range(indptr[i], indptr[i + 1])]
+    assert torch.all(fast[base_rows] == 0)
+
+
+def test_add_lora_adds_to_existing_output_of_a_column_slice():
+    """The engine applies LoRA to one module's columns of a fused projection output."""
+    x, a, b, indptr, seg_slots = make_case(7, 8, "zipf", torch.float32, seed=1, long_every=3)
+    y = torch.randn(x.shape[0], OUT + 10)
+    before = y.clone()
+    add_lora(y[:, 5:5 + OUT], x, a, b, plan_segments(indptr, seg_slots))
+    torch.testing.assert_close(y[:, 5:5 + OUT].double(), before[:, 5:5 + OUT].double() + naive(x, a, b, indptr, seg_slots),
+                               atol=1e-5, rtol=1e-5)
+    assert torch.equal(y[:, :5], before[:, :5]) and torch.equal(y[:, 5 + OUT:], before[:, 5 + OUT:])
+
+
+def test_plan_of_a_base_only_batch_has_no_lora():
+    plan = plan_segments([0, 4, 9], [-1, -1])
+    assert not plan.has_lora
