@@ -113,13 +113,26 @@ class LoraSlotPool:
     def _write(self, slot: int, weights) -> None:
         if weights.rank > self.max_rank:
             raise ValueError(f"adapter rank {weights.rank} exceeds the pool's max rank {self.max_rank}")
-        r = weights.rank
-        for name in MODULE_NAMES:
-            self.a[name][:, slot].zero_()
-            self.b[name][:, slot].zero_()
+        r, old_r = weights.rank, self.slot_rank[slot]
+        targeted = {name for _, name in weights.modules}
+        # Clear only what the previous occupant left that the new adapter will not overwrite:
+        # modules it targeted and the new one does not, and rank rows beyond the new rank.
+        for name in self.slot_modules[slot]:
+            if name not in targeted:
+                self.a[name][:, slot, :old_r].zero_()
+                self.b[name][:, slot, :, :old_r].zero_()
+            elif old_r > r:
+                self.a[name][:, slot, r:old_r].zero_()
+                self.b[name][:, slot, :, r:old_r].zero_()
+        layers = {name: set() for name in targeted}
         for (layer, name), (a, b) in weights.modules.items():
             self.a[name][layer, slot, :r].copy_(a)
             self.b[name][layer, slot, :, :r].copy_(b)
+            layers[name].add(layer)
+        for name, done in layers.items():  # layers_to_transform: untouched layers stay zero
+            for layer in set(range(self.num_layers)) - done:
+                self.a[name][layer, slot].zero_()
+                self.b[name][layer, slot].zero_()
 
     def _remember_on_host(self, key: str, weights) -> None:
         self.host_cache[key] = weights

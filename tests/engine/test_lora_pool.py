@@ -118,3 +118,19 @@ def test_replacing_an_adapter_during_traffic(tiny_llama, arch):
     assert done["new"] == alone(v2)
     assert done["old"] != done["new"]
     assert engine.lora_pool.num_pinned == 0
+
+
+def test_reused_slot_keeps_nothing_of_its_previous_adapter(arch):
+    pool = LoraSlotPool(arch, num_slots=1, max_rank=16, dtype=torch.float32)
+    big = random_weights(arch, 16, seed=5, modules=("q_proj", "gate_proj", "down_proj"))
+    small = random_weights(arch, 4, seed=6, modules=("q_proj", "v_proj"))
+    del small.modules[(1, "v_proj")]  # like layers_to_transform: v_proj only in layer 0
+    pool.release(pool.acquire("big", lambda: big))
+    slot = pool.acquire("small", lambda: small)
+    for name in ("gate_proj", "down_proj", "k_proj"):
+        assert torch.all(pool.a[name][:, slot] == 0) and torch.all(pool.b[name][:, slot] == 0), name
+    assert torch.all(pool.a["q_proj"][:, slot, 4:] == 0) and torch.all(pool.b["q_proj"][:, slot, :, 4:] == 0)
+    assert torch.all(pool.a["v_proj"][1, slot] == 0)
+    for (layer, name), (a, b) in small.modules.items():
+        torch.testing.assert_close(pool.a[name][layer, slot, :4], a)
+        torch.testing.assert_close(pool.b[name][layer, slot, :, :4], b)

@@ -1,0 +1,219 @@
+"""The adapter registry: the one place that knows every adapter, its tenant, version and state.
+
+An upload is validated (loader.load_adapter) before anything is stored, so a refused adapter
+leaves the store untouched and burns no version number. After a restart the index is rebuilt
+from the store reading only each adapter_config.json; weights are read on first use (state
+LOADING) and checked against the sha256 recorded at upload, so bytes that changed on disk are
+refused (FAILED) rather than served. Tenants see only their own adapters: another tenant's
+answers AdapterNotFound, exactly as if it did not exist.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .config import LoraConfig
+from .errors import AdapterError, AdapterNotFound
+from .loader import CONFIG_FILE, DEFAULT_MAX_ADAPTER_BYTES, WEIGHTS_FILE, LoraWeights, load_adapter
+from .store import AdapterStore, StoredAdapter, check_name
+
+__all__ = ["AdapterInfo", "AdapterRegistry", "AdapterState"]
+
+log = logging.getLogger(__name__)
+_CHUNK = 1 << 20
+_STRIPES = 64  # per-adapter write locks, striped so unknown names cannot grow a dict of locks
+
+
+class AdapterState(str, enum.Enum):  # a str, so it serialises to JSON as "READY"
+    LOADING = "LOADING"
+    READY = "READY"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    tenant: str
+    name: str
+    version: int
+    sha256: str
+    rank: int
+    target_modules: tuple[str, ...]  # module names (q_proj, ...), sorted
+    state: AdapterState
+    error: str | None
+    created: float
+
+    @property
+    def id(self) -> str:
+        return f"{self.tenant}/{self.name}"
+
+    @property
+    def key(self) -> str:
+        """What the engine's slot pool and prefix cache key on: a new version never shares them."""
+        return f"{self.tenant}/{self.name}@{self.version}"
+
+
+Listener = Callable[[AdapterInfo | None, str], None]  # (info, or None when deleted; adapter id)
+
+
+class _Entry:
+    """The latest version of one adapter. A new version gets a new entry, so a slow load of
+    the old version that finishes late cannot attach its weights to the new one."""
+
+    def __init__(self, info: AdapterInfo, stored: StoredAdapter, weights: LoraWeights | None = None,
+                 error: AdapterError | None = None):
+        self.info, self.stored, self.weights, self.error = info, stored, weights, error
+        self.load_lock = threading.Lock()  # one reader of the files; other callers wait for it
+
+
+class AdapterRegistry:
+    def __init__(self, store: AdapterStore, arch, max_lora_rank: int, *, base_model_name: str | None = None,
+                 strict_base_model: bool = False, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+                 on_change: Listener | None = None):
+        self.store, self.arch, self.max_lora_rank = store, arch, max_lora_rank
+        self.base_model_name, self.strict_base_model = base_model_name, strict_base_model
+        self._load_kwargs = dict(base_model_name=base_model_name, strict_base_model=strict_base_model,
+                                 max_bytes=max_bytes)
+        self.listeners: list[Listener] = [on_change] if on_change else []
+        self._lock = threading.Lock()  # guards _entries and entry fields; never held during file I/O
+        # Held across store write + index update + notification, so a delete cannot interleave
+        # with a register of the same name and listeners see one adapter's changes in order.
+        self._write_locks = [threading.RLock() for _ in range(_STRIPES)]
+        self._entries: dict[tuple[str, str], _Entry] = {(s.tenant, s.name): self._from_store(s)
+                                                      for s in store.list_all()}
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def register(self, tenant: str, name: str, src_dir: str | Path) -> AdapterInfo:
+        check_name("tenant", tenant)  # cheap checks first: refuse before reading any weights
+        check_name("adapter", name)
+        src = Path(src_dir)
+        for f in (CONFIG_FILE, WEIGHTS_FILE):
+            if (src / f).is_symlink():  # the store copies regular files only: it would validate, then be lost
+                raise AdapterError("missing_file", f"{f} is a symbolic link; upload the file itself")
+        # src_dir must not change until this returns (it is the caller's private upload dir).
+        weights = load_adapter(src, self.arch, self.max_lora_rank, **self._load_kwargs)
+        with self._write_lock(tenant, name):
+            stored = self.store.put(tenant, name, src)
+            info = _info(stored, weights.rank, {m for _, m in weights.modules}, AdapterState.READY, None)
+            with self._lock:
+                self._entries[(tenant, name)] = _Entry(info, stored, weights)  # kept: first use reads no disk
+            self._notify(info, info.id)
+        return info
+
+    def delete(self, tenant: str, name: str) -> None:
+        with self._write_lock(tenant, name):
+            self.get(tenant, name)  # AdapterNotFound before the store sees another tenant's name
+            self.store.delete(tenant, name)
+            with self._lock:
+                self._entries.pop((tenant, name), None)
+            self._notify(None, f"{tenant}/{name}")
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def get(self, tenant: str, name: str) -> AdapterInfo:
+        with self._lock:
+            return self._entry(tenant, name).info
+
+    def list(self, tenant: str) -> list[AdapterInfo]:
+        with self._lock:
+            return sorted((e.info for (t, _), e in self._entries.items() if t == tenant), key=lambda i: i.name)
+
+    def list_all(self) -> list[AdapterInfo]:
+        with self._lock:
+            return sorted((e.info for e in self._entries.values()), key=lambda i: (i.tenant, i.name))
+
+    def weights(self, tenant: str, name: str) -> tuple[AdapterInfo, LoraWeights]:
+        """The latest version's info and weights, read from the store on first use."""
+        with self._lock:
+            entry = self._entry(tenant, name)
+            if entry.weights is not None:
+                return entry.info, entry.weights
+        with entry.load_lock:
+            with self._lock:
+                if entry.weights is not None:  # another thread loaded it while we waited
+                    return entry.info, entry.weights
+                if entry.error is not None:  # stored versions are immutable: a failure is final
+                    raise AdapterError(entry.error.code, entry.error.message)
+                entry.info = replace(entry.info, state=AdapterState.LOADING)
+            try:
+                _check_sha256(entry.stored)
+                weights = load_adapter(entry.stored.path, self.arch, self.max_lora_rank, **self._load_kwargs)
+            except AdapterError as e:
+                err = AdapterError(e.code, f"stored adapter {entry.info.key} no longer loads: {e.message}")
+                with self._lock:
+                    entry.error, entry.info = err, replace(entry.info, state=AdapterState.FAILED, error=err.message)
+                    if (tenant, name) not in self._entries:  # deleted while we read: say so, not "corrupt"
+                        raise AdapterNotFound(f"adapter {name!r} does not exist") from None
+                log.error("%s", err.message)
+                raise err from None
+            except BaseException:  # not the files' fault (memory, interrupt): the next call retries
+                with self._lock:
+                    entry.info = replace(entry.info, state=AdapterState.READY)
+                raise
+            with self._lock:
+                entry.weights, entry.info = weights, replace(entry.info, state=AdapterState.READY, error=None)
+                return entry.info, weights
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _entry(self, tenant: str, name: str) -> _Entry:
+        entry = self._entries.get((tenant, name))
+        if entry is None:  # the same answer whether absent or another tenant's: ids do not leak
+            raise AdapterNotFound(f"adapter {name!r} does not exist")
+        return entry
+
+    def _write_lock(self, tenant: str, name: str) -> threading.RLock:
+        return self._write_locks[hash((tenant, name)) % _STRIPES]
+
+    def _from_store(self, stored: StoredAdapter) -> _Entry:
+        """Index a stored adapter from its config alone (no weights read), checked against this
+        server's settings, which may have changed since it was uploaded."""
+        rank, modules, error = 0, set(), None
+        try:
+            config = LoraConfig.from_file(stored.path / CONFIG_FILE)
+            rank = config.r
+            config.check_base_model(self.base_model_name, self.strict_base_model)
+            config.check_rank(self.max_lora_rank)
+            modules = {m for _, m in config.targets(self.arch.num_layers)}
+        except AdapterError as e:
+            error = AdapterError(e.code, f"stored adapter {stored.tenant}/{stored.name}@{stored.version} "
+                                         f"cannot be served: {e.message}")
+            log.error("%s", error.message)
+        state = AdapterState.FAILED if error else AdapterState.READY
+        return _Entry(_info(stored, rank, modules, state, error and error.message), stored, error=error)
+
+    def _notify(self, info: AdapterInfo | None, adapter_id: str) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(info, adapter_id)
+            except Exception:  # the change is already durable; a listener cannot undo it
+                log.exception("adapter listener %r failed for %s", listener, adapter_id)
+
+
+def _info(stored: StoredAdapter, rank: int, modules, state: AdapterState, error: str | None) -> AdapterInfo:
+    return AdapterInfo(tenant=stored.tenant, name=stored.name, version=stored.version, sha256=stored.sha256,
+                       rank=rank, target_modules=tuple(sorted(modules)), state=state, error=error,
+                       created=stored.created)
+
+
+def _check_sha256(stored: StoredAdapter) -> None:
+    """Recompute the store's digest (format: StoredAdapter.sha256) so files that changed after
+    upload are refused, including bit flips that would still parse as a valid adapter."""
+    lines = []
+    for f in stored.files:
+        h = hashlib.sha256()
+        try:
+            with open(stored.path / f, "rb") as fh:
+                while chunk := fh.read(_CHUNK):
+                    h.update(chunk)
+        except FileNotFoundError:
+            raise AdapterError("missing_file", f"{f} is missing from the stored adapter") from None
+        lines.append(f"{h.hexdigest()}  {f}\n")
+    if hashlib.sha256("".join(lines).encode()).hexdigest() != stored.sha256:
+        raise AdapterError("invalid_weights", "its files changed on disk after upload (sha256 mismatch)")
