@@ -19,6 +19,9 @@ ENGINE_HELP = {
     "max_num_batched_tokens": "token budget per step; longer prompts are prefilled in chunks",
     "enable_prefix_caching": "reuse the KV cache of shared prompt prefixes",
     "num_threads": "torch compute threads (default: the cores this process may use)",
+    "max_loras": "LoRA adapter slots, i.e. distinct adapters per step (0: LoRA support off)",
+    "max_lora_rank": "highest LoRA rank accepted (slots are padded to it)",
+    "max_cpu_loras": "adapters kept in host memory after leaving a slot",
 }
 
 
@@ -55,8 +58,8 @@ def _prompt_ids(engine, text: str, chat: bool | None) -> list[int]:
     return tok.encode(text)
 
 
-def _stream_one(engine, ids, params) -> str:
-    req = engine.add_request(ids, params)
+def _stream_one(engine, ids, params, adapter=None) -> str:
+    req = engine.add_request(ids, params, adapter=adapter)
     while engine.has_unfinished:
         for out in engine.step():
             if out.request_id == req.request_id:
@@ -69,16 +72,24 @@ def _stream_one(engine, ids, params) -> str:
 
 
 def cmd_generate(args) -> int:
-    from loragate.engine import LLMEngine, SamplingParams
+    from loragate.engine import InvalidRequestError, LLMEngine, SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop or [])
     engine = LLMEngine(_engine_config(args), progress=not args.quiet)
+    for spec in args.adapter or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise InvalidRequestError(f"--adapter takes NAME=PATH, got {spec!r}", "adapter")
+        engine.add_adapter(name, path)
+    adapter = args.use_adapter
+    if adapter is not None and adapter not in engine.adapters:
+        raise InvalidRequestError(f"--use-adapter {adapter!r} names no adapter loaded with --adapter", "adapter")
     if args.prompt is not None:
-        _stream_one(engine, _prompt_ids(engine, args.prompt, args.chat), params)
+        _stream_one(engine, _prompt_ids(engine, args.prompt, args.chat), params, adapter)
         return 0
     if not sys.stdin.isatty():
-        _stream_one(engine, _prompt_ids(engine, sys.stdin.read(), args.chat), params)
+        _stream_one(engine, _prompt_ids(engine, sys.stdin.read(), args.chat), params, adapter)
         return 0
     print("Interactive generation: type a prompt and press Enter (Ctrl-D to quit).", file=sys.stderr)
     while True:
@@ -88,7 +99,7 @@ def cmd_generate(args) -> int:
             print(file=sys.stderr)
             return 0
         if text.strip():
-            _stream_one(engine, _prompt_ids(engine, text, args.chat), params)
+            _stream_one(engine, _prompt_ids(engine, text, args.chat), params, adapter)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--adapter", action="append", metavar="NAME=PATH",
+                     help="load a PEFT LoRA adapter directory under NAME (repeatable)")
+    gen.add_argument("--use-adapter", metavar="NAME", help="generate with this loaded adapter")
     gen.add_argument("--quiet", action="store_true", help="no start-up output")
     add_dataclass_flags(gen.add_argument_group("engine"), EngineConfig, ENGINE_HELP)
     gen.set_defaults(func=cmd_generate)
@@ -131,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="loragate: %(message)s")
     args = build_parser().parse_args(argv)
+    from loragate.adapters.errors import AdapterError
     from loragate.engine.errors import InvalidRequestError, ModelConfigError
     from loragate.engine.models.prepare import ModelPrepareError
 
     try:
         return args.func(args)
-    except (InvalidRequestError, ModelConfigError, ModelPrepareError) as e:
+    except (InvalidRequestError, ModelConfigError, ModelPrepareError, AdapterError) as e:
         print(f"loragate: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -59,3 +59,27 @@ def test_engine_flags_default_from_environment(monkeypatch):
     assert args.max_num_seqs == 7 and args.enable_prefix_caching is False
     args = build_parser().parse_args(["generate", "--prompt", "x", "--max-num-seqs", "3"])
     assert args.max_num_seqs == 3  # a flag beats the environment
+
+
+def test_generate_with_an_adapter_and_bad_adapter_errors(tiny_llama, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch = pytest.importorskip("torch")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)
+    model.save_pretrained(tmp_path / "ad")
+    base = ["generate", "--model", str(tiny_llama), "--dtype", "float32", "--raw", "--quiet",
+            "--prompt", "t5 t6 t7", "--max-tokens", "6"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main(base + ["--adapter", f"mine={tmp_path / 'ad'}", "--use-adapter", "mine"]) == 0
+    assert capsys.readouterr().out != plain
+    assert main(base + ["--adapter", f"bad={tmp_path}"]) == 2
+    assert "adapter_config.json is missing" in capsys.readouterr().err
+    assert main(base + ["--use-adapter", "ghost"]) == 2
+    assert "names no adapter" in capsys.readouterr().err
