@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-SHORT_SEGMENT = 16  # segments up to this many rows go through the batched path
+from . import native as _native
+
+SHORT_SEGMENT = 64  # segments up to this many rows go through the batched path
 
 
 def lora_shrink(x: torch.Tensor, a_stack: torch.Tensor, seg_indptr: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
@@ -52,6 +54,8 @@ class LoraPlan:
     short_seg: torch.Tensor  # [n] which short segment each of those rows belongs to
     short_pos: torch.Tensor  # [n] its position inside the segment
     short_len: int  # longest short segment
+    short_start: torch.Tensor  # [S] first batch row of each short segment
+    short_count: torch.Tensor  # [S] rows of each short segment
     long_segments: list[tuple[int, int, int]]  # (start, end, slot) of long LoRA segments
 
     @property
@@ -60,7 +64,7 @@ class LoraPlan:
 
 
 def plan_segments(seg_indptr: list[int], slot_ids: list[int]) -> LoraPlan:
-    short_slots, rows, seg, pos, longs = [], [], [], [], []
+    short_slots, rows, seg, pos, longs, starts, counts = [], [], [], [], [], [], []
     short_len = 0
     for i, slot in enumerate(slot_ids):
         s, e = seg_indptr[i], seg_indptr[i + 1]
@@ -71,20 +75,31 @@ def plan_segments(seg_indptr: list[int], slot_ids: list[int]) -> LoraPlan:
             continue
         k = len(short_slots)
         short_slots.append(slot)
+        starts.append(s)
+        counts.append(e - s)
         rows.extend(range(s, e))
         seg.extend([k] * (e - s))
         pos.extend(range(e - s))
         short_len = max(short_len, e - s)
     t = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
-    return LoraPlan(t(seg_indptr), t(slot_ids), t(short_slots), t(rows), t(seg), t(pos), short_len, longs)
+    return LoraPlan(t(seg_indptr), t(slot_ids), t(short_slots), t(rows), t(seg), t(pos), short_len, t(starts),
+                    t(counts), longs)
 
 
-def add_lora(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, plan: LoraPlan) -> None:
+def add_lora(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, plan: LoraPlan,
+             rank: int | None = None, native: bool = True) -> None:
     """Fast path of y += lora_expand(lora_shrink(x, ...), ...) (same semantics), in place.
-    a_stack/b_stack may be rank-sliced views ([:, :r] / [:, :, :r]) for the step's max rank."""
+    Only the first `rank` rank positions are used (default: all): the step's largest rank.
+    On CPU with the native kernels built, one native call per module (csrc/lora.c)."""
+    rank = a_stack.shape[1] if rank is None else rank
+    a_stack, b_stack = a_stack[:, :rank], b_stack[:, :, :rank]
     for s, e, slot in plan.long_segments:
         y[s:e] += (x[s:e] @ a_stack[slot].T) @ b_stack[slot].T
     if plan.short_rows.numel() == 0:
+        return
+    if (native and x.is_contiguous() and a_stack.stride(2) == 1 and b_stack.stride(2) == 1
+            and _native.usable(x, y, a_stack) and x.shape[1] <= _native.MAX_LORA_IN and rank <= _native.MAX_LORA_RANK):
+        _native.lora_add(y, x, a_stack, b_stack, rank, plan.short_start, plan.short_count, plan.short_slots)
         return
     num = plan.short_slots.shape[0]
     xp = x.new_zeros(num, plan.short_len, x.shape[1])

@@ -20,8 +20,10 @@ import torch
 
 log = logging.getLogger("loragate.kernels")
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / "paged_attention.c", _CSRC / "pointwise.c"]
-_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+_SOURCES = [_CSRC / "paged_attention.c", _CSRC / "pointwise.c", _CSRC / "lora.c"]
+# -fno-strict-aliasing: the kernels reinterpret fp32 rows as uint32 bits to convert bf16.
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-strict-aliasing", "-fopenmp",
+          "-shared", "-fPIC"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -79,6 +81,7 @@ def library() -> ctypes.CDLL | None:
             "rms_norm": [ptr, ptr, ptr, ptr, i64, i32, f32, i32, i32],
             "rope_write_kv": [ptr, i64, i64, ptr, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, i32, i32, i32],
             "silu_mul": [ptr, ptr, i64, i32, i32, i32],
+            "lora_add": [ptr, i64, i32, ptr, i64, i32, ptr, i64, ptr, i64, i64, i32, i32, ptr, ptr, ptr, i32, i32],
         }
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
@@ -108,6 +111,8 @@ def paged_attention_short(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 MAX_HEAD_DIM = 256
 MAX_BLOCK_SIZE = 64
 MAX_ROW_WIDTH = 16384
+MAX_LORA_RANK = 256
+MAX_LORA_IN = 32768
 
 
 def supports(q: torch.Tensor, block_size: int) -> bool:
@@ -146,3 +151,13 @@ def usable(*tensors: torch.Tensor) -> bool:
     return (_lib if _tried else library()) is not None and all(
         t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float32) and t.stride(-1) == 1
         and t.shape[-1] <= MAX_ROW_WIDTH for t in tensors)
+
+
+def lora_add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rank: int,
+             seg_start: torch.Tensor, seg_len: torch.Tensor, seg_slot: torch.Tensor) -> None:
+    """y [T, out] (column slice allowed) += LoRA of the given short segments (<= 64 rows each,
+    slot >= 0); a [slots, R, in], b [slots, out, R] with contiguous rows; see csrc/lora.c."""
+    _check(library().lora_add(x.data_ptr(), x.stride(0), x.shape[1], y.data_ptr(), y.stride(0), y.shape[1],
+                              a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), b.stride(1), rank,
+                              seg_slot.shape[0], seg_start.data_ptr(), seg_len.data_ptr(), seg_slot.data_ptr(),
+                              int(x.dtype == torch.bfloat16), torch.get_num_threads()), "lora_add")

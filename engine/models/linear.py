@@ -49,7 +49,7 @@ class Projection(nn.Module):
             start = 0
             for name, width in self.output_slices.items():
                 if name in lora.modules:
-                    add_lora(y[:, start:start + width], x, lora.pool.a[name][layer, :, :r],
-                             lora.pool.b[name][layer, :, :, :r], lora.plan)
+                    add_lora(y[:, start:start + width], x, lora.pool.a[name][layer], lora.pool.b[name][layer],
+                             lora.plan, r, batch.use_native_kernels)
                 start += width
         return y

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from loragate.kernels import native as _native
 from loragate.kernels.lora import SHORT_SEGMENT, add_lora, lora_expand, lora_shrink, plan_segments
 
 NUM_SLOTS = 8
@@ -68,13 +69,16 @@ CASES = [(batch, rank, pattern, dtype, long_every)
          if (batch + rank + len(pattern)) % 3 == 0 or batch in (1, 33)]
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("batch, rank, pattern, dtype, long_every", CASES)
-def test_fast_path_matches_reference_and_float64(batch, rank, pattern, dtype, long_every):
+def test_fast_path_matches_reference_and_float64(batch, rank, pattern, dtype, long_every, native):
     x, a, b, indptr, seg_slots = make_case(batch, rank, pattern, dtype, seed=batch * 100 + rank, long_every=long_every)
     ip, ss = torch.tensor(indptr), torch.tensor(seg_slots)
     ref = lora_expand(torch.zeros(x.shape[0], OUT, dtype=dtype), lora_shrink(x, a, ip, ss), b, ip, ss)
     fast = torch.zeros(x.shape[0], OUT, dtype=dtype)
-    add_lora(fast, x, a[:, :rank], b[:, :, :rank], plan_segments(indptr, seg_slots))
+    if native:
+        assert _native.library() is not None
+    add_lora(fast, x, a, b, plan_segments(indptr, seg_slots), rank=rank, native=native)
     want = naive(x, a, b, indptr, seg_slots)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(ref.double(), want, **tol)
@@ -83,12 +87,13 @@ def test_fast_path_matches_reference_and_float64(batch, rank, pattern, dtype, lo
     assert torch.all(fast[base_rows] == 0)
 
 
-def test_add_lora_adds_to_existing_output_of_a_column_slice():
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_add_lora_adds_to_existing_output_of_a_column_slice(native):
     """The engine applies LoRA to one module's columns of a fused projection output."""
     x, a, b, indptr, seg_slots = make_case(7, 8, "zipf", torch.float32, seed=1, long_every=3)
     y = torch.randn(x.shape[0], OUT + 10)
     before = y.clone()
-    add_lora(y[:, 5:5 + OUT], x, a, b, plan_segments(indptr, seg_slots))
+    add_lora(y[:, 5:5 + OUT], x, a, b, plan_segments(indptr, seg_slots), rank=8, native=native)
     torch.testing.assert_close(y[:, 5:5 + OUT].double(), before[:, 5:5 + OUT].double() + naive(x, a, b, indptr, seg_slots),
                                atol=1e-5, rtol=1e-5)
     assert torch.equal(y[:, :5], before[:, :5]) and torch.equal(y[:, 5 + OUT:], before[:, 5 + OUT:])

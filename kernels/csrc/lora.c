@@ -1,0 +1,97 @@
+/* Segmented LoRA on CPU: y[t] += (x[t] . A[slot]^T) . B[slot]^T for every token of every
+ * adapter segment, in one call per module (the torch path needs about eight ops per module,
+ * whose dispatch cost dominates decode steps). Reads each token's adapter rows directly from
+ * the pool's stacks; accumulates in fp32; rounds y once (bf16) after the add.
+ *
+ *   x  [T, in]          row stride x_stride
+ *   y  [T, out]         row stride y_stride (a column slice of a fused projection's output)
+ *   A  [slots, R, in]   element (s, r, k) at s*a_slot_stride + r*in + k
+ *   B  [slots, out, R]  element (s, o, r) at s*b_slot_stride + o*b_row_stride + r
+ * Segment i covers rows seg_indptr[i] .. seg_indptr[i+1] with slot slot_ids[i] (-1: none).
+ * Only the first `rank` (<= R) rank positions are read: the step's largest adapter rank.
+ */
+#include <stdlib.h>
+
+#include "common.h"
+
+#define MAX_RANK 256
+#define MAX_IN 32768
+
+static inline float dot_f32(const float *restrict a, const float *restrict b, int n) {
+    float s = 0.f;
+#pragma omp simd reduction(+:s)
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* Segments are processed whole: each adapter row is converted once per segment and used for
+ * all of the segment's tokens (up to MAX_SEG_ROWS; longer segments belong to the torch path,
+ * where a matmul per segment is efficient). Phase 1 spreads (segment, rank row) pairs over the
+ * threads, phase 2 (segment, 64 outputs) pairs. */
+#define MAX_SEG_ROWS 64
+
+int lora_add(const void *x, int64_t x_stride, int in, void *y, int64_t y_stride, int out, const void *a,
+             int64_t a_slot_stride, const void *b, int64_t b_slot_stride, int64_t b_row_stride, int rank,
+             int num_segments, const int64_t *seg_start, const int64_t *seg_len, const int64_t *seg_slot,
+             int is_bf16, int num_threads) {
+    if (rank > MAX_RANK || in > MAX_IN || rank < 1) return -1;
+    for (int i = 0; i < num_segments; i++)
+        if (seg_len[i] > MAX_SEG_ROWS || seg_slot[i] < 0) return -1;
+    const size_t es = is_bf16 ? 2 : 4;
+    /* Rows of all segments packed: segment i's token t is packed row off[i] + t. */
+    int64_t *off = malloc(sizeof(int64_t) * (num_segments + 1));
+    if (!off) return -1;
+    off[0] = 0;
+    for (int i = 0; i < num_segments; i++) off[i + 1] = off[i] + seg_len[i];
+    float *h = malloc(sizeof(float) * ((size_t)off[num_segments] * rank + 1));      /* [rows][rank] */
+    float *xs = malloc(sizeof(float) * ((size_t)off[num_segments] * in + ROW_PAD));  /* [rows][in] */
+    int status = -1;
+    if (!h || !xs) goto done;
+    for (int i = 0; i < num_segments; i++)
+        for (int t = 0; t < seg_len[i]; t++)
+            load_row(xs + (size_t)(off[i] + t) * in, (const char *)x + (size_t)(seg_start[i] + t) * x_stride * es,
+                     in, is_bf16);
+    const int nt = num_threads > 1 && num_segments * rank > 4 ? num_threads : 1;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int task = 0; task < num_segments * rank; task++) {
+        const int i = task / rank, r = task % rank;
+        float row[MAX_IN + ROW_PAD];
+        load_row(row, (const char *)a + ((size_t)seg_slot[i] * a_slot_stride + (size_t)r * in) * es, in, is_bf16);
+        for (int t = 0; t < seg_len[i]; t++)  /* rounded: lora_A's output is in the weights' dtype in PEFT */
+            h[(size_t)(off[i] + t) * rank + r] = round_to(dot_f32(xs + (size_t)(off[i] + t) * in, row, in), is_bf16);
+    }
+    const int chunks = (out + 63) / 64;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int task = 0; task < num_segments * chunks; task++) {
+        const int i = task / chunks, o0 = (task % chunks) * 64, n = out - o0 < 64 ? out - o0 : 64;
+        const char *bs = (const char *)b + (size_t)seg_slot[i] * b_slot_stride * es;
+        /* B's 64 x rank block transposed to [rank][64], so each token's expand is rank
+         * 64-wide vector FMAs instead of 64 short dot products. */
+        float bt[MAX_RANK][64], row[MAX_RANK + ROW_PAD], yo[64 + ROW_PAD], delta[64 + ROW_PAD];
+        for (int o = 0; o < 64; o++) {
+            if (o < n) load_row(row, bs + (size_t)(o0 + o) * b_row_stride * es, rank, is_bf16);
+            for (int r = 0; r < rank; r++) bt[r][o] = o < n ? row[r] : 0.f;
+        }
+        for (int t = 0; t < seg_len[i]; t++) {
+            const float *ht = h + (size_t)(off[i] + t) * rank;
+            for (int o = 0; o < 64; o++) delta[o] = 0.f;
+            for (int r = 0; r < rank; r++) {
+                const float hr = ht[r];
+#pragma omp simd
+                for (int o = 0; o < 64; o++) delta[o] += hr * bt[r][o];
+            }
+            round_row(delta, n, is_bf16);  /* lora_B's output in the weights' dtype, as in PEFT */
+            char *yrow = (char *)y + ((size_t)(seg_start[i] + t) * y_stride + o0) * es;
+            load_row(yo, yrow, n, is_bf16);
+#pragma omp simd
+            for (int o = 0; o < n; o++) yo[o] += delta[o];
+            store_row(yrow, yo, n, is_bf16);
+        }
+    }
+    status = 0;
+done:
+    free(off);
+    free(h);
+    free(xs);
+    return status;
+}
