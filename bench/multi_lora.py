@@ -80,15 +80,16 @@ def peft_baselines(model_dir, dirs, prompts, adapters, max_tokens, tokenizer) ->
     ids = torch.tensor(prompts)  # equal lengths: no padding needed
     kw = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
               pad_token_id=tokenizer.eos_token_id)
+    mask = torch.ones_like(ids)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        model.generate(input_ids=ids, adapter_names=list(adapters), **kw)
+        model.generate(input_ids=ids, attention_mask=mask, adapter_names=list(adapters), **kw)
         mixed = len(prompts) * max_tokens / (time.perf_counter() - t0)
         t0 = time.perf_counter()
         for n in names:
             rows = [i for i, a in enumerate(adapters) if a == n]
             model.set_adapter(n)
-            model.generate(input_ids=ids[rows], **kw)
+            model.generate(input_ids=ids[rows], attention_mask=mask[rows], **kw)
         serial = len(prompts) * max_tokens / (time.perf_counter() - t0)
     return mixed, serial
 
