@@ -121,10 +121,6 @@ class KVCacheManager:
         self.ref_counts[block] = 1
         return block
 
-    def can_allocate(self, request: Request, num_new_tokens: int) -> bool:
-        needed = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
-        return needed <= self.num_free_blocks
-
     def allocate(self, request: Request, num_new_tokens: int) -> bool:
         """Grow the request's block table to hold `num_new_tokens` more tokens; False if full."""
         needed = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)

@@ -4,7 +4,6 @@ its own; `LLM` drives it directly and `AsyncEngine` drives it from one backgroun
 from __future__ import annotations
 
 import itertools
-import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,9 +21,6 @@ from .models.prepare import resolve_model
 from .request import Request, RequestStatus
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-
-log = logging.getLogger("loragate.engine")
-
 
 @dataclass
 class RequestOutput:

@@ -115,7 +115,6 @@ def _short_queries_reference(q, k_cache, v_cache, meta: AttentionMetadata, scale
     group = num_heads // num_kv_heads
     query_index, valid_rows, valid_tokens, context_slots, mask = _padded_plan(meta, group)
     B, Q = query_index.shape
-    C = context_slots.shape[1]
     # Fold the query heads that share a KV head into the query axis, so K/V are used as they
     # are instead of being repeated per query head: [B, kv_heads, group*Q, d].
     qb = q.index_select(0, query_index.view(-1)).view(B, Q, num_kv_heads, group, d)
