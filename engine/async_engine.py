@@ -39,6 +39,14 @@ class AsyncEngine:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def add_adapter(self, name: str, path) -> int:
+        """Validate and add a LoRA adapter (safe while requests run; see LLMEngine.add_adapter).
+        Blocking file I/O: call it from a worker thread in an event loop."""
+        return self.engine.add_adapter(name, path)
+
+    def remove_adapter(self, name: str) -> bool:
+        return self.engine.remove_adapter(name)
+
     async def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                           request_id: str | None = None, cache_salt: str = "",
                           adapter: str | None = None) -> AsyncIterator[RequestOutput]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +62,11 @@ class LLMEngine:
 
             self.lora_pool = LoraSlotPool(self.model.config, config.max_loras, config.max_lora_rank,
                                           config.torch_dtype, config.max_cpu_loras)
+        # Adapters may be added or removed from any thread (AsyncEngine callers) while the
+        # loop thread reads them: entries are replaced whole under this lock.
         self.adapters: dict[str, tuple[int, object]] = {}  # name -> (version, LoraWeights)
         self._adapter_versions: dict[str, int] = {}
+        self._adapter_lock = threading.Lock()
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.lora_pool)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.lora_pool)
         self.eos_token_ids = _eos_ids(self.tokenizer, hf_config, self.model_dir)
@@ -98,17 +102,19 @@ class LLMEngine:
         return self.add_adapter_weights(name, weights)
 
     def add_adapter_weights(self, name: str, weights) -> int:
-        version = self._adapter_versions.get(name, 0) + 1
-        self._adapter_versions[name] = version
-        self.adapters[name] = (version, weights)
-        self.lora_pool.forget(f"{name}@")  # unpinned copies of older versions
+        with self._adapter_lock:
+            version = self._adapter_versions.get(name, 0) + 1
+            self._adapter_versions[name] = version
+            self.adapters[name] = (version, weights)
+            self.lora_pool.forget(f"{name}@")  # unpinned copies of older versions
         return version
 
     def remove_adapter(self, name: str) -> bool:
         """Forget an adapter; requests already running on it finish."""
-        if self.adapters.pop(name, None) is None:
-            return False
-        self.lora_pool.forget(f"{name}@")
+        with self._adapter_lock:
+            if self.adapters.pop(name, None) is None:
+                return False
+            self.lora_pool.forget(f"{name}@")
         return True
 
     # -- requests -------------------------------------------------------------------------

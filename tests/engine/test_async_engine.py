@@ -74,3 +74,37 @@ def test_bad_request_raises_at_once_and_others_continue(engine):
 
     outs = asyncio.run(main())
     assert len(outs[-1].token_ids) == 4
+
+
+def test_adapters_added_and_removed_while_streaming(engine, tiny_llama, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from loragate.engine import AdapterNotFoundError
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)
+    model.save_pretrained(tmp_path / "ad")
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+
+    async def main():
+        base = await engine.add_request([5, 6, 7], params)
+        first = await base.__anext__()
+        version = await asyncio.to_thread(engine.add_adapter, "live", tmp_path / "ad")
+        tuned = await collect(engine, [5, 6, 7], params)
+        with_adapter = [o async for o in await engine.add_request([5, 6, 7], params, adapter="live")]
+        rest = [o async for o in base]
+        assert engine.remove_adapter("live")
+        with pytest.raises(AdapterNotFoundError):
+            await engine.add_request([5, 6, 7], params, adapter="live")
+        return version, [first] + rest, tuned, with_adapter
+
+    version, base_outs, plain, tuned = asyncio.run(main())
+    assert version == 1
+    assert base_outs[-1].token_ids == plain[-1].token_ids  # the base stream was unaffected
+    assert tuned[-1].token_ids != plain[-1].token_ids
+    assert engine.engine.lora_pool.num_pinned == 0
