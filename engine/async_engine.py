@@ -39,6 +39,11 @@ class AsyncEngine:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests not yet running: queued in the engine or still in the inbox."""
+        return len(self.engine.scheduler.waiting) + sum(1 for kind, _ in self._inbox if kind == "add")
+
     def add_adapter(self, name: str, path) -> int:
         """Validate and add a LoRA adapter (safe while requests run; see LLMEngine.add_adapter).
         Blocking file I/O: call it from a worker thread in an event loop."""

@@ -1,4 +1,4 @@
-"""`loragate` command line: prepare the bundled models, generate text."""
+"""`loragate` command line: prepare the bundled models, serve over HTTP, generate text."""
 
 from __future__ import annotations
 
@@ -102,6 +102,26 @@ def cmd_generate(args) -> int:
             _stream_one(engine, _prompt_ids(engine, text, args.chat), params, adapter)
 
 
+GATEWAY_HELP = {
+    "host": "address to listen on",
+    "port": "TCP port",
+    "api_keys_file": "file of '<key> <tenant>' lines; keys map callers to tenants",
+    "api_keys": "keys as 'key=tenant,key2=tenant2'",
+    "admin_key": "key that manages every tenant's adapters",
+    "max_waiting_requests": "requests queued beyond this are answered 429 with Retry-After",
+    "max_upload_size": "largest adapter upload, e.g. 512MiB",
+    "served_model_name": "name clients use for the base model (default: the model's name)",
+    "strict_base_model": "refuse adapters whose base_model_name_or_path names another model",
+}
+
+
+def cmd_serve(args) -> int:
+    from .server import serve
+    from .settings import GatewaySettings
+
+    return serve(_engine_config(args), dataclass_from_args(GatewaySettings, args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from loragate.engine import EngineConfig
 
@@ -117,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("name", nargs="?", default="smollm2-135m-instruct", help="model name (default: %(default)s)")
     prep.add_argument("--quiet", action="store_true", help="no progress output")
     prep.set_defaults(func=cmd_models_prepare)
+
+    srv = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                         description="Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) "
+                                     "and adapter management (/v1/adapters) over HTTP.")
+    from .settings import GatewaySettings
+
+    add_dataclass_flags(srv.add_argument_group("server"), GatewaySettings, GATEWAY_HELP)
+    add_dataclass_flags(srv.add_argument_group("engine"), EngineConfig, ENGINE_HELP)
+    srv.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="generate text from a prompt (argument, stdin, or interactive)",
                          description="Generate text with the engine. The prompt comes from --prompt, else from "

@@ -38,7 +38,11 @@ def _write_tiny(path, arch: str):
     vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2})
     tok = Tokenizer(models.WordLevel({k: v for k, v in vocab.items()}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    # Roles as vocabulary words: enough to exercise the chat endpoints' template path.
+    fast.chat_template = ("{% for m in messages %}{{ 't1' if m['role'] == 'user' else 't2' }} {{ m['content'] }} "
+                          "{% endfor %}{% if add_generation_prompt %}t3{% endif %}")
+    fast.save_pretrained(path)
     return path
 
 

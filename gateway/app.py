@@ -1,0 +1,81 @@
+"""The Starlette application: routes, error mapping, and model loading in the background so
+/healthz answers at once and /readyz (and inference) say 503 until the model is ready."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from .errors import APIError, error_response
+from .openai_api import chat_completions, completions, list_models
+from .state import ServerState
+
+log = logging.getLogger("loragate.gateway")
+
+
+async def healthz(request: Request):
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request):
+    state: ServerState = request.app.state.server
+    state.require_engine()
+    return JSONResponse({"status": "ready", "model": state.model_name})
+
+
+async def _handle(request: Request, exc: Exception):
+    response = error_response(exc)
+    if response.status_code >= 500 and not isinstance(exc, APIError):
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return response
+
+
+def _handled_types() -> tuple[type[Exception], ...]:
+    from loragate.adapters.errors import AdapterError, AdapterNotFound
+    from loragate.engine.errors import InvalidRequestError
+
+    from .uploads import UploadError
+
+    # Registered one by one so Starlette answers them without treating them as crashes.
+    return (APIError, InvalidRequestError, AdapterError, AdapterNotFound, UploadError, Exception)
+
+
+def build_app(state: ServerState, load=None) -> Starlette:
+    """`load()` (run in a thread at start-up) sets state.engine and state.registry; tests may
+    instead fill the state and pass none."""
+    from .adapters_api import routes as adapter_routes
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        thread = None
+        if load is not None:
+            def run():
+                try:
+                    load(state)
+                except Exception as e:  # noqa: BLE001 - surfaced through /readyz
+                    log.exception("model loading failed")
+                    state.load_error = str(e)
+            thread = threading.Thread(target=run, name="loragate-load", daemon=True)
+            thread.start()
+        yield
+        if state.engine is not None:
+            await asyncio.to_thread(state.engine.shutdown)
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/v1/models", list_models),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        *adapter_routes,
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={t: _handle for t in _handled_types()})
+    app.state.server = state
+    return app

@@ -1,0 +1,49 @@
+"""HTTP errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+
+Handlers raise typed exceptions; `error_response` is the one place they become statuses."""
+
+from __future__ import annotations
+
+from starlette.responses import JSONResponse
+
+from loragate.adapters.errors import AdapterError, AdapterNotFound
+from loragate.engine.errors import AdapterNotFoundError, InvalidRequestError
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def not_found(message: str, param: str | None = "model", code: str = "model_not_found") -> APIError:
+    return APIError(404, message, "not_found_error", param, code)
+
+
+def to_api_error(exc: Exception) -> APIError:
+    """Map a known exception to its status; anything else is a 500 without internals."""
+    from .uploads import UploadError
+
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, AdapterNotFoundError):
+        return not_found(str(exc))
+    if isinstance(exc, InvalidRequestError):
+        return APIError(400, str(exc), param=exc.param)
+    if isinstance(exc, AdapterNotFound):
+        return not_found(str(exc), param="name", code="adapter_not_found")
+    if isinstance(exc, AdapterError):
+        return APIError(413 if exc.code == "too_large" else 422, str(exc), code=exc.code)
+    if isinstance(exc, UploadError):
+        return APIError(exc.status, str(exc), code=exc.code)
+    return APIError(500, "internal server error", "server_error")
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    err = to_api_error(exc)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)

@@ -1,0 +1,199 @@
+"""OpenAI-compatible inference: /v1/completions, /v1/chat/completions, /v1/models.
+
+Every choice is one engine request. Streams are SSE `data: {json}` chunks ending in
+`data: [DONE]`; an error mid-stream is a `data: {"error": ...}` event before [DONE]. A client
+that goes away (streaming or not) cancels its requests, which frees their KV blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+
+from .errors import APIError, to_api_error
+from .protocol import chat_logprobs, chat_messages, completion_logprobs, completion_prompts, parse_common, usage
+
+
+async def json_body(request: Request) -> dict:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", param="body") from None
+
+
+def principal_of(request: Request):
+    return request.app.state.server.keys.authenticate(request.headers.get("authorization"))
+
+
+class Choice:
+    """Accumulates one engine request's outputs."""
+
+    def __init__(self, index: int, prompt_index: int, prompt_len: int):
+        self.index, self.prompt_index, self.prompt_len = index, prompt_index, prompt_len
+        self.text, self.tokens, self.logprobs, self.finish_reason = "", [], [], None
+
+    def add(self, out) -> list:
+        self.text += out.delta_text
+        new = list(zip(out.new_token_ids, out.new_logprobs)) if out.new_logprobs else []
+        self.tokens += out.new_token_ids
+        self.logprobs += new
+        if out.finished:
+            self.finish_reason = "length" if out.finish_reason == "length" else "stop"
+        return new
+
+
+async def _start(state, principal, gen, prompts_ids: list[list[int]], model: str):
+    engine = state.require_engine()
+    adapter = await state.resolve_model(principal, model)
+    state.check_capacity()
+    choices, streams = [], []
+    try:
+        for pi, ids in enumerate(prompts_ids):
+            for ci, params in enumerate(gen.sampling_params(len(ids), engine.engine.max_model_len)):
+                choices.append(Choice(pi * gen.n + ci, pi, len(ids)))
+                streams.append(await engine.add_request(ids, params, adapter=adapter))
+    except BaseException:
+        for s in streams:
+            await s.aclose()
+        raise
+    return choices, streams
+
+
+async def _pump(streams):
+    """Yield (choice position, output) from all streams as they arrive; cancelling the
+    consumer cancels every stream (and so aborts its engine request)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        except Exception as e:  # noqa: BLE001 - reported to the client as an error event
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _until_disconnect(request: Request, coro):
+    task = asyncio.ensure_future(coro)
+    while not task.done():
+        done, _ = await asyncio.wait([task], timeout=0.25)
+        if not done and await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise APIError(499, "client closed the request", code="client_closed")
+    return task.result()
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+async def _generate(request: Request, *, chat: bool):
+    state = request.app.state.server
+    principal = principal_of(request)
+    engine = state.require_engine()
+    body = await json_body(request)
+    gen = parse_common(body, chat=chat)
+    tok = engine.tokenizer
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        prompts = [tok.apply_chat_template(chat_messages(body), add_generation_prompt=True, tokenize=True,
+                                           return_dict=False)]
+    else:
+        prompts = [engine.engine.tokenize(p) for p in completion_prompts(body)]
+    choices, streams = await _start(state, principal, gen, prompts, gen.model)
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    kind = "chat.completion" if chat else "text_completion"
+    prompt_tokens = sum(len(p) for p in prompts)
+
+    def chunk(c: Choice, delta_text: str, new, first: bool) -> dict:
+        if chat:
+            delta = {"role": "assistant", "content": delta_text} if first else {"content": delta_text}
+            choice = {"index": c.index, "delta": delta, "finish_reason": c.finish_reason,
+                      "logprobs": chat_logprobs(tok, new) if gen.logprobs is not None else None}
+        else:
+            choice = {"index": c.index, "text": delta_text, "finish_reason": c.finish_reason,
+                      "logprobs": completion_logprobs(tok, new, len(c.text) - len(delta_text))
+                      if gen.logprobs is not None else None}
+        return {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created, "model": gen.model,
+                "choices": [choice]}
+
+    if gen.stream:
+        async def events():
+            started = set()
+            try:
+                async for i, out in _pump(streams):
+                    c = choices[i]
+                    new = c.add(out)
+                    if out.delta_text or out.finished or new or i not in started:
+                        yield _sse(chunk(c, out.delta_text, new, i not in started))
+                        started.add(i)
+                if gen.include_usage:
+                    yield _sse({"id": rid, "object": kind + (".chunk" if chat else ""), "created": created,
+                                "model": gen.model, "choices": [],
+                                "usage": usage(prompt_tokens, sum(len(c.tokens) for c in choices))})
+            except Exception as e:  # noqa: BLE001 - the status line is gone: report in-band
+                yield _sse(to_api_error(e).body())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def collect():
+        async for i, out in _pump(streams):
+            choices[i].add(out)
+
+    await _until_disconnect(request, collect())
+    out_choices = []
+    for c in choices:
+        logprobs = None
+        if gen.logprobs is not None:
+            logprobs = chat_logprobs(tok, c.logprobs) if chat else completion_logprobs(tok, c.logprobs, 0)
+        body_choice = ({"index": c.index, "message": {"role": "assistant", "content": c.text}} if chat
+                       else {"index": c.index, "text": c.text})
+        out_choices.append(dict(body_choice, logprobs=logprobs, finish_reason=c.finish_reason))
+    return JSONResponse({"id": rid, "object": kind, "created": created, "model": gen.model, "choices": out_choices,
+                         "usage": usage(prompt_tokens, sum(len(c.tokens) for c in choices))})
+
+
+async def completions(request: Request):
+    return await _generate(request, chat=False)
+
+
+async def chat_completions(request: Request):
+    return await _generate(request, chat=True)
+
+
+async def list_models(request: Request):
+    state = request.app.state.server
+    principal = principal_of(request)
+    created = int(time.time())
+    data = [{"id": state.model_name, "object": "model", "created": created, "owned_by": "loragate"}]
+    if state.registry is not None:
+        for info in state.registry.list(principal.tenant):
+            data.append({"id": info.name, "object": "model", "created": int(info.created), "owned_by": info.tenant,
+                         "parent": state.model_name})
+    return JSONResponse({"object": "list", "data": data})

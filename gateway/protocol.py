@@ -1,0 +1,145 @@
+"""OpenAI request bodies -> engine inputs, engine outputs -> OpenAI response bodies.
+
+Validation names the offending parameter (`param`), like OpenAI does, and refuses options
+the engine would silently ignore (penalties, logit_bias, echo)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loragate.engine import SamplingParams
+from loragate.engine.errors import InvalidRequestError
+
+MAX_N = 16
+
+
+def _bad(message: str, param: str) -> InvalidRequestError:
+    return InvalidRequestError(message, param)
+
+
+def _get(body: dict, name: str, kind, default=None):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _bad(f"'{name}' must be of type {kind.__name__}", name)
+    return value
+
+
+@dataclass
+class GenerationRequest:
+    model: str
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # top alternatives per token; None = off
+    max_tokens: int | None  # None: up to the context limit (chat's default)
+    seed: int | None
+    sampling: dict  # the other SamplingParams fields
+
+    def sampling_params(self, prompt_len: int, max_model_len: int) -> list[SamplingParams]:
+        """One per choice. With a seed, choice i uses seed + i: reproducible, yet distinct."""
+        max_tokens = self.max_tokens or max(1, max_model_len - prompt_len)
+        return [SamplingParams(max_tokens=max_tokens, seed=None if self.seed is None else self.seed + i,
+                               logprobs=self.logprobs, **self.sampling) for i in range(self.n)]
+
+
+def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object", "body")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("'model' is required: the base model's name or an adapter's name", "model")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            raise _bad(f"'{name}' is not supported", name)
+    if body.get("logit_bias"):
+        raise _bad("'logit_bias' is not supported", "logit_bias")
+    if not chat and body.get("echo"):
+        raise _bad("'echo' is not supported", "echo")
+    max_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _get(body, max_name, int, None if chat else 16)
+    n = _get(body, "n", int, 1)
+    if not 1 <= n <= MAX_N:
+        raise _bad(f"'n' must be between 1 and {MAX_N}", "n")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else (stop or [])
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise _bad("'stop' must be a string or a list of strings", "stop")
+    if chat:
+        logprobs = _get(body, "top_logprobs", int, 0) if _get(body, "logprobs", bool, False) else None
+    else:
+        logprobs = _get(body, "logprobs", int, None)
+    stream = _get(body, "stream", bool, False)
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise _bad("'stream_options' must be an object", "stream_options")
+    seed = _get(body, "seed", int, None)
+    sampling = dict(temperature=_get(body, "temperature", float, 1.0), top_p=_get(body, "top_p", float, 1.0),
+                    stop=stop)
+    if not 0.0 <= sampling["temperature"] <= 2.0:
+        raise _bad("'temperature' must be between 0 and 2", "temperature")
+    if max_tokens is not None and max_tokens < 1:
+        raise _bad(f"'{max_name}' must be at least 1", max_name)
+    SamplingParams(max_tokens=1, logprobs=logprobs, **sampling)  # validates now, before any tokenising
+    return GenerationRequest(model, n, stream, bool(options.get("include_usage")), logprobs, max_tokens, seed, sampling)
+
+
+def completion_prompts(body: dict) -> list[str | list[int]]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return [prompt]
+        if all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
+            return list(prompt)
+    raise _bad("'prompt' must be a string, a list of strings, or token ids", "prompt")
+
+
+def chat_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
+            raise _bad(f"messages[{i}] needs a role of system, user or assistant", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text can be served
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise _bad(f"messages[{i}]: only text content parts are supported", "messages")
+            content = "".join(p.get("text", "") for p in content)
+        if not isinstance(content, str):
+            raise _bad(f"messages[{i}].content must be a string or text parts", "messages")
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    return out
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_logprobs(tokenizer, entries: list[tuple[int, tuple[float, dict[int, float]]]], offset: int) -> dict:
+    """Legacy completions shape from (token, (logprob, {alt: logprob})) pairs."""
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for token, (lp, alts) in entries:
+        text = tokenizer.decode([token])
+        offsets.append(offset)
+        offset += len(text)
+        tokens.append(text)
+        token_logprobs.append(lp)
+        tops.append({tokenizer.decode([t]): v for t, v in alts.items()})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, entries: list[tuple[int, tuple[float, dict[int, float]]]]) -> dict:
+    def item(token: int, lp: float) -> dict:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    return {"content": [dict(item(token, lp), top_logprobs=[item(t, v) for t, v in alts.items()])
+                        for token, (lp, alts) in entries]}

@@ -1,0 +1,66 @@
+"""`loragate serve`: build the state, load the model in the background, run uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .auth import KeyStore
+from .settings import GatewaySettings
+from .state import ServerState
+
+log = logging.getLogger("loragate.gateway")
+
+
+def make_loader(engine_config, settings: GatewaySettings):
+    def load(state: ServerState) -> None:
+        from loragate.adapters.registry import AdapterRegistry
+        from loragate.adapters.store import LocalAdapterStore
+        from loragate.engine import AsyncEngine
+        from loragate.engine.models.prepare import CATALOG, loragate_home
+
+        engine = AsyncEngine(engine_config)
+        inner = engine.engine
+        entry = CATALOG.get(engine_config.model)
+        name = settings.served_model_name or inner.model_name
+        state.model_name = name
+        state.base_names = {name, inner.model_name} | ({entry.hf_id} if entry else set())
+        if inner.lora_pool is not None:
+            registry = AdapterRegistry(LocalAdapterStore(loragate_home() / "adapters"), inner.model.config,
+                                       engine_config.max_lora_rank,
+                                       base_model_name=entry.hf_id if entry else None,
+                                       strict_base_model=settings.strict_base_model)
+            registry.listeners.append(state.on_adapter_change)
+            state.registry = registry
+        state.engine = engine  # last: from here on the server is ready
+        log.warning("loragate: ready: model %r", name)
+
+    return load
+
+
+def serve(engine_config, settings: GatewaySettings) -> int:
+    import uvicorn
+
+    from .app import build_app
+
+    from loragate.engine.errors import ModelConfigError
+
+    try:
+        keys = KeyStore.from_sources(settings.api_keys_file, settings.api_keys, settings.admin_key)
+    except (ValueError, OSError) as e:
+        raise ModelConfigError(f"API keys: {e}") from e
+    if keys.is_open:
+        print("loragate: no API keys configured: the server is open and every caller is tenant "
+              "'default' (set LORAGATE_API_KEYS or --api-keys-file to require keys)", file=sys.stderr)
+    state = ServerState(keys=keys, max_waiting=settings.max_waiting_requests)
+    app = build_app(state, make_loader(engine_config, settings))
+    app.state.settings = settings
+    base = f"http://{settings.host}:{settings.port}"
+    print(f"loragate: serving on {base} (model loads in the background; {base}/readyz says when it is up)\n"
+          f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
+          f"-d '{{\"model\": \"{settings.served_model_name or engine_config.model}\", "
+          f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'", file=sys.stderr)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=os.environ.get("LORAGATE_LOG_LEVEL", "warning"))
+    return 0

@@ -1,0 +1,67 @@
+"""Everything the HTTP handlers share: settings, keys, the engine (once loaded), the adapter
+registry, and how a request's `model` turns into an engine adapter."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from loragate.engine.errors import AdapterNotFoundError
+
+from .auth import KeyStore, Principal
+from .errors import APIError
+
+log = logging.getLogger("loragate.gateway")
+
+
+@dataclass
+class ServerState:
+    keys: KeyStore
+    max_waiting: int = 256
+    engine: object | None = None  # AsyncEngine, set once the model is loaded
+    registry: object | None = None  # adapters.registry.AdapterRegistry
+    model_name: str = ""
+    base_names: set[str] = field(default_factory=set)
+    load_error: str | None = None
+
+    def require_engine(self):
+        if self.engine is None:
+            if self.load_error:
+                raise APIError(503, f"the model failed to load: {self.load_error}", "server_error", code="not_ready")
+            raise APIError(503, "the model is still loading; retry shortly", "server_error", code="not_ready",
+                           headers={"Retry-After": "5"})
+        return self.engine
+
+    def check_capacity(self) -> None:
+        if self.engine.num_waiting >= self.max_waiting:
+            raise APIError(429, f"too many requests waiting ({self.max_waiting}); retry shortly", "rate_limit_error",
+                           code="overloaded", headers={"Retry-After": "1"})
+
+    async def resolve_model(self, principal: Principal, model: str) -> str | None:
+        """None for the base model, else the engine's name for the caller's adapter."""
+        if model in self.base_names:
+            return None
+        base, sep, name = model.partition(":")
+        if sep and base in self.base_names:
+            model = name
+        if self.registry is None:
+            raise AdapterNotFoundError(f"model {model!r} does not exist", "model")
+        try:
+            info, weights = await asyncio.to_thread(self.registry.weights, principal.tenant, model)
+        except KeyError:  # AdapterNotFound: also for another tenant's adapter
+            raise AdapterNotFoundError(f"model {model!r} does not exist", "model") from None
+        engine = self.engine.engine
+        if info.key not in engine.adapters:
+            engine.add_adapter_weights(info.key, weights)
+        return info.key
+
+    def on_adapter_change(self, info, adapter_id: str) -> None:
+        """Registry listener: drop the engine's copies of replaced or deleted versions
+        (requests running on them finish first: they hold the weights)."""
+        if self.engine is None:
+            return
+        engine = self.engine.engine
+        for name in [n for n in list(engine.adapters) if n.startswith(adapter_id + "@")]:
+            if info is None or name != info.key:
+                engine.remove_adapter(name)

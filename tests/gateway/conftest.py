@@ -1,0 +1,76 @@
+"""A real HTTP server on loopback (uvicorn in a thread) over the tiny model, with tenants."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from loragate.engine import EngineConfig
+from loragate.gateway.app import build_app
+from loragate.gateway.auth import KeyStore
+from loragate.gateway.server import make_loader
+from loragate.gateway.settings import GatewaySettings
+from loragate.gateway.state import ServerState
+
+KEYS = {"key-a": "tenant-a", "key-b": "tenant-b"}
+ADMIN = "key-admin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    def __init__(self, model_dir, home, max_waiting=256, max_num_seqs=32, load_async=False):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        settings = GatewaySettings(port=self.port, max_waiting_requests=max_waiting, served_model_name="tiny")
+        config = EngineConfig(model=str(model_dir), dtype="float32", max_loras=4, max_num_seqs=max_num_seqs)
+        self.state = ServerState(keys=KeyStore(KEYS, ADMIN), max_waiting=max_waiting)
+        loader = make_loader(config, settings)
+        if not load_async:
+            loader(self.state)
+        self.app = build_app(self.state, loader if load_async else None)
+        self.app.state.settings = settings
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                httpx.get(self.url + "/healthz", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def headers(self, key="key-a") -> dict:
+        return {"Authorization": f"Bearer {key}"}
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        if self.state.engine is not None:
+            self.state.engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv("LORAGATE_HOME", str(tmp_path_factory.mktemp("home")))
+    s = RunningServer(tiny_llama, None)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()

@@ -1,0 +1,137 @@
+"""The server through the official `openai` client and raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+
+def client(server, key="key-a"):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+
+def test_chat_streamed_text_joins_to_the_non_streamed_text(server):
+    c = client(server)
+    messages = [{"role": "user", "content": "t5 t6 t7 t8"}]
+    full = c.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == full.choices[0].message.content
+    assert full.choices[0].finish_reason in ("length", "stop")
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    tok = server.state.engine.tokenizer
+    prompt_ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert full.usage.prompt_tokens == len(prompt_ids)
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+
+
+def test_text_completion_with_n_logprobs_and_stop(server):
+    c = client(server)
+    r = c.completions.create(model="tiny", prompt="t5 t6 t7", max_tokens=6, temperature=0, n=2, logprobs=2)
+    assert [ch.index for ch in r.choices] == [0, 1]
+    assert r.choices[0].text == r.choices[1].text  # greedy: both choices agree
+    assert len(r.choices[0].logprobs.token_logprobs) == r.usage.completion_tokens // 2
+    assert all(len(t) == 2 for t in r.choices[0].logprobs.top_logprobs)
+    words = r.choices[0].text.split()
+    if len(words) >= 2:
+        stopped = c.completions.create(model="tiny", prompt="t5 t6 t7", max_tokens=6, temperature=0, stop=[words[1]])
+        assert words[1] not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(server):
+    c = client(server)
+    a = c.completions.create(model="tiny", prompt="t9", max_tokens=8, temperature=1.0, seed=42)
+    b = c.completions.create(model="tiny", prompt="t9", max_tokens=8, temperature=1.0, seed=42)
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_async_client_streams_completions(server):
+    async def main():
+        c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="key-a", max_retries=0)
+        stream = await c.completions.create(model="tiny", prompt="t1 t2", max_tokens=5, temperature=0, stream=True)
+        parts = [ch.choices[0].text async for ch in stream if ch.choices]
+        full = await c.completions.create(model="tiny", prompt="t1 t2", max_tokens=5, temperature=0)
+        return "".join(parts), full.choices[0].text
+
+    streamed, full = asyncio.run(main())
+    assert streamed == full
+
+
+def test_models_list_shows_the_base_model(server):
+    ids = [m.id for m in client(server).models.list().data]
+    assert "tiny" in ids
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "tiny", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "temperature": 5}, "temperature"),
+    ({"model": "tiny", "prompt": "x", "top_p": 0}, "top_p"),
+    ({"model": "tiny", "prompt": "x", "n": 100}, "n"),
+    ({"model": "tiny", "prompt": ""}, "prompt"),
+    ({"model": "tiny"}, "prompt"),
+    ({"prompt": "x"}, "model"),
+    ({"model": "tiny", "prompt": "x", "presence_penalty": 1}, "presence_penalty"),
+])
+def test_bad_requests_are_400_in_openai_shape(server, body, param):
+    r = httpx.post(server.url + "/v1/completions", json=body, headers=server.headers())
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_unknown_model_is_404_and_missing_key_is_401(server):
+    r = httpx.post(server.url + "/v1/completions", json={"model": "nope", "prompt": "x"}, headers=server.headers())
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x"}).status_code == 401
+    r = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers=server.headers())
+    assert r.status_code == 400
+
+
+def test_aborted_streams_free_every_kv_block(server):
+    body = {"model": "tiny", "prompt": "t3 t4", "max_tokens": 400, "temperature": 0, "stream": True}
+
+    async def one():
+        async with httpx.AsyncClient(timeout=30) as h:
+            async with h.stream("POST", server.url + "/v1/completions", json=body, headers=server.headers()) as r:
+                assert r.status_code == 200
+                n = 0
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        n += 1
+                        if n >= 3:
+                            return  # hang up mid-stream
+
+    async def main():
+        await asyncio.gather(*(one() for _ in range(20)))
+
+    asyncio.run(main())
+    engine = server.state.engine.engine
+    for _ in range(200):
+        if not engine.has_unfinished:
+            break
+        import time
+        time.sleep(0.05)
+    assert not engine.has_unfinished
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+def test_health_and_readiness(server):
+    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/readyz").status_code == 200
+
+
+def test_sse_ends_with_done(server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "t1"}], "max_tokens": 3, "stream": True}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, headers=server.headers())
+    assert r.headers["content-type"].startswith("text/event-stream")
+    lines = [l for l in r.text.split("\n") if l]
+    assert lines[-1] == "data: [DONE]"
+    first = json.loads(lines[0][len("data: "):])
+    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
