@@ -14,6 +14,7 @@ pre-existing entry is never followed or overwritten. The caller still owns `dest
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gzip
 import os
@@ -62,12 +63,8 @@ class UploadLimits:
 
 
 def _fmt(num_bytes: int) -> str:
-    if num_bytes < 1024:
-        return f"{num_bytes} bytes"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        num_bytes /= 1024
-        if num_bytes < 1024 or unit == "TiB":
-            return f"{num_bytes:.1f} {unit}"
+    power = min(4, max(0, (num_bytes.bit_length() - 1) // 10))
+    return f"{num_bytes} bytes" if power == 0 else f"{num_bytes / 1024 ** power:.1f} {'KMGT'[power - 1]}iB"
 
 
 def _too_large(what: str, limit_name: str, limit: int) -> UploadError:
@@ -83,11 +80,9 @@ def _name_problem(name: object) -> str | None:
     if any(unicodedata.category(c) == "Cc" for c in name):  # NUL, newlines, escapes: break logs and paths
         return "contains control characters"
     try:
-        if len(name.encode("utf-8")) > 255:
-            return "is longer than 255 bytes"
+        return "is longer than 255 bytes" if len(name.encode("utf-8")) > 255 else None
     except UnicodeEncodeError:  # lone surrogates smuggled in through surrogateescape
         return "is not valid UTF-8"
-    return None
 
 
 def _sniff(head: bytes) -> str | None:
@@ -107,10 +102,8 @@ def _create(dest_dir: str, name: str) -> int:
 
 def _unlink_all(paths: list[str]) -> None:
     for path in paths:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 async def save_upload_files(files, dest_dir, limits: UploadLimits | None = None) -> list[str]:
@@ -180,10 +173,8 @@ async def save_upload_files(files, dest_dir, limits: UploadLimits | None = None)
                 names = await asyncio.shield(future)
             except asyncio.CancelledError:
                 # The thread cannot be interrupted: wait for it so the cleanup below sees its files.
-                try:
+                with contextlib.suppress(UploadError, OSError):  # when it fails, it removes its own files
                     created.extend(os.path.join(dest, n) for n in await future)
-                except Exception:
-                    pass  # it failed and removed its own files
                 raise
             _unlink_all([archive_path])
             return names
@@ -283,6 +274,19 @@ def _copy(src, out, raw: str, limits: UploadLimits, used_bytes: int) -> int:
     return used_bytes + num_bytes
 
 
+def _open_archive(path, label: str):
+    with open(path, "rb") as f:
+        kind = _sniff(f.read(512))  # the content decides, not the (client-chosen) name
+    try:
+        if kind == "zip":
+            return zipfile.ZipFile(path), kind
+        if kind is not None:
+            return tarfile.open(path, "r:gz" if kind == "gz" else "r:"), kind
+    except _READ_ERRORS as e:
+        raise UploadError(422, "not_an_archive", f"{label!r} is not a tar, tar.gz or zip archive: {e}") from e
+    raise UploadError(422, "not_an_archive", f"{label!r} is not a tar, tar.gz or zip archive")
+
+
 def extract_archive(archive_path, dest_dir, limits: UploadLimits | None = None, *,
                     display_name: str | None = None) -> list[str]:
     """Extract a tar / tar.gz / zip (detected by magic bytes, not name) flat into `dest_dir` and
@@ -290,14 +294,7 @@ def extract_archive(archive_path, dest_dir, limits: UploadLimits | None = None, 
     limits = limits or UploadLimits()
     dest = os.fspath(dest_dir)
     label = display_name or os.path.basename(os.fspath(archive_path))
-    with open(archive_path, "rb") as f:
-        kind = _sniff(f.read(512))
-    try:
-        if kind is None:
-            raise tarfile.ReadError("unknown format")
-        archive = zipfile.ZipFile(archive_path) if kind == "zip" else tarfile.open(archive_path, f"r:{'gz' if kind == 'gz' else ''}")
-    except _READ_ERRORS as e:
-        raise UploadError(422, "not_an_archive", f"{label!r} is not a tar, tar.gz or zip archive") from e
+    archive, kind = _open_archive(archive_path, label)
     created: list[str] = []
     with archive:
         try:

@@ -34,14 +34,13 @@ def _write_tiny(path, arch: str):
             elif arch == "qwen2" and p.dim() == 1 and p.shape[0] != 64:
                 p.normal_(0, 0.05)  # q/k/v biases
     model.save_pretrained(path)
-    vocab = {f"t{i}": i for i in range(TINY_VOCAB)}
-    vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2})
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"t{i}": i for i in range(3, TINY_VOCAB)}
     tok = Tokenizer(models.WordLevel({k: v for k, v in vocab.items()}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     # Roles as vocabulary words: enough to exercise the chat endpoints' template path.
-    fast.chat_template = ("{% for m in messages %}{{ 't1' if m['role'] == 'user' else 't2' }} {{ m['content'] }} "
-                          "{% endfor %}{% if add_generation_prompt %}t3{% endif %}")
+    fast.chat_template = ("{% for m in messages %}{{ 't3' if m['role'] == 'user' else 't4' }} {{ m['content'] }} "
+                          "{% endfor %}{% if add_generation_prompt %}t5{% endif %}")
     fast.save_pretrained(path)
     return path
 

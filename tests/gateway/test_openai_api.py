@@ -53,9 +53,9 @@ def test_seeded_sampling_is_reproducible(server):
 def test_async_client_streams_completions(server):
     async def main():
         c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="key-a", max_retries=0)
-        stream = await c.completions.create(model="tiny", prompt="t1 t2", max_tokens=5, temperature=0, stream=True)
+        stream = await c.completions.create(model="tiny", prompt="t11 t12", max_tokens=5, temperature=0, stream=True)
         parts = [ch.choices[0].text async for ch in stream if ch.choices]
-        full = await c.completions.create(model="tiny", prompt="t1 t2", max_tokens=5, temperature=0)
+        full = await c.completions.create(model="tiny", prompt="t11 t12", max_tokens=5, temperature=0)
         return "".join(parts), full.choices[0].text
 
     streamed, full = asyncio.run(main())
@@ -128,7 +128,7 @@ def test_health_and_readiness(server):
 
 
 def test_sse_ends_with_done(server):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "t1"}], "max_tokens": 3, "stream": True}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "t13"}], "max_tokens": 3, "stream": True}
     r = httpx.post(server.url + "/v1/chat/completions", json=body, headers=server.headers())
     assert r.headers["content-type"].startswith("text/event-stream")
     lines = [l for l in r.text.split("\n") if l]

@@ -10,8 +10,12 @@ import tarfile
 import zipfile
 
 import pytest
-
-from loragate.gateway.uploads import UploadError, UploadLimits, extract_archive, save_upload_files
+from loragate.gateway.uploads import (
+    UploadError,
+    UploadLimits,
+    extract_archive,
+    save_upload_files,
+)
 
 CONFIG = b'{"peft_type": "LORA", "r": 8}'
 WEIGHTS = bytes(range(256)) * 40
@@ -122,6 +126,28 @@ def test_total_limit_stops_reading_mid_stream(tmp_path, dest):
     assert_clean(tmp_path, dest)  # including the already complete adapter_config.json
 
 
+def test_cancelled_upload_leaves_nothing(tmp_path, dest):
+    # A client that disconnects mid-body cancels the handler: files already written go too.
+    async def main():
+        started = asyncio.Event()
+
+        async def stalled():
+            yield b"x" * 1000
+            started.set()
+            await asyncio.Event().wait()  # the body never finishes
+
+        task = asyncio.create_task(save_upload_files([("adapter_config.json", Chunks(CONFIG)),
+                                                      ("adapter_model.safetensors", stalled())], dest))
+        await started.wait()
+        assert len(list(dest.iterdir())) == 2  # one complete file, one partial temp file
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert_clean(tmp_path, dest)
+
+
 def test_member_limit_names_the_file(tmp_path, dest):
     source = Chunks(b"x" * 50_000, 1000)
     with pytest.raises(UploadError) as exc_info:
@@ -206,6 +232,37 @@ def test_archive_member_among_several_files_is_kept_as_is(dest):
     names = save([("a.zip", Chunks(data)), ("adapter_config.json", Chunks(CONFIG))], dest)
     assert names == ["a.zip", "adapter_config.json"]
     assert (dest / "a.zip").read_bytes() == data
+
+
+def test_cancelled_during_extraction_leaves_nothing(tmp_path, dest, monkeypatch):
+    # Extraction runs in a thread that cancellation cannot stop; its files must still go.
+    import threading
+
+    from loragate.gateway import uploads
+    extracted, gate = threading.Event(), threading.Event()
+    real_extract = uploads.extract_archive
+
+    def slow_extract(*args, **kwargs):
+        names = real_extract(*args, **kwargs)
+        extracted.set()
+        gate.wait(10)
+        return names
+
+    monkeypatch.setattr(uploads, "extract_archive", slow_extract)
+    data = tar_bytes([("top/adapter_config.json", CONFIG), ("top/adapter_model.safetensors", WEIGHTS)])
+
+    async def main():
+        task = asyncio.create_task(save_upload_files([("a.tgz", Chunks(data))], dest))
+        await asyncio.get_running_loop().run_in_executor(None, extracted.wait, 10)
+        assert len(list(dest.iterdir())) == 3  # both members and the archive
+        task.cancel()
+        await asyncio.sleep(0)  # let the cancellation reach the task before the thread returns
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert_clean(tmp_path, dest)
 
 
 def test_extract_archive_directly(tmp_path, dest):
