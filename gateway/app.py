@@ -10,7 +10,9 @@ import threading
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.middleware import Middleware
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .errors import APIError, error_response
@@ -28,6 +30,10 @@ async def readyz(request: Request):
     state: ServerState = request.app.state.server
     state.require_engine()
     return JSONResponse({"status": "ready", "model": state.model_name})
+
+
+async def metrics(request: Request):
+    return Response(request.app.state.server.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _handle(request: Request, exc: Exception):
@@ -71,11 +77,16 @@ def build_app(state: ServerState, load=None) -> Starlette:
     routes = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        Route("/metrics", metrics),
         Route("/v1/models", list_models),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         *adapter_routes,
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={t: _handle for t in _handled_types()})
+    from .metrics import Metrics, RequestCounter
+
+    state.metrics = Metrics(state)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={t: _handle for t in _handled_types()},
+                    middleware=[Middleware(RequestCounter, metrics=state.metrics)])
     app.state.server = state
     return app

@@ -30,19 +30,26 @@ def principal_of(request: Request):
 
 
 class Choice:
-    """Accumulates one engine request's outputs."""
+    """Accumulates one engine request's outputs, and records its latencies."""
 
-    def __init__(self, index: int, prompt_index: int, prompt_len: int):
+    def __init__(self, index: int, prompt_index: int, prompt_len: int, metrics, label: str):
         self.index, self.prompt_index, self.prompt_len = index, prompt_index, prompt_len
         self.text, self.tokens, self.logprobs, self.finish_reason = "", [], [], None
+        self.metrics, self.label = metrics, label
+        self.start = self.last = time.monotonic()
 
     def add(self, out) -> list:
+        t = time.monotonic()
+        (self.metrics.itl if self.tokens else self.metrics.ttft).observe(t - self.last)
+        self.last = t
         self.text += out.delta_text
         new = list(zip(out.new_token_ids, out.new_logprobs)) if out.new_logprobs else []
         self.tokens += out.new_token_ids
         self.logprobs += new
         if out.finished:
             self.finish_reason = "length" if out.finish_reason == "length" else "stop"
+            self.metrics.e2e.observe(t - self.start)
+            self.metrics.generation_tokens.labels(self.label).inc(len(self.tokens))
         return new
 
 
@@ -51,10 +58,12 @@ async def _start(state, principal, gen, prompts_ids: list[list[int]], model: str
     adapter = await state.resolve_model(principal, model)
     state.check_capacity()
     choices, streams = [], []
+    label = state.metrics.adapter_label(adapter)
     try:
         for pi, ids in enumerate(prompts_ids):
+            state.metrics.prompt_tokens.labels(label).inc(len(ids))
             for ci, params in enumerate(gen.sampling_params(len(ids), engine.engine.max_model_len)):
-                choices.append(Choice(pi * gen.n + ci, pi, len(ids)))
+                choices.append(Choice(pi * gen.n + ci, pi, len(ids), state.metrics, label))
                 streams.append(await engine.add_request(ids, params, adapter=adapter))
     except BaseException:
         for s in streams:

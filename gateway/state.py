@@ -24,6 +24,7 @@ class ServerState:
     model_name: str = ""
     base_names: set[str] = field(default_factory=set)
     load_error: str | None = None
+    metrics: object | None = None  # gateway.metrics.Metrics, set by build_app
 
     def require_engine(self):
         if self.engine is None:

@@ -1,0 +1,108 @@
+"""Prometheus metrics for /metrics: HTTP requests by route and status, latency histograms
+(time to first token, inter-token, end to end), token counts, and engine gauges read at
+scrape time (running/waiting requests, KV-cache use, prefix-cache hit rate, adapter pool).
+
+Adapter labels are bounded: the first MAX_ADAPTER_LABELS adapters seen get their own label,
+the rest share "other", so a tenant with thousands of adapters cannot explode cardinality."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+MAX_ADAPTER_LABELS = 32
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self, state):
+        self.state = state
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("loragate_http_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.ttft = Histogram("loragate_time_to_first_token_seconds", "time to first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("loragate_inter_token_latency_seconds", "time between tokens", buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("loragate_e2e_request_latency_seconds", "request latency", buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("loragate_prompt_tokens", "prompt tokens", ["adapter"], registry=r)
+        self.generation_tokens = Counter("loragate_generation_tokens", "generated tokens", ["adapter"], registry=r)
+        self._labels: set[str] = set()
+        self._lock = threading.Lock()
+        r.register(_EngineCollector(state))
+
+    def adapter_label(self, adapter_key: str | None) -> str:
+        if adapter_key is None:
+            return "base"
+        name = adapter_key.rsplit("@", 1)[0]
+        with self._lock:
+            if name in self._labels or len(self._labels) < MAX_ADAPTER_LABELS:
+                self._labels.add(name)
+                return name
+        return "other"
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    def __init__(self, state):
+        self.state = state
+
+    def collect(self):
+        engine = self.state.engine
+        if engine is None:
+            return
+        inner = engine.engine
+        kv, pool = inner.kv, inner.lora_pool
+
+        def gauge(name, doc, value):
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], value)
+            return g
+
+        yield gauge("loragate_requests_running", "requests running in the engine", len(inner.scheduler.running))
+        yield gauge("loragate_requests_waiting", "requests waiting for the engine", engine.num_waiting)
+        yield gauge("loragate_kv_cache_usage_ratio", "fraction of KV blocks in use", kv.usage)
+        hit = kv.num_prefix_hit_tokens / kv.num_prefix_queries_tokens if kv.num_prefix_queries_tokens else 0.0
+        yield gauge("loragate_prefix_cache_hit_ratio", "prompt tokens served from the prefix cache", hit)
+        if pool is not None:
+            s = pool.stats
+            yield gauge("loragate_adapter_slots_loaded", "adapters loaded in pool slots", len(pool.slot_of))
+            yield gauge("loragate_adapter_slots_pinned", "slots pinned by running requests", pool.num_pinned)
+            for name, value in (("hits", s.hits), ("misses", s.misses), ("evictions", s.evictions)):
+                c = GaugeMetricFamily(f"loragate_adapter_pool_{name}", f"adapter pool {name} since start")
+                c.add_metric([], value)
+                yield c
+            loads = s.load_seconds[-100:]
+            yield gauge("loragate_adapter_load_seconds_recent_mean", "mean of the last 100 adapter loads",
+                        sum(loads) / len(loads) if loads else 0.0)
+
+
+class RequestCounter:
+    """ASGI middleware: count every HTTP request by route template and final status."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(path, str(status["code"])).inc()
+
+
+def now() -> float:
+    return time.monotonic()

@@ -1,0 +1,210 @@
+"""Adapter management over HTTP: upload, inference with the adapter, tenant isolation,
+refused uploads that change nothing, restart."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from .conftest import RunningServer
+
+
+@pytest.fixture(scope="module")
+def peft_adapter(tiny_llama, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("upload") / "adapter"
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(out)
+    return out
+
+
+def files_of(d: Path) -> list:
+    return [("file", (p.name, p.read_bytes())) for p in sorted(d.iterdir())]
+
+
+def upload(server, name, files, key="key-a", method="POST"):
+    url = server.url + "/v1/adapters" + (f"/{name}" if method == "PUT" else "")
+    return httpx.request(method, url, data={"name": name}, files=files, headers=server.headers(key), timeout=30)
+
+
+def store_snapshot(home: Path) -> dict:
+    root = home / "adapters"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} if root.exists() else {}
+
+
+def complete(server, model, key="key-a", prompt="t5 t6 t7", n=8):
+    return httpx.post(server.url + "/v1/completions", headers=server.headers(key), timeout=30,
+                      json={"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 0})
+
+
+def test_upload_then_inference_matches_peft(server, peft_adapter, tiny_llama):
+    r = upload(server, "sql", files_of(peft_adapter))
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert info["name"] == "sql" and info["version"] == 1 and info["rank"] == 8
+    assert info["target_modules"] == ["down_proj", "q_proj", "v_proj"] and len(info["sha256"]) == 64
+    out = complete(server, "sql").json()
+    ids = server.state.engine.engine.tokenize("t5 t6 t7")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    ref = PeftModel.from_pretrained(base, peft_adapter).generate(torch.tensor([ids]), max_new_tokens=8,
+                                                                 min_new_tokens=8, do_sample=False)[0, len(ids):]
+    tok = server.state.engine.tokenizer
+    assert out["choices"][0]["text"] == tok.decode(ref.tolist(), skip_special_tokens=True)
+    assert complete(server, "tiny:sql").json()["choices"][0]["text"] == out["choices"][0]["text"]
+    assert complete(server, "tiny").json()["choices"][0]["text"] != out["choices"][0]["text"]
+    models = httpx.get(server.url + "/v1/models", headers=server.headers()).json()
+    assert "sql" in [m["id"] for m in models["data"]]
+
+
+def test_tenant_isolation(server, peft_adapter):
+    assert upload(server, "mine", files_of(peft_adapter), key="key-a").status_code == 201
+    snapshot = store_snapshot(Path(server_home(server)))
+    b = server.headers("key-b")
+    url = server.url + "/v1/adapters/mine"
+    assert httpx.get(url, headers=b).status_code == 404
+    assert httpx.delete(url, headers=b).status_code == 404
+    assert upload(server, "mine", files_of(peft_adapter), key="key-b", method="PUT").status_code == 404
+    assert complete(server, "mine", key="key-b").status_code == 404
+    assert "mine" not in [a["name"] for a in httpx.get(server.url + "/v1/adapters", headers=b).json()["data"]]
+    assert store_snapshot(Path(server_home(server))) == snapshot
+    assert httpx.get(url).status_code == 401  # no key
+    assert httpx.get(url, headers=server.headers()).status_code == 200
+    admin = httpx.get(server.url + "/v1/adapters", headers=server.headers("key-admin")).json()["data"]
+    assert ("tenant-a", "mine") in {(a["tenant"], a["name"]) for a in admin}
+
+
+def server_home(server) -> str:
+    import os
+
+    return os.environ["LORAGATE_HOME"]
+
+
+def test_replace_and_delete(server, peft_adapter, tmp_path):
+    assert upload(server, "swap", files_of(peft_adapter)).status_code == 201
+    first = complete(server, "swap").json()["choices"][0]["text"]
+    assert upload(server, "swap", files_of(peft_adapter)).status_code == 409
+    other = tmp_path / "other"
+    other.mkdir()
+    for p in peft_adapter.iterdir():
+        (other / p.name).write_bytes(p.read_bytes())
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v * 3 for k, v in load_file(other / "adapter_model.safetensors").items()}
+    save_file(tensors, other / "adapter_model.safetensors")
+    r = upload(server, "swap", files_of(other), method="PUT")
+    assert r.status_code == 200 and r.json()["version"] == 2
+    assert complete(server, "swap").json()["choices"][0]["text"] != first
+    assert httpx.delete(server.url + "/v1/adapters/swap", headers=server.headers()).status_code == 200
+    assert complete(server, "swap").status_code == 404
+
+
+def tar_of(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for info, data in members:
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def tar_member(name, data=b"x", kind=tarfile.REGTYPE, link=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = kind, link, len(data) if kind == tarfile.REGTYPE else 0
+    return info, data if kind == tarfile.REGTYPE else None
+
+
+def zip_of(entries: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def bad_uploads(adapter: Path) -> dict:
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    from safetensors.torch import load_file, save as save_bytes
+
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    nan = {k: v.clone() for k, v in tensors.items()}
+    next(iter(nan.values()))[0, 0] = float("nan")
+    wide = {k: torch.zeros(v.shape[0], v.shape[1] * 2) if "lora_A" in k else v for k, v in tensors.items()}
+
+    def with_cfg(**changes):
+        return [("file", ("adapter_config.json", json.dumps({**cfg, **changes}).encode())),
+                ("file", ("adapter_model.safetensors", weights))]
+
+    def with_weights(t):
+        return [("file", ("adapter_config.json", json.dumps(cfg).encode())),
+                ("file", ("adapter_model.safetensors", save_bytes(t)))]
+
+    good_cfg = json.dumps(cfg).encode()
+    return {
+        "absolute path in tar": (422, [("file", ("a.tar.gz", tar_of([tar_member("/etc/adapter_config.json", good_cfg)])))]),
+        "dot-dot in tar": (422, [("file", ("a.tar.gz", tar_of([tar_member("../adapter_config.json", good_cfg)])))]),
+        "symlink in tar": (422, [("file", ("a.tar.gz", tar_of([tar_member("adapter_model.safetensors", kind=tarfile.SYMTYPE, link="/etc/passwd")])))]),
+        "device in tar": (422, [("file", ("a.tar.gz", tar_of([tar_member("dev", kind=tarfile.CHRTYPE)])))]),
+        "zip bomb": (413, [("file", ("a.zip", zip_of({"adapter_model.safetensors": b"\0" * (9 << 20)})))]),
+        "zip traversal": (422, [("file", ("a.zip", zip_of({"../../x": b"x"})))]),
+        "pickle weights": (422, [("file", ("adapter_config.json", good_cfg)), ("file", ("adapter_model.bin", b"\x80\x04."))]),
+        "oversize": (413, [("file", ("adapter_config.json", good_cfg)), ("file", ("adapter_model.safetensors", b"\0" * (9 << 20)))]),
+        "missing config": (422, [("file", ("adapter_model.safetensors", weights))]),
+        "rank too large": (422, with_cfg(r=128)),
+        "nan": (422, with_weights(nan)),
+        "wrong shapes": (422, with_weights(wide)),
+        "unknown target": (422, with_cfg(target_modules=["q_proj", "lm_head_x"])),
+        "not an archive": (422, [("file", ("a.tar.gz", b"definitely not gzip"))]),
+        "empty body": (400, []),
+        "dora": (422, with_cfg(use_dora=True)),
+    }
+
+
+def test_refused_uploads_change_nothing(tiny_llama, peft_adapter, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
+    s = RunningServer(tiny_llama, None, max_upload=8 << 20)
+    try:
+        assert upload(s, "keep", files_of(peft_adapter)).status_code == 201
+        before_store = store_snapshot(tmp_path / "home")
+        before_list = httpx.get(s.url + "/v1/adapters", headers=s.headers()).json()
+        for what, (status, files) in bad_uploads(peft_adapter).items():
+            r = upload(s, f"bad-{len(what)}", files)
+            assert r.status_code == status, f"{what}: {r.status_code} {r.text}"
+            err = r.json()["error"]
+            assert err["message"], what
+            assert store_snapshot(tmp_path / "home") == before_store, what
+            assert httpx.get(s.url + "/v1/adapters", headers=s.headers()).json() == before_list, what
+        tmp_uploads = list(Path("/tmp").glob("loragate-upload-*"))
+        assert not tmp_uploads
+    finally:
+        s.stop()
+
+
+def test_restart_keeps_adapters_and_outputs(tiny_llama, peft_adapter, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
+    s = RunningServer(tiny_llama, None)
+    try:
+        assert upload(s, "persist", files_of(peft_adapter)).status_code == 201
+        before = complete(s, "persist").json()["choices"][0]["text"]
+    finally:
+        s.stop()
+    s = RunningServer(tiny_llama, None)
+    try:
+        names = [a["name"] for a in httpx.get(s.url + "/v1/adapters", headers=s.headers()).json()["data"]]
+        assert names == ["persist"]
+        assert complete(s, "persist").json()["choices"][0]["text"] == before
+    finally:
+        s.stop()

@@ -1,0 +1,83 @@
+"""Backpressure (429 + Retry-After beyond the waiting limit) and /metrics that add up."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import RunningServer
+
+
+def samples(text: str) -> dict:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_overload_gets_429_and_metrics_match(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
+    s = RunningServer(tiny_llama, None, max_waiting=3, max_num_seqs=2)
+    body = {"model": "tiny", "prompt": "t5 t6 t7", "max_tokens": 40, "temperature": 0}
+    try:
+        async def one(h):
+            return await h.post(s.url + "/v1/completions", json=body, headers=s.headers())
+
+        async def main():
+            async with httpx.AsyncClient(timeout=60) as h:
+                return await asyncio.gather(*(one(h) for _ in range(30)))
+
+        responses = asyncio.run(main())
+        codes = [r.status_code for r in responses]
+        ok, busy = codes.count(200), codes.count(429)
+        assert ok + busy == 30 and busy > 0 and ok >= 3, codes
+        for r in responses:
+            if r.status_code == 429:
+                assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error"
+            else:
+                assert r.json()["usage"]["completion_tokens"] == 40  # every accepted request completed
+        m = samples(httpx.get(s.url + "/metrics").text)
+        route = "/v1/completions"
+        assert m[("loragate_http_requests_total", (("route", route), ("status", "200")))] == ok
+        assert m[("loragate_http_requests_total", (("route", route), ("status", "429")))] == busy
+        assert m[("loragate_generation_tokens_total", (("adapter", "base"),))] == 40 * ok
+        assert m[("loragate_time_to_first_token_seconds_count", ())] == ok
+        assert m[("loragate_e2e_request_latency_seconds_count", ())] == ok
+        assert m[("loragate_requests_running", ())] == 0
+        assert m[("loragate_kv_cache_usage_ratio", ())] == 0.0
+    finally:
+        s.stop()
+
+
+def test_not_ready_is_503_until_the_model_loads(tiny_llama, tmp_path, monkeypatch):
+    import threading
+
+    from loragate.gateway import server as server_module
+
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
+    gate = threading.Event()
+    real = server_module.make_loader
+
+    def slow_loader(config, settings):
+        load = real(config, settings)
+        return lambda state: (gate.wait(30), load(state))
+
+    s = RunningServer(tiny_llama, None, load_async=True, loader_factory=slow_loader)
+    try:
+        r = httpx.get(s.url + "/readyz")
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "t5"}, headers=s.headers())
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        assert httpx.get(s.url + "/healthz").status_code == 200
+        gate.set()
+        for _ in range(200):
+            if httpx.get(s.url + "/readyz").status_code == 200:
+                break
+            import time
+            time.sleep(0.05)
+        assert httpx.get(s.url + "/readyz").status_code == 200
+    finally:
+        s.stop()
