@@ -208,3 +208,51 @@ def test_restart_keeps_adapters_and_outputs(tiny_llama, peft_adapter, tmp_path, 
         assert complete(s, "persist").json()["choices"][0]["text"] == before
     finally:
         s.stop()
+
+
+def test_openai_client_with_an_uploaded_adapter(server, peft_adapter):
+    import asyncio
+
+    import openai
+
+    assert upload(server, "chatty", files_of(peft_adapter)).status_code == 201
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="key-a", max_retries=0)
+    msgs = [{"role": "user", "content": "t7 t8"}]
+    full = c.chat.completions.create(model="chatty", messages=msgs, max_tokens=10, temperature=0)
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in
+                       c.chat.completions.create(model="chatty", messages=msgs, max_tokens=10, temperature=0,
+                                                 stream=True) if ch.choices)
+    assert streamed == full.choices[0].message.content
+    base = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0)
+    assert base.choices[0].message.content != full.choices[0].message.content
+    assert "chatty" in [m.id for m in c.models.list().data]
+
+    async def run_async():
+        ac = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="key-a", max_retries=0)
+        text = await ac.completions.create(model="chatty", prompt="t7 t8", max_tokens=10, temperature=0)
+        stream = await ac.completions.create(model="chatty", prompt="t7 t8", max_tokens=10, temperature=0, stream=True)
+        parts = [ch.choices[0].text async for ch in stream if ch.choices]
+        return text, "".join(parts)
+
+    text, joined = asyncio.run(run_async())
+    assert joined == text.choices[0].text
+    assert text.usage.completion_tokens == 10
+
+
+def test_non_streaming_client_disconnect_aborts(server):
+    import time
+
+    body = {"model": "tiny", "prompt": "t3 t4", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+    engine = server.state.engine.engine
+    generated = engine.num_generated_tokens_total
+    try:
+        httpx.post(server.url + "/v1/completions", json=body, headers=server.headers(), timeout=0.5)
+    except httpx.TimeoutException:
+        pass  # the client gave up and closed the connection
+    for _ in range(100):
+        if not engine.has_unfinished:
+            break
+        time.sleep(0.05)
+    assert not engine.has_unfinished
+    assert engine.num_generated_tokens_total - generated < 2000  # aborted, not run to the end
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
