@@ -14,6 +14,7 @@ import enum
 import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -74,7 +75,7 @@ class _Entry:
 class AdapterRegistry:
     def __init__(self, store: AdapterStore, arch, max_lora_rank: int, *, base_model_name: str | None = None,
                  strict_base_model: bool = False, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
-                 on_change: Listener | None = None):
+                 on_change: Listener | None = None, max_cached_weights: int = 64):
         self.store, self.arch, self.max_lora_rank = store, arch, max_lora_rank
         self.base_model_name, self.strict_base_model = base_model_name, strict_base_model
         self._load_kwargs = dict(base_model_name=base_model_name, strict_base_model=strict_base_model,
@@ -86,6 +87,10 @@ class AdapterRegistry:
         self._write_locks = [threading.RLock() for _ in range(_STRIPES)]
         self._entries: dict[tuple[str, str], _Entry] = {(s.tenant, s.name): self._from_store(s)
                                                       for s in store.list_all()}
+        # Weights held in memory, least recently used first: a tenant with thousands of
+        # adapters must not keep them all in RAM; an evicted one is read from disk again.
+        self._cached: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.max_cached_weights = max_cached_weights
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -103,6 +108,7 @@ class AdapterRegistry:
             info = _info(stored, weights.rank, {m for _, m in weights.modules}, AdapterState.READY, None)
             with self._lock:
                 self._entries[(tenant, name)] = _Entry(info, stored, weights)  # kept: first use reads no disk
+                self._touch((tenant, name))
             self._notify(info, info.id)
         return info
 
@@ -133,6 +139,7 @@ class AdapterRegistry:
         with self._lock:
             entry = self._entry(tenant, name)
             if entry.weights is not None:
+                self._touch((tenant, name))
                 return entry.info, entry.weights
         with entry.load_lock:
             with self._lock:
@@ -158,9 +165,22 @@ class AdapterRegistry:
                 raise
             with self._lock:
                 entry.weights, entry.info = weights, replace(entry.info, state=AdapterState.READY, error=None)
+                if self._entries.get((tenant, name)) is entry:
+                    self._touch((tenant, name))
                 return entry.info, weights
 
     # -- internals -------------------------------------------------------------------------
+
+    def _touch(self, key: tuple[str, str]) -> None:
+        """Mark key's weights most recently used; drop the least recently used beyond the cap.
+        Called with self._lock held."""
+        self._cached[key] = None
+        self._cached.move_to_end(key)
+        while len(self._cached) > self.max_cached_weights:
+            old, _ = self._cached.popitem(last=False)
+            entry = self._entries.get(old)
+            if entry is not None:
+                entry.weights = None
 
     def _entry(self, tenant: str, name: str) -> _Entry:
         entry = self._entries.get((tenant, name))

@@ -56,7 +56,11 @@ async def _receive_and_register(request: Request, name: str | None, *, replace: 
     principal = principal_of(request)
     settings = request.app.state.settings
     length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > settings.max_upload_size:
+    if not (length and length.isdigit()):
+        # Without a length the multipart parser would spool a body of any size to disk before
+        # our limits could look at it.
+        raise APIError(411, "adapter uploads need a Content-Length header", code="length_required")
+    if int(length) > settings.max_upload_size:
         raise APIError(413, f"upload of {length} bytes exceeds the limit of {settings.max_upload_size}",
                        code="too_large")
     limits = UploadLimits(max_total_bytes=settings.max_upload_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from loragate.engine.errors import AdapterNotFoundError
@@ -25,6 +26,10 @@ class ServerState:
     base_names: set[str] = field(default_factory=set)
     load_error: str | None = None
     metrics: object | None = None  # gateway.metrics.Metrics, set by build_app
+    # Adapters the engine holds (by versioned key), least recently used first. Bounded: a
+    # request already running keeps its weights, and a later one simply re-adds them.
+    engine_adapters: OrderedDict = field(default_factory=OrderedDict)
+    max_engine_adapters: int = 64
 
     def require_engine(self):
         if self.engine is None:
@@ -55,6 +60,11 @@ class ServerState:
         engine = self.engine.engine
         if info.key not in engine.adapters:
             engine.add_adapter_weights(info.key, weights)
+        self.engine_adapters[info.key] = None
+        self.engine_adapters.move_to_end(info.key)
+        while len(self.engine_adapters) > self.max_engine_adapters:
+            old, _ = self.engine_adapters.popitem(last=False)
+            engine.remove_adapter(old)
         return info.key
 
     def on_adapter_change(self, info, adapter_id: str) -> None:
@@ -66,3 +76,4 @@ class ServerState:
         for name in [n for n in list(engine.adapters) if n.startswith(adapter_id + "@")]:
             if info is None or name != info.key:
                 engine.remove_adapter(name)
+                self.engine_adapters.pop(name, None)

@@ -401,3 +401,14 @@ def _catch(fn, *args):
         return fn(*args)
     except Exception as e:
         return e
+
+
+def test_weights_cache_is_bounded_and_reloads_from_disk(make, good):
+    reg = make(max_cached_weights=2)
+    for name in ("a", "b", "c"):
+        reg.register("t", name, good)
+    held = sorted(k for k, e in reg._entries.items() if e.weights is not None)
+    assert held == [("t", "b"), ("t", "c")]  # "a" was least recently used
+    info, weights = reg.weights("t", "a")  # read back from the store
+    assert info.state.value == "READY" and weights.rank == 4
+    assert sorted(k for k, e in reg._entries.items() if e.weights is not None) == [("t", "a"), ("t", "c")]

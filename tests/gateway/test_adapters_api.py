@@ -256,3 +256,22 @@ def test_non_streaming_client_disconnect_aborts(server):
     assert not engine.has_unfinished
     assert engine.num_generated_tokens_total - generated < 2000  # aborted, not run to the end
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+def test_upload_without_content_length_is_refused(server, peft_adapter):
+    def body():
+        yield b"--x\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nchunked\r\n--x--\r\n"
+
+    r = httpx.post(server.url + "/v1/adapters", content=body(), timeout=10,
+                   headers={**server.headers(), "Content-Type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 411 and r.json()["error"]["code"] == "length_required"
+
+
+def test_engine_keeps_a_bounded_number_of_adapters(server, peft_adapter, monkeypatch):
+    monkeypatch.setattr(server.state, "max_engine_adapters", 2)
+    for name in ("e1", "e2", "e3"):
+        assert upload(server, name, files_of(peft_adapter)).status_code == 201
+        assert complete(server, name).status_code == 200
+    held = [k for k in server.state.engine.engine.adapters if k.split("@")[0].split("/")[-1] in ("e1", "e2", "e3")]
+    assert len(held) == 2 and not any("/e1@" in k for k in held)
+    assert complete(server, "e1").status_code == 200  # evicted from the engine, re-added on use
