@@ -3,9 +3,11 @@ against the format peft actually saves, not against our idea of it."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +89,29 @@ def save_peft():
 @pytest.fixture(scope="session")
 def lora_layers():
     return _peft_lora_layers
+
+
+def edit_config(d: Path, **changes) -> None:
+    """Rewrite an adapter's adapter_config.json with some fields changed."""
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def edit_weights(d: Path, fn) -> None:
+    """Apply fn to the adapter's tensors (a dict) and save them back."""
+    from safetensors.torch import load_file, save_file
+
+    from loragate.adapters.loader import WEIGHTS_FILE
+
+    tensors = load_file(d / WEIGHTS_FILE)
+    fn(tensors)
+    save_file(tensors, d / WEIGHTS_FILE)
+
+
+def poison(key, value):
+    """An edit_weights function that puts `value` (NaN, inf...) into tensor `key`."""
+    def fn(t):
+        t[key] = t[key].clone()
+        t[key][0, 1] = value
+    return fn

@@ -5,7 +5,6 @@ one thing broken."""
 
 from __future__ import annotations
 
-import json
 import pickle
 import shutil
 from pathlib import Path
@@ -14,9 +13,9 @@ import pytest
 import torch
 from peft import IA3Config, PrefixTuningConfig
 from peft import LoraConfig as PeftLoraConfig
-from safetensors.torch import load_file, save_file
 
 from loragate.adapters.errors import AdapterError
+from .conftest import edit_config, edit_weights, poison
 from loragate.adapters.loader import WEIGHTS_FILE, load_adapter
 
 GOOD = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -24,27 +23,14 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 MAX_RANK = 8
 
 
-def edit_config(d: Path, **changes) -> None:
-    cfg = json.loads((d / "adapter_config.json").read_text())
-    cfg.update(changes)
-    (d / "adapter_config.json").write_text(json.dumps(cfg))
 
 
-def edit_weights(d: Path, fn) -> None:
-    tensors = load_file(d / WEIGHTS_FILE)
-    fn(tensors)
-    save_file(tensors, d / WEIGHTS_FILE)
 
 
 def _set(key, value):
     return lambda t: t.__setitem__(key, value)
 
 
-def _poison(key, value):
-    def fn(t):
-        t[key] = t[key].clone()
-        t[key][0, 1] = value
-    return fn
 
 
 class _Evil:
@@ -86,12 +72,12 @@ CASES = {
     "other_hidden_size": ({"hidden_size": 32}, {}, "shape_mismatch",
                           "expected [4, 128] (r=4, in_features=128): was it trained for another base model?"),
     "rank_differs_from_config": (lambda d: edit_config(d, r=6), {}, "shape_mismatch", "rank differs from r"),
-    "nan": (lambda d: edit_weights(d, _poison(f"{Q0}.lora_A.weight", float("nan"))), {},
+    "nan": (lambda d: edit_weights(d, poison(f"{Q0}.lora_A.weight", float("nan"))), {},
             "non_finite_weights", f"{Q0}.lora_A.weight"),
-    "inf": (lambda d: edit_weights(d, _poison("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight",
+    "inf": (lambda d: edit_weights(d, poison("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight",
                                               float("inf"))), {}, "non_finite_weights", "layers.1.mlp.down_proj.lora_B"),
     "overflow_after_scaling": (lambda d: (edit_config(d, lora_alpha=1e38),
-                                          edit_weights(d, _poison(f"{Q0}.lora_B.weight", 1e30))), {},
+                                          edit_weights(d, poison(f"{Q0}.lora_B.weight", 1e30))), {},
                                "non_finite_weights", "after scaling"),
     "integer_dtype": (lambda d: edit_weights(d, _set(f"{Q0}.lora_A.weight", torch.ones(4, 64, dtype=torch.int32))), {},
                       "invalid_weights", "dtype I32"),

@@ -4,7 +4,6 @@ Adapters are real peft saves on the tiny random Llama (conftest), broken one way
 from __future__ import annotations
 
 import hashlib
-import json
 import pickle
 import shutil
 import threading
@@ -15,10 +14,10 @@ import pytest
 import torch
 from peft import IA3Config
 from peft import LoraConfig as PeftLoraConfig
-from safetensors.torch import load_file, save_file
 
 from loragate.adapters import registry as registry_mod
 from loragate.adapters.errors import AdapterError, AdapterNotFound
+from .conftest import edit_config, edit_weights, poison
 from loragate.adapters.loader import WEIGHTS_FILE, load_adapter
 from loragate.adapters.registry import AdapterInfo, AdapterRegistry, AdapterState
 from loragate.adapters.store import LocalAdapterStore
@@ -114,23 +113,10 @@ def test_reregister_makes_version_2_with_the_new_weights(make, good, good2, arch
 
 # -- every refused upload leaves the store byte-for-byte unchanged ---------------------------
 
-def edit_config(d: Path, **changes) -> None:
-    cfg = json.loads((d / "adapter_config.json").read_text())
-    cfg.update(changes)
-    (d / "adapter_config.json").write_text(json.dumps(cfg))
 
 
-def edit_weights(d: Path, fn) -> None:
-    tensors = load_file(d / WEIGHTS_FILE)
-    fn(tensors)
-    save_file(tensors, d / WEIGHTS_FILE)
 
 
-def _poison(key, value):
-    def fn(t):
-        t[key] = t[key].clone()
-        t[key][0, 1] = value
-    return fn
 
 
 class _Evil:
@@ -163,8 +149,8 @@ BAD = {
     "not_json": (lambda d: (d / "adapter_config.json").write_text("{r: 4"), "invalid_config"),
     "wrong_shapes": ({"hidden_size": 32}, "shape_mismatch"),
     "rank_differs_from_config": (lambda d: edit_config(d, r=6), "shape_mismatch"),
-    "nan": (lambda d: edit_weights(d, _poison(f"{Q0}.lora_A.weight", float("nan"))), "non_finite_weights"),
-    "inf": (lambda d: edit_weights(d, _poison(f"{Q0}.lora_B.weight", float("inf"))), "non_finite_weights"),
+    "nan": (lambda d: edit_weights(d, poison(f"{Q0}.lora_A.weight", float("nan"))), "non_finite_weights"),
+    "inf": (lambda d: edit_weights(d, poison(f"{Q0}.lora_B.weight", float("inf"))), "non_finite_weights"),
     "rank_too_large": ({"r": 16}, "rank_too_large"),
     "dora": ({"use_dora": True}, "unsupported_adapter"),
     "modules_to_save": ({"modules_to_save": ["lm_head"]}, "unsupported_adapter"),
@@ -277,7 +263,7 @@ def test_restart_lists_the_same_adapters_and_loads_them_lazily(make, good, good2
 @pytest.mark.parametrize("corrupt,code", [
     (lambda p: (p / WEIGHTS_FILE).write_bytes((p / WEIGHTS_FILE).read_bytes()[:-100]), "invalid_weights"),
     # still a valid adapter, but not the bytes that were uploaded
-    (lambda p: edit_weights(p, _poison(f"{Q0}.lora_A.weight", 0.5)), "invalid_weights"),
+    (lambda p: edit_weights(p, poison(f"{Q0}.lora_A.weight", 0.5)), "invalid_weights"),
     (lambda p: (p / WEIGHTS_FILE).unlink(), "missing_file"),
 ], ids=["truncated", "other_valid_values", "deleted_file"])
 def test_corrupted_on_disk_fails_and_stays_failed(make, good, monkeypatch, corrupt, code):
