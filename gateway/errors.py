@@ -7,6 +7,7 @@ from __future__ import annotations
 from starlette.responses import JSONResponse
 
 from loragate.adapters.errors import AdapterError, AdapterNotFound
+from loragate.engine.async_engine import EngineDeadError
 from loragate.engine.errors import AdapterNotFoundError, InvalidRequestError
 
 
@@ -41,6 +42,8 @@ def to_api_error(exc: Exception) -> APIError:
         return APIError(413 if exc.code == "too_large" else 422, str(exc), code=exc.code)
     if isinstance(exc, UploadError):
         return APIError(exc.status, str(exc), code=exc.code)
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), "server_error", code="engine_dead")
     return APIError(500, "internal server error", "server_error")
 
 

@@ -32,6 +32,9 @@ class ServerState:
     max_engine_adapters: int = 64
 
     def require_engine(self):
+        if self.engine is not None and self.engine.error is not None:
+            raise APIError(503, f"the engine stopped after an internal error ({self.engine.error}); restart the server",
+                           "server_error", code="engine_dead")
         if self.engine is None:
             if self.load_error:
                 raise APIError(503, f"the model failed to load: {self.load_error}", "server_error", code="not_ready")

@@ -81,3 +81,22 @@ def test_not_ready_is_503_until_the_model_loads(tiny_llama, tmp_path, monkeypatc
         assert httpx.get(s.url + "/readyz").status_code == 200
     finally:
         s.stop()
+
+
+def test_a_dead_engine_is_503_not_a_hang(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
+    s = RunningServer(tiny_llama, None)
+    try:
+        def broken_step():
+            raise RuntimeError("simulated kernel failure")
+
+        monkeypatch.setattr(s.state.engine.engine, "step", broken_step)
+        body = {"model": "tiny", "prompt": "t5 t6", "max_tokens": 5, "stream": True}
+        r = httpx.post(s.url + "/v1/completions", json=body, headers=s.headers(), timeout=10)
+        events = [line for line in r.text.split("\n") if line.startswith("data: ")]
+        assert '"error"' in events[-2] and events[-1] == "data: [DONE]"  # in-band error, then the end
+        r = httpx.post(s.url + "/v1/completions", json={**body, "stream": False}, headers=s.headers(), timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+        assert httpx.get(s.url + "/readyz").status_code == 503
+    finally:
+        s.stop()
