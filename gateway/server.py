@@ -53,6 +53,11 @@ def serve(engine_config, settings: GatewaySettings) -> int:
     if keys.is_open:
         print("loragate: no API keys configured: the server is open and every caller is tenant "
               "'default' (set LORAGATE_API_KEYS or --api-keys-file to require keys)", file=sys.stderr)
+    from loragate.engine.models.prepare import resolve_model
+
+    # Fail now, with one line, for a model that cannot exist; preparing a catalog model
+    # (first run only) happens here too, with its progress on the terminal.
+    resolve_model(engine_config.model)
     state = ServerState(keys=keys, max_waiting=settings.max_waiting_requests)
     app = build_app(state, make_loader(engine_config, settings))
     app.state.settings = settings
