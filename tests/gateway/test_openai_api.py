@@ -135,3 +135,18 @@ def test_sse_ends_with_done(server):
     assert lines[-1] == "data: [DONE]"
     first = json.loads(lines[0][len("data: "):])
     assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_a_refused_prompt_in_a_batch_queues_nothing(server):
+    engine = server.state.engine.engine
+    too_long = " ".join(f"t{3 + i % 500}" for i in range(3000))
+    r = httpx.post(server.url + "/v1/completions", headers=server.headers(), timeout=30,
+                   json={"model": "tiny", "prompt": ["t5 t6", too_long], "max_tokens": 2000, "ignore_eos": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    import time
+
+    for _ in range(100):
+        if not engine.has_unfinished:
+            break
+        time.sleep(0.02)
+    assert not engine.has_unfinished and engine.kv.num_free_blocks == engine.kv.num_blocks
