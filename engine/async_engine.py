@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
 
 from .config import EngineConfig
 from .llm_engine import LLMEngine, RequestOutput
@@ -21,6 +20,45 @@ log = logging.getLogger("loragate.engine")
 
 class EngineDeadError(RuntimeError):
     """The step loop failed; requests in flight cannot complete."""
+
+
+class RequestStream:
+    """Async iterator over one request's outputs. Unless it has seen the final output, it
+    aborts the request when closed, cancelled mid-wait, or garbage-collected — also when it
+    was never iterated at all (an async generator would run no cleanup then)."""
+
+    def __init__(self, engine: "AsyncEngine", request_id: str, queue: asyncio.Queue):
+        self.engine, self.request_id, self._queue = engine, request_id, queue
+        self.done = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.done:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:  # cancelled while waiting
+            self.close()
+            raise
+        if isinstance(item, BaseException):
+            self.done = True
+            raise EngineDeadError(f"engine stopped: {item}") from item
+        self.done = item.finished
+        return item
+
+    def close(self) -> None:
+        if not self.done:
+            self.done = True
+            self.engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not self.done:
+            self.engine.abort(self.request_id)
 
 
 class AsyncEngine:
@@ -54,10 +92,10 @@ class AsyncEngine:
 
     async def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                           request_id: str | None = None, cache_salt: str = "",
-                          adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                          adapter: str | None = None) -> "RequestStream":
         """Validate and queue a request; iterate the result for its outputs. Raises
-        InvalidRequestError at once for bad input. Breaking out of the iteration (or the
-        task being cancelled) aborts the request and frees its KV blocks."""
+        InvalidRequestError at once for bad input. Closing the stream, dropping it, or the
+        iterating task being cancelled aborts the request and frees its KV blocks."""
         if self.error is not None:
             raise EngineDeadError(f"engine stopped: {self.error}")
         queue: asyncio.Queue = asyncio.Queue()
@@ -71,22 +109,7 @@ class AsyncEngine:
             self._streams[req.request_id] = (loop, queue)
             self._inbox.append(("add", req))
             self._wake.notify()
-        return self._stream(req.request_id, queue)
-
-    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise EngineDeadError(f"engine stopped: {item}") from item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
+        return RequestStream(self, req.request_id, queue)
 
     def abort(self, request_id: str) -> None:
         with self._lock:

@@ -57,21 +57,17 @@ async def _start(state, principal, gen, prompts_ids: list[list[int]], model: str
     engine = state.require_engine()
     adapter = await state.resolve_model(principal, model)
     state.check_capacity()
-    choices, streams, request_ids = [], [], []
+    choices, streams = [], []
     label = state.metrics.adapter_label(adapter)
-    base_id = uuid.uuid4().hex
     try:
         for pi, ids in enumerate(prompts_ids):
             state.metrics.prompt_tokens.labels(label).inc(len(ids))
             for ci, params in enumerate(gen.sampling_params(len(ids), engine.engine.max_model_len)):
                 choices.append(Choice(pi * gen.n + ci, pi, len(ids), state.metrics, label))
-                request_ids.append(f"{base_id}-{len(request_ids)}")
-                streams.append(await engine.add_request(ids, params, request_id=request_ids[-1], adapter=adapter))
+                streams.append(await engine.add_request(ids, params, adapter=adapter))
     except BaseException:
-        # A later prompt was refused: the ones already queued must not run on unobserved
-        # (their streams were never started, so closing them would not abort them).
-        for rid in request_ids[:len(streams)]:
-            engine.abort(rid)
+        for stream in streams:  # a later prompt was refused: the queued ones must not run on
+            stream.close()
         raise
     return choices, streams
 

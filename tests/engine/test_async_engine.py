@@ -108,3 +108,25 @@ def test_adapters_added_and_removed_while_streaming(engine, tiny_llama, tmp_path
     assert base_outs[-1].token_ids == plain[-1].token_ids  # the base stream was unaffected
     assert tuned[-1].token_ids != plain[-1].token_ids
     assert engine.engine.lora_pool.num_pinned == 0
+
+
+def test_a_stream_never_iterated_is_aborted_when_closed_or_dropped(engine):
+    import gc
+    import time
+
+    params = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
+
+    async def main():
+        closed = await engine.add_request([5, 6, 7], params)
+        closed.close()
+        dropped = await engine.add_request([8, 9], params)
+        del dropped
+        gc.collect()
+
+    asyncio.run(main())
+    inner = engine.engine
+    for _ in range(100):
+        if not inner.has_unfinished:
+            break
+        time.sleep(0.02)
+    assert not inner.has_unfinished and inner.kv.num_free_blocks == inner.kv.num_blocks
