@@ -65,3 +65,26 @@ def real_model_dir():
     from loragate.engine.models.prepare import DEFAULT_MODEL, resolve_model
 
     return resolve_model(DEFAULT_MODEL, progress=False)
+
+
+def _save_random_lora(base_dir, out_dir, b_std: float, seed: int | None = None, **lora_kwargs):
+    """A LoRA adapter saved by peft itself on `base_dir`, with random non-zero B (peft
+    initialises B to zero, which would make every adapter a no-op). Returns out_dir."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                           LoraConfig(**lora_kwargs))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, b_std)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def save_lora():
+    return _save_random_lora

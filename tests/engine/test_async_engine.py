@@ -76,19 +76,10 @@ def test_bad_request_raises_at_once_and_others_continue(engine):
     assert len(outs[-1].token_ids) == 4
 
 
-def test_adapters_added_and_removed_while_streaming(engine, tiny_llama, tmp_path):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
+def test_adapters_added_and_removed_while_streaming(engine, tiny_llama, tmp_path, save_lora):
     from loragate.engine import AdapterNotFoundError
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 1.0)
-    model.save_pretrained(tmp_path / "ad")
+    save_lora(tiny_llama, tmp_path / "ad", 1.0, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
 
     async def main():

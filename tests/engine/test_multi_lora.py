@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from loragate.engine import EngineConfig, LLMEngine, SamplingParams
@@ -20,25 +20,16 @@ ADAPTERS = [
 ]
 
 
-def make_adapter(base_dir, out_dir, rank, alpha, rslora, targets, layers, seed):
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora, target_modules=targets,
-                     layers_to_transform=layers, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(base, cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5 / rank ** 0.5)  # peft initialises B to zero: make the adapter matter
-    model.save_pretrained(out_dir)
-    return out_dir
+def make_adapters(save_lora, base_dir, root):
+    return {name: save_lora(base_dir, root / name, 0.5 / r ** 0.5, seed=i, r=r, lora_alpha=a, use_rslora=rs,
+                            target_modules=t, layers_to_transform=layers, lora_dropout=0.0, bias="none",
+                            task_type="CAUSAL_LM")
+            for i, (name, r, a, rs, t, layers) in enumerate(ADAPTERS)}
 
 
 @pytest.fixture(scope="module")
-def adapter_dirs(tiny_llama, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    return {name: make_adapter(tiny_llama, root / name, r, a, rs, t, layers, seed=i)
-            for i, (name, r, a, rs, t, layers) in enumerate(ADAPTERS)}
+def adapter_dirs(tiny_llama, tmp_path_factory, save_lora):
+    return make_adapters(save_lora, tiny_llama, tmp_path_factory.mktemp("adapters"))
 
 
 def peft_greedy(base_dir, adapter_dir, prompt, n):
@@ -52,10 +43,8 @@ def peft_greedy(base_dir, adapter_dir, prompt, n):
 
 
 @pytest.fixture(scope="module")
-def real_adapter_dirs(real_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("real-adapters")
-    return {name: make_adapter(real_model_dir, root / name, r, a, rs, t, layers, seed=i)
-            for i, (name, r, a, rs, t, layers) in enumerate(ADAPTERS)}
+def real_adapter_dirs(real_model_dir, tmp_path_factory, save_lora):
+    return make_adapters(save_lora, real_model_dir, tmp_path_factory.mktemp("real-adapters"))
 
 
 def test_mixed_batch_matches_peft_per_adapter(tiny_llama, adapter_dirs):

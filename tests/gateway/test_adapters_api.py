@@ -12,24 +12,16 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from .conftest import RunningServer
 
 
 @pytest.fixture(scope="module")
-def peft_adapter(tiny_llama, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("upload") / "adapter"
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    model.save_pretrained(out)
-    return out
+def peft_adapter(tiny_llama, tmp_path_factory, save_lora) -> Path:
+    return save_lora(tiny_llama, tmp_path_factory.mktemp("upload") / "adapter", 0.3, seed=0, r=8, lora_alpha=16,
+                     target_modules=["q_proj", "v_proj", "down_proj"])
 
 
 def files_of(d: Path) -> list:

@@ -61,18 +61,8 @@ def test_engine_flags_default_from_environment(monkeypatch):
     assert args.max_num_seqs == 3  # a flag beats the environment
 
 
-def test_generate_with_an_adapter_and_bad_adapter_errors(tiny_llama, tmp_path, capsys):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch = pytest.importorskip("torch")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 1.0)
-    model.save_pretrained(tmp_path / "ad")
+def test_generate_with_an_adapter_and_bad_adapter_errors(tiny_llama, tmp_path, capsys, save_lora):
+    save_lora(tiny_llama, tmp_path / "ad", 1.0, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     base = ["generate", "--model", str(tiny_llama), "--dtype", "float32", "--raw", "--quiet",
             "--prompt", "t5 t6 t7", "--max-tokens", "6"]
     assert main(base) == 0
