@@ -30,9 +30,11 @@ class BatchMetadata:
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
     attention: AttentionMetadata
-    # Row of the hidden states whose logits each sampled request needs.
-    logits_indices: torch.Tensor  # [num_sampled] int64
+    # Rows of the hidden states whose logits the sampled requests need, request by request:
+    # one row each, or 1 + k rows for a request verifying k speculative tokens.
+    logits_indices: torch.Tensor  # [sum(num_logits)] int64
     sampled_requests: list[Request]
+    num_logits: list[int]  # per sampled request
     use_native_kernels: bool = True
     lora: LoraBatch | None = None  # None: no request of this step uses an adapter
 
@@ -50,13 +52,17 @@ def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_nativ
     slot_mapping: list[int] = []
     logits_indices: list[int] = []
     sampled: list[Request] = []
+    num_logits: list[int] = []
     short: list[tuple[int, int, int, list[int]]] = []  # (token_start, num_new, context_len, blocks)
     spans: list[PrefillSpan] = []
     for req, num_new in scheduled:
         start = req.num_computed_tokens
         end = start + num_new
         token_start = len(input_ids)
-        input_ids.extend(req.all_token_ids[start:end])
+        tokens = req.all_token_ids
+        if end > len(tokens):  # the step verifies speculative tokens after the newest one
+            tokens = tokens + req.spec_token_ids
+        input_ids.extend(tokens[start:end])
         positions.extend(range(start, end))
         blocks = req.block_ids
         slot_mapping.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, end))
@@ -65,9 +71,11 @@ def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_nativ
         else:
             slots = None if start == 0 else _context_slots(blocks, end, block_size)
             spans.append(PrefillSpan(token_start, token_start + num_new, slots))
-        if end == req.num_tokens:  # the chunk reaches the newest token: sample the next one
-            logits_indices.append(token_start + num_new - 1)
+        if end >= req.num_tokens:  # the chunk reaches the newest token: sample the next one(s)
+            n = end - req.num_tokens + 1
+            logits_indices.extend(range(token_start + num_new - n, token_start + num_new))
             sampled.append(req)
+            num_logits.append(n)
     attention = AttentionMetadata(slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64), block_size=block_size,
                                   prefill_spans=spans, use_native=use_native_kernels)
     if short:
@@ -85,6 +93,7 @@ def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_nativ
         attention=attention,
         logits_indices=torch.tensor(logits_indices, dtype=torch.int64),
         sampled_requests=sampled,
+        num_logits=num_logits,
         use_native_kernels=use_native_kernels,
     )
 

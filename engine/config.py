@@ -11,6 +11,7 @@ import torch
 
 from .errors import ModelConfigError
 
+SPECULATIVE_MODES = ("off", "draft", "ngram")
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
 
@@ -49,6 +50,11 @@ class EngineConfig:
     max_loras: int = 4  # LoRA slots (distinct adapters per step); 0 disables LoRA support
     max_lora_rank: int = 64
     max_cpu_loras: int = 32  # adapters kept in host memory after eviction from a slot
+    speculative: str = "off"  # off | draft (needs draft_model) | ngram (prompt lookup)
+    draft_model: str | None = None  # catalog name or model directory; same tokenizer as the model
+    num_speculative_tokens: int = 4  # most tokens proposed per request and step (adapted per request)
+    ngram_min: int = 2  # n-gram prompt lookup: shortest and longest suffix to match
+    ngram_max: int = 4
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -66,6 +72,14 @@ class EngineConfig:
                 raise ModelConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_lora_rank < 1:
             raise ModelConfigError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if self.speculative not in SPECULATIVE_MODES:
+            raise ModelConfigError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {self.speculative!r}")
+        if self.speculative == "draft" and not self.draft_model:
+            raise ModelConfigError("speculative 'draft' needs a draft model (--draft-model NAME_OR_DIR)")
+        if not 1 <= self.num_speculative_tokens <= 15:
+            raise ModelConfigError(f"num_speculative_tokens must be in 1..15, got {self.num_speculative_tokens}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ModelConfigError(f"n-gram sizes need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
         if self.kv_cache_memory <= 0:
             raise ModelConfigError("kv_cache_memory must be positive")
 

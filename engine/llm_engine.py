@@ -70,6 +70,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.lora_pool)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.lora_pool)
         self.eos_token_ids = _eos_ids(self.tokenizer, hf_config, self.model_dir)
+        from .spec import build_speculator
+
+        self.speculator = build_speculator(config, self)
         self.model_name = config.model if not Path(config.model).is_dir() else self.model_dir.name
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
@@ -173,30 +176,49 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        t0 = time.perf_counter()
         out = self.runner.execute(scheduled)
+        # Cut each request's new tokens at its first stop (speculation may emit several).
+        statuses = [self._cut_at_stop(req, i, out) for i, req in enumerate(out.requests)]
+        proposed = [len(req.spec_token_ids) for req in out.requests]
         self.scheduler.update(scheduled, out)
         self.num_computed_tokens_total += out.num_computed_tokens
-        self.num_generated_tokens_total += len(out.token_ids)
+        self.num_generated_tokens_total += sum(len(t) for t in out.token_ids)
         now = time.monotonic()
         outputs = []
-        for req, token, logprob in zip(out.requests, out.token_ids, out.logprobs):
+        for req, tokens, logprobs, status in zip(out.requests, out.token_ids, out.logprobs, statuses):
             if req.first_token_time is None:
                 req.first_token_time = now
             detok = self._detokenizers[req.request_id]
-            detok.add_tokens([token])
-            status = self._stop_status(req, token, detok)
             if status is not None:
                 self.scheduler.finish(req, status)
                 del self._detokenizers[req.request_id]
             outputs.append(RequestOutput(
                 request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
-                token_ids=req.output_token_ids, new_token_ids=[token], text=detok.text,
+                token_ids=req.output_token_ids, new_token_ids=tokens, text=detok.text,
                 delta_text=detok.take_delta(req.is_finished), finished=req.is_finished,
                 finish_reason=req.finish_reason, stop_reason=req.stop_reason,
-                num_cached_tokens=req.num_cached_tokens, new_logprobs=[logprob] if logprob else []))
+                num_cached_tokens=req.num_cached_tokens, new_logprobs=logprobs or []))
+        if self.speculator is not None:
+            self.speculator.after_step(scheduled, out, proposed, time.perf_counter() - t0)
+            self.speculator.propose(self.scheduler.running)
         return outputs
 
-    def _stop_status(self, req: Request, token: int, detok: IncrementalDetokenizer) -> RequestStatus | None:
+    def _cut_at_stop(self, req: Request, i: int, out) -> RequestStatus | None:
+        detok = self._detokenizers[req.request_id]
+        tokens = out.token_ids[i]
+        for j, token in enumerate(tokens):
+            detok.add_tokens([token])
+            status = self._stop_status(req, token, detok, len(req.output_token_ids) + j + 1)
+            if status is not None:
+                del tokens[j + 1:]
+                if out.logprobs[i] is not None:
+                    del out.logprobs[i][j + 1:]
+                return status
+        return None
+
+    def _stop_status(self, req: Request, token: int, detok: IncrementalDetokenizer,
+                     num_output: int) -> RequestStatus | None:
         p = req.sampling_params
         if token in p.stop_token_ids:
             req.stop_reason = token
@@ -206,7 +228,7 @@ class LLMEngine:
         if detok.matched_stop is not None:
             req.stop_reason = detok.matched_stop
             return RequestStatus.FINISHED_STOPPED
-        if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+        if num_output >= p.max_tokens or req.num_prompt_tokens + num_output >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

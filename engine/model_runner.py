@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from loragate.kernels.sampling import logprobs_of, sample
+from loragate.kernels.spec_sampling import accept_greedy, accept_sampled, sampling_probs
 
 from .batch import BatchMetadata, build_batch
 from .host_memory import zeros_on_huge_pages
@@ -18,10 +19,13 @@ from .request import Request
 
 @dataclass
 class StepOutput:
-    requests: list[Request]  # the requests that got a new token, in order
-    token_ids: list[int]
-    # Per request: (chosen logprob, {token: logprob}) or None when not asked for.
-    logprobs: list[tuple[float, dict[int, float]] | None]
+    requests: list[Request]  # the requests that got new tokens, in order
+    # Per request: the tokens it emits this step (one, or up to 1 + k when verifying k
+    # speculative tokens), how many of its speculative tokens were accepted, and per emitted
+    # token (chosen logprob, {token: logprob}) or None when logprobs were not asked for.
+    token_ids: list[list[int]]
+    num_accepted: list[int]
+    logprobs: list[list[tuple[float, dict[int, float]]] | None]
     num_computed_tokens: int  # tokens run through the model this step
 
 
@@ -46,24 +50,63 @@ class ModelRunner:
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch)
         num_tokens = int(batch.input_ids.shape[0])
         if not batch.sampled_requests:
-            return StepOutput([], [], [], num_tokens)
+            return StepOutput([], [], [], [], num_tokens)
         logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
         return self.sample(batch, logits, num_tokens)
 
     def sample(self, batch: BatchMetadata, logits: torch.Tensor, num_tokens: int) -> StepOutput:
         reqs = batch.sampled_requests
+        if len(logits) == len(reqs):  # no speculative tokens to verify: one batched draw
+            tokens = self._sample_rows(reqs, logits).tolist()
+            emitted = [[t] for t in tokens]
+            starts = list(range(len(reqs)))
+        else:
+            emitted, starts = self._verify(reqs, batch.num_logits, logits)
+        num_accepted = [len(e) - 1 for e in emitted]
+        logprobs = self._logprobs(reqs, logits, emitted, starts)
+        return StepOutput(reqs, emitted, num_accepted, logprobs, num_tokens)
+
+    @staticmethod
+    def _sample_rows(reqs: list[Request], logits: torch.Tensor) -> torch.Tensor:
         params = [r.sampling_params for r in reqs]
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
         top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-        tokens = sample(logits, temperature, top_k, top_p, [r.generator for r in reqs])
-        logprobs: list = [None] * len(reqs)
-        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
-        if wanted:
-            rows = torch.tensor(wanted)
-            num_top = max(params[i].logprobs for i in wanted)
-            chosen, top_vals, top_ids = logprobs_of(logits[rows], tokens[rows], num_top)
-            for j, i in enumerate(wanted):
-                n = params[i].logprobs
-                logprobs[i] = (float(chosen[j]), dict(zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist())))
-        return StepOutput(reqs, tokens.tolist(), logprobs, num_tokens)
+        return sample(logits, temperature, top_k, top_p, [r.generator for r in reqs])
+
+    @staticmethod
+    def _verify(reqs: list[Request], num_logits: list[int], logits: torch.Tensor) -> tuple[list[list[int]], list[int]]:
+        """Accept or reject each request's speculative tokens (see kernels/spec_sampling)."""
+        argmax = logits.max(dim=-1).indices.tolist()
+        emitted, starts, row = [], [], 0
+        for req, n in zip(reqs, num_logits):
+            starts.append(row)
+            draft = req.spec_token_ids[: n - 1]
+            p = req.sampling_params
+            if p.is_greedy:
+                emitted.append(accept_greedy(argmax[row:row + n], draft))
+            else:
+                probs = sampling_probs(logits[row:row + n], p.temperature, p.top_k, p.top_p)
+                q = req.spec_draft_probs[: n - 1] if req.spec_draft_probs is not None else None
+                emitted.append(accept_sampled(probs, draft, q, req.generator))
+            row += n
+        return emitted, starts
+
+    @staticmethod
+    def _logprobs(reqs, logits, emitted, starts) -> list:
+        out: list = [None] * len(reqs)
+        wanted = [i for i, r in enumerate(reqs) if r.sampling_params.logprobs is not None]
+        if not wanted:
+            return out
+        rows = torch.tensor([starts[i] + j for i in wanted for j in range(len(emitted[i]))])
+        chosen_ids = torch.tensor([t for i in wanted for t in emitted[i]])
+        num_top = max(reqs[i].sampling_params.logprobs for i in wanted)
+        chosen, top_vals, top_ids = logprobs_of(logits[rows], chosen_ids, num_top)
+        r = 0
+        for i in wanted:
+            n = reqs[i].sampling_params.logprobs
+            out[i] = []
+            for _ in emitted[i]:
+                out[i].append((float(chosen[r]), dict(zip(top_ids[r, :n].tolist(), top_vals[r, :n].tolist()))))
+                r += 1
+        return out

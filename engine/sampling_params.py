@@ -19,6 +19,8 @@ class SamplingParams:
     ignore_eos: bool = False
     # Number of most likely tokens (besides the chosen one) to report per step; None = off.
     logprobs: int | None = None
+    # Speculative decoding for this request when the engine has it on (False: opt out).
+    speculative: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

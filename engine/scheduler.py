@@ -47,8 +47,14 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            base = req.num_tokens - req.num_computed_tokens
+            num_new = min(base + len(req.spec_token_ids), budget)
+            _trim_spec(req, num_new - base)
             while not self.kv.allocate(req, num_new):
+                if req.spec_token_ids:  # speculate less before taking anyone's blocks
+                    _trim_spec(req, 0)
+                    num_new = min(base, budget)
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True
@@ -98,6 +104,7 @@ class Scheduler:
             req.lora_slot = -1
 
     def _preempt(self, req: Request) -> None:
+        _trim_spec(req, 0)
         self.kv.free(req)
         self._unpin_adapter(req)
         req.num_computed_tokens = 0
@@ -107,13 +114,21 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def update(self, scheduled: list[tuple[Request, int]], output: StepOutput) -> None:
-        """Record what the step computed and the tokens it sampled."""
+        """Record what the step computed and the tokens it emitted. Speculative tokens that
+        were rejected are rolled back: their K/V positions no longer count, and blocks that
+        only held them go back to the free list."""
         for req, num_new in scheduled:
             req.num_computed_tokens += num_new
-        for req, token, logprob in zip(output.requests, output.token_ids, output.logprobs):
-            req.output_token_ids.append(token)
-            if logprob is not None:
-                req.logprobs.append(logprob)
+        for req, tokens, accepted, logprobs in zip(output.requests, output.token_ids, output.num_accepted,
+                                                   output.logprobs):
+            rejected = len(req.spec_token_ids) - accepted
+            if req.spec_token_ids:
+                req.num_computed_tokens -= rejected
+                _trim_spec(req, 0)
+                self.kv.truncate(req, req.num_computed_tokens)
+            req.output_token_ids.extend(tokens)
+            if logprobs is not None:
+                req.logprobs.extend(logprobs)
         for req, _ in scheduled:
             self.kv.cache_full_blocks(req)
 
@@ -132,3 +147,11 @@ class Scheduler:
         self.kv.free(req)
         self._unpin_adapter(req)
         self.requests.pop(req.request_id, None)
+
+
+def _trim_spec(req: Request, keep: int) -> None:
+    """Keep at most `keep` of the request's speculative tokens for this step."""
+    if len(req.spec_token_ids) > keep:
+        del req.spec_token_ids[max(keep, 0):]
+        if req.spec_draft_probs is not None:
+            req.spec_draft_probs = req.spec_draft_probs[:keep] if keep > 0 else None

@@ -1,0 +1,142 @@
+"""Draft-model proposer: a smaller model with the target's tokenizer drafts k tokens for all
+speculating requests in batched forward passes over its own paged KV cache.
+
+Each target request has a shadow request in the draft's cache. Before drafting, the shadow
+is synced with the target's tokens: the draft's K/V stays valid up to the longest common
+prefix of what it computed (including its own drafts) and what the target accepted; the rest
+is rolled back by truncating its block table, and the tokens it has not seen are caught up
+(the whole prompt the first time) in the first draft forward of the step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loragate.kernels.spec_sampling import sampling_probs
+
+from ..batch import build_batch
+from ..errors import ModelConfigError
+from ..kv_cache import KVCacheManager
+from ..model_runner import ModelRunner
+from ..models.loader import load_model
+from ..request import Request
+from ..sampling_params import SamplingParams
+from .proposer import Proposal
+
+
+def check_same_vocabulary(target_tokenizer, draft_tokenizer, target_vocab: int, draft_vocab: int, name: str) -> None:
+    """Speculation compares token ids, so both models must mean the same thing by each id."""
+    if target_vocab != draft_vocab:
+        raise ModelConfigError(f"draft model {name} has a vocabulary of {draft_vocab} tokens, the target "
+                               f"{target_vocab}: speculative decoding needs the same tokenizer")
+    if target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():
+        raise ModelConfigError(f"draft model {name} uses a different tokenizer than the target (token ids "
+                               "differ): speculative decoding needs the same tokenizer")
+
+
+class DraftModelProposer:
+    wants_hidden_states = False
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype, max_model_len: int, num_blocks: int, block_size: int,
+                 max_tokens_per_forward: int):
+        self.model, _ = load_model(model_dir, dtype, max_model_len)
+        self.runner = ModelRunner(self.model, num_blocks, block_size)
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=True)
+        self.block_size = block_size
+        self.max_tokens_per_forward = max_tokens_per_forward
+        self.shadows: dict[str, Request] = {}
+        self._synced: dict[str, int] = {}  # request id -> target length at the last sync
+        # A draft about a third of the target's size costs about a third of a decode step per
+        # drafted token (both are memory-bound at small batches).
+        self.cost_per_token = 0.3
+
+    def forget(self, keep: set[str]) -> None:
+        for rid in [r for r in self.shadows if r not in keep]:
+            self.kv.free(self.shadows.pop(rid))
+            self._synced.pop(rid, None)
+
+    @torch.inference_mode()
+    def propose(self, requests: list[Request], num_tokens: list[int],
+                hidden_states: dict[str, torch.Tensor] | None = None) -> list[Proposal]:
+        drafts: list[list[int]] = [[] for _ in requests]
+        probs: list[list[torch.Tensor]] = [[] for _ in requests]
+        # First forward: catch each shadow up with its target (within the token budget).
+        step: list[tuple[int, Request, int]] = []
+        budget = self.max_tokens_per_forward
+        for i, req in enumerate(requests):
+            shadow = self._sync(req)
+            behind = shadow.num_tokens - shadow.num_computed_tokens
+            if budget <= 0:
+                break
+            num_new = min(behind, budget)
+            if not self.kv.allocate(shadow, num_new):  # draft cache full: this one does not speculate now
+                self.forget(set(self.shadows) - {req.request_id})
+                continue
+            budget -= num_new
+            step.append((i, shadow, num_new))
+        for round_no in range(max(num_tokens, default=0)):
+            if not step:
+                break
+            logits = self._forward(step)
+            nxt = []
+            for (i, shadow, _), row in zip(step, logits):
+                if shadow.num_computed_tokens < shadow.num_tokens:  # still catching up a long prompt
+                    continue
+                token, q = self._draw(requests[i], row)
+                drafts[i].append(token)
+                if q is not None:
+                    probs[i].append(q)
+                shadow.output_token_ids.append(token)
+                if len(drafts[i]) < num_tokens[i] and self.kv.allocate(shadow, 1):
+                    nxt.append((i, shadow, 1))
+            step = nxt
+        return [Proposal(d, torch.stack(p) if p else None) for d, p in zip(drafts, probs)]
+
+    def _sync(self, req: Request) -> Request:
+        target = req.all_token_ids
+        shadow = self.shadows.get(req.request_id)
+        if shadow is None:
+            shadow = Request(req.request_id, list(target), SamplingParams(max_tokens=1))
+            shadow.num_computed_tokens = self.kv.match_prefix(shadow)
+            self.shadows[req.request_id] = shadow
+            self._synced[req.request_id] = len(target)
+            return shadow
+        seen = shadow.all_token_ids
+        valid = self._synced[req.request_id]
+        limit = min(len(seen), len(target), shadow.num_computed_tokens)
+        while valid < limit and seen[valid] == target[valid]:
+            valid += 1
+        valid = min(valid, shadow.num_computed_tokens)
+        self.kv.truncate(shadow, valid)
+        shadow.num_computed_tokens = valid
+        shadow.prompt_token_ids = list(target)
+        shadow.output_token_ids = []
+        self._synced[req.request_id] = len(target)
+        return shadow
+
+    def _forward(self, step: list[tuple[int, Request, int]]) -> torch.Tensor:
+        """One draft forward; returns the logits at each shadow's newest computed position."""
+        scheduled = [(shadow, n) for _, shadow, n in step]
+        batch = build_batch(scheduled, self.block_size)
+        hidden = self.model(batch.input_ids, batch.positions, self.runner.kv_caches, batch)
+        ends, pos = [], 0
+        for _, n in scheduled:
+            pos += n
+            ends.append(pos - 1)
+        for shadow, n in scheduled:
+            shadow.num_computed_tokens += n
+            # Only blocks of verified tokens enter the prefix cache: a block holding drafts
+            # may be partly rolled back and rewritten, which must never touch a shared block.
+            if shadow.num_computed_tokens <= shadow.num_prompt_tokens:
+                self.kv.cache_full_blocks(shadow)
+        return self.model.compute_logits(hidden.index_select(0, torch.tensor(ends)))
+
+    @staticmethod
+    def _draw(req: Request, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        p = req.sampling_params
+        if p.is_greedy:
+            return int(logits.argmax()), None
+        q = sampling_probs(logits.unsqueeze(0), p.temperature, p.top_k, p.top_p)[0]
+        return int(torch.multinomial(q, 1, generator=req.generator)), q

@@ -1,0 +1,119 @@
+"""The Speculator: after each engine step it asks the proposer for tokens for the running
+decode requests (how many: SpecController), and after the next step it learns from what the
+target accepted. It also keeps the counters the gateway exports as metrics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ..errors import ModelConfigError
+from ..request import Request
+from .controller import SpecController
+from .proposer import Proposer
+
+
+@dataclass
+class SpecStats:
+    num_proposed: int = 0  # speculative tokens verified by the target
+    num_accepted: int = 0
+    num_verify_steps: int = 0  # request-steps that verified at least one proposed token
+    num_emitted: int = 0  # tokens those request-steps emitted (accepted + the target's own)
+    num_speculative_steps: int = 0  # engine steps decoded speculatively vs plainly
+    num_plain_steps: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted / self.num_proposed if self.num_proposed else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verification step of a request (1 = nothing accepted)."""
+        return self.num_emitted / self.num_verify_steps if self.num_verify_steps else 0.0
+
+
+class Speculator:
+    def __init__(self, proposer: Proposer, max_k: int, max_model_len: int):
+        self.proposer = proposer
+        self.controller = SpecController(max_k)
+        self.max_model_len = max_model_len
+        self.stats = SpecStats()
+        # What the last propose() decided, for the step that verifies it.
+        self._pending = (0, False, 0.0)  # (decode batch size, speculative, seconds spent proposing)
+
+    def propose(self, running: list[Request]) -> None:
+        t0 = time.perf_counter()
+        self.proposer.forget({r.request_id for r in running})
+        decode = [r for r in running if r.num_computed_tokens == r.num_tokens - 1]
+        speculative = bool(decode) and self.controller.use_speculation(len(decode))
+        if speculative:
+            reqs, ks = [], []
+            for r in decode:
+                k = self._num_tokens(r)
+                if k > 0:
+                    reqs.append(r)
+                    ks.append(k)
+            hidden = None  # no proposer here drafts from the target's features yet
+            for r, proposal in zip(reqs, self.proposer.propose(reqs, ks, hidden)):
+                r.spec_token_ids = proposal.token_ids
+                r.spec_draft_probs = proposal.probs
+        self._pending = (len(decode), speculative, time.perf_counter() - t0)
+
+    def _num_tokens(self, r: Request) -> int:
+        if not r.sampling_params.speculative:
+            return 0
+        k = self.controller.num_tokens_for(r, self.proposer.cost_per_token)
+        # Never propose past max_tokens or the context: those tokens could not be kept.
+        return min(k, r.sampling_params.max_tokens - len(r.output_token_ids) - 1, self.max_model_len - r.num_tokens)
+
+    def after_step(self, scheduled, out, proposed: list[int], seconds: float) -> None:
+        """proposed: per out.requests, how many speculative tokens the step verified."""
+        s = self.stats
+        emitted = 0
+        for req, p, accepted in zip(out.requests, proposed, out.num_accepted):
+            emitted += accepted + 1
+            if p:
+                s.num_proposed += p
+                s.num_accepted += accepted
+                s.num_verify_steps += 1
+                s.num_emitted += accepted + 1
+                self.controller.record_acceptance(req, p, accepted)
+        batch_size, speculative, propose_seconds = self._pending
+        if speculative:
+            s.num_speculative_steps += 1
+        else:
+            s.num_plain_steps += 1
+        pure_decode = (len(scheduled) == len(out.requests) == batch_size
+                       and out.num_computed_tokens == batch_size + sum(proposed))
+        if pure_decode:
+            self.controller.record_step(batch_size, speculative, emitted, seconds + propose_seconds)
+
+
+def build_speculator(config, engine) -> Speculator | None:
+    """The speculator EngineConfig asks for, checked against the target; None when off."""
+    if config.speculative == "off":
+        return None
+    if config.speculative == "ngram":
+        from .ngram import NgramProposer
+
+        proposer = NgramProposer(config.ngram_min, config.ngram_max)
+    else:
+        proposer = _draft_proposer(config, engine)
+    return Speculator(proposer, config.num_speculative_tokens, engine.max_model_len)
+
+
+def _draft_proposer(config, engine):
+    from ..llm_engine import _load_tokenizer
+    from ..models.loader import load_hf_config
+    from ..models.prepare import resolve_model
+    from .draft import DraftModelProposer, check_same_vocabulary
+
+    draft_dir = resolve_model(config.draft_model)
+    draft_config = load_hf_config(draft_dir)
+    check_same_vocabulary(engine.tokenizer, _load_tokenizer(draft_dir), engine.model.config.vocab_size,
+                          draft_config.vocab_size, config.draft_model)
+    if draft_config.max_position_embeddings < engine.max_model_len:
+        raise ModelConfigError(f"draft model {config.draft_model} handles {draft_config.max_position_embeddings} "
+                               f"positions, fewer than max_model_len {engine.max_model_len}: lower --max-model-len")
+    return DraftModelProposer(draft_dir, config.torch_dtype, engine.max_model_len, engine.kv.num_blocks,
+                              config.block_size, config.max_num_batched_tokens)
