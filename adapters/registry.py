@@ -6,6 +6,13 @@ from the store reading only each adapter_config.json; weights are read on first 
 LOADING) and checked against the sha256 recorded at upload, so bytes that changed on disk are
 refused (FAILED) rather than served. Tenants see only their own adapters: another tenant's
 answers AdapterNotFound, exactly as if it did not exist.
+
+Several servers may share one store (S3). A name this index lacks is looked up in the store
+(get/weights), and what the index holds is re-checked against the store at most every
+`refresh_interval` seconds (per adapter on get/weights, per tenant on list), so uploads, new
+versions and deletes made through another server are seen; listeners hear of them as of
+local ones. A store whose bytes are remote offers describe() (metadata only) and read_file()
+(one small file), so indexing never downloads weights; its get() makes a version local.
 """
 
 from __future__ import annotations
@@ -14,14 +21,15 @@ import enum
 import hashlib
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import LoraConfig
 from .errors import AdapterError, AdapterNotFound
 from .loader import CONFIG_FILE, DEFAULT_MAX_ADAPTER_BYTES, WEIGHTS_FILE, LoraWeights, load_adapter
+from .registry_sync import StoreSync
 from .store import AdapterStore, StoredAdapter, check_name
 
 __all__ = ["AdapterInfo", "AdapterRegistry", "AdapterState"]
@@ -70,12 +78,14 @@ class _Entry:
                  error: AdapterError | None = None):
         self.info, self.stored, self.weights, self.error = info, stored, weights, error
         self.load_lock = threading.Lock()  # one reader of the files; other callers wait for it
+        self.created_at = self.checked_at = time.monotonic()  # checked: last compared with the store
 
 
-class AdapterRegistry:
+class AdapterRegistry(StoreSync):
     def __init__(self, store: AdapterStore, arch, max_lora_rank: int, *, base_model_name: str | None = None,
                  strict_base_model: bool = False, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
-                 on_change: Listener | None = None, max_cached_weights: int = 64):
+                 on_change: Listener | None = None, max_cached_weights: int = 64,
+                 refresh_interval: float | None = 2.0):
         self.store, self.arch, self.max_lora_rank = store, arch, max_lora_rank
         self.base_model_name, self.strict_base_model = base_model_name, strict_base_model
         self._load_kwargs = dict(base_model_name=base_model_name, strict_base_model=strict_base_model,
@@ -85,8 +95,13 @@ class AdapterRegistry:
         # Held across store write + index update + notification, so a delete cannot interleave
         # with a register of the same name and listeners see one adapter's changes in order.
         self._write_locks = [threading.RLock() for _ in range(_STRIPES)]
-        self._entries: dict[tuple[str, str], _Entry] = {(s.tenant, s.name): self._from_store(s)
-                                                      for s in store.list_all()}
+        self._init_sync(refresh_interval)
+        self._entries: dict[tuple[str, str], _Entry] = {}
+        for stored in store.list_all():
+            try:
+                self._entries[(stored.tenant, stored.name)] = self._from_store(stored)
+            except AdapterNotFound:  # deleted through another server since the listing
+                continue
         # Weights held in memory, least recently used first: a tenant with thousands of
         # adapters must not keep them all in RAM; an evicted one is read from disk again.
         self._cached: OrderedDict[tuple[str, str], None] = OrderedDict()
@@ -114,28 +129,34 @@ class AdapterRegistry:
 
     def delete(self, tenant: str, name: str) -> None:
         with self._write_lock(tenant, name):
-            self.get(tenant, name)  # AdapterNotFound before the store sees another tenant's name
-            self.store.delete(tenant, name)
-            with self._lock:
-                self._entries.pop((tenant, name), None)
-            self._notify(None, f"{tenant}/{name}")
+            version = self.get(tenant, name).version  # AdapterNotFound before the store sees another tenant's name
+            try:
+                self.store.delete(tenant, name)
+            except AdapterNotFound:  # already deleted through another server: forget it too
+                self._forget(tenant, name, version)
+                raise
+            self._forget(tenant, name, version)
 
     # -- reads -----------------------------------------------------------------------------
 
     def get(self, tenant: str, name: str) -> AdapterInfo:
+        self._sync(tenant, name)
         with self._lock:
             return self._entry(tenant, name).info
 
     def list(self, tenant: str) -> list[AdapterInfo]:
+        self._sync_listing(tenant)
         with self._lock:
             return sorted((e.info for (t, _), e in self._entries.items() if t == tenant), key=lambda i: i.name)
 
     def list_all(self) -> list[AdapterInfo]:
+        self._sync_listing(None)
         with self._lock:
             return sorted((e.info for e in self._entries.values()), key=lambda i: (i.tenant, i.name))
 
     def weights(self, tenant: str, name: str) -> tuple[AdapterInfo, LoraWeights]:
         """The latest version's info and weights, read from the store on first use."""
+        self._sync(tenant, name)
         with self._lock:
             entry = self._entry(tenant, name)
             if entry.weights is not None:
@@ -149,8 +170,13 @@ class AdapterRegistry:
                     raise AdapterError(entry.error.code, entry.error.message)
                 entry.info = replace(entry.info, state=AdapterState.LOADING)
             try:
-                _check_sha256(entry.stored)
-                weights = load_adapter(entry.stored.path, self.arch, self.max_lora_rank, **self._load_kwargs)
+                stored = self.store.get(tenant, name, entry.info.version)  # a remote store downloads it (once)
+                _check_sha256(stored)
+                weights = load_adapter(stored.path, self.arch, self.max_lora_rank, **self._load_kwargs)
+            except AdapterNotFound:  # deleted through another server: the next call asks the store
+                with self._lock:
+                    entry.info, entry.checked_at = replace(entry.info, state=AdapterState.READY), float("-inf")
+                raise AdapterNotFound(f"adapter {name!r} does not exist") from None
             except AdapterError as e:
                 err = AdapterError(e.code, f"stored adapter {entry.info.key} no longer loads: {e.message}")
                 with self._lock:
@@ -196,7 +222,7 @@ class AdapterRegistry:
         server's settings, which may have changed since it was uploaded."""
         rank, modules, error = 0, set(), None
         try:
-            config = LoraConfig.from_file(stored.path / CONFIG_FILE)
+            config = self._read_config(stored)
             rank = config.r
             config.check_base_model(self.base_model_name, self.strict_base_model)
             config.check_rank(self.max_lora_rank)

@@ -10,6 +10,7 @@ One process writes a root (the lock is a threading.Lock); start-up clears crash 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ _TMP, _TRASH, _SEQ = ".tmp", ".trash", ".seq"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _VERSION_DIR = re.compile(r"v([1-9][0-9]{0,8})")
 _CHUNK = 1 << 20
+LEFTOVER_AGE_S = 3600
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,16 @@ class LocalAdapterStore:
         self.max_total_bytes = max_total_bytes
         self._lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
-        for leftover in (_TMP, _TRASH):  # half-written puts and half-removed deletes of a crashed run
-            shutil.rmtree(self.root / leftover, ignore_errors=True)
         for d in (_TMP, _TRASH, _SEQ):
             (self.root / d).mkdir(exist_ok=True)
+        # Half-written puts and half-removed deletes of a crashed run. Only old ones: engines
+        # of a fleet may share this root, and a fresh entry may be another one's upload.
+        cutoff = time.time() - LEFTOVER_AGE_S
+        for d in (_TMP, _TRASH):
+            for entry in (self.root / d).iterdir():
+                with contextlib.suppress(OSError):
+                    if entry.lstat().st_mtime < cutoff:
+                        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
     # -- writes ----------------------------------------------------------------------------
 

@@ -44,6 +44,10 @@ def to_api_error(exc: Exception) -> APIError:
         return APIError(exc.status, str(exc), code=exc.code)
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc), "server_error", code="engine_dead")
+    from loragate.adapters.s3_client import StoreUnavailableError  # boto3 itself stays unimported
+
+    if isinstance(exc, StoreUnavailableError):
+        return APIError(503, str(exc), "server_error", code="store_unavailable", headers={"Retry-After": "5"})
     return APIError(500, "internal server error", "server_error")
 
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -80,10 +81,15 @@ def test_survives_restart_and_cleans_crash_leftovers(tmp_path):
     (root / ".tmp" / "put-crashed").mkdir()  # a put that died before its rename
     (root / ".tmp" / "put-crashed" / "adapter_model.safetensors").write_bytes(b"half")
     (root / ".trash" / "deleted").mkdir()
+    (root / ".tmp" / "put-in-progress").mkdir()  # another engine's upload on a shared root
+    old = time.time() - store_mod.LEFTOVER_AGE_S - 10
+    for leftover in (root / ".tmp" / "put-crashed", root / ".trash" / "deleted"):
+        os.utime(leftover, (old, old))
     s2 = LocalAdapterStore(root)
     assert s2.list_all() == [a, b]
     assert s2.get("t2", "b") == b
-    assert list((root / ".tmp").iterdir()) == [] and list((root / ".trash").iterdir()) == []
+    assert [p.name for p in (root / ".tmp").iterdir()] == ["put-in-progress"]
+    assert list((root / ".trash").iterdir()) == []
 
 
 @pytest.mark.parametrize("where", ["copy", "rename"])
