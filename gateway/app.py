@@ -57,6 +57,9 @@ def build_app(state: ServerState, load=None) -> Starlette:
     """`load()` (run in a thread at start-up) sets state.engine and state.registry; tests may
     instead fill the state and pass none."""
     from .adapters_api import routes as adapter_routes
+    from .batch_runner import batch_service
+    from .batches_api import routes as batch_routes
+    from .files_api import routes as file_routes
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -70,7 +73,9 @@ def build_app(state: ServerState, load=None) -> Starlette:
                     state.load_error = str(e)
             thread = threading.Thread(target=run, name="loragate-load", daemon=True)
             thread.start()
-        yield
+        # The batch runner waits for the engine itself, and stops before it.
+        async with batch_service(app, state):
+            yield
         if state.engine is not None:
             await asyncio.to_thread(state.engine.shutdown)
 
@@ -82,6 +87,8 @@ def build_app(state: ServerState, load=None) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         *adapter_routes,
+        *file_routes,
+        *batch_routes,
     ]
     from .metrics import Metrics, RequestCounter
 

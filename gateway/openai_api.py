@@ -2,7 +2,8 @@
 
 Every choice is one engine request. Streams are SSE `data: {json}` chunks ending in
 `data: [DONE]`; an error mid-stream is a `data: {"error": ...}` event before [DONE]. A client
-that goes away (streaming or not) cancels its requests, which frees their KV blocks."""
+that goes away (streaming or not) cancels its requests, which frees their KV blocks.
+`complete()` is the non-streaming path without HTTP: the batch runner answers lines with it."""
 
 from __future__ import annotations
 
@@ -118,12 +119,9 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-async def _generate(request: Request, *, chat: bool):
-    state = request.app.state.server
-    principal = principal_of(request)
+async def _submit(state, principal, body: dict, gen, *, chat: bool):
+    """Tokenise the request's prompts and queue one engine request per choice."""
     engine = state.require_engine()
-    body = await json_body(request)
-    gen = parse_common(body, chat=chat)
     tok = engine.tokenizer
     if chat:
         if not getattr(tok, "chat_template", None):
@@ -133,6 +131,49 @@ async def _generate(request: Request, *, chat: bool):
     else:
         prompts = [engine.engine.tokenize(p) for p in completion_prompts(body)]
     choices, streams = await _start(state, principal, gen, prompts, gen.model)
+    return prompts, choices, streams
+
+
+async def _collect(state, principal, body: dict, gen, *, chat: bool) -> dict:
+    prompts, choices, streams = await _submit(state, principal, body, gen, chat=chat)
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    kind = "chat.completion" if chat else "text_completion"
+    tok = state.engine.tokenizer
+    async for i, out in _pump(streams):
+        choices[i].add(out)
+    out_choices = []
+    for c in choices:
+        logprobs = None
+        if gen.logprobs is not None:
+            logprobs = chat_logprobs(tok, c.logprobs) if chat else completion_logprobs(tok, c.logprobs, 0)
+        body_choice = ({"index": c.index, "message": {"role": "assistant", "content": c.text}} if chat
+                       else {"index": c.index, "text": c.text})
+        out_choices.append(dict(body_choice, logprobs=logprobs, finish_reason=c.finish_reason))
+    return {"id": rid, "object": kind, "created": created, "model": gen.model, "choices": out_choices,
+            "usage": usage(sum(len(p) for p in prompts), sum(len(c.tokens) for c in choices))}
+
+
+async def complete(state, principal, body: dict, *, chat: bool) -> dict:
+    """The body POST /v1/chat/completions (chat) or /v1/completions answers with status 200
+    for this request body, run as `principal`; errors raise exactly as the handler raises
+    them. The batch runner calls it, so a batch line gets what the interactive call gets."""
+    gen = parse_common(body, chat=chat)
+    if gen.stream:
+        raise APIError(400, "'stream' is not supported here: the whole response is returned at once", param="stream")
+    return await _collect(state, principal, body, gen, chat=chat)
+
+
+async def _generate(request: Request, *, chat: bool):
+    state = request.app.state.server
+    principal = principal_of(request)
+    state.require_engine()
+    body = await json_body(request)
+    gen = parse_common(body, chat=chat)
+    if not gen.stream:
+        return JSONResponse(await _until_disconnect(request, _collect(state, principal, body, gen, chat=chat)))
+    prompts, choices, streams = await _submit(state, principal, body, gen, chat=chat)
+    tok = state.engine.tokenizer
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     kind = "chat.completion" if chat else "text_completion"
@@ -150,42 +191,25 @@ async def _generate(request: Request, *, chat: bool):
         return {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created, "model": gen.model,
                 "choices": [choice]}
 
-    if gen.stream:
-        async def events():
-            started = set()
-            try:
-                async for i, out in _pump(streams):
-                    c = choices[i]
-                    new = c.add(out)
-                    if out.delta_text or out.finished or new or i not in started:
-                        yield _sse(chunk(c, out.delta_text, new, i not in started))
-                        started.add(i)
-                if gen.include_usage:
-                    yield _sse({"id": rid, "object": kind + (".chunk" if chat else ""), "created": created,
-                                "model": gen.model, "choices": [],
-                                "usage": usage(prompt_tokens, sum(len(c.tokens) for c in choices))})
-            except Exception as e:  # noqa: BLE001 - the status line is gone: report in-band
-                yield _sse(to_api_error(e).body())
-            yield "data: [DONE]\n\n"
+    async def events():
+        started = set()
+        try:
+            async for i, out in _pump(streams):
+                c = choices[i]
+                new = c.add(out)
+                if out.delta_text or out.finished or new or i not in started:
+                    yield _sse(chunk(c, out.delta_text, new, i not in started))
+                    started.add(i)
+            if gen.include_usage:
+                yield _sse({"id": rid, "object": kind + (".chunk" if chat else ""), "created": created,
+                            "model": gen.model, "choices": [],
+                            "usage": usage(prompt_tokens, sum(len(c.tokens) for c in choices))})
+        except Exception as e:  # noqa: BLE001 - the status line is gone: report in-band
+            yield _sse(to_api_error(e).body())
+        yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def collect():
-        async for i, out in _pump(streams):
-            choices[i].add(out)
-
-    await _until_disconnect(request, collect())
-    out_choices = []
-    for c in choices:
-        logprobs = None
-        if gen.logprobs is not None:
-            logprobs = chat_logprobs(tok, c.logprobs) if chat else completion_logprobs(tok, c.logprobs, 0)
-        body_choice = ({"index": c.index, "message": {"role": "assistant", "content": c.text}} if chat
-                       else {"index": c.index, "text": c.text})
-        out_choices.append(dict(body_choice, logprobs=logprobs, finish_reason=c.finish_reason))
-    return JSONResponse({"id": rid, "object": kind, "created": created, "model": gen.model, "choices": out_choices,
-                         "usage": usage(prompt_tokens, sum(len(c.tokens) for c in choices))})
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def completions(request: Request):
