@@ -13,12 +13,29 @@ from .state import ServerState
 log = logging.getLogger("loragate.gateway")
 
 
+def make_adapter_store(settings: GatewaySettings):
+    """The configured adapter store, built (an S3 bucket probed) before the server starts, so a
+    wrong bucket or missing credentials is one line at start-up rather than a 503 later."""
+    from loragate.adapters.s3_client import StoreUnavailableError
+    from loragate.adapters.store_factory import make_adapter_store as make_store
+    from loragate.engine.errors import ModelConfigError
+    from loragate.engine.models.prepare import loragate_home
+
+    try:
+        return make_store(settings.adapter_store, loragate_home(), s3_bucket=settings.s3_bucket,
+                          s3_prefix=settings.s3_prefix, s3_endpoint_url=settings.s3_endpoint_url,
+                          cache_max_bytes=settings.adapter_cache_size)
+    except StoreUnavailableError as e:
+        raise ModelConfigError(f"adapter store: {e}") from None
+
+
 def make_loader(engine_config, settings: GatewaySettings):
+    store = make_adapter_store(settings) if engine_config.max_loras > 0 else None
+
     def load(state: ServerState) -> None:
         from loragate.adapters.registry import AdapterRegistry
-        from loragate.adapters.store import LocalAdapterStore
         from loragate.engine import AsyncEngine
-        from loragate.engine.models.prepare import CATALOG, loragate_home
+        from loragate.engine.models.prepare import CATALOG
 
         engine = AsyncEngine(engine_config)
         inner = engine.engine
@@ -26,11 +43,11 @@ def make_loader(engine_config, settings: GatewaySettings):
         name = settings.served_model_name or inner.model_name
         state.model_name = name
         state.base_names = {name, inner.model_name} | ({entry.hf_id} if entry else set())
-        if inner.lora_pool is not None:
-            registry = AdapterRegistry(LocalAdapterStore(loragate_home() / "adapters"), inner.model.config,
-                                       engine_config.max_lora_rank,
+        if inner.lora_pool is not None and store is not None:
+            registry = AdapterRegistry(store, inner.model.config, engine_config.max_lora_rank,
                                        base_model_name=entry.hf_id if entry else None,
-                                       strict_base_model=settings.strict_base_model)
+                                       strict_base_model=settings.strict_base_model,
+                                       refresh_interval=settings.adapter_refresh_interval)
             registry.listeners.append(state.on_adapter_change)
             state.registry = registry
         state.engine = engine  # last: from here on the server is ready
@@ -39,12 +56,29 @@ def make_loader(engine_config, settings: GatewaySettings):
     return load
 
 
+def serve_router(settings: GatewaySettings) -> int:
+    """role=router: no model, no keys (engines authenticate); see gateway/router.py."""
+    import uvicorn
+
+    from .router import build_router_app
+
+    app = build_router_app(settings)
+    engines = ", ".join(filter(None, [settings.engine_urls, settings.engine_dns and f"dns {settings.engine_dns}"]))
+    print(f"loragate: routing on http://{settings.host}:{settings.port} to engines: {engines} "
+          f"(policy {settings.route_policy}; /readyz is 200 once one engine is ready)", file=sys.stderr)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=os.environ.get("LORAGATE_LOG_LEVEL", "warning"))
+    return 0
+
+
 def serve(engine_config, settings: GatewaySettings) -> int:
     import uvicorn
 
     from .app import build_app
 
     from loragate.engine.errors import ModelConfigError
+
+    if settings.role == "router":  # no model to resolve or load
+        return serve_router(settings)
 
     try:
         keys = KeyStore.from_sources(settings.api_keys_file, settings.api_keys, settings.admin_key)

@@ -3,10 +3,14 @@ construction and settable from `loragate serve` flags and LORAGATE_* variables."
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from loragate.engine.config import parse_bytes
 from loragate.engine.errors import ModelConfigError
+
+ROLES = ("all", "engine", "router")
+ROUTE_POLICIES = ("affinity", "round_robin")
 
 
 @dataclass
@@ -20,6 +24,30 @@ class GatewaySettings:
     max_upload_size: int | str = "2GiB"
     served_model_name: str | None = None  # the name clients use for the base model
     strict_base_model: bool = False  # refuse adapters whose base_model_name_or_path differs
+    # Adapter store: "local" (LORAGATE_HOME/adapters) or "s3", a bucket every engine shares,
+    # read through a bounded local cache (LORAGATE_HOME/adapter-cache); adapters/s3_store.py.
+    adapter_store: str = "local"
+    s3_bucket: str | None = None
+    s3_prefix: str = "loragate/adapters"
+    s3_endpoint_url: str | None = None  # None: AWS; else an S3-compatible service, e.g. http://minio:9000
+    adapter_cache_size: int | str = "20GiB"  # s3: least recently used versions leave the cache beyond this
+    adapter_refresh_interval: float = 2.0  # seconds between checks for adapters changed by other servers
+    # Batch API: engine requests that batch lines may have in flight at once, and the most
+    # lines one input file may hold.
+    batch_max_concurrency: int = 4
+    batch_max_lines: int = 50_000
+    # Roles: "all" (one process), "engine" (the same server, behind a router), "router" (no
+    # model: proxies to engines by adapter affinity, see gateway/router.py).
+    role: str = "all"
+    engine_urls: str | None = None  # router: "http://10.0.0.5:8000,http://10.0.0.6:8000"
+    engine_dns: str | None = None  # router: "name:port"; every address it resolves to is an engine
+    discovery_interval: float = 10.0  # router: seconds between DNS re-resolutions
+    health_interval: float = 2.0  # router: seconds between /readyz checks of each engine
+    # router: most requests open on one engine; beyond it, its adapters spill to their next
+    # engine. The engine's max_num_seqs default: requests beyond it would only queue there.
+    max_engine_load: int = 32
+    route_policy: str = "affinity"  # router: affinity | round_robin (a baseline for bench/router.py)
+    engine_timeout: float = 600.0  # router: seconds to wait for an engine's next response bytes
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -27,3 +55,41 @@ class GatewaySettings:
         if self.max_waiting_requests < 1:
             raise ModelConfigError("max_waiting_requests must be >= 1")
         self.max_upload_size = parse_bytes(self.max_upload_size, "max_upload_size")
+        for name in ("batch_max_concurrency", "batch_max_lines"):
+            if getattr(self, name) < 1:
+                raise ModelConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._check_router_settings()
+        self._check_adapter_store_settings()
+
+    def _check_adapter_store_settings(self) -> None:
+        if self.adapter_store not in ("local", "s3"):
+            raise ModelConfigError(f"adapter_store must be local or s3, got {self.adapter_store!r}")
+        if self.adapter_store == "s3" and not self.s3_bucket:
+            raise ModelConfigError("adapter_store s3 needs a bucket: set --s3-bucket (LORAGATE_S3_BUCKET)")
+        prefix = self.s3_prefix.strip("/")
+        if prefix and not re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*", prefix) or \
+                any(part in (".", "..") for part in prefix.split("/")):
+            raise ModelConfigError(f"s3_prefix {self.s3_prefix!r} is not allowed: use letters, digits, '.', '_', "
+                                   "'-' and '/' between non-empty parts other than '.' and '..'")
+        if self.s3_endpoint_url and not re.fullmatch(r"https?://[^\s/]+/?", self.s3_endpoint_url):
+            raise ModelConfigError(f"s3_endpoint_url must look like http(s)://host[:port], got {self.s3_endpoint_url!r}")
+        self.adapter_cache_size = parse_bytes(self.adapter_cache_size, "adapter_cache_size")
+        if not self.adapter_refresh_interval > 0:
+            raise ModelConfigError(f"adapter_refresh_interval must be > 0 seconds, got {self.adapter_refresh_interval}")
+
+    def _check_router_settings(self) -> None:
+        from .discovery import parse_dns_target, parse_engine_urls
+
+        if self.role not in ROLES:
+            raise ModelConfigError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if self.route_policy not in ROUTE_POLICIES:
+            raise ModelConfigError(f"route_policy must be one of {', '.join(ROUTE_POLICIES)}, got {self.route_policy!r}")
+        parse_engine_urls(self.engine_urls)
+        parse_dns_target(self.engine_dns)
+        if self.role == "router" and not (self.engine_urls or self.engine_dns):
+            raise ModelConfigError("role 'router' needs engines: set --engine-urls and/or --engine-dns")
+        for name in ("discovery_interval", "health_interval", "engine_timeout"):
+            if not getattr(self, name) > 0:
+                raise ModelConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.max_engine_load < 1:
+            raise ModelConfigError(f"max_engine_load must be >= 1, got {self.max_engine_load}")

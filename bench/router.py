@@ -1,0 +1,195 @@
+"""Adapter-affinity routing vs round-robin over two engine replicas, side by side in one run.
+
+    python bench/router.py [--requests 256] [--clients 32] [--max-tokens 32] [--zipf 1.0]
+
+Two `loragate serve --role engine` replicas (SmolLM2-135M-Instruct bf16, --max-loras 4 and
+--num-threads 1 each) share one LORAGATE_HOME, so one adapter store; 16 rank-16 peft adapters
+with random B (q,k,v,o) are uploaded through a `--role router`. Then the same request mix
+(adapter popularity Zipf(s) over the 16, seeded; greedy, ignore_eos, --max-tokens each; N
+closed-loop clients) runs through the router twice: --route-policy round_robin, then
+affinity, each on freshly started engines so neither inherits warm slots. Prints output
+tok/s for both and the ratio (target >= 1.3x), and adapter loads per replica (slot loads:
+each engine's loragate_adapter_pool_misses) for both and the ratio (target >= 3x fewer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from multi_lora import TARGETS, make_adapters  # noqa: E402
+
+from loragate.engine.models.prepare import DEFAULT_MODEL, resolve_model  # noqa: E402
+
+KEY = "bench-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "loragate.gateway.cli", "serve", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_ready(url: str, procs, engines: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise SystemExit("a server process exited during start-up (run it by hand to see why)")
+        try:
+            if len(httpx.get(url + "/readyz", timeout=2).json().get("engines", [])) == engines:
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.3)
+    raise SystemExit("the fleet did not become ready")
+
+
+def pool_misses(url: str) -> int:
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("loragate_adapter_pool_misses "):
+            return int(float(line.split()[1]))
+    raise SystemExit(f"{url}/metrics has no loragate_adapter_pool_misses")
+
+
+def router_counter(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+class Fleet:
+    """Two engines and a router with one routing policy; stopped on exit."""
+
+    def __init__(self, args, model_dir: Path, env: dict, policy: str):
+        self.engine_urls, self.procs = [], []
+        for _ in range(2):
+            port = free_port()
+            self.engine_urls.append(f"http://127.0.0.1:{port}")
+            self.procs.append(serve(["--role", "engine", "--model", str(model_dir), "--dtype", args.dtype,
+                                     "--max-loras", "4", "--num-threads", "1", "--port", str(port),
+                                     "--max-num-seqs", str(args.clients)], env))
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        max_load = math.ceil(args.clients * 2 / 3)  # room for popularity skew before spilling
+        self.procs.append(serve(["--role", "router", "--engine-urls", ",".join(self.engine_urls), "--port", str(port),
+                                 "--route-policy", policy, "--max-engine-load", str(max_load),
+                                 "--health-interval", "1"], env))
+        try:
+            wait_ready(self.url, self.procs, 2)
+        except BaseException:
+            self.__exit__()  # no orphaned servers when start-up fails
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+async def run_mix(url: str, jobs, clients: int, max_tokens: int) -> tuple[int, float]:
+    queue = list(reversed(jobs))
+    tokens = 0
+
+    async def client_loop(h):
+        nonlocal tokens
+        while queue:
+            prompt, model = queue.pop()
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+            r = await h.post(url + "/v1/completions", json=body, headers=AUTH)
+            if r.status_code != 200:
+                raise SystemExit(f"request for {model!r} answered {r.status_code}: {r.text}")
+            tokens += r.json()["usage"]["completion_tokens"]
+
+    async with httpx.AsyncClient(timeout=600) as h:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(h) for _ in range(clients)))
+        return tokens, time.perf_counter() - t0
+
+
+def measure(args, model_dir, env, policy, jobs, adapter_dirs, upload: bool) -> dict:
+    with Fleet(args, model_dir, env, policy) as fleet:
+        if upload:
+            for i, d in enumerate(adapter_dirs):
+                files = [("file", (p.name, p.read_bytes())) for p in sorted(d.iterdir()) if p.is_file()]
+                httpx.post(fleet.url + "/v1/adapters", data={"name": f"a{i}"}, files=files, headers=AUTH,
+                           timeout=120).raise_for_status()
+        for url in fleet.engine_urls:  # warm-up on the base model: no slot loads before the count
+            asyncio.run(run_mix(url, [(jobs[0][0], "base")] * 2, 2, 4))
+        before = [pool_misses(u) for u in fleet.engine_urls]
+        tokens, seconds = asyncio.run(run_mix(fleet.url, jobs, args.clients, args.max_tokens))
+        loads = [pool_misses(u) - b for u, b in zip(fleet.engine_urls, before)]
+        spills = router_counter(fleet.url, "loragate_router_spills_total")
+    return {"tok_s": tokens / seconds, "seconds": seconds, "loads": loads, "spills": spills}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="catalog name or model directory (default: %(default)s)")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--adapters", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--zipf", type=float, default=1.0, help="adapter popularity exponent (0: uniform)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    model_dir = resolve_model(args.model)  # before LORAGATE_HOME moves to the bench's own home
+    tmp = Path(tempfile.mkdtemp(prefix="loragate-bench-router-"))
+    adapter_dirs = make_adapters(model_dir, tmp / "adapters", TARGETS["attn"], args.adapters)
+
+    import argparse as source
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok.encode(inspect.getsource(source))
+    rng = random.Random(args.seed)
+    weights = [1 / (k + 1) ** args.zipf for k in range(args.adapters)]
+    names = [f"a{i}" for i in range(args.adapters)]
+    starts = [(400 + 97 * i) % (len(ids) - 48) for i in range(args.requests)]  # 48-token prompts, never empty
+    jobs = [(tok.decode(ids[s:s + 48]), rng.choices(names, weights)[0]) for s in starts]
+
+    env = dict(os.environ, LORAGATE_HOME=str(tmp / "home"), LORAGATE_API_KEYS=f"{KEY}=bench",
+               LORAGATE_SERVED_MODEL_NAME="base")
+    results = {}
+    for policy in ("round_robin", "affinity"):
+        results[policy] = measure(args, model_dir, env, policy, jobs, adapter_dirs, upload=policy == "round_robin")
+
+    rr, aff = results["round_robin"], results["affinity"]
+    print(f"{args.requests} requests, {args.clients} clients, {args.max_tokens} tokens each, {args.adapters} adapters "
+          f"(Zipf s={args.zipf:g}), 2 engines x --max-loras 4 --num-threads 1, model {Path(model_dir).name} "
+          f"{args.dtype}")
+    for policy, r in results.items():
+        print(f"  {policy:<12} {r['tok_s']:7.1f} tok/s ({r['seconds']:.1f} s)   adapter loads per replica "
+              f"{r['loads'][0]} + {r['loads'][1]} = {sum(r['loads'])}   spills {r['spills']:.0f}")
+    load_ratio = sum(rr["loads"]) / max(1, sum(aff["loads"]))
+    print(f"affinity vs round-robin: throughput {aff['tok_s'] / rr['tok_s']:.2f}x (target >= 1.3x), "
+          f"adapter loads {load_ratio:.1f}x fewer (target >= 3x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The router's engines: membership (from discovery), health (periodic GET /readyz, immediate
+ejection on a connection error), in-flight counts, and which engine gets a request.
+
+Only healthy engines are chosen. A new engine starts out of rotation until its first health
+check passes; an ejected one returns the same way. Everything here runs on the router's
+event loop, so plain attributes need no lock."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass
+
+from .rendezvous import choose_bounded, preference_order
+
+log = logging.getLogger("loragate.router")
+
+HEALTH_TIMEOUT_S = 5.0
+
+
+@dataclass
+class Replica:
+    url: str
+    is_healthy: bool = False
+    in_flight: int = 0  # requests the router has open on it (response not yet fully relayed)
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Choice:
+    replica: Replica
+    is_spill: bool  # not the adapter's first preference, which was at max_engine_load
+
+
+class ReplicaPool:
+    def __init__(self, metrics_factory=None, *, policy: str = "affinity", max_load: int = 32):
+        self.policy, self.max_load = policy, max_load
+        self._replicas: dict[str, Replica] = {}
+        self._round_robin = itertools.count()
+        self.metrics = metrics_factory(self) if metrics_factory else None
+
+    # -- membership ------------------------------------------------------------------------
+
+    def all(self) -> list[Replica]:
+        return [self._replicas[u] for u in sorted(self._replicas)]
+
+    def healthy(self) -> list[Replica]:
+        return [r for r in self.all() if r.is_healthy]
+
+    def update(self, urls: list[str]) -> list[Replica]:
+        """Make the members exactly `urls`; returns the new ones (not yet in rotation). Requests
+        open on a dropped engine finish normally: they hold their Replica object."""
+        wanted = set(urls)
+        for url in [u for u in self._replicas if u not in wanted]:
+            log.warning("engine %s left discovery; dropped", url)
+            del self._replicas[url]
+        added = []
+        for url in urls:
+            if url not in self._replicas:
+                self._replicas[url] = replica = Replica(url)
+                added.append(replica)
+                log.info("engine %s discovered", url)
+        return added
+
+    # -- health ----------------------------------------------------------------------------
+
+    def eject(self, replica: Replica, reason: str) -> None:
+        if replica.is_healthy:
+            log.warning("engine %s ejected: %s", replica.url, reason)
+            if self.metrics is not None:
+                self.metrics.ejections.labels(replica.url).inc()
+        replica.is_healthy, replica.last_error = False, reason
+
+    def admit(self, replica: Replica) -> None:
+        if not replica.is_healthy:
+            log.warning("engine %s is ready: in rotation", replica.url)
+        replica.is_healthy, replica.last_error = True, None
+
+    async def check(self, client, replica: Replica) -> None:
+        """One GET /readyz: 200 puts the engine in rotation, anything else takes it out."""
+        try:
+            response = await client.get(replica.url + "/readyz", timeout=HEALTH_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - any failure to answer is a failed check
+            reason = f"health check failed: {type(e).__name__}: {e}"
+        else:
+            if response.status_code == 200:
+                if replica.url in self._replicas:  # not dropped while the check was in flight
+                    self.admit(replica)
+                return
+            reason = f"health check answered {response.status_code}"
+        self.eject(replica, reason)
+
+    async def check_all(self, client) -> None:
+        await asyncio.gather(*(self.check(client, r) for r in self.all()))
+
+    # -- choice ----------------------------------------------------------------------------
+
+    def choose(self, key: str, exclude: set[str] = frozenset()) -> Choice | None:
+        """The engine for a request whose affinity key is `key`; None when none is healthy."""
+        candidates = [r for r in self.healthy() if r.url not in exclude]
+        if not candidates:
+            return None
+        by_url = {r.url: r for r in candidates}
+        if self.policy == "round_robin":
+            return Choice(candidates[next(self._round_robin) % len(candidates)], False)
+        # The preference order is over every healthy engine, excluded ones included, so a retry
+        # goes to the key's second choice, where it would have spilled anyway.
+        order = [u for u in preference_order(key, [r.url for r in self.healthy()]) if u in by_url]
+        url = choose_bounded(order, lambda u: by_url[u].in_flight, self.max_load)
+        return Choice(by_url[url], url != order[0])
+
+    def first_healthy(self, exclude: set[str] = frozenset()) -> Replica | None:
+        return next((r for r in self.healthy() if r.url not in exclude), None)
+
+    def acquire(self, replica: Replica) -> None:
+        replica.in_flight += 1
+
+    def release(self, replica: Replica) -> None:
+        replica.in_flight -= 1

@@ -1,0 +1,45 @@
+"""Prometheus metrics of the router (its own /metrics; engines keep theirs): requests per
+engine and status, retries, ejections, spills, and per-engine health and in-flight gauges
+read at scrape time. Engine labels are base URLs: as many as there are engines."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+
+class RouterMetrics:
+    def __init__(self, pool):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("loragate_router_requests", "requests proxied, by engine and engine status "
+                                "('error': no status, the connection failed)", ["replica", "status"], registry=r)
+        self.retries = Counter("loragate_router_retries", "requests retried on another engine, by cause",
+                               ["reason"], registry=r)
+        self.ejections = Counter("loragate_router_ejections", "engines taken out of rotation (failed health "
+                                 "check or connection error), by engine", ["replica"], registry=r)
+        self.spills = Counter("loragate_router_spills", "requests sent past their adapter's preferred engine "
+                              "because it was at max_engine_load", registry=r)
+        self.unavailable = Counter("loragate_router_unavailable", "requests answered 503 because no engine "
+                                   "could take them", registry=r)
+        self.stream_cuts = Counter("loragate_router_stream_cuts", "streams whose engine went away mid-way "
+                                   "(ended with an error event)", ["replica"], registry=r)
+        r.register(_ReplicaCollector(pool))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _ReplicaCollector:
+    def __init__(self, pool):
+        self.pool = pool
+
+    def collect(self):
+        healthy = GaugeMetricFamily("loragate_router_replica_healthy", "1 if the engine is in rotation",
+                                    labels=["replica"])
+        in_flight = GaugeMetricFamily("loragate_router_replica_in_flight", "requests the router has open on the "
+                                      "engine", labels=["replica"])
+        for replica in self.pool.all():
+            healthy.add_metric([replica.url], 1.0 if replica.is_healthy else 0.0)
+            in_flight.add_metric([replica.url], replica.in_flight)
+        yield healthy
+        yield in_flight
