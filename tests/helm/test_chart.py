@@ -1,0 +1,261 @@
+"""The Helm chart renders, lints and validates against Kubernetes' own schemas for every value
+set in VALUE_SETS, and what it renders fits together: probes, non-root pods, the
+router's engine DNS name, Secret references, S3 settings, and settings the server knows."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import pytest
+
+KUBE_VERSION = "1.30.0"  # a version kubernetes-validate ships schemas for
+HOME = "/var/lib/loragate"
+HPA_VALUES = {"engine": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 5}},
+              "router": {"autoscaling": {"enabled": True}},
+              "persistence": {"accessModes": ["ReadWriteMany"], "storageClass": "nfs"}}
+MONITORED_VALUES = {"engine": {"podDisruptionBudget": {"enabled": True}, "service": {"enabled": True}},
+                    "router": {"podDisruptionBudget": {"enabled": True, "maxUnavailable": "50%"}},
+                    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}}
+_BASE_KINDS = {"ConfigMap": 2, "Secret": 1, "PersistentVolumeClaim": 1, "StatefulSet": 1, "Deployment": 1,
+               "Service": 2, "ServiceAccount": 1}
+
+# name -> (values, the kinds and how many of each the rendering must hold)
+VALUE_SETS: dict[str, tuple[dict, dict[str, int]]] = {
+    "default": ({}, _BASE_KINDS),
+    # Several engines on S3, no shared volume (each engine caches in an emptyDir), static keys.
+    "s3": ({"adapterStore": {"type": "s3", "s3": {
+                "bucket": "team-adapters", "prefix": "prod/adapters", "endpointUrl": "http://minio.storage:9000",
+                "region": "eu-west-1", "accessKeyId": "AKIAEXAMPLE", "secretAccessKey": "c2VjcmV0"}},
+            "persistence": {"enabled": False}, "engine": {"replicas": 3}},
+           {**_BASE_KINDS, "Secret": 2, "PersistentVolumeClaim": 0}),
+    # S3 credentials from the pod's identity (IRSA): no S3 Secret at all.
+    "s3-pod-identity": ({"adapterStore": {"type": "s3", "s3": {"bucket": "team-adapters"}},
+                         "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/lg"}}},
+                        _BASE_KINDS),
+    "hpa": (HPA_VALUES, {**_BASE_KINDS, "HorizontalPodAutoscaler": 2}),
+    # Keys in a Secret the user manages (keys file only), adapters on an existing claim.
+    "existing-secret": ({"auth": {"existingSecret": "team-keys",
+                                  "existingSecretKeys": {"apiKeys": "keys.txt", "adminKey": ""}},
+                         "persistence": {"existingClaim": "shared-adapters"}, "engine": {"replicas": 2}},
+                        {**_BASE_KINDS, "Secret": 0, "PersistentVolumeClaim": 0}),
+    "existing-s3-secret": ({"adapterStore": {"type": "s3", "s3": {
+                               "bucket": "team-adapters", "existingSecret": "aws",
+                               "existingSecretKeys": {"accessKeyId": "id", "secretAccessKey": "secret"}}}},
+                           _BASE_KINDS),
+    "pdb-servicemonitor": (MONITORED_VALUES, {**_BASE_KINDS, "PodDisruptionBudget": 2, "ServiceMonitor": 1, "Service": 3}),
+    "open-loadbalancer": ({"auth": {"enabled": False}, "router": {"service": {"type": "LoadBalancer"}},
+                           "model": {"servedName": "assistant"}},
+                          {**_BASE_KINDS, "Secret": 0}),
+}
+
+
+def pytest_generate_tests(metafunc):
+    if "value_set" in metafunc.fixturenames:
+        metafunc.parametrize("value_set", list(VALUE_SETS))
+
+
+@pytest.fixture
+def rendered(render, value_set):
+    return render(VALUE_SETS[value_set][0])
+
+
+def _pod_specs(rendered):
+    return [(w["metadata"]["name"], w["spec"]["template"]) for w in rendered.all("StatefulSet") + rendered.all("Deployment")]
+
+
+def _matches(selector: dict, labels: dict) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_lint_finds_nothing(helm, chart_dir, value_set):
+    report = helm.lint(chart_dir, VALUE_SETS[value_set][0], strict=True, namespace="ml",
+                       kube_version=f"v{KUBE_VERSION}")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []  # 2 = warning, 3 = error
+
+
+def test_manifests_are_valid_kubernetes(rendered, value_set, kube_validate):
+    assert Counter(m["kind"] for m in rendered.manifests) == +Counter(VALUE_SETS[value_set][1])
+    assert len({(m["kind"], m["metadata"]["name"]) for m in rendered.manifests}) == len(rendered.manifests)
+    for manifest in rendered.manifests:
+        assert manifest["metadata"]["labels"]["app.kubernetes.io/instance"] == rendered.release
+        if manifest["kind"] == "ServiceMonitor":  # a CRD: no schema shipped; checked by hand below
+            continue
+        try:
+            kube_validate.validate(manifest, KUBE_VERSION, strict=True)
+        except kube_validate.ValidationError as e:
+            pytest.fail(f"{manifest['kind']}/{manifest['metadata']['name']}: {e.message} at {list(e.path)}")
+
+
+def test_probes_resources_and_non_root(rendered):
+    for component in ("engine", "router"):
+        container, pod = rendered.container(component), rendered.workload(component)["spec"]["template"]["spec"]
+        (port,) = container["ports"]
+        assert port["name"] == "http" and str(port["containerPort"]) == rendered.env(component)["LORAGATE_PORT"]
+        assert rendered.env(component)["LORAGATE_HOST"] == "0.0.0.0"
+        for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            assert container[probe]["httpGet"] == {"path": path, "port": "http"}, (component, probe)
+        assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
+
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"]["drop"] == ["ALL"]
+        # A read-only root still needs a writable /tmp and LORAGATE_HOME.
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]]
+        assert rendered.env(component)["LORAGATE_HOME"] == HOME and HOME in mounts
+
+    startup = rendered.container("engine")["startupProbe"]
+    assert startup["httpGet"]["path"] == "/readyz"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # model loading takes minutes
+    assert "startupProbe" not in rendered.container("router")
+    assert rendered.container("engine")["args"] == ["serve", "--role", "engine"]
+    assert rendered.container("router")["args"] == ["serve", "--role", "router"]
+
+
+def test_router_resolves_the_engines_headless_service(rendered):
+    from loragate.gateway.discovery import parse_dns_target
+
+    host, port = parse_dns_target(rendered.env("router")["LORAGATE_ENGINE_DNS"])
+    service_name, namespace, svc, domain = host.split(".", 3)
+    assert (namespace, svc, domain) == (rendered.namespace, "svc", "cluster.local")
+    service = rendered.one("Service", service_name)
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is False  # the router must only learn ready engines
+    assert [p["port"] for p in service["spec"]["ports"]] == [port]
+
+    engines = rendered.workload("engine")
+    assert engines["spec"]["serviceName"] == service_name
+    assert _matches(service["spec"]["selector"], engines["spec"]["template"]["metadata"]["labels"])
+    assert not _matches(service["spec"]["selector"], rendered.workload("router")["spec"]["template"]["metadata"]["labels"])
+    assert port == rendered.container("engine")["ports"][0]["containerPort"]
+
+    router_service = rendered.one("Service", f"{rendered.fullname}-router")
+    assert router_service["spec"]["ports"][0]["targetPort"] == "http"
+    assert _matches(router_service["spec"]["selector"], rendered.workload("router")["spec"]["template"]["metadata"]["labels"])
+
+
+def test_references_resolve(rendered):
+    """Every Secret, ConfigMap, claim and service account a pod names is rendered by the chart
+    (with the key it reads) or is the existing one the values name."""
+    values = rendered.values
+    existing_secrets = {values.get("auth", {}).get("existingSecret"),
+                        values.get("adapterStore", {}).get("s3", {}).get("existingSecret")} - {None, ""}
+    for workload, template in _pod_specs(rendered):
+        spec = template["spec"]
+        assert spec["serviceAccountName"] in rendered.names("ServiceAccount")
+        refs = [(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+                for c in spec["containers"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+        for volume in spec["volumes"]:
+            if "secret" in volume:
+                refs += [(volume["secret"]["secretName"], item["key"]) for item in volume["secret"]["items"]]
+            if "persistentVolumeClaim" in volume:
+                claim = volume["persistentVolumeClaim"]["claimName"]
+                assert claim in rendered.names("PersistentVolumeClaim") | {values.get("persistence", {}).get("existingClaim")}
+        for name, key in refs:
+            if name in existing_secrets:
+                assert name not in rendered.names("Secret")
+            else:
+                assert key in rendered.secret_data(name), f"{workload} reads {name}[{key}], which the chart does not write"
+        for container in spec["containers"]:
+            for source in container.get("envFrom", []):
+                assert source["configMapRef"]["name"] in rendered.names("ConfigMap")
+            mounted = {m["name"] for m in container["volumeMounts"]}
+            assert mounted == {v["name"] for v in spec["volumes"]}, "a volume is declared but not mounted, or the reverse"
+
+
+def test_s3_settings_only_with_an_s3_store(rendered):
+    store = rendered.values.get("adapterStore", {})
+    engine_env, router_env = rendered.env("engine"), rendered.env("router")
+    s3_names = {n for n in engine_env if n.startswith(("LORAGATE_S3_", "AWS_"))}
+    assert not {n for n in router_env if n.startswith(("LORAGATE_S3_", "AWS_", "LORAGATE_ADMIN", "LORAGATE_API"))}
+    if store.get("type") != "s3":
+        assert engine_env["LORAGATE_ADAPTER_STORE"] == "local" and not s3_names
+        assert rendered.all("PersistentVolumeClaim") or rendered.values["persistence"]["existingClaim"]
+        return
+    s3 = store["s3"]
+    assert engine_env["LORAGATE_ADAPTER_STORE"] == "s3"
+    assert engine_env["LORAGATE_S3_BUCKET"] == s3["bucket"]
+    assert engine_env["LORAGATE_S3_PREFIX"] == s3.get("prefix", "loragate/adapters")
+    assert engine_env.get("LORAGATE_S3_ENDPOINT_URL") == s3.get("endpointUrl")
+    assert engine_env.get("AWS_DEFAULT_REGION") == s3.get("region")
+    has_credentials = bool(s3.get("accessKeyId") or s3.get("existingSecret"))
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= s3_names if has_credentials else \
+        not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & s3_names
+    if s3.get("accessKeyId"):
+        ref = engine_env["AWS_SECRET_ACCESS_KEY"]["secretKeyRef"]
+        assert rendered.secret_data(ref["name"])[ref["key"]] == s3["secretAccessKey"]
+
+
+def test_settings_are_flags_the_server_accepts(rendered, monkeypatch):
+    """Every LORAGATE_* variable the chart sets is a `loragate serve` setting, and the values
+    parse and validate: the pods' configuration is what `loragate serve` would build."""
+    from loragate.engine import EngineConfig
+    from loragate.gateway.cli import build_parser
+    from loragate.gateway.config_flags import dataclass_from_args
+    from loragate.gateway.settings import GatewaySettings
+
+    fields = {f"LORAGATE_{f.name.upper()}" for cls in (EngineConfig, GatewaySettings) for f in dataclasses.fields(cls)}
+    for component in ("engine", "router"):
+        env = rendered.env(component)
+        unknown = {n for n in env if n.startswith("LORAGATE_")} - fields - {"LORAGATE_HOME"}
+        assert not unknown, f"{component} sets variables loragate serve does not read: {sorted(unknown)}"
+        for name in {n for n in fields if n.startswith("LORAGATE_")}:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            if isinstance(value, str):
+                monkeypatch.setenv(name, value)
+        args = build_parser().parse_args(rendered.container(component)["args"])
+        settings = dataclass_from_args(GatewaySettings, args)
+        assert settings.role == component and settings.port == 8000
+        if component == "engine":
+            config = dataclass_from_args(EngineConfig, args)
+            assert config.model == env["LORAGATE_MODEL"] and config.num_threads >= 1
+
+
+def test_autoscaling_targets_the_workloads(render):
+    rendered = render(HPA_VALUES)
+    for component, kind in (("engine", "StatefulSet"), ("router", "Deployment")):
+        hpa = rendered.one("HorizontalPodAutoscaler", f"{rendered.fullname}-{component}")
+        target = hpa["spec"]["scaleTargetRef"]
+        assert (target["apiVersion"], target["kind"]) == ("apps/v1", kind)
+        assert target["name"] == rendered.workload(component)["metadata"]["name"]
+        assert "replicas" not in rendered.workload(component)["spec"]  # the HPA owns it
+    assert rendered.one("HorizontalPodAutoscaler", f"{rendered.fullname}-engine")["spec"]["maxReplicas"] == 5
+
+
+def test_disruption_budgets_and_service_monitor_select_the_right_objects(render):
+    rendered = render(MONITORED_VALUES)
+    for component in ("engine", "router"):
+        pdb = rendered.one("PodDisruptionBudget", f"{rendered.fullname}-{component}")
+        workload_labels = rendered.workload(component)["spec"]["template"]["metadata"]["labels"]
+        assert _matches(pdb["spec"]["selector"]["matchLabels"], workload_labels)
+    assert rendered.one("PodDisruptionBudget", f"{rendered.fullname}-router")["spec"]["maxUnavailable"] == "50%"
+
+    monitor = rendered.one("ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prom"  # what Prometheus selects monitors by
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [rendered.namespace]}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics" and endpoint["port"] == "http"
+    assert endpoint["interval"] == "30s" and endpoint["scrapeTimeout"] == "10s"
+    scraped = {s["metadata"]["name"] for s in rendered.all("Service")
+               if _matches(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])}
+    # Router and every engine once: the engines' extra ClusterIP Service would scrape them twice.
+    assert scraped == {f"{rendered.fullname}-router", f"{rendered.fullname}-engine-headless"}
+    assert rendered.names("Service") - scraped == {f"{rendered.fullname}-engine"}
+    for service in rendered.all("Service"):
+        assert "http" in {p["name"] for p in service["spec"]["ports"]}
+
+
+def test_notes_say_how_to_reach_the_api(rendered):
+    assert f"svc/{rendered.fullname}-router" in rendered.notes or "loadBalancer" in rendered.notes
+    assert "/readyz" in rendered.notes and "/metrics" in rendered.notes
+    assert ("OPEN" in rendered.notes) == (rendered.values.get("auth", {}).get("enabled") is False)
+    served = rendered.values.get("model", {}).get("servedName") or "smollm2-135m-instruct"  # the image's model
+    assert f'"model": "{served}"' in rendered.notes
