@@ -25,10 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
-import stat
 import threading
 import time
 from collections import OrderedDict
@@ -38,7 +36,8 @@ from .adapter_cache import AdapterCache
 from .errors import AdapterError, AdapterNotFound
 from .s3_client import S3Client, StoreUnavailableError
 # The local store's rules and formats, so both stores accept and describe the same adapters.
-from .store import _NAME, _VERSION_DIR, META_FILE, StoredAdapter, _copy_file, _encodable, _from_meta, check_name
+from .store import (_NAME, _VERSION_DIR, META_FILE, StoredAdapter, _from_meta, allowed_file_name, check_name,
+                    checked_upload_dir, copy_upload_files)
 
 __all__ = ["S3AdapterStore", "StoreUnavailableError"]
 
@@ -68,16 +67,13 @@ class S3AdapterStore:
     # -- writes ----------------------------------------------------------------------------
 
     def put(self, tenant: str, name: str, src_dir: str | Path) -> StoredAdapter:
-        check_name("tenant", tenant)
-        check_name("adapter", name)
-        src = Path(src_dir)
-        if not src.is_dir():
-            raise AdapterError("missing_file", f"upload directory {str(src)!r} does not exist")
+        src = checked_upload_dir(tenant, name, src_dir)
         # Staged on the cache's filesystem: what is hashed is what is uploaded, and afterwards
         # the staged copy becomes this server's cache entry (no download of its own upload).
         staged, written = self.cache.staging_dir(), []
         try:
-            files = _stage(src, staged, self.max_total_bytes)
+            # Stricter names than the local store's: they become S3 keys, then local paths again.
+            files = copy_upload_files(src, staged, self.max_total_bytes, _safe_file_name)
             digest = hashlib.sha256("".join(f"{h}  {n}\n" for n, h, _ in files).encode()).hexdigest()
             version = self._allocate_version(tenant, name)
             prefix = self._version_prefix(tenant, name, version)
@@ -291,35 +287,9 @@ def _check(tenant: str, name: str, version) -> None:
         raise AdapterError("invalid_name", f"version must be a positive integer, got {version!r}")
 
 
-def _stage(src: Path, dst: Path, max_total_bytes: int | None) -> list[tuple[str, str, int]]:
-    """Copy src's regular files (never following links) into dst; (name, sha256, size).
-    The same rules as LocalAdapterStore applies to an upload."""
-    files, total = [], 0
-    for entry in sorted(os.scandir(src), key=lambda e: e.name):
-        if not entry.is_file(follow_symlinks=False):
-            continue
-        if entry.name == META_FILE or not _safe_file_name(entry.name):
-            raise AdapterError("invalid_name", f"file name {entry.name!r} is reserved or not allowed in an adapter")
-        fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            if max_total_bytes is not None and total + st.st_size > max_total_bytes:
-                raise AdapterError("too_large", f"adapter files exceed {max_total_bytes} bytes (at {entry.name!r})")
-            sha, size = _copy_file(fd, dst / entry.name)
-        finally:
-            os.close(fd)
-        total += size
-        files.append((entry.name, sha, size))
-    if not files:
-        raise AdapterError("missing_file", f"upload directory {str(src)!r} holds no regular files")
-    return files
-
-
 def _safe_file_name(name: object) -> bool:
     return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-            and not any(ord(c) < 32 or ord(c) == 127 for c in name) and _encodable(name))
+            and allowed_file_name(name))
 
 
 def _parse_meta(raw: bytes, key: tuple[str, str, int]) -> dict:

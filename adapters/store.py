@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -87,14 +88,10 @@ class LocalAdapterStore:
     # -- writes ----------------------------------------------------------------------------
 
     def put(self, tenant: str, name: str, src_dir: str | Path) -> StoredAdapter:
-        check_name("tenant", tenant)
-        check_name("adapter", name)
-        src = Path(src_dir)
-        if not src.is_dir():
-            raise AdapterError("missing_file", f"upload directory {str(src)!r} does not exist")
+        src = checked_upload_dir(tenant, name, src_dir)
         tmp = Path(tempfile.mkdtemp(prefix="put-", dir=self.root / _TMP))
         try:
-            files = self._copy_in(src, tmp)  # the slow part, outside the lock
+            files = copy_upload_files(src, tmp, self.max_total_bytes)  # the slow part, outside the lock
             digest = hashlib.sha256("".join(f"{h}  {n}\n" for n, h, _ in files).encode()).hexdigest()
             with self._lock:
                 version = self._next_version(tenant, name)
@@ -180,30 +177,48 @@ class LocalAdapterStore:
             deleted = 0
         return max(versions[-1] if versions else 0, deleted) + 1
 
-    def _copy_in(self, src: Path, dst: Path) -> list[tuple[str, str, int]]:
-        """Copy src's regular files (never following links) into dst; (name, sha256, size)."""
-        files, total = [], 0
-        for entry in sorted(os.scandir(src), key=lambda e: e.name):
-            if not entry.is_file(follow_symlinks=False):
-                continue  # links, subdirectories, devices, fifos: an upload is a flat set of files
-            if entry.name == META_FILE or any(ord(c) < 32 or ord(c) == 127 for c in entry.name) or not _encodable(entry.name):
-                raise AdapterError("invalid_name", f"file name {entry.name!r} is reserved or not allowed in an adapter")
-            # O_NOFOLLOW/O_NONBLOCK: the entry may be swapped for a link or fifo after scandir.
-            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                if self.max_total_bytes is not None and total + st.st_size > self.max_total_bytes:
-                    raise AdapterError("too_large", f"adapter files exceed {self.max_total_bytes} bytes (at {entry.name!r})")
-                sha, size = _copy_file(fd, dst / entry.name)
-            finally:
-                os.close(fd)
-            total += size
-            files.append((entry.name, sha, size))
-        if not files:
-            raise AdapterError("missing_file", f"upload directory {str(src)!r} holds no regular files")
-        return files
+
+def checked_upload_dir(tenant: str, name: str, src_dir: str | Path) -> Path:
+    """A put's arguments, checked before anything is written: the names, then the directory."""
+    check_name("tenant", tenant)
+    check_name("adapter", name)
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise AdapterError("missing_file", f"upload directory {str(src)!r} does not exist")
+    return src
+
+
+def allowed_file_name(name: str) -> bool:
+    """The local store's rule for an uploaded file's name (scandir never yields "", "." or a "/")."""
+    return not any(ord(c) < 32 or ord(c) == 127 for c in name) and _encodable(name)
+
+
+def copy_upload_files(src: Path, dst: Path, max_total_bytes: int | None,
+                      name_allowed: Callable[[str], bool] = allowed_file_name) -> list[tuple[str, str, int]]:
+    """Copy src's regular files (never following links) into dst; (name, sha256, size) each.
+    Both stores apply these rules to an upload, so they accept the same adapters."""
+    files, total = [], 0
+    for entry in sorted(os.scandir(src), key=lambda e: e.name):
+        if not entry.is_file(follow_symlinks=False):
+            continue  # links, subdirectories, devices, fifos: an upload is a flat set of files
+        if entry.name == META_FILE or not name_allowed(entry.name):
+            raise AdapterError("invalid_name", f"file name {entry.name!r} is reserved or not allowed in an adapter")
+        # O_NOFOLLOW/O_NONBLOCK: the entry may be swapped for a link or fifo after scandir.
+        fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if max_total_bytes is not None and total + st.st_size > max_total_bytes:
+                raise AdapterError("too_large", f"adapter files exceed {max_total_bytes} bytes (at {entry.name!r})")
+            sha, size = _copy_file(fd, dst / entry.name)
+        finally:
+            os.close(fd)
+        total += size
+        files.append((entry.name, sha, size))
+    if not files:
+        raise AdapterError("missing_file", f"upload directory {str(src)!r} holds no regular files")
+    return files
 
 
 def _copy_file(src_fd: int, dst: Path) -> tuple[str, int]:

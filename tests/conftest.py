@@ -88,3 +88,48 @@ def _save_random_lora(base_dir, out_dir, b_std: float, seed: int | None = None, 
 @pytest.fixture(scope="session")
 def save_lora():
     return _save_random_lora
+
+
+MOTO_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def moto_url(tmp_path_factory):
+    """A real S3-compatible HTTP server (moto_server in a subprocess) for one test module. The
+    AWS credential variables are set while the module runs, so boto3 clients made by the tests
+    and by servers started in-process find them. Modules using it importorskip boto3 and moto."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    mp = pytest.MonkeyPatch()
+    for k, v in MOTO_ENV.items():
+        mp.setenv(k, v)
+    try:
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                    env=dict(os.environ))
+        try:
+            deadline = time.time() + 30
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.time() > deadline:
+                        raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}") from None
+                    time.sleep(0.1)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    finally:
+        mp.undo()

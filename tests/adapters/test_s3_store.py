@@ -7,10 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -24,6 +20,8 @@ from loragate.adapters.errors import AdapterError, AdapterNotFound
 from loragate.adapters.registry import AdapterRegistry, AdapterState
 from loragate.adapters.store import AdapterStore, LocalAdapterStore
 
+from .test_store import upload  # the same upload directories as the local store's tests
+
 pytest.importorskip("boto3", reason="the S3 store needs boto3: pip install 'loragate[s3]'")
 pytest.importorskip("moto", reason="these tests need moto_server: pip install 'moto[s3,server]'")
 
@@ -32,41 +30,6 @@ from loragate.adapters.s3_store import S3AdapterStore
 from loragate.adapters.store_factory import make_adapter_store
 
 PREFIX = "loragate/adapters"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def moto_url(tmp_path_factory):
-    """A real moto_server process; AWS credentials for it come from the standard variables."""
-    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-    port, log = _free_port(), tmp_path_factory.mktemp("moto") / "moto.log"
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
-    mp = pytest.MonkeyPatch()
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
-        mp.setenv(k, env[k])
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}") from None
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        mp.undo()
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture
@@ -85,14 +48,6 @@ def make(tmp_path, moto_url, bucket):
     def make(cache: str = "cache", **kwargs) -> S3AdapterStore:
         return S3AdapterStore(bucket, PREFIX, cache_dir=tmp_path / cache, endpoint_url=moto_url, **kwargs)
     return make
-
-
-def upload(tmp_path: Path, content: bytes = b"weights", name: str = "src") -> Path:
-    d = tmp_path / name
-    d.mkdir(exist_ok=True)
-    (d / "adapter_config.json").write_text('{"peft_type": "LORA"}')
-    (d / "adapter_model.safetensors").write_bytes(content)
-    return d
 
 
 def keys(store: S3AdapterStore, prefix: str = "") -> list[str]:

@@ -8,9 +8,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,38 +15,13 @@ import pytest
 
 from loragate.gateway.batch_store import BatchStore
 
+from .conftest import ServeProcess, stop_all, wait_until
+
 # slow: three server processes, like tests/e2e/test_router.py; it runs in CI like every test.
 pytestmark = pytest.mark.slow
 
 AUTH = {"Authorization": "Bearer key-a"}
 NUM_LINES = 40
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "loragate.gateway.cli", "serve", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=log.open("ab"))
-
-
-def wait_until(predicate, what: str, procs: list[subprocess.Popen], timeout: float = 120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert all(p.poll() is None for p in procs), f"{what}: a process exited"
-        try:
-            value = predicate()
-            if value:
-                return value
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def lease_holder_pid(db_path: Path) -> int | None:
@@ -61,20 +33,15 @@ def lease_holder_pid(db_path: Path) -> int | None:
 def test_the_other_engine_finishes_a_batch_whose_engine_was_killed(tiny_llama, tmp_path):
     home = tmp_path / "home"
     env = dict(os.environ, LORAGATE_HOME=str(home), LORAGATE_API_KEYS="key-a=tenant-a")
-    engines, urls = [], []
-    for i in range(2):
-        port = free_port()
-        urls.append(f"http://127.0.0.1:{port}")
-        engines.append(start(["--role", "engine", "--model", str(tiny_llama), "--dtype", "float32", "--num-threads", "1",
-                              "--port", str(port), "--served-model-name", "tiny"], env, tmp_path / f"engine{i}.log"))
-    router_port = free_port()
-    router_url = f"http://127.0.0.1:{router_port}"
-    router = start(["--role", "router", "--engine-urls", ",".join(urls), "--port", str(router_port),
-                    "--health-interval", "0.5"], env, tmp_path / "router.log")
+    engines = [ServeProcess(["--role", "engine", "--model", str(tiny_llama), "--dtype", "float32", "--num-threads", "1",
+                             "--served-model-name", "tiny"], env, tmp_path / f"engine{i}.log") for i in range(2)]
+    router = ServeProcess(["--role", "router", "--engine-urls", ",".join(e.url for e in engines),
+                           "--health-interval", "0.5"], env, tmp_path / "router.log")
+    router_url = router.url
     procs = [*engines, router]
     try:
         wait_until(lambda: len(httpx.get(router_url + "/readyz", timeout=2).json().get("engines", [])) == 2,
-                   "both engines behind the router", procs)
+                   "both engines behind the router", procs, timeout=120)
         body = {"model": "tiny", "prompt": "t5 t6", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
         data = "".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
                                    "body": dict(body, prompt=f"t{5 + i} t6")}) + "\n" for i in range(NUM_LINES))
@@ -89,11 +56,11 @@ def test_the_other_engine_finishes_a_batch_whose_engine_was_killed(tiny_llama, t
         def batch() -> dict:
             return httpx.get(f"{router_url}/v1/batches/{batch_id}", headers=AUTH, timeout=10).json()
 
-        wait_until(lambda: batch()["request_counts"]["completed"] >= 3, "the first lines", procs)
+        wait_until(lambda: batch()["request_counts"]["completed"] >= 3, "the first lines", procs, timeout=120)
         holder = lease_holder_pid(home / "batches" / "batches.db")
-        victim = next(p for p in engines if p.pid == holder)  # exactly one engine runs the lines
-        victim.kill()
-        victim.wait()
+        victim = next(e for e in engines if e.proc.pid == holder)  # exactly one engine runs the lines
+        victim.proc.kill()
+        victim.proc.wait()
         procs.remove(victim)
         store = BatchStore(home / "batches")
         committed = dict(store._rows("SELECT line_no, result FROM batch_lines WHERE batch_id = ? AND state = ?",
@@ -101,10 +68,11 @@ def test_the_other_engine_finishes_a_batch_whose_engine_was_killed(tiny_llama, t
         store.close()
         assert 3 <= len(committed) < NUM_LINES
 
-        final = wait_until(lambda: (b := batch())["status"] == "completed" and b, "the batch to complete", procs)
+        final = wait_until(lambda: (b := batch())["status"] == "completed" and b, "the batch to complete", procs,
+                           timeout=120)
         assert final["request_counts"] == {"total": NUM_LINES, "completed": NUM_LINES, "failed": 0}
-        survivor = next(p for p in engines if p is not victim)
-        assert lease_holder_pid(home / "batches" / "batches.db") == survivor.pid
+        survivor = next(e for e in engines if e is not victim)
+        assert lease_holder_pid(home / "batches" / "batches.db") == survivor.proc.pid
         text = httpx.get(f"{router_url}/v1/files/{final['output_file_id']}/content", headers=AUTH, timeout=30).text
         lines = text.splitlines()
         assert [json.loads(x)["custom_id"] for x in lines] == [f"r{i}" for i in range(NUM_LINES)]
@@ -113,11 +81,4 @@ def test_the_other_engine_finishes_a_batch_whose_engine_was_killed(tiny_llama, t
         one = httpx.post(router_url + "/v1/completions", headers=AUTH, timeout=60, json=dict(body, prompt="t5 t6"))
         assert json.loads(lines[0])["response"]["body"]["choices"][0]["text"] == one.json()["choices"][0]["text"]
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(procs)

@@ -8,9 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,48 +15,28 @@ import httpx
 
 from loragate.gateway.batch_store import BatchStore
 
+from .conftest import ServeProcess, wait_until
+
 AUTH = {"Authorization": "Bearer key-a"}
 NUM_LINES = 50
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(ServeProcess):
+    """One `loragate serve` over the tiny model, ready to answer when constructed."""
 
-
-class Server:
     def __init__(self, model_dir: Path, home: Path, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, LORAGATE_HOME=str(home), LORAGATE_API_KEYS="key-a=tenant-a")
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loragate.gateway.cli", "serve", "--model", str(model_dir), "--dtype", "float32",
-             "--num-threads", "1", "--port", str(self.port), "--served-model-name", "tiny"],
-            env=env, stdout=subprocess.DEVNULL, stderr=log.open("ab"))
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            assert self.proc.poll() is None, f"server exited:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready:\n{log.read_text()[-3000:]}")
+        super().__init__(["--model", str(model_dir), "--dtype", "float32", "--num-threads", "1",
+                          "--served-model-name", "tiny"], env, log)
+        try:
+            wait_until(lambda: httpx.get(self.url + "/readyz", timeout=2).status_code == 200, "the server to be ready",
+                       [self], timeout=90)
+        except BaseException:
+            self.stop()  # no orphaned server when start-up fails
+            raise
 
     def batch(self, batch_id: str) -> dict:
         return httpx.get(f"{self.url}/v1/batches/{batch_id}", headers=AUTH, timeout=10).json()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def body(i: int) -> dict:

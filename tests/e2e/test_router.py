@@ -12,9 +12,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +22,8 @@ from loragate.gateway.proxy import REPLICA_HEADER
 from loragate.gateway.rendezvous import preference_order
 from loragate.gateway.router import affinity_key
 
+from .conftest import ServeProcess, stop_all, wait_until
+
 # slow: three server processes (about 20 s on two cores); it runs in CI like every test.
 pytestmark = pytest.mark.slow
 
@@ -33,50 +32,19 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_ENGINE_LOAD = 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "loragate.gateway.cli", "serve", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=log.open("wb"))
-
-
-def wait_until(predicate, what: str, procs, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for p, log in procs:
-            if p.poll() is not None:
-                raise RuntimeError(f"{what}: a process exited ({p.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            if predicate():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"timed out waiting for {what}")
-
-
 class Fleet:
     def __init__(self, model_dir: Path, tmp: Path):
         env = dict(os.environ, LORAGATE_HOME=str(tmp / "home"), LORAGATE_API_KEYS="key-a=tenant-a,key-b=tenant-b",
                    LORAGATE_ADMIN_KEY="key-admin")
-        self.engine_urls, self.procs = [], []
-        for i in range(2):
-            port = free_port()
-            self.engine_urls.append(f"http://127.0.0.1:{port}")
-            log = tmp / f"engine{i}.log"
-            self.procs.append((start(["--role", "engine", "--model", str(model_dir), "--dtype", "float32",
-                                      "--num-threads", "1", "--max-loras", "2", "--kv-cache-memory", "64MiB",
-                                      "--port", str(port)], env, log), log))
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        log = tmp / "router.log"
-        self.procs.append((start(["--role", "router", "--engine-urls", ",".join(self.engine_urls), "--port", str(port),
-                                  "--max-engine-load", str(MAX_ENGINE_LOAD), "--health-interval", "0.5"], env, log),
-                           log))
+        engines = [ServeProcess(["--role", "engine", "--model", str(model_dir), "--dtype", "float32",
+                                 "--num-threads", "1", "--max-loras", "2", "--kv-cache-memory", "64MiB"],
+                                env, tmp / f"engine{i}.log") for i in range(2)]
+        self.engine_urls = [e.url for e in engines]
+        router = ServeProcess(["--role", "router", "--engine-urls", ",".join(self.engine_urls),
+                               "--max-engine-load", str(MAX_ENGINE_LOAD), "--health-interval", "0.5"],
+                              env, tmp / "router.log")
+        self.url = router.url
+        self.procs = [*engines, router]
         try:
             wait_until(self._is_ready, "both engines ready behind the router", self.procs)
         except BaseException:
@@ -104,15 +72,7 @@ class Fleet:
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
     def stop(self):
-        for p, _ in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p, _ in self.procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self.procs)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +180,7 @@ def test_a_client_leaving_mid_stream_aborts_its_engine_request(fleet):
 
 def test_killing_an_engine_mid_run_loses_no_request(fleet):
     survivor, victim = fleet.engine_urls
-    victim_proc = fleet.procs[1][0]
+    victim_proc = fleet.procs[1].proc
     doomed, moved = fleet.adapters[victim], fleet.adapters[survivor]
 
     async def scenario():

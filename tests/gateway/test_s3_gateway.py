@@ -6,11 +6,6 @@ unusable bucket at start-up."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -27,31 +22,6 @@ pytest.importorskip("boto3", reason="the S3 store needs boto3: pip install 'lora
 pytest.importorskip("moto", reason="these tests need moto_server: pip install 'moto[s3,server]'")
 
 REFRESH_S = 0.5
-
-
-@pytest.fixture(scope="module")
-def moto_url(tmp_path_factory, monkeypatch_module):
-    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-    port, log = free_port(), tmp_path_factory.mktemp("moto") / "moto.log"
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch_module.setenv(k, v)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                env=dict(os.environ))
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}") from None
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="module")
