@@ -53,6 +53,9 @@ class EngineConfig:
     speculative: str = "off"  # off | draft (needs draft_model) | ngram (prompt lookup)
     draft_model: str | None = None  # catalog name or model directory; same tokenizer as the model
     num_speculative_tokens: int = 4  # most tokens proposed per request and step (adapted per request)
+    # The draft proposes among the lowest token ids plus each request's own tokens (0: all);
+    # its output head is a large part of a small model's bytes (engine/spec/draft_head.py).
+    draft_vocab_size: int = 32768
     ngram_min: int = 2  # n-gram prompt lookup: shortest and longest suffix to match
     ngram_max: int = 4
 
@@ -78,6 +81,8 @@ class EngineConfig:
             raise ModelConfigError("speculative 'draft' needs a draft model (--draft-model NAME_OR_DIR)")
         if not 1 <= self.num_speculative_tokens <= 15:
             raise ModelConfigError(f"num_speculative_tokens must be in 1..15, got {self.num_speculative_tokens}")
+        if self.draft_vocab_size < 0:
+            raise ModelConfigError(f"draft_vocab_size must be >= 0 (0: the whole vocabulary), got {self.draft_vocab_size}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ModelConfigError(f"n-gram sizes need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
         if self.kv_cache_memory <= 0:

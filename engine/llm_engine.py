@@ -178,6 +178,7 @@ class LLMEngine:
             return []
         t0 = time.perf_counter()
         out = self.runner.execute(scheduled)
+        step_seconds = time.perf_counter() - t0
         # Cut each request's new tokens at its first stop (speculation may emit several).
         statuses = [self._cut_at_stop(req, i, out) for i, req in enumerate(out.requests)]
         proposed = [len(req.spec_token_ids) for req in out.requests]
@@ -200,7 +201,7 @@ class LLMEngine:
                 finish_reason=req.finish_reason, stop_reason=req.stop_reason,
                 num_cached_tokens=req.num_cached_tokens, new_logprobs=logprobs or []))
         if self.speculator is not None:
-            self.speculator.after_step(scheduled, out, proposed, time.perf_counter() - t0)
+            self.speculator.after_step(scheduled, out, proposed, step_seconds)
             self.speculator.propose(self.scheduler.running)
         return outputs
 

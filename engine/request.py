@@ -57,10 +57,10 @@ class Request:
     logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
     # Speculative decoding: tokens proposed for the next step (verified by the target, not yet
     # part of the output), the distributions they were drawn from ([k, V], None for greedy or
-    # deterministic proposers), and this request's recent per-token acceptance rate.
+    # deterministic proposers), and this request's recent acceptance (spec.controller.Acceptance).
     spec_token_ids: list[int] = field(default_factory=list)
     spec_draft_probs: torch.Tensor | None = field(default=None, repr=False)
-    spec_acceptance: float = 0.8  # optimistic start: the first steps measure it
+    spec_acceptance: object = field(default=None, repr=False)
     spec_idle_steps: int = 0  # steps since it last speculated (re-probe a request set to k=0)
     generator: torch.Generator = field(init=False, repr=False)
 

@@ -22,6 +22,12 @@ ENGINE_HELP = {
     "max_loras": "LoRA adapter slots, i.e. distinct adapters per step (0: LoRA support off)",
     "max_lora_rank": "highest LoRA rank accepted (slots are padded to it)",
     "max_cpu_loras": "adapters kept in host memory after leaving a slot",
+    "speculative": "speculative decoding: off, draft (a smaller model proposes) or ngram (prompt lookup)",
+    "draft_model": "draft model for --speculative draft: catalog name or directory, same tokenizer as --model",
+    "num_speculative_tokens": "most tokens proposed per request and step (adapted to each request's acceptance)",
+    "draft_vocab_size": "the draft proposes among this many lowest token ids plus each request's own tokens (0: all)",
+    "ngram_min": "n-gram prompt lookup: shortest suffix to match",
+    "ngram_max": "n-gram prompt lookup: longest suffix to match",
 }
 
 
@@ -112,6 +118,27 @@ GATEWAY_HELP = {
     "max_upload_size": "largest adapter upload, e.g. 512MiB",
     "served_model_name": "name clients use for the base model (default: the model's name)",
     "strict_base_model": "refuse adapters whose base_model_name_or_path names another model",
+    "adapter_store": "where adapters are stored: local ($LORAGATE_HOME/adapters) or s3 (a bucket shared by "
+                     "every engine; credentials and region from the standard AWS_* variables)",
+    "s3_bucket": "s3 store: bucket name (must exist; checked at start-up)",
+    "s3_prefix": "s3 store: key prefix under which adapters are kept",
+    "s3_endpoint_url": "s3 store: endpoint of an S3-compatible service, e.g. http://minio:9000 (unset: AWS)",
+    "adapter_cache_size": "s3 store: local cache of downloaded adapters ($LORAGATE_HOME/adapter-cache); least "
+                          "recently used versions are removed beyond this, e.g. 20GiB",
+    "adapter_refresh_interval": "seconds between checks of the store for adapters uploaded, replaced or deleted "
+                                "through other servers",
+    "role": "all: one process serving everything; engine: the same server, behind a router; "
+            "router: no model, proxies the API to engines by adapter affinity",
+    "engine_urls": "router: engine base URLs, comma-separated (e.g. http://10.0.0.5:8000,http://10.0.0.6:8000)",
+    "engine_dns": "router: 'name:port' whose every A/AAAA record is an engine (a Kubernetes headless Service)",
+    "discovery_interval": "router: seconds between re-resolutions of --engine-dns",
+    "health_interval": "router: seconds between GET /readyz checks of each engine",
+    "max_engine_load": "router: most requests open on one engine; beyond it, its adapters spill to their next engine",
+    "route_policy": "router: affinity (rendezvous hashing on the adapter) or round_robin (a baseline)",
+    "engine_timeout": "router: seconds to wait for an engine's next response bytes",
+    "batch_max_concurrency": "batch API: engine requests batch lines may have in flight at once "
+                             "(interactive requests go first)",
+    "batch_max_lines": "batch API: most request lines in one input file",
 }
 
 

@@ -78,6 +78,20 @@ class _EngineCollector:
             loads = s.load_seconds[-100:]
             yield gauge("loragate_adapter_load_seconds_recent_mean", "mean of the last 100 adapter loads",
                         sum(loads) / len(loads) if loads else 0.0)
+        if inner.speculator is not None:
+            st = inner.speculator.stats
+            for name, doc, value in (
+                    ("proposed_tokens", "speculative tokens proposed and verified", st.num_proposed),
+                    ("accepted_tokens", "speculative tokens the target accepted", st.num_accepted),
+                    ("verify_steps", "request-steps that verified speculative tokens", st.num_verify_steps),
+                    ("speculative_steps", "engine steps decoded speculatively", st.num_speculative_steps),
+                    ("plain_steps", "engine steps decoded without speculation", st.num_plain_steps)):
+                c = GaugeMetricFamily(f"loragate_spec_{name}", f"{doc} since start")
+                c.add_metric([], value)
+                yield c
+            yield gauge("loragate_spec_acceptance_ratio", "accepted / proposed speculative tokens", st.acceptance_rate)
+            yield gauge("loragate_spec_mean_accepted_length", "tokens emitted per verification step of a request",
+                        st.mean_accepted_length)
 
 
 class RequestCounter:

@@ -77,9 +77,11 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
     if not isinstance(options, dict):
         raise _bad("'stream_options' must be an object", "stream_options")
     seed = _get(body, "seed", int, None)
-    # top_k and ignore_eos are extensions (as in vLLM): absent from OpenAI's API, harmless there.
+    # top_k, ignore_eos and speculative (false: opt out of speculative decoding) are extensions,
+    # as in vLLM: absent from OpenAI's API, harmless there.
     sampling = dict(temperature=_get(body, "temperature", float, 1.0), top_p=_get(body, "top_p", float, 1.0),
-                    stop=stop, top_k=_get(body, "top_k", int, 0), ignore_eos=_get(body, "ignore_eos", bool, False))
+                    stop=stop, top_k=_get(body, "top_k", int, 0), ignore_eos=_get(body, "ignore_eos", bool, False),
+                    speculative=_get(body, "speculative", bool, True))
     if not 0.0 <= sampling["temperature"] <= 2.0:
         raise _bad("'temperature' must be between 0 and 2", "temperature")
     if max_tokens is not None and max_tokens < 1:

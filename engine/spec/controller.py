@@ -1,81 +1,151 @@
-"""When speculation pays, and how much: per-request k from its recent acceptance, and a
-per-batch-size switch between speculative and plain decoding from measured throughput.
+"""How many tokens to propose, per request and per step, so that speculation pays.
 
-Per request: with per-token acceptance rate a, the i-th proposed token is used with
-probability a**i, so proposing it pays while a**i exceeds the proposer's relative cost per
-token. A request whose k drops to 0 is re-probed with k=1 every few steps.
+A request's i-th proposed token is used with probability f * l**(i-1): f is its recent rate
+of accepting a first proposal, l of accepting a later one after the one before it was
+accepted (drafts are right in runs, so l is usually well above f). Each proposed token costs target compute (the verifying step computes one
+more position) and each drafting round costs a proposer forward. On a CPU the target step
+is memory-bound only up to a few dozen positions; beyond that it grows with every position,
+so what pays at batch 1 (6 proposals) can make batch 8 slower.
 
-Per batch: whether a step is cheaper with speculation depends on the batch size (verifying
-k+1 positions per request turns memory-bound decode compute-bound as the batch grows) and
-on the acceptance of the requests in it. So the controller measures tokens per second of
-pure-decode steps in both modes, bucketed by batch size, and uses the faster one, spending
-one step in EXPLORE_EVERY on the other mode to keep both estimates fresh. That is what keeps
-speculation from ever making a busy server slower for long.
+So every step the controller picks the proposal budget B that maximises expected tokens per
+second: it hands out the B most likely-to-be-accepted proposal positions over all requests
+(highest first), predicting the step time from a linear model t(n) = a + b*n of the
+target's step time in computed positions (fitted from measured pure-decode steps) plus the
+measured cost of a drafting round. B = 0 is plain decoding, so a busy server stops
+speculating by itself. One step in EXPLORE_EVERY runs plain to keep the model's low end
+measured, and a request that gets no proposals for REPROBE_EVERY steps is given one, so its
+acceptance estimate can recover.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass, field
 
 from ..request import Request
 
-EXPLORE_EVERY = 16
+EXPLORE_EVERY = 32
 REPROBE_EVERY = 8
-_DECAY = 0.7  # weight of the old estimate in the acceptance and throughput averages
-_MIN_SAMPLES = 2
+_ACCEPT_DECAY = 0.8  # per verified chain: a request's estimates follow its last few chains
+_PRIOR = (0.8, 2.0)  # optimistic start (rate, pseudo-trials): the first steps measure it
+_FIT_DECAY = 0.97  # per observation, for the step-time model
 
 
-def _bucket(batch_size: int) -> int:
-    return max(batch_size, 1).bit_length()  # 1, 2-3, 4-7, 8-15, ...
+def _prior() -> list[float]:
+    return [_PRIOR[0] * _PRIOR[1], _PRIOR[1]]
+
+
+@dataclass
+class Acceptance:
+    """Decayed (successes, trials) of a request's first proposals and of its later ones."""
+
+    first: list[float] = field(default_factory=_prior)
+    later: list[float] = field(default_factory=_prior)
+
+    def marginal(self, j: int) -> float:
+        """Probability that the j-th proposal (1-based) is accepted."""
+        return self.first[0] / self.first[1] * (self.later[0] / self.later[1]) ** (j - 1)
+
+    def update(self, proposed: int, accepted: int) -> None:
+        for sums in (self.first, self.later):
+            sums[0] *= _ACCEPT_DECAY
+            sums[1] *= _ACCEPT_DECAY
+        self.first[0] += accepted >= 1
+        self.first[1] += 1
+        if accepted >= 1:  # later positions reached: the accepted ones after the first, and the one that failed
+            self.later[0] += accepted - 1
+            self.later[1] += accepted - 1 + (accepted < proposed)
+
+
+def acceptance_of(req: Request) -> Acceptance:
+    if req.spec_acceptance is None:
+        req.spec_acceptance = Acceptance()
+    return req.spec_acceptance
+
+
+class StepTimeModel:
+    """t(n) ~ a + b*n by exponentially weighted least squares over (positions, seconds)."""
+
+    def __init__(self, prior_slope_fraction: float = 0.02):
+        self.sums = [0.0] * 5  # w, w*n, w*t, w*n^2, w*n*t
+        self.prior = prior_slope_fraction  # slope as a fraction of the mean step, until n varies
+
+    def add(self, n: int, seconds: float) -> None:
+        s = [x * _FIT_DECAY for x in self.sums]
+        s[0] += 1
+        s[1] += n
+        s[2] += seconds
+        s[3] += n * n
+        s[4] += n * seconds
+        self.sums = s
+
+    def predict(self, n: int) -> float | None:
+        w, wn, wt, wnn, wnt = self.sums
+        if w == 0:
+            return None
+        mean_n, mean_t = wn / w, wt / w
+        var = wnn / w - mean_n ** 2
+        slope = (wnt / w - mean_n * mean_t) / var if var > 0.25 else self.prior * mean_t
+        return max(mean_t + max(slope, 0.0) * (n - mean_n), 1e-6)
 
 
 class SpecController:
-    def __init__(self, max_k: int):
+    def __init__(self, max_k: int, cost_per_token: float):
         self.max_k = max_k
-        self.rate: dict[tuple[int, bool], float] = {}  # (bucket, speculative) -> tokens/s
-        self.samples: dict[tuple[int, bool], int] = {}
-        self.steps: dict[int, int] = {}
+        self.step_time = StepTimeModel()
+        self.round_seconds: float | None = None  # one proposer round (a draft forward)
+        self.cost_per_token = cost_per_token  # proposer round cost in target steps, until measured
+        self.num_steps = 0
 
-    # -- per request ----------------------------------------------------------------------
+    def plan(self, requests: list[Request], limits: list[int], batch_size: int) -> list[int]:
+        """Proposal counts for `requests` (those allowed to speculate, each at most its
+        limit) in a step decoding `batch_size` requests."""
+        self.num_steps += 1
+        ks = [0] * len(requests)
+        if self.num_steps % EXPLORE_EVERY == 0:
+            return ks
+        marginals = sorted(((acceptance_of(r).marginal(j), i) for i, (r, lim) in enumerate(zip(requests, limits))
+                            for j in range(1, min(lim, self.max_k) + 1)), reverse=True)
+        base = self.step_time.predict(batch_size)
+        if base is None:  # measure a plain step first
+            return ks
+        for _, i in marginals[: self._best_budget(marginals, batch_size, base, len(requests))]:
+            ks[i] += 1
+        if not any(ks):  # a proposer round would cost more than it could bring
+            return ks
+        for i, r in enumerate(requests):  # re-probe, within rounds paid anyway, requests that get nothing
+            if ks[i] == 0 and limits[i] > 0:
+                r.spec_idle_steps += 1
+                if r.spec_idle_steps >= REPROBE_EVERY:
+                    r.spec_idle_steps, ks[i] = 0, 1
+            else:
+                r.spec_idle_steps = 0
+        return ks
 
-    def num_tokens_for(self, req: Request, cost_per_token: float) -> int:
-        a = req.spec_acceptance
-        if a >= 0.999:
-            k = self.max_k
-        elif a <= cost_per_token:
-            k = 0
-        else:
-            k = min(self.max_k, int(math.log(cost_per_token) / math.log(a)))
-        if k == 0:
-            req.spec_idle_steps += 1
-            if req.spec_idle_steps >= REPROBE_EVERY:
-                req.spec_idle_steps = 0
-                return 1
-        return k
+    def _best_budget(self, marginals, batch_size: int, base: float, num_requests: int) -> int:
+        round_cost = self.round_seconds if self.round_seconds is not None else self.cost_per_token * base
+        best_rate, best = batch_size / base, 0
+        expected, rounds = float(batch_size), 0
+        counts = [0] * num_requests
+        for b, (m, i) in enumerate(marginals, 1):
+            expected += m
+            counts[i] += 1
+            rounds = max(rounds, counts[i])
+            rate = expected / (self.step_time.predict(batch_size + b) + rounds * round_cost)
+            if rate > best_rate:
+                best_rate, best = rate, b
+        return best
+
+    def record_step(self, num_positions: int, seconds: float) -> None:
+        """A pure-decode target step (no prefill in it) and its time, proposer excluded."""
+        if seconds > 0:
+            self.step_time.add(num_positions, seconds)
+
+    def record_rounds(self, rounds: int, seconds: float) -> None:
+        if rounds > 0 and seconds > 0:
+            per_round = seconds / rounds
+            old = self.round_seconds
+            self.round_seconds = per_round if old is None else 0.8 * old + 0.2 * per_round
 
     @staticmethod
     def record_acceptance(req: Request, proposed: int, accepted: int) -> None:
-        """Per-token acceptance: a chain that stopped early had accepted + 1 trials."""
-        trials = accepted + (1 if accepted < proposed else 0)
-        if trials:
-            req.spec_acceptance = _DECAY * req.spec_acceptance + (1 - _DECAY) * accepted / trials
-
-    # -- per batch ------------------------------------------------------------------------
-
-    def use_speculation(self, batch_size: int) -> bool:
-        b = _bucket(batch_size)
-        n = self.steps[b] = self.steps.get(b, 0) + 1
-        for mode in (True, False):  # measure both modes first
-            if self.samples.get((b, mode), 0) < _MIN_SAMPLES:
-                return mode
-        best = self.rate[(b, True)] >= self.rate[(b, False)]
-        return (not best) if n % EXPLORE_EVERY == 0 else best
-
-    def record_step(self, batch_size: int, speculative: bool, tokens: int, seconds: float) -> None:
-        if seconds <= 0:
-            return
-        key = (_bucket(batch_size), speculative)
-        rate = tokens / seconds
-        old = self.rate.get(key)
-        self.rate[key] = rate if old is None else _DECAY * old + (1 - _DECAY) * rate
-        self.samples[key] = self.samples.get(key, 0) + 1
+        acceptance_of(req).update(proposed, accepted)

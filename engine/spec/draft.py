@@ -23,6 +23,7 @@ from ..model_runner import ModelRunner
 from ..models.loader import load_model
 from ..request import Request
 from ..sampling_params import SamplingParams
+from .draft_head import DraftHead
 from .proposer import Proposal
 
 
@@ -40,8 +41,9 @@ class DraftModelProposer:
     wants_hidden_states = False
 
     def __init__(self, model_dir: Path, dtype: torch.dtype, max_model_len: int, num_blocks: int, block_size: int,
-                 max_tokens_per_forward: int):
+                 max_tokens_per_forward: int, head_size: int = 0):
         self.model, _ = load_model(model_dir, dtype, max_model_len)
+        self.head = DraftHead(self.model, head_size)
         self.runner = ModelRunner(self.model, num_blocks, block_size)
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=True)
         self.block_size = block_size
@@ -56,6 +58,7 @@ class DraftModelProposer:
         for rid in [r for r in self.shadows if r not in keep]:
             self.kv.free(self.shadows.pop(rid))
             self._synced.pop(rid, None)
+            self.head.forget(rid)
 
     @torch.inference_mode()
     def propose(self, requests: list[Request], num_tokens: list[int],
@@ -76,7 +79,7 @@ class DraftModelProposer:
                 continue
             budget -= num_new
             step.append((i, shadow, num_new))
-        for round_no in range(max(num_tokens, default=0)):
+        for _ in range(max(num_tokens, default=0)):
             if not step:
                 break
             logits = self._forward(step)
@@ -102,9 +105,11 @@ class DraftModelProposer:
             shadow.num_computed_tokens = self.kv.match_prefix(shadow)
             self.shadows[req.request_id] = shadow
             self._synced[req.request_id] = len(target)
+            self.head.add_tokens(req.request_id, target)
             return shadow
         seen = shadow.all_token_ids
         valid = self._synced[req.request_id]
+        self.head.add_tokens(req.request_id, target[valid:])
         limit = min(len(seen), len(target), shadow.num_computed_tokens)
         while valid < limit and seen[valid] == target[valid]:
             valid += 1
@@ -131,7 +136,7 @@ class DraftModelProposer:
             # may be partly rolled back and rewritten, which must never touch a shared block.
             if shadow.num_computed_tokens <= shadow.num_prompt_tokens:
                 self.kv.cache_full_blocks(shadow)
-        return self.model.compute_logits(hidden.index_select(0, torch.tensor(ends)))
+        return self.head.logits(hidden.index_select(0, torch.tensor(ends)), [s.request_id for s, _ in scheduled])
 
     @staticmethod
     def _draw(req: Request, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:

@@ -20,8 +20,8 @@ class Proposal:
 
 
 class Proposer(Protocol):
-    # Relative cost of one proposed token, in target decode steps: the speculator stops
-    # proposing a request's i-th token once its acceptance probability falls below it.
+    # Cost of one proposing round (a draft forward) in target decode steps: the controller's
+    # estimate until it has measured the real one.
     cost_per_token: float
     # A proposer that drafts from the target's own features (a parallel block drafter in
     # the DFlash style) sets this; the runner then hands it the target's final hidden states

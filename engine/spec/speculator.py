@@ -35,58 +35,59 @@ class SpecStats:
 class Speculator:
     def __init__(self, proposer: Proposer, max_k: int, max_model_len: int):
         self.proposer = proposer
-        self.controller = SpecController(max_k)
+        self.controller = SpecController(max_k, proposer.cost_per_token)
         self.max_model_len = max_model_len
         self.stats = SpecStats()
         # What the last propose() decided, for the step that verifies it.
-        self._pending = (0, False, 0.0)  # (decode batch size, speculative, seconds spent proposing)
+        self._pending_batch = 0
 
     def propose(self, running: list[Request]) -> None:
-        t0 = time.perf_counter()
         self.proposer.forget({r.request_id for r in running})
         decode = [r for r in running if r.num_computed_tokens == r.num_tokens - 1]
-        speculative = bool(decode) and self.controller.use_speculation(len(decode))
-        if speculative:
-            reqs, ks = [], []
-            for r in decode:
-                k = self._num_tokens(r)
-                if k > 0:
-                    reqs.append(r)
-                    ks.append(k)
-            hidden = None  # no proposer here drafts from the target's features yet
-            for r, proposal in zip(reqs, self.proposer.propose(reqs, ks, hidden)):
-                r.spec_token_ids = proposal.token_ids
-                r.spec_draft_probs = proposal.probs
-        self._pending = (len(decode), speculative, time.perf_counter() - t0)
+        self._pending_batch = len(decode)
+        limits = [self._limit(r) for r in decode]
+        eligible = [(r, lim) for r, lim in zip(decode, limits) if lim > 0]
+        if not eligible:
+            return
+        reqs = [r for r, _ in eligible]
+        ks = self.controller.plan(reqs, [lim for _, lim in eligible], len(decode))
+        chosen = [(r, k) for r, k in zip(reqs, ks) if k > 0]
+        if not chosen:
+            return
+        t0 = time.perf_counter()
+        hidden = None  # no proposer here drafts from the target's features yet
+        proposals = self.proposer.propose([r for r, _ in chosen], [k for _, k in chosen], hidden)
+        self.controller.record_rounds(max(k for _, k in chosen), time.perf_counter() - t0)
+        for (r, _), proposal in zip(chosen, proposals):
+            r.spec_token_ids = proposal.token_ids
+            r.spec_draft_probs = proposal.probs
 
-    def _num_tokens(self, r: Request) -> int:
+    def _limit(self, r: Request) -> int:
+        """Most tokens worth proposing: never past max_tokens or the context."""
         if not r.sampling_params.speculative:
             return 0
-        k = self.controller.num_tokens_for(r, self.proposer.cost_per_token)
-        # Never propose past max_tokens or the context: those tokens could not be kept.
-        return min(k, r.sampling_params.max_tokens - len(r.output_token_ids) - 1, self.max_model_len - r.num_tokens)
+        return min(r.sampling_params.max_tokens - len(r.output_token_ids) - 1, self.max_model_len - r.num_tokens)
 
     def after_step(self, scheduled, out, proposed: list[int], seconds: float) -> None:
-        """proposed: per out.requests, how many speculative tokens the step verified."""
+        """proposed: per out.requests, how many speculative tokens the step verified;
+        seconds: the target step's time."""
         s = self.stats
-        emitted = 0
         for req, p, accepted in zip(out.requests, proposed, out.num_accepted):
-            emitted += accepted + 1
             if p:
                 s.num_proposed += p
                 s.num_accepted += accepted
                 s.num_verify_steps += 1
                 s.num_emitted += accepted + 1
                 self.controller.record_acceptance(req, p, accepted)
-        batch_size, speculative, propose_seconds = self._pending
-        if speculative:
+        if any(proposed):
             s.num_speculative_steps += 1
         else:
             s.num_plain_steps += 1
+        batch_size = self._pending_batch
         pure_decode = (len(scheduled) == len(out.requests) == batch_size
                        and out.num_computed_tokens == batch_size + sum(proposed))
         if pure_decode:
-            self.controller.record_step(batch_size, speculative, emitted, seconds + propose_seconds)
+            self.controller.record_step(out.num_computed_tokens, seconds)
 
 
 def build_speculator(config, engine) -> Speculator | None:
@@ -116,4 +117,4 @@ def _draft_proposer(config, engine):
         raise ModelConfigError(f"draft model {config.draft_model} handles {draft_config.max_position_embeddings} "
                                f"positions, fewer than max_model_len {engine.max_model_len}: lower --max-model-len")
     return DraftModelProposer(draft_dir, config.torch_dtype, engine.max_model_len, engine.kv.num_blocks,
-                              config.block_size, config.max_num_batched_tokens)
+                              config.block_size, config.max_num_batched_tokens, config.draft_vocab_size)

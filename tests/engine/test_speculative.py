@@ -41,7 +41,8 @@ def worse_draft_dir(tiny_llama, tmp_path_factory):
 def always_speculate(llm: LLM) -> LLM:
     """Tiny models decode faster without speculation, so the throughput switch would turn
     it off; these tests are about what speculation computes, so keep it on."""
-    llm.engine.speculator.controller.use_speculation = lambda batch_size: True
+    spec = llm.engine.speculator
+    spec.controller.plan = lambda reqs, limits, batch_size: [min(lim, spec.controller.max_k) for lim in limits]
     return llm
 
 
@@ -257,3 +258,36 @@ def test_sampled_tokens_follow_the_targets_distribution(tiny_llama, draft_dir, m
     assert len(joint) == 16 and chi2 < 37.70  # df 15, p = 0.001; seeds are fixed, so it is deterministic
     stats = llm.engine.speculator.stats
     assert stats.num_proposed > 200 and 0 < stats.num_accepted < stats.num_proposed
+
+
+def test_draft_head_over_part_of_the_vocabulary(tiny_llama, draft_dir):
+    """A draft restricted to the 100 lowest ids plus each request's own tokens proposes only
+    those, and the output is still exactly plain decoding's."""
+    prompts = prompts_20()
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    plain = LLM(str(tiny_llama), dtype="float32", progress=False).generate(prompts, params)
+    llm = spec_llm(tiny_llama, "draft", draft_dir, draft_vocab_size=100)
+    proposer = llm.engine.speculator.proposer
+    seen: list[tuple[list[int], list[int]]] = []
+    real_propose = proposer.propose
+
+    def recording(requests, num_tokens, hidden=None):
+        proposals = real_propose(requests, num_tokens, hidden)
+        seen.extend((r.all_token_ids, list(p.token_ids)) for r, p in zip(requests, proposals))
+        return proposals
+
+    proposer.propose = recording
+    assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in plain]
+    assert seen and all(t < 100 or t in text for text, proposal in seen for t in proposal)
+    assert any(t >= 100 for _, proposal in seen for t in proposal)  # its own rare tokens do come up
+
+    from loragate.engine.spec.draft_head import DraftHead
+
+    head = DraftHead(proposer.model, 100)
+    head.add_tokens("r", [5, 300, 301])
+    hidden = torch.randn(1, proposer.model.config.hidden_size)
+    full = proposer.model.compute_logits(hidden)
+    got = head.logits(hidden, ["r"])
+    keep = list(range(100)) + [300, 301]
+    assert torch.allclose(got[0, keep], full[0, keep], atol=1e-5)
+    assert torch.isinf(got[0, 100:300]).all() and torch.isinf(got[0, 302:]).all()

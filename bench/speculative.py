@@ -1,0 +1,149 @@
+"""Speculative decoding vs plain decoding vs Hugging Face, side by side in one process.
+
+    python bench/speculative.py [--target qwen2.5-coder-1.5b-instruct]
+                                [--draft qwen2.5-coder-0.5b-instruct] [--max-tokens 128]
+
+Greedy, batch 1, on three tasks (writing code, writing prose, editing a given code file):
+tok/s of ours plain, ours + draft model, ours + n-gram lookup, HF `generate` and HF assisted
+generation (`assistant_model=`), with our acceptance rate and mean accepted length; then 8
+concurrent requests, plain vs speculative. Prints the ratios against the targets. All
+systems run bf16 on the same threads; run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import time
+
+import torch
+
+from loragate.engine import EngineConfig, LLMEngine, SamplingParams
+from loragate.engine.models.prepare import resolve_model
+
+TASKS = {
+    "code": "Write a Python function `merge_intervals(intervals)` that merges overlapping intervals, "
+            "with a docstring and type hints, followed by three unit tests using pytest.",
+    "prose": "Write a short, vivid story (three paragraphs) about a lighthouse keeper who finds a "
+             "message in a bottle.",
+}
+
+
+def edit_task() -> str:
+    """An input-grounded task: return a given code file with a small change."""
+    import textwrap as source
+
+    code = inspect.getsource(source.TextWrapper._split)
+    code += inspect.getsource(source.TextWrapper._fix_sentence_endings)
+    return ("Here is a Python file:\n```python\n" + code + "```\nRename the variable `chunks` to `pieces` "
+            "everywhere and return the complete updated file, with no explanation.")
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=False)
+
+
+def ours(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    reqs = [engine.add_request(p, params) for p in prompts]
+    t0 = time.perf_counter()
+    while engine.has_unfinished:
+        engine.step()
+    dt = time.perf_counter() - t0
+    return sum(len(r.output_token_ids) for r in reqs) / dt, [r.output_token_ids for r in reqs]
+
+
+def hf(model, prompt: list[int], max_tokens: int, assistant=None) -> tuple[float, list[int]]:
+    ids = torch.tensor([prompt])
+    kwargs = {"assistant_model": assistant} if assistant is not None else {}
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                             **kwargs)
+    dt = time.perf_counter() - t0
+    new = out[0, len(prompt):].tolist()
+    return len(new) / dt, new
+
+
+def make_engine(target: str, mode: str, draft: str, k: int) -> LLMEngine:
+    extra = {"draft_model": draft} if mode == "draft" else {}
+    return LLMEngine(EngineConfig(model=target, speculative=mode, num_speculative_tokens=k, max_loras=0,
+                                  kv_cache_memory="2GiB", **extra), progress=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
+    ap.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--num-speculative-tokens", type=int, default=6)
+    ap.add_argument("--concurrent", type=int, default=8)
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target_dir, draft_dir = resolve_model(args.target), resolve_model(args.draft)
+    tok = AutoTokenizer.from_pretrained(str(target_dir))
+    tasks = {name: chat_ids(tok, text) for name, text in {**TASKS, "edit": edit_task()}.items()}
+    n = args.max_tokens
+    results: dict[str, dict[str, float]] = {t: {} for t in tasks}
+    outputs: dict[tuple[str, str], list[int]] = {}
+    accept: dict[tuple[str, str], tuple[float, float]] = {}
+
+    for mode in ("off", "draft", "ngram"):
+        engine = make_engine(args.target, mode, args.draft, args.num_speculative_tokens)
+        ours(engine, [tasks["code"][:64]], 8)  # warm-up: native kernels, first allocations
+        for task, ids in tasks.items():
+            if engine.speculator is not None:
+                engine.speculator.stats.__init__()
+            rate, outs = ours(engine, [ids], n)
+            results[task][f"ours {mode}"] = rate
+            outputs[(task, mode)] = outs[0]
+            if engine.speculator is not None:
+                s = engine.speculator.stats
+                accept[(task, mode)] = (s.acceptance_rate, s.mean_accepted_length)
+            print(f"  ours {mode:5s} {task:5s} {rate:6.2f} tok/s", flush=True)
+        del engine
+
+    hf_target = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.bfloat16).eval()
+    hf_draft = AutoModelForCausalLM.from_pretrained(str(draft_dir), dtype=torch.bfloat16).eval()
+    hf(hf_target, tasks["code"][:64], 4)
+    hf(hf_target, tasks["code"][:64], 4, hf_draft)
+    for task, ids in tasks.items():
+        results[task]["HF generate"], _ = hf(hf_target, ids, n)
+        results[task]["HF assisted"], _ = hf(hf_target, ids, n, hf_draft)
+        print(f"  HF {task:5s} {results[task]['HF generate']:6.2f} / assisted {results[task]['HF assisted']:6.2f} tok/s",
+              flush=True)
+    del hf_target, hf_draft
+
+    print(f"\nbatch 1, greedy, {n} new tokens at most, tok/s (same greedy tokens: ours spec == ours plain)")
+    systems = ["ours off", "ours draft", "ours ngram", "HF generate", "HF assisted"]
+    print(f"{'task':6s} " + " ".join(f"{s:>12s}" for s in systems) + "   accept/len draft   accept/len ngram   same")
+    for task in tasks:
+        row = results[task]
+        same = all(outputs[(task, m)] == outputs[(task, "off")] for m in ("draft", "ngram"))
+        a_d, a_n = accept[(task, "draft")], accept[(task, "ngram")]
+        print(f"{task:6s} " + " ".join(f"{row[s]:12.2f}" for s in systems)
+              + f"   {a_d[0]:.2f} / {a_d[1]:.2f}        {a_n[0]:.2f} / {a_n[1]:.2f}        {same}")
+    code, edit = results["code"], results["edit"]
+    print(f"\nours+draft / ours plain on code: {code['ours draft'] / code['ours off']:.2f}x (target 2.0x)")
+    print(f"ours+draft / HF assisted on code: {code['ours draft'] / code['HF assisted']:.2f}x (target 1.5x)")
+    print(f"ours+ngram / ours plain on edit:  {edit['ours ngram'] / edit['ours off']:.2f}x (target 1.5x)")
+
+    prompts = [ids for ids in tasks.values()] * (args.concurrent // len(tasks) + 1)
+    prompts = prompts[: args.concurrent]
+    print(f"\n{args.concurrent} concurrent requests (mixed tasks), total tok/s:")
+    rates = {}
+    for mode in ("off", "draft", "ngram"):
+        engine = make_engine(args.target, mode, args.draft, args.num_speculative_tokens)
+        ours(engine, [tasks["code"][:64]], 8)
+        rates[mode], _ = ours(engine, prompts, n)
+        print(f"  {mode:5s} {rates[mode]:6.2f}", flush=True)
+        del engine
+    for mode in ("draft", "ngram"):
+        print(f"{mode} / plain at {args.concurrent} concurrent: {rates[mode] / rates['off']:.2f}x (target >= 1.0x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The draft model's output head over part of the vocabulary.
+
+Drafting is memory-bound, and a small model's head is a large share of the bytes it reads
+per token (Qwen2.5-0.5B: 136M of its 494M parameters). A draft only has to propose likely
+tokens, so its head covers the `size` lowest token ids (byte-level BPE vocabularies number
+tokens in merge order, roughly most frequent first) plus, per request, the higher ids that
+occur in its own text, the rare identifiers it is likely to repeat. This stays lossless: the
+target verifies every proposal, and a token outside the subset is simply never proposed.
+(FR-Spec, Zhao et al. 2025, restricts the drafter's head to frequent tokens the same way.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loragate.kernels.dense import dense_linear, pack_weight
+
+
+class DraftHead:
+    def __init__(self, model, size: int):
+        head = model.embed_tokens.weight if model.lm_head is None else model.lm_head
+        self.weight = head
+        self.vocab = head.shape[0]
+        self.size = self.vocab if size <= 0 else min(size, self.vocab)
+        self.packed = model.lm_head_packed if self.size == self.vocab else pack_weight(head[: self.size].contiguous())
+        self.extra: dict[str, tuple[list[int], torch.Tensor | None]] = {}  # request id -> (ids, their head rows)
+
+    def add_tokens(self, request_id: str, token_ids: list[int]) -> None:
+        """Make the request's own tokens beyond the common subset proposable for it."""
+        if self.size == self.vocab:
+            return
+        ids, _ = self.extra.get(request_id, ([], None))
+        new = sorted({t for t in token_ids if t >= self.size} - set(ids))
+        if new:
+            ids = ids + new
+            self.extra[request_id] = (ids, self.weight[torch.tensor(ids)])
+
+    def forget(self, request_id: str) -> None:
+        self.extra.pop(request_id, None)
+
+    def logits(self, hidden: torch.Tensor, request_ids: list[str]) -> torch.Tensor:
+        """hidden [n, h] -> fp32 logits [n, vocab], -inf outside each request's subset."""
+        sub = dense_linear(hidden, self.packed, None).float()
+        if self.size == self.vocab:
+            return sub
+        out = torch.full((hidden.shape[0], self.vocab), float("-inf"))
+        out[:, : self.size] = sub
+        for row, rid in enumerate(request_ids):
+            ids, rows = self.extra.get(rid, ([], None))
+            if ids:
+                out[row, torch.tensor(ids)] = (hidden[row] @ rows.T).float()
+        return out
