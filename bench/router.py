@@ -88,7 +88,7 @@ class Fleet:
                                      "--max-num-seqs", str(args.clients)], env))
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        max_load = math.ceil(args.clients * 2 / 3)  # room for popularity skew before spilling
+        max_load = args.max_engine_load or math.ceil(args.clients * 2 / 3)  # room for popularity skew before spilling
         self.procs.append(serve(["--role", "router", "--engine-urls", ",".join(self.engine_urls), "--port", str(port),
                                  "--route-policy", policy, "--max-engine-load", str(max_load),
                                  "--health-interval", "1"], env))
@@ -157,6 +157,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--zipf", type=float, default=1.0, help="adapter popularity exponent (0: uniform)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-engine-load", type=int, default=0,
+                    help="the router's spill threshold per engine (default: 2/3 of the clients)")
     args = ap.parse_args()
     model_dir = resolve_model(args.model)  # before LORAGATE_HOME moves to the bench's own home
     tmp = Path(tempfile.mkdtemp(prefix="loragate-bench-router-"))
