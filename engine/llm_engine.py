@@ -84,6 +84,14 @@ class LLMEngine:
                   f"= {num_blocks * config.block_size} tokens ({num_blocks * bytes_per_block / 2**20:.0f} MiB); "
                   f"max_model_len {self.max_model_len}", file=sys.stderr)
 
+    def use_proposer(self, proposer) -> None:
+        """Speculate with another Proposer (engine/spec/proposer.py), e.g. a drafter that
+        conditions on the target's hidden states: the runner then exposes them to it."""
+        from .spec import Speculator
+
+        self.speculator = Speculator(proposer, self.config.num_speculative_tokens, self.max_model_len)
+        self.runner.expose_hidden_states = proposer.wants_hidden_states
+
     # -- requests -------------------------------------------------------------------------
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:

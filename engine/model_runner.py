@@ -27,6 +27,9 @@ class StepOutput:
     num_accepted: list[int]
     logprobs: list[list[tuple[float, dict[int, float]]] | None]
     num_computed_tokens: int  # tokens run through the model this step
+    # Only when the runner exposes them (a proposer that drafts from the target's features):
+    # per request id, the final hidden states [num_logits, hidden] of its sampled positions.
+    hidden_states: dict[str, torch.Tensor] | None = None
 
 
 class ModelRunner:
@@ -38,6 +41,7 @@ class ModelRunner:
         shape = (c.num_layers, 2, num_blocks, c.num_kv_heads, block_size, c.head_dim)
         self.kv_cache = zeros_on_huge_pages(shape, model.dtype)
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.num_layers)]
+        self.expose_hidden_states = False
 
     @staticmethod
     def bytes_per_block(model: LlamaForCausalLM, block_size: int) -> int:
@@ -51,8 +55,13 @@ class ModelRunner:
         num_tokens = int(batch.input_ids.shape[0])
         if not batch.sampled_requests:
             return StepOutput([], [], [], [], num_tokens)
-        logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
-        return self.sample(batch, logits, num_tokens)
+        rows = hidden.index_select(0, batch.logits_indices)
+        out = self.sample(batch, self.model.compute_logits(rows), num_tokens)
+        if self.expose_hidden_states:
+            ends = torch.tensor(batch.num_logits).cumsum(0).tolist()
+            out.hidden_states = {r.request_id: rows[end - n:end]
+                                 for r, n, end in zip(batch.sampled_requests, batch.num_logits, ends)}
+        return out
 
     def sample(self, batch: BatchMetadata, logits: torch.Tensor, num_tokens: int) -> StepOutput:
         reqs = batch.sampled_requests

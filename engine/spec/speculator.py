@@ -40,6 +40,7 @@ class Speculator:
         self.stats = SpecStats()
         # What the last propose() decided, for the step that verifies it.
         self._pending_batch = 0
+        self._hidden_states: dict | None = None  # the last step's, for a proposer that wants them
 
     def propose(self, running: list[Request]) -> None:
         self.proposer.forget({r.request_id for r in running})
@@ -55,8 +56,7 @@ class Speculator:
         if not chosen:
             return
         t0 = time.perf_counter()
-        hidden = None  # no proposer here drafts from the target's features yet
-        proposals = self.proposer.propose([r for r, _ in chosen], [k for _, k in chosen], hidden)
+        proposals = self.proposer.propose([r for r, _ in chosen], [k for _, k in chosen], self._hidden_states)
         self.controller.record_rounds(max(k for _, k in chosen), time.perf_counter() - t0)
         for (r, _), proposal in zip(chosen, proposals):
             r.spec_token_ids = proposal.token_ids
@@ -72,6 +72,7 @@ class Speculator:
         """proposed: per out.requests, how many speculative tokens the step verified;
         seconds: the target step's time."""
         s = self.stats
+        self._hidden_states = out.hidden_states
         for req, p, accepted in zip(out.requests, proposed, out.num_accepted):
             if p:
                 s.num_proposed += p

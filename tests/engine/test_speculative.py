@@ -291,3 +291,36 @@ def test_draft_head_over_part_of_the_vocabulary(tiny_llama, draft_dir):
     keep = list(range(100)) + [300, 301]
     assert torch.allclose(got[0, keep], full[0, keep], atol=1e-5)
     assert torch.isinf(got[0, 100:300]).all() and torch.isinf(got[0, 302:]).all()
+
+
+def test_a_proposer_can_draft_from_the_targets_hidden_states(tiny_llama):
+    """The interface a parallel block drafter (DFlash-style) needs: the target's final hidden
+    states at each request's sampled positions reach the proposer after every step."""
+    from loragate.engine.spec import Proposal
+
+    class FeatureDrafter:
+        wants_hidden_states = True
+        cost_per_token = 0.001
+
+        def __init__(self):
+            self.seen = []
+
+        def propose(self, requests, num_tokens, hidden_states=None):
+            self.seen.append({r.request_id: (hidden_states[r.request_id], r.output_token_ids[-1]) for r in requests})
+            return [Proposal([]) for _ in requests]
+
+        def forget(self, keep):
+            pass
+
+    llm = LLM(str(tiny_llama), dtype="float32", progress=False)
+    drafter = FeatureDrafter()
+    llm.engine.use_proposer(drafter)
+    always_speculate(llm)
+    llm.generate([[1, 5, 6, 7], [1, 9, 9]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    assert drafter.seen
+    model = llm.engine.model
+    for step in drafter.seen:
+        for hidden, last_token in step.values():
+            assert hidden.shape == (1, model.config.hidden_size)
+            # The features are the ones the target sampled its newest token from.
+            assert int(model.compute_logits(hidden).argmax()) == last_token
