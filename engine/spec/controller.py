@@ -7,11 +7,15 @@ more position) and each drafting round costs a proposer forward. On a CPU the ta
 is memory-bound only up to a few dozen positions; beyond that it grows with every position,
 so what pays at batch 1 (6 proposals) can make batch 8 slower.
 
+A guard checks the model against reality: per batch size, the measured tokens per second
+of speculative and of plain decode steps (proposer time included); while speculation
+measures slower, steps decode plainly.
+
 So every step the controller picks the proposal budget B that maximises expected tokens per
 second: it hands out the B most likely-to-be-accepted proposal positions over all requests
 (highest first), predicting the step time from a linear model t(n) = a + b*n of the
-target's step time in computed positions (fitted from measured pure-decode steps) plus the
-measured cost of a drafting round. B = 0 is plain decoding, so a busy server stops
+target's step time in computed positions (fitted from measured pure-decode steps, trusted up
+to twice the largest step measured) plus the measured cost of a drafting round. B = 0 is plain decoding, so a busy server stops
 speculating by itself. One step in EXPLORE_EVERY runs plain to keep the model's low end
 measured, and a request that gets no proposals for REPROBE_EVERY steps is given one, so its
 acceptance estimate can recover.
@@ -28,6 +32,8 @@ REPROBE_EVERY = 8
 _ACCEPT_DECAY = 0.8  # per verified chain: a request's estimates follow its last few chains
 _PRIOR = (0.8, 2.0)  # optimistic start (rate, pseudo-trials): the first steps measure it
 _FIT_DECAY = 0.97  # per observation, for the step-time model
+_REALIZED_DECAY = 0.8
+_MIN_SAMPLES = 3
 
 
 def _prior() -> list[float]:
@@ -68,8 +74,10 @@ class StepTimeModel:
     def __init__(self, prior_slope_fraction: float = 0.02):
         self.sums = [0.0] * 5  # w, w*n, w*t, w*n^2, w*n*t
         self.prior = prior_slope_fraction  # slope as a fraction of the mean step, until n varies
+        self.max_n = 0  # the most positions measured in one step: the fit is trusted up to twice that
 
     def add(self, n: int, seconds: float) -> None:
+        self.max_n = max(self.max_n, n)
         s = [x * _FIT_DECAY for x in self.sums]
         s[0] += 1
         s[1] += n
@@ -95,20 +103,30 @@ class SpecController:
         self.round_seconds: float | None = None  # one proposer round (a draft forward)
         self.cost_per_token = cost_per_token  # proposer round cost in target steps, until measured
         self.num_steps = 0
+        # Measured output tokens/s of pure-decode steps, proposer time included, per batch-size
+        # bucket and mode: the guard against a step-time model that flatters speculation.
+        self.realized: dict[tuple[int, bool], tuple[float, int]] = {}
 
     def plan(self, requests: list[Request], limits: list[int], batch_size: int) -> list[int]:
         """Proposal counts for `requests` (those allowed to speculate, each at most its
         limit) in a step decoding `batch_size` requests."""
         self.num_steps += 1
         ks = [0] * len(requests)
-        if self.num_steps % EXPLORE_EVERY == 0:
-            return ks
-        marginals = sorted(((acceptance_of(r).marginal(j), i) for i, (r, lim) in enumerate(zip(requests, limits))
-                            for j in range(1, min(lim, self.max_k) + 1)), reverse=True)
         base = self.step_time.predict(batch_size)
         if base is None:  # measure a plain step first
             return ks
-        for _, i in marginals[: self._best_budget(marginals, batch_size, base, len(requests))]:
+        marginals = sorted(((acceptance_of(r).marginal(j), i) for i, (r, lim) in enumerate(zip(requests, limits))
+                            for j in range(1, min(lim, self.max_k) + 1)), reverse=True)
+        budget = 0 if self._speculation_loses(batch_size) else self._best_budget(marginals, batch_size, base,
+                                                                                  len(requests))
+        if budget and self._samples(batch_size, False) < _MIN_SAMPLES:
+            budget = 0  # the guard compares against measured plain steps of this batch size
+        if self.num_steps % EXPLORE_EVERY == 0:
+            # Try the other side: a plain step, or two proposals per request (the second
+            # round is timed clean of catch-up), so neither the step-time model nor the
+            # round cost and the acceptances go stale.
+            return ks if budget else [min(2, lim, self.max_k) for lim in limits]
+        for _, i in marginals[:budget]:
             ks[i] += 1
         if not any(ks):  # a proposer round would cost more than it could bring
             return ks
@@ -126,7 +144,10 @@ class SpecController:
         best_rate, best = batch_size / base, 0
         expected, rounds = float(batch_size), 0
         counts = [0] * num_requests
-        for b, (m, i) in enumerate(marginals, 1):
+        # A straight line fitted to small steps flatters big ones (a CPU turns compute-bound):
+        # grow the budget only to twice the largest step measured, so it is learnt gradually.
+        trusted = max(1, 2 * self.step_time.max_n - batch_size)
+        for b, (m, i) in enumerate(marginals[:trusted], 1):
             expected += m
             counts[i] += 1
             rounds = max(rounds, counts[i])
@@ -140,11 +161,26 @@ class SpecController:
         if seconds > 0:
             self.step_time.add(num_positions, seconds)
 
-    def record_rounds(self, rounds: int, seconds: float) -> None:
-        if rounds > 0 and seconds > 0:
-            per_round = seconds / rounds
+    def record_realized(self, batch_size: int, speculative: bool, tokens: int, seconds: float) -> None:
+        if seconds > 0:
+            key = (batch_size.bit_length(), speculative)  # buckets 1, 2-3, 4-7, 8-15, ...
+            old, n = self.realized.get(key, (tokens / seconds, 0))
+            self.realized[key] = (_REALIZED_DECAY * old + (1 - _REALIZED_DECAY) * tokens / seconds, n + 1)
+
+    def _samples(self, batch_size: int, speculative: bool) -> int:
+        return self.realized.get((batch_size.bit_length(), speculative), (0.0, 0))[1]
+
+    def _speculation_loses(self, batch_size: int) -> bool:
+        b = batch_size.bit_length()
+        if min(self._samples(batch_size, True), self._samples(batch_size, False)) < _MIN_SAMPLES:
+            return False
+        return self.realized[(b, True)][0] < self.realized[(b, False)][0]
+
+    def record_round(self, seconds: float) -> None:
+        """The time of one proposer round (a draft forward of one token per request)."""
+        if seconds > 0:
             old = self.round_seconds
-            self.round_seconds = per_round if old is None else 0.8 * old + 0.2 * per_round
+            self.round_seconds = seconds if old is None else 0.8 * old + 0.2 * seconds
 
     @staticmethod
     def record_acceptance(req: Request, proposed: int, accepted: int) -> None:

@@ -10,6 +10,7 @@ is rolled back by truncating its block table, and the tokens it has not seen are
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -53,6 +54,7 @@ class DraftModelProposer:
         # A draft about a third of the target's size costs about a third of a decode step per
         # drafted token (both are memory-bound at small batches).
         self.cost_per_token = 0.3
+        self.last_round_seconds: float | None = None
 
     def forget(self, keep: set[str]) -> None:
         for rid in [r for r in self.shadows if r not in keep]:
@@ -79,9 +81,12 @@ class DraftModelProposer:
                 continue
             budget -= num_new
             step.append((i, shadow, num_new))
-        for _ in range(max(num_tokens, default=0)):
+        self.last_round_seconds = None  # mean time of the rounds after the catch-up, if any ran
+        round_times = []
+        for round_no in range(max(num_tokens, default=0)):
             if not step:
                 break
+            t0 = time.perf_counter()
             logits = self._forward(step)
             nxt = []
             for (i, shadow, _), row in zip(step, logits):
@@ -94,7 +99,11 @@ class DraftModelProposer:
                 shadow.output_token_ids.append(token)
                 if len(drafts[i]) < num_tokens[i] and self.kv.allocate(shadow, 1):
                     nxt.append((i, shadow, 1))
+            if round_no > 0:
+                round_times.append(time.perf_counter() - t0)
             step = nxt
+        if round_times:
+            self.last_round_seconds = sum(round_times) / len(round_times)
         return [Proposal(d, torch.stack(p) if p else None) for d, p in zip(drafts, probs)]
 
     def _sync(self, req: Request) -> Request:

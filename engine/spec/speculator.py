@@ -40,9 +40,12 @@ class Speculator:
         self.stats = SpecStats()
         # What the last propose() decided, for the step that verifies it.
         self._pending_batch = 0
+        self._propose_seconds = 0.0  # what proposing for the coming step cost
         self._hidden_states: dict | None = None  # the last step's, for a proposer that wants them
 
     def propose(self, running: list[Request]) -> None:
+        t_start = time.perf_counter()
+        self._propose_seconds = 0.0
         self.proposer.forget({r.request_id for r in running})
         decode = [r for r in running if r.num_computed_tokens == r.num_tokens - 1]
         self._pending_batch = len(decode)
@@ -57,10 +60,17 @@ class Speculator:
             return
         t0 = time.perf_counter()
         proposals = self.proposer.propose([r for r, _ in chosen], [k for _, k in chosen], self._hidden_states)
-        self.controller.record_rounds(max(k for _, k in chosen), time.perf_counter() - t0)
+        # A draft reports its rounds' time without the catch-up (the first round may prefill
+        # a whole prompt); a proposer without rounds costs what the call took.
+        if hasattr(self.proposer, "last_round_seconds"):
+            if self.proposer.last_round_seconds is not None:
+                self.controller.record_round(self.proposer.last_round_seconds)
+        else:
+            self.controller.record_round(time.perf_counter() - t0)
         for (r, _), proposal in zip(chosen, proposals):
             r.spec_token_ids = proposal.token_ids
             r.spec_draft_probs = proposal.probs
+        self._propose_seconds = time.perf_counter() - t_start
 
     def _limit(self, r: Request) -> int:
         """Most tokens worth proposing: never past max_tokens or the context."""
@@ -89,6 +99,8 @@ class Speculator:
                        and out.num_computed_tokens == batch_size + sum(proposed))
         if pure_decode:
             self.controller.record_step(out.num_computed_tokens, seconds)
+            emitted = sum(a + 1 for a in out.num_accepted)
+            self.controller.record_realized(batch_size, any(proposed), emitted, seconds + self._propose_seconds)
 
 
 def build_speculator(config, engine) -> Speculator | None:

@@ -20,7 +20,10 @@ def req(acceptance: float, later: float | None = None) -> Request:
 def trained(controller: SpecController, a: float, b: float, round_seconds: float) -> SpecController:
     for n in (1, 4, 8, 16, 32, 64):
         controller.record_step(n, a + b * n)
-    controller.record_rounds(1, round_seconds)
+    controller.record_round(round_seconds)
+    for batch_size in (1, 2, 8):  # the guard's measured plain steps
+        for _ in range(3):
+            controller.record_realized(batch_size, False, batch_size, a + b * batch_size)
     return controller
 
 
@@ -42,7 +45,9 @@ def test_cheap_positions_and_likely_tokens_get_full_speculation():
 def test_expensive_positions_turn_speculation_off_for_a_busy_batch():
     # Each position costs as much as a whole memory-bound step: verifying never pays.
     c = trained(SpecController(max_k=6, cost_per_token=0.3), a=0.05, b=0.05, round_seconds=0.05)
-    assert c.plan([req(0.7) for _ in range(8)], [100] * 8, batch_size=8) == [0] * 8
+    plans = [c.plan([req(0.7) for _ in range(8)], [100] * 8, batch_size=8) for _ in range(EXPLORE_EVERY)]
+    # All plain, but for one step that tries two proposals each, to keep the costs measured.
+    assert plans[:-1] == [[0] * 8] * (EXPLORE_EVERY - 1) and plans[-1] == [2] * 8
 
 
 def test_budget_goes_to_the_requests_most_likely_to_accept():
@@ -51,6 +56,21 @@ def test_budget_goes_to_the_requests_most_likely_to_accept():
     assert ks[0] > ks[1]
     # Limits (max_tokens, context) cap a request whatever its acceptance.
     assert c.plan([req(0.99)], [2], batch_size=1) == [2]
+
+
+def test_guard_measures_plain_steps_first_then_follows_measured_throughput():
+    c = SpecController(max_k=6, cost_per_token=0.3)
+    for n in (1, 7):
+        c.record_step(n, 0.15 + 0.0005 * n)
+    c.record_round(0.01)
+    assert c.plan([req(0.95)], [100], batch_size=1) == [0]  # no plain step of this size measured yet
+    for _ in range(3):
+        c.record_realized(1, False, 1, 0.15)
+    assert c.plan([req(0.95)], [100], batch_size=1) == [6]
+    for _ in range(3):  # speculative steps that measured slower than plain ones, whatever the model says
+        c.record_realized(1, True, 2, 0.5)
+    assert c.plan([req(0.95)], [100], batch_size=1) == [0]
+    assert c.plan([req(0.95)], [100], batch_size=2) == [0]  # another batch size is judged on its own
 
 
 def test_exploration_and_reprobing():
@@ -99,3 +119,15 @@ def test_runs_of_acceptance_earn_longer_proposals():
 ])
 def test_ngram_lookup(tokens, k, expected):
     assert NgramProposer(2, 4).lookup(tokens, k) == expected
+
+
+def test_budget_grows_only_to_twice_the_largest_measured_step():
+    c = SpecController(max_k=6, cost_per_token=0.3)
+    for n in (1, 2):
+        c.record_step(n, 0.15)
+    c.record_round(0.001)
+    for _ in range(3):
+        c.record_realized(1, False, 1, 0.15)
+    assert c.plan([req(0.99)], [100], batch_size=1) == [3]  # 1 + 3 positions = twice the 2 measured
+    c.record_step(4, 0.15)
+    assert c.plan([req(0.99)], [100], batch_size=1) == [6]
