@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from .errors import APIError, not_found
 from .openai_api import principal_of
-from .uploads import UploadLimits, save_upload_files
+from .uploads import UploadLimits, read_upload_form, save_upload_files
 
 CHUNK = 1 << 20
 
@@ -55,19 +55,9 @@ async def _receive_and_register(request: Request, name: str | None, *, replace: 
     registry = _registry(request)
     principal = principal_of(request)
     settings = request.app.state.settings
-    length = request.headers.get("content-length")
-    if not (length and length.isdigit()):
-        # Without a length the multipart parser would spool a body of any size to disk before
-        # our limits could look at it.
-        raise APIError(411, "adapter uploads need a Content-Length header", code="length_required")
-    if int(length) > settings.max_upload_size:
-        raise APIError(413, f"upload of {length} bytes exceeds the limit of {settings.max_upload_size}",
-                       code="too_large")
     limits = UploadLimits(max_total_bytes=settings.max_upload_size)
-    try:
-        form = await request.form(max_files=limits.max_files + 1, max_fields=8)
-    except Exception as e:  # noqa: BLE001 - malformed multipart bodies
-        raise APIError(400, f"expected a multipart/form-data body: {e}", param="body") from None
+    form = await read_upload_form(request, "adapter uploads", settings.max_upload_size,
+                                  max_files=limits.max_files + 1, max_fields=8)
     tmp = Path(tempfile.mkdtemp(prefix="loragate-upload-"))
     try:
         name = name or form.get("name")

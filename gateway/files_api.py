@@ -19,6 +19,7 @@ from starlette.routing import Route
 from .batch_input import checked_upload_chunks
 from .errors import APIError, not_found
 from .openai_api import principal_of
+from .uploads import read_upload_form
 
 _CHUNK_BYTES = 1 << 20
 _MAX_FILENAME_CHARS = 255
@@ -82,17 +83,8 @@ async def upload_file(request: Request):
     principal = principal_of(request)
     store = batch_store(request)
     settings = request.app.state.settings
-    length = request.headers.get("content-length")
-    if not (length and length.isdigit()):
-        # Without a length the multipart parser would spool a body of any size before our check.
-        raise APIError(411, "file uploads need a Content-Length header", code="length_required")
-    if int(length) > settings.max_upload_size:
-        raise APIError(413, f"upload of {length} bytes exceeds the limit of {settings.max_upload_size} "
-                            "(max_upload_size)", param="file", code="too_large")
-    try:
-        form = await request.form(max_files=1, max_fields=4)
-    except Exception as e:  # noqa: BLE001 - malformed multipart bodies
-        raise APIError(400, f"expected a multipart/form-data body with 'purpose' and 'file': {e}", param="body") from None
+    form = await read_upload_form(request, "file uploads", settings.max_upload_size, max_files=1, max_fields=4,
+                                  expected=" with 'purpose' and 'file'", param="file")
     try:
         purpose = form.get("purpose")
         if purpose != "batch":

@@ -312,3 +312,22 @@ def extract_archive(archive_path, dest_dir, limits: UploadLimits | None = None, 
             _unlink_all(created)
             raise
     return sorted(os.path.basename(p) for p in created)
+
+
+async def read_upload_form(request, what: str, max_upload_size: int, *, max_files: int, max_fields: int,
+                           expected: str = "", param: str | None = None):
+    """The multipart form of an upload request, after checking its declared size. Without a
+    Content-Length the multipart parser would spool a body of any size to disk before our
+    limits could look at it, so one is required (411)."""
+    from .errors import APIError
+
+    length = request.headers.get("content-length")
+    if not (length and length.isdigit()):
+        raise APIError(411, f"{what} need a Content-Length header", code="length_required")
+    if int(length) > max_upload_size:
+        raise APIError(413, f"upload of {length} bytes exceeds the limit of {max_upload_size} (max_upload_size)",
+                       param=param, code="too_large")
+    try:
+        return await request.form(max_files=max_files, max_fields=max_fields)
+    except Exception as e:  # noqa: BLE001 - malformed multipart bodies
+        raise APIError(400, f"expected a multipart/form-data body{expected}: {e}", param="body") from None
