@@ -12,6 +12,7 @@ import torch
 from .errors import ModelConfigError
 
 SPECULATIVE_MODES = ("off", "draft", "ngram")
+DRAFT_QUANTIZATIONS = ("int4", "none")
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
 
@@ -56,6 +57,10 @@ class EngineConfig:
     # The draft proposes among the lowest token ids plus each request's own tokens (0: all);
     # its output head is a large part of a small model's bytes (engine/spec/draft_head.py).
     draft_vocab_size: int = 32768
+    # int4: the draft's weights are quantized (weight-only, per group of 32), so a drafted
+    # token reads about a quarter of the bytes; lossless all the same, since the target
+    # verifies every proposal.
+    draft_quantization: str = "int4"
     ngram_min: int = 2  # n-gram prompt lookup: shortest and longest suffix to match
     ngram_max: int = 4
 
@@ -83,6 +88,9 @@ class EngineConfig:
             raise ModelConfigError(f"num_speculative_tokens must be in 1..15, got {self.num_speculative_tokens}")
         if self.draft_vocab_size < 0:
             raise ModelConfigError(f"draft_vocab_size must be >= 0 (0: the whole vocabulary), got {self.draft_vocab_size}")
+        if self.draft_quantization not in DRAFT_QUANTIZATIONS:
+            raise ModelConfigError(f"draft_quantization must be one of {', '.join(DRAFT_QUANTIZATIONS)}, "
+                                   f"got {self.draft_quantization!r}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ModelConfigError(f"n-gram sizes need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
         if self.kv_cache_memory <= 0:

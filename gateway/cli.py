@@ -26,6 +26,7 @@ ENGINE_HELP = {
     "draft_model": "draft model for --speculative draft: catalog name or directory, same tokenizer as --model",
     "num_speculative_tokens": "most tokens proposed per request and step (adapted to each request's acceptance)",
     "draft_vocab_size": "the draft proposes among this many lowest token ids plus each request's own tokens (0: all)",
+    "draft_quantization": "int4 (the draft's weights quantized to 4 bits: faster drafting, still lossless) or none",
     "ngram_min": "n-gram prompt lookup: shortest suffix to match",
     "ngram_max": "n-gram prompt lookup: longest suffix to match",
 }

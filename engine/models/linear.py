@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loragate.kernels.dense import dense_linear, pack_weight
+from loragate.kernels.dense import Int4Weight, dense_linear, pack_weight
 from loragate.kernels.lora import add_lora
 
 
@@ -25,7 +25,7 @@ class Projection(nn.Module):
         # Filled by the loader, then replaced by `packed` (see pack()).
         self.weight: torch.Tensor | None = torch.empty(self.out_features, in_features, dtype=dtype)
         self.bias = torch.zeros(self.out_features, dtype=dtype) if bias else None
-        self.packed: torch.Tensor | None = None
+        self.packed: torch.Tensor | Int4Weight | None = None
 
     def slice_range(self, name: str) -> tuple[int, int]:
         start = 0
@@ -35,10 +35,11 @@ class Projection(nn.Module):
             start += width
         raise KeyError(name)
 
-    def pack(self) -> None:
-        """Switch to the GEMM-friendly weight layout once loading is done; the plain copy is
-        dropped when the packed one is a different tensor, so weights are held once."""
-        self.packed = pack_weight(self.weight)
+    def pack(self, int4: bool = False) -> None:
+        """Switch to the GEMM-friendly weight layout once loading is done (int4: weight-only
+        quantized, for a speculative draft); the plain copy is dropped when the packed one is
+        a different tensor, so weights are held once."""
+        self.packed = pack_weight(self.weight, int4)
         self.weight = None
 
     def forward(self, x: torch.Tensor, batch) -> torch.Tensor:

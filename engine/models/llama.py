@@ -140,11 +140,13 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
 
-    def pack_weights(self) -> None:
-        """Called once after loading: every projection (and the head) to its fast layout."""
+    def pack_weights(self, int4: bool = False) -> None:
+        """Called once after loading: every projection (and the head) to its fast layout;
+        int4 quantizes the projections (weight-only), for a model whose outputs are only
+        proposals (its head: see engine/spec/draft_head.py)."""
         for module in self.modules():
             if isinstance(module, Projection):
-                module.pack()
+                module.pack(int4)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head
         self.lm_head_packed = pack_weight(head)
 

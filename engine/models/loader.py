@@ -45,7 +45,8 @@ def _checkpoint_tensors(model_dir: Path):
                 yield name, st.get_tensor(name)
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int) -> tuple[LlamaForCausalLM, object]:
+def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int,
+               int4: bool = False) -> tuple[LlamaForCausalLM, object]:
     model_dir = Path(model_dir)
     hf_config = load_hf_config(model_dir)
     arch = ModelArchConfig.from_hf(hf_config)
@@ -90,5 +91,5 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int) -> tuple
     expected += arch.num_layers * (3 * arch.qkv_bias + arch.o_bias + 3 * arch.mlp_bias)
     if len(loaded) != expected:
         raise ModelConfigError(f"checkpoint in {model_dir} holds {len(loaded)} of the {expected} tensors the model needs")
-    model.pack_weights()
+    model.pack_weights(int4)
     return model, hf_config

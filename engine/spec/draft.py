@@ -42,9 +42,9 @@ class DraftModelProposer:
     wants_hidden_states = False
 
     def __init__(self, model_dir: Path, dtype: torch.dtype, max_model_len: int, num_blocks: int, block_size: int,
-                 max_tokens_per_forward: int, head_size: int = 0):
-        self.model, _ = load_model(model_dir, dtype, max_model_len)
-        self.head = DraftHead(self.model, head_size)
+                 max_tokens_per_forward: int, head_size: int = 0, int4: bool = False):
+        self.model, _ = load_model(model_dir, dtype, max_model_len, int4=int4)
+        self.head = DraftHead(self.model, head_size, int4)
         self.runner = ModelRunner(self.model, num_blocks, block_size)
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=True)
         self.block_size = block_size
@@ -54,7 +54,7 @@ class DraftModelProposer:
         # A draft about a third of the target's size costs about a third of a decode step per
         # drafted token (both are memory-bound at small batches).
         self.cost_per_token = 0.3
-        self.last_round_seconds: float | None = None
+        self.last_forwards: list[tuple[int, float]] = []  # (rows, seconds) of the last propose()'s forwards
 
     def forget(self, keep: set[str]) -> None:
         for rid in [r for r in self.shadows if r not in keep]:
@@ -81,13 +81,13 @@ class DraftModelProposer:
                 continue
             budget -= num_new
             step.append((i, shadow, num_new))
-        self.last_round_seconds = None  # mean time of the rounds after the catch-up, if any ran
-        round_times = []
-        for round_no in range(max(num_tokens, default=0)):
+        self.last_forwards = []
+        for _ in range(max(num_tokens, default=0)):
             if not step:
                 break
             t0 = time.perf_counter()
             logits = self._forward(step)
+            self.last_forwards.append((sum(n for _, _, n in step), time.perf_counter() - t0))
             nxt = []
             for (i, shadow, _), row in zip(step, logits):
                 if shadow.num_computed_tokens < shadow.num_tokens:  # still catching up a long prompt
@@ -99,12 +99,23 @@ class DraftModelProposer:
                 shadow.output_token_ids.append(token)
                 if len(drafts[i]) < num_tokens[i] and self.kv.allocate(shadow, 1):
                     nxt.append((i, shadow, 1))
-            if round_no > 0:
-                round_times.append(time.perf_counter() - t0)
             step = nxt
-        if round_times:
-            self.last_round_seconds = sum(round_times) / len(round_times)
         return [Proposal(d, torch.stack(p) if p else None) for d, p in zip(drafts, probs)]
+
+    def catch_up_tokens(self, req: Request) -> int:
+        """The rows the next draft forward computes for req: the tokens its shadow lacks."""
+        shadow = self.shadows.get(req.request_id)
+        return req.num_tokens - (0 if shadow is None else self._valid_prefix(req.all_token_ids, shadow))
+
+    def _valid_prefix(self, target: list[int], shadow: Request) -> int:
+        """How much of the shadow's computed K/V holds the target's tokens: what the draft
+        computed (its own drafts included) up to where it differs from what was accepted."""
+        seen = shadow.all_token_ids
+        valid = self._synced[shadow.request_id]
+        limit = min(len(seen), len(target), shadow.num_computed_tokens)
+        while valid < limit and seen[valid] == target[valid]:
+            valid += 1
+        return min(valid, shadow.num_computed_tokens)
 
     def _sync(self, req: Request) -> Request:
         target = req.all_token_ids
@@ -116,13 +127,8 @@ class DraftModelProposer:
             self._synced[req.request_id] = len(target)
             self.head.add_tokens(req.request_id, target)
             return shadow
-        seen = shadow.all_token_ids
-        valid = self._synced[req.request_id]
-        self.head.add_tokens(req.request_id, target[valid:])
-        limit = min(len(seen), len(target), shadow.num_computed_tokens)
-        while valid < limit and seen[valid] == target[valid]:
-            valid += 1
-        valid = min(valid, shadow.num_computed_tokens)
+        self.head.add_tokens(req.request_id, target[self._synced[req.request_id]:])
+        valid = self._valid_prefix(target, shadow)
         self.kv.truncate(shadow, valid)
         shadow.num_computed_tokens = valid
         shadow.prompt_token_ids = list(target)

@@ -17,12 +17,15 @@ from loragate.kernels.dense import dense_linear, pack_weight
 
 
 class DraftHead:
-    def __init__(self, model, size: int):
+    def __init__(self, model, size: int, int4: bool = False):
         head = model.embed_tokens.weight if model.lm_head is None else model.lm_head
         self.weight = head
         self.vocab = head.shape[0]
         self.size = self.vocab if size <= 0 else min(size, self.vocab)
-        self.packed = model.lm_head_packed if self.size == self.vocab else pack_weight(head[: self.size].contiguous())
+        if self.size == self.vocab and not int4:
+            self.packed = model.lm_head_packed
+        else:
+            self.packed = pack_weight(head[: self.size].contiguous(), int4)
         self.extra: dict[str, tuple[list[int], torch.Tensor | None]] = {}  # request id -> (ids, their head rows)
 
     def add_tokens(self, request_id: str, token_ids: list[int]) -> None:

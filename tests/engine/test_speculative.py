@@ -42,7 +42,7 @@ def always_speculate(llm: LLM) -> LLM:
     """Tiny models decode faster without speculation, so the throughput switch would turn
     it off; these tests are about what speculation computes, so keep it on."""
     spec = llm.engine.speculator
-    spec.controller.plan = lambda reqs, limits, batch_size: [min(lim, spec.controller.max_k) for lim in limits]
+    spec.controller.plan = lambda reqs, limits, batch_size, catch_up=None: [min(lim, spec.controller.max_k) for lim in limits]
     return llm
 
 
@@ -93,6 +93,23 @@ def test_greedy_output_identical_to_plain_decoding(tiny_llama, draft_dir, adapte
     stats = llm.engine.speculator.stats
     assert stats.num_proposed > 50 and 0 < stats.num_accepted <= stats.num_proposed
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+@pytest.mark.parametrize("quantization", ["int4", "none"])
+def test_draft_weights_quantized_or_not_output_is_plain_decodings(tiny_llama, draft_dir, quantization):
+    from loragate.kernels.dense import Int4Weight, int4_available
+
+    prompts = prompts_20()
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    plain = LLM(str(tiny_llama), dtype="float32", progress=False).generate(prompts, params)
+    llm = always_speculate(LLM(str(tiny_llama), dtype="float32", progress=False, speculative="draft",
+                               draft_model=str(draft_dir), draft_quantization=quantization))
+    draft = llm.engine.speculator.proposer
+    packed = [m.packed for m in draft.model.modules() if hasattr(m, "packed")] + [draft.head.packed]
+    assert all(isinstance(p, Int4Weight) == (quantization == "int4" and int4_available()) for p in packed)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in plain]
+    stats = llm.engine.speculator.stats
+    assert stats.num_proposed > 50 and stats.num_accepted > 0
 
 
 def test_logprobs_match_plain_decoding(tiny_llama):
@@ -184,6 +201,7 @@ def test_draft_with_another_vocabulary_is_refused(tiny_llama, tiny_qwen2, tmp_pa
     ({"speculative": "draft"}, "needs a draft model"),
     ({"speculative": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
     ({"speculative": "ngram", "ngram_min": 3, "ngram_max": 2}, "ngram_min"),
+    ({"speculative": "ngram", "draft_quantization": "int3"}, "draft_quantization must be one of"),
 ])
 def test_bad_speculative_config_is_refused(fields, message):
     with pytest.raises(ModelConfigError, match=message):

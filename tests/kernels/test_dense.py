@@ -71,3 +71,61 @@ def test_leading_batch_dims_and_reuse_of_the_packed_weight(dtype):
         assert got.shape == (*shape[:-1], 96)
         torch.testing.assert_close(got, F.linear(x, w, b), **tol)
         torch.testing.assert_close(got.double(), float64_linear(x, w, b), **tol)
+
+
+def int4_reference(w: torch.Tensor, group: int = dense.GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """The documented quantization written out: per row and group of inputs, 16 levels from
+    the group's min to its max. Returns (W', the error bound per element: half a step, plus
+    the rounding of scale, offset and W' to the dtype, relative to the group's largest value)."""
+    out_f, in_f = w.shape
+    g = w.float().reshape(out_f, in_f // group, group)
+    low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    step = ((high - low) / 15).clamp(min=1e-6)
+    levels = ((g - low) / step).round().clamp(0, 15)
+    step_r, low_r = step.to(w.dtype).float(), (low + 8 * step).to(w.dtype).float()
+    deq = (levels - 8) * step_r + low_r
+    eps = torch.finfo(w.dtype).eps
+    bound = step * 0.5 + 16 * eps * torch.maximum(low.abs(), high.abs())
+    return deq.reshape(out_f, in_f).to(w.dtype), bound.expand_as(g).reshape(out_f, in_f)
+
+
+@pytest.mark.skipif(not dense.int4_available(), reason="torch has no CPU int4 weight-only kernel")
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("rows", (1, 2, 3, 4, 5, 16, 300))
+@pytest.mark.parametrize("with_bias", (False, True))
+def test_int4_weight_equals_linear_on_the_quantized_weight(dtype, rows, with_bias):
+    """Rows up to INT4_MAX_ROWS go through torch's int4 kernel, more through the dense copy:
+    both compute F.linear with the weight rounded as documented."""
+    x, w, b = make(dtype, rows, with_bias, seed=200 + rows, in_features=896, out_features=160)
+    packed = dense.pack_weight(w, int4=True)
+    assert isinstance(packed, dense.Int4Weight)
+    w_q, bound = int4_reference(w)
+    assert ((w_q.float() - w.float()).abs() <= bound).all()
+    assert (w_q != w).any()
+    got = dense.dense_linear(x, packed, b)
+    assert got.dtype == dtype and got.shape == (rows, 160)
+    truth = float64_linear(x, w_q, b)
+    tol = dict(atol=1e-3, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=1.6e-2)
+    torch.testing.assert_close(got.double(), truth, **tol)
+    # The tolerance tells the two apart: a path that ignored the quantization would fail.
+    assert not torch.allclose(float64_linear(x, w, b), truth, atol=tol["atol"], rtol=tol["rtol"])
+
+
+@pytest.mark.skipif(not dense.int4_available(), reason="torch has no CPU int4 weight-only kernel")
+def test_int4_kernel_path_and_dense_copy_agree_across_the_row_threshold():
+    x, w, _ = make(torch.bfloat16, dense.INT4_MAX_ROWS + 1, False, seed=7, in_features=256, out_features=64)
+    packed = dense.pack_weight(w, int4=True)
+    many = dense.dense_linear(x, packed, None)  # the dense copy
+    few = torch.cat([dense.dense_linear(x[i:i + 1], packed, None) for i in range(len(x))])  # the int4 kernel
+    torch.testing.assert_close(few, many, atol=3e-2, rtol=1.6e-2)
+    # Leading batch dims are flattened for the kernel and restored.
+    assert dense.dense_linear(x[:4].reshape(2, 2, 256), packed, None).shape == (2, 2, 64)
+
+
+@pytest.mark.parametrize("in_features, out_features", [(dense.GROUP_SIZE + 8, 16), (dense.GROUP_SIZE, 100)])
+def test_int4_falls_back_to_the_dense_layout_when_the_shape_does_not_allow_it(in_features, out_features):
+    _, w, _ = make(torch.bfloat16, 1, False, seed=3, in_features=in_features, out_features=out_features)
+    packed = dense.pack_weight(w, int4=True)
+    assert not isinstance(packed, dense.Int4Weight)
+    x = torch.randn(2, in_features).to(torch.bfloat16)
+    torch.testing.assert_close(dense.dense_linear(x, packed, None), F.linear(x, w), atol=2e-2, rtol=1.6e-2)
