@@ -82,6 +82,9 @@ class LoraSlotPool:
             self.pins[slot] = 1
             return slot
 
+    def is_loaded(self, key: str) -> bool:
+        return key in self.slot_of
+
     def release(self, slot: int) -> None:
         with self._lock:
             if self.pins[slot] <= 0:

@@ -40,6 +40,7 @@ class Request:
     lora_key: str | None = None
     lora_weights: object = field(default=None, repr=False)
     lora_slot: int = -1  # pool slot while running, -1 for the base model
+    num_passed_over: int = 0  # scheduler steps that admitted others while this one waited
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

@@ -8,7 +8,9 @@ usually makes the recompute cheap).
 With LoRA, a request holds (pins) its adapter's pool slot from admission until it finishes
 or is preempted, so the adapters of one step never outnumber the slots. A waiting request
 whose adapter cannot get a slot (all pinned) is skipped for now, not blocking the ones
-behind it."""
+behind it. Waiting requests whose adapter is already in a slot are admitted before those
+that would load one (evicting an adapter others may be about to use), unless a request has
+been passed over MAX_PASSED_OVER steps: then it goes in its FCFS place again."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from collections import deque
 from .kv_cache import KVCacheManager
 from .model_runner import StepOutput
 from .request import Request, RequestStatus
+
+MAX_PASSED_OVER = 8
 
 
 class Scheduler:
@@ -66,7 +70,7 @@ class Scheduler:
                 i += 1
         # After a preemption the cache is short: admitting new work would only thrash.
         admitted: list[Request] = []
-        for req in list(self.waiting) if not preempted else []:
+        for req in self._admission_order() if not preempted else []:
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             if not self._pin_adapter(req):
@@ -87,7 +91,20 @@ class Scheduler:
             budget -= num_new
         for req in admitted:
             self.waiting.remove(req)
+        if admitted:
+            for req in self.waiting:
+                req.num_passed_over += 1
         return scheduled
+
+    def _admission_order(self) -> list[Request]:
+        if self.lora_pool is None:
+            return list(self.waiting)
+
+        def loads(req: Request) -> bool:
+            return (req.lora_key is not None and req.num_passed_over < MAX_PASSED_OVER
+                    and not self.lora_pool.is_loaded(req.lora_key))
+
+        return sorted(self.waiting, key=loads)  # stable: FCFS within each group
 
     def _pin_adapter(self, req: Request) -> bool:
         if req.lora_key is None:

@@ -134,3 +134,39 @@ def test_reused_slot_keeps_nothing_of_its_previous_adapter(arch):
     for (layer, name), (a, b) in small.modules.items():
         torch.testing.assert_close(pool.a[name][layer, slot, :4], a)
         torch.testing.assert_close(pool.b[name][layer, slot, :, :4], b)
+
+
+def adapter_engine(tiny_llama, arch, names, **kw) -> LLMEngine:
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", max_lora_rank=8, **kw), progress=False)
+    for i, name in enumerate(names):
+        engine.add_adapter_weights(name, random_weights(arch, 4, seed=100 + i))
+    return engine
+
+
+def test_waiting_requests_on_loaded_adapters_go_first(tiny_llama, arch):
+    """A queue [c, a, b] with a and b in slots: a and b run without loading anything, and c
+    loads only when it gets its turn (FCFS would load c first, evicting a, then reload a)."""
+    engine = adapter_engine(tiny_llama, arch, "abc", max_loras=2, max_num_seqs=2)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    for name in "ab":
+        engine.add_request([1, 5, 6], params, adapter=name)
+    run(engine)
+    misses = engine.lora_pool.stats.misses
+    for i, name in enumerate("cab"):
+        engine.add_request([1, 7, 8 + i], params, request_id=f"q{name}", adapter=name)
+    order = list(run(engine))
+    assert order[-1] == "qc" and engine.lora_pool.stats.misses == misses + 1
+
+
+def test_a_request_that_needs_a_load_is_passed_over_a_bounded_number_of_times(tiny_llama, arch):
+    from loragate.engine.scheduler import MAX_PASSED_OVER
+
+    engine = adapter_engine(tiny_llama, arch, "ac", max_loras=2, max_num_seqs=1)
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    engine.add_request([1, 5], params, adapter="a")
+    run(engine)
+    engine.add_request([1, 9], params, request_id="c", adapter="c")
+    for i in range(3 * MAX_PASSED_OVER):
+        engine.add_request([1, 10 + i], params, request_id=f"a{i}", adapter="a")
+    order = list(run(engine))
+    assert order.index("c") == MAX_PASSED_OVER and len(order) == 3 * MAX_PASSED_OVER + 1
