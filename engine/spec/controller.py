@@ -2,29 +2,23 @@
 
 A request's i-th proposed token is used with probability f * l**(i-1): f is its recent rate
 of accepting a first proposal, l of accepting a later one after the one before it was
-accepted (drafts are right in runs, so l is usually well above f). Each proposed token
-costs target compute (the verifying step computes one more position) and each drafting
-round costs a proposer forward. On a CPU the target step
+accepted (drafts are right in runs, so l is usually well above f). Each proposed token costs target compute (the verifying step computes one
+more position) and each drafting round costs a proposer forward. On a CPU the target step
 is memory-bound only up to a few dozen positions; beyond that it grows with every position,
 so what pays at batch 1 (6 proposals) can make batch 8 slower.
 
 A guard checks the model against reality: per batch size, the measured tokens per second
 of speculative and of plain decode steps (proposer time included); while speculation
-measures slower, steps decode plainly. Speculative steps are charged everything the proposer
-spent, including the draft catching up on what was decoded plainly before them (whole
-prompts of requests that joined meanwhile), so the guard errs towards plain decoding.
+measures slower, steps decode plainly.
 
 So every step the controller picks the proposal budget B that maximises expected tokens per
 second: it hands out the B most likely-to-be-accepted proposal positions over all requests
 (highest first), predicting the step time from a linear model t(n) = a + b*n of the
 target's step time in computed positions (fitted from measured pure-decode steps, trusted up
-to twice the largest step measured) plus the measured cost of the drafting rounds, by the
-rows each computes (the first also catches up on tokens the draft has not seen). B = 0 is
-plain decoding, so a busy server stops speculating by itself. Every EXPLORE_EVERY steps
-the side not taken is tried: one plain step, or a run of EXPLORE_RUN speculative ones; each
-run that confirms speculation loses at that batch size doubles the wait before the next one
-there (up to MAX_BACKOFF times), so exploring costs a busy server little. A request that gets
-no proposals for REPROBE_EVERY steps is given one, so its acceptance estimate can recover.
+to twice the largest step measured) plus the measured cost of a drafting round. B = 0 is plain decoding, so a busy server stops
+speculating by itself. One step in EXPLORE_EVERY runs plain to keep the model's low end
+measured, and a request that gets no proposals for REPROBE_EVERY steps is given one, so its
+acceptance estimate can recover.
 """
 
 from __future__ import annotations
@@ -34,8 +28,6 @@ from dataclasses import dataclass, field
 from ..request import Request
 
 EXPLORE_EVERY = 32
-EXPLORE_RUN = 4
-MAX_BACKOFF = 16
 REPROBE_EVERY = 8
 _ACCEPT_DECAY = 0.8  # per verified chain: a request's estimates follow its last few chains
 _PRIOR = (0.8, 2.0)  # optimistic start (rate, pseudo-trials): the first steps measure it
@@ -104,54 +96,20 @@ class StepTimeModel:
         return max(mean_t + max(slope, 0.0) * (n - mean_n), 1e-6)
 
 
-class RoundCostModel:
-    """Seconds of one proposer round (a draft forward) by the rows it computes: exact up to 16
-    rows (on a CPU a few rows can take another kernel than many: the int4 draft weights), in
-    powers of two above. An unmeasured size is read off the nearest measured one, flat up to
-    FLAT_ROWS (memory-bound) and proportional to the rows above (compute-bound)."""
-
-    FLAT_ROWS = 48
-
-    def __init__(self):
-        self.buckets: dict[int, tuple[float, float]] = {}  # bucket -> (rows, seconds), decayed means
-
-    @staticmethod
-    def _bucket(rows: int) -> int:
-        return rows if rows <= 16 else 16 + rows.bit_length()
-
-    def add(self, rows: int, seconds: float) -> None:
-        b = self._bucket(rows)
-        old = self.buckets.get(b)
-        self.buckets[b] = (rows, seconds) if old is None else (0.8 * old[0] + 0.2 * rows, 0.8 * old[1] + 0.2 * seconds)
-
-    def predict(self, rows: int) -> float | None:
-        if not self.buckets:
-            return None
-        b = self._bucket(rows)
-        near = min(self.buckets, key=lambda k: (abs(k - b), -k))  # ties: the larger, the safer
-        measured_rows, seconds = self.buckets[near]
-        if near == b:
-            return seconds
-        return seconds * max(1.0, rows / self.FLAT_ROWS) / max(1.0, measured_rows / self.FLAT_ROWS)
-
-
 class SpecController:
     def __init__(self, max_k: int, cost_per_token: float):
         self.max_k = max_k
         self.step_time = StepTimeModel()
-        self.round_cost = RoundCostModel()
+        self.round_seconds: float | None = None  # one proposer round (a draft forward)
         self.cost_per_token = cost_per_token  # proposer round cost in target steps, until measured
         self.num_steps = 0
         # Measured output tokens/s of pure-decode steps, proposer time included, per batch-size
         # bucket and mode: the guard against a step-time model that flatters speculation.
         self.realized: dict[tuple[int, bool], tuple[float, int]] = {}
-        self.backoff: dict[int, int] = {}  # batch-size bucket -> explore speculation every this many periods
 
-    def plan(self, requests: list[Request], limits: list[int], batch_size: int,
-             catch_up: list[int] | None = None) -> list[int]:
+    def plan(self, requests: list[Request], limits: list[int], batch_size: int) -> list[int]:
         """Proposal counts for `requests` (those allowed to speculate, each at most its
-        limit) in a step decoding `batch_size` requests; catch_up[i]: the rows the proposer's
-        first round computes for requests[i] if it speculates (its new tokens; default 1)."""
+        limit) in a step decoding `batch_size` requests."""
         self.num_steps += 1
         ks = [0] * len(requests)
         base = self.step_time.predict(batch_size)
@@ -159,25 +117,15 @@ class SpecController:
             return ks
         marginals = sorted(((acceptance_of(r).marginal(j), i) for i, (r, lim) in enumerate(zip(requests, limits))
                             for j in range(1, min(lim, self.max_k) + 1)), reverse=True)
-        budget = self._best_budget(marginals, batch_size, base, catch_up or [1] * len(requests))
-        period, phase = divmod(self.num_steps, EXPLORE_EVERY)
-        bucket = batch_size.bit_length()
-        backoff = self.backoff.get(bucket, 1)
-        # The guard (which needs measured plain steps of this batch size to compare with)
-        # overrules the model, except in exploration runs.
-        if budget and not (self._speculation_loses(batch_size) or self._samples(batch_size, False) < _MIN_SAMPLES):
-            self.backoff.pop(bucket, None)
-            if phase == 0:
-                return ks  # a plain step keeps the plain side measured
-        elif phase < EXPLORE_RUN and period > 0 and period % backoff == 0:
-            if phase == EXPLORE_RUN - 1:  # unless this run changes the verdict, wait longer for the next
-                self.backoff[bucket] = min(2 * backoff, MAX_BACKOFF)
-            if not budget:
-                # Two proposals per request, so the acceptances and round costs do not go stale.
-                return [min(2, lim, self.max_k) for lim in limits]
-            # else: test the model's plan against the guard's measurements
-        else:
-            return ks
+        budget = 0 if self._speculation_loses(batch_size) else self._best_budget(marginals, batch_size, base,
+                                                                                  len(requests))
+        if budget and self._samples(batch_size, False) < _MIN_SAMPLES:
+            budget = 0  # the guard compares against measured plain steps of this batch size
+        if self.num_steps % EXPLORE_EVERY == 0:
+            # Try the other side: a plain step, or two proposals per request (the second
+            # round is timed clean of catch-up), so neither the step-time model nor the
+            # round cost and the acceptances go stale.
+            return ks if budget else [min(2, lim, self.max_k) for lim in limits]
         for _, i in marginals[:budget]:
             ks[i] += 1
         if not any(ks):  # a proposer round would cost more than it could bring
@@ -191,27 +139,22 @@ class SpecController:
                 r.spec_idle_steps = 0
         return ks
 
-    def _best_budget(self, marginals, batch_size: int, base: float, catch_up: list[int]) -> int:
+    def _best_budget(self, marginals, batch_size: int, base: float, num_requests: int) -> int:
+        round_cost = self.round_seconds if self.round_seconds is not None else self.cost_per_token * base
         best_rate, best = batch_size / base, 0
-        expected = float(batch_size)
-        counts = [0] * len(catch_up)
-        rows = [0] * (self.max_k + 1)  # rows of each proposer round; the first catches up
+        expected, rounds = float(batch_size), 0
+        counts = [0] * num_requests
         # A straight line fitted to small steps flatters big ones (a CPU turns compute-bound):
         # grow the budget only to twice the largest step measured, so it is learnt gradually.
         trusted = max(1, 2 * self.step_time.max_n - batch_size)
         for b, (m, i) in enumerate(marginals[:trusted], 1):
             expected += m
             counts[i] += 1
-            rows[counts[i]] += catch_up[i] if counts[i] == 1 else 1
-            rounds = sum(self._round_seconds(r, base) for r in rows if r)
-            rate = expected / (self.step_time.predict(batch_size + b) + rounds)
+            rounds = max(rounds, counts[i])
+            rate = expected / (self.step_time.predict(batch_size + b) + rounds * round_cost)
             if rate > best_rate:
                 best_rate, best = rate, b
         return best
-
-    def _round_seconds(self, rows: int, base: float) -> float:
-        measured = self.round_cost.predict(rows)
-        return self.cost_per_token * base if measured is None else measured
 
     def record_step(self, num_positions: int, seconds: float) -> None:
         """A pure-decode target step (no prefill in it) and its time, proposer excluded."""
@@ -233,10 +176,11 @@ class SpecController:
             return False
         return self.realized[(b, True)][0] < self.realized[(b, False)][0]
 
-    def record_round(self, seconds: float, rows: int = 1) -> None:
-        """The time of one proposer round computing `rows` positions (a draft forward)."""
+    def record_round(self, seconds: float) -> None:
+        """The time of one proposer round (a draft forward of one token per request)."""
         if seconds > 0:
-            self.round_cost.add(rows, seconds)
+            old = self.round_seconds
+            self.round_seconds = seconds if old is None else 0.8 * old + 0.2 * seconds
 
     @staticmethod
     def record_acceptance(req: Request, proposed: int, accepted: int) -> None:

@@ -54,7 +54,7 @@ class DraftModelProposer:
         # A draft about a third of the target's size costs about a third of a decode step per
         # drafted token (both are memory-bound at small batches).
         self.cost_per_token = 0.3
-        self.last_forwards: list[tuple[int, float]] = []  # (rows, seconds) of the last propose()'s forwards
+        self.last_round_seconds: float | None = None
 
     def forget(self, keep: set[str]) -> None:
         for rid in [r for r in self.shadows if r not in keep]:
@@ -81,13 +81,13 @@ class DraftModelProposer:
                 continue
             budget -= num_new
             step.append((i, shadow, num_new))
-        self.last_forwards = []
-        for _ in range(max(num_tokens, default=0)):
+        self.last_round_seconds = None  # mean time of the rounds after the catch-up, if any ran
+        round_times = []
+        for round_no in range(max(num_tokens, default=0)):
             if not step:
                 break
             t0 = time.perf_counter()
             logits = self._forward(step)
-            self.last_forwards.append((sum(n for _, _, n in step), time.perf_counter() - t0))
             nxt = []
             for (i, shadow, _), row in zip(step, logits):
                 if shadow.num_computed_tokens < shadow.num_tokens:  # still catching up a long prompt
@@ -99,13 +99,12 @@ class DraftModelProposer:
                 shadow.output_token_ids.append(token)
                 if len(drafts[i]) < num_tokens[i] and self.kv.allocate(shadow, 1):
                     nxt.append((i, shadow, 1))
+            if round_no > 0:
+                round_times.append(time.perf_counter() - t0)
             step = nxt
+        if round_times:
+            self.last_round_seconds = sum(round_times) / len(round_times)
         return [Proposal(d, torch.stack(p) if p else None) for d, p in zip(drafts, probs)]
-
-    def catch_up_tokens(self, req: Request) -> int:
-        """The rows the next draft forward computes for req: the tokens its shadow lacks."""
-        shadow = self.shadows.get(req.request_id)
-        return req.num_tokens - (0 if shadow is None else self._valid_prefix(req.all_token_ids, shadow))
 
     def _valid_prefix(self, target: list[int], shadow: Request) -> int:
         """How much of the shadow's computed K/V holds the target's tokens: what the draft

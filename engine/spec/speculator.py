@@ -54,19 +54,19 @@ class Speculator:
         if not eligible:
             return
         reqs = [r for r, _ in eligible]
-        catch_up = getattr(self.proposer, "catch_up_tokens", None)
-        ks = self.controller.plan(reqs, [lim for _, lim in eligible], len(decode),
-                                  [catch_up(r) for r in reqs] if catch_up else None)
+        ks = self.controller.plan(reqs, [lim for _, lim in eligible], len(decode))
         chosen = [(r, k) for r, k in zip(reqs, ks) if k > 0]
         if not chosen:
             return
         t0 = time.perf_counter()
         proposals = self.proposer.propose([r for r, _ in chosen], [k for _, k in chosen], self._hidden_states)
-        # A draft reports each forward (rows, seconds); a proposer without forwards costs what
-        # the call took.
-        forwards = getattr(self.proposer, "last_forwards", None)
-        for rows, seconds in forwards if forwards is not None else [(len(chosen), time.perf_counter() - t0)]:
-            self.controller.record_round(seconds, rows)
+        # A draft reports its rounds' time without the catch-up (the first round may prefill
+        # a whole prompt); a proposer without rounds costs what the call took.
+        if hasattr(self.proposer, "last_round_seconds"):
+            if self.proposer.last_round_seconds is not None:
+                self.controller.record_round(self.proposer.last_round_seconds)
+        else:
+            self.controller.record_round(time.perf_counter() - t0)
         for (r, _), proposal in zip(chosen, proposals):
             r.spec_token_ids = proposal.token_ids
             r.spec_draft_probs = proposal.probs
@@ -90,8 +90,7 @@ class Speculator:
                 s.num_verify_steps += 1
                 s.num_emitted += accepted + 1
                 self.controller.record_acceptance(req, p, accepted)
-        speculative = any(proposed)
-        if speculative:
+        if any(proposed):
             s.num_speculative_steps += 1
         else:
             s.num_plain_steps += 1
@@ -101,7 +100,7 @@ class Speculator:
         if pure_decode:
             self.controller.record_step(out.num_computed_tokens, seconds)
             emitted = sum(a + 1 for a in out.num_accepted)
-            self.controller.record_realized(batch_size, speculative, emitted, seconds + self._propose_seconds)
+            self.controller.record_realized(batch_size, any(proposed), emitted, seconds + self._propose_seconds)
 
 
 def build_speculator(config, engine) -> Speculator | None:

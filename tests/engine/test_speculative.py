@@ -42,7 +42,7 @@ def always_speculate(llm: LLM) -> LLM:
     """Tiny models decode faster without speculation, so the throughput switch would turn
     it off; these tests are about what speculation computes, so keep it on."""
     spec = llm.engine.speculator
-    spec.controller.plan = lambda reqs, limits, batch_size, catch_up=None: [min(lim, spec.controller.max_k) for lim in limits]
+    spec.controller.plan = lambda reqs, limits, batch_size: [min(lim, spec.controller.max_k) for lim in limits]
     return llm
 
 
