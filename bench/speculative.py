@@ -2,17 +2,20 @@
 
     python bench/speculative.py [--target qwen2.5-coder-1.5b-instruct]
                                 [--draft qwen2.5-coder-0.5b-instruct] [--max-tokens 128]
+                                [--concurrent 8] [--rounds 2] [--concurrent-only]
 
 Greedy, batch 1, on three tasks (writing code, writing prose, editing a given code file):
 tok/s of ours plain, ours + draft model, ours + n-gram lookup, HF `generate` and HF assisted
 generation (`assistant_model=`), with our acceptance rate and mean accepted length; then 8
-requests in flight (refilled from a queue), plain vs speculative. Prints the ratios against
-the targets. All systems run bf16 on the same threads; run it on an otherwise idle machine.
+requests in flight (refilled from a queue), plain vs speculative, on one target engine in
+alternating rounds. Prints the ratios against the targets. All systems run bf16 on the same
+threads; run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import time
 
@@ -20,6 +23,7 @@ import torch
 
 from loragate.engine import EngineConfig, LLMEngine, SamplingParams
 from loragate.engine.models.prepare import resolve_model
+from loragate.engine.spec.speculator import build_speculator
 
 TASKS = {
     "code": "Write a Python function `merge_intervals(intervals)` that merges overlapping intervals, "
@@ -79,13 +83,23 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--num-speculative-tokens", type=int, default=6)
     ap.add_argument("--concurrent", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the concurrent measurement")
+    ap.add_argument("--concurrent-only", action="store_true", help="skip the batch-1 comparison")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     target_dir, draft_dir = resolve_model(args.target), resolve_model(args.draft)
     tok = AutoTokenizer.from_pretrained(str(target_dir))
     tasks = {name: chat_ids(tok, text) for name, text in {**TASKS, "edit": edit_task()}.items()}
+    if not args.concurrent_only:
+        batch_one(args, tasks, target_dir, draft_dir)
+    concurrent(args, tasks)
+
+
+def batch_one(args, tasks: dict[str, list[int]], target_dir, draft_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
     n = args.max_tokens
     results: dict[str, dict[str, float]] = {t: {} for t in tasks}
     outputs: dict[tuple[str, str], list[int]] = {}
@@ -131,19 +145,37 @@ def main() -> None:
     print(f"ours+draft / HF assisted on code: {code['ours draft'] / code['HF assisted']:.2f}x (target 1.5x)")
     print(f"ours+ngram / ours plain on edit:  {edit['ours ngram'] / edit['ours off']:.2f}x (target 1.5x)")
 
+
+def concurrent(args, tasks: dict[str, list[int]]) -> None:
+    n = args.max_tokens
     # A busy server: `concurrent` requests in flight all the time (max_num_seqs), refilled from a
     # queue of 3x as many as they finish, so the figure is steady-state throughput rather than
-    # how long the slowest of one fixed batch takes.
+    # how long the slowest of one fixed batch takes. One target engine serves all three modes
+    # (its speculator swapped between runs), in alternating rounds: this machine's memory
+    # bandwidth drifts by several percent over minutes, as much as the effect measured.
     queue = [list(tasks.values())[i % len(tasks)] for i in range(3 * args.concurrent)]
     print(f"\n{args.concurrent} concurrent requests (mixed tasks; {len(queue)} queued, {args.concurrent} in flight; "
-          "after a warm-up pass), total tok/s:")
-    rates = {}
-    for mode in ("off", "draft", "ngram"):
-        engine = make_engine(args.target, mode, args.draft, args.num_speculative_tokens, args.concurrent)
+          f"{args.rounds} alternating rounds after a warm-up pass), total tok/s:")
+    engine = make_engine(args.target, "off", args.draft, args.num_speculative_tokens, args.concurrent)
+    modes = {"off": None}
+    for mode in ("draft", "ngram"):
+        config = dataclasses.replace(engine.config, speculative=mode, draft_model=args.draft)
+        modes[mode] = build_speculator(config, engine)
+    for speculator in modes.values():
+        engine.speculator = speculator
         ours(engine, queue[: args.concurrent], n)
-        rates[mode], _ = ours(engine, queue, n)
-        print(f"  {mode:5s} {rates[mode]:6.2f}", flush=True)
-        del engine
+    tokens = {mode: 0 for mode in modes}
+    seconds = {mode: 0.0 for mode in modes}
+    for r in range(args.rounds):
+        for mode, speculator in modes.items():
+            engine.speculator = speculator
+            rate, outs = ours(engine, queue, n)
+            count = sum(map(len, outs))
+            tokens[mode] += count
+            seconds[mode] += count / rate
+            print(f"  round {r + 1} {mode:5s} {rate:6.2f}", flush=True)
+    rates = {mode: tokens[mode] / seconds[mode] for mode in modes}
+    print("  all rounds: " + ", ".join(f"{mode} {rate:.2f}" for mode, rate in rates.items()))
     for mode in ("draft", "ngram"):
         print(f"{mode} / plain at {args.concurrent} concurrent: {rates[mode] / rates['off']:.2f}x (target >= 1.0x)")
 

@@ -15,10 +15,13 @@ So every step the controller picks the proposal budget B that maximises expected
 second: it hands out the B most likely-to-be-accepted proposal positions over all requests
 (highest first), predicting the step time from a linear model t(n) = a + b*n of the
 target's step time in computed positions (fitted from measured pure-decode steps, trusted up
-to twice the largest step measured) plus the measured cost of a drafting round. B = 0 is plain decoding, so a busy server stops
-speculating by itself. One step in EXPLORE_EVERY runs plain to keep the model's low end
-measured, and a request that gets no proposals for REPROBE_EVERY steps is given one, so its
-acceptance estimate can recover.
+to twice the largest step measured) plus the measured cost of a drafting round. B = 0 is
+plain decoding, so a busy server stops speculating by itself. One step in EXPLORE_EVERY
+runs plain to keep the model's low end measured (or, while the guard holds speculation
+back, tries it: each such try that finds it still losing at that batch size doubles the
+wait for the next, up to MAX_BACKOFF times, since a try pays for the draft catching up on
+everything decoded plainly), and a request that gets no proposals for REPROBE_EVERY steps
+is given one, so its acceptance estimate can recover.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from ..request import Request
 
 EXPLORE_EVERY = 32
+MAX_BACKOFF = 16
 REPROBE_EVERY = 8
 _ACCEPT_DECAY = 0.8  # per verified chain: a request's estimates follow its last few chains
 _PRIOR = (0.8, 2.0)  # optimistic start (rate, pseudo-trials): the first steps measure it
@@ -106,6 +110,7 @@ class SpecController:
         # Measured output tokens/s of pure-decode steps, proposer time included, per batch-size
         # bucket and mode: the guard against a step-time model that flatters speculation.
         self.realized: dict[tuple[int, bool], tuple[float, int]] = {}
+        self.backoff: dict[int, int] = {}  # batch-size bucket -> explore every EXPLORE_EVERY * this steps
 
     def plan(self, requests: list[Request], limits: list[int], batch_size: int) -> list[int]:
         """Proposal counts for `requests` (those allowed to speculate, each at most its
@@ -117,11 +122,17 @@ class SpecController:
             return ks
         marginals = sorted(((acceptance_of(r).marginal(j), i) for i, (r, lim) in enumerate(zip(requests, limits))
                             for j in range(1, min(lim, self.max_k) + 1)), reverse=True)
-        budget = 0 if self._speculation_loses(batch_size) else self._best_budget(marginals, batch_size, base,
-                                                                                  len(requests))
+        loses = self._speculation_loses(batch_size)
+        budget = 0 if loses else self._best_budget(marginals, batch_size, base, len(requests))
         if budget and self._samples(batch_size, False) < _MIN_SAMPLES:
             budget = 0  # the guard compares against measured plain steps of this batch size
-        if self.num_steps % EXPLORE_EVERY == 0:
+        bucket = batch_size.bit_length()
+        backoff = self.backoff.get(bucket, 1) if loses else 1
+        if not loses:
+            self.backoff.pop(bucket, None)
+        if self.num_steps % (EXPLORE_EVERY * backoff) == 0:
+            if loses:  # each try that finds speculation still losing here doubles the wait for the next
+                self.backoff[bucket] = min(2 * backoff, MAX_BACKOFF)
             # Try the other side: a plain step, or two proposals per request (the second
             # round is timed clean of catch-up), so neither the step-time model nor the
             # round cost and the acceptances go stale.

@@ -6,7 +6,8 @@ import pytest
 
 from loragate.engine.request import Request
 from loragate.engine.sampling_params import SamplingParams
-from loragate.engine.spec.controller import EXPLORE_EVERY, REPROBE_EVERY, Acceptance, SpecController, StepTimeModel
+from loragate.engine.spec.controller import (EXPLORE_EVERY, MAX_BACKOFF, REPROBE_EVERY, Acceptance, SpecController,
+                                             StepTimeModel)
 from loragate.engine.spec.ngram import NgramProposer
 
 
@@ -131,3 +132,16 @@ def test_budget_grows_only_to_twice_the_largest_measured_step():
     assert c.plan([req(0.99)], [100], batch_size=1) == [3]  # 1 + 3 positions = twice the 2 measured
     c.record_step(4, 0.15)
     assert c.plan([req(0.99)], [100], batch_size=1) == [6]
+
+
+def test_while_speculation_measures_slower_its_tries_get_rarer():
+    """Each exploration step that finds the guard still against speculation doubles the wait
+    for the next one at that batch size (up to MAX_BACKOFF); measuring it faster resets it."""
+    c = trained(SpecController(max_k=6, cost_per_token=0.3), a=0.15, b=0.0005, round_seconds=0.01)
+    for _ in range(3):
+        c.record_realized(2, True, 2, 0.5)  # speculative steps measured slower than plain ones
+    steps = [i + 1 for i in range(40 * EXPLORE_EVERY) if c.plan([req(0.95)] * 2, [100] * 2, batch_size=2) != [0, 0]]
+    assert steps == [EXPLORE_EVERY * k for k in (1, 2, 4, 8, 16, 32)] and MAX_BACKOFF == 16
+    for _ in range(10):
+        c.record_realized(2, True, 20, 0.5)
+    assert c.plan([req(0.95)] * 2, [100] * 2, batch_size=2) != [0, 0] and not c.backoff
