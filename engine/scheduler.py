@@ -96,15 +96,20 @@ class Scheduler:
                 req.num_passed_over += 1
         return scheduled
 
-    def _admission_order(self) -> list[Request]:
+    def _admission_order(self):
+        """Waiting requests, those that need no adapter load first (FCFS within each group).
+        A generator: admission usually stops after a few, so a long queue is not sorted."""
         if self.lora_pool is None:
-            return list(self.waiting)
-
-        def loads(req: Request) -> bool:
-            return (req.lora_key is not None and req.num_passed_over < MAX_PASSED_OVER
-                    and not self.lora_pool.is_loaded(req.lora_key))
-
-        return sorted(self.waiting, key=loads)  # stable: FCFS within each group
+            yield from list(self.waiting)
+            return
+        later = []
+        for req in list(self.waiting):
+            if (req.lora_key is not None and req.num_passed_over < MAX_PASSED_OVER
+                    and not self.lora_pool.is_loaded(req.lora_key)):
+                later.append(req)
+            else:
+                yield req
+        yield from later
 
     def _pin_adapter(self, req: Request) -> bool:
         if req.lora_key is None:
