@@ -62,6 +62,7 @@ class Request:
     spec_token_ids: list[int] = field(default_factory=list)
     spec_draft_probs: torch.Tensor | None = field(default=None, repr=False)
     spec_acceptance: object = field(default=None, repr=False)
+    spec_fallback_acceptance: object = field(default=None, repr=False)  # of the n-gram fallback's proposals
     spec_idle_steps: int = 0  # steps since it last speculated (re-probe a request set to k=0)
     generator: torch.Generator = field(init=False, repr=False)
 

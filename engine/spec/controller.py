@@ -66,10 +66,13 @@ class Acceptance:
             self.later[1] += accepted - 1 + (accepted < proposed)
 
 
-def acceptance_of(req: Request) -> Acceptance:
-    if req.spec_acceptance is None:
-        req.spec_acceptance = Acceptance()
-    return req.spec_acceptance
+def acceptance_of(req: Request, source: int = 0) -> Acceptance:
+    """The request's acceptance estimates for proposals from the speculator's proposer (source
+    0) or its fallback (1)."""
+    attr = "spec_fallback_acceptance" if source else "spec_acceptance"
+    if getattr(req, attr) is None:
+        setattr(req, attr, Acceptance())
+    return getattr(req, attr)
 
 
 class StepTimeModel:
@@ -101,8 +104,9 @@ class StepTimeModel:
 
 
 class SpecController:
-    def __init__(self, max_k: int, cost_per_token: float):
+    def __init__(self, max_k: int, cost_per_token: float, source: int = 0):
         self.max_k = max_k
+        self.source = source  # which of the speculator's proposers this one plans for
         self.step_time = StepTimeModel()
         self.round_seconds: float | None = None  # one proposer round (a draft forward)
         self.cost_per_token = cost_per_token  # proposer round cost in target steps, until measured
@@ -111,6 +115,7 @@ class SpecController:
         # bucket and mode: the guard against a step-time model that flatters speculation.
         self.realized: dict[tuple[int, bool], tuple[float, int]] = {}
         self.backoff: dict[int, int] = {}  # batch-size bucket -> explore every EXPLORE_EVERY * this steps
+        self.plain_probe = False
 
     def plan(self, requests: list[Request], limits: list[int], batch_size: int) -> list[int]:
         """Proposal counts for `requests` (those allowed to speculate, each at most its
@@ -120,7 +125,7 @@ class SpecController:
         base = self.step_time.predict(batch_size)
         if base is None:  # measure a plain step first
             return ks
-        marginals = sorted(((acceptance_of(r).marginal(j), i) for i, (r, lim) in enumerate(zip(requests, limits))
+        marginals = sorted(((acceptance_of(r, self.source).marginal(j), i) for i, (r, lim) in enumerate(zip(requests, limits))
                             for j in range(1, min(lim, self.max_k) + 1)), reverse=True)
         loses = self._speculation_loses(batch_size)
         budget = 0 if loses else self._best_budget(marginals, batch_size, base, len(requests))
@@ -130,9 +135,11 @@ class SpecController:
         backoff = self.backoff.get(bucket, 1) if loses else 1
         if not loses:
             self.backoff.pop(bucket, None)
+        self.plain_probe = False  # this step is meant to measure plain decoding
         if self.num_steps % (EXPLORE_EVERY * backoff) == 0:
             if loses:  # each try that finds speculation still losing here doubles the wait for the next
                 self.backoff[bucket] = min(2 * backoff, MAX_BACKOFF)
+            self.plain_probe = bool(budget)
             # Try the other side: a plain step, or two proposals per request (the second
             # round is timed clean of catch-up), so neither the step-time model nor the
             # round cost and the acceptances go stale.
@@ -193,6 +200,5 @@ class SpecController:
             old = self.round_seconds
             self.round_seconds = seconds if old is None else 0.8 * old + 0.2 * seconds
 
-    @staticmethod
-    def record_acceptance(req: Request, proposed: int, accepted: int) -> None:
-        acceptance_of(req).update(proposed, accepted)
+    def record_acceptance(self, req: Request, proposed: int, accepted: int) -> None:
+        acceptance_of(req, self.source).update(proposed, accepted)

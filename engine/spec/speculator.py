@@ -1,6 +1,10 @@
 """The Speculator: after each engine step it asks the proposer for tokens for the running
 decode requests (how many: SpecController), and after the next step it learns from what the
-target accepted. It also keeps the counters the gateway exports as metrics."""
+target accepted. It also keeps the counters the gateway exports as metrics.
+
+A draft model has an n-gram lookup fallback: in a step where drafting does not pay (a busy
+batch, where draft forwards and verification turn compute-bound), the lookup, which costs no
+forward, may still propose; each proposer has its own controller and acceptance estimates."""
 
 from __future__ import annotations
 
@@ -33,19 +37,27 @@ class SpecStats:
 
 
 class Speculator:
-    def __init__(self, proposer: Proposer, max_k: int, max_model_len: int):
+    def __init__(self, proposer: Proposer, max_k: int, max_model_len: int, fallback: Proposer | None = None):
         self.proposer = proposer
         self.controller = SpecController(max_k, proposer.cost_per_token)
+        self.fallback = fallback
+        self.fallback_controller = SpecController(max_k, fallback.cost_per_token, source=1) if fallback else None
         self.max_model_len = max_model_len
         self.stats = SpecStats()
         # What the last propose() decided, for the step that verifies it.
         self._pending_batch = 0
+        self._pending_controller: SpecController | None = None  # whose proposals the step verifies
         self._propose_seconds = 0.0  # what proposing for the coming step cost
         self._hidden_states: dict | None = None  # the last step's, for a proposer that wants them
+
+    @property
+    def _controllers(self) -> list[SpecController]:
+        return [c for c in (self.controller, self.fallback_controller) if c is not None]
 
     def propose(self, running: list[Request]) -> None:
         t_start = time.perf_counter()
         self._propose_seconds = 0.0
+        self._pending_controller = None
         self.proposer.forget({r.request_id for r in running})
         decode = [r for r in running if r.num_computed_tokens == r.num_tokens - 1]
         self._pending_batch = len(decode)
@@ -55,18 +67,23 @@ class Speculator:
             return
         reqs = [r for r, _ in eligible]
         ks = self.controller.plan(reqs, [lim for _, lim in eligible], len(decode))
+        proposer, controller = self.proposer, self.controller
+        if not any(ks) and self.fallback is not None and not self.controller.plain_probe:
+            proposer, controller = self.fallback, self.fallback_controller
+            ks = controller.plan(reqs, [lim for _, lim in eligible], len(decode))
         chosen = [(r, k) for r, k in zip(reqs, ks) if k > 0]
         if not chosen:
             return
+        self._pending_controller = controller
         t0 = time.perf_counter()
-        proposals = self.proposer.propose([r for r, _ in chosen], [k for _, k in chosen], self._hidden_states)
+        proposals = proposer.propose([r for r, _ in chosen], [k for _, k in chosen], self._hidden_states)
         # A draft reports its rounds' time without the catch-up (the first round may prefill
         # a whole prompt); a proposer without rounds costs what the call took.
-        if hasattr(self.proposer, "last_round_seconds"):
-            if self.proposer.last_round_seconds is not None:
-                self.controller.record_round(self.proposer.last_round_seconds)
+        if hasattr(proposer, "last_round_seconds"):
+            if proposer.last_round_seconds is not None:
+                controller.record_round(proposer.last_round_seconds)
         else:
-            self.controller.record_round(time.perf_counter() - t0)
+            controller.record_round(time.perf_counter() - t0)
         for (r, _), proposal in zip(chosen, proposals):
             r.spec_token_ids = proposal.token_ids
             r.spec_draft_probs = proposal.probs
@@ -83,14 +100,16 @@ class Speculator:
         seconds: the target step's time."""
         s = self.stats
         self._hidden_states = out.hidden_states
+        source = self._pending_controller
         for req, p, accepted in zip(out.requests, proposed, out.num_accepted):
             if p:
                 s.num_proposed += p
                 s.num_accepted += accepted
                 s.num_verify_steps += 1
                 s.num_emitted += accepted + 1
-                self.controller.record_acceptance(req, p, accepted)
-        if any(proposed):
+                source.record_acceptance(req, p, accepted)
+        speculative = any(proposed)
+        if speculative:
             s.num_speculative_steps += 1
         else:
             s.num_plain_steps += 1
@@ -98,22 +117,24 @@ class Speculator:
         pure_decode = (len(scheduled) == len(out.requests) == batch_size
                        and out.num_computed_tokens == batch_size + sum(proposed))
         if pure_decode:
-            self.controller.record_step(out.num_computed_tokens, seconds)
             emitted = sum(a + 1 for a in out.num_accepted)
-            self.controller.record_realized(batch_size, any(proposed), emitted, seconds + self._propose_seconds)
+            for controller in self._controllers:
+                controller.record_step(out.num_computed_tokens, seconds)
+                if controller is source or not speculative:
+                    controller.record_realized(batch_size, speculative, emitted, seconds + self._propose_seconds)
 
 
 def build_speculator(config, engine) -> Speculator | None:
     """The speculator EngineConfig asks for, checked against the target; None when off."""
     if config.speculative == "off":
         return None
-    if config.speculative == "ngram":
-        from .ngram import NgramProposer
+    from .ngram import NgramProposer
 
-        proposer = NgramProposer(config.ngram_min, config.ngram_max)
-    else:
-        proposer = _draft_proposer(config, engine)
-    return Speculator(proposer, config.num_speculative_tokens, engine.max_model_len)
+    lookup = NgramProposer(config.ngram_min, config.ngram_max)
+    if config.speculative == "ngram":
+        return Speculator(lookup, config.num_speculative_tokens, engine.max_model_len)
+    return Speculator(_draft_proposer(config, engine), config.num_speculative_tokens, engine.max_model_len,
+                      fallback=lookup)
 
 
 def _draft_proposer(config, engine):

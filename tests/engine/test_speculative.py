@@ -342,3 +342,25 @@ def test_a_proposer_can_draft_from_the_targets_hidden_states(tiny_llama):
             assert hidden.shape == (1, model.config.hidden_size)
             # The features are the ones the target sampled its newest token from.
             assert int(model.compute_logits(hidden).argmax()) == last_token
+
+
+def test_draft_mode_falls_back_to_ngram_lookup_where_drafting_does_not_pay(tiny_llama, draft_dir):
+    """When the draft's controller plans nothing (as on a busy batch), the n-gram lookup, with
+    its own controller and acceptance estimates, may propose; output is still plain decoding's."""
+    prompts = [p for i, p in enumerate(prompts_20()) if i % 2]  # repetitive: lookups find matches
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    plain = LLM(str(tiny_llama), dtype="float32", progress=False).generate(prompts, params)
+    llm = LLM(str(tiny_llama), dtype="float32", progress=False, speculative="draft", draft_model=str(draft_dir))
+    spec = llm.engine.speculator
+    spec.controller.plan = lambda reqs, limits, batch_size: [0] * len(reqs)
+    fallback = spec.fallback_controller
+    fallback.plan = lambda reqs, limits, batch_size: [min(lim, fallback.max_k) for lim in limits]
+    drafted = []
+    real_propose = spec.proposer.propose
+    spec.proposer.propose = lambda *a: drafted.append(a) or real_propose(*a)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in plain]
+    assert not drafted and spec.stats.num_accepted > 0
+    # Speculative steps are measured for the lookup's guard only; plain ones for both.
+    assert any(speculative for _, speculative in fallback.realized)
+    assert not any(speculative for _, speculative in spec.controller.realized)
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
