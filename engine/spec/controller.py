@@ -125,7 +125,8 @@ class SpecController:
         base = self.step_time.predict(batch_size)
         if base is None:  # measure a plain step first
             return ks
-        marginals = sorted(((acceptance_of(r, self.source).marginal(j), i) for i, (r, lim) in enumerate(zip(requests, limits))
+        marginals = sorted(((acceptance_of(r, self.source).marginal(j), i)
+                            for i, (r, lim) in enumerate(zip(requests, limits))
                             for j in range(1, min(lim, self.max_k) + 1)), reverse=True)
         loses = self._speculation_loses(batch_size)
         budget = 0 if loses else self._best_budget(marginals, batch_size, base, len(requests))

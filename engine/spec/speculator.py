@@ -42,6 +42,7 @@ class Speculator:
         self.controller = SpecController(max_k, proposer.cost_per_token)
         self.fallback = fallback
         self.fallback_controller = SpecController(max_k, fallback.cost_per_token, source=1) if fallback else None
+        self._controllers = [c for c in (self.controller, self.fallback_controller) if c is not None]
         self.max_model_len = max_model_len
         self.stats = SpecStats()
         # What the last propose() decided, for the step that verifies it.
@@ -49,10 +50,6 @@ class Speculator:
         self._pending_controller: SpecController | None = None  # whose proposals the step verifies
         self._propose_seconds = 0.0  # what proposing for the coming step cost
         self._hidden_states: dict | None = None  # the last step's, for a proposer that wants them
-
-    @property
-    def _controllers(self) -> list[SpecController]:
-        return [c for c in (self.controller, self.fallback_controller) if c is not None]
 
     def propose(self, running: list[Request]) -> None:
         t_start = time.perf_counter()
