@@ -20,7 +20,7 @@ import torch
 
 log = logging.getLogger("loragate.kernels")
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / "paged_attention.c", _CSRC / "pointwise.c", _CSRC / "lora.c"]
+_SOURCES = [_CSRC / "paged_attention.c", _CSRC / "pointwise.c", _CSRC / "lora.c", _CSRC / "amx_gemm.c"]
 # -fno-strict-aliasing: the kernels reinterpret fp32 rows as uint32 bits to convert bf16.
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-strict-aliasing", "-fopenmp",
           "-shared", "-fPIC"]
@@ -82,6 +82,8 @@ def library() -> ctypes.CDLL | None:
             "rope_write_kv": [ptr, i64, i64, ptr, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, i32, i32, i32],
             "silu_mul": [ptr, ptr, i64, i32, i32, i32],
             "lora_add": [ptr, i64, i32, ptr, i64, i32, ptr, i64, ptr, i64, i64, i32, i32, ptr, ptr, ptr, i32, i32],
+            "amx_init": [],
+            "amx_gemm_bf16": [ptr, i64, i64, i32, ptr, i32, ptr, ptr, i64, i32],
         }
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
@@ -144,6 +146,26 @@ def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
 def silu_mul(gate_up: torch.Tensor, out: torch.Tensor) -> None:
     _check(library().silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.shape[0], out.shape[1],
                               int(gate_up.dtype == torch.bfloat16), torch.get_num_threads()), "silu_mul")
+
+
+_amx: bool | None = None
+
+
+def amx_available() -> bool:
+    """Whether the AMX GEMM can run: kernels built for a CPU with AMX and the OS grants the tiles."""
+    global _amx
+    if _amx is None:
+        lib = library()
+        _amx = lib is not None and lib.amx_init() == 0
+    return _amx
+
+
+def amx_gemm(x: torch.Tensor, tiles: torch.Tensor, out_features: int, bias: torch.Tensor | None,
+             y: torch.Tensor) -> None:
+    """y [M, N] = x [M, K] @ W.T (+ bias), bf16; tiles: W in the layout of csrc/amx_gemm.c."""
+    _check(library().amx_gemm_bf16(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], tiles.data_ptr(), out_features,
+                                   None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0),
+                                   torch.get_num_threads()), "amx_gemm")
 
 
 def usable(*tensors: torch.Tensor) -> bool:

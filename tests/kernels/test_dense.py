@@ -1,5 +1,5 @@
-"""kernels.dense: pack_weight + dense_linear equal F.linear (bf16 through oneDNN's packed
-layout where available, fp32 through the plain one)."""
+"""kernels.dense: pack_weight + dense_linear equal F.linear (bf16 through the AMX kernel's tile
+layout and through oneDNN's packed layout where each is available, fp32 through the plain one)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from loragate.kernels import dense
 
 ROWS = (1, 2, 16, 300)
+# The AMX kernel works in chunks of 32 rows inside blocks of 256: edges on both sides.
+AMX_ROWS = (1, 3, 16, 17, 31, 32, 33, 255, 256, 300, 600)
 IN_FEATURES, OUT_FEATURES = 576, 1536
 
 
@@ -26,18 +28,10 @@ def float64_linear(x, w, b):
     return y if b is None else y + b.double()
 
 
-@pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("with_bias", (False, True))
-def test_bf16_packed_linear(rows, with_bias):
-    x, w, b = make(torch.bfloat16, rows, with_bias, seed=rows)
-    w_before = w.clone()
-    packed = dense.pack_weight(w)
-    if dense._mkldnn_linear_available():
-        assert packed.is_mkldnn  # the packed path is the one under test
+def check_bf16_linear(packed, x, w, b):
     got = dense.dense_linear(x, packed, b)
     want = F.linear(x, w, b)
-    assert got.dtype == torch.bfloat16 and got.shape == (rows, OUT_FEATURES)
-    assert torch.equal(w, w_before)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
     # Both accumulate in fp32 and round once to bf16, but in different orders: they agree to
     # about one bf16 ulp, and both are within bf16 rounding of the float64 product.
     truth = float64_linear(x, w, b)
@@ -45,6 +39,55 @@ def test_bf16_packed_linear(rows, with_bias):
     torch.testing.assert_close(want.double(), truth, atol=2e-2, rtol=8e-3)
     torch.testing.assert_close(got, want, atol=2e-2, rtol=1.6e-2)
     assert (got == want).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("with_bias", (False, True))
+def test_bf16_onednn_packed_linear(rows, with_bias, monkeypatch):
+    monkeypatch.setattr(dense.native, "amx_available", lambda: False)
+    x, w, b = make(torch.bfloat16, rows, with_bias, seed=rows)
+    w_before = w.clone()
+    packed = dense.pack_weight(w)
+    if dense._mkldnn_linear_available():
+        assert packed.is_mkldnn  # the packed path is the one under test
+    check_bf16_linear(packed, x, w, b)
+    assert torch.equal(w, w_before)
+
+
+needs_amx = pytest.mark.skipif(not dense.native.amx_available(), reason="no AMX on this CPU (or native kernels off)")
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", AMX_ROWS)
+@pytest.mark.parametrize("with_bias", (False, True))
+@pytest.mark.parametrize("shape", ((1536, 576), (48, 64), (16, 1536)))  # (out, in): two-block pairs, an odd block
+def test_bf16_amx_linear(rows, with_bias, shape):
+    x, w, b = make(torch.bfloat16, rows, with_bias, seed=rows, in_features=shape[1], out_features=shape[0])
+    w_before = w.clone()
+    packed = dense.pack_weight(w)
+    assert isinstance(packed, dense.AmxWeight)
+    check_bf16_linear(packed, x, w, b)
+    assert torch.equal(w, w_before)
+
+
+@needs_amx
+def test_amx_strided_and_batched_activations():
+    x, w, b = make(torch.bfloat16, 40, True, seed=7)
+    packed = dense.AmxWeight(w)
+    wide = torch.cat([x, x], dim=1)[:, :IN_FEATURES]  # rows with a stride larger than their width
+    torch.testing.assert_close(dense.dense_linear(wide, packed, b), dense.dense_linear(x, packed, b), atol=0, rtol=0)
+    batched = dense.dense_linear(x.view(4, 10, IN_FEATURES), packed, b)
+    torch.testing.assert_close(batched.view(40, -1), dense.dense_linear(x, packed, b), atol=0, rtol=0)
+    assert dense.dense_linear(x[:0], packed, b).shape == (0, OUT_FEATURES)
+
+
+def test_amx_refuses_shapes_and_dtypes_it_cannot_run():
+    for w in (torch.zeros(24, 64, dtype=torch.bfloat16), torch.zeros(32, 48, dtype=torch.bfloat16),
+              torch.zeros(32, 64)):
+        assert not dense.AmxWeight.fits(w)
+        with pytest.raises(ValueError, match="AMX packing needs"):
+            dense.AmxWeight(w)
+        assert not isinstance(dense.pack_weight(w), dense.AmxWeight)
 
 
 @pytest.mark.parametrize("rows", ROWS)
