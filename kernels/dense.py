@@ -53,9 +53,12 @@ class AmxWeight:
     16, 16, 2], for each block of 16 outputs and 32 inputs the pairs of inputs AMX multiplies
     together. Measured against oneDNN's packed layout on this CPU (weights streamed from
     memory, bf16): SmolLM2's 576x576 projection 29 vs 51 us at one row, 31 vs 52 us at 16;
-    its 3072x576 gate/up 123 vs 159 us; prefill-sized calls (1024 rows) within 0.9-1.05x."""
+    its 3072x576 gate/up 123 vs 159 us. At prefill sizes oneDNN is faster (a 1000-token prefill
+    step's projections: 130 vs 160 ms), so calls of MAX_ROWS rows or more take a oneDNN-packed
+    copy: on such CPUs a bf16 weight is held twice."""
 
     BLOCK_OUT, BLOCK_IN = 16, 32
+    MAX_ROWS = 128
 
     def __init__(self, weight: torch.Tensor):
         if not self.fits(weight):
@@ -63,7 +66,8 @@ class AmxWeight:
                              f"in % {self.BLOCK_IN} == 0, got {tuple(weight.shape)} {weight.dtype}")
         n, k = weight.shape
         self.out_features, self.in_features = n, k
-        self.tiles = (weight.detach().reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous())
+        self.tiles = weight.detach().reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+        self.large = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1) if _mkldnn_linear_available() else None
 
     @classmethod
     def fits(cls, weight: torch.Tensor) -> bool:
@@ -72,12 +76,15 @@ class AmxWeight:
 
     @property
     def nbytes(self) -> int:
+        """Bytes one call streams (one copy of the weight)."""
         return self.tiles.numel() * self.tiles.element_size()
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.dtype != torch.bfloat16:
             raise TypeError(f"an AMX-packed weight multiplies bf16 activations, got {x.dtype}")
         rows = x.numel() // x.shape[-1]
+        if rows >= self.MAX_ROWS and self.large is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.large, bias, "none", [], "")
         x2 = x.reshape(rows, x.shape[-1])
         if x2.stride(-1) != 1 or (rows > 1 and x2.stride(0) < x2.shape[1]):
             x2 = x2.contiguous()

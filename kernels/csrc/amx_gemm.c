@@ -83,16 +83,19 @@ static void tile_pair(const uint16_t *x, int64_t x_stride, int64_t m0, int rows,
         _tile_stored(2, cbuf + 16 * 32, 128);
         if (two) _tile_stored(3, cbuf + 16 * 32 + 16, 128);
     }
+    /* bias add and rounding to bf16 (nearest even), 16 outputs per instruction */
     const int width = two ? 32 : 16;
-    float b[32];
-    if (bias) load_row(b, bias + n0, width, 1);
-    else memset(b, 0, sizeof b);
+    __m512 b[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    if (bias)
+        for (int h = 0; h < width / 16; h++)
+            b[h] = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bias + n0 + 16 * h))), 16));
     for (int r = 0; r < rows; r++) {
         uint16_t *dst = y + (m0 + r) * y_stride + n0;
-        const float *src = cbuf + r * 32;
-        float v[32];
-        for (int c = 0; c < width; c++) v[c] = src[c] + b[c];
-        store_row(dst, v, width, 1);
+        for (int h = 0; h < width / 16; h++) {
+            const __m512 v = _mm512_add_ps(_mm512_load_ps(cbuf + r * 32 + 16 * h), b[h]);
+            _mm256_storeu_si256((__m256i *)(dst + 16 * h), (__m256i)_mm512_cvtneps_pbh(v));
+        }
     }
 }
 

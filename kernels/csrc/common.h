@@ -7,6 +7,9 @@
 #include <immintrin.h>
 #endif
 
+/* 0 once the OS has granted this process AMX tile state, -1 where there is none (amx_gemm.c). */
+int amx_init(void);
+
 /* Element offset of (slot, kv head) in a KV cache laid out [num_blocks][kv_heads][block_size][d],
  * slot = block * block_size + offset: one head's rows of a block are contiguous, so a
  * (request, kv head) task streams whole 2 KiB runs instead of every third 128 bytes. */

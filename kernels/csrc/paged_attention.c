@@ -120,6 +120,172 @@ static void scores_bf16(const uint16_t *const *q_rows, int rows, const uint16_t 
     }
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+/* The same scores on AMX tiles, for up to 16 query rows: per chunk of 16 tokens the K rows
+ * are the A operand as they lie in the cache (16 rows x 32 dims per tile, row stride d) and
+ * the query rows, transposed into pairs of dims once per task, the B operand; the 16 x rows
+ * result is scattered into the row-major score rows. About 4x fewer instructions than the
+ * dot-product path, which is what bounds it while the K rows stream in. */
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) attn_tile_config;
+
+/* Tiles: 0, 1 scores (alternate chunks); 2, 7 K rows; 3-6 query pairs for d/32 slices. */
+static void configure_scores(int rows) {
+    attn_tile_config cfg = {0};
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = (t == 2 || t == 7) ? 64 : (uint16_t)(4 * rows);
+    }
+    _tile_loadconfig(&cfg);
+}
+
+#define SCORE_CHUNK(C, kp, nv)                                                            \
+    do {                                                                                  \
+        _tile_zero(C);                                                                    \
+        _tile_loadd(2, (kp), stride);                                                     \
+        _tile_dpbf16ps(C, 2, 3);                                                          \
+        if ((nv) > 1) { _tile_loadd(7, (kp) + 32, stride); _tile_dpbf16ps(C, 7, 4); }     \
+        if ((nv) > 2) { _tile_loadd(2, (kp) + 64, stride); _tile_dpbf16ps(C, 2, 5);       \
+                        _tile_loadd(7, (kp) + 96, stride); _tile_dpbf16ps(C, 7, 6); }     \
+    } while (0)
+
+static void scores_amx(const uint16_t *const *q_rows, int rows, const uint16_t *k_cache, int kv_heads,
+                       const int64_t *blocks, int kvh, int d, int block_size, int ctx, float scale, int cs,
+                       float *scores) {
+    const int nv = d / 32;
+    const int64_t stride = (int64_t)d * 2;
+    uint32_t qt[4][16][16] __attribute__((aligned(64)));
+    for (int v = 0; v < nv; v++)
+        for (int p = 0; p < 16; p++)
+            for (int r = 0; r < rows; r++) qt[v][p][r] = ((const uint32_t *)q_rows[r])[16 * v + p];
+    _tile_loadd(3, qt[0], 64);
+    if (nv > 1) _tile_loadd(4, qt[1], 64);
+    if (nv > 2) { _tile_loadd(5, qt[2], 64); _tile_loadd(6, qt[3], 64); }
+    float st[2][16][16] __attribute__((aligned(64)));
+    for (int t0 = 0; t0 < ctx; t0 += 32) {
+        /* two chunks in flight, one per score tile */
+        const int nt0 = ctx - t0 < 16 ? ctx - t0 : 16, t1 = t0 + 16, nt1 = ctx - t1 < 16 ? ctx - t1 : 16;
+        const uint16_t *k0 = k_cache + kv_offset(blocks[t0 / block_size] * block_size + t0 % block_size, kvh,
+                                                 kv_heads, block_size, d);
+        SCORE_CHUNK(0, k0, nv);
+        if (nt1 > 0) {
+            const uint16_t *k1 = k_cache + kv_offset(blocks[t1 / block_size] * block_size + t1 % block_size, kvh,
+                                                     kv_heads, block_size, d);
+            SCORE_CHUNK(1, k1, nv);
+        }
+        _tile_stored(0, st[0], 64);
+        if (nt1 > 0) _tile_stored(1, st[1], 64);
+        for (int r = 0; r < rows; r++) {
+            float *sr = scores + (size_t)r * cs + t0;
+            for (int tt = 0; tt < nt0; tt++) sr[tt] = st[0][tt][r] * scale;
+            for (int tt = 0; tt < nt1; tt++) sr[16 + tt] = st[1][tt][r] * scale;
+        }
+    }
+}
+#undef SCORE_CHUNK
+
+/* Tiles: 0-3 output columns (16 dims each), 4/5 probabilities (high / low bf16 part), 6/7 V. */
+static void configure_values(int rows) {
+    attn_tile_config cfg = {0};
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = t >= 6 ? 16 : (uint8_t)rows;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* acc[r][0..d) = sum over t < len of p[r][t] * v_t, for rows <= 16, on AMX. Each probability
+ * is split into two bf16 numbers, hi + lo, so the products keep about 16 bits of it (fp32
+ * accumulation, like the AVX-512 path, to within ~1e-5 relative). V rows of each pair of
+ * tokens are interleaved into AMX's operand order on the fly; positions at or past len are
+ * zeros (never read from the cache), so stale blocks cannot leak in even as NaN * 0. */
+static void values_amx(const float *p, int cs, const uint16_t *v_cache, int kv_heads, const int64_t *blocks,
+                       int kvh, int block_size, int d, int rows, int len, float *acc) {
+    const __m512i idx_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                            39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i idx_hi = _mm512_add_epi16(idx_lo, _mm512_set1_epi16(16));
+    uint16_t ahi[16][32] __attribute__((aligned(64))), alo[16][32] __attribute__((aligned(64)));
+    uint16_t vb[4][16][32] __attribute__((aligned(64)));
+    configure_values(rows);
+    for (int dh = 0; dh < d; dh += 64) {
+        const int width = d - dh < 64 ? d - dh : 64, nc = width / 16;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int t0 = 0; t0 < len; t0 += 32) {
+            const int nt = len - t0 < 32 ? len - t0 : 32;
+            const __mmask16 m0 = nt >= 16 ? 0xFFFF : (__mmask16)((1u << nt) - 1);
+            const __mmask16 m1 = nt <= 16 ? 0 : nt >= 32 ? 0xFFFF : (__mmask16)((1u << (nt - 16)) - 1);
+            for (int r = 0; r < rows; r++) {
+                const float *pr = p + (size_t)r * cs + t0;
+                const __m512 p0 = _mm512_maskz_loadu_ps(m0, pr), p1 = _mm512_maskz_loadu_ps(m1, pr + 16);
+                const __m512bh hi = _mm512_cvtne2ps_pbh(p1, p0);
+                const __m512i hb = (__m512i)hi;
+                const __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hb)), 16));
+                const __m512 h1 = _mm512_castsi512_ps(
+                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hb, 1)), 16));
+                _mm512_store_si512(ahi[r], hb);
+                _mm512_store_si512(alo[r], (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(p1, h1), _mm512_sub_ps(p0, h0)));
+            }
+            _tile_loadd(4, ahi, 64);
+            _tile_loadd(5, alo, 64);
+            /* 16 tokens never straddle a block (block_size is a multiple of 16): one address each */
+            const uint16_t *vbase[2];
+            for (int h = 0; h < 2; h++) {
+                const int t = t0 + 16 * h < len ? t0 + 16 * h : t0;
+                vbase[h] = v_cache + kv_offset(blocks[t / block_size] * block_size + t % block_size, kvh, kv_heads,
+                                               block_size, d) + dh;
+            }
+            for (int pp = 0; pp < 16; pp++) {
+                __m512i a[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()}, b[2] = {a[0], a[1]};
+                for (int k = 0; k < 2; k++) {
+                    const int tt = 2 * pp + k;
+                    if (t0 + tt >= len) break;
+                    const uint16_t *vp = vbase[tt / 16] + (tt % 16) * d;
+                    __m512i *dst = k ? b : a;
+                    dst[0] = _mm512_loadu_si512(vp);
+                    if (width > 32) dst[1] = _mm512_loadu_si512(vp + 32);
+                }
+                _mm512_store_si512(vb[0][pp], _mm512_permutex2var_epi16(a[0], idx_lo, b[0]));
+                _mm512_store_si512(vb[1][pp], _mm512_permutex2var_epi16(a[0], idx_hi, b[0]));
+                if (width > 32) {
+                    _mm512_store_si512(vb[2][pp], _mm512_permutex2var_epi16(a[1], idx_lo, b[1]));
+                    _mm512_store_si512(vb[3][pp], _mm512_permutex2var_epi16(a[1], idx_hi, b[1]));
+                }
+            }
+            _tile_loadd(6, vb[0], 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(0, 5, 6);
+            _tile_loadd(7, vb[1], 64);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(1, 5, 7);
+            if (nc > 2) {
+                _tile_loadd(6, vb[2], 64);
+                _tile_dpbf16ps(2, 4, 6);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_loadd(7, vb[3], 64);
+                _tile_dpbf16ps(3, 4, 7);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+        }
+        const int64_t stride = (int64_t)d * 4;
+        _tile_stored(0, acc + dh, stride);
+        _tile_stored(1, acc + dh + 16, stride);
+        if (nc > 2) {
+            _tile_stored(2, acc + dh + 32, stride);
+            _tile_stored(3, acc + dh + 48, stride);
+        }
+    }
+}
+#define HAVE_AMX_ATTENTION 1
+#endif
+
 static inline __attribute__((always_inline)) void load_bf16x32(const uint16_t *p, __m512 *lo, __m512 *hi) {
     const __m512i raw = _mm512_loadu_si512(p);
     *lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
@@ -180,7 +346,7 @@ static void attend_one(const char *q, int64_t q_stride, const char *k_cache, con
                        int kv_heads, char *out, int64_t out_stride, int64_t q0, int n, int ctx,
                        const int64_t *blocks, int kvh, int group, int d, int block_size, float scale,
                        int is_bf16, float *restrict qf, float *restrict acc, float *restrict scores,
-                       float *restrict tile) {
+                       float *restrict tile, int use_amx) {
     const size_t es = is_bf16 ? 2 : 4;
     const int rows = group * n, first_limit = ctx - n; /* query i sees 0 .. first_limit + i */
 #ifdef HAVE_BF16_FAST_PATH
@@ -190,11 +356,22 @@ static void attend_one(const char *q, int64_t q_stride, const char *k_cache, con
         for (int i = 0; i < n; i++)
             for (int j = 0; j < group; j++)
                 q_rows[i * group + j] = (const uint16_t *)q + (q0 + i) * q_stride + (int64_t)(kvh * group + j) * d;
-        scores_bf16(q_rows, rows, (const uint16_t *)k_cache, kv_heads, blocks, kvh, d, block_size, ctx, scale,
-                    cs, scores);
-        softmax_rows(scores, cs, rows, group, first_limit, ctx);
-        values_bf16(scores, cs, (const uint16_t *)v_cache, kv_heads, blocks, kvh, block_size, d, rows, group,
-                    first_limit, acc);
+#ifdef HAVE_AMX_ATTENTION
+        if (use_amx && rows <= 16) {
+            configure_scores(rows);
+            scores_amx(q_rows, rows, (const uint16_t *)k_cache, kv_heads, blocks, kvh, d, block_size, ctx, scale, cs,
+                       scores);
+            softmax_rows(scores, cs, rows, group, first_limit, ctx);
+            values_amx(scores, cs, (const uint16_t *)v_cache, kv_heads, blocks, kvh, block_size, d, rows, ctx, acc);
+        } else
+#endif
+        {
+            scores_bf16(q_rows, rows, (const uint16_t *)k_cache, kv_heads, blocks, kvh, d, block_size, ctx, scale,
+                        cs, scores);
+            softmax_rows(scores, cs, rows, group, first_limit, ctx);
+            values_bf16(scores, cs, (const uint16_t *)v_cache, kv_heads, blocks, kvh, block_size, d, rows, group,
+                        first_limit, acc);
+        }
         store_out(out, out_stride, q0, n, group, kvh, d, acc, is_bf16);
         return;
     }
@@ -245,7 +422,11 @@ int paged_attention(const void *q, int64_t q_stride, const void *k_cache, const 
     if (d > 256 || block_size > 64 || heads % kv_heads) return -1;
     const int group = heads / kv_heads;
     int failed = 0;
-#pragma omp parallel for schedule(dynamic) num_threads(num_threads)
+    /* AMX tile state is per thread: each configures it per task and releases it at the end. */
+    const int use_amx = is_bf16 && amx_init() == 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for schedule(dynamic)
     for (int task = 0; task < num_requests * kv_heads; task++) {
         const int b = task / kv_heads, kvh = task % kv_heads;
         const int n = (int)query_len[b], ctx = (int)context_len[b];
@@ -258,8 +439,12 @@ int paged_attention(const void *q, int64_t q_stride, const void *k_cache, const 
         else
             attend_one(q, q_stride, k_cache, v_cache, kv_heads, out, out_stride, query_start[b], n, ctx,
                        block_table + b * max_blocks, kvh, group, d, block_size, scale, is_bf16, qf, acc,
-                       scores, tile);
+                       scores, tile, use_amx);
         free(qf); free(acc); free(scores); free(tile);
+    }
+#ifdef HAVE_AMX_ATTENTION
+    if (use_amx) _tile_release();
+#endif
     }
     return failed ? -1 : 0;
 }
