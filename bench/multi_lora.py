@@ -25,6 +25,7 @@ import torch
 
 from loragate.adapters.loader import load_adapter
 from loragate.engine import EngineConfig, LLMEngine, SamplingParams
+from loragate.engine.models.linear import Projection
 from loragate.engine.models.prepare import DEFAULT_MODEL, resolve_model
 
 TARGETS = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -108,7 +109,7 @@ def main() -> None:
     tok = engine.tokenizer
     prompts = prompts_for(tok, n)
     base_bytes = sum(p.numel() * p.element_size() for p in (engine.model.embed_tokens.weight,))  # tied head
-    base_bytes += sum(m.packed.numel() * 2 for m in engine.model.modules() if hasattr(m, "packed") and m.packed is not None)
+    base_bytes += sum(m.in_features * m.out_features * 2 for m in engine.model.modules() if isinstance(m, Projection))
 
     no_lora = LLMEngine(EngineConfig(model=str(model_dir), max_loras=0, max_num_seqs=n), progress=False)
     for e in (no_lora, engine):

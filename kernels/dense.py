@@ -74,11 +74,6 @@ class AmxWeight:
         return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
                 and weight.shape[0] % cls.BLOCK_OUT == 0 and weight.shape[1] % cls.BLOCK_IN == 0)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes one call streams (one copy of the weight)."""
-        return self.tiles.numel() * self.tiles.element_size()
-
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.dtype != torch.bfloat16:
             raise TypeError(f"an AMX-packed weight multiplies bf16 activations, got {x.dtype}")

@@ -3,15 +3,15 @@
  * Why not oneDNN: at decode sizes (a few rows) a projection is a pass over its weights, and
  * oneDNN's per-call overhead (about 20 us here) is as long as streaming a 576x576 weight
  * once. This kernel reads weights packed once at load time in tile order, so each thread
- * streams one contiguous range, and the same loop runs prefill sizes by keeping a pair of
- * output blocks' weights in cache while it walks all the rows.
+ * streams one contiguous range. It runs any number of rows (each pair of output blocks'
+ * weights stays in cache while the rows of an M_BLOCK pass over it), but at prefill sizes
+ * oneDNN is faster and kernels/dense.py sends those calls there.
  *
  * Packed weight layout (see kernels/dense.py, AmxWeight): [N/16][K/32][16][16][2] bf16: for
  * output block n and input block k, a 16x16 tile of 32-bit pairs, row r holding for each of
  * the block's 16 outputs the inputs (k*32 + 2r, k*32 + 2r + 1): AMX's "VNNI" operand order.
  * Requires K % 32 == 0 and N % 16 == 0 (the caller checks and uses another path otherwise).
  */
-#include <stdlib.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -22,9 +22,8 @@
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
-#ifndef M_BLOCK
+/* Rows of x kept in L2 while a thread walks its output blocks (256 rows x 1536 inputs: 768 KiB). */
 #define M_BLOCK 256
-#endif
 
 /* Linux hands out the tile state only on request, once per process. */
 int amx_init(void) {
@@ -33,15 +32,9 @@ int amx_init(void) {
     return state == 1 ? 0 : -1;
 }
 
-typedef struct {
-    uint8_t palette_id, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} __attribute__((packed)) tile_config;
-
 /* Tiles: 0-3 accumulators C[row half][output block], 4-5 x rows (A), 6-7 weights (B). */
 static void configure(int rows_a, int rows_b) {
-    tile_config cfg = {0};
+    amx_tile_config cfg = {0};
     cfg.palette_id = 1;
     const int rows[8] = {rows_a, rows_a, rows_b, rows_b, rows_a, rows_b, 16, 16};
     for (int t = 0; t < 8; t++) {

@@ -10,6 +10,13 @@
 /* 0 once the OS has granted this process AMX tile state, -1 where there is none (amx_gemm.c). */
 int amx_init(void);
 
+/* The 64-byte operand of LDTILECFG: per tile register, its rows and bytes per row. */
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) amx_tile_config;
+
 /* Element offset of (slot, kv head) in a KV cache laid out [num_blocks][kv_heads][block_size][d],
  * slot = block * block_size + offset: one head's rows of a block are contiguous, so a
  * (request, kv head) task streams whole 2 KiB runs instead of every third 128 bytes. */

@@ -126,15 +126,9 @@ static void scores_bf16(const uint16_t *const *q_rows, int rows, const uint16_t 
  * the query rows, transposed into pairs of dims once per task, the B operand; the 16 x rows
  * result is scattered into the row-major score rows. About 4x fewer instructions than the
  * dot-product path, which is what bounds it while the K rows stream in. */
-typedef struct {
-    uint8_t palette_id, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} __attribute__((packed)) attn_tile_config;
-
 /* Tiles: 0, 1 scores (alternate chunks); 2, 7 K rows; 3-6 query pairs for d/32 slices. */
 static void configure_scores(int rows) {
-    attn_tile_config cfg = {0};
+    amx_tile_config cfg = {0};
     cfg.palette_id = 1;
     for (int t = 0; t < 8; t++) {
         cfg.rows[t] = 16;
@@ -190,7 +184,7 @@ static void scores_amx(const uint16_t *const *q_rows, int rows, const uint16_t *
 
 /* Tiles: 0-3 output columns (16 dims each), 4/5 probabilities (high / low bf16 part), 6/7 V. */
 static void configure_values(int rows) {
-    attn_tile_config cfg = {0};
+    amx_tile_config cfg = {0};
     cfg.palette_id = 1;
     for (int t = 0; t < 8; t++) {
         cfg.rows[t] = t >= 6 ? 16 : (uint8_t)rows;
@@ -357,12 +351,21 @@ static void attend_one(const char *q, int64_t q_stride, const char *k_cache, con
             for (int j = 0; j < group; j++)
                 q_rows[i * group + j] = (const uint16_t *)q + (q0 + i) * q_stride + (int64_t)(kvh * group + j) * d;
 #ifdef HAVE_AMX_ATTENTION
-        if (use_amx && rows <= 16) {
-            configure_scores(rows);
-            scores_amx(q_rows, rows, (const uint16_t *)k_cache, kv_heads, blocks, kvh, d, block_size, ctx, scale, cs,
-                       scores);
+        if (use_amx) {
+            /* up to 16 query rows per tile pass; each row's result does not depend on the
+             * others, so a verified token gets exactly what decoding it alone would */
+            for (int r0 = 0; r0 < rows; r0 += 16) {
+                const int rc = rows - r0 < 16 ? rows - r0 : 16;
+                configure_scores(rc);
+                scores_amx(q_rows + r0, rc, (const uint16_t *)k_cache, kv_heads, blocks, kvh, d, block_size, ctx,
+                           scale, cs, scores + (size_t)r0 * cs);
+            }
             softmax_rows(scores, cs, rows, group, first_limit, ctx);
-            values_amx(scores, cs, (const uint16_t *)v_cache, kv_heads, blocks, kvh, block_size, d, rows, ctx, acc);
+            for (int r0 = 0; r0 < rows; r0 += 16) {
+                const int rc = rows - r0 < 16 ? rows - r0 : 16;
+                values_amx(scores + (size_t)r0 * cs, cs, (const uint16_t *)v_cache, kv_heads, blocks, kvh, block_size,
+                           d, rc, ctx, acc + (size_t)r0 * d);
+            }
         } else
 #endif
         {

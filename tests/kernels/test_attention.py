@@ -339,3 +339,22 @@ def test_native_result_does_not_depend_on_thread_count(dtype):
         torch.set_num_threads(threads)
     assert torch.equal(one, many)
     assert torch.equal(case.run(use_native=True), many)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", (3, 6))
+def test_verified_query_rows_equal_decoding_them_one_at_a_time(dtype, group):
+    # Speculative verification runs 1 + k query tokens of a request in one call; decoding runs
+    # them one per call with a context one longer each time. Greedy output stays the same only
+    # if each row is bitwise what the single-token call gives, whatever the number of rows per
+    # (request, kv head) (group * n: 30 here with group 6, above one 16-row AMX tile pass).
+    ctx, n = 200, 5
+    case = Case([(ctx, n, "short")], kv_heads=2, group=group, head_dim=128, block_size=16, dtype=dtype, seed=5)
+    together = case.run(use_native=True)
+    for i in range(n):
+        meta = case.meta(use_native=True)
+        meta.query_start = torch.tensor([i], dtype=torch.int64)
+        meta.query_len = torch.tensor([1], dtype=torch.int64)
+        meta.context_len = torch.tensor([ctx - n + i + 1], dtype=torch.int64)
+        alone = paged_attention(case.q, case.k_new, case.v_new, case.k_cache, case.v_cache, meta, case.scale)
+        assert torch.equal(alone[i], together[i]), f"query row {i} differs when decoded alone"
