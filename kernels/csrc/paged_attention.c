@@ -253,20 +253,15 @@ static void values_amx(const float *p, int cs, const uint16_t *v_cache, int kv_h
                     _mm512_store_si512(vb[3][pp], _mm512_permutex2var_epi16(a[1], idx_hi, b[1]));
                 }
             }
-            _tile_loadd(6, vb[0], 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(0, 5, 6);
-            _tile_loadd(7, vb[1], 64);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(1, 5, 7);
+/* output tile C += (high + low probabilities) x V columns in tile B (tile numbers are literals) */
+#define VALUES_DP(C, B, src) do { _tile_loadd(B, src, 64); _tile_dpbf16ps(C, 4, B); _tile_dpbf16ps(C, 5, B); } while (0)
+            VALUES_DP(0, 6, vb[0]);
+            VALUES_DP(1, 7, vb[1]);
             if (nc > 2) {
-                _tile_loadd(6, vb[2], 64);
-                _tile_dpbf16ps(2, 4, 6);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_loadd(7, vb[3], 64);
-                _tile_dpbf16ps(3, 4, 7);
-                _tile_dpbf16ps(3, 5, 7);
+                VALUES_DP(2, 6, vb[2]);
+                VALUES_DP(3, 7, vb[3]);
             }
+#undef VALUES_DP
         }
         const int64_t stride = (int64_t)d * 4;
         _tile_stored(0, acc + dh, stride);
