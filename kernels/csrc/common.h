@@ -24,6 +24,21 @@ static inline int64_t kv_offset(int64_t slot, int h, int kv_heads, int block_siz
     return ((slot / block_size * kv_heads + h) * block_size + slot % block_size) * d;
 }
 
+#if defined(__AVX512F__)
+/* lane i of the result = sum of all lanes of v[i] */
+static inline __m512 sum16(__m512 v[16]) {
+    __m512 w[8], u[4];
+    for (int i = 0; i < 8; i++)
+        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+        u[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44), _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
+    /* u[i], 128-bit lane L: partial sums over lane L of v[4i .. 4i+3] */
+    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
+#endif
+
 /* n elements starting at src (bf16 bits or fp32) into fp32 dst. */
 static inline void load_row(float *restrict dst, const void *src, int n, int is_bf16) {
     if (is_bf16) {

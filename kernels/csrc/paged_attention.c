@@ -67,19 +67,6 @@ static void store_out(char *out, int64_t out_stride, int64_t q0, int n, int grou
  * conversion), 16 tokens' partial dot products folded into one vector of 16 scores by a
  * transpose-add butterfly, and the probability-weighted V sum kept in registers. */
 
-/* lane i of the result = sum of all lanes of v[i] */
-static inline __m512 sum16(__m512 v[16]) {
-    __m512 w[8], u[4];
-    for (int i = 0; i < 8; i++)
-        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; i++)
-        u[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44), _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
-    /* u[i], 128-bit lane L: partial sums over lane L of v[4i .. 4i+3] */
-    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
-    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
-}
-
 /* Hardware prefetchers lose the stream at every block boundary (blocks are scattered), so
  * ask for the next 16 tokens' rows of this kv head one chunk ahead. */
 static inline void prefetch_rows(const uint16_t *cache, int kv_heads, const int64_t *blocks, int kvh, int d,
