@@ -12,6 +12,7 @@ import itertools
 import logging
 from dataclasses import dataclass
 
+from .key_shares import KeyShares
 from .rendezvous import choose_bounded, preference_order
 
 log = logging.getLogger("loragate.router")
@@ -30,7 +31,7 @@ class Replica:
 @dataclass(frozen=True)
 class Choice:
     replica: Replica
-    is_spill: bool  # not the adapter's first preference, which was at max_engine_load
+    is_spill: bool  # outside the adapter's engines (its first k preferences), which were at max_engine_load
 
 
 class ReplicaPool:
@@ -38,6 +39,7 @@ class ReplicaPool:
         self.policy, self.max_load = policy, max_load
         self._replicas: dict[str, Replica] = {}
         self._round_robin = itertools.count()
+        self.shares = KeyShares()
         self.metrics = metrics_factory(self) if metrics_factory else None
 
     # -- membership ------------------------------------------------------------------------
@@ -107,8 +109,15 @@ class ReplicaPool:
         # The preference order is over every healthy engine, excluded ones included, so a retry
         # goes to the key's second choice, where it would have spilled anyway.
         order = [u for u in preference_order(key, [r.url for r in self.healthy()]) if u in by_url]
-        url = choose_bounded(order, lambda u: by_url[u].in_flight, self.max_load)
-        return Choice(by_url[url], url != order[0])
+        load = lambda u: by_url[u].in_flight  # noqa: E731
+        # A hot key spreads over its first k engines, least loaded first (see key_shares.py);
+        # a retry (exclude given) is not a new request for the shares.
+        k = self.shares.engines_for(key, len(order)) if not exclude else 1
+        own = order[:k]
+        url = min(own, key=load)  # min keeps the first of equals: preference order
+        if load(url) >= self.max_load:
+            url = choose_bounded(order, load, self.max_load)
+        return Choice(by_url[url], url not in own)
 
     def first_healthy(self, exclude: set[str] = frozenset()) -> Replica | None:
         return next((r for r in self.healthy() if r.url not in exclude), None)
