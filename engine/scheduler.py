@@ -10,11 +10,15 @@ or is preempted, so the adapters of one step never outnumber the slots. A waitin
 whose adapter cannot get a slot (all pinned) is skipped for now, not blocking the ones
 behind it. Waiting requests whose adapter is already in a slot are admitted before those
 that would load one (evicting an adapter others may be about to use), unless a request has
-been passed over MAX_PASSED_OVER steps: then it goes in its FCFS place again."""
+been passed over MAX_PASSED_OVER steps: then it goes in its FCFS place again. If such a
+request still finds every slot pinned, the slot with the fewest running requests is drained:
+no new request is admitted onto it until the starving one has a slot. Without that, a steady
+stream of requests for the resident adapters keeps their slots pinned indefinitely, and the
+requests for the others wait without bound."""
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 
 from .kv_cache import KVCacheManager
 from .model_runner import StepOutput
@@ -33,6 +37,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.draining: str | None = None  # adapter key admitted no more until a starving request loads
 
     @property
     def has_unfinished(self) -> bool:
@@ -73,6 +78,8 @@ class Scheduler:
         for req in self._admission_order() if not preempted else []:
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
+            if req.lora_key is not None and req.lora_key == self.draining:
+                continue
             if not self._pin_adapter(req):
                 continue
             if not req.block_ids:
@@ -94,7 +101,24 @@ class Scheduler:
         if admitted:
             for req in self.waiting:
                 req.num_passed_over += 1
+        self._choose_drain()
         return scheduled
+
+    def _choose_drain(self) -> None:
+        """Set `draining` while the oldest starving request (passed over too often, adapter not
+        loaded) faces all-pinned slots: the running adapter with the fewest requests."""
+        pool = self.lora_pool
+        if pool is None or pool.num_pinned < pool.num_slots:
+            self.draining = None
+            return
+        starving = any(r.lora_key is not None and r.num_passed_over >= MAX_PASSED_OVER
+                       and not pool.is_loaded(r.lora_key) for r in self.waiting)
+        if not starving:
+            self.draining = None
+            return
+        running = Counter(r.lora_key for r in self.running if r.lora_key is not None)
+        if self.draining not in running:
+            self.draining = min(running, key=running.__getitem__) if running else None
 
     def _admission_order(self):
         """Waiting requests, those that need no adapter load first (FCFS within each group).

@@ -170,3 +170,26 @@ def test_a_request_that_needs_a_load_is_passed_over_a_bounded_number_of_times(ti
         engine.add_request([1, 10 + i], params, request_id=f"a{i}", adapter="a")
     order = list(run(engine))
     assert order.index("c") == MAX_PASSED_OVER and len(order) == 3 * MAX_PASSED_OVER + 1
+
+
+def test_a_steady_stream_on_the_loaded_adapter_does_not_starve_another(tiny_llama, arch):
+    """One slot, adapter a always has a request running (each new one admitted before the last
+    finishes): its slot never unpins by itself. c, passed over too often, gets the slot
+    drained for it and runs within a bounded number of steps; then a's stream goes on."""
+    from loragate.engine.scheduler import MAX_PASSED_OVER
+
+    engine = adapter_engine(tiny_llama, arch, "ac", max_loras=1, max_num_seqs=4)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    engine.add_request([1, 5], params, request_id="a-first", adapter="a")
+    engine.step()
+    engine.add_request([1, 9], params, request_id="c", adapter="c")
+    finished, c_step = [], None
+    for step in range(1, 80):
+        engine.add_request([1, 10 + step], params, request_id=f"a{step}", adapter="a")
+        for out in engine.step():
+            if out.finished:
+                finished.append(out.request_id)
+                if out.request_id == "c":
+                    c_step = step
+    assert c_step is not None and c_step <= MAX_PASSED_OVER + 3 * params.max_tokens, c_step
+    assert any(r.startswith("a") for r in finished[finished.index("c") + 1:])  # a resumes after
