@@ -105,19 +105,19 @@ class Scheduler:
         return scheduled
 
     def _choose_drain(self) -> None:
-        """Set `draining` while the oldest starving request (passed over too often, adapter not
-        loaded) faces all-pinned slots: the running adapter with the fewest requests."""
+        """Keep `draining` set while a starving request (passed over too often, adapter not
+        loaded) waits; when it faces all-pinned slots and nothing is draining yet, drain the
+        running adapter with the fewest requests. Once that slot frees up the drain stays on,
+        so the victim's own queued requests do not re-pin it before the starving one loads."""
         pool = self.lora_pool
-        if pool is None or pool.num_pinned < pool.num_slots:
-            self.draining = None
+        if pool is None:
             return
         starving = any(r.lora_key is not None and r.num_passed_over >= MAX_PASSED_OVER
                        and not pool.is_loaded(r.lora_key) for r in self.waiting)
         if not starving:
             self.draining = None
-            return
-        running = Counter(r.lora_key for r in self.running if r.lora_key is not None)
-        if self.draining not in running:
+        elif self.draining is None and pool.num_pinned >= pool.num_slots:
+            running = Counter(r.lora_key for r in self.running if r.lora_key is not None)
             self.draining = min(running, key=running.__getitem__) if running else None
 
     def _admission_order(self):
