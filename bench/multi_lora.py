@@ -105,13 +105,17 @@ def main() -> None:
     model_dir = resolve_model(args.model)
     n = args.requests
     tmp = Path(tempfile.mkdtemp(prefix="loragate-bench-"))
-    engine = LLMEngine(EngineConfig(model=str(model_dir), max_loras=n, max_lora_rank=16, max_num_seqs=n))
+    # No prefix caching: every run repeats the same prompts, and cached prefills would favour
+    # whichever mix ran before with the same adapter (peft recomputes its prefill every time).
+    engine = LLMEngine(EngineConfig(model=str(model_dir), max_loras=n, max_lora_rank=16, max_num_seqs=n,
+                                    enable_prefix_caching=False))
     tok = engine.tokenizer
     prompts = prompts_for(tok, n)
     base_bytes = sum(p.numel() * p.element_size() for p in (engine.model.embed_tokens.weight,))  # tied head
     base_bytes += sum(m.in_features * m.out_features * 2 for m in engine.model.modules() if isinstance(m, Projection))
 
-    no_lora = LLMEngine(EngineConfig(model=str(model_dir), max_loras=0, max_num_seqs=n), progress=False)
+    no_lora = LLMEngine(EngineConfig(model=str(model_dir), max_loras=0, max_num_seqs=n, enable_prefix_caching=False),
+                        progress=False)
     for e in (no_lora, engine):
         run_engine(e, prompts[:4], [None] * 4, 8)  # warm-up
     # Interleaved, best of three: the two engines see the same machine state.

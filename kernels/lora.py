@@ -5,9 +5,10 @@ seg_indptr[i+1] and uses pool slot slot_ids[i]; slot -1 means the base model (no
 Adapters live stacked and rank-padded in the pool: a_stack [num_slots, R, in] and
 b_stack [num_slots, out, R], the scaling already folded into B, zero beyond each adapter's rank.
 
-`lora_shrink` / `lora_expand` are the plain torch reference (a loop over segments). The CPU
-fast path, `add_lora` with a `LoraPlan`, runs every short segment (decode, speculative
-verification) of a step in one gathered batched matmul pair, and long segments (prefill
+`lora_shrink` / `lora_expand` are the plain torch reference (a loop over segments). The fast
+path, `add_lora_modules` with a `LoraPlan`, runs every short segment (decode, speculative
+verification) of a step, for all of a projection's modules, in one native call (or, without
+the native kernels, one gathered batched matmul pair per module), and long segments (prefill
 chunks) one matmul pair each, where the per-call cost is amortised over many rows.
 """
 
@@ -57,6 +58,9 @@ class LoraPlan:
     short_start: torch.Tensor  # [S] first batch row of each short segment
     short_count: torch.Tensor  # [S] rows of each short segment
     long_segments: list[tuple[int, int, int]]  # (start, end, slot) of long LoRA segments
+    lora_start: torch.Tensor  # [L] every LoRA segment, short or long: first batch row
+    lora_count: torch.Tensor  # [L] its rows
+    lora_slots: torch.Tensor  # [L] its slot
 
     @property
     def has_lora(self) -> bool:
@@ -82,28 +86,79 @@ def plan_segments(seg_indptr: list[int], slot_ids: list[int]) -> LoraPlan:
         pos.extend(range(e - s))
         short_len = max(short_len, e - s)
     t = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
+    lora = [(seg_indptr[i], seg_indptr[i + 1] - seg_indptr[i], slot) for i, slot in enumerate(slot_ids)
+            if slot >= 0 and seg_indptr[i + 1] > seg_indptr[i]]
     return LoraPlan(t(seg_indptr), t(slot_ids), t(short_slots), t(rows), t(seg), t(pos), short_len, t(starts),
-                    t(counts), longs)
+                    t(counts), longs, *(t([seg[k] for seg in lora]) for k in range(3)))
 
 
-def add_lora(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, plan: LoraPlan,
-             rank: int | None = None, native: bool = True) -> None:
-    """Fast path of y += lora_expand(lora_shrink(x, ...), ...) (same semantics), in place.
-    Only the first `rank` rank positions are used (default: all): the step's largest rank.
-    On CPU with the native kernels built, one native call per module (csrc/lora.c)."""
-    rank = a_stack.shape[1] if rank is None else rank
-    a_stack, b_stack = a_stack[:, :rank], b_stack[:, :, :rank]
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA-targeted module of a projection: its first column in the output and its
+    pool stacks a [slots, R, in], b [slots, out, R]."""
+
+    column: int
+    a: torch.Tensor
+    b: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        return self.b.shape[1]
+
+
+class LoraModules:
+    """The targeted modules of one projection (q, k and v of a fused qkv share their input),
+    with the table that lets one native call do all of them. Built once per projection and
+    pool: the table holds the stacks' addresses, which never move."""
+
+    def __init__(self, modules: list[LoraModule]):
+        self.modules = modules
+        a = modules[0].a if modules else None
+        self.dtype = a.dtype if a is not None else None
+        # checked once here rather than on every call: the stacks never change shape or place
+        self.native_ok = a is not None and _native.usable(a) and a.shape[2] <= _native.MAX_LORA_IN and all(
+            _native.usable(m.a, m.b) and m.a.stride(1) == m.a.shape[2] and m.a.dtype == m.b.dtype == a.dtype
+            and m.a.shape[2] == a.shape[2] for m in modules)
+        # The AMX kernel (csrc/lora.c) also takes long segments (prefill chunks), which would
+        # otherwise be two torch matmuls per module whose shapes change every step.
+        self.any_length = self.native_ok and self.dtype == torch.bfloat16 and _native.amx_available() and (
+            a.shape[2] % 32 == 0 and a.shape[1] % 16 == 0 and all(
+                m.a.stride(0) == a.shape[1] * a.shape[2] and m.b.stride(1) == a.shape[1] for m in modules))
+        self.table = torch.tensor([[m.column, m.width, m.a.data_ptr(), m.a.stride(0), m.b.data_ptr(), m.b.stride(0),
+                                    m.b.stride(1)] for m in modules], dtype=torch.int64)
+
+
+def add_lora_modules(y: torch.Tensor, x: torch.Tensor, mods: LoraModules, plan: LoraPlan, rank: int,
+                     native: bool = True) -> None:
+    """y[:, m.column:m.column + m.width] += LoRA of module m, for every module, in place (the
+    semantics of lora_expand(lora_shrink(...)) per module). Only the first `rank` rank positions
+    are used: the step's largest rank. On CPU with the native kernels built, the short
+    segments of all modules take one native call (csrc/lora.c), with the long ones too on AMX."""
+    native = (native and mods.native_ok and x.dtype == y.dtype == mods.dtype and x.stride(1) == 1
+              and y.stride(1) == 1 and rank <= _native.MAX_LORA_RANK and x.device.type == "cpu")
+    if native and mods.any_length:
+        if plan.lora_slots.numel():
+            _native.lora_add(y, x, mods.table, rank, plan.lora_start, plan.lora_count, plan.lora_slots)
+        return
     for s, e, slot in plan.long_segments:
-        y[s:e] += (x[s:e] @ a_stack[slot].T) @ b_stack[slot].T
+        for m in mods.modules:
+            y[s:e, m.column:m.column + m.width] += (x[s:e] @ m.a[slot, :rank].T) @ m.b[slot, :, :rank].T
     if plan.short_rows.numel() == 0:
         return
-    if (native and x.is_contiguous() and a_stack.stride(2) == 1 and b_stack.stride(2) == 1
-            and _native.usable(x, y, a_stack) and x.shape[1] <= _native.MAX_LORA_IN and rank <= _native.MAX_LORA_RANK):
-        _native.lora_add(y, x, a_stack, b_stack, rank, plan.short_start, plan.short_count, plan.short_slots)
+    if native:
+        _native.lora_add(y, x, mods.table, rank, plan.short_start, plan.short_count, plan.short_slots)
         return
     num = plan.short_slots.shape[0]
     xp = x.new_zeros(num, plan.short_len, x.shape[1])
     xp[plan.short_seg, plan.short_pos] = x.index_select(0, plan.short_rows)
-    h = torch.bmm(xp, a_stack.index_select(0, plan.short_slots).transpose(1, 2))  # [S, L, R]
-    d = torch.bmm(h, b_stack.index_select(0, plan.short_slots).transpose(1, 2))  # [S, L, out]
-    y.index_add_(0, plan.short_rows, d[plan.short_seg, plan.short_pos])
+    for m in mods.modules:
+        a, b = m.a[:, :rank].index_select(0, plan.short_slots), m.b[:, :, :rank].index_select(0, plan.short_slots)
+        d = torch.bmm(torch.bmm(xp, a.transpose(1, 2)), b.transpose(1, 2))  # [S, L, out]
+        y[:, m.column:m.column + m.width].index_add_(0, plan.short_rows, d[plan.short_seg, plan.short_pos])
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, plan: LoraPlan,
+             rank: int | None = None, native: bool = True) -> None:
+    """y += lora_expand(lora_shrink(x, a_stack, ...), b_stack, ...) for one module, fast path."""
+    rank = a_stack.shape[1] if rank is None else rank
+    add_lora_modules(y, x, LoraModules([LoraModule(0, a_stack, b_stack)]), plan, rank, native)

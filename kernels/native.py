@@ -81,7 +81,7 @@ def library() -> ctypes.CDLL | None:
             "rms_norm": [ptr, ptr, ptr, ptr, i64, i32, f32, i32, i32],
             "rope_write_kv": [ptr, i64, i64, ptr, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, i32, i32, i32],
             "silu_mul": [ptr, ptr, i64, i32, i32, i32],
-            "lora_add": [ptr, i64, i32, ptr, i64, i32, ptr, i64, ptr, i64, i64, i32, i32, ptr, ptr, ptr, i32, i32],
+            "lora_add": [ptr, i64, i32, ptr, i64, i32, ptr, i32, i32, ptr, ptr, ptr, i32, i32],
             "amx_init": [],
             "amx_gemm_bf16": [ptr, i64, i64, i32, ptr, i32, ptr, ptr, i64, i32],
         }
@@ -175,11 +175,11 @@ def usable(*tensors: torch.Tensor) -> bool:
         and t.shape[-1] <= MAX_ROW_WIDTH for t in tensors)
 
 
-def lora_add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rank: int,
-             seg_start: torch.Tensor, seg_len: torch.Tensor, seg_slot: torch.Tensor) -> None:
-    """y [T, out] (column slice allowed) += LoRA of the given short segments (<= 64 rows each,
-    slot >= 0); a [slots, R, in], b [slots, out, R] with contiguous rows; see csrc/lora.c."""
-    _check(library().lora_add(x.data_ptr(), x.stride(0), x.shape[1], y.data_ptr(), y.stride(0), y.shape[1],
-                              a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), b.stride(1), rank,
-                              seg_slot.shape[0], seg_start.data_ptr(), seg_len.data_ptr(), seg_slot.data_ptr(),
-                              int(x.dtype == torch.bfloat16), torch.get_num_threads()), "lora_add")
+def lora_add(y: torch.Tensor, x: torch.Tensor, table: torch.Tensor, rank: int, seg_start: torch.Tensor,
+             seg_len: torch.Tensor, seg_slot: torch.Tensor) -> None:
+    """y [T, *] (row stride allowed) += LoRA of the given segments (slot >= 0; <= 64 rows each
+    unless the AMX kernel runs: see kernels.lora.LoraModules.any_length) for every module of
+    `table` (int64 [modules, 7], see kernels.lora.LoraModules and csrc/lora.c)."""
+    _check(library().lora_add(x.data_ptr(), x.stride(0), x.shape[1], y.data_ptr(), y.stride(0), table.shape[0],
+                              table.data_ptr(), rank, seg_slot.shape[0], seg_start.data_ptr(), seg_len.data_ptr(),
+                              seg_slot.data_ptr(), int(x.dtype == torch.bfloat16), torch.get_num_threads()), "lora_add")

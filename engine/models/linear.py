@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from loragate.kernels.dense import Int4Weight, dense_linear, pack_weight
-from loragate.kernels.lora import add_lora
+from loragate.kernels.lora import LoraModule, LoraModules, add_lora_modules
 
 
 class Projection(nn.Module):
@@ -26,6 +26,8 @@ class Projection(nn.Module):
         self.weight: torch.Tensor | None = torch.empty(self.out_features, in_features, dtype=dtype)
         self.bias = torch.zeros(self.out_features, dtype=dtype) if bias else None
         self.packed: torch.Tensor | Int4Weight | None = None
+        self._lora_pool = None  # the pool _lora_modules was built for
+        self._lora_modules: dict[frozenset[str], LoraModules] = {}  # by the step's targeted modules
 
     def slice_range(self, name: str) -> tuple[int, int]:
         start = 0
@@ -46,11 +48,22 @@ class Projection(nn.Module):
         y = dense_linear(x, self.packed, self.bias)
         lora = batch.lora
         if lora is not None:
-            r, layer = lora.rank, self.layer_index
-            start = 0
-            for name, width in self.output_slices.items():
-                if name in lora.modules:
-                    add_lora(y[:, start:start + width], x, lora.pool.a[name][layer], lora.pool.b[name][layer],
-                             lora.plan, r, batch.use_native_kernels)
-                start += width
+            mods = self.lora_modules(lora.pool, lora.modules)
+            if mods.modules:
+                add_lora_modules(y, x, mods, lora.plan, lora.rank, batch.use_native_kernels)
         return y
+
+    def lora_modules(self, pool, targeted: frozenset[str]) -> LoraModules:
+        """This projection's modules that some adapter of the step targets, with their slices
+        of the pool's stacks; cached, since a step's targeted set repeats across steps."""
+        if pool is not self._lora_pool:
+            self._lora_pool, self._lora_modules = pool, {}
+        mods = self._lora_modules.get(targeted)
+        if mods is None:
+            start, found = 0, []
+            for name, width in self.output_slices.items():
+                if name in targeted:
+                    found.append(LoraModule(start, pool.a[name][self.layer_index], pool.b[name][self.layer_index]))
+                start += width
+            mods = self._lora_modules[targeted] = LoraModules(found)
+        return mods

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from loragate.kernels import native as _native
-from loragate.kernels.lora import SHORT_SEGMENT, add_lora, lora_expand, lora_shrink, plan_segments
+from loragate.kernels.lora import (SHORT_SEGMENT, LoraModule, LoraModules, add_lora, add_lora_modules, lora_expand,
+                                   lora_shrink, plan_segments)
 
 NUM_SLOTS = 8
 IN, OUT = 48, 40
@@ -102,3 +103,48 @@ def test_add_lora_adds_to_existing_output_of_a_column_slice(native):
 def test_plan_of_a_base_only_batch_has_no_lora():
     plan = plan_segments([0, 4, 9], [-1, -1])
     assert not plan.has_lora
+
+
+# A projection's modules (q, k, v of a fused qkv) in one call. Input widths that are multiples of
+# 32 and pools whose rank is a multiple of 16 take the AMX kernel where the CPU has it (the
+# other shapes its AVX-512 / plain path); segments of 1..64 rows cover partial and several
+# 16-token blocks, odd ranks the pool's zero padding, ranks above 32 several rank chunks.
+GROUP_CASES = [
+    # in, module widths, pool rank, step rank, segment lengths (slot -1 every third segment)
+    (64, [40, 16, 24], 16, 16, [1, 2, 3, 4]),
+    (64, [40, 16, 24], 64, 15, [16, 17, 5]),
+    (96, [33], 64, 64, [64, 1, 31]),
+    (64, [48, 8], 32, 20, [9, 40, 2, 2, 2]),
+    (128, [16], 16, 4, [33]),
+    (48, [40, 24], 16, 8, [3, 20]),  # input width not a multiple of 32
+    (64, [24, 24], 8, 8, [7, 7, 7]),  # pool rank below one tile
+]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("in_features, widths, pool_rank, rank, lengths", GROUP_CASES)
+def test_modules_of_a_projection_in_one_call_match_float64(in_features, widths, pool_rank, rank, lengths, dtype, native):
+    g = torch.Generator().manual_seed(in_features + pool_rank + rank)
+    modules, column = [], 3  # the modules' columns start inside y, not at 0
+    for width in widths:
+        a = torch.zeros(NUM_SLOTS, pool_rank, in_features, dtype=dtype)
+        b = torch.zeros(NUM_SLOTS, width, pool_rank, dtype=dtype)
+        a[:, :rank] = (torch.randn(NUM_SLOTS, rank, in_features, generator=g) * 0.2).to(dtype)
+        b[:, :, :rank] = (torch.randn(NUM_SLOTS, width, rank, generator=g) * 0.2).to(dtype)
+        modules.append(LoraModule(column, a, b))
+        column += width
+    indptr, seg_slots = [0], []
+    for i, n in enumerate(lengths):
+        seg_slots.append(-1 if i % 3 == 2 else (5 * i + 1) % NUM_SLOTS)
+        indptr.append(indptr[-1] + n)
+    x = torch.randn(indptr[-1], in_features, generator=g).to(dtype)
+    y = torch.randn(indptr[-1], column + 5, generator=g).to(dtype)
+    before = y.clone()
+    add_lora_modules(y, x, LoraModules(modules), plan_segments(indptr, seg_slots), rank, native=native)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=3e-2)
+    for m in modules:
+        want = before[:, m.column:m.column + m.width].double() + naive(x, m.a[:, :rank], m.b[:, :, :rank], indptr,
+                                                                        seg_slots)
+        torch.testing.assert_close(y[:, m.column:m.column + m.width].double(), want, **tol)
+    assert torch.equal(y[:, :3], before[:, :3]) and torch.equal(y[:, column:], before[:, column:])
