@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loragate.kernels.sampling import logprobs_of, sample
+from loragate.kernels.sampling import greedy, logprobs_of, sample
 from loragate.kernels.spec_sampling import accept_greedy, accept_sampled, sampling_probs
 
 from .batch import BatchMetadata, build_batch
@@ -56,7 +56,7 @@ class ModelRunner:
         if not batch.sampled_requests:
             return StepOutput([], [], [], [], num_tokens)
         rows = hidden.index_select(0, batch.logits_indices)
-        out = self.sample(batch, self.model.compute_logits(rows), num_tokens)
+        out = self.sample(batch, self.model.compute_logits(rows, fp32=False), num_tokens)
         if self.expose_hidden_states:
             ends = torch.tensor(batch.num_logits).cumsum(0).tolist()
             out.hidden_states = {r.request_id: rows[end - n:end]
@@ -86,7 +86,7 @@ class ModelRunner:
     @staticmethod
     def _verify(reqs: list[Request], num_logits: list[int], logits: torch.Tensor) -> tuple[list[list[int]], list[int]]:
         """Accept or reject each request's speculative tokens (see kernels/spec_sampling)."""
-        argmax = logits.max(dim=-1).indices.tolist()
+        argmax = greedy(logits).tolist()
         emitted, starts, row = [], [], 0
         for req, n in zip(reqs, num_logits):
             starts.append(row)
@@ -95,7 +95,7 @@ class ModelRunner:
             if p.is_greedy:
                 emitted.append(accept_greedy(argmax[row:row + n], draft))
             else:
-                probs = sampling_probs(logits[row:row + n], p.temperature, p.top_k, p.top_p)
+                probs = sampling_probs(logits[row:row + n].float(), p.temperature, p.top_k, p.top_p)
                 q = req.spec_draft_probs[: n - 1] if req.spec_draft_probs is not None else None
                 emitted.append(accept_sampled(probs, draft, q, req.generator))
             row += n
@@ -110,7 +110,7 @@ class ModelRunner:
         rows = torch.tensor([starts[i] + j for i in wanted for j in range(len(emitted[i]))])
         chosen_ids = torch.tensor([t for i in wanted for t in emitted[i]])
         num_top = max(reqs[i].sampling_params.logprobs for i in wanted)
-        chosen, top_vals, top_ids = logprobs_of(logits[rows], chosen_ids, num_top)
+        chosen, top_vals, top_ids = logprobs_of(logits[rows].float(), chosen_ids, num_top)
         r = 0
         for i in wanted:
             n = reqs[i].sampling_params.logprobs

@@ -82,6 +82,7 @@ def library() -> ctypes.CDLL | None:
             "rope_write_kv": [ptr, i64, i64, ptr, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, i32, i32, i32],
             "silu_mul": [ptr, ptr, i64, i32, i32, i32],
             "lora_add": [ptr, i64, i32, ptr, i64, i32, ptr, i32, i32, ptr, ptr, ptr, i32, i32],
+            "argmax_rows": [ptr, i64, i64, i64, i32, ptr, i32],
             "amx_init": [],
             "amx_gemm_bf16": [ptr, i64, i64, i32, ptr, i32, ptr, ptr, i64, i32],
         }
@@ -183,3 +184,11 @@ def lora_add(y: torch.Tensor, x: torch.Tensor, table: torch.Tensor, rank: int, s
     _check(library().lora_add(x.data_ptr(), x.stride(0), x.shape[1], y.data_ptr(), y.stride(0), table.shape[0],
                               table.data_ptr(), rank, seg_slot.shape[0], seg_start.data_ptr(), seg_len.data_ptr(),
                               seg_slot.data_ptr(), int(x.dtype == torch.bfloat16), torch.get_num_threads()), "lora_add")
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """First index of each row's maximum, int64 [rows]; x [rows, n] bf16/fp32 with contiguous rows."""
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    _check(library().argmax_rows(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], int(x.dtype == torch.bfloat16),
+                                 out.data_ptr(), torch.get_num_threads()), "argmax_rows")
+    return out

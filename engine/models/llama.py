@@ -160,6 +160,8 @@ class LlamaForCausalLM(nn.Module):
             pending = layer(x, pending, rope, k_cache, v_cache, batch)
         return self.norm(x, pending, batch.use_native_kernels)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [n, hidden] -> fp32 logits [n, vocab]."""
-        return dense_linear(hidden, self.lm_head_packed, None).float()
+    def compute_logits(self, hidden: torch.Tensor, fp32: bool = True) -> torch.Tensor:
+        """hidden [n, hidden] -> logits [n, vocab], fp32 or (fp32=False) in the model's dtype
+        for the sampler, which converts only the rows it needs in fp32."""
+        logits = dense_linear(hidden, self.lm_head_packed, None)
+        return logits.float() if fp32 else logits

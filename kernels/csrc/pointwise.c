@@ -108,3 +108,51 @@ int silu_mul(const void *gate_up, void *out, int64_t rows, int width, int is_bf1
     }
     return 0;
 }
+
+/* out[r] = index of the first maximum of row r (n values, bf16 bits or fp32; rows `stride`
+ * elements apart): greedy sampling without converting the logits to fp32 first. NaN is never
+ * a maximum here (callers do not feed NaN logits: the engine refuses non-finite weights). */
+int argmax_rows(const void *x, int64_t stride, int64_t rows, int64_t n, int is_bf16, int64_t *out, int num_threads) {
+    if (n < 1) return -1;
+    const int nt = rows * n >= PARALLEL_MIN_ELEMENTS ? num_threads : 1;
+#pragma omp parallel for num_threads(nt) if (nt > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const char *row = (const char *)x + r * stride * (is_bf16 ? 2 : 4);
+        float best = -INFINITY;
+        int64_t arg = 0, i = 0;
+#if defined(__AVX512F__)
+        /* per lane: its largest value and the first index holding it */
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+        __m512i vidx = _mm512_setzero_si512(), cur = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512i step = _mm512_set1_epi32(16);
+        if (n < (1ll << 31))
+            for (; i + 16 <= n; i += 16) {
+                const __m512 v = is_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                               _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + i * 2))), 16))
+                                         : _mm512_loadu_ps((const float *)row + i);
+                const __mmask16 gt = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);
+                vmax = _mm512_mask_mov_ps(vmax, gt, v);
+                vidx = _mm512_mask_mov_epi32(vidx, gt, cur);
+                cur = _mm512_add_epi32(cur, step);
+            }
+        float lanes[16];
+        int32_t idx[16];
+        _mm512_storeu_ps(lanes, vmax);
+        _mm512_storeu_si512(idx, vidx);
+        for (int l = 0; l < 16; l++)
+            if (lanes[l] > best || (lanes[l] == best && idx[l] < arg)) best = lanes[l], arg = idx[l];
+#endif
+        for (; i < n; i++) {
+            float v;
+            if (is_bf16) {
+                const uint32_t u = (uint32_t)((const uint16_t *)row)[i] << 16;
+                memcpy(&v, &u, 4);
+            } else {
+                v = ((const float *)row)[i];
+            }
+            if (v > best) best = v, arg = i;
+        }
+        out[r] = arg;
+    }
+    return 0;
+}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loragate.kernels.sampling import logprobs_of, sample, top_k_top_p_filter
+from loragate.kernels.sampling import greedy, logprobs_of, sample, top_k_top_p_filter
 
 NEG_INF = float("-inf")
 
@@ -201,3 +201,18 @@ def test_logprobs_of():
     chosen0, vals0, ids0 = logprobs_of(logits, tokens, 0)
     assert torch.equal(chosen0, chosen) and vals0.shape == (5, 0) and ids0.shape == (5, 0)
     assert ids0.dtype == torch.int64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows, vocab", [(1, 1), (3, 15), (5, 16), (33, 49152 + 7), (2, 100)])
+def test_greedy_is_the_first_maximum_of_each_row(rows, vocab, dtype):
+    g = torch.Generator().manual_seed(rows * vocab)
+    logits = torch.randn(rows, vocab, generator=g).mul(4).round().to(dtype)  # coarse values: many ties
+    logits[0, -1] = 1e4  # the maximum in the scalar tail
+    if rows > 1:
+        logits[1] = float("-inf")  # nothing but -inf: index 0
+    if rows > 2:
+        logits[2, vocab // 2:] = 50  # a tie across lanes and blocks: the first one wins
+    want = logits.float().argmax(dim=-1)
+    assert torch.equal(greedy(logits), want)
+    assert torch.equal(greedy(logits[:, : max(1, vocab - 3)]), logits[:, : max(1, vocab - 3)].float().argmax(dim=-1))
