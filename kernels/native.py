@@ -62,6 +62,8 @@ def _compile() -> Path:
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None when native kernels are disabled or cannot be built."""
     global _lib, _tried
+    if _tried:  # every kernel call asks: no lock once decided
+        return _lib
     with _lock:
         if _tried:
             return _lib
@@ -171,9 +173,15 @@ def amx_gemm(x: torch.Tensor, tiles: torch.Tensor, out_features: int, bias: torc
 
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether the native kernels can take these tensors (CPU, bf16/fp32, contiguous rows)."""
-    return (_lib if _tried else library()) is not None and all(
-        t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float32) and t.stride(-1) == 1
-        and t.shape[-1] <= MAX_ROW_WIDTH for t in tensors)
+    if library() is None:
+        return False
+    for t in tensors:  # a plain loop: this runs for every kernel call of every step
+        if t.dtype not in _DTYPES or t.device.type != "cpu" or t.stride(-1) != 1 or t.shape[-1] > MAX_ROW_WIDTH:
+            return False
+    return True
+
+
+_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def lora_add(y: torch.Tensor, x: torch.Tensor, table: torch.Tensor, rank: int, seg_start: torch.Tensor,
