@@ -9,15 +9,19 @@ b_stack [num_slots, out, R], the scaling already folded into B, zero beyond each
 path, `add_lora_modules` with a `LoraPlan`, runs every short segment (decode, speculative
 verification) of a step, for all of a projection's modules, in one native call (or, without
 the native kernels, one gathered batched matmul pair per module), and long segments (prefill
-chunks) one matmul pair each, where the per-call cost is amortised over many rows.
+chunks) one matmul pair each, where the per-call cost is amortised over many rows (the AMX
+kernel takes those too: no per-step oneDNN shapes). On CUDA,
+flashinfer's segment GEMM takes every segment (kernels/lora_cuda.py, imported lazily).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from . import lora_cuda as _lora_cuda
 from . import native as _native
 
 SHORT_SEGMENT = 64  # segments up to this many rows go through the batched path
@@ -61,6 +65,11 @@ class LoraPlan:
     lora_start: torch.Tensor  # [L] every LoRA segment, short or long: first batch row
     lora_count: torch.Tensor  # [L] its rows
     lora_slots: torch.Tensor  # [L] its slot
+
+    def to(self, device: torch.device) -> LoraPlan:
+        """The plan with its index tensors on `device` (the torch path indexes GPU tensors)."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
 
     @property
     def has_lora(self) -> bool:
@@ -133,7 +142,13 @@ def add_lora_modules(y: torch.Tensor, x: torch.Tensor, mods: LoraModules, plan: 
     """y[:, m.column:m.column + m.width] += LoRA of module m, for every module, in place (the
     semantics of lora_expand(lora_shrink(...)) per module). Only the first `rank` rank positions
     are used: the step's largest rank. On CPU with the native kernels built, the short
-    segments of all modules take one native call (csrc/lora.c), with the long ones too on AMX."""
+    segments of all modules take one native call (csrc/lora.c), with the long ones too on AMX;
+    on CUDA, flashinfer's segment GEMM does all segments (kernels/lora_cuda.py)."""
+    if x.device.type == "cuda":
+        if native and _lora_cuda.usable(x, mods):
+            _lora_cuda.add_lora_modules(y, x, mods, plan)
+            return
+        plan = plan.to(x.device)  # the torch path below, with its index tensors on the GPU
     native = (native and mods.native_ok and x.dtype == y.dtype == mods.dtype and x.stride(1) == 1
               and y.stride(1) == 1 and rank <= _native.MAX_LORA_RANK and x.device.type == "cpu")
     if native and mods.any_length:

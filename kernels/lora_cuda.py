@@ -1,0 +1,60 @@
+"""The CUDA path of the segmented LoRA: flashinfer's segment GEMM (CUTLASS grouped GEMM),
+one shrink and one expand per module over all of a step's LoRA segments, each segment with
+its own adapter's weights (`weight_indices` = the segments' pool slots).
+
+flashinfer is imported here only, on first use, so CPU installs never need it (the `cuda`
+extra installs it). Without it, CUDA tensors take the torch path of kernels/lora.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import torch
+
+# flashinfer's recommended float workspace for the CUTLASS segment GEMM kernels.
+WORKSPACE_BYTES = 128 << 20
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _flashinfer():
+    try:
+        import flashinfer
+    except (ImportError, OSError, RuntimeError):  # not installed, or installed without a usable CUDA
+        return None
+    return flashinfer
+
+
+def usable(x: torch.Tensor, mods) -> bool:
+    """CUDA tensors of a dtype the kernels take, stacks laid out as the kernel reads them
+    (contiguous: slot s's [d_out, d_in] matrix at s * d_out * d_in), flashinfer installed."""
+    return (x.device.type == "cuda" and x.dtype in DTYPES and bool(mods.modules) and _flashinfer() is not None
+            and all(m.a.is_contiguous() and m.b.is_contiguous() and m.a.dtype == m.b.dtype == x.dtype
+                    and m.a.device == m.b.device == x.device for m in mods.modules))
+
+
+@functools.cache
+def _segment_gemm(device: torch.device):
+    return _flashinfer().SegmentGEMMWrapper(torch.empty(WORKSPACE_BYTES, dtype=torch.int8, device=device))
+
+
+def add_lora_modules(y: torch.Tensor, x: torch.Tensor, mods, plan) -> None:
+    """kernels.lora.add_lora_modules on CUDA (same semantics). The pool's stacks are used at
+    their full rank: past each adapter's rank they hold zeros, and slicing them to the step's
+    rank would make them non-contiguous, which the kernel cannot read."""
+    starts, counts = plan.lora_start.tolist(), plan.lora_count.tolist()
+    if not starts:
+        return
+    device = x.device
+    rows = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)]).to(device)
+    indptr = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int64, device=device)
+    slots = plan.lora_slots.to(device)
+    xs = x.index_select(0, rows).contiguous()
+    gemm = _segment_gemm(device)
+    for m in mods.modules:
+        # lora_A's and lora_B's outputs in the weights' dtype, as in PEFT
+        h = gemm.run(xs, m.a, len(starts), True, seg_indptr=indptr, weight_indices=slots)
+        delta = gemm.run(h, m.b, len(starts), True, seg_indptr=indptr, weight_indices=slots)
+        y[:, m.column:m.column + m.width].index_add_(0, rows, delta)
