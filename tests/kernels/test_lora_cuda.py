@@ -97,3 +97,43 @@ def test_cpu_work_never_imports_flashinfer():
             "assert 'flashinfer' not in sys.modules, 'flashinfer was imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+class FakeSegmentGEMM:
+    """flashinfer's SegmentGEMMWrapper.run as documented, in torch, with the checks the real
+    kernel relies on (it reads weights at w + index * d_out * d_in and rows at x + start * d_in)."""
+
+    def __init__(self, workspace):
+        self.calls = 0
+
+    def run(self, x, weights, batch_size, weight_column_major, out=None, seg_lens=None, seg_indptr=None,
+            weight_indices=None):
+        assert weight_column_major and weights.is_contiguous() and x.is_contiguous()
+        assert seg_indptr.dtype == weight_indices.dtype == torch.int64
+        assert seg_indptr.shape == (batch_size + 1,) and weight_indices.shape == (batch_size,)
+        assert int(seg_indptr[0]) == 0 and int(seg_indptr[-1]) == x.shape[0]
+        self.calls += 1
+        y = torch.zeros(x.shape[0], weights.shape[1], dtype=x.dtype)
+        for i in range(batch_size):
+            s, e = int(seg_indptr[i]), int(seg_indptr[i + 1])
+            y[s:e] = x[s:e] @ weights[int(weight_indices[i])].T
+        return y
+
+
+def test_cuda_glue_feeds_the_segment_gemm_what_its_documentation_asks(monkeypatch):
+    """Runs kernels/lora_cuda.py on CPU tensors against a stand-in for flashinfer, so the
+    argument plumbing (row gather, indptr, slot indices, the column slices) is checked here
+    too, not only on a GPU."""
+    fake = FakeSegmentGEMM(None)
+    monkeypatch.setattr(lora_cuda, "_flashinfer", lambda: type("flashinfer", (), {"SegmentGEMMWrapper": None}))
+    monkeypatch.setattr(lora_cuda, "_segment_gemm", lambda device: fake)
+    mods, x, y, indptr, slots = make(64, [40, 16, 24], 16, 12, [3, 1, 70, 2, 5], torch.float32, "cpu")
+    before = y.clone()
+    lora_cuda.add_lora_modules(y, x, mods, plan_segments(indptr, slots))
+    assert fake.calls == 2 * len(mods.modules)
+    for m in mods.modules:
+        cols = slice(m.column, m.column + m.width)
+        torch.testing.assert_close(y[:, cols].double(), before[:, cols].double() + float64_delta(m, x, indptr, slots, 12),
+                                   atol=1e-4, rtol=1e-4)
+    untouched = [c for c in range(y.shape[1]) if not any(m.column <= c < m.column + m.width for m in mods.modules)]
+    assert torch.equal(y[:, untouched], before[:, untouched])
