@@ -1,14 +1,20 @@
 /* Segmented LoRA on CPU: y[t] += (x[t] . A[slot]^T) . B[slot]^T for every token of every
- * adapter segment, in one call per module (the torch path needs about eight ops per module,
- * whose dispatch cost dominates decode steps). Reads each token's adapter rows directly from
- * the pool's stacks; accumulates in fp32; rounds y once (bf16) after the add.
+ * adapter segment, for all of a projection's targeted modules in one call (`lora_add`, at
+ * the end; the torch path needs about eight ops per module, whose dispatch cost dominated
+ * decode steps). Reads each token's adapter rows directly from the pool's stacks; accumulates
+ * in fp32; rounds lora_A's and lora_B's outputs to the weights' dtype as PEFT does, and y
+ * once after the add.
  *
  *   x  [T, in]          row stride x_stride
- *   y  [T, out]         row stride y_stride (a column slice of a fused projection's output)
+ *   y  [T, *]           row stride y_stride; module m writes columns y_col .. y_col + out
  *   A  [slots, R, in]   element (s, r, k) at s*a_slot_stride + r*in + k
  *   B  [slots, out, R]  element (s, o, r) at s*b_slot_stride + o*b_row_stride + r
- * Segment i covers rows seg_indptr[i] .. seg_indptr[i+1] with slot slot_ids[i] (-1: none).
+ * Segment i covers rows seg_start[i] .. seg_start[i] + seg_len[i] with pool slot seg_slot[i].
  * Only the first `rank` (<= R) rank positions are read: the step's largest adapter rank.
+ *
+ * Two implementations: AMX tiles (bf16, any segment length; further down), and per module
+ * AVX-512 / plain loops for fp32, CPUs without AMX and shapes the tiles do not fit (segments
+ * of at most MAX_SEG_ROWS rows: the caller sends longer ones to torch matmuls).
  */
 #include <stdlib.h>
 
@@ -24,16 +30,14 @@ static inline float dot_f32(const float *restrict a, const float *restrict b, in
     return s;
 }
 
-/* Segments are processed whole: each adapter row is converted once per segment and used for
- * all of the segment's tokens (up to MAX_SEG_ROWS; longer segments belong to the torch path,
- * where a matmul per segment is efficient). Phase 1 spreads (segment, rank row) pairs over the
- * threads, phase 2 (segment, 64 outputs) pairs. */
+/* Without AMX, segments are processed whole: each adapter row is converted once per segment
+ * and used for all of the segment's tokens (up to MAX_SEG_ROWS). Phase 1 spreads (segment,
+ * rank row) pairs over the threads, phase 2 (segment, 64 outputs) pairs. */
 #define MAX_SEG_ROWS 64
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define HAVE_BF16_LORA 1
-/* bf16 fast paths (no conversion passes, no scalar transposes; measured on SmolLM2's q_proj at
- * 32 rows in 8 segments: 51 -> see README): */
+/* bf16 paths without AMX: no conversion passes, no scalar transposes. */
 
 static inline __m512 bf16x16_to_f32(__m256i v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
