@@ -10,8 +10,8 @@ path, `add_lora_modules` with a `LoraPlan`, runs every short segment (decode, sp
 verification) of a step, for all of a projection's modules, in one native call (or, without
 the native kernels, one gathered batched matmul pair per module), and long segments (prefill
 chunks) one matmul pair each, where the per-call cost is amortised over many rows (the AMX
-kernel takes those too: no per-step oneDNN shapes). On CUDA,
-flashinfer's segment GEMM takes every segment (kernels/lora_cuda.py, imported lazily).
+kernel takes those too: no per-step oneDNN shapes). On CUDA, flashinfer's segment GEMM takes
+every segment (kernels/lora_cuda.py, imported lazily).
 """
 
 from __future__ import annotations
