@@ -1,6 +1,6 @@
 """Adapter-affinity routing vs round-robin over two engine replicas, side by side in one run.
 
-    python bench/router.py [--requests 256] [--clients 32] [--max-tokens 32] [--zipf 1.0]
+    python bench/router.py [--requests 256] [--clients 32] [--max-tokens 32] [--zipf 1.0] [--repeats 1]
 
 Two `loragate serve --role engine` replicas (SmolLM2-135M-Instruct bf16, --max-loras 4 and
 --num-threads 1 each) share one LORAGATE_HOME, so one adapter store; 16 rank-16 peft adapters
@@ -21,6 +21,7 @@ import math
 import os
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -159,6 +160,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-engine-load", type=int, default=0,
                     help="the router's spill threshold per engine (default: 2/3 of the clients)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="pairs of runs, each on new engine ports: the rendezvous split of the adapters over the "
+                         "engines follows the ports, so one pair shows one split (default: %(default)s)")
     args = ap.parse_args()
     model_dir = resolve_model(args.model)  # before LORAGATE_HOME moves to the bench's own home
     tmp = Path(tempfile.mkdtemp(prefix="loragate-bench-router-"))
@@ -177,20 +181,27 @@ def main() -> None:
 
     env = dict(os.environ, LORAGATE_HOME=str(tmp / "home"), LORAGATE_API_KEYS=f"{KEY}=bench",
                LORAGATE_SERVED_MODEL_NAME="base")
-    results = {}
-    for policy in ("round_robin", "affinity"):
-        results[policy] = measure(args, model_dir, env, policy, jobs, adapter_dirs, upload=policy == "round_robin")
-
-    rr, aff = results["round_robin"], results["affinity"]
     print(f"{args.requests} requests, {args.clients} clients, {args.max_tokens} tokens each, {args.adapters} adapters "
           f"(Zipf s={args.zipf:g}), 2 engines x --max-loras 4 --num-threads 1, model {Path(model_dir).name} "
-          f"{args.dtype}")
-    for policy, r in results.items():
-        print(f"  {policy:<12} {r['tok_s']:7.1f} tok/s ({r['seconds']:.1f} s)   adapter loads per replica "
-              f"{r['loads'][0]} + {r['loads'][1]} = {sum(r['loads'])}   spills {r['spills']:.0f}")
-    load_ratio = sum(rr["loads"]) / max(1, sum(aff["loads"]))
-    print(f"affinity vs round-robin: throughput {aff['tok_s'] / rr['tok_s']:.2f}x (target >= 1.3x), "
-          f"adapter loads {load_ratio:.1f}x fewer (target >= 3x)")
+          f"{args.dtype}", flush=True)
+    speedups, load_ratios = [], []
+    for repeat in range(args.repeats):
+        results = {}
+        for policy in ("round_robin", "affinity"):  # the store is uploaded once, through the first fleet
+            results[policy] = measure(args, model_dir, env, policy, jobs, adapter_dirs,
+                                      upload=repeat == 0 and policy == "round_robin")
+        rr, aff = results["round_robin"], results["affinity"]
+        for policy, r in results.items():
+            print(f"  {policy:<12} {r['tok_s']:7.1f} tok/s ({r['seconds']:.1f} s)   adapter loads per replica "
+                  f"{r['loads'][0]} + {r['loads'][1]} = {sum(r['loads'])}   spills {r['spills']:.0f}")
+        speedups.append(aff["tok_s"] / rr["tok_s"])
+        load_ratios.append(sum(rr["loads"]) / max(1, sum(aff["loads"])))
+        print(f"affinity vs round-robin: throughput {speedups[-1]:.2f}x (target >= 1.3x), "
+              f"adapter loads {load_ratios[-1]:.1f}x fewer (target >= 3x)", flush=True)
+    if args.repeats > 1:
+        print(f"over {args.repeats} engine-port splits: throughput {statistics.mean(speedups):.2f}x "
+              f"({min(speedups):.2f}-{max(speedups):.2f}), adapter loads {statistics.mean(load_ratios):.1f}x fewer "
+              f"({min(load_ratios):.1f}-{max(load_ratios):.1f})")
 
 
 if __name__ == "__main__":
