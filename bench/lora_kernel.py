@@ -9,6 +9,7 @@ evicts the caches (the adapters' weights come from memory, as in a real step) an
 of --repeats. Compared:
   per projection   kernels.lora.add_lora_modules: q, k and v in one native call (the engine)
   per module       the same kernel called once per module (q, k, v and o separately)
+  no AMX           per projection with the AVX-512 kernel, what CPUs without AMX run
   torch            the torch path (gathered batched matmuls), what runs without native kernels
 """
 
@@ -47,13 +48,17 @@ def main() -> None:
         layers.append((qkv, LoraModule(0, *stacks(HIDDEN))))
     fused = [(LoraModules(qkv), LoraModules([o])) for qkv, o in layers]
     single = [([LoraModules([m]) for m in qkv], LoraModules([o])) for qkv, o in layers]
+    no_amx = [(LoraModules(qkv), LoraModules([o])) for qkv, o in layers]
+    for group in no_amx:
+        for mods in group:
+            mods.amx = False
     x = torch.randn(args.rows, HIDDEN, dtype=torch.bfloat16)
     y_qkv = torch.zeros(args.rows, sum(QKV.values()), dtype=torch.bfloat16)
     y_o = torch.zeros(args.rows, HIDDEN, dtype=torch.bfloat16)
     evict = torch.empty(256 << 20, dtype=torch.uint8)
 
-    def per_projection(plan, use_native=True):
-        for qkv, o in fused:
+    def per_projection(plan, use_native=True, groups=fused):
+        for qkv, o in groups:
             add_lora_modules(y_qkv, x, qkv, plan, args.rank, use_native)
             add_lora_modules(y_o, x, o, plan, args.rank, use_native)
 
@@ -75,17 +80,17 @@ def main() -> None:
 
     kernel = "AMX" if native.amx_available() else "AVX-512/plain" if native.library() else "none (torch only)"
     print(f"{args.rows} decode rows, rank {args.rank}, {LAYERS} layers x (q|k|v, o); native LoRA kernel: {kernel}")
-    print("adapters  per projection  per module   torch   per module / per projection   torch / per projection")
+    print("adapters  per projection  per module   no AMX    torch    (each / per projection)")
     for adapters in (1, 8, 32):
         if adapters > args.rows:
             continue
         bounds = [round(i * args.rows / adapters) for i in range(adapters + 1)]
         plan = plan_segments(bounds, list(range(adapters)))
         fast = best_ms(per_projection, plan)
-        modules = best_ms(per_module, plan)
-        plain = best_ms(lambda p: per_projection(p, False), plan)
-        print(f"{adapters:8d}  {fast:11.2f} ms  {modules:7.2f} ms  {plain:6.2f} ms  {modules / fast:27.2f}x  "
-              f"{plain / fast:22.2f}x")
+        others = [best_ms(per_module, plan), best_ms(lambda p: per_projection(p, groups=no_amx), plan),
+                  best_ms(lambda p: per_projection(p, False), plan)]
+        print(f"{adapters:8d}  {fast:11.2f} ms  " + "  ".join(f"{t:6.2f} ms" for t in others)
+              + "    (" + ", ".join(f"{t / fast:.2f}x" for t in others) + ")")
 
 
 if __name__ == "__main__":

@@ -128,9 +128,10 @@ class LoraModules:
         self.native_ok = a is not None and _native.usable(a) and a.shape[2] <= _native.MAX_LORA_IN and all(
             _native.usable(m.a, m.b) and m.a.stride(1) == m.a.shape[2] and m.a.dtype == m.b.dtype == a.dtype
             and m.a.shape[2] == a.shape[2] for m in modules)
-        # The AMX kernel (csrc/lora.c) also takes long segments (prefill chunks), which would
-        # otherwise be two torch matmuls per module whose shapes change every step.
-        self.any_length = self.native_ok and self.dtype == torch.bfloat16 and _native.amx_available() and (
+        # Whether the AMX kernel (csrc/lora.c) runs these modules. It also takes long segments
+        # (prefill chunks), which would otherwise be two torch matmuls per module whose shapes
+        # change every step. Tests turn it off to run the other kernel on the same shapes.
+        self.amx = self.native_ok and self.dtype == torch.bfloat16 and _native.amx_available() and (
             a.shape[2] % 32 == 0 and a.shape[1] % 16 == 0 and all(
                 m.a.stride(0) == a.shape[1] * a.shape[2] and m.b.stride(1) == a.shape[1] for m in modules))
         self.table = torch.tensor([[m.column, m.width, m.a.data_ptr(), m.a.stride(0), m.b.data_ptr(), m.b.stride(0),
@@ -151,9 +152,9 @@ def add_lora_modules(y: torch.Tensor, x: torch.Tensor, mods: LoraModules, plan: 
         plan = plan.to(x.device)  # the torch path below, with its index tensors on the GPU
     native = (native and mods.native_ok and x.dtype == y.dtype == mods.dtype and x.stride(1) == 1
               and y.stride(1) == 1 and rank <= _native.MAX_LORA_RANK and x.device.type == "cpu")
-    if native and mods.any_length:
+    if native and mods.amx:
         if plan.lora_slots.numel():
-            _native.lora_add(y, x, mods.table, rank, plan.lora_start, plan.lora_count, plan.lora_slots)
+            _native.lora_add(y, x, mods.table, rank, plan.lora_start, plan.lora_count, plan.lora_slots, amx=True)
         return
     for s, e, slot in plan.long_segments:
         for m in mods.modules:
@@ -161,7 +162,7 @@ def add_lora_modules(y: torch.Tensor, x: torch.Tensor, mods: LoraModules, plan: 
     if plan.short_rows.numel() == 0:
         return
     if native:
-        _native.lora_add(y, x, mods.table, rank, plan.short_start, plan.short_count, plan.short_slots)
+        _native.lora_add(y, x, mods.table, rank, plan.short_start, plan.short_count, plan.short_slots, amx=False)
         return
     num = plan.short_slots.shape[0]
     xp = x.new_zeros(num, plan.short_len, x.shape[1])

@@ -83,7 +83,7 @@ def library() -> ctypes.CDLL | None:
             "rms_norm": [ptr, ptr, ptr, ptr, i64, i32, f32, i32, i32],
             "rope_write_kv": [ptr, i64, i64, ptr, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, i32, i32, i32],
             "silu_mul": [ptr, ptr, i64, i32, i32, i32],
-            "lora_add": [ptr, i64, i32, ptr, i64, i32, ptr, i32, i32, ptr, ptr, ptr, i32, i32],
+            "lora_add": [ptr, i64, i32, ptr, i64, i32, ptr, i32, i32, ptr, ptr, ptr, i32, i32, i32],
             "argmax_rows": [ptr, i64, i64, i64, i32, ptr, i32],
             "amx_init": [],
             "amx_gemm_bf16": [ptr, i64, i64, i32, ptr, i32, ptr, ptr, i64, i32],
@@ -185,13 +185,15 @@ _DTYPES = (torch.bfloat16, torch.float32)
 
 
 def lora_add(y: torch.Tensor, x: torch.Tensor, table: torch.Tensor, rank: int, seg_start: torch.Tensor,
-             seg_len: torch.Tensor, seg_slot: torch.Tensor) -> None:
-    """y [T, *] (row stride allowed) += LoRA of the given segments (slot >= 0; <= 64 rows each
-    unless the AMX kernel runs: see kernels.lora.LoraModules.any_length) for every module of
-    `table` (int64 [modules, 7], see kernels.lora.LoraModules and csrc/lora.c)."""
+             seg_len: torch.Tensor, seg_slot: torch.Tensor, amx: bool) -> None:
+    """y [T, *] (row stride allowed) += LoRA of the given segments (slot >= 0) for every module
+    of `table` (int64 [modules, 7], see kernels.lora.LoraModules and csrc/lora.c): with the AMX
+    kernel (bf16, shapes it fits; segments of any length) or the AVX-512 / plain one (segments
+    of at most 64 rows)."""
     _check(library().lora_add(x.data_ptr(), x.stride(0), x.shape[1], y.data_ptr(), y.stride(0), table.shape[0],
                               table.data_ptr(), rank, seg_slot.shape[0], seg_start.data_ptr(), seg_len.data_ptr(),
-                              seg_slot.data_ptr(), int(x.dtype == torch.bfloat16), torch.get_num_threads()), "lora_add")
+                              seg_slot.data_ptr(), int(x.dtype == torch.bfloat16), int(amx), torch.get_num_threads()),
+           "lora_add")
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:

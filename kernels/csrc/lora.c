@@ -433,7 +433,7 @@ static int lora_group_amx(const uint16_t *x, int64_t x_stride, int in, uint16_t 
 
 int lora_add(const void *x, int64_t x_stride, int in, void *y, int64_t y_stride, int num_modules,
              const int64_t *table, int rank, int num_segments, const int64_t *seg_start, const int64_t *seg_len,
-             const int64_t *seg_slot, int is_bf16, int num_threads) {
+             const int64_t *seg_slot, int is_bf16, int use_amx, int num_threads) {
     if (rank > MAX_RANK || in > MAX_IN || rank < 1 || in < 1) return -1;
     int longest = 0;
     for (int i = 0; i < num_segments; i++) {
@@ -441,17 +441,20 @@ int lora_add(const void *x, int64_t x_stride, int in, void *y, int64_t y_stride,
         if (seg_len[i] > longest) longest = (int)seg_len[i];
     }
     const struct lora_module *mods = (const struct lora_module *)table;
+    if (use_amx) { /* the caller's choice (kernels/lora.py, LoraModules.amx), checked here */
 #ifdef HAVE_AMX_LORA
-    /* 16-rank tiles and whole bf16 pairs must stay inside each slot's rows. */
-    int use_amx = is_bf16 && in % 32 == 0 && amx_init() == 0 && num_modules > 0;
-    const int64_t max_rank = num_modules > 0 ? mods[0].a_slot_stride / in : 0;
-    for (int m = 0; m < num_modules && use_amx; m++)
-        use_amx = mods[m].a_slot_stride == max_rank * in && mods[m].b_row_stride == max_rank && max_rank % 16 == 0
-                  && max_rank > 0 && mods[m].out > 0;
-    if (use_amx && ((rank + 1) & ~1) <= max_rank)
-        return lora_group_amx(x, x_stride, in, y, y_stride, num_modules, mods, rank, num_segments, seg_start,
-                              seg_len, seg_slot, num_threads);
+        /* 16-rank tiles and whole bf16 pairs must stay inside each slot's rows. */
+        int fits = is_bf16 && in % 32 == 0 && amx_init() == 0 && num_modules > 0;
+        const int64_t max_rank = num_modules > 0 ? mods[0].a_slot_stride / in : 0;
+        for (int m = 0; m < num_modules && fits; m++)
+            fits = mods[m].a_slot_stride == max_rank * in && mods[m].b_row_stride == max_rank && max_rank % 16 == 0
+                   && max_rank > 0 && mods[m].out > 0;
+        if (fits && ((rank + 1) & ~1) <= max_rank)
+            return lora_group_amx(x, x_stride, in, y, y_stride, num_modules, mods, rank, num_segments, seg_start,
+                                  seg_len, seg_slot, num_threads);
 #endif
+        return -1;
+    }
     if (longest > MAX_SEG_ROWS) return -1; /* the AMX path takes any length, this one short segments */
     const size_t es = is_bf16 ? 2 : 4;
     for (int m = 0; m < num_modules; m++)

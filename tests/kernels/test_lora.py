@@ -107,7 +107,7 @@ def test_plan_of_a_base_only_batch_has_no_lora():
 
 # A projection's modules (q, k, v of a fused qkv) in one call. Input widths that are multiples of
 # 32 and pools whose rank is a multiple of 16 take the AMX kernel where the CPU has it (the
-# other shapes its AVX-512 / plain path); segments of 1..64 rows cover partial and several
+# other shapes, and "native-no-amx", the AVX-512 / plain kernel); segments of 1..64 rows cover partial and several
 # 16-token blocks, odd ranks the pool's zero padding, ranks above 32 several rank chunks.
 GROUP_CASES = [
     # in, module widths, pool rank, step rank, segment lengths (slot -1 every third segment)
@@ -121,10 +121,10 @@ GROUP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("path", ["native", "native-no-amx", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("in_features, widths, pool_rank, rank, lengths", GROUP_CASES)
-def test_modules_of_a_projection_in_one_call_match_float64(in_features, widths, pool_rank, rank, lengths, dtype, native):
+def test_modules_of_a_projection_in_one_call_match_float64(in_features, widths, pool_rank, rank, lengths, dtype, path):
     g = torch.Generator().manual_seed(in_features + pool_rank + rank)
     modules, column = [], 3  # the modules' columns start inside y, not at 0
     for width in widths:
@@ -141,7 +141,10 @@ def test_modules_of_a_projection_in_one_call_match_float64(in_features, widths, 
     x = torch.randn(indptr[-1], in_features, generator=g).to(dtype)
     y = torch.randn(indptr[-1], column + 5, generator=g).to(dtype)
     before = y.clone()
-    add_lora_modules(y, x, LoraModules(modules), plan_segments(indptr, seg_slots), rank, native=native)
+    mods = LoraModules(modules)
+    if path == "native-no-amx":  # the AVX-512 / plain kernel on the shapes AMX would take
+        mods.amx = False
+    add_lora_modules(y, x, mods, plan_segments(indptr, seg_slots), rank, native=path != "torch")
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=3e-2)
     for m in modules:
         want = before[:, m.column:m.column + m.width].double() + naive(x, m.a[:, :rank], m.b[:, :, :rank], indptr,
