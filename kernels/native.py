@@ -20,7 +20,8 @@ import torch
 
 log = logging.getLogger("loragate.kernels")
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / "paged_attention.c", _CSRC / "pointwise.c", _CSRC / "lora.c", _CSRC / "amx_gemm.c"]
+_SOURCES = [_CSRC / "paged_attention.c", _CSRC / "pointwise.c", _CSRC / "lora.c", _CSRC / "lora_amx.c",
+            _CSRC / "amx_gemm.c"]
 # -fno-strict-aliasing: the kernels reinterpret fp32 rows as uint32 bits to convert bf16.
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-strict-aliasing", "-fopenmp",
           "-shared", "-fPIC"]

@@ -25,6 +25,11 @@ static inline int64_t kv_offset(int64_t slot, int h, int kv_heads, int block_siz
 }
 
 #if defined(__AVX512F__)
+/* 16 bf16 values (bit patterns) to fp32: exact, a shift. */
+static inline __m512 bf16x16_to_f32(__m256i v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
 /* lane i of the result = sum of all lanes of v[i] */
 static inline __m512 sum16(__m512 v[16]) {
     __m512 w[8], u[4];

@@ -151,3 +151,20 @@ def test_modules_of_a_projection_in_one_call_match_float64(in_features, widths, 
                                                                         seg_slots)
         torch.testing.assert_close(y[:, m.column:m.column + m.width].double(), want, **tol)
     assert torch.equal(y[:, :3], before[:, :3]) and torch.equal(y[:, column:], before[:, column:])
+
+
+@pytest.mark.parametrize("dtype, pool_rank, in_features", [(torch.float32, 16, 64), (torch.bfloat16, 8, 64),
+                                                            (torch.bfloat16, 16, 48)])
+def test_amx_kernel_refuses_what_it_cannot_run(dtype, pool_rank, in_features):
+    """fp32, a pool rank below a tile, an input width not in 32-wide blocks: an error, never a
+    misread (the Python side does not send these; the C side checks anyway)."""
+    assert _native.library() is not None
+    mods = LoraModules([LoraModule(0, torch.zeros(2, pool_rank, in_features, dtype=dtype),
+                                   torch.zeros(2, 8, pool_rank, dtype=dtype))])
+    assert not mods.amx
+    plan = plan_segments([0, 3], [1])
+    y = torch.zeros(3, 8, dtype=dtype)
+    with pytest.raises(RuntimeError, match="refused"):
+        _native.lora_add(y, torch.ones(3, in_features, dtype=dtype), mods.table, pool_rank, plan.lora_start,
+                         plan.lora_count, plan.lora_slots, amx=True)
+    assert torch.equal(y, torch.zeros(3, 8, dtype=dtype))
