@@ -128,7 +128,7 @@ class LoraModules:
         self.native_ok = a is not None and _native.usable(a) and a.shape[2] <= _native.MAX_LORA_IN and all(
             _native.usable(m.a, m.b) and m.a.stride(1) == m.a.shape[2] and m.a.dtype == m.b.dtype == a.dtype
             and m.a.shape[2] == a.shape[2] for m in modules)
-        # Whether the AMX kernel (csrc/lora.c) runs these modules. It also takes long segments
+        # Whether the AMX kernel (csrc/lora_amx.c) runs these modules. It also takes long segments
         # (prefill chunks), which would otherwise be two torch matmuls per module whose shapes
         # change every step. Tests turn it off to run the other kernel on the same shapes.
         self.amx = self.native_ok and self.dtype == torch.bfloat16 and _native.amx_available() and (
