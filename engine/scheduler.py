@@ -108,10 +108,15 @@ class Scheduler:
         """Keep `draining` set while a starving request (passed over too often, adapter not
         loaded) waits; when it faces all-pinned slots and nothing is draining yet, drain the
         running adapter with the fewest requests. Once that slot frees up the drain stays on,
-        so the victim's own queued requests do not re-pin it before the starving one loads."""
+        so the victim's own queued requests do not re-pin it before the starving one loads.
+        It ends when the victim leaves its slot: from then on the victim's requests wait like
+        any others (and may starve and get a drain of their own), where a drain kept on for as
+        long as anyone starves would shut them out for good once they starve themselves."""
         pool = self.lora_pool
         if pool is None:
             return
+        if self.draining is not None and not pool.is_loaded(self.draining):
+            self.draining = None
         starving = any(r.lora_key is not None and r.num_passed_over >= MAX_PASSED_OVER
                        and not pool.is_loaded(r.lora_key) for r in self.waiting)
         if not starving:

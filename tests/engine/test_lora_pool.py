@@ -6,13 +6,11 @@ import random
 
 import pytest
 import torch
-
-from loragate.adapters.loader import LoraWeights
-from loragate.adapters.loader import module_shapes
+from loragate.adapters.loader import LoraWeights, module_shapes
 from loragate.adapters.pool import LoraSlotPool
 from loragate.engine import EngineConfig, LLMEngine, SamplingParams
-from loragate.engine.models.loader import load_hf_config
 from loragate.engine.models.llama import ModelArchConfig
+from loragate.engine.models.loader import load_hf_config
 
 
 def random_weights(arch, rank, seed, modules=("q_proj", "v_proj", "o_proj", "down_proj")) -> LoraWeights:
@@ -193,3 +191,27 @@ def test_a_steady_stream_on_the_loaded_adapter_does_not_starve_another(tiny_llam
                     c_step = step
     assert c_step is not None and c_step <= MAX_PASSED_OVER + 3 * params.max_tokens, c_step
     assert any(r.startswith("a") for r in finished[finished.index("c") + 1:])  # a resumes after
+
+
+def test_the_drained_adapters_own_requests_are_not_locked_out(tiny_llama, arch):
+    """Two slots held by steady streams of a and b; c and d starve, so a is drained and c
+    takes its slot. a's requests queued meanwhile are passed over while b keeps running, so
+    they starve in turn: they must get a slot like any starving request, not stay shut out by
+    a drain that already did its job (that left the engine idle with a's requests waiting
+    for good: a 504 in bench/router.py with a uniform mix)."""
+    engine = adapter_engine(tiny_llama, arch, "abcd", max_loras=2, max_num_seqs=8)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    sent, finished = set(), set()
+    for step in range(400):
+        if step < 120:  # steady streams on a and b
+            for name in "ab":
+                sent.add(f"{name}{step}")
+                engine.add_request([1, 10 + step % 50], params, request_id=f"{name}{step}", adapter=name)
+        if step == 2:  # two starving at once: the drain of a outlives its first use
+            for name in "cd":
+                sent.add(name)
+                engine.add_request([1, 9], params, request_id=name, adapter=name)
+        finished.update(out.request_id for out in engine.step() if out.finished)
+        if not engine.has_unfinished:
+            break
+    assert finished == sent, sorted(sent - finished)[:5]
