@@ -38,6 +38,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.draining: str | None = None  # adapter key admitted no more until a starving request loads
+        self._drain_for: Request | None = None  # that starving request
 
     @property
     def has_unfinished(self) -> bool:
@@ -105,25 +106,29 @@ class Scheduler:
         return scheduled
 
     def _choose_drain(self) -> None:
-        """Keep `draining` set while a starving request (passed over too often, adapter not
-        loaded) waits; when it faces all-pinned slots and nothing is draining yet, drain the
-        running adapter with the fewest requests. Once that slot frees up the drain stays on,
-        so the victim's own queued requests do not re-pin it before the starving one loads.
-        It ends when the victim leaves its slot: from then on the victim's requests wait like
-        any others (and may starve and get a drain of their own), where a drain kept on for as
-        long as anyone starves would shut them out for good once they starve themselves."""
+        """A drain serves one starving request (passed over too often, adapter not loaded)
+        that faces all-pinned slots: the running adapter with the fewest requests is admitted
+        no more, so its slot frees up, and the drain stays on until the starving request's
+        adapter is loaded (the victim's own queued requests must not re-pin the slot first).
+        It ends then, or when the victim left its slot anyway, or the request is gone: a drain
+        that outlived its request shut the victim's requests out for as long as anyone else
+        starved, for good once they starved themselves."""
         pool = self.lora_pool
         if pool is None:
             return
-        if self.draining is not None and not pool.is_loaded(self.draining):
-            self.draining = None
-        starving = any(r.lora_key is not None and r.num_passed_over >= MAX_PASSED_OVER
-                       and not pool.is_loaded(r.lora_key) for r in self.waiting)
-        if not starving:
-            self.draining = None
-        elif self.draining is None and pool.num_pinned >= pool.num_slots:
-            running = Counter(r.lora_key for r in self.running if r.lora_key is not None)
-            self.draining = min(running, key=running.__getitem__) if running else None
+        if self.draining is not None:
+            req = self._drain_for
+            if (pool.is_loaded(req.lora_key) or not pool.is_loaded(self.draining)
+                    or req.status not in (RequestStatus.WAITING, RequestStatus.PREEMPTED)):
+                self.draining = self._drain_for = None
+        if self.draining is not None or pool.num_pinned < pool.num_slots:
+            return
+        starving = next((r for r in self.waiting if r.lora_key is not None and r.num_passed_over >= MAX_PASSED_OVER
+                         and not pool.is_loaded(r.lora_key)), None)
+        running = Counter(r.lora_key for r in self.running if r.lora_key is not None)
+        if starving is not None and running:
+            self.draining = min(running, key=running.__getitem__)
+            self._drain_for = starving
 
     def _admission_order(self):
         """Waiting requests, those that need no adapter load first (FCFS within each group).
