@@ -9,9 +9,10 @@ from __future__ import annotations
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], min_tokens: int = 0):
         self.tokenizer = tokenizer
         self.stop = stop
+        self.min_tokens = min_tokens  # stop strings in the text of the first min_tokens tokens do not count
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.token_ids: list[int] = []
         self.prefix_offset = 0
@@ -36,6 +37,8 @@ class IncrementalDetokenizer:
     def _append(self, new_text: str) -> bool:
         start = max(0, len(self.text) - self.holdback)
         self.text += new_text
+        if len(self.token_ids) <= self.min_tokens:
+            return False
         for s in self.stop:
             at = self.text.find(s, start)
             if at != -1:

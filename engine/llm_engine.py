@@ -16,6 +16,7 @@ from .config import EngineConfig, physical_cores
 from .detokenizer import IncrementalDetokenizer
 from .errors import AdapterNotFoundError, InvalidRequestError, ModelConfigError
 from .kv_cache import KVCacheManager
+from .logits_processors import adjuster_for
 from .model_runner import ModelRunner
 from .models.loader import load_hf_config, load_model
 from .models.prepare import resolve_model
@@ -145,8 +146,12 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt is {len(ids)} tokens; this model's context is {self.max_model_len} tokens "
                 "including at least one generated token", "prompt")
+        for name, token_ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            if any(t >= vocab for t in token_ids):
+                raise InvalidRequestError(f"{name} token ids must be in [0, {vocab})", name)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         req = Request(request_id, ids, params, cache_salt=cache_salt)
+        req.logits_adjuster = adjuster_for(params, ids, self.eos_token_ids)
         if adapter is not None:
             entry = self.adapters.get(adapter)
             if entry is None:
@@ -158,7 +163,8 @@ class LLMEngine:
 
     def enqueue(self, req: Request) -> None:
         self.scheduler.add(req)
-        self._detokenizers[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.sampling_params.stop)
+        self._detokenizers[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.sampling_params.stop,
+                                                                    req.sampling_params.min_tokens)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, cache_salt: str = "", adapter: str | None = None) -> Request:
@@ -229,14 +235,15 @@ class LLMEngine:
     def _stop_status(self, req: Request, token: int, detok: IncrementalDetokenizer,
                      num_output: int) -> RequestStatus | None:
         p = req.sampling_params
-        if token in p.stop_token_ids:
-            req.stop_reason = token
-            return RequestStatus.FINISHED_STOPPED
-        if not p.ignore_eos and token in self.eos_token_ids:
-            return RequestStatus.FINISHED_STOPPED
-        if detok.matched_stop is not None:
-            req.stop_reason = detok.matched_stop
-            return RequestStatus.FINISHED_STOPPED
+        if num_output > p.min_tokens:  # the first min_tokens tokens end only at a length limit
+            if token in p.stop_token_ids:
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if detok.matched_stop is not None:
+                req.stop_reason = detok.matched_stop
+                return RequestStatus.FINISHED_STOPPED
         if num_output >= p.max_tokens or req.num_prompt_tokens + num_output >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None

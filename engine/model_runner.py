@@ -13,6 +13,7 @@ from loragate.kernels.spec_sampling import accept_greedy, accept_sampled, sampli
 
 from .batch import BatchMetadata, build_batch
 from .host_memory import zeros_on_huge_pages
+from .logits_processors import adjust_logits
 from .models.llama import LlamaForCausalLM
 from .request import Request
 
@@ -65,14 +66,15 @@ class ModelRunner:
 
     def sample(self, batch: BatchMetadata, logits: torch.Tensor, num_tokens: int) -> StepOutput:
         reqs = batch.sampled_requests
+        adjusted = adjust_logits(reqs, batch.num_logits, logits)
         if len(logits) == len(reqs):  # no speculative tokens to verify: one batched draw
-            tokens = self._sample_rows(reqs, logits).tolist()
+            tokens = self._sample_rows(reqs, adjusted).tolist()
             emitted = [[t] for t in tokens]
             starts = list(range(len(reqs)))
         else:
-            emitted, starts = self._verify(reqs, batch.num_logits, logits)
+            emitted, starts = self._verify(reqs, batch.num_logits, adjusted)
         num_accepted = [len(e) - 1 for e in emitted]
-        logprobs = self._logprobs(reqs, logits, emitted, starts)
+        logprobs = self._logprobs(reqs, logits, emitted, starts)  # the model's own distribution
         return StepOutput(reqs, emitted, num_accepted, logprobs, num_tokens)
 
     @staticmethod

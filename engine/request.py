@@ -64,6 +64,8 @@ class Request:
     spec_acceptance: object = field(default=None, repr=False)
     spec_fallback_acceptance: object = field(default=None, repr=False)  # of the n-gram fallback's proposals
     spec_idle_steps: int = 0  # steps since it last speculated (re-probe a request set to k=0)
+    # Penalties, logit_bias, min_tokens (engine/logits_processors.LogitsAdjuster); None: none.
+    logits_adjuster: object = field(default=None, repr=False)
     generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -21,6 +21,15 @@ class SamplingParams:
     logprobs: int | None = None
     # Speculative decoding for this request when the engine has it on (False: opt out).
     speculative: bool = True
+    # Logits adjustments (engine/logits_processors.py), OpenAI's and vLLM's meanings:
+    # presence/frequency penalties count the output tokens, the repetition penalty (HF's
+    # rule) every token seen; logit_bias maps token id -> added bias; the first min_tokens
+    # tokens are never EOS, a stop token, or cut by a stop string.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -41,6 +50,31 @@ class SamplingParams:
             raise InvalidRequestError("stop must be non-empty strings", "stop")
         if len(self.stop) > 16:
             raise InvalidRequestError("at most 16 stop strings are supported", "stop")
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
+            raise InvalidRequestError("stop_token_ids must be token ids (integers >= 0)", "stop_token_ids")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}", name)
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise InvalidRequestError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}",
+                                      "repetition_penalty")
+        self.logit_bias = dict(self.logit_bias)
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise InvalidRequestError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}", "logit_bias")
+            if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not -100.0 <= bias <= 100.0:
+                raise InvalidRequestError(f"logit_bias values must be numbers in [-100, 100], got {bias!r}", "logit_bias")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0:
+            raise InvalidRequestError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}", "min_tokens")
+        if self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+                                      "min_tokens")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether sampling must adjust this request's logits first (a slower path)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
 
     @property
     def is_greedy(self) -> bool:

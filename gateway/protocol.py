@@ -1,7 +1,7 @@
 """OpenAI request bodies -> engine inputs, engine outputs -> OpenAI response bodies.
 
 Validation names the offending parameter (`param`), like OpenAI does, and refuses options
-the engine would silently ignore (penalties, logit_bias, echo)."""
+that would otherwise be silently ignored (tools, echo, suffix, best_of, non-text output)."""
 
 from __future__ import annotations
 
@@ -52,13 +52,7 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _bad("'model' is required: the base model's name or an adapter's name", "model")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise _bad(f"'{name}' is not supported", name)
-    if body.get("logit_bias"):
-        raise _bad("'logit_bias' is not supported", "logit_bias")
-    if not chat and body.get("echo"):
-        raise _bad("'echo' is not supported", "echo")
+    _refuse_unsupported(body, chat)
     max_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _get(body, max_name, int, None if chat else 16)
     n = _get(body, "n", int, 1)
@@ -77,17 +71,60 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
     if not isinstance(options, dict):
         raise _bad("'stream_options' must be an object", "stream_options")
     seed = _get(body, "seed", int, None)
-    # top_k, ignore_eos and speculative (false: opt out of speculative decoding) are extensions,
-    # as in vLLM: absent from OpenAI's API, harmless there.
+    # top_k, ignore_eos, repetition_penalty, min_tokens, stop_token_ids and speculative (false:
+    # opt out of speculative decoding) are extensions, as in vLLM: absent from OpenAI's API.
     sampling = dict(temperature=_get(body, "temperature", float, 1.0), top_p=_get(body, "top_p", float, 1.0),
                     stop=stop, top_k=_get(body, "top_k", int, 0), ignore_eos=_get(body, "ignore_eos", bool, False),
-                    speculative=_get(body, "speculative", bool, True))
+                    speculative=_get(body, "speculative", bool, True),
+                    presence_penalty=_get(body, "presence_penalty", float, 0.0),
+                    frequency_penalty=_get(body, "frequency_penalty", float, 0.0),
+                    repetition_penalty=_get(body, "repetition_penalty", float, 1.0),
+                    logit_bias=_logit_bias(body), min_tokens=_get(body, "min_tokens", int, 0),
+                    stop_token_ids=_get(body, "stop_token_ids", list, []))
     if not 0.0 <= sampling["temperature"] <= 2.0:
         raise _bad("'temperature' must be between 0 and 2", "temperature")
     if max_tokens is not None and max_tokens < 1:
         raise _bad(f"'{max_name}' must be at least 1", max_name)
-    SamplingParams(max_tokens=1, logprobs=logprobs, **sampling)  # validates now, before any tokenising
+    # validates now, before any tokenising
+    SamplingParams(max_tokens=max(1, sampling["min_tokens"]) if max_tokens is None else max_tokens,
+                   logprobs=logprobs, **sampling)
     return GenerationRequest(model, n, stream, bool(options.get("include_usage")), logprobs, max_tokens, seed, sampling)
+
+
+def _refuse_unsupported(body: dict, chat: bool) -> None:
+    """Options that change what the answer must be, which this server cannot honour: a 400
+    naming them rather than an answer that silently ignores them."""
+    if body.get("tools") or body.get("functions"):
+        raise _bad("function calling ('tools', 'functions') is not supported", "tools")
+    if body.get("tool_choice") not in (None, "none", "auto"):
+        raise _bad("'tool_choice' needs function calling, which is not supported", "tool_choice")
+    response_format = body.get("response_format")
+    if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
+        raise _bad("only 'response_format' {\"type\": \"text\"} is supported", "response_format")
+    if body.get("modalities") not in (None, ["text"]) or body.get("audio"):
+        raise _bad("only text output is supported", "modalities")
+    if not chat:
+        if body.get("echo"):
+            raise _bad("'echo' is not supported", "echo")
+        if body.get("suffix"):
+            raise _bad("'suffix' (insertion) is not supported", "suffix")
+        if body.get("best_of") not in (None, 1, body.get("n", 1)):
+            raise _bad("'best_of' is not supported; use 'n'", "best_of")
+
+
+def _logit_bias(body: dict) -> dict[int, float]:
+    """OpenAI's {"<token id>": bias} (JSON keys are strings) -> {token id: bias}."""
+    bias = _get(body, "logit_bias", dict, {})
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise _bad(f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _bad(f"'logit_bias' values must be numbers, got {value!r}", "logit_bias")
+        out[token] = float(value)
+    return out
 
 
 def completion_prompts(body: dict) -> list[str | list[int]]:

@@ -62,6 +62,21 @@ def test_async_client_streams_completions(server):
     assert streamed == full
 
 
+def test_penalties_bias_and_min_tokens_reach_the_sampler(server):
+    c = client(server)
+    messages = [{"role": "user", "content": "t5 t6 t7 t8"}]
+    forced = c.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0,
+                                       logit_bias={"17": 100})
+    assert forced.choices[0].message.content.split() == ["t17"] * 5
+    plain = c.completions.create(model="tiny", prompt="t9 t9 t9", max_tokens=16, temperature=0,
+                                 extra_body={"min_tokens": 16})
+    penalized = c.completions.create(model="tiny", prompt="t9 t9 t9", max_tokens=16, temperature=0,
+                                     frequency_penalty=2, presence_penalty=2, extra_body={"min_tokens": 16})
+    words = penalized.choices[0].text.split()
+    assert len(words) == 16 and plain.choices[0].text != penalized.choices[0].text
+    assert len(set(words)) == 16  # a penalty of 4 per repeat is far above this model's logit spread
+
+
 def test_models_list_shows_the_base_model(server):
     ids = [m.id for m in client(server).models.list().data]
     assert "tiny" in ids
@@ -75,7 +90,19 @@ def test_models_list_shows_the_base_model(server):
     ({"model": "tiny", "prompt": ""}, "prompt"),
     ({"model": "tiny"}, "prompt"),
     ({"prompt": "x"}, "model"),
-    ({"model": "tiny", "prompt": "x", "presence_penalty": 1}, "presence_penalty"),
+    ({"model": "tiny", "prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+    ({"model": "tiny", "prompt": "x", "frequency_penalty": "high"}, "frequency_penalty"),
+    ({"model": "tiny", "prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "min_tokens": 20, "max_tokens": 10}, "min_tokens"),
+    ({"model": "tiny", "prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"model": "tiny", "prompt": "x", "echo": True}, "echo"),
+    ({"model": "tiny", "prompt": "x", "suffix": "end"}, "suffix"),
+    ({"model": "tiny", "prompt": "x", "best_of": 3}, "best_of"),
+    ({"model": "tiny", "prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"model": "tiny", "prompt": "x", "tool_choice": "required"}, "tool_choice"),
 ])
 def test_bad_requests_are_400_in_openai_shape(server, body, param):
     r = httpx.post(server.url + "/v1/completions", json=body, headers=server.headers())
