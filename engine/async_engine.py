@@ -101,8 +101,13 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         # Tokenise and validate here, not on the loop thread, so a step never waits for it
-        # and this event loop never waits for a step.
-        req = self.engine.make_request(prompt, params, request_id, cache_salt, adapter)
+        # and this event loop never waits for a step; compiling an output grammar can take
+        # a while (the first one builds the grammar tokenizer), so it runs in a worker thread.
+        args = (prompt, params, request_id, cache_salt, adapter)
+        if params is not None and params.grammar is not None:
+            req = await asyncio.to_thread(self.engine.make_request, *args)
+        else:
+            req = self.engine.make_request(*args)
         with self._lock:
             if req.request_id in self._streams:
                 raise ValueError(f"request id {req.request_id!r} is already in use")

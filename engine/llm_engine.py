@@ -23,6 +23,7 @@ from .models.prepare import resolve_model
 from .request import Request, RequestStatus
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
+from .structured_output import GrammarCompiler
 
 @dataclass
 class RequestOutput:
@@ -71,6 +72,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.lora_pool)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.lora_pool)
         self.eos_token_ids = _eos_ids(self.tokenizer, hf_config, self.model_dir)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size, self.eos_token_ids)
         from .spec import build_speculator
 
         self.speculator = build_speculator(config, self)
@@ -152,6 +154,8 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         req = Request(request_id, ids, params, cache_salt=cache_salt)
         req.logits_adjuster = adjuster_for(params, ids, self.eos_token_ids)
+        if params.grammar is not None:
+            req.grammar = self.grammars.constraint(params.grammar)
         if adapter is not None:
             entry = self.adapters.get(adapter)
             if entry is None:
@@ -235,6 +239,10 @@ class LLMEngine:
     def _stop_status(self, req: Request, token: int, detok: IncrementalDetokenizer,
                      num_output: int) -> RequestStatus | None:
         p = req.sampling_params
+        if req.logits_adjuster is not None:
+            req.logits_adjuster.advance(token)
+        if req.grammar is not None and req.grammar.advance(token):
+            return RequestStatus.FINISHED_STOPPED  # the output is complete (or, never expected, broken)
         if num_output > p.min_tokens:  # the first min_tokens tokens end only at a length limit
             if token in p.stop_token_ids:
                 req.stop_reason = token

@@ -1,5 +1,5 @@
-"""Per-request logits adjustments before sampling: logit_bias, min_tokens and the presence,
-frequency and repetition penalties.
+"""Per-request logits adjustments before sampling: logit_bias, min_tokens, the presence,
+frequency and repetition penalties, and a structured output's grammar mask.
 
 Order, as in vLLM and HF transformers: the bias and min_tokens' ban first, then the
 penalties; temperature, top-k and top-p follow in sampling. Presence and frequency penalties
@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import torch
 
+from loragate.kernels.sampling import apply_token_bitmask
+
 from .request import Request
 from .sampling_params import SamplingParams
 
 
 class LogitsAdjuster:
-    """One request's adjustments; built once when the request is made."""
+    """One request's adjustments; built when the request is made and told each token it emits,
+    so a step costs the same however long the prompt and output are."""
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int], eos_token_ids: set[int]):
         self.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.int64)
@@ -31,22 +34,44 @@ class LogitsAdjuster:
         self.banned_ids = torch.tensor(sorted(banned), dtype=torch.int64)
         self.presence, self.frequency = params.presence_penalty, params.frequency_penalty
         self.repetition = params.repetition_penalty
-        self.prompt_ids = torch.tensor(prompt_ids, dtype=torch.int64).unique() if self.repetition != 1.0 else None
+        self.num_output = 0
+        self.counts: dict[int, int] = {}  # output token -> times emitted
+        self.seen = set(prompt_ids)  # prompt and output tokens (the repetition penalty's set)
+        self._seen_ids: torch.Tensor | None = None  # `seen` as a tensor, rebuilt when it grows
 
-    def apply(self, row: torch.Tensor, output_ids: list[int]) -> None:
-        """Adjust one fp32 logits row [V] in place for the token after `output_ids`."""
+    def advance(self, token: int) -> None:
+        """Record an emitted token."""
+        self.num_output += 1
+        self.counts[token] = self.counts.get(token, 0) + 1
+        if token not in self.seen:
+            self.seen.add(token)
+            self._seen_ids = None
+
+    def apply(self, row: torch.Tensor, proposals: list[int]) -> None:
+        """Adjust one fp32 logits row [V] in place for the token after the output so far and
+        then `proposals` (the speculative tokens before this row's position)."""
         if self.bias_ids.numel():
             row.index_add_(0, self.bias_ids, self.bias_values)
-        if len(output_ids) < self.min_tokens and self.banned_ids.numel():
+        if self.num_output + len(proposals) < self.min_tokens and self.banned_ids.numel():
             row[self.banned_ids] = float("-inf")
-        output = torch.tensor(output_ids, dtype=torch.int64)
         if self.repetition != 1.0:
-            seen = torch.cat([self.prompt_ids, output]).unique()
+            if self._seen_ids is None:
+                self._seen_ids = torch.tensor(sorted(self.seen), dtype=torch.int64)
+            seen = self._seen_ids
+            new = [t for t in set(proposals) if t not in self.seen]
+            if new:
+                seen = torch.cat([seen, torch.tensor(new, dtype=torch.int64)])
             values = row[seen]
             row[seen] = torch.where(values > 0, values / self.repetition, values * self.repetition)
-        if (self.presence or self.frequency) and output.numel():
-            ids, counts = output.unique(return_counts=True)
-            row[ids] -= self.frequency * counts.float() + self.presence
+        if self.presence or self.frequency:
+            counts = self.counts
+            if proposals:
+                counts = dict(counts)
+                for t in proposals:
+                    counts[t] = counts.get(t, 0) + 1
+            if counts:
+                ids = torch.tensor(list(counts), dtype=torch.int64)
+                row[ids] -= self.frequency * torch.tensor(list(counts.values()), dtype=torch.float32) + self.presence
 
 
 def adjuster_for(params: SamplingParams, prompt_ids: list[int], eos_token_ids: set[int]) -> LogitsAdjuster | None:
@@ -56,13 +81,15 @@ def adjuster_for(params: SamplingParams, prompt_ids: list[int], eos_token_ids: s
 def adjust_logits(reqs: list[Request], num_logits: list[int], logits: torch.Tensor) -> torch.Tensor:
     """logits [sum(num_logits), V] of the requests' sampled rows, request by request. Returns
     them adjusted as fp32 (a new tensor), or `logits` itself when no request adjusts."""
-    if all(r.logits_adjuster is None for r in reqs):
+    if all(r.logits_adjuster is None and r.grammar is None for r in reqs):
         return logits
     out = logits.float().clone() if logits.dtype == torch.float32 else logits.float()
     row = 0
     for req, n in zip(reqs, num_logits):
         if req.logits_adjuster is not None:
             for j in range(n):
-                req.logits_adjuster.apply(out[row + j], req.output_token_ids + req.spec_token_ids[:j])
+                req.logits_adjuster.apply(out[row + j], req.spec_token_ids[:j])
+        if req.grammar is not None:  # last: whatever the adjustments favour, the grammar decides
+            apply_token_bitmask(out[row:row + n], req.grammar.bitmasks(req.spec_token_ids[:n - 1]))
         row += n
     return out

@@ -66,6 +66,8 @@ class Request:
     spec_idle_steps: int = 0  # steps since it last speculated (re-probe a request set to k=0)
     # Penalties, logit_bias, min_tokens (engine/logits_processors.LogitsAdjuster); None: none.
     logits_adjuster: object = field(default=None, repr=False)
+    # Structured output (engine/structured_output.GrammarConstraint); None: unconstrained.
+    grammar: object = field(default=None, repr=False)
     generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -30,6 +30,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     min_tokens: int = 0
+    # Structured output: an llguidance grammar the output must match, e.g. from
+    # structured_output.grammar_from_json_schema(schema); the request ends when it is complete.
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -69,6 +72,11 @@ class SamplingParams:
         if self.min_tokens > self.max_tokens:
             raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
                                       "min_tokens")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise InvalidRequestError("grammar must be a string (an llguidance grammar)", "response_format")
+        if self.grammar is not None and self.min_tokens:
+            raise InvalidRequestError("min_tokens cannot be combined with a structured output format: the format "
+                                      "decides where the output ends", "min_tokens")
 
     @property
     def adjusts_logits(self) -> bool:

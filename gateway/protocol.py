@@ -1,7 +1,7 @@
 """OpenAI request bodies -> engine inputs, engine outputs -> OpenAI response bodies.
 
 Validation names the offending parameter (`param`), like OpenAI does, and refuses options
-that would otherwise be silently ignored (tools, echo, suffix, best_of, non-text output)."""
+that would otherwise be silently ignored (tools, echo, suffix, best_of, audio output)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from loragate.engine import SamplingParams
 from loragate.engine.errors import InvalidRequestError
+from loragate.engine.structured_output import grammar_from_json_schema
 
 MAX_N = 16
 
@@ -80,7 +81,7 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
                     frequency_penalty=_get(body, "frequency_penalty", float, 0.0),
                     repetition_penalty=_get(body, "repetition_penalty", float, 1.0),
                     logit_bias=_logit_bias(body), min_tokens=_get(body, "min_tokens", int, 0),
-                    stop_token_ids=_get(body, "stop_token_ids", list, []))
+                    stop_token_ids=_get(body, "stop_token_ids", list, []), grammar=_grammar(body))
     if not 0.0 <= sampling["temperature"] <= 2.0:
         raise _bad("'temperature' must be between 0 and 2", "temperature")
     if max_tokens is not None and max_tokens < 1:
@@ -98,9 +99,6 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
         raise _bad("function calling ('tools', 'functions') is not supported", "tools")
     if body.get("tool_choice") not in (None, "none", "auto"):
         raise _bad("'tool_choice' needs function calling, which is not supported", "tool_choice")
-    response_format = body.get("response_format")
-    if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
-        raise _bad("only 'response_format' {\"type\": \"text\"} is supported", "response_format")
     if body.get("modalities") not in (None, ["text"]) or body.get("audio"):
         raise _bad("only text output is supported", "modalities")
     if not chat:
@@ -110,6 +108,22 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
             raise _bad("'suffix' (insertion) is not supported", "suffix")
         if body.get("best_of") not in (None, 1, body.get("n", 1)):
             raise _bad("'best_of' is not supported; use 'n'", "best_of")
+
+
+def _grammar(body: dict) -> str | None:
+    """OpenAI's response_format -> the grammar the output must match (None: free text)."""
+    fmt = _get(body, "response_format", dict, {"type": "text"})
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return grammar_from_json_schema(None)
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+            raise _bad("'response_format.json_schema' must be an object with a 'schema' object", "response_format")
+        return grammar_from_json_schema(spec.get("schema", {}))
+    raise _bad("'response_format.type' must be 'text', 'json_object' or 'json_schema'", "response_format")
 
 
 def _logit_bias(body: dict) -> dict[int, float]:

@@ -86,6 +86,7 @@ def library() -> ctypes.CDLL | None:
             "silu_mul": [ptr, ptr, i64, i32, i32, i32],
             "lora_add": [ptr, i64, i32, ptr, i64, i32, ptr, i32, i32, ptr, ptr, ptr, i32, i32, i32],
             "argmax_rows": [ptr, i64, i64, i64, i32, ptr, i32],
+            "apply_token_bitmask": [ptr, i64, i64, i64, ptr, i64],
             "amx_init": [],
             "amx_gemm_bf16": [ptr, i64, i64, i32, ptr, i32, ptr, ptr, i64, i32],
         }
@@ -203,3 +204,10 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     _check(library().argmax_rows(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], int(x.dtype == torch.bfloat16),
                                  out.data_ptr(), torch.get_num_threads()), "argmax_rows")
     return out
+
+
+def apply_token_bitmask(x: torch.Tensor, mask: torch.Tensor) -> None:
+    """In place: x [rows, n] fp32 (contiguous rows) gets -inf where mask [rows, words] int32
+    (contiguous) has a 0 bit."""
+    _check(library().apply_token_bitmask(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], mask.data_ptr(),
+                                         mask.shape[1]), "apply_token_bitmask")

@@ -41,6 +41,25 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(dim=-1).indices
 
 
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def bitmask_to_bool(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """bitmask [..., words] int32 (token i allowed iff bit i % 32 of word i // 32 is set)
+    -> bool [..., vocab]."""
+    bits = (bitmask.unsqueeze(-1) >> _BITS) & 1
+    return bits.reshape(*bitmask.shape[:-1], -1)[..., :vocab].bool()
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: logits [rows, V] fp32 get -inf at every token their bitmask row [rows, words]
+    int32 does not allow (a grammar's mask, the layout llguidance and xgrammar fill)."""
+    if (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.stride(1) == 1
+            and bitmask.is_contiguous() and _native.library() is not None):
+        return _native.apply_token_bitmask(logits, bitmask)
+    logits.masked_fill_(~bitmask_to_bool(bitmask, logits.shape[1]), float("-inf"))
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            generators: list[torch.Generator]) -> torch.Tensor:
     """logits [n, V] (fp32, or bf16: rows drawn at random are converted first); temperature,

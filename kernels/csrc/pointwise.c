@@ -156,3 +156,23 @@ int argmax_rows(const void *x, int64_t stride, int64_t rows, int64_t n, int is_b
     }
     return 0;
 }
+
+/* Row r of x (n fp32 values, rows `stride` apart) gets -inf wherever bit i of mask row r is 0:
+ * a grammar's allowed tokens, 32 per int32 word, least significant bit first. With AVX-512
+ * each 16 mask bits are the store mask of 16 lanes as they are. */
+int apply_token_bitmask(float *x, int64_t stride, int64_t rows, int64_t n, const int32_t *mask, int64_t words) {
+    if (n < 0 || words * 32 < n) return -1;
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = x + r * stride;
+        const uint32_t *m = (const uint32_t *)(mask + r * words);
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+        for (; i + 16 <= n; i += 16)
+            _mm512_mask_storeu_ps(row + i, (__mmask16)~(m[i >> 5] >> (i & 31)), neg_inf);
+#endif
+        for (; i < n; i++)
+            if (!((m[i >> 5] >> (i & 31)) & 1u)) row[i] = -INFINITY;
+    }
+    return 0;
+}

@@ -103,6 +103,11 @@ def test_models_list_shows_the_base_model(server):
     ({"model": "tiny", "prompt": "x", "best_of": 3}, "best_of"),
     ({"model": "tiny", "prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"model": "tiny", "prompt": "x", "tool_choice": "required"}, "tool_choice"),
+    ({"model": "tiny", "prompt": "x", "response_format": {"type": "xml"}}, "response_format"),
+    ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"schema": 5}}},
+     "response_format"),
+    # the tiny model's word-level tokenizer has no byte decoder for the grammar engine
+    ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_bad_requests_are_400_in_openai_shape(server, body, param):
     r = httpx.post(server.url + "/v1/completions", json=body, headers=server.headers())

@@ -216,3 +216,26 @@ def test_greedy_is_the_first_maximum_of_each_row(rows, vocab, dtype):
     want = logits.float().argmax(dim=-1)
     assert torch.equal(greedy(logits), want)
     assert torch.equal(greedy(logits[:, : max(1, vocab - 3)]), logits[:, : max(1, vocab - 3)].float().argmax(dim=-1))
+
+
+@pytest.mark.parametrize("vocab", [1, 31, 32, 49, 1000, 49152])
+def test_token_bitmask_native_matches_reference(vocab):
+    from loragate.kernels.sampling import apply_token_bitmask, bitmask_to_bool
+
+    g = torch.Generator().manual_seed(vocab)
+    words = (vocab + 31) // 32
+    mask = torch.randint(-2**31, 2**31 - 1, (5, words), dtype=torch.int32, generator=g)
+    mask[1] = 0
+    mask[2] = -1  # every bit set, including the sign bit
+    logits = torch.randn(5, vocab, generator=g)
+    got = logits.clone()
+    apply_token_bitmask(got, mask)
+    allowed = bitmask_to_bool(mask, vocab)
+    assert torch.equal(got, logits.masked_fill(~allowed, float("-inf")))
+    for r in range(5):  # the reference unpacks bit i of word i // 32, least significant first
+        want = [bool((int(mask[r, i // 32]) >> (i % 32)) & 1) for i in range(min(vocab, 70))]
+        assert allowed[r, :70].tolist() == want
+    strided = torch.randn(3, vocab + 7, generator=g)[:, :vocab]  # rows apart by more than their width
+    want = strided.masked_fill(~allowed[:3], float("-inf"))
+    apply_token_bitmask(strided, mask[:3])
+    assert torch.equal(strided, want)

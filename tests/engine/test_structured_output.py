@@ -1,0 +1,108 @@
+"""Structured output on the real SmolLM2: outputs valid against their JSON schema (greedy and
+sampled, in one batch with free-text requests), lossless under speculative decoding, the
+per-row masks of a verification step, and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from loragate.engine import LLM, InvalidRequestError, SamplingParams
+from loragate.engine.structured_output import GrammarCompiler, grammar_from_json_schema
+
+pytestmark = pytest.mark.slow
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["engineer", "artist", "farmer"]},
+        "skills": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3},
+    },
+    "required": ["name", "age", "role", "skills"],
+    "additionalProperties": False,
+}
+QUESTIONS = ["Describe a fictional person as JSON.", "Invent a character for a story and give their details.",
+             "Who is your favourite scientist?"]
+
+
+@pytest.fixture(scope="module")
+def llm(real_model_dir):
+    return LLM(str(real_model_dir), dtype="float32", progress=False)
+
+
+def chat_prompts(llm):
+    return [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=False) for q in QUESTIONS]
+
+
+def test_outputs_follow_their_json_schema_in_a_mixed_batch(llm):
+    grammar = grammar_from_json_schema(SCHEMA)
+    prompts = chat_prompts(llm)
+    params = [SamplingParams(max_tokens=120, temperature=0, grammar=grammar),
+              SamplingParams(max_tokens=120, temperature=1.0, seed=3, grammar=grammar),
+              SamplingParams(max_tokens=120, temperature=0.7, seed=4, grammar=grammar_from_json_schema(None)),
+              SamplingParams(max_tokens=40, temperature=0)]
+    outs = llm.generate(prompts + [prompts[0]], params)
+    for out in outs[:2]:
+        assert out.finish_reason == "stop", out.text
+        jsonschema.validate(json.loads(out.text), SCHEMA)
+    assert isinstance(json.loads(outs[2].text), dict) and outs[2].finish_reason == "stop"
+    with pytest.raises(json.JSONDecodeError):  # unconstrained, the model answers in prose
+        json.loads(outs[3].text)
+
+
+@pytest.mark.parametrize("mode", ["ngram", "draft"])
+def test_structured_output_is_lossless_under_speculation(real_model_dir, llm, mode):
+    spec = LLM(str(real_model_dir), dtype="float32", progress=False, speculative=mode,
+               **({"draft_model": str(real_model_dir)} if mode == "draft" else {}))
+    controller = spec.engine.speculator.controller
+    controller.plan = lambda reqs, limits, batch_size: [min(lim, controller.max_k) for lim in limits]
+    grammar = grammar_from_json_schema(SCHEMA)
+    params = [SamplingParams(max_tokens=100, temperature=0, grammar=grammar)] * 2 + \
+             [SamplingParams(max_tokens=100, temperature=0, grammar=grammar_from_json_schema(None))]
+    prompts = chat_prompts(llm)
+    want = [o.token_ids for o in llm.generate(prompts, params)]
+    assert [o.token_ids for o in spec.generate(prompts, params)] == want
+    stats = spec.engine.speculator.stats
+    assert stats.mean_accepted_length > 1  # proposals were verified and some taken
+
+
+def test_verification_rows_get_the_mask_after_the_proposals_before_them(llm):
+    import torch
+
+    from loragate.kernels.sampling import bitmask_to_bool
+
+    compiler = llm.engine.grammars
+    tok = llm.tokenizer
+    grammar = grammar_from_json_schema(SCHEMA)
+    good = tok.encode('{"name": "Ada", "age"', add_special_tokens=False)
+    proposals = good[:3] + [tok.encode("hello", add_special_tokens=False)[0]] + good[3:5]
+    constraint = compiler.constraint(grammar)
+    rows = bitmask_to_bool(constraint.bitmasks(proposals), llm.engine.model.config.vocab_size)
+    reference = compiler.constraint(grammar)
+    for j in range(4):  # the rows up to the refused proposal (index 3), which row 3 verifies
+        assert torch.equal(rows[j], reference.allowed()), j
+        if j < 3:
+            assert reference.matcher.consume_token(proposals[j])
+    assert reference.matcher.validate_tokens(proposals[3:4]) == 0
+    for j in range(4, 7):  # after it: never used, row 3's mask kept
+        assert torch.equal(rows[j], rows[3]), j
+    assert torch.equal(constraint.allowed(), compiler.constraint(grammar).allowed())  # rolled back
+
+
+def test_bad_formats_are_refused(llm, tiny_llama):
+    from transformers import AutoTokenizer
+
+    with pytest.raises(InvalidRequestError, match="format is invalid") as e:
+        llm.engine.make_request([1, 2], SamplingParams(grammar=grammar_from_json_schema({"type": "nonsense"})))
+    assert e.value.param == "response_format"
+    with pytest.raises(InvalidRequestError, match="min_tokens"):
+        SamplingParams(max_tokens=8, min_tokens=2, grammar=grammar_from_json_schema(None))
+    word_level = GrammarCompiler(AutoTokenizer.from_pretrained(tiny_llama), 512, {2})
+    for _ in range(2):  # the verdict is kept, not recomputed per request
+        with pytest.raises(InvalidRequestError, match="not available for this model's tokenizer"):
+            word_level.constraint(grammar_from_json_schema(None))

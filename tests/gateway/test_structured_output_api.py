@@ -1,0 +1,66 @@
+"""response_format over HTTP with the official client, on the real SmolLM2: JSON schema
+(streamed and not), JSON object mode, and refusals of formats that cannot be served."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+
+from .conftest import RunningServer
+
+pytestmark = pytest.mark.slow
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 30}, "population": {"type": "integer", "minimum": 0},
+                   "landmarks": {"type": "array", "items": {"type": "string", "maxLength": 30}, "maxItems": 3}},
+    "required": ["city", "population", "landmarks"],
+    "additionalProperties": False,
+}
+FORMAT = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA, "strict": True}}
+MESSAGES = [{"role": "user", "content": "Tell me about Paris."}]
+
+
+@pytest.fixture(scope="module")
+def real_server(real_model_dir, tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv("LORAGATE_HOME", str(tmp_path_factory.mktemp("home")))
+    s = RunningServer(real_model_dir, None)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(real_server):
+    return openai.OpenAI(base_url=real_server.url + "/v1", api_key="key-a", max_retries=0)
+
+
+def test_json_schema_answer_streamed_and_not(client):
+    full = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=100, temperature=0,
+                                          response_format=FORMAT)
+    answer = json.loads(full.choices[0].message.content)
+    jsonschema.validate(answer, SCHEMA)
+    assert full.choices[0].finish_reason == "stop"
+    chunks = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=100, temperature=0,
+                                            response_format=FORMAT, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.choices[0].message.content
+
+
+def test_json_object_mode_on_both_endpoints(client):
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=80, temperature=0.8, seed=1,
+                                          n=2, response_format={"type": "json_object"})
+    for choice in chat.choices:
+        assert isinstance(json.loads(choice.message.content), dict)
+    text = client.completions.create(model="tiny", prompt="A JSON record of a book:", max_tokens=80, temperature=0,
+                                     extra_body={"response_format": {"type": "json_object"}})
+    assert isinstance(json.loads(text.choices[0].text), dict)
+
+
+def test_unusable_schemas_are_400(client):
+    for schema in ({"type": "integer", "minimum": "five"}, {"type": "object", "properties": {"a": {"type": "nope"}}}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, response_format={
+                "type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        assert e.value.body["param"] == "response_format"
