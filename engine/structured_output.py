@@ -1,5 +1,6 @@
 """Structured output: a request's tokens constrained to a grammar (a JSON schema, any JSON
-object), with llguidance computing each step's set of allowed tokens.
+object, a regex, a list of choices, a Lark grammar), with llguidance computing each step's
+set of allowed tokens.
 
 A request with a grammar gets its own matcher, advanced by every token it emits. Before
 sampling, each of the request's logits rows is masked to the tokens the grammar allows there;
@@ -10,6 +11,7 @@ is complete it allows only EOS, and the request ends there.
 
 from __future__ import annotations
 
+import json
 import threading
 
 import torch
@@ -32,6 +34,28 @@ def grammar_from_json_schema(schema: dict | bool | None) -> str:
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
     except ValueError as e:
         raise InvalidRequestError(f"the JSON schema is not usable: {e}", "response_format") from None
+
+
+def grammar_from_regex(pattern: str) -> str:
+    """The output matches `pattern` (Rust regex syntax, anchored at both ends)."""
+    import llguidance
+
+    return llguidance.LLMatcher.grammar_from_regex(pattern)
+
+
+def grammar_from_choice(choices: list[str]) -> str:
+    """The output is exactly one of `choices`."""
+    import llguidance
+
+    # JSON string literals are valid Lark literals, escapes included.
+    return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+
+
+def grammar_from_lark(grammar: str) -> str:
+    """The output is a sentence of this Lark grammar (llguidance's dialect; `start` first)."""
+    import llguidance
+
+    return llguidance.LLMatcher.grammar_from_lark(grammar)
 
 
 class GrammarCompiler:

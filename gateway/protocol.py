@@ -5,11 +5,13 @@ that would otherwise be silently ignored (tools, echo, suffix, best_of, audio ou
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from loragate.engine import SamplingParams
 from loragate.engine.errors import InvalidRequestError
-from loragate.engine.structured_output import grammar_from_json_schema
+from loragate.engine.structured_output import (grammar_from_choice, grammar_from_json_schema, grammar_from_lark,
+                                               grammar_from_regex)
 
 MAX_N = 16
 
@@ -111,8 +113,14 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
 
 
 def _grammar(body: dict) -> str | None:
-    """OpenAI's response_format -> the grammar the output must match (None: free text)."""
+    """The grammar the output must match (None: free text): OpenAI's response_format, or
+    vLLM's structured_outputs extension (one of json, regex, choice, grammar)."""
     fmt = _get(body, "response_format", dict, {"type": "text"})
+    extension = _get(body, "structured_outputs", dict, None)
+    if extension is not None:
+        if fmt.get("type") != "text":
+            raise _bad("give 'response_format' or 'structured_outputs', not both", "structured_outputs")
+        return _structured_outputs(extension)
     kind = fmt.get("type")
     if kind == "text":
         return None
@@ -124,6 +132,31 @@ def _grammar(body: dict) -> str | None:
             raise _bad("'response_format.json_schema' must be an object with a 'schema' object", "response_format")
         return grammar_from_json_schema(spec.get("schema", {}))
     raise _bad("'response_format.type' must be 'text', 'json_object' or 'json_schema'", "response_format")
+
+
+def _structured_outputs(spec: dict) -> str:
+    given = [k for k in ("json", "regex", "choice", "grammar") if spec.get(k) is not None]
+    if len(given) != 1:
+        raise _bad("'structured_outputs' takes exactly one of 'json', 'regex', 'choice', 'grammar'",
+                   "structured_outputs")
+    kind, value = given[0], spec[given[0]]
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise _bad(f"'structured_outputs.json' is not valid JSON: {e}", "structured_outputs") from None
+        if not isinstance(value, (dict, bool)):
+            raise _bad("'structured_outputs.json' must be a JSON schema object", "structured_outputs")
+        return grammar_from_json_schema(value)
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+            raise _bad("'structured_outputs.choice' must be a non-empty list of non-empty strings",
+                       "structured_outputs")
+        return grammar_from_choice(value)
+    if not isinstance(value, str) or not value:
+        raise _bad(f"'structured_outputs.{kind}' must be a non-empty string", "structured_outputs")
+    return grammar_from_regex(value) if kind == "regex" else grammar_from_lark(value)
 
 
 def _logit_bias(body: dict) -> dict[int, float]:

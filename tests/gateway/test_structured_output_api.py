@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import openai
@@ -64,3 +65,33 @@ def test_unusable_schemas_are_400(client):
             client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, response_format={
                 "type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
         assert e.value.body["param"] == "response_format"
+
+
+def test_vllm_structured_outputs_choice_regex_and_grammar(client):
+    def ask(spec, content="Is the sky blue? Answer briefly.", temperature=0.0, seed=None):
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                              max_tokens=40, temperature=temperature, seed=seed,
+                                              extra_body={"structured_outputs": spec}).choices[0]
+
+    choices = ["yes", "no", "it depends on the \"weather\""]
+    for seed in range(3):  # sampled too: always one of them, whole
+        answer = ask({"choice": choices}, temperature=1.0, seed=seed)
+        assert answer.message.content in choices and answer.finish_reason == "stop"
+    date = ask({"regex": r"[0-9]{4}-[0-9]{2}-[0-9]{2}"}, "When did the Apollo 11 mission land on the Moon?")
+    assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", date.message.content)
+    lark = 'start: "The answer is " NUMBER "."\nNUMBER: /[0-9]+/'
+    assert re.fullmatch(r"The answer is [0-9]+\.", ask({"grammar": lark}, "What is 6 times 7?").message.content)
+    assert json.loads(ask({"json": json.dumps(SCHEMA)}, "Tell me about Rome.").message.content)["city"]
+
+
+@pytest.mark.parametrize("extra", [
+    {"structured_outputs": {"choice": ["a"], "regex": "b"}},
+    {"structured_outputs": {"choice": []}},
+    {"structured_outputs": {"regex": "("}},
+    {"structured_outputs": {"grammar": "start: foo ("}},
+    {"structured_outputs": {"json": "{not json"}},
+    {"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}},
+])
+def test_bad_structured_outputs_are_400(client, extra):
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, extra_body=extra)
