@@ -3,7 +3,7 @@ from the scheduled requests and passed down explicitly (no module-level state)."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +37,9 @@ class BatchMetadata:
     num_logits: list[int]  # per sampled request
     use_native_kernels: bool = True
     lora: LoraBatch | None = None  # None: no request of this step uses an adapter
+    # Prompt positions whose logprobs were asked for: (request, first hidden row, its
+    # position, count); position p's row predicts prompt token p + 1.
+    prompt_logprob_rows: list[tuple[Request, int, int, int]] = field(default_factory=list)
 
 
 def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_native_kernels: bool = True,
@@ -55,6 +58,7 @@ def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_nativ
     num_logits: list[int] = []
     short: list[tuple[int, int, int, list[int]]] = []  # (token_start, num_new, context_len, blocks)
     spans: list[PrefillSpan] = []
+    prompt_rows: list[tuple[Request, int, int, int]] = []
     for req, num_new in scheduled:
         start = req.num_computed_tokens
         end = start + num_new
@@ -71,6 +75,11 @@ def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_nativ
         else:
             slots = None if start == 0 else _context_slots(blocks, end, block_size)
             spans.append(PrefillSpan(token_start, token_start + num_new, slots))
+        if req.needs_prompt_logprobs:  # positions not yet reported (a recompute repeats none)
+            first = max(start, len(req.prompt_logprobs))
+            count = min(end, req.num_prompt_tokens - 1) - first
+            if count > 0:
+                prompt_rows.append((req, token_start + first - start, first, count))
         if end >= req.num_tokens:  # the chunk reaches the newest token: sample the next one(s)
             n = end - req.num_tokens + 1
             logits_indices.extend(range(token_start + num_new - n, token_start + num_new))
@@ -95,6 +104,7 @@ def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_nativ
         sampled_requests=sampled,
         num_logits=num_logits,
         use_native_kernels=use_native_kernels,
+        prompt_logprob_rows=prompt_rows,
     )
 
 

@@ -71,7 +71,7 @@ class KVCacheManager:
         At least one token is always left to compute: the last one produces the logits.
         """
         assert not request.block_ids, "prefix matching is for requests holding no blocks"
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.needs_prompt_logprobs:
             return 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         self._extend_hashes(request, max_blocks * self.block_size)

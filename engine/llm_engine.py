@@ -38,6 +38,9 @@ class RequestOutput:
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
     num_cached_tokens: int = 0
     new_logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
+    # With SamplingParams.prompt_logprobs: (logprob, {token: logprob}) of prompt tokens 1.. (complete
+    # from the first output on, since a request samples only once its whole prompt has run).
+    prompt_logprobs: list[tuple[float, dict[int, float]]] | None = None
 
 
 class LLMEngine:
@@ -197,6 +200,8 @@ class LLMEngine:
         t0 = time.perf_counter()
         out = self.runner.execute(scheduled)
         step_seconds = time.perf_counter() - t0
+        for request_id, entries in (out.prompt_logprobs or {}).items():
+            self.scheduler.requests[request_id].prompt_logprobs.extend(entries)
         # Cut each request's new tokens at its first stop (speculation may emit several).
         statuses = [self._cut_at_stop(req, i, out) for i, req in enumerate(out.requests)]
         proposed = [len(req.spec_token_ids) for req in out.requests]
@@ -217,7 +222,8 @@ class LLMEngine:
                 token_ids=req.output_token_ids, new_token_ids=tokens, text=detok.text,
                 delta_text=detok.take_delta(req.is_finished), finished=req.is_finished,
                 finish_reason=req.finish_reason, stop_reason=req.stop_reason,
-                num_cached_tokens=req.num_cached_tokens, new_logprobs=logprobs or []))
+                num_cached_tokens=req.num_cached_tokens, new_logprobs=logprobs or [],
+                prompt_logprobs=req.prompt_logprobs if req.sampling_params.prompt_logprobs is not None else None))
         if self.speculator is not None:
             self.speculator.after_step(scheduled, out, proposed, step_seconds)
             self.speculator.propose(self.scheduler.running)

@@ -31,6 +31,8 @@ class StepOutput:
     # Only when the runner exposes them (a proposer that drafts from the target's features):
     # per request id, the final hidden states [num_logits, hidden] of its sampled positions.
     hidden_states: dict[str, torch.Tensor] | None = None
+    # Per request asking for them: the logprobs of the prompt tokens this step reached, in order.
+    prompt_logprobs: dict[str, list[tuple[float, dict[int, float]]]] | None = None
 
 
 class ModelRunner:
@@ -54,14 +56,33 @@ class ModelRunner:
         batch = build_batch(scheduled, self.block_size, lora_pool=self.lora_pool)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch)
         num_tokens = int(batch.input_ids.shape[0])
+        prompt_logprobs = self._prompt_logprobs(batch, hidden) if batch.prompt_logprob_rows else None
         if not batch.sampled_requests:
-            return StepOutput([], [], [], [], num_tokens)
+            return StepOutput([], [], [], [], num_tokens, prompt_logprobs=prompt_logprobs)
         rows = hidden.index_select(0, batch.logits_indices)
         out = self.sample(batch, self.model.compute_logits(rows, fp32=False), num_tokens)
+        out.prompt_logprobs = prompt_logprobs
         if self.expose_hidden_states:
             ends = torch.tensor(batch.num_logits).cumsum(0).tolist()
             out.hidden_states = {r.request_id: rows[end - n:end]
                                  for r, n, end in zip(batch.sampled_requests, batch.num_logits, ends)}
+        return out
+
+    # Prompt rows turned into logits at a time: [rows, vocab] fp32 is 50 MB at 256 x 49k.
+    PROMPT_LOGITS_CHUNK = 256
+
+    def _prompt_logprobs(self, batch: BatchMetadata, hidden: torch.Tensor) -> dict:
+        out = {}
+        for req, row, position, count in batch.prompt_logprob_rows:
+            k = req.sampling_params.prompt_logprobs
+            targets = torch.tensor(req.prompt_token_ids[position + 1:position + 1 + count])
+            entries = out[req.request_id] = []
+            for i in range(0, count, self.PROMPT_LOGITS_CHUNK):
+                n = min(self.PROMPT_LOGITS_CHUNK, count - i)
+                logits = self.model.compute_logits(hidden[row + i:row + i + n])
+                chosen, top_vals, top_ids = logprobs_of(logits, targets[i:i + n], k)
+                entries.extend((lp, dict(zip(ids, vals)))
+                               for lp, ids, vals in zip(chosen.tolist(), top_ids.tolist(), top_vals.tolist()))
         return out
 
     def sample(self, batch: BatchMetadata, logits: torch.Tensor, num_tokens: int) -> StepOutput:

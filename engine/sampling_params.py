@@ -19,6 +19,10 @@ class SamplingParams:
     ignore_eos: bool = False
     # Number of most likely tokens (besides the chosen one) to report per step; None = off.
     logprobs: int | None = None
+    # Logprobs of the prompt's own tokens (each given the ones before it), with this many
+    # most likely alternatives per position; None = off. Such a prompt is computed whole:
+    # cached prefix blocks have no logits to report.
+    prompt_logprobs: int | None = None
     # Speculative decoding for this request when the engine has it on (False: opt out).
     speculative: bool = True
     # Logits adjustments (engine/logits_processors.py), OpenAI's and vLLM's meanings:
@@ -49,6 +53,8 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be an integer >= 0 (0 disables), got {self.top_k!r}", "top_k")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidRequestError(f"logprobs must be in [0, 20], got {self.logprobs}", "logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise InvalidRequestError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}", "logprobs")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop must be non-empty strings", "stop")
         if len(self.stop) > 16:

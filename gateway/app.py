@@ -57,6 +57,7 @@ def build_app(state: ServerState, load=None) -> Starlette:
     """`load()` (run in a thread at start-up) sets state.engine and state.registry; tests may
     instead fill the state and pass none."""
     from .adapters_api import routes as adapter_routes
+    from .tokenizer_api import routes as tokenizer_routes
     from .batch_runner import batch_service
     from .batches_api import routes as batch_routes
     from .files_api import routes as file_routes
@@ -87,6 +88,7 @@ def build_app(state: ServerState, load=None) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         *adapter_routes,
+        *tokenizer_routes,
         *file_routes,
         *batch_routes,
     ]

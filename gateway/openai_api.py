@@ -16,7 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from .errors import APIError, to_api_error
-from .protocol import chat_logprobs, chat_messages, completion_logprobs, completion_prompts, parse_common, usage
+from .protocol import (chat_logprobs, chat_messages, completion_logprobs, completion_prompts, echo_logprobs, parse_common,
+                       usage)
 
 
 async def json_body(request: Request) -> dict:
@@ -36,6 +37,7 @@ class Choice:
     def __init__(self, index: int, prompt_index: int, prompt_len: int, metrics, label: str):
         self.index, self.prompt_index, self.prompt_len = index, prompt_index, prompt_len
         self.text, self.tokens, self.logprobs, self.finish_reason = "", [], [], None
+        self.prompt_logprobs = None  # with echo + logprobs: the prompt tokens' entries
         self.metrics, self.label = metrics, label
         self.start = self.last = time.monotonic()
 
@@ -43,6 +45,8 @@ class Choice:
         t = time.monotonic()
         (self.metrics.itl if self.tokens else self.metrics.ttft).observe(t - self.last)
         self.last = t
+        if out.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.text += out.delta_text
         new = list(zip(out.new_token_ids, out.new_logprobs)) if out.new_logprobs else []
         self.tokens += out.new_token_ids
@@ -129,7 +133,10 @@ async def _submit(state, principal, body: dict, gen, *, chat: bool):
         prompts = [tok.apply_chat_template(chat_messages(body), add_generation_prompt=True, tokenize=True,
                                            return_dict=False)]
     else:
-        prompts = [engine.engine.tokenize(p) for p in completion_prompts(body)]
+        texts = completion_prompts(body)
+        prompts = [engine.engine.tokenize(p) for p in texts]
+        if gen.echo:  # what echo repeats: the prompt as sent (token ids decoded)
+            gen.prompt_texts = [p if isinstance(p, str) else tok.decode(p) for p in texts]
     choices, streams = await _start(state, principal, gen, prompts, gen.model)
     return prompts, choices, streams
 
@@ -144,14 +151,38 @@ async def _collect(state, principal, body: dict, gen, *, chat: bool) -> dict:
         choices[i].add(out)
     out_choices = []
     for c in choices:
-        logprobs = None
-        if gen.logprobs is not None:
-            logprobs = chat_logprobs(tok, c.logprobs) if chat else completion_logprobs(tok, c.logprobs, 0)
-        body_choice = ({"index": c.index, "message": {"role": "assistant", "content": c.text}} if chat
-                       else {"index": c.index, "text": c.text})
-        out_choices.append(dict(body_choice, logprobs=logprobs, finish_reason=c.finish_reason))
+        if chat:
+            logprobs = chat_logprobs(tok, c.logprobs) if gen.logprobs is not None else None
+            out_choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                                "logprobs": logprobs, "finish_reason": c.finish_reason})
+        else:
+            text, logprobs = _completion_piece(gen, tok, prompts, c, c.text, c.logprobs, True, 0)
+            out_choices.append({"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason})
     return {"id": rid, "object": kind, "created": created, "model": gen.model, "choices": out_choices,
-            "usage": usage(sum(len(p) for p in prompts), sum(len(c.tokens) for c in choices))}
+            "usage": usage(sum(len(p) for p in prompts), sum(_generated(gen, c) for c in choices))}
+
+
+def _generated(gen, c: Choice) -> int:
+    """Tokens a choice returns (with max_tokens 0 and echo, the engine's one token is not)."""
+    return 0 if gen.prompt_only else len(c.tokens)
+
+
+def _completion_piece(gen, tok, prompts, c: Choice, text: str, entries, first: bool, offset: int):
+    """(text, logprobs) of a completions choice, whole or one streamed piece: with echo the
+    first piece starts with the prompt (and its tokens' logprobs); with max_tokens 0 nothing
+    generated is returned. offset: where `text` starts in the generated text."""
+    prefix, logprobs = "", None
+    if gen.echo and first:
+        prefix = gen.prompt_texts[c.prompt_index]
+        if gen.logprobs is not None:
+            logprobs = echo_logprobs(tok, prompts[c.prompt_index], c.prompt_logprobs)
+    if gen.prompt_only:
+        text, entries = "", []
+    if gen.logprobs is None:
+        return prefix + text, None
+    base = len(gen.prompt_texts[c.prompt_index]) if gen.echo else 0
+    generated = completion_logprobs(tok, entries, base + offset)
+    return prefix + text, generated if logprobs is None else {k: logprobs[k] + generated[k] for k in generated}
 
 
 async def complete(state, principal, body: dict, *, chat: bool) -> dict:
@@ -185,9 +216,9 @@ async def _generate(request: Request, *, chat: bool):
             choice = {"index": c.index, "delta": delta, "finish_reason": c.finish_reason,
                       "logprobs": chat_logprobs(tok, new) if gen.logprobs is not None else None}
         else:
-            choice = {"index": c.index, "text": delta_text, "finish_reason": c.finish_reason,
-                      "logprobs": completion_logprobs(tok, new, len(c.text) - len(delta_text))
-                      if gen.logprobs is not None else None}
+            text, logprobs = _completion_piece(gen, tok, prompts, c, delta_text, new, first,
+                                               len(c.text) - len(delta_text))
+            choice = {"index": c.index, "text": text, "finish_reason": c.finish_reason, "logprobs": logprobs}
         return {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created, "model": gen.model,
                 "choices": [choice]}
 
@@ -203,7 +234,7 @@ async def _generate(request: Request, *, chat: bool):
             if gen.include_usage:
                 yield _sse({"id": rid, "object": kind + (".chunk" if chat else ""), "created": created,
                             "model": gen.model, "choices": [],
-                            "usage": usage(prompt_tokens, sum(len(c.tokens) for c in choices))})
+                            "usage": usage(prompt_tokens, sum(_generated(gen, c) for c in choices))})
         except Exception as e:  # noqa: BLE001 - the status line is gone: report in-band
             yield _sse(to_api_error(e).body())
         yield "data: [DONE]\n\n"

@@ -41,10 +41,17 @@ class GenerationRequest:
     max_tokens: int | None  # None: up to the context limit (chat's default)
     seed: int | None
     sampling: dict  # the other SamplingParams fields
+    echo: bool = False  # completions: the prompt precedes the completion in text and logprobs
+    prompt_texts: list[str] | None = None  # with echo: each prompt as sent, set when they are tokenised
+
+    @property
+    def prompt_only(self) -> bool:
+        """max_tokens 0 with echo: the engine generates one token, which is not returned."""
+        return self.echo and self.max_tokens == 0
 
     def sampling_params(self, prompt_len: int, max_model_len: int) -> list[SamplingParams]:
         """One per choice. With a seed, choice i uses seed + i: reproducible, yet distinct."""
-        max_tokens = self.max_tokens or max(1, max_model_len - prompt_len)
+        max_tokens = 1 if self.prompt_only else self.max_tokens or max(1, max_model_len - prompt_len)
         return [SamplingParams(max_tokens=max_tokens, seed=None if self.seed is None else self.seed + i,
                                logprobs=self.logprobs, **self.sampling) for i in range(self.n)]
 
@@ -58,6 +65,7 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
     _refuse_unsupported(body, chat)
     max_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _get(body, max_name, int, None if chat else 16)
+    echo = not chat and _get(body, "echo", bool, False)
     n = _get(body, "n", int, 1)
     if not 1 <= n <= MAX_N:
         raise _bad(f"'n' must be between 1 and {MAX_N}", "n")
@@ -86,12 +94,15 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
                     stop_token_ids=_get(body, "stop_token_ids", list, []), grammar=_grammar(body))
     if not 0.0 <= sampling["temperature"] <= 2.0:
         raise _bad("'temperature' must be between 0 and 2", "temperature")
-    if max_tokens is not None and max_tokens < 1:
-        raise _bad(f"'{max_name}' must be at least 1", max_name)
+    if max_tokens is not None and max_tokens < (0 if echo else 1):
+        raise _bad(f"'{max_name}' must be at least 1 (0 only with 'echo': the prompt alone)", max_name)
     # validates now, before any tokenising
-    SamplingParams(max_tokens=max(1, sampling["min_tokens"]) if max_tokens is None else max_tokens,
+    # echo with logprobs scores the prompt too: each prompt token's logprob given the ones before it
+    sampling["prompt_logprobs"] = logprobs if echo else None
+    SamplingParams(max_tokens=max(1, sampling["min_tokens"]) if not max_tokens else max_tokens,
                    logprobs=logprobs, **sampling)
-    return GenerationRequest(model, n, stream, bool(options.get("include_usage")), logprobs, max_tokens, seed, sampling)
+    return GenerationRequest(model, n, stream, bool(options.get("include_usage")), logprobs, max_tokens, seed, sampling,
+                             echo)
 
 
 def _refuse_unsupported(body: dict, chat: bool) -> None:
@@ -103,9 +114,9 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
         raise _bad("'tool_choice' needs function calling, which is not supported", "tool_choice")
     if body.get("modalities") not in (None, ["text"]) or body.get("audio"):
         raise _bad("only text output is supported", "modalities")
+    if chat and body.get("echo"):
+        raise _bad("'echo' is for /v1/completions", "echo")
     if not chat:
-        if body.get("echo"):
-            raise _bad("'echo' is not supported", "echo")
         if body.get("suffix"):
             raise _bad("'suffix' (insertion) is not supported", "suffix")
         if body.get("best_of") not in (None, 1, body.get("n", 1)):
@@ -221,6 +232,15 @@ def completion_logprobs(tokenizer, entries: list[tuple[int, tuple[float, dict[in
         token_logprobs.append(lp)
         tops.append({tokenizer.decode([t]): v for t, v in alts.items()})
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def echo_logprobs(tokenizer, prompt_ids: list[int], entries: list[tuple[float, dict[int, float]]]) -> dict:
+    """Legacy completions shape for the prompt's own tokens: the first has no context, so its
+    logprob and alternatives are null."""
+    first = tokenizer.decode([prompt_ids[0]])
+    out = completion_logprobs(tokenizer, list(zip(prompt_ids[1:], entries)), len(first))
+    return {"tokens": [first] + out["tokens"], "token_logprobs": [None] + out["token_logprobs"],
+            "top_logprobs": [None] + out["top_logprobs"], "text_offset": [0] + out["text_offset"]}
 
 
 def chat_logprobs(tokenizer, entries: list[tuple[int, tuple[float, dict[int, float]]]]) -> dict:

@@ -77,6 +77,66 @@ def test_penalties_bias_and_min_tokens_reach_the_sampler(server):
     assert len(set(words)) == 16  # a penalty of 4 per repeat is far above this model's logit spread
 
 
+def test_echo_scores_the_prompt_like_hf(server, tiny_llama):
+    """What eval harnesses send: echo + logprobs, with max_tokens 1 or 0 (the prompt alone)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    c = client(server)
+    prompt = "t5 t6 t7 t8 t9 t10"
+    ids = server.state.engine.tokenizer.encode(prompt)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1], dim=-1)
+    want = logp.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1).tolist()
+
+    one = c.completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=2)
+    lp = one.choices[0].logprobs
+    assert one.choices[0].text.startswith(prompt) and len(lp.tokens) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:-1] == pytest.approx(want, abs=1e-4)
+    assert all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert "".join(lp.tokens[:len(ids)]).replace("t", " t").split() == prompt.split()
+
+    zero = c.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+    assert zero.choices[0].text == prompt and zero.usage.completion_tokens == 0
+    assert zero.choices[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    streamed = list(c.completions.create(model="tiny", prompt=[prompt, "t3 t4"], max_tokens=4, temperature=0,
+                                         echo=True, logprobs=1, stream=True))
+    whole = c.completions.create(model="tiny", prompt=[prompt, "t3 t4"], max_tokens=4, temperature=0, echo=True,
+                                 logprobs=1)
+    for i in range(2):
+        pieces = [ch.choices[0] for ch in streamed if ch.choices[0].index == i]
+        text = "".join(p.text for p in pieces)
+        assert text == whole.choices[i].text and text.startswith([prompt, "t3 t4"][i])
+        assert sum((p.logprobs.tokens for p in pieces), []) == whole.choices[i].logprobs.tokens
+        got = sum((p.logprobs.token_logprobs for p in pieces), [])
+        want = whole.choices[i].logprobs.token_logprobs
+        assert got[0] is None and want[0] is None and got[1:] == pytest.approx(want[1:], abs=1e-4)
+    r = httpx.post(server.url + "/v1/completions", headers=server.headers(),
+                   json={"model": "tiny", "prompt": prompt, "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def test_tokenizer_routes_in_vllms_shapes(server):
+    """What lm-evaluation-harness probes before tokenizing remotely."""
+    h = server.headers()
+    tok = server.state.engine.tokenizer
+    info = httpx.get(server.url + "/tokenizer_info", headers=h).json()
+    assert info["eos_token"] == "</s>" and info["chat_template"] == tok.chat_template
+    r = httpx.post(server.url + "/tokenize", headers=h, json={"prompt": "t5 t6 t7", "add_special_tokens": False}).json()
+    assert r["tokens"] == [5, 6, 7] and r["count"] == 3 and r["max_model_len"] > 0
+    chat = httpx.post(server.url + "/tokenize", headers=h, json={"messages": [{"role": "user", "content": "t9"}]}).json()
+    assert chat["tokens"] == tok.apply_chat_template([{"role": "user", "content": "t9"}], add_generation_prompt=True,
+                                                     tokenize=True, return_dict=False)
+    assert httpx.post(server.url + "/detokenize", headers=h, json={"tokens": [5, 6, 7]}).json() == {"prompt": "t5 t6 t7"}
+    for path, body in (("/detokenize", {"tokens": [99999]}), ("/detokenize", {"tokens": "t5"}),
+                       ("/tokenize", {"prompt": 5}), ("/tokenize", {"prompt": "x", "add_special_tokens": "no"})):
+        r = httpx.post(server.url + path, headers=h, json=body)
+        assert r.status_code == 400 and r.json()["error"]["message"], (path, body)
+    assert httpx.post(server.url + "/tokenize", json={"prompt": "t5"}).status_code == 401
+
+
 def test_models_list_shows_the_base_model(server):
     ids = [m.id for m in client(server).models.list().data]
     assert "tiny" in ids
@@ -98,7 +158,6 @@ def test_models_list_shows_the_base_model(server):
     ({"model": "tiny", "prompt": "x", "logit_bias": {"99999999": 1}}, "logit_bias"),
     ({"model": "tiny", "prompt": "x", "min_tokens": 20, "max_tokens": 10}, "min_tokens"),
     ({"model": "tiny", "prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
-    ({"model": "tiny", "prompt": "x", "echo": True}, "echo"),
     ({"model": "tiny", "prompt": "x", "suffix": "end"}, "suffix"),
     ({"model": "tiny", "prompt": "x", "best_of": 3}, "best_of"),
     ({"model": "tiny", "prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),

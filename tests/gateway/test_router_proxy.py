@@ -222,6 +222,9 @@ def test_other_v1_calls_go_to_the_first_healthy_engine_with_the_body_intact(engi
         assert body == payload and headers["content-length"] == str(len(payload))
         assert headers["authorization"] == "Bearer key-a" and "x-forwarded-for" in headers
         assert client.delete("/v1/files/file-1", headers=AUTH).headers[REPLICA_HEADER] == E1
+        for method, path in (("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/tokenizer_info")):
+            assert client.request(method, path, headers=AUTH).headers[REPLICA_HEADER] == E1
+            assert engines.calls[-1][1:3] == (method, path)
         engines.mode[E1] = "down"  # unreachable before it saw the body: the next engine takes it
         r = client.get("/v1/models", headers=AUTH)
         assert r.status_code == 200 and r.headers[REPLICA_HEADER] == E2
