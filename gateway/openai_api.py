@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from .errors import APIError, to_api_error
+from .tool_calls import check_template
 from .protocol import (chat_logprobs, chat_messages, completion_logprobs, completion_prompts, echo_logprobs, parse_common,
                        usage)
 
@@ -130,8 +131,10 @@ async def _submit(state, principal, body: dict, gen, *, chat: bool):
     if chat:
         if not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-        prompts = [tok.apply_chat_template(chat_messages(body), add_generation_prompt=True, tokenize=True,
-                                           return_dict=False)]
+        if gen.tools is not None:
+            check_template(gen.tools, tok.chat_template)
+        prompts = [tok.apply_chat_template(chat_messages(body), tools=gen.tools.shown if gen.tools else None,
+                                           add_generation_prompt=True, tokenize=True, return_dict=False)]
     else:
         texts = completion_prompts(body)
         prompts = [engine.engine.tokenize(p) for p in texts]
@@ -153,8 +156,10 @@ async def _collect(state, principal, body: dict, gen, *, chat: bool) -> dict:
     for c in choices:
         if chat:
             logprobs = chat_logprobs(tok, c.logprobs) if gen.logprobs is not None else None
-            out_choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                                "logprobs": logprobs, "finish_reason": c.finish_reason})
+            message, finish_reason = ({"role": "assistant", "content": c.text}, c.finish_reason) if gen.tools is None \
+                else gen.tools.message(c.text, c.finish_reason)
+            out_choices.append({"index": c.index, "message": message, "logprobs": logprobs,
+                                "finish_reason": finish_reason})
         else:
             text, logprobs = _completion_piece(gen, tok, prompts, c, c.text, c.logprobs, True, 0)
             out_choices.append({"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason})
@@ -203,6 +208,8 @@ async def _generate(request: Request, *, chat: bool):
     gen = parse_common(body, chat=chat)
     if not gen.stream:
         return JSONResponse(await _until_disconnect(request, _collect(state, principal, body, gen, chat=chat)))
+    if gen.tools is not None and gen.tools.mode != "none":
+        return _stream_whole(await _until_disconnect(request, _collect(state, principal, body, gen, chat=chat)), gen)
     prompts, choices, streams = await _submit(state, principal, body, gen, chat=chat)
     tok = state.engine.tokenizer
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -237,6 +244,29 @@ async def _generate(request: Request, *, chat: bool):
                             "usage": usage(prompt_tokens, sum(_generated(gen, c) for c in choices))})
         except Exception as e:  # noqa: BLE001 - the status line is gone: report in-band
             yield _sse(to_api_error(e).body())
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _stream_whole(response: dict, gen) -> StreamingResponse:
+    """A finished chat completion as a stream: per choice one chunk with the whole message
+    (tool calls indexed, as streamed calls are), then usage if asked. Tool calls can only be
+    told apart from text once the text is complete."""
+    def chunk(choices: list, **extra) -> str:
+        return _sse({"id": response["id"], "object": "chat.completion.chunk", "created": response["created"],
+                     "model": response["model"], "choices": choices, **extra})
+
+    def events():
+        for c in response["choices"]:
+            delta = dict(c["message"])
+            if "tool_calls" in delta:
+                delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(delta["tool_calls"])]
+            yield chunk([{"index": c["index"], "delta": delta, "logprobs": c["logprobs"],
+                          "finish_reason": c["finish_reason"]}])
+        if gen.include_usage:
+            yield chunk([], usage=response["usage"])
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",

@@ -1,7 +1,7 @@
 """OpenAI request bodies -> engine inputs, engine outputs -> OpenAI response bodies.
 
 Validation names the offending parameter (`param`), like OpenAI does, and refuses options
-that would otherwise be silently ignored (tools, echo, suffix, best_of, audio output)."""
+that would otherwise be silently ignored (suffix, best_of, audio output, ...)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from loragate.engine import SamplingParams
 from loragate.engine.errors import InvalidRequestError
 from loragate.engine.structured_output import (grammar_from_choice, grammar_from_json_schema, grammar_from_lark,
                                                grammar_from_regex)
+
+from .tool_calls import ToolPlan, parse_tool_plan, template_message
 
 MAX_N = 16
 
@@ -43,6 +45,7 @@ class GenerationRequest:
     sampling: dict  # the other SamplingParams fields
     echo: bool = False  # completions: the prompt precedes the completion in text and logprobs
     prompt_texts: list[str] | None = None  # with echo: each prompt as sent, set when they are tokenised
+    tools: ToolPlan | None = None  # chat: function calling
 
     @property
     def prompt_only(self) -> bool:
@@ -66,6 +69,7 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
     max_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _get(body, max_name, int, None if chat else 16)
     echo = not chat and _get(body, "echo", bool, False)
+    tools = parse_tool_plan(body) if chat else None
     n = _get(body, "n", int, 1)
     if not 1 <= n <= MAX_N:
         raise _bad(f"'n' must be between 1 and {MAX_N}", "n")
@@ -92,6 +96,12 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
                     repetition_penalty=_get(body, "repetition_penalty", float, 1.0),
                     logit_bias=_logit_bias(body), min_tokens=_get(body, "min_tokens", int, 0),
                     stop_token_ids=_get(body, "stop_token_ids", list, []), grammar=_grammar(body))
+    call_grammar = tools.grammar() if tools is not None else None
+    if call_grammar is not None:
+        if sampling["grammar"] is not None:
+            raise _bad("a forced tool call decides the output's format: drop 'response_format' or "
+                       "'structured_outputs'", "tool_choice")
+        sampling["grammar"] = call_grammar
     if not 0.0 <= sampling["temperature"] <= 2.0:
         raise _bad("'temperature' must be between 0 and 2", "temperature")
     if max_tokens is not None and max_tokens < (0 if echo else 1):
@@ -102,16 +112,15 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
     SamplingParams(max_tokens=max(1, sampling["min_tokens"]) if not max_tokens else max_tokens,
                    logprobs=logprobs, **sampling)
     return GenerationRequest(model, n, stream, bool(options.get("include_usage")), logprobs, max_tokens, seed, sampling,
-                             echo)
+                             echo, tools=tools)
 
 
 def _refuse_unsupported(body: dict, chat: bool) -> None:
     """Options that change what the answer must be, which this server cannot honour: a 400
     naming them rather than an answer that silently ignores them."""
-    if body.get("tools") or body.get("functions"):
-        raise _bad("function calling ('tools', 'functions') is not supported", "tools")
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        raise _bad("'tool_choice' needs function calling, which is not supported", "tool_choice")
+    for name in ("tools", "tool_choice"):
+        if not chat and body.get(name) not in (None, "none", []):
+            raise _bad(f"function calling ('{name}') is for /v1/chat/completions", name)
     if body.get("modalities") not in (None, ["text"]) or body.get("audio"):
         raise _bad("only text output is supported", "modalities")
     if chat and body.get("echo"):
@@ -203,8 +212,11 @@ def chat_messages(body: dict) -> list[dict]:
         raise _bad("'messages' must be a non-empty list", "messages")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-            raise _bad(f"messages[{i}] needs a role of system, user or assistant", "messages")
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
+            raise _bad(f"messages[{i}] needs a role of system, user, assistant or tool", "messages")
+        if m["role"] == "assistant" and m.get("tool_calls"):  # an earlier turn's calls
+            out.append(template_message(m))
+            continue
         content = m.get("content")
         if isinstance(content, list):  # content parts: only text can be served
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
@@ -212,7 +224,10 @@ def chat_messages(body: dict) -> list[dict]:
             content = "".join(p.get("text", "") for p in content)
         if not isinstance(content, str):
             raise _bad(f"messages[{i}].content must be a string or text parts", "messages")
-        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+        message = {"role": "system" if m["role"] == "developer" else m["role"], "content": content}
+        if m["role"] == "tool":
+            message["tool_call_id"] = m.get("tool_call_id")
+        out.append(message)
     return out
 
 

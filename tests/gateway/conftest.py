@@ -73,6 +73,15 @@ def server(tiny_llama, tmp_path_factory, monkeypatch_module):
 
 
 @pytest.fixture(scope="module")
+def real_server(real_model_dir, tmp_path_factory, monkeypatch_module):
+    """The same server over the real bundled SmolLM2 (fp32)."""
+    monkeypatch_module.setenv("LORAGATE_HOME", str(tmp_path_factory.mktemp("home")))
+    s = RunningServer(real_model_dir, None)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
 def monkeypatch_module():
     mp = pytest.MonkeyPatch()
     yield mp

@@ -10,8 +10,6 @@ import jsonschema
 import openai
 import pytest
 
-from .conftest import RunningServer
-
 pytestmark = pytest.mark.slow
 
 SCHEMA = {
@@ -23,14 +21,6 @@ SCHEMA = {
 }
 FORMAT = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA, "strict": True}}
 MESSAGES = [{"role": "user", "content": "Tell me about Paris."}]
-
-
-@pytest.fixture(scope="module")
-def real_server(real_model_dir, tmp_path_factory, monkeypatch_module):
-    monkeypatch_module.setenv("LORAGATE_HOME", str(tmp_path_factory.mktemp("home")))
-    s = RunningServer(real_model_dir, None)
-    yield s
-    s.stop()
 
 
 @pytest.fixture

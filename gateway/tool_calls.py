@@ -1,0 +1,158 @@
+"""OpenAI function calling on /v1/chat/completions: `tools` and `tool_choice` in, assistant
+messages with `tool_calls` out.
+
+- A named function (`{"type": "function", "function": {"name": ...}}`) or `"required"`:
+  the output is constrained to the call's JSON (the function's parameters schema; for
+  required, a list of calls to any of the tools), so it always parses. Works with any model.
+- `"auto"` (the default when tools are given): the model decides, so it must know how to
+  call them: its chat template has to describe the tools in the Hermes format (Qwen2.5 and
+  others: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`), and the calls are
+  parsed out of its text afterwards.
+- `"none"`: the tools are not shown to the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+
+from loragate.engine.errors import InvalidRequestError
+from loragate.engine.structured_output import grammar_from_json_schema
+
+_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def _bad(message: str, param: str = "tools") -> InvalidRequestError:
+    return InvalidRequestError(message, param)
+
+
+@dataclass
+class ToolPlan:
+    tools: list[dict]  # OpenAI's tool objects, as the chat template receives them
+    mode: str  # "auto" | "required" | "named" | "none"
+    name: str | None = None  # the named function
+
+    @property
+    def shown(self) -> list[dict] | None:
+        """The tools the chat template gets (None: none)."""
+        return None if self.mode == "none" else self.tools
+
+    def _parameters(self, name: str) -> dict:
+        """The function's parameters schema, closed to arguments it does not name unless it
+        says otherwise: JSON Schema allows any by default, and small models invent some."""
+        tool = next(t for t in self.tools if t["function"]["name"] == name)
+        schema = tool["function"].get("parameters") or {"type": "object"}
+        if schema.get("type") == "object" and "additionalProperties" not in schema:
+            schema = dict(schema, additionalProperties=False)
+        return schema
+
+    def grammar(self) -> str | None:
+        """The grammar the output must follow: the named call's arguments, or a list of calls."""
+        if self.mode == "named":
+            return grammar_from_json_schema(self._parameters(self.name))
+        if self.mode == "required":
+            calls = [{"type": "object", "properties": {"name": {"enum": [t["function"]["name"]]},
+                                                        "arguments": self._parameters(t["function"]["name"])},
+                      "required": ["name", "arguments"], "additionalProperties": False} for t in self.tools]
+            return grammar_from_json_schema({"type": "array", "minItems": 1, "items": {"anyOf": calls}})
+        return None
+
+    def message(self, text: str, finish_reason: str) -> tuple[dict, str]:
+        """The assistant message for a choice's text, and its finish_reason."""
+        calls, rest = None, ""
+        if self.mode == "named":
+            calls = [(self.name, text)] if _is_json_object(text) else None
+        elif self.mode == "required":
+            parsed = _loads(text)
+            if isinstance(parsed, list):
+                calls = [(c["name"], json.dumps(c["arguments"])) for c in parsed]
+        elif self.mode == "auto":
+            calls, rest = self._hermes_calls(text)
+        if not calls or finish_reason != "stop":  # cut short, or no call: the text as it is
+            return {"role": "assistant", "content": text}, finish_reason
+        tool_calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                       "function": {"name": name, "arguments": arguments}} for name, arguments in calls]
+        content = rest or None  # auto: the text around the calls
+        return ({"role": "assistant", "content": content, "tool_calls": tool_calls},
+                "stop" if self.mode == "named" else "tool_calls")
+
+    def _hermes_calls(self, text: str) -> tuple[list[tuple[str, str]] | None, str]:
+        """Calls in <tool_call> blocks, or (small models drop the tags) a text that is one
+        call's JSON alone; the text left around them."""
+        names = {t["function"]["name"] for t in self.tools}
+        blocks = _HERMES_CALL.findall(text) or [text.strip()]
+        calls = []
+        for block in blocks:
+            call = _loads(block)
+            if not (isinstance(call, dict) and call.get("name") in names and isinstance(call.get("arguments"), dict)):
+                return None, text  # not a call this request can answer: leave the text alone
+            calls.append((call["name"], json.dumps(call["arguments"])))
+        return calls, _HERMES_CALL.sub("", text).strip() if _HERMES_CALL.search(text) else ""
+
+
+def _loads(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _is_json_object(text: str) -> bool:
+    return isinstance(_loads(text), dict)
+
+
+def parse_tool_plan(body: dict) -> ToolPlan | None:
+    """The request's tools and tool_choice, validated; None when it has no tools."""
+    if body.get("functions") or body.get("function_call"):
+        raise _bad("'functions' and 'function_call' are deprecated; use 'tools' and 'tool_choice'", "functions")
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if not tools:
+        if choice not in (None, "none", "auto"):
+            raise _bad("'tool_choice' needs 'tools'", "tool_choice")
+        return None
+    if not isinstance(tools, list):
+        raise _bad("'tools' must be a list of function tools")
+    names = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
+            raise _bad(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}")
+        if not isinstance(fn.get("name"), str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", fn["name"]):
+            raise _bad(f"tools[{i}].function.name must be 1-64 letters, digits, '_' or '-'")
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise _bad(f"tools[{i}].function.parameters must be a JSON schema object")
+        names.append(fn["name"])
+    if len(set(names)) != len(names):
+        raise _bad("tool names must be unique")
+    if choice is None or choice in ("auto", "none", "required"):
+        return ToolPlan(tools, choice or "auto")
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not (isinstance(choice, dict) and choice.get("type") == "function" and name in names):
+        raise _bad("'tool_choice' must be 'none', 'auto', 'required' or "
+                   "{\"type\": \"function\", \"function\": {\"name\": <one of the tools>}}", "tool_choice")
+    return ToolPlan(tools, "named", name)
+
+
+def check_template(plan: ToolPlan, chat_template: str | None) -> None:
+    """'auto' needs a template that tells the model the tools and the Hermes call format."""
+    if plan.mode == "auto" and not (chat_template and "tools" in chat_template and "<tool_call>" in chat_template):
+        raise _bad("tool_choice 'auto' needs a model whose chat template describes tools in the Hermes format "
+                   "(<tool_call>...</tool_call>, e.g. Qwen2.5); this one does not. Use tool_choice 'required' or a "
+                   "named function: those constrain the output to a call and work with any model", "tool_choice")
+
+
+def template_message(message: dict) -> dict:
+    """An assistant message's tool_calls as chat templates read them: arguments as an object."""
+    calls = []
+    for call in message.get("tool_calls") or []:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise _bad("tool_calls entries need function.name and function.arguments", "messages")
+        arguments = _loads(fn.get("arguments")) if isinstance(fn.get("arguments"), str) else fn.get("arguments")
+        if not isinstance(arguments, dict):
+            raise _bad("tool_calls[].function.arguments must be a JSON object (as a string)", "messages")
+        calls.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": arguments}})
+    return {"role": "assistant", "content": message.get("content") or "", "tool_calls": calls}
