@@ -64,21 +64,22 @@ class RunningServer:
             self.state.engine.shutdown()
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llama, tmp_path_factory, monkeypatch_module):
+def _module_server(model_dir, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("LORAGATE_HOME", str(tmp_path_factory.mktemp("home")))
-    s = RunningServer(tiny_llama, None)
+    s = RunningServer(model_dir, None)
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, tmp_path_factory, monkeypatch_module):
+    yield from _module_server(tiny_llama, tmp_path_factory, monkeypatch_module)
 
 
 @pytest.fixture(scope="module")
 def real_server(real_model_dir, tmp_path_factory, monkeypatch_module):
     """The same server over the real bundled SmolLM2 (fp32)."""
-    monkeypatch_module.setenv("LORAGATE_HOME", str(tmp_path_factory.mktemp("home")))
-    s = RunningServer(real_model_dir, None)
-    yield s
-    s.stop()
+    yield from _module_server(real_model_dir, tmp_path_factory, monkeypatch_module)
 
 
 @pytest.fixture(scope="module")
