@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -78,11 +79,26 @@ def _stream_one(engine, ids, params, adapter=None) -> str:
     return req.finish_reason
 
 
+def _json_grammar(args) -> str | None:
+    """--json-schema FILE or --json: the output is JSON (valid against the schema)."""
+    from loragate.engine import InvalidRequestError
+    from loragate.engine.structured_output import grammar_from_json_schema
+
+    if args.json_schema is None:
+        return grammar_from_json_schema(None) if args.json else None
+    try:
+        with open(args.json_schema) as f:
+            return grammar_from_json_schema(json.load(f))
+    except (OSError, ValueError) as e:
+        raise InvalidRequestError(f"--json-schema {args.json_schema}: {e}", "json_schema") from None
+
+
 def cmd_generate(args) -> int:
     from loragate.engine import InvalidRequestError, LLMEngine, SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=args.stop or [])
+                            top_k=args.top_k, seed=args.seed, stop=args.stop or [],
+                            repetition_penalty=args.repetition_penalty, grammar=_json_grammar(args))
     engine = LLMEngine(_engine_config(args), progress=not args.quiet)
     for spec in args.adapter or []:
         name, sep, path = spec.partition("=")
@@ -188,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0,
+                     help="divide the logits of tokens already seen (prompt and output) by this (default: %(default)s)")
+    gen.add_argument("--json", action="store_true", help="the output is a JSON object")
+    gen.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid against this JSON schema file")
     gen.add_argument("--adapter", action="append", metavar="NAME=PATH",
                      help="load a PEFT LoRA adapter directory under NAME (repeatable)")
     gen.add_argument("--use-adapter", metavar="NAME", help="generate with this loaded adapter")

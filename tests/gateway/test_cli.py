@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from loragate.gateway.cli import main
@@ -27,6 +29,16 @@ def test_generate_streams_greedy_text(tiny_llama, capsys):
     assert capsys.readouterr().out.strip() == out
 
 
+@pytest.mark.slow
+def test_generate_json_follows_the_schema_file(real_model_dir, tmp_path, capsys):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    assert main(["generate", "--model", str(real_model_dir), "--quiet", "--prompt", "Describe a person.",
+                 "--json-schema", str(tmp_path / "s.json"), "--max-tokens", "60"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"name", "age"}
+
+
 def test_generate_reads_stdin(tiny_llama, capsys, monkeypatch):
     import io
 
@@ -41,6 +53,8 @@ def test_generate_reads_stdin(tiny_llama, capsys, monkeypatch):
     (["generate", "--prompt", "x", "--top-p", "2"], "top_p must be in (0, 1]"),
     (["generate", "--prompt", "x", "--max-tokens", "0"], "max_tokens must be"),
     (["generate", "--prompt", "x", "--kv-cache-memory", "lots"], "kv_cache_memory: cannot parse"),
+    (["generate", "--prompt", "x", "--json-schema", "/no/such.json"], "--json-schema /no/such.json"),
+    (["generate", "--prompt", "x", "--repetition-penalty", "0"], "repetition_penalty must be"),
     (["models", "prepare", "nope"], "unknown model 'nope'"),
 ])
 def test_errors_are_one_line_with_exit_code_2(argv, message, capsys):
