@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from .errors import APIError, to_api_error
-from .tool_calls import check_template
+from .tool_calls import StreamedCalls, check_template
 from .protocol import (chat_logprobs, chat_messages, completion_logprobs, completion_prompts, echo_logprobs, parse_common,
                        usage)
 
@@ -208,8 +208,6 @@ async def _generate(request: Request, *, chat: bool):
     gen = parse_common(body, chat=chat)
     if not gen.stream:
         return JSONResponse(await _until_disconnect(request, _collect(state, principal, body, gen, chat=chat)))
-    if gen.tools is not None and gen.tools.mode != "none":
-        return _stream_whole(await _until_disconnect(request, _collect(state, principal, body, gen, chat=chat)), gen)
     prompts, choices, streams = await _submit(state, principal, body, gen, chat=chat)
     tok = state.engine.tokenizer
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -217,10 +215,18 @@ async def _generate(request: Request, *, chat: bool):
     kind = "chat.completion" if chat else "text_completion"
     prompt_tokens = sum(len(p) for p in prompts)
 
-    def chunk(c: Choice, delta_text: str, new, first: bool) -> dict:
+    calls = {c.index: StreamedCalls(gen.tools) for c in choices} if gen.tools and gen.tools.mode != "none" else None
+
+    def chunk(c: Choice, delta_text: str, new, first: bool) -> dict | None:
         if chat:
-            delta = {"role": "assistant", "content": delta_text} if first else {"content": delta_text}
-            choice = {"index": c.index, "delta": delta, "finish_reason": c.finish_reason,
+            delta, finish_reason = {"content": delta_text}, c.finish_reason
+            if calls is not None:  # tool calls: what the text turns into decides what is sent
+                delta, finish_reason = (calls[c.index].final(c.text, c.finish_reason) if c.finish_reason
+                                        else (calls[c.index].delta(c.text), None))
+                if delta is None and not (first or finish_reason or new):
+                    return None
+            delta = {"role": "assistant", **(delta or {})} if first else (delta or {})
+            choice = {"index": c.index, "delta": delta, "finish_reason": finish_reason,
                       "logprobs": chat_logprobs(tok, new) if gen.logprobs is not None else None}
         else:
             text, logprobs = _completion_piece(gen, tok, prompts, c, delta_text, new, first,
@@ -236,37 +242,16 @@ async def _generate(request: Request, *, chat: bool):
                 c = choices[i]
                 new = c.add(out)
                 if out.delta_text or out.finished or new or i not in started:
-                    yield _sse(chunk(c, out.delta_text, new, i not in started))
-                    started.add(i)
+                    piece = chunk(c, out.delta_text, new, i not in started)
+                    if piece is not None:
+                        yield _sse(piece)
+                        started.add(i)
             if gen.include_usage:
                 yield _sse({"id": rid, "object": kind + (".chunk" if chat else ""), "created": created,
                             "model": gen.model, "choices": [],
                             "usage": usage(prompt_tokens, sum(_generated(gen, c) for c in choices))})
         except Exception as e:  # noqa: BLE001 - the status line is gone: report in-band
             yield _sse(to_api_error(e).body())
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _stream_whole(response: dict, gen) -> StreamingResponse:
-    """A finished chat completion as a stream: per choice one chunk with the whole message
-    (tool calls indexed, as streamed calls are), then usage if asked. Tool calls can only be
-    told apart from text once the text is complete."""
-    def chunk(choices: list, **extra) -> str:
-        return _sse({"id": response["id"], "object": "chat.completion.chunk", "created": response["created"],
-                     "model": response["model"], "choices": choices, **extra})
-
-    def events():
-        for c in response["choices"]:
-            delta = dict(c["message"])
-            if "tool_calls" in delta:
-                delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(delta["tool_calls"])]
-            yield chunk([{"index": c["index"], "delta": delta, "logprobs": c["logprobs"],
-                          "finish_reason": c["finish_reason"]}])
-        if gen.include_usage:
-            yield chunk([], usage=response["usage"])
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from loragate.engine.errors import InvalidRequestError
 from loragate.engine.structured_output import grammar_from_json_schema
 
+TAG = "<tool_call>"
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
@@ -156,3 +157,61 @@ def template_message(message: dict) -> dict:
             raise _bad("tool_calls[].function.arguments must be a JSON object (as a string)", "messages")
         calls.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": arguments}})
     return {"role": "assistant", "content": message.get("content") or "", "tool_calls": calls}
+
+
+class StreamedCalls:
+    """One streamed choice's deltas under a tool plan.
+
+    - auto: text streams as content as it comes, except what could begin a `<tool_call>`
+      tag, and from a tag on (or from a leading `{`, a bare call) nothing: the calls are
+      told apart at the end, where the rest of the content and the calls follow.
+    - named: the output is the call's arguments, so they stream as its `arguments` pieces.
+    - required: a list of calls, sent whole at the end.
+    """
+
+    def __init__(self, plan: ToolPlan):
+        self.plan = plan
+        self.sent = 0  # characters of the text sent as content (auto) or arguments (named)
+        self.holding = False
+        self.call_id = f"call_{uuid.uuid4().hex[:24]}"
+
+    def delta(self, text: str) -> dict | None:
+        """What to send now that the choice's text is `text` (None: nothing yet)."""
+        if self.plan.mode == "named":
+            piece = text[self.sent:]
+            if not piece:
+                return None
+            call = {"index": 0, "function": {"arguments": piece}}
+            if self.sent == 0:
+                call = {"index": 0, "id": self.call_id, "type": "function",
+                        "function": {"name": self.plan.name, "arguments": piece}}
+            self.sent = len(text)
+            return {"tool_calls": [call]}
+        if self.plan.mode != "auto" or self.holding:
+            return None
+        if self.sent == 0 and text.lstrip().startswith("{"):
+            self.holding = True  # perhaps a bare call
+            return None
+        at = text.find(TAG)
+        if at >= 0:
+            self.holding = True
+        else:  # hold back a tail that may grow into the tag
+            at = next((len(text) - k for k in range(min(len(TAG) - 1, len(text)), 0, -1) if TAG.startswith(text[-k:])),
+                      len(text))
+        piece, self.sent = text[self.sent:at], max(self.sent, at)
+        return {"content": piece} if piece else None
+
+    def final(self, text: str, finish_reason: str) -> tuple[dict | None, str]:
+        """The last delta once the text is complete, and the choice's finish_reason."""
+        if self.plan.mode == "named":
+            return self.delta(text), finish_reason
+        message, reason = self.plan.message(text, finish_reason)
+        if "tool_calls" not in message:
+            rest = text[self.sent:]
+            return ({"content": rest} if rest else None), reason
+        delta = {"tool_calls": [dict(call, index=i) for i, call in enumerate(message["tool_calls"])]}
+        # auto: the text around the calls not sent yet (a bare call has none)
+        rest = _HERMES_CALL.sub("", text)[self.sent:].strip() if message["content"] else ""
+        if rest:
+            delta["content"] = rest
+        return delta, reason

@@ -10,7 +10,7 @@ import pytest
 
 from loragate.engine.errors import InvalidRequestError
 from loragate.gateway.protocol import chat_messages
-from loragate.gateway.tool_calls import ToolPlan, check_template, parse_tool_plan
+from loragate.gateway.tool_calls import StreamedCalls, ToolPlan, check_template, parse_tool_plan
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -72,6 +72,35 @@ def test_calls_are_parsed_from_the_text():
     assert finish == "tool_calls" and json.loads(required["tool_calls"][0]["function"]["arguments"]) == {"city": "Rome"}
 
 
+def stream(plan, text, finish_reason="stop", step=3):
+    """Feed `text` in pieces of `step` characters; returns the deltas and the finish_reason."""
+    s, deltas = StreamedCalls(plan), []
+    for end in range(step, len(text), step):
+        deltas.append(s.delta(text[:end]))
+    last, reason = s.final(text, finish_reason)
+    return [d for d in deltas + [last] if d], reason
+
+
+def test_streamed_text_flows_and_calls_come_at_the_end():
+    auto = ToolPlan([WEATHER], "auto")
+    plain = "Sure <b>bold</b> and a < sign, no call <tool_ here."
+    deltas, reason = stream(auto, plain)
+    assert "".join(d["content"] for d in deltas) == plain and reason == "stop" and len(deltas) > 5
+    text = 'Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    deltas, reason = stream(auto, text)
+    assert reason == "tool_calls" and all("tool_calls" not in d for d in deltas[:-1])
+    assert "".join(d.get("content", "") for d in deltas) == "Let me check. "  # streamed before the tag
+    call = deltas[-1]["tool_calls"][0]
+    assert call["index"] == 0 and json.loads(call["function"]["arguments"]) == {"city": "Oslo"}
+    deltas, reason = stream(auto, '{"name": "get_weather", "arguments": {"city": "Oslo"}}')
+    assert reason == "tool_calls" and len(deltas) == 1 and "content" not in deltas[0]
+    args = '{"city": "Oslo"}'
+    deltas, reason = stream(ToolPlan([WEATHER], "named", "get_weather"), args)
+    assert reason == "stop" and deltas[0]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas) == args
+    assert all("id" not in d["tool_calls"][0] for d in deltas[1:])
+
+
 def test_earlier_calls_and_tool_results_reach_the_template():
     messages = chat_messages({"messages": [
         {"role": "user", "content": "Weather in Oslo?"},
@@ -112,6 +141,12 @@ def test_streamed_call_and_a_tool_result_turn(client):
     calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
     assert [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls] == \
         [(0, "get_weather", {"city": "Paris"})]
+    named = list(client.chat.completions.create(
+        model="tiny", messages=question, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=60, temperature=0, stream=True))
+    pieces = [tc for ch in named for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert len(pieces) > 1 and pieces[0].function.name == "get_weather" and pieces[0].id
+    assert json.loads("".join(p.function.arguments for p in pieces)) == {"city": "Paris"}
     assert chunks[-1].usage.completion_tokens > 0
     history = question + [{"role": "assistant", "content": None, "tool_calls": [calls[0].model_dump(exclude={"index"})]},
                           {"role": "tool", "tool_call_id": calls[0].id, "content": "18 C and sunny"}]
