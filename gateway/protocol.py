@@ -5,14 +5,12 @@ that would otherwise be silently ignored (suffix, best_of, audio output, ...).""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from loragate.engine import SamplingParams
 from loragate.engine.errors import InvalidRequestError
-from loragate.engine.structured_output import (grammar_from_choice, grammar_from_json_schema, grammar_from_lark,
-                                               grammar_from_regex)
 
+from .output_format import output_grammar
 from .tool_calls import ToolPlan, parse_tool_plan, template_message
 
 MAX_N = 16
@@ -95,7 +93,7 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
                     frequency_penalty=_get(body, "frequency_penalty", float, 0.0),
                     repetition_penalty=_get(body, "repetition_penalty", float, 1.0),
                     logit_bias=_logit_bias(body), min_tokens=_get(body, "min_tokens", int, 0),
-                    stop_token_ids=_get(body, "stop_token_ids", list, []), grammar=_grammar(body))
+                    stop_token_ids=_get(body, "stop_token_ids", list, []), grammar=output_grammar(body))
     call_grammar = tools.grammar() if tools is not None else None
     if call_grammar is not None:
         if sampling["grammar"] is not None:
@@ -130,53 +128,6 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
             raise _bad("'suffix' (insertion) is not supported", "suffix")
         if body.get("best_of") not in (None, 1, body.get("n", 1)):
             raise _bad("'best_of' is not supported; use 'n'", "best_of")
-
-
-def _grammar(body: dict) -> str | None:
-    """The grammar the output must match (None: free text): OpenAI's response_format, or
-    vLLM's structured_outputs extension (one of json, regex, choice, grammar)."""
-    fmt = _get(body, "response_format", dict, {"type": "text"})
-    extension = _get(body, "structured_outputs", dict, None)
-    if extension is not None:
-        if fmt.get("type") != "text":
-            raise _bad("give 'response_format' or 'structured_outputs', not both", "structured_outputs")
-        return _structured_outputs(extension)
-    kind = fmt.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return grammar_from_json_schema(None)
-    if kind == "json_schema":
-        spec = fmt.get("json_schema")
-        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
-            raise _bad("'response_format.json_schema' must be an object with a 'schema' object", "response_format")
-        return grammar_from_json_schema(spec.get("schema", {}))
-    raise _bad("'response_format.type' must be 'text', 'json_object' or 'json_schema'", "response_format")
-
-
-def _structured_outputs(spec: dict) -> str:
-    given = [k for k in ("json", "regex", "choice", "grammar") if spec.get(k) is not None]
-    if len(given) != 1:
-        raise _bad("'structured_outputs' takes exactly one of 'json', 'regex', 'choice', 'grammar'",
-                   "structured_outputs")
-    kind, value = given[0], spec[given[0]]
-    if kind == "json":
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise _bad(f"'structured_outputs.json' is not valid JSON: {e}", "structured_outputs") from None
-        if not isinstance(value, (dict, bool)):
-            raise _bad("'structured_outputs.json' must be a JSON schema object", "structured_outputs")
-        return grammar_from_json_schema(value)
-    if kind == "choice":
-        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
-            raise _bad("'structured_outputs.choice' must be a non-empty list of non-empty strings",
-                       "structured_outputs")
-        return grammar_from_choice(value)
-    if not isinstance(value, str) or not value:
-        raise _bad(f"'structured_outputs.{kind}' must be a non-empty string", "structured_outputs")
-    return grammar_from_regex(value) if kind == "regex" else grammar_from_lark(value)
 
 
 def _logit_bias(body: dict) -> dict[int, float]:
