@@ -70,3 +70,16 @@ def test_prompt_logprobs_under_an_adapter_match_peft(tiny_llama, tmp_path, save_
     with_adapter, without = llm.generate([prompt, prompt], params, adapters=["a", None])
     check(without.prompt_logprobs, base, prompt)
     check(with_adapter.prompt_logprobs, PeftModel.from_pretrained(base, adapter).eval(), prompt)
+
+
+def test_preempted_requests_report_each_prompt_position_once(tiny_llama):
+    """A KV cache too small for all of them: requests are preempted mid-prefill and
+    recomputed, and each prompt position's logprob is still reported once, correct."""
+    llm = LLM(str(tiny_llama), dtype="float32", progress=False, max_num_batched_tokens=32, kv_cache_memory="128KiB",
+              max_num_seqs=6)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    prompts = random_prompts([60, 75, 90, 100, 70, 85], hf.config.vocab_size, seed=11)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, prompt_logprobs=TOP))
+    assert llm.engine.scheduler.num_preemptions > 0
+    for prompt, out in zip(prompts, outs):
+        check(out.prompt_logprobs, hf, prompt)
