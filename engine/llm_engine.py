@@ -84,6 +84,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_computed_tokens_total = 0  # tokens run through the model (prefix hits excluded)
         self.num_generated_tokens_total = 0
+        self.num_forced_accepted = 0  # grammar-forced tokens taken without a step of their own
         if progress:
             print(f"loragate: {self.model_name} ({config.dtype}, {torch.get_num_threads()} threads) loaded in "
                   f"{time.perf_counter() - t0:.1f}s; KV cache {num_blocks} blocks x {config.block_size} tokens "
@@ -227,7 +228,25 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.after_step(scheduled, out, proposed, step_seconds)
             self.speculator.propose(self.scheduler.running)
+        else:
+            self.num_forced_accepted += sum(out.num_accepted)  # only forced tokens are proposed then
+            self._propose_forced_tokens()
         return outputs
+
+    # Most grammar-forced tokens verified per request and step.
+    MAX_FORCED_TOKENS = 8
+
+    def _propose_forced_tokens(self) -> None:
+        """Jump-forward decoding: a structured request whose grammar forces its next tokens
+        gets them as proposals (never past max_tokens or the context; not for requests that
+        opt out of speculation)."""
+        for req in self.scheduler.running:
+            if req.grammar is None or not req.sampling_params.speculative or req.num_computed_tokens != req.num_tokens - 1:
+                continue
+            limit = min(self.MAX_FORCED_TOKENS, req.sampling_params.max_tokens - len(req.output_token_ids) - 1,
+                        self.max_model_len - req.num_tokens)
+            if limit > 0:
+                req.spec_token_ids, req.spec_draft_probs = req.grammar.forced_tokens(limit), None
 
     def _cut_at_stop(self, req: Request, i: int, out) -> RequestStatus | None:
         detok = self._detokenizers[req.request_id]

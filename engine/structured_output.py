@@ -7,6 +7,10 @@ sampling, each of the request's logits rows is masked to the tokens the grammar 
 a row verifying speculative proposals is masked as if the proposals before it were emitted
 (the matcher consumes them, then rolls back), so speculation stays lossless. Once the grammar
 is complete it allows only EOS, and the request ends there.
+
+Where the grammar leaves no choice for several tokens (a schema's keys and punctuation), the
+engine proposes them as speculative tokens when no speculator runs (jump-forward decoding):
+verified like any proposal, so nothing changes but the number of steps.
 """
 
 from __future__ import annotations
@@ -141,6 +145,11 @@ class GrammarConstraint:
         if consumed:
             self.matcher.rollback(consumed)
         return out
+
+    def forced_tokens(self, limit: int) -> list[int]:
+        """Tokens the grammar allows nothing but (a key, a quote, a separator), at most
+        `limit`: proposals the target verifies in one step, as if speculated."""
+        return self.matcher.compute_ff_tokens()[:limit] if not self.matcher.is_stopped() else []
 
     def advance(self, token: int) -> bool:
         """Consume an emitted token; True once the grammar is complete (only EOS may follow)
