@@ -34,6 +34,7 @@ class ToolPlan:
     tools: list[dict]  # OpenAI's tool objects, as the chat template receives them
     mode: str  # "auto" | "required" | "named" | "none"
     name: str | None = None  # the named function
+    parallel: bool = True  # parallel_tool_calls: false allows one call per answer
 
     @property
     def shown(self) -> list[dict] | None:
@@ -57,7 +58,8 @@ class ToolPlan:
             calls = [{"type": "object", "properties": {"name": {"enum": [t["function"]["name"]]},
                                                         "arguments": self._parameters(t["function"]["name"])},
                       "required": ["name", "arguments"], "additionalProperties": False} for t in self.tools]
-            return grammar_from_json_schema({"type": "array", "minItems": 1, "items": {"anyOf": calls}})
+            return grammar_from_json_schema({"type": "array", "minItems": 1, "items": {"anyOf": calls},
+                                             **({} if self.parallel else {"maxItems": 1})})
         return None
 
     def message(self, text: str, finish_reason: str) -> tuple[dict, str]:
@@ -71,6 +73,8 @@ class ToolPlan:
                 calls = [(c["name"], json.dumps(c["arguments"])) for c in parsed]
         elif self.mode == "auto":
             calls, rest = self._hermes_calls(text)
+            if calls and not self.parallel:
+                calls = calls[:1]
         if not calls or finish_reason != "stop":  # cut short, or no call: the text as it is
             return {"role": "assistant", "content": text}, finish_reason
         tool_calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
@@ -128,13 +132,16 @@ def parse_tool_plan(body: dict) -> ToolPlan | None:
         names.append(fn["name"])
     if len(set(names)) != len(names):
         raise _bad("tool names must be unique")
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise _bad("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
     if choice is None or choice in ("auto", "none", "required"):
-        return ToolPlan(tools, choice or "auto")
+        return ToolPlan(tools, choice or "auto", parallel=parallel)
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
     if not (isinstance(choice, dict) and choice.get("type") == "function" and name in names):
         raise _bad("'tool_choice' must be 'none', 'auto', 'required' or "
                    "{\"type\": \"function\", \"function\": {\"name\": <one of the tools>}}", "tool_choice")
-    return ToolPlan(tools, "named", name)
+    return ToolPlan(tools, "named", name, parallel)
 
 
 def check_template(plan: ToolPlan, chat_template: str | None) -> None:

@@ -29,6 +29,7 @@ HERMES_TEMPLATE = "{% if tools %}{{ tools | tojson }}{% endif %} reply with <too
     ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"functions": [{"name": "f"}]}, "functions"),
+    ({"tools": [WEATHER], "parallel_tool_calls": "no"}, "parallel_tool_calls"),
 ])
 def test_bad_tool_requests_are_refused(body, param):
     with pytest.raises(InvalidRequestError) as e:
@@ -51,9 +52,9 @@ def test_tool_choice_modes():
 
 def test_calls_are_parsed_from_the_text():
     auto = ToolPlan([WEATHER, ADD], "auto")
-    text = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n' \
-           '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
-    message, finish = auto.message(text, "stop")
+    two = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n' \
+          '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+    message, finish = auto.message(two, "stop")
     assert finish == "tool_calls" and message["content"] == "Checking."
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == \
         [("get_weather", {"city": "Oslo"}), ("add", {"a": 1, "b": 2})]
@@ -70,6 +71,8 @@ def test_calls_are_parsed_from_the_text():
     required, finish = ToolPlan([WEATHER], "required").message('[{"name": "get_weather", "arguments": {"city": "Rome"}}]',
                                                              "stop")
     assert finish == "tool_calls" and json.loads(required["tool_calls"][0]["function"]["arguments"]) == {"city": "Rome"}
+    single = parse_tool_plan({"tools": [WEATHER, ADD], "parallel_tool_calls": False})
+    assert len(single.message(two, "stop")[0]["tool_calls"]) == 1
 
 
 def stream(plan, text, finish_reason="stop", step=3):
