@@ -78,6 +78,10 @@ class _EngineCollector:
             loads = s.load_seconds[-100:]
             yield gauge("loragate_adapter_load_seconds_recent_mean", "mean of the last 100 adapter loads",
                         sum(loads) / len(loads) if loads else 0.0)
+        c = GaugeMetricFamily("loragate_jump_forward_tokens", "grammar-forced tokens verified as proposals instead of "
+                              "decoded one step each, since start")
+        c.add_metric([], inner.num_forced_accepted)
+        yield c
         if inner.speculator is not None:
             st = inner.speculator.stats
             for name, doc, value in (

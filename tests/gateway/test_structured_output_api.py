@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -28,9 +29,15 @@ def client(real_server):
     return openai.OpenAI(base_url=real_server.url + "/v1", api_key="key-a", max_retries=0)
 
 
-def test_json_schema_answer_streamed_and_not(client):
+def test_json_schema_answer_streamed_and_not(client, real_server):
+    def jumped() -> float:
+        text = httpx.get(real_server.url + "/metrics").text
+        return float(next(line.split()[1] for line in text.splitlines() if line.startswith("loragate_jump_forward_tokens ")))
+
+    before = jumped()
     full = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=100, temperature=0,
                                           response_format=FORMAT)
+    assert jumped() > before  # the schema's keys were forced
     answer = json.loads(full.choices[0].message.content)
     jsonschema.validate(answer, SCHEMA)
     assert full.choices[0].finish_reason == "stop"
