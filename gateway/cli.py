@@ -132,6 +132,7 @@ GATEWAY_HELP = {
     "api_keys": "keys as 'key=tenant,key2=tenant2'",
     "admin_key": "key that manages every tenant's adapters",
     "max_waiting_requests": "requests queued beyond this are answered 429 with Retry-After",
+    "max_tenant_requests": "inference requests one tenant may have open at once; more are answered 429 (0: no limit)",
     "max_upload_size": "largest adapter upload, e.g. 512MiB",
     "served_model_name": "name clients use for the base model (default: the model's name)",
     "strict_base_model": "refuse adapters whose base_model_name_or_path names another model",

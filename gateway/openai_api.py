@@ -206,9 +206,17 @@ async def _generate(request: Request, *, chat: bool):
     state.require_engine()
     body = await json_body(request)
     gen = parse_common(body, chat=chat)
+    slot = state.open_tenant_request(principal.tenant)
     if not gen.stream:
-        return JSONResponse(await _until_disconnect(request, _collect(state, principal, body, gen, chat=chat)))
-    prompts, choices, streams = await _submit(state, principal, body, gen, chat=chat)
+        try:
+            return JSONResponse(await _until_disconnect(request, _collect(state, principal, body, gen, chat=chat)))
+        finally:
+            slot.release()
+    try:
+        prompts, choices, streams = await _submit(state, principal, body, gen, chat=chat)
+    except BaseException:
+        slot.release()
+        raise
     tok = state.engine.tokenizer
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
@@ -252,6 +260,8 @@ async def _generate(request: Request, *, chat: bool):
                             "usage": usage(prompt_tokens, sum(_generated(gen, c) for c in choices))})
         except Exception as e:  # noqa: BLE001 - the status line is gone: report in-band
             yield _sse(to_api_error(e).body())
+        finally:
+            slot.release()
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",

@@ -92,7 +92,8 @@ def serve(engine_config, settings: GatewaySettings) -> int:
     # Fail now, with one line, for a model that cannot exist; preparing a catalog model
     # (first run only) happens here too, with its progress on the terminal.
     resolve_model(engine_config.model)
-    state = ServerState(keys=keys, max_waiting=settings.max_waiting_requests)
+    state = ServerState(keys=keys, max_waiting=settings.max_waiting_requests,
+                        max_tenant_requests=settings.max_tenant_requests)
     app = build_app(state, make_loader(engine_config, settings))
     app.state.settings = settings
     base = f"http://{settings.host}:{settings.port}"

@@ -16,10 +16,30 @@ from .errors import APIError
 log = logging.getLogger("loragate.gateway")
 
 
+class TenantSlot:
+    """Held while a tenant's request is open; released once, explicitly or (a response that
+    never started streaming) when dropped."""
+
+    def __init__(self, counts: dict, tenant: str):
+        self.counts, self.tenant, self.open = counts, tenant, True
+
+    def release(self) -> None:
+        if self.open:
+            self.open = False
+            self.counts[self.tenant] -= 1
+            if not self.counts[self.tenant]:
+                del self.counts[self.tenant]
+
+    def __del__(self) -> None:
+        self.release()
+
+
 @dataclass
 class ServerState:
     keys: KeyStore
     max_waiting: int = 256
+    max_tenant_requests: int = 0  # 0: no per-tenant limit
+    tenant_in_flight: dict = field(default_factory=dict)  # tenant -> open inference requests
     engine: object | None = None  # AsyncEngine, set once the model is loaded
     registry: object | None = None  # adapters.registry.AdapterRegistry
     model_name: str = ""
@@ -46,6 +66,16 @@ class ServerState:
         if self.engine.num_waiting >= self.max_waiting:
             raise APIError(429, f"too many requests waiting ({self.max_waiting}); retry shortly", "rate_limit_error",
                            code="overloaded", headers={"Retry-After": "1"})
+
+    def open_tenant_request(self, tenant: str) -> TenantSlot:
+        """One open inference request of `tenant`: a 429 beyond max_tenant_requests, so one
+        tenant's flood queues at its own door instead of ahead of everyone else's requests."""
+        open_now = self.tenant_in_flight.get(tenant, 0)
+        if self.max_tenant_requests and open_now >= self.max_tenant_requests:
+            raise APIError(429, f"tenant {tenant!r} has {open_now} requests open, its limit; retry when one finishes",
+                           "rate_limit_error", code="tenant_limit", headers={"Retry-After": "1"})
+        self.tenant_in_flight[tenant] = open_now + 1
+        return TenantSlot(self.tenant_in_flight, tenant)
 
     async def resolve_model(self, principal: Principal, model: str) -> str | None:
         """None for the base model, else the engine's name for the caller's adapter."""

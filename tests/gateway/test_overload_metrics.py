@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -48,6 +49,48 @@ def test_overload_gets_429_and_metrics_match(tiny_llama, tmp_path, monkeypatch):
         assert m[("loragate_e2e_request_latency_seconds_count", ())] == ok
         assert m[("loragate_requests_running", ())] == 0
         assert m[("loragate_kv_cache_usage_ratio", ())] == 0.0
+    finally:
+        s.stop()
+
+
+def test_one_tenants_flood_is_held_at_its_own_limit(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
+    s = RunningServer(tiny_llama, None, max_tenant_requests=2)
+    engine = s.state.engine.engine
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: time.sleep(0.01) or step())  # long requests stay open
+    long = {"model": "tiny", "prompt": "t5 t6", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    short = {"model": "tiny", "prompt": "t5 t6", "max_tokens": 2}
+
+    async def until(condition):
+        for _ in range(200):
+            if condition():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"still {s.state.tenant_in_flight}")
+
+    try:
+        async def main():
+            async with httpx.AsyncClient(timeout=60) as h:
+                async with h.stream("POST", s.url + "/v1/completions", json=long, headers=s.headers()) as first:
+                    first_lines = first.aiter_lines()  # kept: a dropped iterator closes the connection
+                    await anext(first_lines)
+                    chat = dict(long, messages=[{"role": "user", "content": "t5"}])
+                    async with h.stream("POST", s.url + "/v1/chat/completions", json=chat, headers=s.headers()) as second:
+                        second_lines = second.aiter_lines()
+                        await anext(second_lines)
+                        assert s.state.tenant_in_flight == {"tenant-a": 2}
+                        over = await h.post(s.url + "/v1/completions", json=short, headers=s.headers())
+                        other = await h.post(s.url + "/v1/completions", json=short, headers=s.headers("key-b"))
+                    await until(lambda: s.state.tenant_in_flight == {"tenant-a": 1})  # dropped mid-stream: freed
+                    again = await h.post(s.url + "/v1/completions", json=short, headers=s.headers())
+                await until(lambda: s.state.tenant_in_flight == {})  # nothing held once every request is over
+                return over, other, again
+
+        over, other, again = asyncio.run(main())
+        assert over.status_code == 429 and over.headers["retry-after"] == "1"
+        assert over.json()["error"]["code"] == "tenant_limit" and "tenant-a" in over.json()["error"]["message"]
+        assert other.status_code == 200 and again.status_code == 200  # other tenants never wait on it
     finally:
         s.stop()
 
