@@ -27,6 +27,10 @@ class KVCacheManager:
         self.free_blocks: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.cached_block_by_hash: dict[bytes, int] = {}
         self.hash_of_block: dict[int, bytes] = {}
+        # Prompt logprobs of a cached block's tokens (top-k count, one entry per token, None
+        # for a sequence's first), kept while the block is: a prompt scored again reuses the
+        # block only where these can stand in for the logits it no longer computes.
+        self.prompt_logprobs_by_hash: dict[bytes, tuple[int, list]] = {}
         # Counters for metrics and tests.
         self.num_prefix_queries_tokens = 0
         self.num_prefix_hit_tokens = 0
@@ -71,7 +75,7 @@ class KVCacheManager:
         At least one token is always left to compute: the last one produces the logits.
         """
         assert not request.block_ids, "prefix matching is for requests holding no blocks"
-        if not self.enable_prefix_caching or request.needs_prompt_logprobs:
+        if not self.enable_prefix_caching:
             return 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         self._extend_hashes(request, max_blocks * self.block_size)
@@ -81,6 +85,8 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
+        if request.needs_prompt_logprobs:
+            hits = hits[:self._reuse_prompt_logprobs(request, len(hits))]
         for block in hits:
             self._ref(block)
         request.block_ids = hits
@@ -89,21 +95,51 @@ class KVCacheManager:
         self.num_prefix_hit_tokens += num_hit
         return num_hit
 
+    def _reuse_prompt_logprobs(self, request: Request, num_hits: int) -> int:
+        """How many hit blocks a request scoring its prompt may use: the logprob of each
+        prompt token up to the first one it computes must be kept, and the first token of a
+        block is predicted by the block before it. So with kept entries for blocks 0..n, it
+        reuses blocks 0..n-1 and takes the entries of tokens 1..n*block_size from them."""
+        k = request.sampling_params.prompt_logprobs
+        kept = []
+        for h in request.block_hashes[:num_hits]:
+            entry = self.prompt_logprobs_by_hash.get(h)
+            if entry is None or entry[0] < k:
+                break
+            kept.append(entry[1])
+        use = max(0, len(kept) - 1)
+        bs = self.block_size
+        for t in range(len(request.prompt_logprobs) + 1, use * bs + 1):  # a recompute keeps its own
+            logprob, alts = kept[t // bs][t % bs]
+            request.prompt_logprobs.append((logprob, dict(list(alts.items())[:k])))
+        return use
+
     def cache_full_blocks(self, request: Request) -> None:
-        """Register the request's newly completed blocks under their content hash."""
+        """Register the request's newly completed blocks under their content hash (with the
+        prompt logprobs of their tokens, when the request computed those)."""
         if not self.enable_prefix_caching:
             return
         self._extend_hashes(request, request.num_computed_tokens)
         num_full = request.num_computed_tokens // self.block_size
+        scored = request.sampling_params.prompt_logprobs is not None
         for i in range(num_full):
             block = request.block_ids[i]
-            if block in self.hash_of_block:
-                continue
             h = request.block_hashes[i]
-            if h in self.cached_block_by_hash:
-                continue  # an identical block is cached already; ours stays private
-            self.cached_block_by_hash[h] = block
-            self.hash_of_block[block] = h
+            if block not in self.hash_of_block and h not in self.cached_block_by_hash:
+                self.cached_block_by_hash[h] = block  # else an identical block is cached; ours stays private
+                self.hash_of_block[block] = h
+            if scored:
+                self._keep_prompt_logprobs(request, i, h)
+
+    def _keep_prompt_logprobs(self, request: Request, i: int, h: bytes) -> None:
+        k, bs = request.sampling_params.prompt_logprobs, self.block_size
+        end = (i + 1) * bs
+        if end > request.num_prompt_tokens or len(request.prompt_logprobs) < end - 1 or h not in self.cached_block_by_hash:
+            return
+        kept = self.prompt_logprobs_by_hash.get(h)
+        if kept is None or kept[0] < k:
+            self.prompt_logprobs_by_hash[h] = (k, [request.prompt_logprobs[t - 1] if t else None
+                                                   for t in range(i * bs, end)])
 
     # -- allocation -----------------------------------------------------------------------
 
@@ -117,6 +153,7 @@ class KVCacheManager:
         h = self.hash_of_block.pop(block, None)
         if h is not None:
             del self.cached_block_by_hash[h]
+            self.prompt_logprobs_by_hash.pop(h, None)
             self.num_evictions += 1
         self.ref_counts[block] = 1
         return block

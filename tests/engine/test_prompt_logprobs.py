@@ -16,21 +16,23 @@ TOP = 3
 
 
 def reference(model, prompt):
-    """(logprob of token p+1, top-TOP ids) for every prompt position but the last."""
+    """(logprob of token p+1 [n], all logprobs [n, V]) for every prompt position p but the last."""
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([prompt])).logits[0, :-1].float(), dim=-1)
-    targets = torch.tensor(prompt[1:])
-    return logp.gather(1, targets[:, None]).squeeze(1), logp.topk(TOP, dim=-1)
+    return logp.gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1), logp
 
 
 def check(entries, model, prompt):
-    chosen, (top_vals, top_ids) = reference(model, prompt)
+    """Each chosen logprob within LOGIT_ATOL of HF's; each position's alternatives are the
+    top ones (ties within LOGIT_ATOL may come in either order), with HF's values."""
+    chosen, logp = reference(model, prompt)
     assert len(entries) == len(prompt) - 1
-    ours = torch.tensor([lp for lp, _ in entries])
-    torch.testing.assert_close(ours, chosen, atol=LOGIT_ATOL, rtol=0)
-    for (_, alts), vals, ids in zip(entries, top_vals, top_ids):
-        assert list(alts) == ids.tolist()
-        torch.testing.assert_close(torch.tensor(list(alts.values())), vals, atol=LOGIT_ATOL, rtol=0)
+    torch.testing.assert_close(torch.tensor([lp for lp, _ in entries]), chosen, atol=LOGIT_ATOL, rtol=0)
+    for (_, alts), row in zip(entries, logp):
+        ids, vals = torch.tensor(list(alts)), torch.tensor(list(alts.values()))
+        if alts:
+            torch.testing.assert_close(vals, row[ids], atol=LOGIT_ATOL, rtol=0)
+            assert bool((vals >= row.topk(len(alts)).values[-1] - LOGIT_ATOL).all())
 
 
 @pytest.mark.parametrize("chunk", [1024, 32], ids=["whole", "chunked"])
@@ -43,6 +45,28 @@ def test_prompt_logprobs_match_hf(tiny_model, chunk):
     for prompt, out in zip(prompts[:3], outs):
         check(out.prompt_logprobs, hf, prompt)
     assert outs[3].prompt_logprobs is None
+
+
+def test_scored_prefixes_are_reused_with_their_kept_logprobs(tiny_llama):
+    """What eval harnesses send: one context, several continuations, each scored. The later
+    ones reuse the context's blocks (all but the last, whose kept entries cover the token
+    the first computed position no longer predicts) and still match HF everywhere."""
+    llm = LLM(str(tiny_llama), dtype="float32", progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    context = random_prompts([100], hf.config.vocab_size, seed=21)[0]  # 6 full blocks of 16, and 4 tokens
+    endings = random_prompts([3, 7, 12], hf.config.vocab_size, seed=22)
+    first = llm.generate([context + endings[0]], SamplingParams(max_tokens=1, prompt_logprobs=TOP))[0]
+    assert first.num_cached_tokens == 0
+    check(first.prompt_logprobs, hf, context + endings[0])
+    for ending in endings[1:]:
+        out = llm.generate([context + ending], SamplingParams(max_tokens=1, prompt_logprobs=TOP))[0]
+        assert out.num_cached_tokens == 5 * 16
+        check(out.prompt_logprobs, hf, context + ending)
+    fewer = llm.generate([context], SamplingParams(max_tokens=1, prompt_logprobs=1))[0]  # kept top-3 serve top-1
+    assert fewer.num_cached_tokens == 5 * 16 and all(len(alts) == 1 for _, alts in fewer.prompt_logprobs)
+    check(fewer.prompt_logprobs, hf, context)
+    more = llm.generate([context], SamplingParams(max_tokens=1, prompt_logprobs=5))[0]  # kept top-3 cannot serve top-5
+    assert more.num_cached_tokens == 0 and all(len(alts) == 5 for _, alts in more.prompt_logprobs)
 
 
 def test_a_cached_prefix_is_recomputed_for_prompt_logprobs(tiny_llama):
