@@ -95,6 +95,13 @@ class KVCacheManager:
         self.num_prefix_hit_tokens += num_hit
         return num_hit
 
+    def next_uncached_block(self, request: Request) -> bytes | None:
+        """The hash of the first block of the request's matchable prefix not in the cache
+        (None: it is all cached, or too short to have a full block to match)."""
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        self._extend_hashes(request, max_blocks * self.block_size)
+        return next((h for h in request.block_hashes[:max_blocks] if h not in self.cached_block_by_hash), None)
+
     def _reuse_prompt_logprobs(self, request: Request, num_hits: int) -> int:
         """How many hit blocks a request scoring its prompt may use: the logprob of each
         prompt token up to the first one it computes must be kept, and the first token of a

@@ -3,7 +3,8 @@ free). Each step it gives running requests their next tokens first (decode befor
 prefill, FCFS), then admits waiting requests into what is left of the token budget, with
 long prompts split into chunks. When KV blocks run out, the most recently admitted running
 request is preempted: its blocks are freed and it is recomputed later (prefix caching
-usually makes the recompute cheap).
+usually makes the recompute cheap). A waiting request whose next prompt block a running
+prefill is computing waits for it rather than computing the shared prefix again.
 
 With LoRA, a request holds (pins) its adapter's pool slot from admission until it finishes
 or is preempted, so the adapters of one step never outnumber the slots. A waiting request
@@ -76,10 +77,13 @@ class Scheduler:
                 i += 1
         # After a preemption the cache is short: admitting new work would only thrash.
         admitted: list[Request] = []
+        in_flight = self._prefill_blocks_in_flight()
         for req in self._admission_order() if not preempted else []:
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             if req.lora_key is not None and req.lora_key == self.draining:
+                continue
+            if self._waits_for_shared_prefix(req, in_flight):
                 continue
             if not self._pin_adapter(req):
                 continue
@@ -97,6 +101,7 @@ class Scheduler:
             self.running.append(req)
             scheduled.append((req, num_new))
             budget -= num_new
+            self._add_prefill_blocks(req, in_flight)
         for req in admitted:
             self.waiting.remove(req)
         if admitted:
@@ -104,6 +109,40 @@ class Scheduler:
                 req.num_passed_over += 1
         self._choose_drain()
         return scheduled
+
+    # -- shared prefixes ------------------------------------------------------------------
+    # Requests that arrive together with one long shared prefix (a system prompt, an eval's
+    # context) would each compute it. A waiting request whose next uncached prompt block is
+    # being computed by a running request's prefill waits for it instead, then takes it from
+    # the prefix cache. It cannot wait for good: that prefill completes the block, or its
+    # request leaves the running set (finished or preempted), and either way the block stops
+    # being in flight.
+
+    def _prefill_blocks_in_flight(self) -> dict[bytes, Request]:
+        in_flight: dict[bytes, Request] = {}
+        if self.kv.enable_prefix_caching:
+            for req in self.running:
+                self._add_prefill_blocks(req, in_flight)
+        return in_flight
+
+    def _add_prefill_blocks(self, req: Request, in_flight: dict[bytes, Request]) -> None:
+        """The full prompt blocks `req` has yet to compute (hashed when it was admitted)."""
+        if self.kv.enable_prefix_caching and req.num_computed_tokens < req.num_prompt_tokens:
+            first = req.num_computed_tokens // self.kv.block_size
+            for h in req.block_hashes[first:req.num_prompt_tokens // self.kv.block_size]:
+                in_flight.setdefault(h, req)
+
+    def _waits_for_shared_prefix(self, req: Request, in_flight: dict[bytes, Request]) -> bool:
+        if not in_flight or req.block_ids:
+            return False
+        h = self.kv.next_uncached_block(req)
+        owner = in_flight.get(h) if h is not None else None
+        if owner is None or owner is req:
+            return False
+        if req.needs_prompt_logprobs:  # its prefix is reused only with logprobs kept for it
+            kept = owner.sampling_params.prompt_logprobs
+            return kept is not None and kept >= req.sampling_params.prompt_logprobs
+        return True
 
     def _choose_drain(self) -> None:
         """A drain serves one starving request (passed over too often, adapter not loaded)

@@ -84,6 +84,25 @@ def test_prefix_cache_computes_only_the_suffix(tiny_qwen2):
     assert_all_blocks_free(engine)
 
 
+def test_requests_arriving_together_compute_a_shared_prefix_once(tiny_qwen2):
+    """Eight requests with one 300-token prefix, all in one step's arrivals: the first
+    computes the prefix (in chunks), the others wait for its blocks and take them from the
+    cache instead of computing them seven more times; outputs are unchanged."""
+    prefix = prompts_of([300], seed=6)[0]
+    prompts = [prefix + suffix for suffix in prompts_of([3, 5, 8, 2, 6, 4, 7, 9], seed=7)]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    arrivals = {0: [(p, params, f"r{i}") for i, p in enumerate(prompts)]}
+    engine = make_engine(tiny_qwen2, max_num_batched_tokens=64)
+    out = drain(engine, arrivals)
+    cached = (len(prefix) // 16) * 16
+    generated = len(prompts) * (params.max_tokens - 1)
+    assert engine.num_computed_tokens_total == sum(len(p) for p in prompts) - 7 * cached + generated
+    uncached = make_engine(tiny_qwen2, max_num_batched_tokens=64, enable_prefix_caching=False)
+    assert out == drain(uncached, arrivals)
+    assert uncached.num_computed_tokens_total == sum(len(p) for p in prompts) + generated
+    assert_all_blocks_free(engine)
+
+
 def test_prefix_cache_eviction_reuses_oldest_free_blocks(tiny_qwen2):
     # 40 blocks of 16 tokens: a 300-token request fills ~20, so the third distinct prompt
     # must evict cached blocks of the first.
