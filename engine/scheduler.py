@@ -40,6 +40,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.draining: str | None = None  # adapter key admitted no more until a starving request loads
         self._drain_for: Request | None = None  # that starving request
+        self.share_prefills = True  # wait for a shared prefix a running prefill computes (False: bench baseline)
 
     @property
     def has_unfinished(self) -> bool:
@@ -133,7 +134,7 @@ class Scheduler:
                 in_flight.setdefault(h, req)
 
     def _waits_for_shared_prefix(self, req: Request, in_flight: dict[bytes, Request]) -> bool:
-        if not in_flight or req.block_ids:
+        if not in_flight or req.block_ids or not self.share_prefills:
             return False
         h = self.kv.next_uncached_block(req)
         owner = in_flight.get(h) if h is not None else None
