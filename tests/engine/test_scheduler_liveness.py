@@ -1,6 +1,7 @@
 """Liveness under pressure: random arrivals over more adapters than slots, a KV cache that
-forces preemption, chunked prefill, aborts, with and without speculation. Every request must
-finish (none waits for good with the engine idle), and nothing stays pinned or allocated."""
+forces preemption, chunked prefill, aborts, prompts sharing prefixes (some scored), with and
+without speculation. Every request must finish (none waits for good with the engine idle),
+a scored prompt gets every position's logprob once, and nothing stays pinned or allocated."""
 
 from __future__ import annotations
 
@@ -27,17 +28,20 @@ def test_every_request_finishes_under_slot_and_cache_pressure(tiny_llama, seed):
     names = [f"x{i}" for i in range(5)]
     for i, name in enumerate(names):
         engine.add_adapter_weights(name, random_weights(arch, 4, seed=200 + i))
-    sent, active = {}, set()  # request id -> arrival step; those not yet ended
+    prefixes = [[], [1] + [rng.randrange(3, 40) for _ in range(40)], [1] + [rng.randrange(3, 40) for _ in range(70)]]
+    sent, active, prompts = {}, set(), {}  # request id -> arrival step; those not yet ended; scored prompts
     for step in range(20 * ARRIVAL_STEPS):
         if step < ARRIVAL_STEPS:
             if rng.random() < 0.6:  # more arrivals than the engine clears: queues build up
                 rid = f"r{step}"
-                prompt = [1] + [rng.randrange(3, 40) for _ in range(rng.randint(1, 60))]
+                prompt = (rng.choice(prefixes) or [1]) + [rng.randrange(3, 40) for _ in range(rng.randint(1, 60))]
                 params = SamplingParams(max_tokens=rng.randint(1, 24), temperature=rng.choice([0.0, 0.8]),
-                                        seed=step, ignore_eos=True)
+                                        seed=step, ignore_eos=True, prompt_logprobs=rng.choice([None, None, 1, 2]))
                 engine.add_request(prompt, params, request_id=rid, adapter=rng.choice([*names, None]))
                 sent[rid] = step
                 active.add(rid)
+                if params.prompt_logprobs is not None:
+                    prompts[rid] = prompt
             if active and rng.random() < 0.03:
                 rid = rng.choice(sorted(active))
                 assert engine.abort(rid)
@@ -45,6 +49,8 @@ def test_every_request_finishes_under_slot_and_cache_pressure(tiny_llama, seed):
         for out in engine.step():
             if out.finished:
                 active.discard(out.request_id)
+                if out.request_id in prompts and out.finish_reason != "abort":
+                    assert len(out.prompt_logprobs) == len(prompts[out.request_id]) - 1
         if step >= ARRIVAL_STEPS and not engine.has_unfinished:
             break
     waiting = sorted(active, key=sent.get)
