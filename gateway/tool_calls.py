@@ -69,7 +69,7 @@ class ToolPlan:
             calls = [(self.name, text)] if _is_json_object(text) else None
         elif self.mode == "required":
             parsed = _loads(text)
-            if isinstance(parsed, list):
+            if isinstance(parsed, list) and all(isinstance(c, dict) and {"name", "arguments"} <= c.keys() for c in parsed):
                 calls = [(c["name"], json.dumps(c["arguments"])) for c in parsed]
         elif self.mode == "auto":
             calls, rest = self._hermes_calls(text)
@@ -196,6 +196,8 @@ class StreamedCalls:
             return {"tool_calls": [call]}
         if self.plan.mode != "auto" or self.holding:
             return None
+        if self.sent == 0 and not text.strip():
+            return None  # leading whitespace: a bare call may still follow
         if self.sent == 0 and text.lstrip().startswith("{"):
             self.holding = True  # perhaps a bare call
             return None

@@ -95,8 +95,10 @@ def test_streamed_text_flows_and_calls_come_at_the_end():
     assert "".join(d.get("content", "") for d in deltas) == "Let me check. "  # streamed before the tag
     call = deltas[-1]["tool_calls"][0]
     assert call["index"] == 0 and json.loads(call["function"]["arguments"]) == {"city": "Oslo"}
-    deltas, reason = stream(auto, '{"name": "get_weather", "arguments": {"city": "Oslo"}}')
-    assert reason == "tool_calls" and len(deltas) == 1 and "content" not in deltas[0]
+    for bare in ('{"name": "get_weather", "arguments": {"city": "Oslo"}}',
+                 '\n  {"name": "get_weather", "arguments": {"city": "Oslo"}}'):  # whitespace first: still held
+        deltas, reason = stream(auto, bare, step=1)
+        assert reason == "tool_calls" and len(deltas) == 1 and "content" not in deltas[0]
     args = '{"city": "Oslo"}'
     deltas, reason = stream(ToolPlan([WEATHER], "named", "get_weather"), args)
     assert reason == "stop" and deltas[0]["tool_calls"][0]["function"]["name"] == "get_weather"
