@@ -16,9 +16,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from .errors import APIError, to_api_error
-from .tool_calls import StreamedCalls, check_template
 from .protocol import (chat_logprobs, chat_messages, completion_logprobs, completion_prompts, echo_logprobs, parse_common,
                        usage)
+from .tool_calls import StreamedCalls, check_template
 
 
 async def json_body(request: Request) -> dict:

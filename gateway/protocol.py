@@ -104,9 +104,9 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
         raise _bad("'temperature' must be between 0 and 2", "temperature")
     if max_tokens is not None and max_tokens < (0 if echo else 1):
         raise _bad(f"'{max_name}' must be at least 1 (0 only with 'echo': the prompt alone)", max_name)
-    # validates now, before any tokenising
     # echo with logprobs scores the prompt too: each prompt token's logprob given the ones before it
     sampling["prompt_logprobs"] = logprobs if echo else None
+    # validates now, before any tokenising
     SamplingParams(max_tokens=max(1, sampling["min_tokens"]) if not max_tokens else max_tokens,
                    logprobs=logprobs, **sampling)
     return GenerationRequest(model, n, stream, bool(options.get("include_usage")), logprobs, max_tokens, seed, sampling,
