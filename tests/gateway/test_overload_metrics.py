@@ -119,7 +119,6 @@ def test_not_ready_is_503_until_the_model_loads(tiny_llama, tmp_path, monkeypatc
         for _ in range(200):
             if httpx.get(s.url + "/readyz").status_code == 200:
                 break
-            import time
             time.sleep(0.05)
         assert httpx.get(s.url + "/readyz").status_code == 200
     finally:
