@@ -52,6 +52,7 @@ def make_loader(engine_config, settings: GatewaySettings):
             state.registry = registry
         state.engine = engine  # last: from here on the server is ready
         log.warning("ready: model %r", name)
+        inner.grammars.warm()  # after ready: the first structured-output request need not build it
 
     return load
 
