@@ -85,6 +85,7 @@ class LLMEngine:
         self.num_computed_tokens_total = 0  # tokens run through the model (prefix hits excluded)
         self.num_generated_tokens_total = 0
         self.num_forced_accepted = 0  # grammar-forced tokens taken without a step of their own
+        self._forced: set[str] = set()  # requests whose proposals this step are grammar-forced tokens
         if progress:
             print(f"loragate: {self.model_name} ({config.dtype}, {torch.get_num_threads()} threads) loaded in "
                   f"{time.perf_counter() - t0:.1f}s; KV cache {num_blocks} blocks x {config.block_size} tokens "
@@ -205,7 +206,10 @@ class LLMEngine:
             self.scheduler.requests[request_id].prompt_logprobs.extend(entries)
         # Cut each request's new tokens at its first stop (speculation may emit several).
         statuses = [self._cut_at_stop(req, i, out) for i, req in enumerate(out.requests)]
-        proposed = [len(req.spec_token_ids) for req in out.requests]
+        # Grammar-forced proposals are the engine's, not the speculator's: its statistics skip them.
+        forced = [req.request_id in self._forced for req in out.requests]
+        proposed = [0 if f else len(req.spec_token_ids) for req, f in zip(out.requests, forced)]
+        self.num_forced_accepted += sum(a for a, f in zip(out.num_accepted, forced) if f)
         self.scheduler.update(scheduled, out)
         self.num_computed_tokens_total += out.num_computed_tokens
         self.num_generated_tokens_total += sum(len(t) for t in out.token_ids)
@@ -228,9 +232,7 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.after_step(scheduled, out, proposed, step_seconds)
             self.speculator.propose(self.scheduler.running)
-        else:
-            self.num_forced_accepted += sum(out.num_accepted)  # only forced tokens are proposed then
-            self._propose_forced_tokens()
+        self._propose_forced_tokens()
         return outputs
 
     # Most grammar-forced tokens verified per request and step.
@@ -238,15 +240,19 @@ class LLMEngine:
 
     def _propose_forced_tokens(self) -> None:
         """Jump-forward decoding: a structured request whose grammar forces its next tokens
-        gets them as proposals (never past max_tokens or the context; not for requests that
-        opt out of speculation)."""
+        gets them as proposals, unless the speculator proposed for it (never past max_tokens
+        or the context; not for requests that opt out of speculation)."""
+        self._forced = set()
         for req in self.scheduler.running:
-            if req.grammar is None or not req.sampling_params.speculative or req.num_computed_tokens != req.num_tokens - 1:
+            if (req.grammar is None or req.spec_token_ids or not req.sampling_params.speculative
+                    or req.num_computed_tokens != req.num_tokens - 1):
                 continue
             limit = min(self.MAX_FORCED_TOKENS, req.sampling_params.max_tokens - len(req.output_token_ids) - 1,
                         self.max_model_len - req.num_tokens)
             if limit > 0:
                 req.spec_token_ids, req.spec_draft_probs = req.grammar.forced_tokens(limit), None
+                if req.spec_token_ids:
+                    self._forced.add(req.request_id)
 
     def _cut_at_stop(self, req: Request, i: int, out) -> RequestStatus | None:
         detok = self._detokenizers[req.request_id]

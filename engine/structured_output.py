@@ -9,8 +9,9 @@ a row verifying speculative proposals is masked as if the proposals before it we
 is complete it allows only EOS, and the request ends there.
 
 Where the grammar leaves no choice for several tokens (a schema's keys and punctuation), the
-engine proposes them as speculative tokens when no speculator runs (jump-forward decoding):
-verified like any proposal, so nothing changes but the number of steps.
+engine proposes them as speculative tokens when the speculator (if any) proposed nothing for
+the request (jump-forward decoding): verified like any proposal, so nothing changes but the
+number of steps.
 """
 
 from __future__ import annotations
