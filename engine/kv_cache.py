@@ -77,10 +77,8 @@ class KVCacheManager:
         assert not request.block_ids, "prefix matching is for requests holding no blocks"
         if not self.enable_prefix_caching:
             return 0
-        max_blocks = (request.num_tokens - 1) // self.block_size
-        self._extend_hashes(request, max_blocks * self.block_size)
         hits: list[int] = []
-        for h in request.block_hashes[:max_blocks]:
+        for h in self._matchable_hashes(request):
             block = self.cached_block_by_hash.get(h)
             if block is None:
                 break
@@ -98,9 +96,14 @@ class KVCacheManager:
     def next_uncached_block(self, request: Request) -> bytes | None:
         """The hash of the first block of the request's matchable prefix not in the cache
         (None: it is all cached, or too short to have a full block to match)."""
+        return next((h for h in self._matchable_hashes(request) if h not in self.cached_block_by_hash), None)
+
+    def _matchable_hashes(self, request: Request) -> list[bytes]:
+        """Hashes of the full blocks a cache hit may cover: at least one token is always left
+        to compute, since the last one produces the logits."""
         max_blocks = (request.num_tokens - 1) // self.block_size
         self._extend_hashes(request, max_blocks * self.block_size)
-        return next((h for h in request.block_hashes[:max_blocks] if h not in self.cached_block_by_hash), None)
+        return request.block_hashes[:max_blocks]
 
     def _reuse_prompt_logprobs(self, request: Request, num_hits: int) -> int:
         """How many hit blocks a request scoring its prompt may use: the logprob of each

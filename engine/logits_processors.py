@@ -34,25 +34,23 @@ class LogitsAdjuster:
         self.banned_ids = torch.tensor(sorted(banned), dtype=torch.int64)
         self.presence, self.frequency = params.presence_penalty, params.frequency_penalty
         self.repetition = params.repetition_penalty
-        self.num_output = 0
         self.counts: dict[int, int] = {}  # output token -> times emitted
         self.seen = set(prompt_ids)  # prompt and output tokens (the repetition penalty's set)
         self._seen_ids: torch.Tensor | None = None  # `seen` as a tensor, rebuilt when it grows
 
     def advance(self, token: int) -> None:
         """Record an emitted token."""
-        self.num_output += 1
         self.counts[token] = self.counts.get(token, 0) + 1
         if token not in self.seen:
             self.seen.add(token)
             self._seen_ids = None
 
-    def apply(self, row: torch.Tensor, proposals: list[int]) -> None:
-        """Adjust one fp32 logits row [V] in place for the token after the output so far and
-        then `proposals` (the speculative tokens before this row's position)."""
+    def apply(self, row: torch.Tensor, num_output: int, proposals: list[int]) -> None:
+        """Adjust one fp32 logits row [V] in place for the token after the `num_output` output
+        tokens so far and then `proposals` (the speculative tokens before this row's position)."""
         if self.bias_ids.numel():
             row.index_add_(0, self.bias_ids, self.bias_values)
-        if self.num_output + len(proposals) < self.min_tokens and self.banned_ids.numel():
+        if num_output + len(proposals) < self.min_tokens and self.banned_ids.numel():
             row[self.banned_ids] = float("-inf")
         if self.repetition != 1.0:
             if self._seen_ids is None:
@@ -88,7 +86,7 @@ def adjust_logits(reqs: list[Request], num_logits: list[int], logits: torch.Tens
     for req, n in zip(reqs, num_logits):
         if req.logits_adjuster is not None:
             for j in range(n):
-                req.logits_adjuster.apply(out[row + j], req.spec_token_ids[:j])
+                req.logits_adjuster.apply(out[row + j], len(req.output_token_ids), req.spec_token_ids[:j])
         if req.grammar is not None:  # last: whatever the adjustments favour, the grammar decides
             apply_token_bitmask(out[row:row + n], req.grammar.bitmasks(req.spec_token_ids[:n - 1]))
         row += n
