@@ -104,7 +104,8 @@ class ModelRunner:
         temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
         top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-        return sample(logits, temperature, top_k, top_p, [r.generator for r in reqs])
+        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32) if any(p.min_p for p in params) else None
+        return sample(logits, temperature, top_k, top_p, [r.generator for r in reqs], min_p)
 
     @staticmethod
     def _verify(reqs: list[Request], num_logits: list[int], logits: torch.Tensor) -> tuple[list[list[int]], list[int]]:
@@ -118,7 +119,7 @@ class ModelRunner:
             if p.is_greedy:
                 emitted.append(accept_greedy(argmax[row:row + n], draft))
             else:
-                probs = sampling_probs(logits[row:row + n].float(), p.temperature, p.top_k, p.top_p)
+                probs = sampling_probs(logits[row:row + n].float(), p.temperature, p.top_k, p.top_p, p.min_p)
                 q = req.spec_draft_probs[: n - 1] if req.spec_draft_probs is not None else None
                 emitted.append(accept_sampled(probs, draft, q, req.generator))
             row += n

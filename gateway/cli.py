@@ -97,7 +97,7 @@ def cmd_generate(args) -> int:
     from loragate.engine import InvalidRequestError, LLMEngine, SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=args.stop or [],
+                            top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop or [],
                             repetition_penalty=args.repetition_penalty, grammar=_json_grammar(args))
     engine = LLMEngine(_engine_config(args), progress=not args.quiet)
     for spec in args.adapter or []:
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: %(default)s)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: %(default)s)")
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    gen.add_argument("--min-p", type=float, default=0.0,
+                     help="sample among tokens at least this fraction as likely as the most likely one (0: all)")
     gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--repetition-penalty", type=float, default=1.0,

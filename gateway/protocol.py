@@ -84,10 +84,11 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
     if not isinstance(options, dict):
         raise _bad("'stream_options' must be an object", "stream_options")
     seed = _get(body, "seed", int, None)
-    # top_k, ignore_eos, repetition_penalty, min_tokens, stop_token_ids and speculative (false:
+    # top_k, min_p, ignore_eos, repetition_penalty, min_tokens, stop_token_ids and speculative (false:
     # opt out of speculative decoding) are extensions, as in vLLM: absent from OpenAI's API.
     sampling = dict(temperature=_get(body, "temperature", float, 1.0), top_p=_get(body, "top_p", float, 1.0),
-                    stop=stop, top_k=_get(body, "top_k", int, 0), ignore_eos=_get(body, "ignore_eos", bool, False),
+                    stop=stop, top_k=_get(body, "top_k", int, 0), min_p=_get(body, "min_p", float, 0.0),
+                    ignore_eos=_get(body, "ignore_eos", bool, False),
                     speculative=_get(body, "speculative", bool, True),
                     presence_penalty=_get(body, "presence_penalty", float, 0.0),
                     frequency_penalty=_get(body, "frequency_penalty", float, 0.0),

@@ -1,8 +1,9 @@
 """Token sampling from logits: greedy, temperature, top-k, top-p, per-request generators.
 
 Semantics: for each row, greedy rows (temperature 0) take argmax; the others sample from
-softmax(logits / temperature) restricted to the top_k most likely tokens (0 = all) and then to
+softmax(logits / temperature) restricted to the top_k most likely tokens (0 = all), then to
 the smallest set whose probability mass reaches top_p (the token that crosses top_p is kept),
+then to the tokens at least min_p times as likely as the most likely one (HF's order),
 using that row's own torch.Generator so a seeded request draws the same tokens whatever
 else is in the batch. Pure torch (the reference and the CPU path), except greedy argmax, which
 has a native kernel on CPU.
@@ -15,18 +16,24 @@ import torch
 from . import native as _native
 
 
-def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """logits [n, V] fp32; top_k [n] int64 (0 = off); top_p [n] fp32. Returns logits with
-    filtered-out entries set to -inf (a new tensor)."""
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [n, V] fp32; top_k [n] int64 (0 = off); top_p [n] fp32; min_p [n] fp32 (0 = off).
+    Returns logits with filtered-out entries set to -inf (a new tensor)."""
     sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
     rank = torch.arange(vocab).unsqueeze(0)
     remove = rank >= k.unsqueeze(1)
     probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
-    # Mass strictly before each token: a token is kept while that is below top_p.
+    # Mass strictly before each token: a token is kept while that is below top_p. top_p 1 is
+    # off: the fp32 cumsum can reach 1.0 before the tail, which must not drop the tail.
     mass_before = probs.cumsum(dim=-1) - probs
-    remove |= mass_before >= top_p.unsqueeze(1)
+    remove |= (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+    if min_p is not None:
+        # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p): no renormalisation needed,
+        # so applying it after top-k/top-p (which never drop the most likely token) is HF's result.
+        remove |= sorted_logits < sorted_logits[:, :1] + min_p.log().unsqueeze(1)
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
 
@@ -61,9 +68,9 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           generators: list[torch.Generator]) -> torch.Tensor:
+           generators: list[torch.Generator], min_p: torch.Tensor | None = None) -> torch.Tensor:
     """logits [n, V] (fp32, or bf16: rows drawn at random are converted first); temperature,
-    top_p [n] fp32; top_k [n] int64. Returns token ids [n]."""
+    top_p, min_p [n] fp32 (min_p None: off everywhere); top_k [n] int64. Returns token ids [n]."""
     tokens = greedy(logits)
     is_random = temperature > 0
     if not bool(is_random.any()):
@@ -71,8 +78,10 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     rows = is_random.nonzero().squeeze(1)
     scaled = logits[rows].float() / temperature[rows].unsqueeze(1)
     needs_filter = (top_k[rows] > 0) | (top_p[rows] < 1.0)
+    if min_p is not None:
+        needs_filter |= min_p[rows] > 0
     if bool(needs_filter.any()):
-        scaled = top_k_top_p_filter(scaled, top_k[rows], top_p[rows])
+        scaled = filter_logits(scaled, top_k[rows], top_p[rows], None if min_p is None else min_p[rows])
     probs = scaled.softmax(dim=-1)
     for i, row in enumerate(rows.tolist()):
         tokens[row] = torch.multinomial(probs[i], 1, generator=generators[row])[0]

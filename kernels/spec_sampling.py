@@ -2,7 +2,7 @@
 chain of k proposed tokens.
 
 Semantics: `p` [k+1, V] are the target's sampling distributions at the k proposal positions
-plus the bonus position (after temperature / top-k / top-p, as plain sampling would use);
+plus the bonus position (after temperature / top-k / top-p / min-p, as plain sampling would use);
 `q` [k, V] are the distributions the proposals were drawn from (None: a deterministic
 proposer such as n-gram lookup, i.e. q is one-hot on each proposal). Proposal i is accepted
 with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection one token is drawn from
@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import top_k_top_p_filter
+from .sampling import filter_logits
 
 
-def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                   min_p: float = 0.0) -> torch.Tensor:
     """logits [n, V] fp32 -> the distributions plain sampling draws from, [n, V]."""
     scaled = logits / temperature
-    if top_k > 0 or top_p < 1.0:
+    if top_k > 0 or top_p < 1.0 or min_p > 0:
         n = logits.shape[0]
-        scaled = top_k_top_p_filter(scaled, torch.full((n,), top_k, dtype=torch.int64),
-                                    torch.full((n,), top_p, dtype=torch.float32))
+        scaled = filter_logits(scaled, torch.full((n,), top_k, dtype=torch.int64),
+                               torch.full((n,), top_p, dtype=torch.float32),
+                               torch.full((n,), min_p, dtype=torch.float32) if min_p > 0 else None)
     return scaled.softmax(dim=-1)
 
 

@@ -157,5 +157,5 @@ class DraftModelProposer:
         p = req.sampling_params
         if p.is_greedy:
             return int(logits.argmax()), None
-        q = sampling_probs(logits.unsqueeze(0), p.temperature, p.top_k, p.top_p)[0]
+        q = sampling_probs(logits.unsqueeze(0), p.temperature, p.top_k, p.top_p, p.min_p)[0]
         return int(torch.multinomial(q, 1, generator=req.generator)), q

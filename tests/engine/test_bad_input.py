@@ -20,6 +20,7 @@ def engine(tiny_llama):
     ({"top_p": 1.5}, "top_p"),
     ({"temperature": -1.0}, "temperature"),
     ({"top_k": -1}, "top_k"),
+    ({"min_p": -0.1}, "min_p"),
     ({"stop": [""]}, "stop"),
     ({"logprobs": 50}, "logprobs"),
 ])

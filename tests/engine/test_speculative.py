@@ -95,6 +95,24 @@ def test_greedy_output_identical_to_plain_decoding(tiny_llama, draft_dir, adapte
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
 
 
+@pytest.mark.parametrize("mode", [None, "draft", "ngram"])
+def test_min_p_one_samples_only_the_most_likely_token(tiny_llama, draft_dir, mode):
+    """min_p = 1 leaves only the argmax, so sampling at temperature 1 must decode greedily, in
+    plain sampling and in verification alike (a min_p dropped on either path shows up as a
+    sampled token)."""
+    prompts = prompts_20()[:8]
+    greedy = LLM(str(tiny_llama), dtype="float32", progress=False).generate(
+        prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    llm = spec_llm(tiny_llama, mode, draft_dir if mode == "draft" else None) if mode else \
+        LLM(str(tiny_llama), dtype="float32", progress=False)
+    sampled = llm.generate(prompts, [SamplingParams(max_tokens=16, temperature=1.0, min_p=1.0, seed=i, ignore_eos=True)
+                                     for i in range(8)])
+    assert [o.token_ids for o in sampled] == [o.token_ids for o in greedy]
+    loose = llm.generate(prompts, [SamplingParams(max_tokens=16, temperature=1.0, min_p=0.0, seed=i, ignore_eos=True)
+                                   for i in range(8)])
+    assert [o.token_ids for o in loose] != [o.token_ids for o in greedy]  # the test can tell
+
+
 @pytest.mark.parametrize("quantization", ["int4", "none"])
 def test_draft_weights_quantized_or_not_output_is_plain_decodings(tiny_llama, draft_dir, quantization):
     from loragate.kernels.dense import Int4Weight, int4_available

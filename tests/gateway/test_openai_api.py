@@ -137,6 +137,17 @@ def test_tokenizer_routes_in_vllms_shapes(server):
     assert httpx.post(server.url + "/tokenize", json={"prompt": "t5"}).status_code == 401
 
 
+def test_min_p_reaches_the_sampler(server):
+    """min_p 1 keeps only the most likely token: a sampled completion is then the greedy one."""
+    body = {"model": "tiny", "prompt": "t3 t4 t5", "max_tokens": 12, "ignore_eos": True}
+    h = server.headers()
+    greedy = httpx.post(server.url + "/v1/completions", headers=h, json=body | {"temperature": 0}).json()
+    sampled = [httpx.post(server.url + "/v1/completions", headers=h,
+                          json=body | {"temperature": 1, "seed": s, "min_p": p}).json() for s, p in ((1, 1.0), (1, 0.0))]
+    assert sampled[0]["choices"][0]["text"] == greedy["choices"][0]["text"]
+    assert sampled[1]["choices"][0]["text"] != greedy["choices"][0]["text"]  # without min_p it samples
+
+
 def test_models_list_shows_the_base_model(server):
     ids = [m.id for m in client(server).models.list().data]
     assert "tiny" in ids
@@ -153,6 +164,7 @@ def test_models_list_shows_the_base_model(server):
     ({"model": "tiny", "prompt": "x", "presence_penalty": 3}, "presence_penalty"),
     ({"model": "tiny", "prompt": "x", "frequency_penalty": "high"}, "frequency_penalty"),
     ({"model": "tiny", "prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"model": "tiny", "prompt": "x", "min_p": 1.5}, "min_p"),
     ({"model": "tiny", "prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
     ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
     ({"model": "tiny", "prompt": "x", "logit_bias": {"99999999": 1}}, "logit_bias"),

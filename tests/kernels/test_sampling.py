@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loragate.kernels.sampling import greedy, logprobs_of, sample, top_k_top_p_filter
+from loragate.kernels.sampling import greedy, logprobs_of, sample, filter_logits
 
 NEG_INF = float("-inf")
 
@@ -34,14 +34,14 @@ def naive_keep(row: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tenso
     return keep, ambiguous
 
 
-def test_top_k_top_p_filter_matches_naive():
+def test_filter_logits_matches_naive():
     g = torch.Generator().manual_seed(0)
     vocab, n = 50, 400
     logits = torch.randn(n, vocab, generator=g) * 2
     logits[::7, :5] = NEG_INF  # some rows have banned tokens
     ks = torch.tensor([0, 1, 2, 5, 49, 50, 100])[torch.randint(0, 7, (n,), generator=g)]
     ps = torch.tensor([1e-6, 0.1, 0.5, 0.9, 0.99, 1.0], dtype=torch.float32)[torch.randint(0, 6, (n,), generator=g)]
-    out = top_k_top_p_filter(logits, ks, ps)
+    out = filter_logits(logits, ks, ps)
     assert out.shape == logits.shape and out.dtype == logits.dtype
     num_ambiguous = 0
     for i in range(n):
@@ -65,7 +65,7 @@ def test_filter_edge_cases():
                            [1.0, 2.0, 3.0, 4.0]])
     top_k = torch.tensor([0, 1, 0, 0, 10])
     top_p = torch.tensor([1e-9, 1.0, 1.0, 0.8, 1.0])
-    out = top_k_top_p_filter(logits, top_k, top_p)
+    out = filter_logits(logits, top_k, top_p)
     # top_p tiny still keeps the most likely token; top_k=1 keeps only it; no filter keeps all.
     assert out[0].isfinite().tolist() == [True, False, False, False]
     assert out[1].isfinite().tolist() == [True, False, False, False]
@@ -76,11 +76,31 @@ def test_filter_edge_cases():
     assert logits[3, 2] == NEG_INF  # input untouched (a new tensor is returned)
 
 
+def test_min_p_after_top_k_matches_hf_warpers():
+    """HF's order (top-k, then min-p relative to the most likely token) on random rows; the
+    top-p part is covered against the naive version above."""
+    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 100, generator=g) * 3
+    for top_k, min_p in ((0, 0.05), (0, 0.3), (10, 0.1), (3, 0.9), (0, 1.0)):
+        want = logits.clone()
+        if top_k:
+            want = TopKLogitsWarper(top_k)(None, want)
+        want = MinPLogitsWarper(min_p)(None, want)
+        out = filter_logits(logits, torch.full((64,), top_k), torch.ones(64), torch.full((64,), min_p))
+        assert torch.equal(out.isfinite(), want.isfinite()), (top_k, min_p)
+        assert 0 < int(out.isfinite().sum()) < out.numel()  # it kept some and dropped some
+    # min_p 0 is off, row by row.
+    mixed = filter_logits(logits[:2], torch.zeros(2, dtype=torch.int64), torch.ones(2), torch.tensor([0.0, 0.5]))
+    assert torch.equal(mixed[0], logits[0]) and not bool(mixed[1].isfinite().all())
+
+
 def test_top_p_keeps_the_token_that_crosses():
     # Sorted probs 0.4, 0.3, 0.2, 0.1: top_p = 0.6 keeps 0.4 and 0.3 (the crossing token);
     # 0.69 is also reached by the first two, so the third is dropped; 0.71 needs three.
     logits = torch.tensor([0.3, 0.1, 0.4, 0.2]).log().expand(3, 4).contiguous()
-    out = top_k_top_p_filter(logits, torch.zeros(3, dtype=torch.int64), torch.tensor([0.6, 0.69, 0.71]))
+    out = filter_logits(logits, torch.zeros(3, dtype=torch.int64), torch.tensor([0.6, 0.69, 0.71]))
     assert out[0].isfinite().tolist() == [True, False, True, False]
     assert out[1].isfinite().tolist() == [True, False, True, False]
     assert out[2].isfinite().tolist() == [True, False, True, True]
