@@ -41,6 +41,8 @@ class RequestOutput:
     # With SamplingParams.prompt_logprobs: (logprob, {token: logprob}) of prompt tokens 1.. (complete
     # from the first output on, since a request samples only once its whole prompt has run).
     prompt_logprobs: list[tuple[float, dict[int, float]]] | None = None
+    queue_seconds: float = 0.0  # from arrival to first admission into the running batch
+    num_preemptions: int = 0
 
 
 class LLMEngine:
@@ -228,7 +230,8 @@ class LLMEngine:
                 delta_text=detok.take_delta(req.is_finished), finished=req.is_finished,
                 finish_reason=req.finish_reason, stop_reason=req.stop_reason,
                 num_cached_tokens=req.num_cached_tokens, new_logprobs=logprobs or [],
-                prompt_logprobs=req.prompt_logprobs if req.sampling_params.prompt_logprobs is not None else None))
+                prompt_logprobs=req.prompt_logprobs if req.sampling_params.prompt_logprobs is not None else None,
+                queue_seconds=req.first_scheduled_time - req.arrival_time, num_preemptions=req.num_preemptions))
         if self.speculator is not None:
             self.speculator.after_step(scheduled, out, proposed, step_seconds)
             self.speculator.propose(self.scheduler.running)

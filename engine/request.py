@@ -52,6 +52,7 @@ class Request:
     # Chained hashes of this request's full blocks, in order (prefix-cache keys).
     block_hashes: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # first admission: arrival to it is queue time
     first_token_time: float | None = None
     stop_reason: str | int | None = None
     # Per output token: (chosen token logprob, {token id: logprob} of the top alternatives).

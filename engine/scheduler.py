@@ -19,6 +19,7 @@ requests for the others wait without bound."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter, deque
 
 from .kv_cache import KVCacheManager
@@ -99,6 +100,8 @@ class Scheduler:
                 break
             admitted.append(req)
             req.status = RequestStatus.RUNNING
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
             self.running.append(req)
             scheduled.append((req, num_new))
             budget -= num_new

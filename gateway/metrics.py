@@ -1,6 +1,7 @@
 """Prometheus metrics for /metrics: HTTP requests by route and status, latency histograms
-(time to first token, inter-token, end to end), token counts, and engine gauges read at
-scrape time (running/waiting requests, KV-cache use, prefix-cache hit rate, adapter pool).
+(time to first token, inter-token, end to end, queue time), finished requests by reason,
+token counts, and engine gauges read at scrape time (running/waiting requests, preemptions,
+KV-cache use, prefix-cache hit rate, adapter pool).
 
 Adapter labels are bounded: the first MAX_ADAPTER_LABELS adapters seen get their own label,
 the rest share "other", so a tenant with thousands of adapters cannot explode cardinality."""
@@ -26,6 +27,10 @@ class Metrics:
         self.ttft = Histogram("loragate_time_to_first_token_seconds", "time to first token", buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("loragate_inter_token_latency_seconds", "time between tokens", buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("loragate_e2e_request_latency_seconds", "request latency", buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("loragate_request_queue_time_seconds", "time a finished request waited for its first "
+                               "admission to the running batch", buckets=LATENCY_BUCKETS, registry=r)
+        self.finished = Counter("loragate_requests_finished", "engine requests that finished, by reason "
+                                "(stop, length)", ["reason"], registry=r)
         self.prompt_tokens = Counter("loragate_prompt_tokens", "prompt tokens", ["adapter"], registry=r)
         self.generation_tokens = Counter("loragate_generation_tokens", "generated tokens", ["adapter"], registry=r)
         self._labels: set[str] = set()
@@ -64,6 +69,10 @@ class _EngineCollector:
 
         yield gauge("loragate_requests_running", "requests running in the engine", len(inner.scheduler.running))
         yield gauge("loragate_requests_waiting", "requests waiting for the engine", engine.num_waiting)
+        c = GaugeMetricFamily("loragate_preemptions", "running requests preempted for KV blocks (recomputed "
+                              "later), since start")
+        c.add_metric([], inner.scheduler.num_preemptions)
+        yield c
         yield gauge("loragate_kv_cache_usage_ratio", "fraction of KV blocks in use", kv.usage)
         hit = kv.num_prefix_hit_tokens / kv.num_prefix_queries_tokens if kv.num_prefix_queries_tokens else 0.0
         yield gauge("loragate_prefix_cache_hit_ratio", "prompt tokens served from the prefix cache", hit)

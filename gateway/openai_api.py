@@ -55,6 +55,8 @@ class Choice:
         if out.finished:
             self.finish_reason = "length" if out.finish_reason == "length" else "stop"
             self.metrics.e2e.observe(t - self.start)
+            self.metrics.queue.observe(out.queue_seconds)
+            self.metrics.finished.labels(self.finish_reason).inc()
             self.metrics.generation_tokens.labels(self.label).inc(len(self.tokens))
         return new
 

@@ -47,6 +47,11 @@ def test_overload_gets_429_and_metrics_match(tiny_llama, tmp_path, monkeypatch):
         assert m[("loragate_generation_tokens_total", (("adapter", "base"),))] == 40 * ok
         assert m[("loragate_time_to_first_token_seconds_count", ())] == ok
         assert m[("loragate_e2e_request_latency_seconds_count", ())] == ok
+        assert m[("loragate_requests_finished_total", (("reason", "length"),))] == ok
+        # Two run at a time, so the others queued: their waits add up to more than nothing.
+        assert m[("loragate_request_queue_time_seconds_count", ())] == ok
+        assert m[("loragate_request_queue_time_seconds_sum", ())] > 0
+        assert m[("loragate_preemptions", ())] >= 0
         assert m[("loragate_requests_running", ())] == 0
         assert m[("loragate_kv_cache_usage_ratio", ())] == 0.0
     finally:
