@@ -8,6 +8,11 @@ a row verifying speculative proposals is masked as if the proposals before it we
 (the matcher consumes them, then rolls back), so speculation stays lossless. Once the grammar
 is complete it allows only EOS, and the request ends there.
 
+A draft model drafts within the grammar too: each drafted token is drawn from the draft's
+logits masked the same way (the matcher consumes the drafts, then rolls back), so its
+proposals follow the format's exact spelling instead of the one the draft would guess. Any
+proposal is cut at the first token the grammar refuses, which verification would reject.
+
 Where the grammar leaves no choice for several tokens (a schema's keys and punctuation), the
 engine proposes them as speculative tokens when the speculator (if any) proposed nothing for
 the request (jump-forward decoding): verified like any proposal, so nothing changes but the
@@ -21,7 +26,7 @@ import threading
 
 import torch
 
-from loragate.kernels.sampling import bitmask_to_bool
+from loragate.kernels.sampling import apply_token_bitmask, bitmask_to_bool
 
 from .errors import InvalidRequestError
 
@@ -119,6 +124,7 @@ class GrammarConstraint:
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
         self.words = (vocab_size + 31) // 32
+        self._drafted = 0  # draft tokens consumed by the matcher, undone after drafting
 
     def _fill(self, bitmask: torch.Tensor) -> None:
         """bitmask [words] int32 (contiguous): the tokens allowed next."""
@@ -154,6 +160,42 @@ class GrammarConstraint:
         if consumed:
             self.matcher.rollback(consumed)
         return out
+
+    def valid_prefix(self, proposals: list[int]) -> int:
+        """How many of the proposals, in order, the grammar accepts from here."""
+        return self.matcher.validate_tokens(proposals) if proposals else 0
+
+    # -- drafting within the grammar ---------------------------------------------------------
+
+    def mask_draft_logits(self, logits: torch.Tensor) -> bool:
+        """In place: a draft's fp32 logits row [V] keeps only the tokens the grammar allows after
+        the drafts so far. A draft head over part of the vocabulary may have none of them;
+        if the grammar allows just one token, that one is drafted (the row is 0 there), else
+        False: the draft cannot propose anything."""
+        bitmask = torch.empty(1, self.words, dtype=torch.int32)
+        self._fill(bitmask[0])
+        apply_token_bitmask(logits.unsqueeze(0), bitmask)
+        if bool(logits.isfinite().any()):
+            return True
+        allowed = bitmask_to_bool(bitmask[0], self.vocab_size).nonzero()
+        if len(allowed) != 1:
+            return False
+        logits[int(allowed[0])] = 0.0
+        return True
+
+    def draft(self, token: int) -> bool:
+        """Consume a drafted token (undone by undo_drafts); False when drafting ends with it: an
+        EOS or a complete grammar ends the request (and rolling back over an EOS would lose
+        the matcher's stopped state)."""
+        if token in self.eos_token_ids or self.matcher.is_stopped() or not self.matcher.consume_token(token):
+            return False
+        self._drafted += 1
+        return not self.matcher.is_stopped()
+
+    def undo_drafts(self) -> None:
+        if self._drafted:
+            self.matcher.rollback(self._drafted)
+            self._drafted = 0
 
     def forced_tokens(self, limit: int) -> list[int]:
         """Tokens the grammar allows nothing but (a key, a quote, a separator), at most

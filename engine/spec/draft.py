@@ -5,7 +5,9 @@ Each target request has a shadow request in the draft's cache. Before drafting, 
 is synced with the target's tokens: the draft's K/V stays valid up to the longest common
 prefix of what it computed (including its own drafts) and what the target accepted; the rest
 is rolled back by truncating its block table, and the tokens it has not seen are caught up
-(the whole prompt the first time) in the first draft forward of the step.
+(the whole prompt the first time) in the first draft forward of the step. A request with
+an output format drafts within it: each drafted token comes from logits masked by the
+request's grammar, whose matcher consumes the drafts and rolls them back afterwards.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class DraftModelProposer:
         # drafted token (both are memory-bound at small batches).
         self.cost_per_token = 0.3
         self.last_round_seconds: float | None = None
+        self.within_grammar = True  # structured requests draft under their format's mask (False: bench baseline)
 
     def forget(self, keep: set[str]) -> None:
         for rid in [r for r in self.shadows if r not in keep]:
@@ -83,25 +86,35 @@ class DraftModelProposer:
             step.append((i, shadow, num_new))
         self.last_round_seconds = None  # mean time of the rounds after the catch-up, if any ran
         round_times = []
-        for round_no in range(max(num_tokens, default=0)):
-            if not step:
-                break
-            t0 = time.perf_counter()
-            logits = self._forward(step)
-            nxt = []
-            for (i, shadow, _), row in zip(step, logits):
-                if shadow.num_computed_tokens < shadow.num_tokens:  # still catching up a long prompt
-                    continue
-                token, q = self._draw(requests[i], row)
-                drafts[i].append(token)
-                if q is not None:
-                    probs[i].append(q)
-                shadow.output_token_ids.append(token)
-                if len(drafts[i]) < num_tokens[i] and self.kv.allocate(shadow, 1):
-                    nxt.append((i, shadow, 1))
-            if round_no > 0:
-                round_times.append(time.perf_counter() - t0)
-            step = nxt
+        try:
+            for round_no in range(max(num_tokens, default=0)):
+                if not step:
+                    break
+                t0 = time.perf_counter()
+                logits = self._forward(step)
+                nxt = []
+                for (i, shadow, _), row in zip(step, logits):
+                    if shadow.num_computed_tokens < shadow.num_tokens:  # still catching up a long prompt
+                        continue
+                    grammar = requests[i].grammar if self.within_grammar else None
+                    if grammar is not None and not grammar.mask_draft_logits(row):
+                        continue
+                    token, q = self._draw(requests[i], row)
+                    drafts[i].append(token)
+                    if q is not None:
+                        probs[i].append(q)
+                    shadow.output_token_ids.append(token)
+                    if grammar is not None and not grammar.draft(token):
+                        continue
+                    if len(drafts[i]) < num_tokens[i] and self.kv.allocate(shadow, 1):
+                        nxt.append((i, shadow, 1))
+                if round_no > 0:
+                    round_times.append(time.perf_counter() - t0)
+                step = nxt
+        finally:
+            for req in requests:
+                if req.grammar is not None:
+                    req.grammar.undo_drafts()
         if round_times:
             self.last_round_seconds = sum(round_times) / len(round_times)
         return [Proposal(d, torch.stack(p) if p else None) for d, p in zip(drafts, probs)]

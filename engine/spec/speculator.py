@@ -45,6 +45,7 @@ class Speculator:
         self._controllers = [c for c in (self.controller, self.fallback_controller) if c is not None]
         self.max_model_len = max_model_len
         self.stats = SpecStats()
+        self.cut_at_grammar = True  # proposals end before a token the request's format refuses (False: bench)
         # What the last propose() decided, for the step that verifies it.
         self._pending_batch = 0
         self._pending_controller: SpecController | None = None  # whose proposals the step verifies
@@ -82,8 +83,12 @@ class Speculator:
         else:
             controller.record_round(time.perf_counter() - t0)
         for (r, _), proposal in zip(chosen, proposals):
-            r.spec_token_ids = proposal.token_ids
-            r.spec_draft_probs = proposal.probs
+            r.spec_token_ids, r.spec_draft_probs = proposal.token_ids, proposal.probs
+            if r.grammar is not None and self.cut_at_grammar:  # verification would reject it: cut there
+                valid = r.grammar.valid_prefix(r.spec_token_ids)
+                if valid < len(r.spec_token_ids):
+                    r.spec_token_ids = r.spec_token_ids[:valid]
+                    r.spec_draft_probs = r.spec_draft_probs[:valid] if r.spec_draft_probs is not None else None
         self._propose_seconds = time.perf_counter() - t_start
 
     def _limit(self, r: Request) -> int:

@@ -73,6 +73,66 @@ def test_structured_output_is_lossless_under_speculation(real_model_dir, llm, mo
         assert spec.engine.num_forced_accepted > 0
 
 
+def test_a_draft_model_drafts_within_the_grammar(real_model_dir, llm):
+    """Unconstrained, SmolLM2 answers these prompts in prose; drafting under the mask, its
+    proposals (greedy and sampled, whose q is then zero outside the mask) are all tokens the
+    format accepts, and the matcher is back where it was afterwards."""
+    import torch
+
+    spec = LLM(str(real_model_dir), dtype="float32", progress=False, speculative="draft",
+               draft_model=str(real_model_dir))
+    engine, proposer = spec.engine, spec.engine.speculator.proposer
+    grammar = grammar_from_json_schema(SCHEMA)
+    prompts = chat_prompts(llm)
+    reqs = [engine.make_request(p, SamplingParams(max_tokens=100, temperature=t, seed=1, grammar=grammar))
+            for p, t in zip(prompts, (0.0, 1.0, 0.0))]
+    reqs[2].grammar = None  # the same prompt without a format: the draft's own guess
+    for r in reqs:
+        r.num_computed_tokens = r.num_tokens - 1  # as if decoding: the draft catches up the prompt
+    before = [r.grammar.allowed() for r in reqs[:2]]
+    proposals = proposer.propose(reqs, [6, 6, 6])
+    for r, proposal, mask in zip(reqs[:2], proposals, before):
+        assert len(proposal.token_ids) == 6
+        assert r.grammar.valid_prefix(proposal.token_ids) == 6, llm.tokenizer.decode(proposal.token_ids)
+        assert torch.equal(r.grammar.allowed(), mask)  # drafts rolled back
+    q = proposals[1].probs
+    assert q is not None and float(q[0][~before[1]].sum()) == 0.0 and abs(float(q[0].sum()) - 1) < 1e-5
+    free = proposals[2].token_ids
+    assert engine.grammars.constraint(grammar).valid_prefix(free) < len(free)  # unconstrained: prose
+
+
+def test_proposals_are_cut_before_the_first_token_the_format_refuses(llm):
+    import torch
+
+    from loragate.engine.spec.proposer import Proposal
+    from loragate.engine.spec.speculator import Speculator
+
+    tok = llm.tokenizer
+    good = tok.encode('{"name": "Ada"', add_special_tokens=False)
+    bad = tok.encode(" hello", add_special_tokens=False)
+
+    class Fixed:  # proposes the same tokens, with made-up draft distributions, for every request
+        cost_per_token, wants_hidden_states = 0.1, False
+
+        def propose(self, requests, num_tokens, hidden_states=None):
+            ids = good[:2] + bad + good[2:4]
+            return [Proposal(ids, torch.full((len(ids), 4), 0.25)) for _ in requests]
+
+        def forget(self, keep):
+            pass
+
+    speculator = Speculator(Fixed(), 8, 2048)
+    speculator.controller.plan = lambda reqs, limits, batch_size: [6] * len(reqs)
+    prompt = chat_prompts(llm)[0]
+    structured = llm.engine.make_request(prompt, SamplingParams(max_tokens=50, grammar=grammar_from_json_schema(SCHEMA)))
+    free = llm.engine.make_request(prompt, SamplingParams(max_tokens=50))
+    for r in (structured, free):
+        r.num_computed_tokens = r.num_tokens - 1
+    speculator.propose([structured, free])
+    assert structured.spec_token_ids == good[:2] and structured.spec_draft_probs.shape == (2, 4)
+    assert len(free.spec_token_ids) == len(good[:2] + bad + good[2:4])  # no format: nothing to cut
+
+
 def test_verification_rows_get_the_mask_after_the_proposals_before_them(llm):
     import torch
 
