@@ -8,6 +8,7 @@ that goes away (streaming or not) cancels its requests, which frees their KV blo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -219,6 +220,26 @@ async def _generate(request: Request, *, chat: bool):
     except BaseException:
         slot.release()
         raise
+
+    async def events():
+        try:
+            # aclosing: a client that hangs up closes the chunks at once, which aborts the requests
+            async with contextlib.aclosing(stream_chunks(state, gen, prompts, choices, streams, chat=chat)) as chunks:
+                async for piece in chunks:
+                    yield _sse(piece)
+        except Exception as e:  # noqa: BLE001 - the status line is gone: report in-band
+            yield _sse(to_api_error(e).body())
+        finally:
+            slot.release()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def stream_chunks(state, gen, prompts, choices, streams, *, chat: bool):
+    """The chunk objects of a streamed answer (chat.completion.chunk or text_completion), in
+    order, for requests `_submit` queued; the usage chunk last when asked for. Errors raise."""
     tok = state.engine.tokenizer
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
@@ -245,29 +266,19 @@ async def _generate(request: Request, *, chat: bool):
         return {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created, "model": gen.model,
                 "choices": [choice]}
 
-    async def events():
-        started = set()
-        try:
-            async for i, out in _pump(streams):
-                c = choices[i]
-                new = c.add(out)
-                if out.delta_text or out.finished or new or i not in started:
-                    piece = chunk(c, out.delta_text, new, i not in started)
-                    if piece is not None:
-                        yield _sse(piece)
-                        started.add(i)
-            if gen.include_usage:
-                yield _sse({"id": rid, "object": kind + (".chunk" if chat else ""), "created": created,
-                            "model": gen.model, "choices": [],
-                            "usage": usage(prompt_tokens, sum(_generated(gen, c) for c in choices))})
-        except Exception as e:  # noqa: BLE001 - the status line is gone: report in-band
-            yield _sse(to_api_error(e).body())
-        finally:
-            slot.release()
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    started = set()
+    async with contextlib.aclosing(_pump(streams)) as outputs:
+        async for i, out in outputs:
+            c = choices[i]
+            new = c.add(out)
+            if out.delta_text or out.finished or new or i not in started:
+                piece = chunk(c, out.delta_text, new, i not in started)
+                if piece is not None:
+                    yield piece
+                    started.add(i)
+    if gen.include_usage:
+        yield {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created, "model": gen.model,
+               "choices": [], "usage": usage(prompt_tokens, sum(_generated(gen, c) for c in choices))}
 
 
 async def completions(request: Request):
