@@ -19,8 +19,8 @@ from typing import BinaryIO
 from .batch_store import LINE_FAILED, PENDING
 from .errors import APIError
 
-CHAT_ENDPOINT, COMPLETIONS_ENDPOINT = "/v1/chat/completions", "/v1/completions"
-ENDPOINTS = (CHAT_ENDPOINT, COMPLETIONS_ENDPOINT)
+CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, RESPONSES_ENDPOINT = "/v1/chat/completions", "/v1/completions", "/v1/responses"
+ENDPOINTS = (CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, RESPONSES_ENDPOINT)
 _CHUNK_BYTES = 1 << 20
 
 

@@ -12,7 +12,8 @@ Priority. Batch lines are background work, so the runner
 The alternative, a count of interactive requests in flight kept by the handlers, would hold
 batches back whenever anyone is being served, even with the engine far from full.
 
-Exactly the interactive answer: a line runs through openai_api.complete, the code behind the
+Exactly the interactive answer: a line runs through openai_api.complete (responses_api.respond
+for /v1/responses batches), the code behind the
 HTTP handlers, as its batch's tenant. Errors: 429/503 (engine busy, loading or stopped) leave
 the line pending and the runner backs off; any other error is the line's result.
 
@@ -34,12 +35,13 @@ import sqlite3
 import time
 
 from .auth import Principal
-from .batch_input import CHAT_ENDPOINT, BatchInputError, error_line, output_line, read_input
+from .batch_input import CHAT_ENDPOINT, RESPONSES_ENDPOINT, BatchInputError, error_line, output_line, read_input
 from .batch_lease import RunnerLease
 from .batch_store import (CANCELLING, FINALIZING, IN_PROGRESS, LINE_CANCELLED, LINE_EXPIRED, LINE_FAILED,
                           ORPHAN_MIN_AGE_S, SUCCEEDED, VALIDATING, BatchRecord, BatchStore, PendingLine)
 from .errors import APIError, to_api_error
 from .openai_api import complete
+from .responses_api import respond
 
 log = logging.getLogger("loragate.gateway")
 
@@ -219,8 +221,11 @@ class BatchRunner:
     async def _answer(self, batch: BatchRecord, line: PendingLine) -> tuple[str, str] | None:
         """(line state, result line), or None to leave the line pending for a later try."""
         try:
-            response = await complete(self.state, Principal(batch.tenant), json.loads(line.body),
-                                      chat=batch.endpoint == CHAT_ENDPOINT)
+            body, principal = json.loads(line.body), Principal(batch.tenant)
+            if batch.endpoint == RESPONSES_ENDPOINT:
+                response = await respond(self.state, principal, body)
+            else:
+                response = await complete(self.state, principal, body, chat=batch.endpoint == CHAT_ENDPOINT)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - every error becomes the line's result

@@ -2,9 +2,9 @@
 
 What the client sees when the engine fails part-way is explicit, never a silently short
 answer: an SSE stream ends with an error event then `data: [DONE]` (the shape the engine's own
-stream errors use, gateway/openai_api.py); a buffered body becomes a 502 in OpenAI's error
-shape; a raw relayed body (a file download) is aborted so the client's HTTP library reports
-an incomplete message."""
+stream errors use, gateway/openai_api.py), a Responses stream with its `error` event; a
+buffered body becomes a 502 in OpenAI's error shape; a raw relayed body (a file download) is
+aborted so the client's HTTP library reports an incomplete message."""
 
 from __future__ import annotations
 
@@ -107,34 +107,50 @@ class LeasedStream(StreamingResponse):
             await self.lease.close()
 
 
-def _error_event(message: str) -> bytes:
+def _error_event(message: str, responses_sequence: int | None) -> bytes:
+    """The event a cut stream ends with: chat/completions' `data: {"error": ...}` (then
+    [DONE]), or with a Responses stream's numbering, its `error` event."""
     body = APIError(502, message, "server_error", code="engine_unavailable").body()
-    return f"data: {json.dumps(body)}\n\n".encode()
+    if responses_sequence is None:
+        return f"data: {json.dumps(body)}\n\n".encode()
+    event = {"type": "error", "sequence_number": responses_sequence, "code": "engine_unavailable",
+             "message": message, "param": None}
+    return f"event: error\ndata: {json.dumps(event)}\n\n".encode()
+
+
+# A stream is complete after `data: [DONE]` (chat, completions) or one of the Responses API's
+# final events (the first line of an event carrying `event: <type>`).
+_FINAL_EVENTS = frozenset({b"data: [DONE]", b"event: response.completed", b"event: response.incomplete",
+                           b"event: response.failed", b"event: error"})
 
 
 async def relay_events(lease: Lease, on_cut):
     """Yield the engine's SSE events whole (never a partial event, so an error event appended
-    after a cut stays parseable); if the stream stops before `data: [DONE]`, end it with an
-    error event and [DONE]. `on_cut(reason, exc)` ejects the engine and counts the cut."""
-    pending, is_done = b"", False
+    after a cut stays parseable); if the stream stops before its final event, end it with an
+    error event (and [DONE] where that ends a stream). `on_cut(reason, exc)` ejects the engine
+    and counts the cut."""
+    pending, is_done, num_events, responses = b"", False, 0, False
     error: Exception | None = None
     try:
         async for chunk in lease.upstream.aiter_raw():
             pending += chunk
             *events, pending = pending.split(b"\n\n")  # loragate engines end every event with \n\n
             for event in events:
-                is_done = event.strip() == b"data: [DONE]"
+                first_line = event.strip().split(b"\n", 1)[0]
+                is_done, num_events = first_line in _FINAL_EVENTS, num_events + 1
+                responses = responses or first_line.startswith(b"event: ")
                 yield event + b"\n\n"
     except (*ENGINE_GONE, httpx.TimeoutException) as e:
         error = e
     finally:
         await lease.close()
     if not is_done:
-        reason = f"{type(error).__name__}: {error}" if error else "the stream ended without [DONE]"
+        reason = f"{type(error).__name__}: {error}" if error else "the stream ended before its final event"
         on_cut(reason, error)
         yield _error_event(f"the engine serving this stream stopped mid-way ({reason}); the output above is "
-                           "incomplete: retry the request")
-        yield b"data: [DONE]\n\n"
+                           "incomplete: retry the request", num_events if responses else None)
+        if not responses:
+            yield b"data: [DONE]\n\n"
 
 
 async def read_body(lease: Lease, on_cut) -> bytes:

@@ -1,9 +1,9 @@
 """`loragate serve --role router`: no model; spreads the OpenAI API over engine replicas.
 
-Inference (/v1/chat/completions, /v1/completions, streamed or not) goes by adapter affinity:
-the key is the request's `model` plus a hash of the caller's Authorization header (two
-tenants' same-named adapters are different adapters), ranked over the healthy engines by
-rendezvous hashing (gateway/rendezvous.py), so one adapter's weights stay hot in the slots of
+Inference (/v1/chat/completions, /v1/completions, /v1/responses, streamed or not) goes by
+adapter affinity: the key is the request's `model` plus a hash of the caller's Authorization
+header (two tenants' same-named adapters are different adapters), ranked over the healthy
+engines by rendezvous hashing (gateway/rendezvous.py), so one adapter's weights stay hot in the slots of
 one engine instead of being loaded everywhere. An engine with `max_engine_load` requests open
 spills its adapters' new requests to their next engine (spills are counted).
 
@@ -291,6 +291,7 @@ def build_router_app(settings, *, client: httpx.AsyncClient | None = None,
         Route("/metrics", metrics),
         Route("/v1/completions", inference, methods=["POST"]),
         Route("/v1/chat/completions", inference, methods=["POST"]),
+        Route("/v1/responses", inference, methods=["POST"]),
         Route("/v1/{path:path}", forward, methods=_ALL_METHODS),
         *(Route(path, forward, methods=_ALL_METHODS) for path in ("/tokenize", "/detokenize", "/tokenizer_info")),
     ]

@@ -59,9 +59,16 @@ class FakeEngines:
         if mode == "cut_body":
             return httpx.Response(200, headers={"content-type": "application/json", "content-length": "500"},
                                   stream=ChunkStream([b'{"id": "cmpl-1", "cho'], cut))
-        is_stream = "completions" in request.url.path and json.loads(body).get("stream") is True
+        inference = "completions" in request.url.path or request.url.path == "/v1/responses"
+        is_stream = inference and json.loads(body).get("stream") is True
         if not is_stream:
             return json_response(200, {"engine": base, "path": request.url.path})
+        if request.url.path == "/v1/responses":  # event-typed SSE, ending with response.completed
+            events = [b'event: response.created\ndata: {"sequence_number": 0}\n\nevent: response.output_text',
+                      b'.delta\ndata: {"sequence_number": 1}\n\n']
+            end = [] if mode != "ok" else [b'event: response.completed\ndata: {"sequence_number": 2}\n\n']
+            return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                                  stream=ChunkStream(events + end, cut if mode == "cut_stream" else None))
         events = [b'data: {"n": 1}\n\ndata: {"n"', b': 2}\n\n']
         if mode == "cut_stream":  # dies in the middle of the third event
             return httpx.Response(200, headers={"content-type": "text/event-stream"},
@@ -177,6 +184,26 @@ def test_a_stream_cut_mid_way_ends_with_an_error_event(engines, mode):
         assert metric(client, f'loragate_router_stream_cuts_total{{replica="{E1}"}}') == 1
         # A connection lost mid-stream ejects the engine; a stream that merely lacks [DONE] does not.
         assert (E1 in client.get("/readyz").json()["engines"]) == (mode == "no_done")
+
+
+@pytest.mark.parametrize("mode", ["ok", "cut_stream", "no_done"])
+def test_a_responses_stream_is_relayed_and_a_cut_one_ends_with_its_error_event(engines, mode):
+    with make_client(engines) as client:
+        model = model_preferring(E1)
+        engines.mode[E1] = mode
+        r = client.post("/v1/responses", json={"model": model, "input": "x", "stream": True}, headers=AUTH)
+        events = _events(r)
+        assert events[:2] == ['event: response.created\ndata: {"sequence_number": 0}',
+                              'event: response.output_text.delta\ndata: {"sequence_number": 1}']
+        assert len(events) == 3  # no [DONE]: the Responses stream ends with its final event
+        if mode == "ok":
+            assert events[2].startswith("event: response.completed")
+            return
+        kind, data = events[2].split("\n")
+        error = json.loads(data[len("data: "):])
+        assert kind == "event: error" and error["type"] == "error" and error["code"] == "engine_unavailable"
+        assert error["sequence_number"] == 2
+        assert metric(client, f'loragate_router_stream_cuts_total{{replica="{E1}"}}') == 1
 
 
 def test_a_non_streamed_body_cut_mid_way_is_a_502(engines):
