@@ -246,9 +246,10 @@ async def _respond(state, principal, body: dict, chat: dict, gen) -> dict:
     builder = ResponseBuilder(body, gen)
     choice = completion["choices"][0]
     message = choice["message"]
-    if message.get("content"):
-        builder.output.append(builder.message_item(message["content"]))
-    builder.output += [builder.call_item(call) for call in message.get("tool_calls") or []]
+    calls = message.get("tool_calls") or []
+    if message.get("content") or not calls:  # an empty answer is an empty message, as when streamed
+        builder.output.append(builder.message_item(message.get("content") or ""))
+    builder.output += [builder.call_item(call) for call in calls]
     return builder.response("completed", choice["finish_reason"], completion["usage"])
 
 
@@ -330,6 +331,8 @@ class StreamedResponse:
             yield self.sse("response.output_item.added", output_index=index, item=_public(self.message))
             yield self.sse("response.content_part.added", item_id=self.message["id"], output_index=index,
                            content_index=0, part=self.builder.text_part(""))
+        if not piece:
+            return
         self.message["text"] += piece
         yield self.sse("response.output_text.delta", item_id=self.message["id"], output_index=self._index(self.message),
                        content_index=0, delta=piece, logprobs=[])
@@ -349,6 +352,8 @@ class StreamedResponse:
                            output_index=self._index(item), delta=piece)
 
     def _close_items(self):
+        if not self.builder.output:  # nothing was generated: still one (empty) message
+            yield from self._text("")
         for item in list(self.builder.output):
             index = self._index(item)
             if item["type"] == "message":

@@ -57,6 +57,20 @@ def test_answer_equals_the_chat_completion_whole_and_streamed(server, ends):
     assert final.output_text == want and final.usage.output_tokens == chat.usage.completion_tokens
 
 
+def test_an_empty_answer_is_one_empty_message_whole_and_streamed(server):
+    client = client_for(server)
+    first = client.responses.create(model="tiny", input="t3 t4", max_output_tokens=4, temperature=0).output_text
+    stop = {"stop": [first.split()[0]]}  # the answer's first word: nothing is left before it
+    r = client.responses.create(model="tiny", input="t3 t4", max_output_tokens=4, temperature=0, extra_body=stop)
+    assert r.status == "completed" and [(i.type, i.content[0].text) for i in r.output] == [("message", "")]
+    events = list(client.responses.create(model="tiny", input="t3 t4", max_output_tokens=4, temperature=0,
+                                          extra_body=stop, stream=True))
+    assert [e.type for e in events if "delta" in e.type] == []
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [(i.type, i.content[0].text) for i in done] == [("message", "")]
+    assert events[-1].type == "response.completed" and events[-1].response.output_text == ""
+
+
 def test_input_items_become_the_conversation(server):
     client = client_for(server)
     items = [{"role": "developer", "content": "t7"}, {"role": "user", "content": [{"type": "input_text", "text": "t3"}]},
