@@ -297,7 +297,8 @@ class StreamedResponse:
     def __init__(self, builder: ResponseBuilder):
         self.builder = builder
         self.sequence = 0
-        self.message: dict | None = None  # the open message item, while text streams
+        self.message: dict | None = None  # the message item, once text streams
+        self.text = ""  # its text so far
         self.calls: dict[int, dict] = {}  # chat tool-call index -> its open function_call item
         self.finish_reason: str | None = None
 
@@ -325,15 +326,14 @@ class StreamedResponse:
     def _text(self, piece: str):
         if self.message is None:
             self.message = self.builder.message_item("", status="in_progress")
-            self.message["text"] = ""
             self.builder.output.append(self.message)
             index = len(self.builder.output) - 1
-            yield self.sse("response.output_item.added", output_index=index, item=_public(self.message))
+            yield self.sse("response.output_item.added", output_index=index, item=self.message)
             yield self.sse("response.content_part.added", item_id=self.message["id"], output_index=index,
                            content_index=0, part=self.builder.text_part(""))
         if not piece:
             return
-        self.message["text"] += piece
+        self.text += piece
         yield self.sse("response.output_text.delta", item_id=self.message["id"], output_index=self._index(self.message),
                        content_index=0, delta=piece, logprobs=[])
 
@@ -344,7 +344,7 @@ class StreamedResponse:
                                                                          "arguments": ""}}, status="in_progress")
             self.calls[call["index"]] = item
             self.builder.output.append(item)
-            yield self.sse("response.output_item.added", output_index=self._index(item), item=dict(item))
+            yield self.sse("response.output_item.added", output_index=self._index(item), item=item)
         piece = call["function"].get("arguments") or ""
         if piece:
             item["arguments"] += piece
@@ -357,10 +357,9 @@ class StreamedResponse:
         for item in list(self.builder.output):
             index = self._index(item)
             if item["type"] == "message":
-                text = item.pop("text")
-                part = self.builder.text_part(text)
+                part = self.builder.text_part(self.text)
                 yield self.sse("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                               text=text, logprobs=[])
+                               text=self.text, logprobs=[])
                 yield self.sse("response.content_part.done", item_id=item["id"], output_index=index,
                                content_index=0, part=part)
                 item["content"], item["status"] = [part], "completed"
@@ -368,15 +367,10 @@ class StreamedResponse:
                 yield self.sse("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                                arguments=item["arguments"])
                 item["status"] = "completed"
-            yield self.sse("response.output_item.done", output_index=index, item=_public(item))
+            yield self.sse("response.output_item.done", output_index=index, item=item)
 
     def _index(self, item: dict) -> int:
         return next(i for i, it in enumerate(self.builder.output) if it is item)
-
-
-def _public(item: dict) -> dict:
-    """An item as the client sees it (without the text being accumulated)."""
-    return {k: v for k, v in item.items() if k != "text" or item["type"] != "message"}
 
 
 routes = [Route("/v1/responses", responses, methods=["POST"])]
