@@ -36,7 +36,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort"
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
-    num_cached_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     new_logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
     # With SamplingParams.prompt_logprobs: (logprob, {token: logprob}) of prompt tokens 1.. (complete
     # from the first output on, since a request samples only once its whole prompt has run).

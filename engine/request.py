@@ -46,7 +46,7 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     # Tokens whose K/V are in the cache (prompt and output tokens alike).
     num_computed_tokens: int = 0
-    # Of those, how many came from the prefix cache on the last admission.
+    # Of those, how many came from the prefix cache on the first admission (usage's cached tokens).
     num_cached_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     # Chained hashes of this request's full blocks, in order (prefix-cache keys).

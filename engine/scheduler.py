@@ -90,8 +90,9 @@ class Scheduler:
             if not self._pin_adapter(req):
                 continue
             if not req.block_ids:
-                req.num_cached_tokens = self.kv.match_prefix(req)
-                req.num_computed_tokens = req.num_cached_tokens
+                req.num_computed_tokens = self.kv.match_prefix(req)
+                if req.first_scheduled_time is None:  # a re-admission's hits are its own earlier work
+                    req.num_cached_tokens = req.num_computed_tokens
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.kv.allocate(req, num_new):
                 self.kv.free(req)  # give back the prefix hits until it can run

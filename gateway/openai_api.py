@@ -40,6 +40,7 @@ class Choice:
         self.index, self.prompt_index, self.prompt_len = index, prompt_index, prompt_len
         self.text, self.tokens, self.logprobs, self.finish_reason = "", [], [], None
         self.prompt_logprobs = None  # with echo + logprobs: the prompt tokens' entries
+        self.cached_tokens = 0  # of the prompt, served from the prefix cache
         self.metrics, self.label = metrics, label
         self.start = self.last = time.monotonic()
 
@@ -47,6 +48,7 @@ class Choice:
         t = time.monotonic()
         (self.metrics.itl if self.tokens else self.metrics.ttft).observe(t - self.last)
         self.last = t
+        self.cached_tokens = out.num_cached_tokens
         if out.prompt_logprobs is not None and self.prompt_logprobs is None:
             self.prompt_logprobs = out.prompt_logprobs
         self.text += out.delta_text
@@ -167,7 +169,13 @@ async def _collect(state, principal, body: dict, gen, *, chat: bool) -> dict:
             text, logprobs = _completion_piece(gen, tok, prompts, c, c.text, c.logprobs, True, 0)
             out_choices.append({"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason})
     return {"id": rid, "object": kind, "created": created, "model": gen.model, "choices": out_choices,
-            "usage": usage(sum(len(p) for p in prompts), sum(_generated(gen, c) for c in choices))}
+            "usage": _usage(gen, prompts, choices)}
+
+
+def _usage(gen, prompts, choices: list[Choice]) -> dict:
+    """Each prompt counts once (n choices share it): its cached tokens are its least cached choice's."""
+    cached = sum(min(c.cached_tokens for c in choices if c.prompt_index == i) for i in range(len(prompts)))
+    return usage(sum(len(p) for p in prompts), sum(_generated(gen, c) for c in choices), cached)
 
 
 def _generated(gen, c: Choice) -> int:
@@ -244,7 +252,6 @@ async def stream_chunks(state, gen, prompts, choices, streams, *, chat: bool):
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     kind = "chat.completion" if chat else "text_completion"
-    prompt_tokens = sum(len(p) for p in prompts)
 
     calls = {c.index: StreamedCalls(gen.tools) for c in choices} if gen.tools and gen.tools.mode != "none" else None
 
@@ -278,7 +285,7 @@ async def stream_chunks(state, gen, prompts, choices, streams, *, chat: bool):
                     started.add(i)
     if gen.include_usage:
         yield {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created, "model": gen.model,
-               "choices": [], "usage": usage(prompt_tokens, sum(_generated(gen, c) for c in choices))}
+               "choices": [], "usage": _usage(gen, prompts, choices)}
 
 
 async def completions(request: Request):

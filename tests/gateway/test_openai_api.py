@@ -137,6 +137,18 @@ def test_tokenizer_routes_in_vllms_shapes(server):
     assert httpx.post(server.url + "/tokenize", json={"prompt": "t5"}).status_code == 401
 
 
+def test_usage_counts_the_prompt_tokens_served_from_the_prefix_cache(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="key-a", max_retries=0)
+    prompt = " ".join(f"t{i}" for i in range(100, 140))  # 40 tokens: two full 16-token blocks
+    first = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0).usage
+    again = client.completions.create(model="tiny", prompt=prompt + " t7", max_tokens=2, temperature=0).usage
+    assert first.prompt_tokens_details.cached_tokens == 0
+    assert again.prompt_tokens_details.cached_tokens == 32 and again.prompt_tokens == first.prompt_tokens + 1
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 32
+
+
 def test_min_p_reaches_the_sampler(server):
     """min_p 1 keeps only the most likely token: a sampled completion is then the greedy one."""
     body = {"model": "tiny", "prompt": "t3 t4 t5", "max_tokens": 12, "ignore_eos": True}
