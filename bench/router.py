@@ -1,11 +1,13 @@
 """Adapter-affinity routing vs round-robin over two engine replicas, side by side in one run.
 
-    python bench/router.py [--requests 256] [--clients 32] [--max-tokens 32] [--zipf 1.0] [--repeats 1]
+    python bench/router.py [--requests 256] [--clients 32] [--max-tokens 32] [--zipf 1.0] [--session 1]
+                           [--repeats 1]
 
 Two `loragate serve --role engine` replicas (SmolLM2-135M-Instruct bf16, --max-loras 4 and
 --num-threads 1 each) share one LORAGATE_HOME, so one adapter store; 16 rank-16 peft adapters
 with random B (q,k,v,o) are uploaded through a `--role router`. Then the same request mix
-(adapter popularity Zipf(s) over the 16, seeded; greedy, ignore_eos, --max-tokens each; N
+(adapter popularity Zipf(s) over the 16, seeded, drawn per request or per session of
+--session requests a client sends in a row; greedy, ignore_eos, --max-tokens each; N
 closed-loop clients) runs through the router twice: --route-policy round_robin, then
 affinity, each on freshly started engines so neither inherits warm slots. Prints output
 tok/s for both and the ratio (target >= 1.3x), and adapter loads per replica (slot loads:
@@ -112,19 +114,22 @@ class Fleet:
                 p.kill()
 
 
-async def run_mix(url: str, jobs, clients: int, max_tokens: int) -> tuple[int, float]:
-    queue = list(reversed(jobs))
+async def run_mix(url: str, jobs, clients: int, max_tokens: int, session: int = 1) -> tuple[int, float]:
+    """Closed-loop clients take the jobs in order, `session` consecutive jobs at a time (a
+    session's jobs share one adapter), and send each when their previous answer is in."""
+    queue = [jobs[i:i + session] for i in range(0, len(jobs), session)][::-1]
     tokens = 0
 
     async def client_loop(h):
         nonlocal tokens
         while queue:
-            prompt, model = queue.pop()
-            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-            r = await h.post(url + "/v1/completions", json=body, headers=AUTH)
-            if r.status_code != 200:
-                raise SystemExit(f"request for {model!r} answered {r.status_code}: {r.text}")
-            tokens += r.json()["usage"]["completion_tokens"]
+            for prompt, model in queue.pop():
+                body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                        "ignore_eos": True}
+                r = await h.post(url + "/v1/completions", json=body, headers=AUTH)
+                if r.status_code != 200:
+                    raise SystemExit(f"request for {model!r} answered {r.status_code}: {r.text}")
+                tokens += r.json()["usage"]["completion_tokens"]
 
     async with httpx.AsyncClient(timeout=600) as h:
         t0 = time.perf_counter()
@@ -142,7 +147,7 @@ def measure(args, model_dir, env, policy, jobs, adapter_dirs, upload: bool) -> d
         for url in fleet.engine_urls:  # warm-up on the base model: no slot loads before the count
             asyncio.run(run_mix(url, [(jobs[0][0], "base")] * 2, 2, 4))
         before = [pool_misses(u) for u in fleet.engine_urls]
-        tokens, seconds = asyncio.run(run_mix(fleet.url, jobs, args.clients, args.max_tokens))
+        tokens, seconds = asyncio.run(run_mix(fleet.url, jobs, args.clients, args.max_tokens, args.session))
         loads = [pool_misses(u) - b for u, b in zip(fleet.engine_urls, before)]
         spills = router_counter(fleet.url, "loragate_router_spills_total")
     return {"tok_s": tokens / seconds, "seconds": seconds, "loads": loads, "spills": spills}
@@ -157,6 +162,9 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--zipf", type=float, default=1.0, help="adapter popularity exponent (0: uniform)")
+    ap.add_argument("--session", type=int, default=1,
+                    help="requests a client sends in a row for one adapter (a conversation or an agent's run); "
+                         "each session draws its adapter (default: %(default)s, every request draws its own)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-engine-load", type=int, default=0,
                     help="the router's spill threshold per engine (default: 2/3 of the clients)")
@@ -177,12 +185,13 @@ def main() -> None:
     weights = [1 / (k + 1) ** args.zipf for k in range(args.adapters)]
     names = [f"a{i}" for i in range(args.adapters)]
     starts = [(400 + 97 * i) % (len(ids) - 48) for i in range(args.requests)]  # 48-token prompts, never empty
-    jobs = [(tok.decode(ids[s:s + 48]), rng.choices(names, weights)[0]) for s in starts]
+    adapters = [rng.choices(names, weights)[0] for _ in range(0, args.requests, args.session)]
+    jobs = [(tok.decode(ids[s:s + 48]), adapters[i // args.session]) for i, s in enumerate(starts)]
 
     env = dict(os.environ, LORAGATE_HOME=str(tmp / "home"), LORAGATE_API_KEYS=f"{KEY}=bench",
                LORAGATE_SERVED_MODEL_NAME="base")
     print(f"{args.requests} requests, {args.clients} clients, {args.max_tokens} tokens each, {args.adapters} adapters "
-          f"(Zipf s={args.zipf:g}), 2 engines x --max-loras 4 --num-threads 1, model {Path(model_dir).name} "
+          f"(Zipf s={args.zipf:g}, sessions of {args.session}), 2 engines x --max-loras 4 --num-threads 1, model {Path(model_dir).name} "
           f"{args.dtype}", flush=True)
     speedups, load_ratios = [], []
     for repeat in range(args.repeats):
