@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .errors import APIError, error_response
-from .openai_api import chat_completions, completions, list_models
+from .openai_api import chat_completions, completions, get_model, list_models
 from .state import ServerState
 
 log = logging.getLogger("loragate.gateway")
@@ -86,6 +86,7 @@ def build_app(state: ServerState, load=None) -> Starlette:
         Route("/readyz", readyz),
         Route("/metrics", metrics),
         Route("/v1/models", list_models),
+        Route("/v1/models/{model}", get_model),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         *adapter_routes,

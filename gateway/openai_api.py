@@ -16,7 +16,7 @@ import uuid
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from .errors import APIError, to_api_error
+from .errors import APIError, not_found, to_api_error
 from .protocol import (chat_logprobs, chat_messages, completion_logprobs, completion_prompts, echo_logprobs, parse_common,
                        usage)
 from .tool_calls import StreamedCalls, check_template
@@ -296,13 +296,26 @@ async def chat_completions(request: Request):
     return await _generate(request, chat=True)
 
 
-async def list_models(request: Request):
+def _models(request: Request) -> list[dict]:
+    """The base model and the caller's adapters, as OpenAI model objects."""
     state = request.app.state.server
     principal = principal_of(request)
-    created = int(time.time())
-    data = [{"id": state.model_name, "object": "model", "created": created, "owned_by": "loragate"}]
+    data = [{"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "loragate"}]
     if state.registry is not None:
         for info in state.registry.list(principal.tenant):
             data.append({"id": info.name, "object": "model", "created": int(info.created), "owned_by": info.tenant,
                          "parent": state.model_name})
-    return JSONResponse({"object": "list", "data": data})
+    return data
+
+
+async def list_models(request: Request):
+    return JSONResponse({"object": "list", "data": _models(request)})
+
+
+async def get_model(request: Request):
+    """GET /v1/models/{model}: the base model or one of the caller's adapters, else 404."""
+    model = request.path_params["model"]
+    for entry in _models(request):
+        if entry["id"] == model:
+            return JSONResponse(entry)
+    raise not_found(f"the model {model!r} does not exist (neither the base model nor one of your adapters)")

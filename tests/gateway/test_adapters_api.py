@@ -71,6 +71,8 @@ def test_tenant_isolation(server, peft_adapter):
     assert httpx.delete(url, headers=b).status_code == 404
     assert upload(server, "mine", files_of(peft_adapter), key="key-b", method="PUT").status_code == 404
     assert complete(server, "mine", key="key-b").status_code == 404
+    assert httpx.get(server.url + "/v1/models/mine", headers=b).status_code == 404
+    assert httpx.get(server.url + "/v1/models/mine", headers=server.headers("key-a")).json()["parent"] == "tiny"
     assert "mine" not in [a["name"] for a in httpx.get(server.url + "/v1/adapters", headers=b).json()["data"]]
     assert store_snapshot(Path(server_home(server))) == snapshot
     assert httpx.get(url).status_code == 401  # no key

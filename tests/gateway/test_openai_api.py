@@ -160,9 +160,13 @@ def test_min_p_reaches_the_sampler(server):
     assert sampled[1]["choices"][0]["text"] != greedy["choices"][0]["text"]  # without min_p it samples
 
 
-def test_models_list_shows_the_base_model(server):
+def test_models_list_shows_the_base_model_and_one_can_be_retrieved(server):
     ids = [m.id for m in client(server).models.list().data]
     assert "tiny" in ids
+    assert client(server).models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError) as e:
+        client(server).models.retrieve("nope")
+    assert e.value.body["code"] == "model_not_found"
 
 
 @pytest.mark.parametrize("body, param", [
