@@ -13,9 +13,9 @@ The alternative, a count of interactive requests in flight kept by the handlers,
 batches back whenever anyone is being served, even with the engine far from full.
 
 Exactly the interactive answer: a line runs through openai_api.complete (responses_api.respond
-for /v1/responses batches), the code behind the
-HTTP handlers, as its batch's tenant. Errors: 429/503 (engine busy, loading or stopped) leave
-the line pending and the runner backs off; any other error is the line's result.
+for /v1/responses batches), the code behind the HTTP handlers, as its batch's tenant.
+Errors: 429/503 (engine busy, loading or stopped) leave the line pending and the runner
+backs off; any other error is the line's result.
 
 Fleet: engines sharing one LORAGATE_HOME share the store; only the holder of its lease
 (batch_lease.py) runs lines, the others poll it and take over when the holder is gone.
