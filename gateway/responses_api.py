@@ -38,13 +38,14 @@ class ResponseBuilder:
         self.created = int(time.time())
         self.output: list[dict] = []
 
-    def message_item(self, text: str, status: str = "completed") -> dict:
+    def message_item(self, text: str, status: str = "completed", logprobs: list | None = None) -> dict:
         return {"type": "message", "id": "msg_" + uuid.uuid4().hex, "status": status, "role": "assistant",
-                "content": [self.text_part(text)] if status == "completed" else []}
+                "content": [self.text_part(text, logprobs)] if status == "completed" else []}
 
     @staticmethod
-    def text_part(text: str) -> dict:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    def text_part(text: str, logprobs: list | None = None) -> dict:
+        """logprobs: chat's per-token entries (token, logprob, bytes, top_logprobs), the same shape."""
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
     @staticmethod
     def call_item(call: dict, status: str = "completed") -> dict:
@@ -97,7 +98,8 @@ async def _respond(state, principal, body: dict, chat: dict, gen) -> dict:
     message = choice["message"]
     calls = message.get("tool_calls") or []
     if message.get("content") or not calls:  # an empty answer is an empty message, as when streamed
-        builder.output.append(builder.message_item(message.get("content") or ""))
+        logprobs = (choice.get("logprobs") or {}).get("content")
+        builder.output.append(builder.message_item(message.get("content") or "", logprobs=logprobs))
     builder.output += [builder.call_item(call) for call in calls]
     return builder.response("completed", choice["finish_reason"], completion["usage"])
 
@@ -148,6 +150,8 @@ class StreamedResponse:
         self.sequence = 0
         self.message: dict | None = None  # the message item, once text streams
         self.text = ""  # its text so far
+        self.logprobs: list = []  # its tokens' logprobs so far (with include: [LOGPROBS])
+        self.unsent = 0  # of those, how many no delta has carried yet
         self.calls: dict[int, dict] = {}  # chat tool-call index -> its open function_call item
         self.finish_reason: str | None = None
 
@@ -165,6 +169,9 @@ class StreamedResponse:
             return
         choice = chunk["choices"][0]
         delta = choice["delta"]
+        entries = (choice.get("logprobs") or {}).get("content") or []
+        self.logprobs += entries
+        self.unsent += len(entries)
         if delta.get("content"):
             yield from self._text(delta["content"])
         for call in delta.get("tool_calls") or []:
@@ -183,8 +190,11 @@ class StreamedResponse:
         if not piece:
             return
         self.text += piece
+        # a tool-call plan may hold text back: a delta carries every token's entry since the last one
+        logprobs = self.logprobs[len(self.logprobs) - self.unsent:] if self.unsent else []
+        self.unsent = 0
         yield self.sse("response.output_text.delta", item_id=self.message["id"], output_index=self._index(self.message),
-                       content_index=0, delta=piece, logprobs=[])
+                       content_index=0, delta=piece, logprobs=logprobs)
 
     def _call(self, call: dict):
         item = self.calls.get(call["index"])
@@ -206,9 +216,9 @@ class StreamedResponse:
         for item in list(self.builder.output):
             index = self._index(item)
             if item["type"] == "message":
-                part = self.builder.text_part(self.text)
+                part = self.builder.text_part(self.text, self.logprobs)
                 yield self.sse("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                               text=self.text, logprobs=[])
+                               text=self.text, logprobs=self.logprobs)
                 yield self.sse("response.content_part.done", item_id=item["id"], output_index=index,
                                content_index=0, part=part)
                 item["content"], item["status"] = [part], "completed"

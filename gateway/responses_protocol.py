@@ -3,13 +3,15 @@
 `instructions` and `input` (a string, or message, function_call and function_call_output
 items) become the chat messages; `max_output_tokens`, `temperature`, `top_p`, `tools`
 (function tools), `tool_choice`, `parallel_tool_calls` and `text.format` (text, json_object,
-json_schema) their chat counterparts. Options that need stored state or something this
+json_schema) their chat counterparts; `include: ["message.output_text.logprobs"]` with
+`top_logprobs` the chat logprobs. Options that need stored state or something this
 server does not run are refused by name (InvalidRequestError -> 400)."""
 
 from __future__ import annotations
 
 from loragate.engine.errors import InvalidRequestError
 
+LOGPROBS = "message.output_text.logprobs"  # the one `include` value served
 # Extensions passed through to sampling as on the chat endpoint (vLLM's, and OpenAI chat's).
 _PASSED_THROUGH = ("seed", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
                    "logit_bias", "min_tokens", "stop", "stop_token_ids", "ignore_eos", "speculative")
@@ -20,7 +22,6 @@ _REFUSED = {
     "background": "background responses are not supported",
     "reasoning": "reasoning settings are not supported",
     "max_tool_calls": "'max_tool_calls' is not supported",
-    "top_logprobs": "logprobs are not supported on /v1/responses (use /v1/chat/completions)",
 }
 
 
@@ -136,8 +137,9 @@ def chat_body_from(body: dict) -> dict:
             raise refuse(why, name)
     if body.get("truncation") not in (None, "disabled"):
         raise refuse("only 'truncation': 'disabled' is supported: a prompt over the context is a 400", "truncation")
-    if body.get("include"):
-        raise refuse("'include' is not supported: nothing extra can be included", "include")
+    include = body.get("include") or []
+    if not isinstance(include, list) or any(item != LOGPROBS for item in include):
+        raise refuse(f"'include' may only list {LOGPROBS!r}", "include")
     metadata = body.get("metadata")
     if metadata is not None and (not isinstance(metadata, dict)
                                  or not all(isinstance(v, str) for v in metadata.values())):
@@ -148,6 +150,11 @@ def chat_body_from(body: dict) -> dict:
     for name in ("temperature", "top_p", "parallel_tool_calls", "stream", *_PASSED_THROUGH):
         if body.get(name) is not None:
             chat[name] = body[name]
+    if include:  # the output text's tokens with their logprobs (and top_logprobs alternatives)
+        chat["logprobs"] = True
+        chat["top_logprobs"] = body.get("top_logprobs") or 0
+    elif body.get("top_logprobs"):
+        raise refuse(f"'top_logprobs' needs 'include': [{LOGPROBS!r}]", "top_logprobs")
     tools, choice = _chat_tools(body)
     if tools is not None:
         chat["tools"] = tools

@@ -71,6 +71,27 @@ def test_an_empty_answer_is_one_empty_message_whole_and_streamed(server):
     assert events[-1].type == "response.completed" and events[-1].response.output_text == ""
 
 
+def test_logprobs_are_the_chat_completions_whole_and_streamed(server):
+    client = client_for(server)
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "t3 t4"}], max_tokens=6,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    want = [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in chat.choices[0].logprobs.content]
+    asked = {"model": "tiny", "input": "t3 t4", "max_output_tokens": 6, "temperature": 0, "top_logprobs": 2,
+             "include": ["message.output_text.logprobs"]}
+
+    def entries(logprobs):
+        return [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in logprobs]
+
+    r = client.responses.create(**asked)
+    assert entries(r.output[0].content[0].logprobs) == want and len(want) == 6 and len(want[0][2]) == 2
+    events = list(client.responses.create(**asked, stream=True))
+    streamed = [e for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs]
+    assert entries(streamed) == want
+    assert entries(events[-1].response.output[0].content[0].logprobs) == want
+    plain = client.responses.create(model="tiny", input="t3 t4", max_output_tokens=6, temperature=0)
+    assert plain.output[0].content[0].logprobs == []  # only when asked for
+
+
 def test_input_items_become_the_conversation(server):
     client = client_for(server)
     items = [{"role": "developer", "content": "t7"}, {"role": "user", "content": [{"type": "input_text", "text": "t3"}]},
@@ -93,7 +114,8 @@ def test_input_items_become_the_conversation(server):
     ({"background": True}, "background"),
     ({"reasoning": {"effort": "high"}}, "reasoning"),
     ({"truncation": "auto"}, "truncation"),
-    ({"include": ["message.output_text.logprobs"]}, "include"),
+    ({"include": ["reasoning.encrypted_content"]}, "include"),
+    ({"top_logprobs": 2}, "top_logprobs"),
     ({"tools": [{"type": "web_search"}]}, "tools"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]}, "input"),
     ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
