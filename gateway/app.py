@@ -57,7 +57,7 @@ def build_app(state: ServerState, load=None) -> Starlette:
     """`load()` (run in a thread at start-up) sets state.engine and state.registry; tests may
     instead fill the state and pass none."""
     from .adapters_api import routes as adapter_routes
-    from .responses_api import routes as responses_routes
+    from .responses_api import response_store_service, routes as responses_routes
     from .tokenizer_api import routes as tokenizer_routes
     from .batch_runner import batch_service
     from .batches_api import routes as batch_routes
@@ -76,7 +76,7 @@ def build_app(state: ServerState, load=None) -> Starlette:
             thread = threading.Thread(target=run, name="loragate-load", daemon=True)
             thread.start()
         # The batch runner waits for the engine itself, and stops before it.
-        async with batch_service(app, state):
+        async with batch_service(app, state), response_store_service(state):
             yield
         if state.engine is not None:
             await asyncio.to_thread(state.engine.shutdown)

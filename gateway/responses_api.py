@@ -1,4 +1,4 @@
-"""OpenAI's Responses API, stateless: POST /v1/responses.
+"""OpenAI's Responses API: POST /v1/responses, and GET / DELETE /v1/responses/{id}.
 
 A request is translated into a chat completion (gateway/responses_protocol.py), run as one
 (gateway/openai_api.py), and its answer translated back. The answer's `output` holds a
@@ -7,15 +7,19 @@ sequence (response.created, output items and their parts, output_text and
 function_call_arguments deltas, ..., response.completed, or response.incomplete when
 max_output_tokens cut it).
 
-Nothing is stored: a conversation goes on by sending its earlier items again in `input`.
-Options that need stored state or something this server does not run (previous_response_id,
-conversation, background, built-in tools, images and files, reasoning settings, ...) are a
-400 naming them, not an answer that silently ignores them."""
+A completed response is stored unless `store` is false (gateway/response_store.py, tenant
+scoped): `previous_response_id` continues its conversation, as if its input and answer were
+sent again before the new input. Options this server does not run (conversation objects,
+background, built-in tools, images and files, reasoning settings, ...) are a 400 naming
+them, not an answer that silently ignores them."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
+import sqlite3
 import time
 import uuid
 
@@ -23,17 +27,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .errors import to_api_error
+from .errors import APIError, not_found, to_api_error
 from .openai_api import _collect, _submit, _until_disconnect, json_body, principal_of, stream_chunks
 from .protocol import parse_common
+from .response_store import ResponseStore
 from .responses_protocol import chat_body_from, refuse
+
+log = logging.getLogger("loragate.responses")
 
 
 class ResponseBuilder:
     """The response object and its output items, for one request."""
 
-    def __init__(self, body: dict, gen):
-        self.body, self.gen = body, gen
+    def __init__(self, body: dict, gen, stored: bool):
+        self.body, self.gen, self.stored = body, gen, stored
         self.id = "resp_" + uuid.uuid4().hex
         self.created = int(time.time())
         self.output: list[dict] = []
@@ -65,7 +72,8 @@ class ResponseBuilder:
             "temperature": self.gen.sampling["temperature"], "top_p": self.gen.sampling["top_p"],
             "tool_choice": body.get("tool_choice") or ("auto" if body.get("tools") else "none"),
             "tools": body.get("tools") or [], "text": {"format": text_format}, "truncation": "disabled",
-            "previous_response_id": None, "reasoning": None, "store": False, "background": False,
+            "previous_response_id": body.get("previous_response_id"), "reasoning": None, "store": self.stored,
+            "background": False,
             "service_tier": "default", "user": body.get("user"),
             "usage": _usage(usage) if usage is not None else None,
         }
@@ -77,23 +85,106 @@ def _usage(chat_usage: dict) -> dict:
             "total_tokens": chat_usage["total_tokens"]}
 
 
-def _parse(body: dict):
-    chat = chat_body_from(body)
-    return chat, parse_common(chat, chat=True)
+# -- stored responses -------------------------------------------------------------------------
 
+@contextlib.asynccontextmanager
+async def response_store_service(state):
+    """For the app's lifetime: the store under $LORAGATE_HOME/responses (state.response_store).
+    One that cannot open leaves the rest up: responses are then not stored (`store: false` in
+    them), and previous_response_id and /v1/responses/{id} answer 503."""
+    from loragate.engine.models.prepare import loragate_home
+
+    try:
+        state.response_store = await asyncio.to_thread(ResponseStore, loragate_home() / "responses")
+    except (OSError, sqlite3.Error) as e:
+        log.error("stored responses unavailable: cannot open their store under %s: %s",
+                  loragate_home() / "responses", e)
+    try:
+        yield
+    finally:
+        if state.response_store is not None:
+            state.response_store.close()
+            state.response_store = None
+
+
+def _store_of(state, param: str | None) -> ResponseStore:
+    if state.response_store is None:
+        raise APIError(503, "stored responses are not available on this server (see its log)", "server_error",
+                       param=param, code="responses_store_unavailable")
+    return state.response_store
+
+
+async def _stored(state, principal, response_id: str, param: str | None):
+    stored = await asyncio.to_thread(_store_of(state, param).get, response_id)
+    if stored is None or (stored.tenant != principal.tenant and not principal.is_admin):
+        raise not_found(f"response {response_id!r} does not exist (or is older than 30 days)", param=param,
+                        code="response_not_found")
+    return stored
+
+
+async def _parse(state, principal, body: dict):
+    """(chat body, its GenerationRequest, whether the answer is to be stored)."""
+    history = []
+    previous = body.get("previous_response_id") if isinstance(body, dict) else None
+    if previous is not None:
+        if not isinstance(previous, str):
+            raise refuse("'previous_response_id' must be a string", "previous_response_id")
+        history = (await _stored(state, principal, previous, "previous_response_id")).conversation
+    chat = chat_body_from(body, history)
+    return chat, parse_common(chat, chat=True), body.get("store", True) and state.response_store is not None
+
+
+def answer_message(output: list[dict]) -> dict:
+    """A response's output items as the chat assistant message they were generated as."""
+    text = "".join(part["text"] for item in output if item["type"] == "message" for part in item["content"])
+    calls = [{"id": item["call_id"], "type": "function", "function": {"name": item["name"],
+                                                                      "arguments": item["arguments"]}}
+             for item in output if item["type"] == "function_call"]
+    return {"role": "assistant", "content": text or None, "tool_calls": calls} if calls else \
+        {"role": "assistant", "content": text}
+
+
+async def _save(state, principal, body: dict, chat: dict, response: dict) -> None:
+    """Store a completed response with the conversation it closes (not the instructions). A
+    store that fails leaves the answer as it is, marked `store: false`."""
+    if not response["store"]:
+        return
+    conversation = chat["messages"][1 if body.get("instructions") is not None else 0:]
+    conversation.append(answer_message(response["output"]))
+    try:
+        await asyncio.to_thread(state.response_store.put, principal.tenant, response, conversation)
+    except sqlite3.Error as e:
+        log.error("response %s could not be stored: %s", response["id"], e)
+        response["store"] = False
+
+
+async def get_response(request: Request):
+    state, principal = request.app.state.server, principal_of(request)
+    return JSONResponse((await _stored(state, principal, request.path_params["response_id"], None)).response)
+
+
+async def delete_response(request: Request):
+    state, principal = request.app.state.server, principal_of(request)
+    response_id = request.path_params["response_id"]
+    await _stored(state, principal, response_id, None)
+    await asyncio.to_thread(state.response_store.delete, response_id)
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+
+# -- answering --------------------------------------------------------------------------------
 
 async def respond(state, principal, body: dict) -> dict:
     """The response object POST /v1/responses answers with status 200 for this body, run as
     `principal` (not streamed); errors raise as the handler raises them. The batch runner's."""
-    chat, gen = _parse(body)
+    chat, gen, store = await _parse(state, principal, body)
     if gen.stream:
         raise refuse("'stream' is not supported here: the whole response is returned at once", "stream")
-    return await _respond(state, principal, body, chat, gen)
+    return await _respond(state, principal, body, chat, gen, store)
 
 
-async def _respond(state, principal, body: dict, chat: dict, gen) -> dict:
+async def _respond(state, principal, body: dict, chat: dict, gen, store: bool) -> dict:
     completion = await _collect(state, principal, chat, gen, chat=True)
-    builder = ResponseBuilder(body, gen)
+    builder = ResponseBuilder(body, gen, store)
     choice = completion["choices"][0]
     message = choice["message"]
     calls = message.get("tool_calls") or []
@@ -101,7 +192,9 @@ async def _respond(state, principal, body: dict, chat: dict, gen) -> dict:
         logprobs = (choice.get("logprobs") or {}).get("content")
         builder.output.append(builder.message_item(message.get("content") or "", logprobs=logprobs))
     builder.output += [builder.call_item(call) for call in calls]
-    return builder.response("completed", choice["finish_reason"], completion["usage"])
+    response = builder.response("completed", choice["finish_reason"], completion["usage"])
+    await _save(state, principal, body, chat, response)
+    return response
 
 
 async def responses(request: Request):
@@ -109,11 +202,11 @@ async def responses(request: Request):
     principal = principal_of(request)
     state.require_engine()
     body = await json_body(request)
-    chat, gen = _parse(body)
+    chat, gen, store = await _parse(state, principal, body)
     slot = state.open_tenant_request(principal.tenant)
     if not gen.stream:
         try:
-            return JSONResponse(await _until_disconnect(request, _respond(state, principal, body, chat, gen)))
+            return JSONResponse(await _until_disconnect(request, _respond(state, principal, body, chat, gen, store)))
         finally:
             slot.release()
     gen.include_usage = True  # the usage goes into response.completed
@@ -122,7 +215,7 @@ async def responses(request: Request):
     except BaseException:
         slot.release()
         raise
-    events = StreamedResponse(ResponseBuilder(body, gen))
+    events = StreamedResponse(ResponseBuilder(body, gen, store))
 
     async def sse():
         try:
@@ -132,6 +225,8 @@ async def responses(request: Request):
                 async for piece in chunks:
                     for event in events.from_chunk(piece):
                         yield event
+            await _save(state, principal, body, chat, events.final)  # stored before the client hears it is done
+            yield events.completed()
         except Exception as e:  # noqa: BLE001 - the status line is gone: report in-band
             error = to_api_error(e).body()["error"]
             yield events.sse("error", code=error.get("code"), message=error["message"], param=error.get("param"))
@@ -154,6 +249,11 @@ class StreamedResponse:
         self.unsent = 0  # of those, how many no delta has carried yet
         self.calls: dict[int, dict] = {}  # chat tool-call index -> its open function_call item
         self.finish_reason: str | None = None
+        self.final: dict | None = None  # the response object, once the answer is complete
+
+    def completed(self) -> str:
+        kind = "response.incomplete" if self.final["status"] == "incomplete" else "response.completed"
+        return self.sse(kind, response=self.final)
 
     def sse(self, kind: str, **fields) -> str:
         payload = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -163,9 +263,7 @@ class StreamedResponse:
     def from_chunk(self, chunk: dict):
         if not chunk["choices"]:  # the usage chunk: the last
             yield from self._close_items()
-            done = self.builder.response("completed", self.finish_reason, chunk["usage"])
-            yield self.sse("response.incomplete" if done["status"] == "incomplete" else "response.completed",
-                           response=done)
+            self.final = self.builder.response("completed", self.finish_reason, chunk["usage"])
             return
         choice = chunk["choices"][0]
         delta = choice["delta"]
@@ -232,4 +330,6 @@ class StreamedResponse:
         return next(i for i, it in enumerate(self.builder.output) if it is item)
 
 
-routes = [Route("/v1/responses", responses, methods=["POST"])]
+routes = [Route("/v1/responses", responses, methods=["POST"]),
+          Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
+          Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"])]

@@ -16,8 +16,8 @@ LOGPROBS = "message.output_text.logprobs"  # the one `include` value served
 _PASSED_THROUGH = ("seed", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
                    "logit_bias", "min_tokens", "stop", "stop_token_ids", "ignore_eos", "speculative")
 _REFUSED = {
-    "previous_response_id": "responses are not stored: send the earlier items again in 'input'",
-    "conversation": "conversations are not stored: send the earlier items again in 'input'",
+    "conversation": "conversation objects are not supported: use previous_response_id, or send the earlier items "
+                    "again in 'input'",
     "prompt": "stored prompt templates are not supported",
     "background": "background responses are not supported",
     "reasoning": "reasoning settings are not supported",
@@ -41,15 +41,10 @@ def _text_of(content, where: str) -> str:
     raise refuse(f"{where}.content must be a string or a list of text parts", "input")
 
 
-def chat_messages_from(body: dict) -> list[dict]:
-    """`instructions` and `input` as chat messages (consecutive function_call items are one
-    assistant turn with several tool calls, as the chat template expects)."""
-    messages = []
-    instructions = body.get("instructions")
-    if instructions is not None:
-        if not isinstance(instructions, str):
-            raise refuse("'instructions' must be a string", "instructions")
-        messages.append({"role": "system", "content": instructions})
+def input_messages(body: dict) -> list[dict]:
+    """`input` as chat messages (consecutive function_call items are one assistant turn with
+    several tool calls, as the chat template expects)."""
+    messages: list[dict] = []
     items = body.get("input")
     if isinstance(items, str):
         items = [{"role": "user", "content": items}]
@@ -128,10 +123,13 @@ def _response_format(body: dict):
     raise refuse(f"text.format type {kind!r} is not supported (text, json_object, json_schema)", "text")
 
 
-def chat_body_from(body: dict) -> dict:
-    """The chat completions request a Responses request amounts to."""
+def chat_body_from(body: dict, history: list[dict] = ()) -> dict:
+    """The chat completions request a Responses request amounts to: the instructions, then
+    `history` (the stored conversation previous_response_id continues), then the input."""
     if not isinstance(body, dict):
         raise refuse("the request body must be a JSON object", "body")
+    if not isinstance(body.get("store", True), bool):
+        raise refuse("'store' must be a boolean", "store")
     for name, why in _REFUSED.items():
         if body.get(name) not in (None, False, 0):
             raise refuse(why, name)
@@ -144,7 +142,11 @@ def chat_body_from(body: dict) -> dict:
     if metadata is not None and (not isinstance(metadata, dict)
                                  or not all(isinstance(v, str) for v in metadata.values())):
         raise refuse("'metadata' must be an object of strings", "metadata")
-    chat = {"model": body.get("model"), "messages": chat_messages_from(body)}
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise refuse("'instructions' must be a string", "instructions")
+    system = [{"role": "system", "content": instructions}] if instructions is not None else []
+    chat = {"model": body.get("model"), "messages": system + list(history) + input_messages(body)}
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
     for name in ("temperature", "top_p", "parallel_tool_calls", "stream", *_PASSED_THROUGH):

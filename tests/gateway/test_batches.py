@@ -107,7 +107,7 @@ def test_fifty_line_chat_batch_with_the_openai_client_equals_interactive_answers
 def test_a_responses_batch_equals_interactive_responses(server):
     bodies = {f"r{i}": {"model": "tiny", "input": f"t{10 + i} t{40 + i}", "instructions": "t7", "max_output_tokens": 3 + i,
                         "temperature": 0} for i in range(4)}
-    bodies["bad"] = {"model": "tiny", "input": "t3", "previous_response_id": "resp_1"}
+    bodies["bad"] = {"model": "tiny", "input": "t3", "conversation": "conv_1"}
     batch = run_batch(server, [line(cid, body, "/v1/responses") for cid, body in bodies.items()], "/v1/responses")
     assert batch["status"] == "completed" and batch["request_counts"] == {"total": 5, "completed": 4, "failed": 1}
     outputs = {o["custom_id"]: o for o in content_lines(server, batch["output_file_id"])}
@@ -120,7 +120,7 @@ def test_a_responses_batch_equals_interactive_responses(server):
         assert (got["status"], got["usage"]) == (want["status"], want["usage"])
     [error] = content_lines(server, batch["error_file_id"])
     assert error["custom_id"] == "bad" and error["response"]["status_code"] == 400
-    assert error["response"]["body"]["error"]["param"] == "previous_response_id"
+    assert error["response"]["body"]["error"]["param"] == "conversation"
 
 
 def test_bad_lines_go_to_the_error_file_and_the_others_run(server):

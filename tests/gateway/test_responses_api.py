@@ -109,7 +109,8 @@ def test_input_items_become_the_conversation(server):
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"previous_response_id": "resp_123"}, "previous_response_id"),
+    ({"previous_response_id": 5}, "previous_response_id"),
+    ({"store": "yes"}, "store"),
     ({"conversation": "conv_1"}, "conversation"),
     ({"background": True}, "background"),
     ({"reasoning": {"effort": "high"}}, "reasoning"),
@@ -131,6 +132,58 @@ def test_what_cannot_be_honoured_is_a_400_naming_it(server, extra, param):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_stored_responses_continue_a_conversation_and_are_tenant_scoped(server):
+    client = client_for(server)
+    first = client.responses.create(model="tiny", instructions="t7", input="t3 t4", max_output_tokens=5,
+                                    temperature=0)
+    assert first.store is True and client.responses.retrieve(first.id).output_text == first.output_text
+    # instructions are not carried over; the earlier input and answer are
+    second = client.responses.create(model="tiny", previous_response_id=first.id, input="t5", max_output_tokens=5,
+                                     temperature=0)
+    chat = client.chat.completions.create(model="tiny", max_tokens=5, temperature=0, messages=[
+        {"role": "user", "content": "t3 t4"}, {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "t5"}])
+    assert second.output_text == chat.choices[0].message.content and second.previous_response_id == first.id
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+    # streamed: stored before response.completed, so it can be continued at once
+    events = list(client.responses.create(model="tiny", previous_response_id=second.id, input="t6",
+                                          max_output_tokens=5, temperature=0, stream=True))
+    third = client.responses.create(model="tiny", previous_response_id=events[-1].response.id, input="t8",
+                                    max_output_tokens=3, temperature=0)
+    assert third.status == "incomplete" and client.responses.retrieve(events[-1].response.id).id == events[-1].response.id
+
+    other = openai.OpenAI(base_url=server.url + "/v1", api_key="key-b", max_retries=0)
+    for call in (lambda: other.responses.retrieve(first.id), lambda: other.responses.delete(first.id),
+                 lambda: other.responses.create(model="tiny", previous_response_id=first.id, input="t5")):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.create(model="tiny", previous_response_id=first.id, input="t5")
+    assert e.value.body["param"] == "previous_response_id" and e.value.body["code"] == "response_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    assert client.responses.retrieve(second.id).id == second.id  # a continuation stands on its own
+
+    unstored = client.responses.create(model="tiny", input="t3", max_output_tokens=2, store=False)
+    assert unstored.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def test_the_response_store_keeps_rows_across_opens_and_prunes_old_ones(tmp_path):
+    from loragate.gateway.response_store import RETENTION_S, ResponseStore
+
+    store = ResponseStore(tmp_path)
+    store.put("a", {"id": "resp_1", "created_at": 1000}, [{"role": "user", "content": "x"}])
+    store.close()
+    store = ResponseStore(tmp_path)
+    stored = store.get("resp_1")
+    assert (stored.tenant, stored.response["id"], stored.conversation) == ("a", "resp_1", [{"role": "user", "content": "x"}])
+    assert store.prune(now=1000 + RETENTION_S - 1) == 0 and store.prune(now=1000 + RETENTION_S + 1) == 1
+    assert store.get("resp_1") is None and not store.delete("resp_1")
 
 
 def test_unknown_model_and_missing_key(server):
@@ -163,8 +216,12 @@ def test_json_schema_format_and_function_calls(real_server):
     assert "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta") == done[0].arguments
 
     # the call and its result go back as input items; the model answers in text
-    follow = client.responses.create(model="tiny", max_output_tokens=30, temperature=0, input=[
-        {"role": "user", "content": question},
-        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
-        {"type": "function_call_output", "call_id": call.call_id, "output": "18 C and sunny"}])
+    items = [{"role": "user", "content": question},
+             {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+             {"type": "function_call_output", "call_id": call.call_id, "output": "18 C and sunny"}]
+    follow = client.responses.create(model="tiny", max_output_tokens=30, temperature=0, input=items)
     assert follow.output_text and follow.output[0].type == "message"
+    # or the result alone, continuing the stored response that made the call: the same answer
+    continued = client.responses.create(model="tiny", max_output_tokens=30, temperature=0, previous_response_id=r.id,
+                                        input=items[2:])
+    assert continued.output_text == follow.output_text

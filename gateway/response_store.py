@@ -1,0 +1,86 @@
+"""Stored responses of the Responses API (`store`, on by default as in OpenAI's API): what
+`previous_response_id` continues from, and what GET and DELETE /v1/responses/{id} serve.
+
+SQLite in `<root>/responses.db`, one row per response, written once when the response has
+completed (a failed or cancelled one is never stored, so a conversation never continues
+from half an answer). A row keeps the response object as it was returned and the
+conversation it closes, as chat messages: the earlier conversation, this request's input
+and its answer, without the instructions, which OpenAI does not carry over either. So a
+continuation reads one row, however long the conversation. Rows older than RETENTION_S
+are deleted, as OpenAI keeps stored responses for 30 days.
+
+Engines of a fleet may share one root (one LORAGATE_HOME volume), as with the batch store:
+the rollback journal and BEGIN IMMEDIATE keep concurrent writers safe. Every method blocks
+and is thread-safe (one connection behind a lock): async code calls them through
+asyncio.to_thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+RETENTION_S = 30 * 24 * 3600
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, created_at INTEGER NOT NULL,
+    response TEXT NOT NULL, conversation TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS responses_by_age ON responses (created_at);
+"""
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    id: str
+    tenant: str
+    response: dict  # the response object as returned
+    conversation: list[dict]  # chat messages: the conversation up to and including this answer
+
+
+class ResponseStore:
+    def __init__(self, root: str | os.PathLike):
+        Path(root).mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(Path(root) / "responses.db", check_same_thread=False, isolation_level=None,
+                                   timeout=30)
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._pruned_at = 0.0
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def put(self, tenant: str, response: dict, conversation: list[dict]) -> None:
+        if time.time() - self._pruned_at > 3600:  # at most hourly: the first write, then now and then
+            self.prune()
+        with self._lock:
+            self._db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?)",
+                             (response["id"], tenant, response["created_at"], json.dumps(response),
+                              json.dumps(conversation)))
+
+    def get(self, response_id: str) -> StoredResponse | None:
+        with self._lock:
+            row = self._db.execute("SELECT tenant, response, conversation FROM responses WHERE id = ?",
+                                   (response_id,)).fetchone()
+        if row is None:
+            return None
+        return StoredResponse(response_id, row[0], json.loads(row[1]), json.loads(row[2]))
+
+    def delete(self, response_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete the responses older than RETENTION_S; how many went."""
+        now = time.time() if now is None else now
+        self._pruned_at = now
+        cutoff = int(now - RETENTION_S)
+        with self._lock:
+            return self._db.execute("DELETE FROM responses WHERE created_at < ?", (cutoff,)).rowcount
