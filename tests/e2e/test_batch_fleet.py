@@ -1,5 +1,5 @@
-"""Batches in a fleet: two `loragate serve --role engine` sharing one LORAGATE_HOME (so one
-batch database) behind a `--role router`. A batch created through the router is run by
+"""Batches (and stored responses) in a fleet: two `loragate serve --role engine` sharing one
+LORAGATE_HOME (so one batch database) behind a `--role router`. A batch created through the router is run by
 exactly one engine (the lease holder); SIGKILL that engine mid-batch and the other one takes
 the batch over and finishes it: every line answered once, none lost, none run twice."""
 
@@ -42,6 +42,15 @@ def test_the_other_engine_finishes_a_batch_whose_engine_was_killed(tiny_llama, t
     try:
         wait_until(lambda: len(httpx.get(router_url + "/readyz", timeout=2).json().get("engines", [])) == 2,
                    "both engines behind the router", procs, timeout=120)
+        # Stored responses live in the shared home too: either engine continues one the other stored.
+        first = httpx.post(router_url + "/v1/responses", headers=AUTH, timeout=60,
+                           json={"model": "tiny", "input": "t3 t4", "max_output_tokens": 4, "temperature": 0}).json()
+        for engine in engines:
+            r = httpx.post(engine.url + "/v1/responses", headers=AUTH, timeout=60, json={
+                "model": "tiny", "input": "t5", "max_output_tokens": 4, "temperature": 0,
+                "previous_response_id": first["id"]})
+            assert r.status_code == 200 and r.json()["previous_response_id"] == first["id"], r.text
+            assert httpx.get(f"{engine.url}/v1/responses/{first['id']}", headers=AUTH, timeout=10).json() == first
         body = {"model": "tiny", "prompt": "t5 t6", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
         data = "".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
                                    "body": dict(body, prompt=f"t{5 + i} t6")}) + "\n" for i in range(NUM_LINES))
