@@ -73,8 +73,7 @@ class ResponseBuilder:
             "tool_choice": body.get("tool_choice") or ("auto" if body.get("tools") else "none"),
             "tools": body.get("tools") or [], "text": {"format": text_format}, "truncation": "disabled",
             "previous_response_id": body.get("previous_response_id"), "reasoning": None, "store": self.stored,
-            "background": False,
-            "service_tier": "default", "user": body.get("user"),
+            "background": False, "service_tier": "default", "user": body.get("user"),
             "usage": _usage(usage) if usage is not None else None,
         }
 
