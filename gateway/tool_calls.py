@@ -23,6 +23,7 @@ from loragate.engine.structured_output import grammar_from_json_schema
 
 TAG = "<tool_call>"
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+_DECODER = json.JSONDecoder()
 
 
 def _bad(message: str, param: str = "tools") -> InvalidRequestError:
@@ -84,17 +85,37 @@ class ToolPlan:
                 "stop" if self.mode == "named" else "tool_calls")
 
     def _hermes_calls(self, text: str) -> tuple[list[tuple[str, str]] | None, str]:
-        """Calls in <tool_call> blocks, or (small models drop the tags) a text that is one
-        call's JSON alone; the text left around them."""
-        names = {t["function"]["name"] for t in self.tools}
-        blocks = _HERMES_CALL.findall(text) or [text.strip()]
+        """Calls in <tool_call> blocks, or (small models drop the tags) the call JSON objects a
+        text starts with; the text left around them."""
+        blocks = _HERMES_CALL.findall(text)
+        if not blocks:
+            return self._bare_calls(text)
         calls = []
         for block in blocks:
             call = _loads(block)
-            if not (isinstance(call, dict) and call.get("name") in names and isinstance(call.get("arguments"), dict)):
+            if not self._is_call(call):
                 return None, text  # not a call this request can answer: leave the text alone
             calls.append((call["name"], json.dumps(call["arguments"])))
-        return calls, _HERMES_CALL.sub("", text).strip() if _HERMES_CALL.search(text) else ""
+        return calls, _HERMES_CALL.sub("", text).strip()
+
+    def _bare_calls(self, text: str) -> tuple[list[tuple[str, str]] | None, str]:
+        """Untagged calls: the JSON objects at the start of the text, one after another, that
+        name a tool with object arguments; the rest of the text stays content."""
+        calls, rest = [], text.lstrip()
+        while rest.startswith("{"):
+            try:
+                call, end = _DECODER.raw_decode(rest)
+            except json.JSONDecodeError:
+                break
+            if not self._is_call(call):
+                break
+            calls.append((call["name"], json.dumps(call["arguments"])))
+            rest = rest[end:].lstrip()
+        return (calls, rest.strip()) if calls else (None, text)
+
+    def _is_call(self, obj) -> bool:
+        return (isinstance(obj, dict) and isinstance(obj.get("arguments"), dict)
+                and obj.get("name") in {t["function"]["name"] for t in self.tools})
 
 
 def _loads(text: str):
@@ -219,8 +240,9 @@ class StreamedCalls:
             rest = text[self.sent:]
             return ({"content": rest} if rest else None), reason
         delta = {"tool_calls": [dict(call, index=i) for i, call in enumerate(message["tool_calls"])]}
-        # auto: the text around the calls not sent yet (a bare call has none)
-        rest = _HERMES_CALL.sub("", text)[self.sent:].strip() if message["content"] else ""
+        # auto: the text around the calls not sent yet (after untagged calls, none was sent)
+        rest = (_HERMES_CALL.sub("", text)[self.sent:].strip() if self.sent else message["content"]) \
+            if message["content"] else ""
         if rest:
             delta["content"] = rest
         return delta, reason

@@ -61,6 +61,17 @@ def test_calls_are_parsed_from_the_text():
     assert len({c["id"] for c in message["tool_calls"]}) == 2
     bare, _ = auto.message('{"name": "add", "arguments": {"a": 1}}', "stop")  # the tags left out
     assert bare["content"] is None and bare["tool_calls"][0]["function"]["name"] == "add"
+    # untagged calls a text starts with (a small model's habit), the rest of the text kept as content
+    text = '{"name": "add", "arguments": {"a": 1}}\n{"name": "get_weather", "arguments": {"city": "Oslo"}} ' \
+           '{"name": "get_weather_args", "type": "object"}'
+    bare, finish = auto.message(text, "stop")
+    assert finish == "tool_calls" and [c["function"]["name"] for c in bare["tool_calls"]] == ["add", "get_weather"]
+    assert bare["content"] == '{"name": "get_weather_args", "type": "object"}'
+    deltas, reason = stream(auto, text)
+    assert reason == "tool_calls" and len(deltas) == 1 and deltas[0]["content"] == bare["content"]
+    assert [c["function"]["name"] for c in deltas[0]["tool_calls"]] == ["add", "get_weather"]
+    for text in ('Use {"name": "add", "arguments": {}}', '{"name": "add", "arguments": 5}', '{"name": "add"'):
+        assert auto.message(text, "stop") == ({"role": "assistant", "content": text}, "stop")  # not calls
     for text in ("Just text.", '<tool_call>{"name": "rm", "arguments": {}}</tool_call>', "<tool_call>{oops</tool_call>"):
         assert auto.message(text, "stop") == ({"role": "assistant", "content": text}, "stop")
     cut = '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>'
