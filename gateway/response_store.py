@@ -1,5 +1,6 @@
 """Stored responses of the Responses API (`store`, on by default as in OpenAI's API): what
-`previous_response_id` continues from, and what GET and DELETE /v1/responses/{id} serve.
+`previous_response_id` continues from, and what GET and DELETE /v1/responses/{id} and GET
+/v1/responses/{id}/input_items serve.
 
 SQLite in `<root>/responses.db`, one row per response, written once when the response has
 completed (a failed or cancelled one is never stored, so a conversation never continues
@@ -30,7 +31,7 @@ RETENTION_S = 30 * 24 * 3600
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, created_at INTEGER NOT NULL,
-    response TEXT NOT NULL, conversation TEXT NOT NULL);
+    response TEXT NOT NULL, conversation TEXT NOT NULL, input_items TEXT NOT NULL DEFAULT '[]');
 CREATE INDEX IF NOT EXISTS responses_by_age ON responses (created_at);
 """
 
@@ -41,6 +42,7 @@ class StoredResponse:
     tenant: str
     response: dict  # the response object as returned
     conversation: list[dict]  # chat messages: the conversation up to and including this answer
+    input_items: list[dict]  # the request's input, as Responses items with ids
 
 
 class ResponseStore:
@@ -51,27 +53,30 @@ class ResponseStore:
                                    timeout=30)
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(responses)")}
+        if "input_items" not in columns:  # a store written before input items were kept
+            self._db.execute("ALTER TABLE responses ADD COLUMN input_items TEXT NOT NULL DEFAULT '[]'")
         self._pruned_at = 0.0
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def put(self, tenant: str, response: dict, conversation: list[dict]) -> None:
+    def put(self, tenant: str, response: dict, conversation: list[dict], input_items: list[dict] = ()) -> None:
         if time.time() - self._pruned_at > 3600:  # at most hourly: the first write, then now and then
             self.prune()
         with self._lock:
-            self._db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?)",
+            self._db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?)",
                              (response["id"], tenant, response["created_at"], json.dumps(response),
-                              json.dumps(conversation)))
+                              json.dumps(conversation), json.dumps(list(input_items))))
 
     def get(self, response_id: str) -> StoredResponse | None:
         with self._lock:
-            row = self._db.execute("SELECT tenant, response, conversation FROM responses WHERE id = ?",
+            row = self._db.execute("SELECT tenant, response, conversation, input_items FROM responses WHERE id = ?",
                                    (response_id,)).fetchone()
         if row is None:
             return None
-        return StoredResponse(response_id, row[0], json.loads(row[1]), json.loads(row[2]))
+        return StoredResponse(response_id, row[0], *(json.loads(column) for column in row[1:]))
 
     def delete(self, response_id: str) -> bool:
         with self._lock:

@@ -1,4 +1,5 @@
-"""OpenAI's Responses API: POST /v1/responses, and GET / DELETE /v1/responses/{id}.
+"""OpenAI's Responses API: POST /v1/responses, GET / DELETE /v1/responses/{id}, and
+GET /v1/responses/{id}/input_items.
 
 A request is translated into a chat completion (gateway/responses_protocol.py), run as one
 (gateway/openai_api.py), and its answer translated back. The answer's `output` holds a
@@ -31,7 +32,8 @@ from .errors import APIError, not_found, to_api_error
 from .openai_api import _collect, _submit, _until_disconnect, json_body, principal_of, stream_chunks
 from .protocol import parse_common
 from .response_store import ResponseStore
-from .responses_protocol import chat_body_from, refuse
+from .files_api import list_body, page_params, unknown_cursor
+from .responses_protocol import chat_body_from, input_items, refuse
 
 log = logging.getLogger("loragate.responses")
 
@@ -151,7 +153,8 @@ async def _save(state, principal, body: dict, chat: dict, response: dict) -> Non
     conversation = chat["messages"][1 if body.get("instructions") is not None else 0:]
     conversation.append(answer_message(response["output"]))
     try:
-        await asyncio.to_thread(state.response_store.put, principal.tenant, response, conversation)
+        await asyncio.to_thread(state.response_store.put, principal.tenant, response, conversation,
+                                input_items(body))
     except sqlite3.Error as e:
         log.error("response %s could not be stored: %s", response["id"], e)
         response["store"] = False
@@ -160,6 +163,24 @@ async def _save(state, principal, body: dict, chat: dict, response: dict) -> Non
 async def get_response(request: Request):
     state, principal = request.app.state.server, principal_of(request)
     return JSONResponse((await _stored(state, principal, request.path_params["response_id"], None)).response)
+
+
+async def list_input_items(request: Request):
+    """GET /v1/responses/{id}/input_items: the request's input items, newest first unless
+    ?order=asc, paged with ?limit= (1-100, default 20) and ?after=<item id>."""
+    state, principal = request.app.state.server, principal_of(request)
+    items = (await _stored(state, principal, request.path_params["response_id"], None)).input_items
+    order = request.query_params.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise refuse("'order' must be asc or desc", "order")
+    limit, after = page_params(request, 20, 100)
+    items = items[::-1] if order == "desc" else items
+    if after is not None:
+        start = next((i + 1 for i, item in enumerate(items) if item["id"] == after), None)
+        if start is None:
+            raise unknown_cursor(after)
+        items = items[start:]
+    return JSONResponse(list_body(items[:limit], len(items) > limit))
 
 
 async def delete_response(request: Request):
@@ -331,4 +352,5 @@ class StreamedResponse:
 
 routes = [Route("/v1/responses", responses, methods=["POST"]),
           Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
+          Route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"]),
           Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"])]

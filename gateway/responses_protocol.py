@@ -9,6 +9,8 @@ server does not run are refused by name (InvalidRequestError -> 400)."""
 
 from __future__ import annotations
 
+import uuid
+
 from loragate.engine.errors import InvalidRequestError
 
 LOGPROBS = "message.output_text.logprobs"  # the one `include` value served
@@ -39,6 +41,27 @@ def _text_of(content, where: str) -> str:
             return "".join(p["text"] for p in content)
         raise refuse(f"{where}: only text content is supported (input_text, output_text)", "input")
     raise refuse(f"{where}.content must be a string or a list of text parts", "input")
+
+
+_ITEM_ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_"}
+
+
+def input_items(body: dict) -> list[dict]:
+    """`input` (already validated by input_messages) as Responses items, each with an id and
+    a status, text content as parts: what GET /v1/responses/{id}/input_items lists."""
+    items = body["input"]
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    out = []
+    for item in items:
+        item = {"type": "message", **item}
+        if item["type"] == "message" and isinstance(item["content"], str):
+            part = "output_text" if item["role"] == "assistant" else "input_text"
+            item["content"] = [{"type": part, "text": item["content"]}]
+        item.setdefault("id", _ITEM_ID_PREFIX[item["type"]] + uuid.uuid4().hex)
+        item.setdefault("status", "completed")
+        out.append(item)
+    return out
 
 
 def input_messages(body: dict) -> list[dict]:

@@ -98,6 +98,15 @@ def test_input_items_become_the_conversation(server):
              {"role": "assistant", "content": [{"type": "output_text", "text": "t9 t10"}]},
              {"type": "message", "role": "user", "content": "t4 t5"}]
     r = client.responses.create(model="tiny", input=items, max_output_tokens=8, temperature=0)
+    listed = client.responses.input_items.list(r.id)  # newest first, as OpenAI lists them
+    assert [(i.role, i.content[0].type, i.content[0].text) for i in listed.data] == [
+        ("user", "input_text", "t4 t5"), ("assistant", "output_text", "t9 t10"), ("user", "input_text", "t3"),
+        ("developer", "input_text", "t7")]
+    assert len({i.id for i in listed.data}) == 4 and not listed.has_more
+    page = client.responses.input_items.list(r.id, order="asc", limit=2)
+    assert [i.content[0].text for i in page.data] == ["t7", "t3"] and page.has_more
+    rest = client.responses.input_items.list(r.id, order="asc", after=page.data[-1].id)
+    assert [i.content[0].text for i in rest.data] == ["t9 t10", "t4 t5"]
     chat = client.chat.completions.create(model="tiny", max_tokens=8, temperature=0, messages=[
         {"role": "system", "content": "t7"}, {"role": "user", "content": "t3"},
         {"role": "assistant", "content": "t9 t10"}, {"role": "user", "content": "t4 t5"}])
@@ -174,9 +183,16 @@ def test_stored_responses_continue_a_conversation_and_are_tenant_scoped(server):
 
 
 def test_the_response_store_keeps_rows_across_opens_and_prunes_old_ones(tmp_path):
+    import sqlite3
+
     from loragate.gateway.response_store import RETENTION_S, ResponseStore
 
+    with sqlite3.connect(tmp_path / "responses.db") as db:  # a store from before input items were kept
+        db.execute("CREATE TABLE responses (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, created_at INTEGER NOT NULL, "
+                   "response TEXT NOT NULL, conversation TEXT NOT NULL)")
+        db.execute("INSERT INTO responses VALUES ('resp_0', 'a', 1000, '{}', '[]')")
     store = ResponseStore(tmp_path)
+    assert store.get("resp_0").input_items == [] and store.delete("resp_0")
     store.put("a", {"id": "resp_1", "created_at": 1000}, [{"role": "user", "content": "x"}])
     store.close()
     store = ResponseStore(tmp_path)
