@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from .errors import APIError, not_found, to_api_error
 from .openai_api import _collect, _submit, _until_disconnect, json_body, principal_of, stream_chunks
-from .protocol import parse_common
+from .protocol import chat_messages, parse_common
 from .response_store import ResponseStore
 from .files_api import list_body, page_params, unknown_cursor
 from .responses_protocol import chat_body_from, input_items, refuse
@@ -132,7 +132,29 @@ async def _parse(state, principal, body: dict):
             raise refuse("'previous_response_id' must be a string", "previous_response_id")
         history = (await _stored(state, principal, previous, "previous_response_id")).conversation
     chat = chat_body_from(body, history)
-    return chat, parse_common(chat, chat=True), body.get("store", True) and state.response_store is not None
+    gen = parse_common(chat, chat=True)
+    if body.get("truncation") == "auto":
+        _truncate(state, chat, gen, 1 if body.get("instructions") is not None else 0)
+    return chat, gen, body.get("store", True) and state.response_store is not None
+
+
+def _truncate(state, chat: dict, gen, first: int) -> None:
+    """truncation 'auto': drop the conversation's oldest messages (never the instructions,
+    never the last message) until the prompt leaves room for max_output_tokens (or one token)
+    in the context; a tool result whose call was dropped goes with it."""
+    engine = state.require_engine()
+    room = engine.engine.max_model_len - (gen.max_tokens or 1)
+    messages = chat["messages"]
+
+    def prompt_len() -> int:
+        return len(engine.tokenizer.apply_chat_template(
+            chat_messages({"messages": messages}), tools=gen.tools.shown if gen.tools else None,
+            add_generation_prompt=True, tokenize=True, return_dict=False))
+
+    while len(messages) - first > 1 and prompt_len() > room:
+        del messages[first]
+        while len(messages) - first > 1 and messages[first]["role"] == "tool":
+            del messages[first]
 
 
 def answer_message(output: list[dict]) -> dict:

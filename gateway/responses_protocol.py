@@ -156,8 +156,9 @@ def chat_body_from(body: dict, history: list[dict] = ()) -> dict:
     for name, why in _REFUSED.items():
         if body.get(name) not in (None, False, 0):
             raise refuse(why, name)
-    if body.get("truncation") not in (None, "disabled"):
-        raise refuse("only 'truncation': 'disabled' is supported: a prompt over the context is a 400", "truncation")
+    if body.get("truncation") not in (None, "disabled", "auto"):
+        raise refuse("'truncation' must be 'disabled' (a prompt over the context is a 400) or 'auto' (the oldest "
+                     "items are dropped until it fits)", "truncation")
     include = body.get("include") or []
     if not isinstance(include, list) or any(item != LOGPROBS for item in include):
         raise refuse(f"'include' may only list {LOGPROBS!r}", "include")

@@ -123,7 +123,7 @@ def test_input_items_become_the_conversation(server):
     ({"conversation": "conv_1"}, "conversation"),
     ({"background": True}, "background"),
     ({"reasoning": {"effort": "high"}}, "reasoning"),
-    ({"truncation": "auto"}, "truncation"),
+    ({"truncation": "middle"}, "truncation"),
     ({"include": ["reasoning.encrypted_content"]}, "include"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"tools": [{"type": "web_search"}]}, "tools"),
@@ -200,6 +200,28 @@ def test_the_response_store_keeps_rows_across_opens_and_prunes_old_ones(tmp_path
     assert (stored.tenant, stored.response["id"], stored.conversation) == ("a", "resp_1", [{"role": "user", "content": "x"}])
     assert store.prune(now=1000 + RETENTION_S - 1) == 0 and store.prune(now=1000 + RETENTION_S + 1) == 1
     assert store.get("resp_1") is None and not store.delete("resp_1")
+
+
+def test_truncation_auto_drops_the_oldest_items_to_fit_the_context(server):
+    client = client_for(server)  # the tiny model's context: 2048 tokens
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": " ".join(f"t{10 + (i * 7 + j) % 400}"
+                                                                              for j in range(150))}
+             for i in range(15)]  # 15 x 150 words: more than the context
+    asked = {"model": "tiny", "instructions": "t7 t8", "input": turns, "max_output_tokens": 16, "temperature": 0}
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(**asked)  # truncation 'disabled', the default: a 400
+    r = client.responses.create(**asked, truncation="auto")
+    assert r.status == "incomplete" and 2048 - 16 - 160 < r.usage.input_tokens <= 2048 - 16
+    # the same answer as the chat completion of what was kept: the instructions and the newest turns
+    kept = (r.usage.input_tokens - 20) // 150
+    for n in (kept - 1, kept, kept + 1):
+        messages = [{"role": "system", "content": "t7 t8"}] + turns[15 - n:]
+        chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
+        if chat.usage.prompt_tokens == r.usage.input_tokens:
+            assert chat.choices[0].message.content == r.output_text
+            break
+    else:
+        raise AssertionError("no suffix of the turns gives the truncated prompt's length")
 
 
 def test_unknown_model_and_missing_key(server):
