@@ -133,8 +133,8 @@ async def _parse(state, principal, body: dict):
         history = (await _stored(state, principal, previous, "previous_response_id")).conversation
     chat = chat_body_from(body, history)
     gen = parse_common(chat, chat=True)
-    if body.get("truncation") == "auto":
-        _truncate(state, chat, gen, 1 if body.get("instructions") is not None else 0)
+    if body.get("truncation") == "auto":  # tokenizing a long conversation again and again: off the loop
+        await asyncio.to_thread(_truncate, state, chat, gen, 1 if body.get("instructions") is not None else 0)
     return chat, gen, body.get("store", True) and state.response_store is not None
 
 
