@@ -191,7 +191,8 @@ def main() -> None:
     env = dict(os.environ, LORAGATE_HOME=str(tmp / "home"), LORAGATE_API_KEYS=f"{KEY}=bench",
                LORAGATE_SERVED_MODEL_NAME="base")
     print(f"{args.requests} requests, {args.clients} clients, {args.max_tokens} tokens each, {args.adapters} adapters "
-          f"(Zipf s={args.zipf:g}, sessions of {args.session}), 2 engines x --max-loras 4 --num-threads 1, model {Path(model_dir).name} "
+          f"(Zipf s={args.zipf:g}, sessions of {args.session}), 2 engines x --max-loras 4 --num-threads 1, "
+          f"model {Path(model_dir).name} "
           f"{args.dtype}", flush=True)
     speedups, load_ratios = [], []
     for repeat in range(args.repeats):

@@ -29,7 +29,8 @@ SCHEMA = {"type": "object", "properties": {
     "language": {"type": "string", "enum": ["python", "rust", "go", "c"]},
     "description": {"type": "string", "maxLength": 200},
     "functions": {"type": "array", "maxItems": 4, "items": {
-        "type": "object", "properties": {"name": {"type": "string"}, "args": {"type": "array", "items": {"type": "string"}}},
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "args": {"type": "array", "items": {"type": "string"}}},
         "required": ["name", "args"], "additionalProperties": False}}},
     "required": ["name", "language", "description", "functions"], "additionalProperties": False}
 QUESTIONS = ["Describe a small python library for parsing CSV files, as JSON.",

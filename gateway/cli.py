@@ -184,9 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=cmd_models_prepare)
 
     srv = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
-                         description="Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/responses, /v1/models, "
-                                     "/v1/files, /v1/batches), adapter management (/v1/adapters) and the tokenizer "
-                                     "(/tokenize, /detokenize, /tokenizer_info) over HTTP.")
+                         description="Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/responses, "
+                                     "/v1/models, /v1/files, /v1/batches), adapter management (/v1/adapters) and the "
+                                     "tokenizer (/tokenize, /detokenize, /tokenizer_info) over HTTP.")
     from .settings import GatewaySettings
 
     add_dataclass_flags(srv.add_argument_group("server"), GatewaySettings, GATEWAY_HELP)

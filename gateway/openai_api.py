@@ -114,7 +114,7 @@ async def _pump(streams):
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _until_disconnect(request: Request, coro):
+async def until_disconnect(request: Request, coro):
     task = asyncio.ensure_future(coro)
     while not task.done():
         done, _ = await asyncio.wait([task], timeout=0.25)
@@ -129,7 +129,7 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-async def _submit(state, principal, body: dict, gen, *, chat: bool):
+async def submit_choices(state, principal, body: dict, gen, *, chat: bool):
     """Tokenise the request's prompts and queue one engine request per choice."""
     engine = state.require_engine()
     tok = engine.tokenizer
@@ -149,8 +149,8 @@ async def _submit(state, principal, body: dict, gen, *, chat: bool):
     return prompts, choices, streams
 
 
-async def _collect(state, principal, body: dict, gen, *, chat: bool) -> dict:
-    prompts, choices, streams = await _submit(state, principal, body, gen, chat=chat)
+async def collect_answer(state, principal, body: dict, gen, *, chat: bool) -> dict:
+    prompts, choices, streams = await submit_choices(state, principal, body, gen, chat=chat)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     kind = "chat.completion" if chat else "text_completion"
@@ -208,7 +208,7 @@ async def complete(state, principal, body: dict, *, chat: bool) -> dict:
     gen = parse_common(body, chat=chat)
     if gen.stream:
         raise APIError(400, "'stream' is not supported here: the whole response is returned at once", param="stream")
-    return await _collect(state, principal, body, gen, chat=chat)
+    return await collect_answer(state, principal, body, gen, chat=chat)
 
 
 async def _generate(request: Request, *, chat: bool):
@@ -220,11 +220,12 @@ async def _generate(request: Request, *, chat: bool):
     slot = state.open_tenant_request(principal.tenant)
     if not gen.stream:
         try:
-            return JSONResponse(await _until_disconnect(request, _collect(state, principal, body, gen, chat=chat)))
+            answer = collect_answer(state, principal, body, gen, chat=chat)
+            return JSONResponse(await until_disconnect(request, answer))
         finally:
             slot.release()
     try:
-        prompts, choices, streams = await _submit(state, principal, body, gen, chat=chat)
+        prompts, choices, streams = await submit_choices(state, principal, body, gen, chat=chat)
     except BaseException:
         slot.release()
         raise
@@ -247,7 +248,8 @@ async def _generate(request: Request, *, chat: bool):
 
 async def stream_chunks(state, gen, prompts, choices, streams, *, chat: bool):
     """The chunk objects of a streamed answer (chat.completion.chunk or text_completion), in
-    order, for requests `_submit` queued; the usage chunk last when asked for. Errors raise."""
+    order, for the requests submit_choices queued; the usage chunk last when asked for. Errors
+    raise."""
     tok = state.engine.tokenizer
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())

@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from .errors import APIError, not_found, to_api_error
-from .openai_api import _collect, _submit, _until_disconnect, json_body, principal_of, stream_chunks
+from .openai_api import collect_answer, json_body, principal_of, stream_chunks, submit_choices, until_disconnect
 from .protocol import chat_messages, parse_common
 from .response_store import ResponseStore
 from .files_api import list_body, page_params, unknown_cursor
@@ -225,7 +225,7 @@ async def respond(state, principal, body: dict) -> dict:
 
 
 async def _respond(state, principal, body: dict, chat: dict, gen, store: bool) -> dict:
-    completion = await _collect(state, principal, chat, gen, chat=True)
+    completion = await collect_answer(state, principal, chat, gen, chat=True)
     builder = ResponseBuilder(body, gen, store)
     choice = completion["choices"][0]
     message = choice["message"]
@@ -248,12 +248,12 @@ async def responses(request: Request):
     slot = state.open_tenant_request(principal.tenant)
     if not gen.stream:
         try:
-            return JSONResponse(await _until_disconnect(request, _respond(state, principal, body, chat, gen, store)))
+            return JSONResponse(await until_disconnect(request, _respond(state, principal, body, chat, gen, store)))
         finally:
             slot.release()
     gen.include_usage = True  # the usage goes into response.completed
     try:
-        prompts, choices, streams = await _submit(state, principal, chat, gen, chat=True)
+        prompts, choices, streams = await submit_choices(state, principal, chat, gen, chat=True)
     except BaseException:
         slot.release()
         raise

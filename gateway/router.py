@@ -41,7 +41,7 @@ from starlette.routing import Route
 
 from .discovery import EngineDiscovery, resolve_addresses
 from .errors import APIError, error_response
-from .openai_api import _until_disconnect
+from .openai_api import until_disconnect
 from .proxy import (ENGINE_GONE, EndCutResponses, Lease, LeasedStream, buffered_response, is_event_stream,
                     read_body, read_bounded_body, relay_events, relay_raw, request_headers, response_headers)
 from .replicas import ReplicaPool
@@ -239,7 +239,7 @@ async def inference(request: Request) -> Response:
     headers = request_headers(request, drop=frozenset({"content-length", "accept-encoding"}))
     headers.append(("accept-encoding", "identity"))
     # A client that leaves while a non-streamed answer is computed closes the engine request too.
-    return await _until_disconnect(request, router.relay_inference(request.url.path, headers, body, key))
+    return await until_disconnect(request, router.relay_inference(request.url.path, headers, body, key))
 
 
 async def forward(request: Request) -> Response:

@@ -140,7 +140,8 @@ def test_sampled_structured_output_under_draft_speculation_has_the_targets_distr
         counts[key] = counts.get(key, 0) + 1
     big = {k: p for k, p in joint.items() if n * p >= 5}  # the rest pooled, so every cell expects >= 5
     rest_p, rest_n = 1 - sum(big.values()), n - sum(counts.get(k, 0) for k in big)
-    stat = sum((counts.get(k, 0) - n * p) ** 2 / (n * p) for k, p in big.items()) + (rest_n - n * rest_p) ** 2 / (n * rest_p)
+    stat = sum((counts.get(k, 0) - n * p) ** 2 / (n * p) for k, p in big.items())
+    stat += (rest_n - n * rest_p) ** 2 / (n * rest_p)
     df = len(big)  # cells minus one, the pooled cell included
     limit = df * (1 - 2 / (9 * df) + 3.09 * (2 / (9 * df)) ** 0.5) ** 3  # p = 0.001 (Wilson-Hilferty)
     # measured: 12.4 over 11 degrees of freedom (limit 31.4); drawing q from the unmasked draft
