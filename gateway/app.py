@@ -76,7 +76,7 @@ def build_app(state: ServerState, load=None) -> Starlette:
             thread = threading.Thread(target=run, name="loragate-load", daemon=True)
             thread.start()
         # The batch runner waits for the engine itself, and stops before it.
-        async with batch_service(app, state), response_store_service(state):
+        async with batch_service(app, state), response_store_service(app, state):
             yield
         if state.engine is not None:
             await asyncio.to_thread(state.engine.shutdown)

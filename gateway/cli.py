@@ -157,6 +157,8 @@ GATEWAY_HELP = {
     "batch_max_concurrency": "batch API: engine requests batch lines may have in flight at once "
                              "(interactive requests go first)",
     "batch_max_lines": "batch API: most request lines in one input file",
+    "response_retention_days": "Responses API: days a completed response stays stored for previous_response_id and "
+                               "GET /v1/responses/{id} (0: none is stored)",
 }
 
 

@@ -7,8 +7,8 @@ completed (a failed or cancelled one is never stored, so a conversation never co
 from half an answer). A row keeps the response object as it was returned and the
 conversation it closes, as chat messages: the earlier conversation, this request's input
 and its answer, without the instructions, which OpenAI does not carry over either. So a
-continuation reads one row, however long the conversation. Rows older than RETENTION_S
-are deleted, as OpenAI keeps stored responses for 30 days.
+continuation reads one row, however long the conversation. Rows older than the retention
+(30 days by default, as OpenAI keeps stored responses) are deleted.
 
 Engines of a fleet may share one root (one LORAGATE_HOME volume), as with the batch store:
 the rollback journal and BEGIN IMMEDIATE keep concurrent writers safe. Every method blocks
@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-RETENTION_S = 30 * 24 * 3600
+DAY_S = 24 * 3600
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -46,7 +46,8 @@ class StoredResponse:
 
 
 class ResponseStore:
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, retention_days: int = 30):
+        self.retention_s = retention_days * DAY_S
         Path(root).mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(Path(root) / "responses.db", check_same_thread=False, isolation_level=None,
@@ -83,9 +84,9 @@ class ResponseStore:
             return self._db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0
 
     def prune(self, now: float | None = None) -> int:
-        """Delete the responses older than RETENTION_S; how many went."""
+        """Delete the responses older than the retention; how many went."""
         now = time.time() if now is None else now
         self._pruned_at = now
-        cutoff = int(now - RETENTION_S)
+        cutoff = int(now - self.retention_s)
         with self._lock:
             return self._db.execute("DELETE FROM responses WHERE created_at < ?", (cutoff,)).rowcount

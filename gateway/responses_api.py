@@ -89,17 +89,24 @@ def _usage(chat_usage: dict) -> dict:
 # -- stored responses -------------------------------------------------------------------------
 
 @contextlib.asynccontextmanager
-async def response_store_service(state):
-    """For the app's lifetime: the store under $LORAGATE_HOME/responses (state.response_store).
-    One that cannot open leaves the rest up: responses are then not stored (`store: false` in
-    them), and previous_response_id and /v1/responses/{id} answer 503."""
+async def response_store_service(app, state):
+    """For the app's lifetime: the store under $LORAGATE_HOME/responses (state.response_store),
+    unless --response-retention-days is 0. One that cannot open leaves the rest up: responses
+    are then not stored (`store: false` in them), and previous_response_id and
+    /v1/responses/{id} answer 503."""
     from loragate.engine.models.prepare import loragate_home
 
-    try:
-        state.response_store = await asyncio.to_thread(ResponseStore, loragate_home() / "responses")
-    except (OSError, sqlite3.Error) as e:
-        log.error("stored responses unavailable: cannot open their store under %s: %s",
-                  loragate_home() / "responses", e)
+    from .settings import GatewaySettings
+
+    settings = getattr(app.state, "settings", None)
+    days = getattr(settings, "response_retention_days", GatewaySettings.response_retention_days)
+    state.response_retention_days = days
+    if days > 0:
+        try:
+            state.response_store = await asyncio.to_thread(ResponseStore, loragate_home() / "responses", days)
+        except (OSError, sqlite3.Error) as e:
+            log.error("stored responses unavailable: cannot open their store under %s: %s",
+                      loragate_home() / "responses", e)
     try:
         yield
     finally:
@@ -109,6 +116,9 @@ async def response_store_service(state):
 
 
 def _store_of(state, param: str | None) -> ResponseStore:
+    if state.response_store is None and state.response_retention_days == 0:
+        raise APIError(400, "this server stores no responses (--response-retention-days 0): send the earlier "
+                       "items again in 'input'", param=param, code="responses_not_stored")
     if state.response_store is None:
         raise APIError(503, "stored responses are not available on this server (see its log)", "server_error",
                        param=param, code="responses_store_unavailable")
@@ -118,8 +128,8 @@ def _store_of(state, param: str | None) -> ResponseStore:
 async def _stored(state, principal, response_id: str, param: str | None):
     stored = await asyncio.to_thread(_store_of(state, param).get, response_id)
     if stored is None or (stored.tenant != principal.tenant and not principal.is_admin):
-        raise not_found(f"response {response_id!r} does not exist (or is older than 30 days)", param=param,
-                        code="response_not_found")
+        raise not_found(f"response {response_id!r} does not exist (or is older than "
+                        f"{state.response_retention_days} days)", param=param, code="response_not_found")
     return stored
 
 

@@ -37,6 +37,9 @@ class GatewaySettings:
     # lines one input file may hold.
     batch_max_concurrency: int = 4
     batch_max_lines: int = 50_000
+    # Responses API: days a completed response stays stored (for previous_response_id and
+    # GET /v1/responses/{id}); 0 stores none (every response says store: false).
+    response_retention_days: int = 30
     # Roles: "all" (one process), "engine" (the same server, behind a router), "router" (no
     # model: proxies to engines by adapter affinity, see gateway/router.py).
     role: str = "all"
@@ -61,6 +64,8 @@ class GatewaySettings:
         for name in ("batch_max_concurrency", "batch_max_lines"):
             if getattr(self, name) < 1:
                 raise ModelConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.response_retention_days < 0:
+            raise ModelConfigError("response_retention_days must be >= 0 (0: responses are not stored)")
         self._check_router_settings()
         self._check_adapter_store_settings()
 

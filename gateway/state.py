@@ -47,6 +47,7 @@ class ServerState:
     load_error: str | None = None
     metrics: object | None = None  # gateway.metrics.Metrics, set by build_app
     response_store: object | None = None  # gateway.response_store.ResponseStore, while the app runs
+    response_retention_days: int = 30  # 0: responses are not stored
     # Adapters the engine holds (by versioned key), least recently used first. Bounded: a
     # request already running keeps its weights, and a later one simply re-adds them.
     engine_adapters: OrderedDict = field(default_factory=OrderedDict)

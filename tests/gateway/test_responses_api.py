@@ -185,20 +185,20 @@ def test_stored_responses_continue_a_conversation_and_are_tenant_scoped(server):
 def test_the_response_store_keeps_rows_across_opens_and_prunes_old_ones(tmp_path):
     import sqlite3
 
-    from loragate.gateway.response_store import RETENTION_S, ResponseStore
+    from loragate.gateway.response_store import DAY_S, ResponseStore
 
     with sqlite3.connect(tmp_path / "responses.db") as db:  # a store from before input items were kept
         db.execute("CREATE TABLE responses (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, created_at INTEGER NOT NULL, "
                    "response TEXT NOT NULL, conversation TEXT NOT NULL)")
         db.execute("INSERT INTO responses VALUES ('resp_0', 'a', 1000, '{}', '[]')")
-    store = ResponseStore(tmp_path)
+    store = ResponseStore(tmp_path, retention_days=2)
     assert store.get("resp_0").input_items == [] and store.delete("resp_0")
     store.put("a", {"id": "resp_1", "created_at": 1000}, [{"role": "user", "content": "x"}])
     store.close()
-    store = ResponseStore(tmp_path)
+    store = ResponseStore(tmp_path, retention_days=2)
     stored = store.get("resp_1")
     assert (stored.tenant, stored.response["id"], stored.conversation) == ("a", "resp_1", [{"role": "user", "content": "x"}])
-    assert store.prune(now=1000 + RETENTION_S - 1) == 0 and store.prune(now=1000 + RETENTION_S + 1) == 1
+    assert store.prune(now=1000 + 2 * DAY_S - 1) == 0 and store.prune(now=1000 + 2 * DAY_S + 1) == 1
     assert store.get("resp_1") is None and not store.delete("resp_1")
 
 
@@ -222,6 +222,33 @@ def test_truncation_auto_drops_the_oldest_items_to_fit_the_context(server):
             break
     else:
         raise AssertionError("no suffix of the turns gives the truncated prompt's length")
+
+
+def test_retention_zero_stores_nothing_and_says_so(tmp_path, monkeypatch):
+    import asyncio
+    from types import SimpleNamespace
+
+    from loragate.gateway.auth import KeyStore
+    from loragate.gateway.errors import APIError
+    from loragate.gateway.responses_api import _store_of, response_store_service
+    from loragate.gateway.settings import GatewaySettings
+    from loragate.gateway.state import ServerState
+
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path))
+
+    async def opened(days):
+        state = ServerState(keys=KeyStore({"k": "t"}))
+        app = SimpleNamespace(state=SimpleNamespace(settings=GatewaySettings(response_retention_days=days)))
+        async with response_store_service(app, state):
+            if days:
+                return _store_of(state, None).retention_s
+            with pytest.raises(APIError) as e:
+                _store_of(state, "previous_response_id")
+            return e.value.status, e.value.code
+
+    assert asyncio.run(opened(0)) == (400, "responses_not_stored")
+    assert not (tmp_path / "responses").exists()
+    assert asyncio.run(opened(7)) == 7 * 24 * 3600 and (tmp_path / "responses" / "responses.db").exists()
 
 
 def test_unknown_model_and_missing_key(server):
