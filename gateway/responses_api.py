@@ -94,8 +94,13 @@ async def _parse(state, principal, body: dict):
     chat = chat_body_from(body, history)
     gen = parse_common(chat, chat=True)
     if body.get("truncation") == "auto":  # tokenizing a long conversation again and again: off the loop
-        await asyncio.to_thread(_truncate, state, chat, gen, 1 if body.get("instructions") is not None else 0)
+        await asyncio.to_thread(_truncate, state, chat, gen, _first_turn(body))
     return chat, gen, body.get("store", True) and state.response_store is not None
+
+
+def _first_turn(body: dict) -> int:
+    """Where the conversation starts in the chat messages: after the instructions, if any."""
+    return 1 if body.get("instructions") is not None else 0
 
 
 def _truncate(state, chat: dict, gen, first: int) -> None:
@@ -122,7 +127,7 @@ async def _save(state, principal, body: dict, chat: dict, response: dict) -> Non
     store that fails leaves the answer as it is, marked `store: false`."""
     if not response["store"]:
         return
-    conversation = chat["messages"][1 if body.get("instructions") is not None else 0:]
+    conversation = chat["messages"][_first_turn(body):]
     conversation.append(answer_message(response["output"]))
     try:
         await asyncio.to_thread(state.response_store.put, principal.tenant, response, conversation,
