@@ -92,7 +92,7 @@ class AsyncEngine:
 
     async def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                           request_id: str | None = None, cache_salt: str = "",
-                          adapter: str | None = None) -> "RequestStream":
+                          adapter: str | None = None, tenant: str | None = None) -> "RequestStream":
         """Validate and queue a request; iterate the result for its outputs. Raises
         InvalidRequestError at once for bad input. Closing the stream, dropping it, or the
         iterating task being cancelled aborts the request and frees its KV blocks."""
@@ -103,7 +103,7 @@ class AsyncEngine:
         # Tokenise and validate here, not on the loop thread, so a step never waits for it
         # and this event loop never waits for a step; compiling an output grammar can take
         # a while (the first one builds the grammar tokenizer), so it runs in a worker thread.
-        args = (prompt, params, request_id, cache_salt, adapter)
+        args = (prompt, params, request_id, cache_salt, adapter, tenant)
         if params is not None and params.grammar is not None:
             req = await asyncio.to_thread(self.engine.make_request, *args)
         else:

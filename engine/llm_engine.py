@@ -141,9 +141,12 @@ class LLMEngine:
     # -- requests -------------------------------------------------------------------------
 
     def make_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                     request_id: str | None = None, cache_salt: str = "", adapter: str | None = None) -> Request:
+                     request_id: str | None = None, cache_salt: str = "", adapter: str | None = None,
+                     tenant: str | None = None) -> Request:
         """Tokenize and validate; raises InvalidRequestError. Touches no engine state, so it
-        may run on any thread."""
+        may run on any thread. A `tenant`'s prompts hit only its own prefix-cache entries:
+        otherwise a hit (its speed, or usage's cached_tokens) would tell one tenant what
+        another sent."""
         params = params or SamplingParams()
         ids = self.tokenize(prompt)
         if not ids:
@@ -159,7 +162,9 @@ class LLMEngine:
             if any(t >= vocab for t in token_ids):
                 raise InvalidRequestError(f"{name} token ids must be in [0, {vocab})", name)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        req = Request(request_id, ids, params, cache_salt=cache_salt)
+        if tenant is not None:
+            cache_salt = f"tenant:{tenant}|{cache_salt}"
+        req = Request(request_id, ids, params, cache_salt=cache_salt, tenant=tenant)
         req.logits_adjuster = adjuster_for(params, ids, self.eos_token_ids)
         if params.grammar is not None:
             req.grammar = self.grammars.constraint(params.grammar)
@@ -178,8 +183,9 @@ class LLMEngine:
                                                                     req.sampling_params.min_tokens)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, cache_salt: str = "", adapter: str | None = None) -> Request:
-        req = self.make_request(prompt, params, request_id, cache_salt, adapter)
+                    request_id: str | None = None, cache_salt: str = "", adapter: str | None = None,
+                    tenant: str | None = None) -> Request:
+        req = self.make_request(prompt, params, request_id, cache_salt, adapter, tenant)
         self.enqueue(req)
         return req
 

@@ -33,6 +33,9 @@ class Request:
     # Key that separates prefix-cache entries of different weights (adapter id + version);
     # empty for the base model.
     cache_salt: str = ""
+    # Who sent it: tenants take turns at admission (scheduler), and a tenant's prompts share
+    # prefix-cache entries only with its own. None: the Python API's single user.
+    tenant: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     # LoRA: the adapter's name, its "name@version" key, and its weights (held here so a
     # request finishes on the version it started with even if the adapter is replaced).

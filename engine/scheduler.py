@@ -1,7 +1,9 @@
 """Continuous-batching scheduler: owns every request state change (admit, preempt, finish,
 free). Each step it gives running requests their next tokens first (decode before new
 prefill, FCFS), then admits waiting requests into what is left of the token budget, with
-long prompts split into chunks. When KV blocks run out, the most recently admitted running
+long prompts split into chunks. Tenants take turns at admission (the one with the fewest
+requests running goes next; FCFS within a tenant), so one tenant's burst does not queue
+ahead of everyone else's requests. When KV blocks run out, the most recently admitted running
 request is preempted: its blocks are freed and it is recomputed later (prefix caching
 usually makes the recompute cheap). A waiting request whose next prompt block a running
 prefill is computing waits for it rather than computing the shared prefix again.
@@ -19,6 +21,7 @@ requests for the others wait without bound."""
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import Counter, deque
 
@@ -42,6 +45,7 @@ class Scheduler:
         self.draining: str | None = None  # adapter key admitted no more until a starving request loads
         self._drain_for: Request | None = None  # that starving request
         self.share_prefills = True  # wait for a shared prefix a running prefill computes (False: bench baseline)
+        self.fair_tenants = True  # tenants take turns at admission (False: FCFS, the bench baseline)
 
     @property
     def has_unfinished(self) -> bool:
@@ -175,19 +179,38 @@ class Scheduler:
             self._drain_for = starving
 
     def _admission_order(self):
-        """Waiting requests, those that need no adapter load first (FCFS within each group).
+        """Waiting requests, those that need no adapter load first, each group in tenant turns.
         A generator: admission usually stops after a few, so a long queue is not sorted."""
         if self.lora_pool is None:
-            yield from list(self.waiting)
+            yield from self._tenant_turns(list(self.waiting))
             return
-        later = []
-        for req in list(self.waiting):
-            if (req.lora_key is not None and req.num_passed_over < MAX_PASSED_OVER
-                    and not self.lora_pool.is_loaded(req.lora_key)):
-                later.append(req)
-            else:
-                yield req
-        yield from later
+        now, later = [], []
+        for req in self.waiting:
+            needs_load = req.lora_key is not None and not self.lora_pool.is_loaded(req.lora_key)
+            (later if needs_load and req.num_passed_over < MAX_PASSED_OVER else now).append(req)
+        yield from self._tenant_turns(now)
+        yield from self._tenant_turns(later)
+
+    def _tenant_turns(self, reqs: list[Request]):
+        """`reqs` with tenants taking turns: next comes the oldest request of the tenant with
+        the fewest running (counting the ones handed out before it), so a tenant that queued
+        a hundred requests delays another's next one by one admission, not a hundred. One
+        tenant (or fair_tenants off): FCFS, which is also the order among ties."""
+        queues: dict[str | None, deque] = {}
+        for pos, req in enumerate(reqs):
+            queues.setdefault(req.tenant, deque()).append((pos, req))
+        if len(queues) < 2 or not self.fair_tenants:
+            yield from reqs
+            return
+        running = Counter(r.tenant for r in self.running)
+        turns = [(running[t], q[0][0], t) for t, q in queues.items()]
+        heapq.heapify(turns)
+        while turns:
+            load, _, tenant = heapq.heappop(turns)
+            queue = queues[tenant]
+            yield queue.popleft()[1]
+            if queue:
+                heapq.heappush(turns, (load + 1, queue[0][0], tenant))
 
     def _pin_adapter(self, req: Request) -> bool:
         if req.lora_key is None:

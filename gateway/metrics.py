@@ -1,10 +1,11 @@
 """Prometheus metrics for /metrics: HTTP requests by route and status, latency histograms
 (time to first token, inter-token, end to end, queue time), finished requests by reason,
-token counts, and engine gauges read at scrape time (running/waiting requests, preemptions,
+token counts by tenant and adapter (usage metering), and engine gauges read at scrape time (running/waiting requests, preemptions,
 KV-cache use, prefix-cache hit rate, adapter pool).
 
 Adapter labels are bounded: the first MAX_ADAPTER_LABELS adapters seen get their own label,
-the rest share "other", so a tenant with thousands of adapters cannot explode cardinality."""
+the rest share "other", so a tenant with thousands of adapters cannot explode cardinality.
+Tenants are those of the configured keys (one, "default", on an open server)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ class Metrics:
                                "admission to the running batch", buckets=LATENCY_BUCKETS, registry=r)
         self.finished = Counter("loragate_requests_finished", "engine requests that finished, by reason "
                                 "(stop, length)", ["reason"], registry=r)
-        self.prompt_tokens = Counter("loragate_prompt_tokens", "prompt tokens", ["adapter"], registry=r)
-        self.generation_tokens = Counter("loragate_generation_tokens", "generated tokens", ["adapter"], registry=r)
+        self.prompt_tokens = Counter("loragate_prompt_tokens", "prompt tokens", ["tenant", "adapter"], registry=r)
+        self.generation_tokens = Counter("loragate_generation_tokens", "generated tokens", ["tenant", "adapter"],
+                                         registry=r)
         self._labels: set[str] = set()
         self._lock = threading.Lock()
         r.register(_EngineCollector(state))

@@ -36,12 +36,12 @@ def principal_of(request: Request):
 class Choice:
     """Accumulates one engine request's outputs, and records its latencies."""
 
-    def __init__(self, index: int, prompt_index: int, prompt_len: int, metrics, label: str):
+    def __init__(self, index: int, prompt_index: int, prompt_len: int, metrics, labels: tuple[str, str]):
         self.index, self.prompt_index, self.prompt_len = index, prompt_index, prompt_len
         self.text, self.tokens, self.logprobs, self.finish_reason = "", [], [], None
         self.prompt_logprobs = None  # with echo + logprobs: the prompt tokens' entries
         self.cached_tokens = 0  # of the prompt, served from the prefix cache
-        self.metrics, self.label = metrics, label
+        self.metrics, self.labels = metrics, labels  # (tenant, adapter) of the token counters
         self.start = self.last = time.monotonic()
 
     def add(self, out) -> list:
@@ -60,7 +60,7 @@ class Choice:
             self.metrics.e2e.observe(t - self.start)
             self.metrics.queue.observe(out.queue_seconds)
             self.metrics.finished.labels(self.finish_reason).inc()
-            self.metrics.generation_tokens.labels(self.label).inc(len(self.tokens))
+            self.metrics.generation_tokens.labels(*self.labels).inc(len(self.tokens))
         return new
 
 
@@ -69,13 +69,13 @@ async def _start(state, principal, gen, prompts_ids: list[list[int]], model: str
     adapter = await state.resolve_model(principal, model)
     state.check_capacity()
     choices, streams = [], []
-    label = state.metrics.adapter_label(adapter)
+    labels = (principal.tenant, state.metrics.adapter_label(adapter))
     try:
         for pi, ids in enumerate(prompts_ids):
-            state.metrics.prompt_tokens.labels(label).inc(len(ids))
+            state.metrics.prompt_tokens.labels(*labels).inc(len(ids))
             for ci, params in enumerate(gen.sampling_params(len(ids), engine.engine.max_model_len)):
-                choices.append(Choice(pi * gen.n + ci, pi, len(ids), state.metrics, label))
-                streams.append(await engine.add_request(ids, params, adapter=adapter))
+                choices.append(Choice(pi * gen.n + ci, pi, len(ids), state.metrics, labels))
+                streams.append(await engine.add_request(ids, params, adapter=adapter, tenant=principal.tenant))
     except BaseException:
         for stream in streams:  # a later prompt was refused: the queued ones must not run on
             stream.close()

@@ -1,7 +1,8 @@
-"""Liveness under pressure: random arrivals over more adapters than slots, a KV cache that
-forces preemption, chunked prefill, aborts, prompts sharing prefixes (some scored), with and
-without speculation. Every request must finish (none waits for good with the engine idle),
-a scored prompt gets every position's logprob once, and nothing stays pinned or allocated."""
+"""Liveness under pressure: random arrivals from several tenants over more adapters than
+slots, a KV cache that forces preemption, chunked prefill, aborts, prompts sharing prefixes
+(some scored), with and without speculation. Every request must finish (none waits for good
+with the engine idle), a scored prompt gets every position's logprob once, and nothing stays
+pinned or allocated."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def test_every_request_finishes_under_slot_and_cache_pressure(tiny_llama, seed):
                 prompt = (rng.choice(prefixes) or [1]) + [rng.randrange(3, 40) for _ in range(rng.randint(1, 60))]
                 params = SamplingParams(max_tokens=rng.randint(1, 24), temperature=rng.choice([0.0, 0.8]),
                                         seed=step, ignore_eos=True, prompt_logprobs=rng.choice([None, None, 1, 2]))
-                engine.add_request(prompt, params, request_id=rid, adapter=rng.choice([*names, None]))
+                engine.add_request(prompt, params, request_id=rid, adapter=rng.choice([*names, None]),
+                                   tenant=rng.choice(["t0", "t0", "t0", "t1", None]))  # t0 sends most
                 sent[rid] = step
                 active.add(rid)
                 if params.prompt_logprobs is not None:

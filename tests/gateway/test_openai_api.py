@@ -147,6 +147,10 @@ def test_usage_counts_the_prompt_tokens_served_from_the_prefix_cache(server):
     chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0, stream=True,
                                             stream_options={"include_usage": True}))
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 32
+    # Another tenant's identical prompt finds nothing: a hit would tell it what tenant-a sent.
+    other = openai.OpenAI(base_url=server.url + "/v1", api_key="key-b", max_retries=0)
+    theirs = other.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0).usage
+    assert theirs.prompt_tokens_details.cached_tokens == 0
 
 
 def test_min_p_reaches_the_sampler(server):

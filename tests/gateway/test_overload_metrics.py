@@ -44,7 +44,7 @@ def test_overload_gets_429_and_metrics_match(tiny_llama, tmp_path, monkeypatch):
         route = "/v1/completions"
         assert m[("loragate_http_requests_total", (("route", route), ("status", "200")))] == ok
         assert m[("loragate_http_requests_total", (("route", route), ("status", "429")))] == busy
-        assert m[("loragate_generation_tokens_total", (("adapter", "base"),))] == 40 * ok
+        assert m[("loragate_generation_tokens_total", (("adapter", "base"), ("tenant", "tenant-a")))] == 40 * ok
         assert m[("loragate_time_to_first_token_seconds_count", ())] == ok
         assert m[("loragate_e2e_request_latency_seconds_count", ())] == ok
         assert m[("loragate_requests_finished_total", (("reason", "length"),))] == ok
