@@ -97,6 +97,9 @@ def test_probes_resources_and_non_root(rendered):
         for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
             assert container[probe]["httpGet"] == {"path": path, "port": "http"}, (component, probe)
         assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
+        # Serves on while it leaves the Services, then has time left to finish open requests.
+        sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert sleep[0] == "sleep" and 0 < int(sleep[1]) < pod["terminationGracePeriodSeconds"]
 
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}

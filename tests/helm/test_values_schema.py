@@ -35,6 +35,7 @@ SCHEMA_VIOLATIONS = {
                               "/engine/podDisruptionBudget/maxUnavailable"),
     "unknown access mode": ({"persistence": {"accessModes": ["ReadWriteSometimes"]}}, "/persistence/accessModes/0"),
     "unknown service type": ({"router": {"service": {"type": "ExternalName"}}}, "/router/service/type"),
+    "negative preStop sleep": ({"router": {"preStopSleepSeconds": -1}}, "/router/preStopSleepSeconds"),
     "scrape interval without unit": ({"metrics": {"serviceMonitor": {"interval": "30"}}},
                                      "/metrics/serviceMonitor/interval"),
 }
@@ -49,6 +50,8 @@ TEMPLATE_REFUSALS = {
         "router.autoscaling.minReplicas (5) is above maxReplicas (2)"),
     "existing auth secret with no key named": (
         {"auth": {"existingSecret": "keys", "existingSecretKeys": {"apiKeys": "", "adminKey": ""}}}, "auth.enabled=false"),
+    "preStop sleep using up the grace period": (
+        {"engine": {"preStopSleepSeconds": 60}}, "engine.preStopSleepSeconds (60) must be below terminationGracePeriodSeconds (60)"),
     "existing s3 secret missing a key name": (
         {"adapterStore": {"type": "s3", "s3": {"bucket": "b-1", "existingSecret": "aws",
                                                "existingSecretKeys": {"accessKeyId": "id", "secretAccessKey": ""}}}},
@@ -62,6 +65,7 @@ ACCEPTED = {
                                                 "adapterStore": {"type": "s3", "s3": {"bucket": "b-1"}}},
     "percent disruption budget": {"engine": {"podDisruptionBudget": {"enabled": True, "maxUnavailable": "25%"}}},
     "numeric settings": {"engine": {"config": {"LORAGATE_MAX_MODEL_LEN": 4096}}},
+    "no preStop sleep": {"router": {"preStopSleepSeconds": 0}},
 }
 
 

@@ -155,11 +155,30 @@ change. Included once, from the ConfigMap template.
 {{- fail "adapterStore.s3.existingSecretKeys must name both the accessKeyId and the secretAccessKey keys of adapterStore.s3.existingSecret" -}}
 {{- end -}}
 {{- range $component := list "engine" "router" -}}
-{{- $scaling := (index $.Values $component).autoscaling -}}
+{{- $values := index $.Values $component -}}
+{{- $scaling := $values.autoscaling -}}
 {{- if and $scaling.enabled (gt (int $scaling.minReplicas) (int $scaling.maxReplicas)) -}}
 {{- fail (printf "%s.autoscaling.minReplicas (%d) is above maxReplicas (%d)" $component (int $scaling.minReplicas) (int $scaling.maxReplicas)) -}}
 {{- end -}}
+{{- if ge (int $values.preStopSleepSeconds) (int $values.terminationGracePeriodSeconds) -}}
+{{- fail (printf "%s.preStopSleepSeconds (%d) must be below terminationGracePeriodSeconds (%d): the server needs the rest to finish its open requests" $component (int $values.preStopSleepSeconds) (int $values.terminationGracePeriodSeconds)) -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Shutdown without refused connections: Kubernetes removes a terminating pod from its Services
+while it runs preStop, so the pod keeps serving during the sleep; SIGTERM follows, and the
+server stops accepting and finishes its open requests (streams included) before it exits.
+Call with the component's values.
+*/}}
+{{- define "loragate.lifecycle" -}}
+{{- if .preStopSleepSeconds }}
+lifecycle:
+  preStop:
+    exec:
+      command: ["sleep", "{{ .preStopSleepSeconds }}"]
+{{- end }}
 {{- end -}}
 
 {{/* An HTTP probe on the container port; call with (dict "probe" .Values.x.livenessProbe "path" "/healthz"). */}}
