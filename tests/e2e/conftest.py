@@ -4,6 +4,7 @@ them without leaving orphans."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import httpx
+
+AUTH = {"Authorization": "Bearer key-a"}
 
 
 def free_port() -> int:
@@ -72,3 +75,18 @@ def stop_all(servers: Iterable[ServeProcess]) -> None:
         except subprocess.TimeoutExpired:
             s.proc.kill()
             s.proc.wait()
+
+
+class TinyServer(ServeProcess):
+    """One `loragate serve` over the tiny model (fp32, tenant-a's key), ready when constructed."""
+
+    def __init__(self, model_dir: Path, home: Path, log: Path):
+        env = dict(os.environ, LORAGATE_HOME=str(home), LORAGATE_API_KEYS="key-a=tenant-a")
+        super().__init__(["--model", str(model_dir), "--dtype", "float32", "--num-threads", "1",
+                          "--served-model-name", "tiny"], env, log)
+        try:
+            wait_until(lambda: httpx.get(self.url + "/readyz", timeout=2).status_code == 200, "the server to be ready",
+                       [self], timeout=90)
+        except BaseException:
+            self.stop()  # no orphaned server when start-up fails
+            raise

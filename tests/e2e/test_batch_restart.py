@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from pathlib import Path
 
@@ -15,26 +14,12 @@ import httpx
 
 from loragate.gateway.batch_store import BatchStore
 
-from .conftest import ServeProcess, wait_until
+from .conftest import AUTH, TinyServer
 
-AUTH = {"Authorization": "Bearer key-a"}
 NUM_LINES = 50
 
 
-class Server(ServeProcess):
-    """One `loragate serve` over the tiny model, ready to answer when constructed."""
-
-    def __init__(self, model_dir: Path, home: Path, log: Path):
-        env = dict(os.environ, LORAGATE_HOME=str(home), LORAGATE_API_KEYS="key-a=tenant-a")
-        super().__init__(["--model", str(model_dir), "--dtype", "float32", "--num-threads", "1",
-                          "--served-model-name", "tiny"], env, log)
-        try:
-            wait_until(lambda: httpx.get(self.url + "/readyz", timeout=2).status_code == 200, "the server to be ready",
-                       [self], timeout=90)
-        except BaseException:
-            self.stop()  # no orphaned server when start-up fails
-            raise
-
+class Server(TinyServer):
     def batch(self, batch_id: str) -> dict:
         return httpx.get(f"{self.url}/v1/batches/{batch_id}", headers=AUTH, timeout=10).json()
 
