@@ -131,7 +131,8 @@ GATEWAY_HELP = {
     "api_keys_file": "file of '<key> <tenant>' lines; keys map callers to tenants",
     "api_keys": "keys as 'key=tenant,key2=tenant2'",
     "admin_key": "key that manages every tenant's adapters",
-    "max_waiting_requests": "requests queued beyond this are answered 429 with Retry-After",
+    "max_waiting_requests": "with this many queued, tenants over their share of the queue are answered 429 "
+                            "with Retry-After",
     "max_tenant_requests": "inference requests one tenant may have open at once; more are answered 429 (0: no limit)",
     "max_upload_size": "largest adapter upload, e.g. 512MiB",
     "served_model_name": "name clients use for the base model (default: the model's name)",

@@ -67,7 +67,7 @@ class Choice:
 async def _start(state, principal, gen, prompts_ids: list[list[int]], model: str):
     engine = state.require_engine()
     adapter = await state.resolve_model(principal, model)
-    state.check_capacity()
+    state.check_capacity(principal.tenant)
     choices, streams = [], []
     labels = (principal.tenant, state.metrics.adapter_label(adapter))
     try:

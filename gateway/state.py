@@ -64,8 +64,15 @@ class ServerState:
                            headers={"Retry-After": "5"})
         return self.engine
 
-    def check_capacity(self) -> None:
-        if self.engine.num_waiting >= self.max_waiting:
+    def check_capacity(self, tenant: str) -> None:
+        """A full waiting queue refuses the tenants that fill it: one whose open requests are
+        within its share of the queue (max_waiting over the tenants with requests open) still
+        gets in, so one tenant's flood cannot lock the others out. Those shares add up to
+        max_waiting, so the queue holds at most twice that."""
+        if self.engine.num_waiting < self.max_waiting:
+            return
+        share = self.max_waiting / max(1, len(self.tenant_in_flight))
+        if self.tenant_in_flight.get(tenant, 0) > share:
             raise APIError(429, f"too many requests waiting ({self.max_waiting}); retry shortly", "rate_limit_error",
                            code="overloaded", headers={"Retry-After": "1"})
 

@@ -147,3 +147,30 @@ def test_a_dead_engine_is_503_not_a_hang(tiny_llama, tmp_path, monkeypatch):
         assert httpx.get(s.url + "/readyz").status_code == 503
     finally:
         s.stop()
+
+
+def test_a_full_queue_refuses_the_tenant_that_fills_it_not_the_others(tiny_llama, tmp_path, monkeypatch):
+    """Two run, three may wait: tenant-a's flood fills the queue and gets 429s, while
+    tenant-b, with nothing open, is still let in (and, with tenant turns, served next)."""
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
+    s = RunningServer(tiny_llama, None, max_waiting=3, max_num_seqs=2)
+    engine = s.state.engine.engine
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: time.sleep(0.01) or step())  # the flood stays queued a while
+    body = {"model": "tiny", "prompt": "t5 t6 t7", "max_tokens": 40, "ignore_eos": True}
+    try:
+        async def main():
+            async with httpx.AsyncClient(timeout=60) as h:
+                flood = [asyncio.create_task(h.post(s.url + "/v1/completions", json=body, headers=s.headers()))
+                         for _ in range(12)]
+                while s.state.engine.num_waiting < 3:
+                    await asyncio.sleep(0.01)
+                other = await h.post(s.url + "/v1/completions", json=body, headers=s.headers("key-b"))
+                return other, await asyncio.gather(*flood)
+
+        other, flood = asyncio.run(main())
+        assert other.status_code == 200 and other.json()["usage"]["completion_tokens"] == 40
+        codes = [r.status_code for r in flood]
+        assert codes.count(429) > 0 and codes.count(200) >= 3, codes
+    finally:
+        s.stop()
