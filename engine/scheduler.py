@@ -4,8 +4,8 @@ prefill, FCFS), then admits waiting requests into what is left of the token budg
 long prompts split into chunks. Tenants take turns at admission (the one with the fewest
 requests running goes next; FCFS within a tenant), so one tenant's burst does not queue
 ahead of everyone else's requests. When KV blocks run out, the most recently admitted running
-request is preempted: its blocks are freed and it is recomputed later (prefix caching
-usually makes the recompute cheap). A waiting request whose next prompt block a running
+request (of the tenant with the most running) is preempted: its blocks are freed and it is
+recomputed later (prefix caching usually makes the recompute cheap). A waiting request whose next prompt block a running
 prefill is computing waits for it rather than computing the shared prefix again.
 
 With LoRA, a request holds (pins) its adapter's pool slot from admission until it finishes
@@ -72,7 +72,8 @@ class Scheduler:
                     _trim_spec(req, 0)
                     num_new = min(base, budget)
                     continue
-                victim = self.running.pop()
+                victim = self._victim(i)
+                self.running.remove(victim)
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
@@ -118,6 +119,14 @@ class Scheduler:
                 req.num_passed_over += 1
         self._choose_drain()
         return scheduled
+
+    def _victim(self, i: int) -> Request:
+        """Whom to preempt for running[i]: among it and those after it (not yet scheduled this
+        step), the most recently admitted request of the tenant with the most running. Plain
+        LIFO would pick the request tenant turns admitted last, often a light tenant's, and
+        preempt it again each time it is readmitted."""
+        counts = Counter(r.tenant for r in self.running)
+        return max(reversed(self.running[i:]), key=lambda r: counts[r.tenant])
 
     # -- shared prefixes ------------------------------------------------------------------
     # Requests that arrive together with one long shared prefix (a system prompt, an eval's

@@ -65,3 +65,26 @@ def test_the_prefix_cache_keeps_tenants_apart(tiny_llama):
     assert cached("b") == 0
     assert cached("a") == 32 and cached("b") == 32
     assert cached(None) == 0
+
+
+def test_a_short_cache_preempts_the_heaviest_tenants_request(tiny_llama):
+    """24 KV blocks for four 40-token prompts growing by 60 tokens each: preemptions are
+    needed. Tenant a's three requests give them up; b's request, admitted last (plain LIFO's
+    victim each time), is never preempted. Tokens are those of a roomy cache."""
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    prompts = {rid: [5 + n] + list(range(10, 49)) for n, rid in enumerate(["a0", "a1", "a2", "b"])}
+
+    def run(engine):
+        for rid, prompt in prompts.items():
+            engine.add_request(prompt, params, request_id=rid, tenant=rid[0])
+            if rid == "a2":
+                engine.step()  # b comes after a's three are running
+        requests = dict(engine.scheduler.requests)
+        _, outputs = admission_order(engine)
+        return {rid: r.num_preemptions for rid, r in requests.items()}, {k: o.token_ids for k, o in outputs.items()}
+
+    tight = make_engine(tiny_llama, kv_cache_memory=24 * 16 * 2 * 2 * 2 * 16 * 4, enable_prefix_caching=False)
+    assert tight.kv.num_blocks == 24
+    preemptions, tokens = run(tight)
+    assert preemptions["b"] == 0 and sum(preemptions.values()) > 0, preemptions
+    assert tokens == run(make_engine(tiny_llama))[1]
