@@ -33,7 +33,6 @@ _IGNORED_KEYS = frozenset({
 })
 # Keys that change the forward pass when set (truthy); we do not implement them (yet).
 _UNSUPPORTED_IF_SET = {
-    "use_dora": "DoRA (use_dora=true) is not supported; train a plain LoRA",
     "modules_to_save": "modules_to_save (fully trained copies of base modules) is not supported; "
                        "only LoRA deltas can be served on the shared base model",
     "rank_pattern": "per-module ranks (rank_pattern) are not supported yet; use one r for all modules",
@@ -54,7 +53,7 @@ _UNSUPPORTED_IF_SET = {
 _HANDLED_KEYS = frozenset({
     "peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules",
     "layers_to_transform", "layers_pattern", "fan_in_fan_out", "bias", "base_model_name_or_path",
-    "init_lora_weights",
+    "init_lora_weights", "use_dora",
 })
 # These inits rewrite the base weights during training; unless the adapter was converted on
 # save (path_initial_model_for_weight_conversion, which records init_lora_weights=true), it
@@ -100,6 +99,7 @@ class LoraConfig:
     layers_pattern: tuple[str, ...] | None = None
     fan_in_fan_out: bool = False  # only describes the base layer's layout (GPT-2 Conv1D); see loader
     base_model_name_or_path: str | None = None
+    use_dora: bool = False  # DoRA: a magnitude vector per module rescales each output row (loader)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "LoraConfig":
@@ -152,7 +152,7 @@ class LoraConfig:
         alpha = d.get("lora_alpha", 8)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise _invalid(f"lora_alpha must be a finite number, got {alpha!r}")
-        for key in ("use_rslora", "fan_in_fan_out"):
+        for key in ("use_rslora", "fan_in_fan_out", "use_dora"):
             if not isinstance(d.get(key, False), bool):
                 raise _invalid(f"{key} must be true or false, got {d[key]!r}")
         targets = _names(d, "target_modules", allow_str=True)
@@ -183,7 +183,8 @@ class LoraConfig:
                    exclude_modules=_names(d, "exclude_modules", allow_str=True),
                    layers_to_transform=tuple(sorted(set(layers))) if layers else None,  # peft: [] means all layers
                    layers_pattern=tuple(pattern) if pattern else None,
-                   fan_in_fan_out=d.get("fan_in_fan_out", False), base_model_name_or_path=base)
+                   fan_in_fan_out=d.get("fan_in_fan_out", False), base_model_name_or_path=base,
+                   use_dora=d.get("use_dora", False))
 
     @property
     def scaling(self) -> float:

@@ -9,7 +9,7 @@ with an AdapterError naming the file, key or module, and what was expected.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,8 +29,10 @@ _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # peft saves "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"; state_dict()
 # dumps and other tools add the adapter name ("lora_A.default.weight") or drop the prefix.
 _LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_A|lora_B)(?:\.[\w-]+)?\.weight")
+# DoRA's per-output-row magnitude: "...q_proj.lora_magnitude_vector" as peft saves it.
+_MAGNITUDE_KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_magnitude_vector)(?:\.[\w-]+)?(?:\.weight)?")
 _MODULE_PATH = re.compile(r"(?:base_model\.model\.)?(?:model\.)?layers\.(?P<layer>\d+)\.(?P<parent>\w+)\.(?P<module>\w+)")
-_KEY_HINTS = (("lora_magnitude_vector", "a DoRA magnitude vector"), ("lora_embedding", "an embedding LoRA"),
+_KEY_HINTS = (("lora_embedding", "an embedding LoRA"),
               ("base_layer", "a copy of a base weight"), (".bias", "a bias"))
 
 
@@ -48,10 +50,16 @@ class LoraWeights:
     config: LoraConfig
     # (layer, module name) -> (A [rank, in_features], B [out_features, rank] with scaling folded in), fp32
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    # DoRA: (layer, module name) -> magnitude [out_features], fp32; empty for a plain LoRA.
+    magnitudes: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    # DoRA: magnitude / ||W + BA|| per output row, which depends on the base weights: computed
+    # once by the engine that serves the adapter (LlamaForCausalLM.dora_scales).
+    dora_scales: dict[tuple[int, str], torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in self.modules.values() for t in pair)
+        tensors = [t for pair in self.modules.values() for t in pair] + list(self.magnitudes.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def load_adapter(adapter_dir: str | Path, arch: ModelArchConfig, max_lora_rank: int, *,
@@ -78,12 +86,12 @@ def load_adapter(adapter_dir: str | Path, arch: ModelArchConfig, max_lora_rank: 
     if size > max_bytes:
         raise AdapterError("too_large", f"{WEIGHTS_FILE} is {size} bytes; the limit is {max_bytes}")
     try:
-        modules = _read_weights(path, config, targets, module_shapes(arch), arch.num_layers)
+        modules, magnitudes = _read_weights(path, config, targets, module_shapes(arch), arch.num_layers)
     except AdapterError:
         raise
     except Exception as e:  # safetensors raises its own error types, OSError, or ValueError on bad files
         raise AdapterError("invalid_weights", f"{WEIGHTS_FILE} is not a valid safetensors file ({e})") from e
-    return LoraWeights(rank=config.r, config=config, modules=modules)
+    return LoraWeights(rank=config.r, config=config, modules=modules, magnitudes=magnitudes)
 
 
 def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
@@ -100,12 +108,13 @@ def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
                 raise AdapterError("invalid_weights", f"{key!r} and {found[(*target, kind)]!r} both hold {kind} of "
                                    f"{module_path(*target)}; the file mixes several adapters")
             found[(*target, kind)] = key
+        kinds = ("lora_A", "lora_B", "lora_magnitude_vector") if config.use_dora else ("lora_A", "lora_B")
         for layer, name in sorted(targets):
-            for kind in ("lora_A", "lora_B"):
+            for kind in kinds:
                 if (layer, name, kind) not in found:
                     raise AdapterError("invalid_weights", f"{WEIGHTS_FILE} has no {kind} for {module_path(layer, name)}, "
                                        "which adapter_config.json targets")
-        modules = {}
+        modules, magnitudes = {}, {}
         for layer, name in sorted(targets):
             fan_in, fan_out = shapes[name]
             # A is [r, in] and B [out, r] whatever fan_in_fan_out says: in peft it only marks a
@@ -114,12 +123,16 @@ def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
             a = _tensor(f, found[(layer, name, "lora_A")], (r, fan_in), 0, f"r={r}, in_features={fan_in}")
             b = _tensor(f, found[(layer, name, "lora_B")], (fan_out, r), 1, f"out_features={fan_out}, r={r}")
             modules[(layer, name)] = (a.contiguous(), (b * config.scaling).contiguous())
+            if config.use_dora:
+                key = found[(layer, name, "lora_magnitude_vector")]
+                magnitudes[(layer, name)] = _tensor(f, key, (fan_out,), None, f"out_features={fan_out}")
     # One finiteness check over everything (per-tensor checks dominated the cold-load time): a
     # NaN or inf anywhere makes the sum non-finite. Only then, or when finite values merely
     # add up past fp32's range, is the culprit searched for, tensor by tensor.
-    if modules and not torch.isfinite(torch.cat([t.view(-1) for pair in modules.values() for t in pair]).sum()):
+    tensors = [t.view(-1) for pair in modules.values() for t in pair] + [m for m in magnitudes.values()]
+    if tensors and not torch.isfinite(torch.cat(tensors).sum()):
         _raise_non_finite(path, found, modules, config.scaling)
-    return modules
+    return modules, magnitudes
 
 
 def _raise_non_finite(path: Path, found: dict, modules: dict, scaling: float) -> None:
@@ -127,8 +140,10 @@ def _raise_non_finite(path: Path, found: dict, modules: dict, scaling: float) ->
 
     with safe_open(str(path), framework="pt") as f:
         for (layer, name), (_, scaled_b) in sorted(modules.items()):
-            for kind in ("lora_A", "lora_B"):
-                key = found[(layer, name, kind)]
+            for kind in ("lora_A", "lora_B", "lora_magnitude_vector"):
+                key = found.get((layer, name, kind))
+                if key is None:  # not a DoRA adapter
+                    continue
                 if not torch.isfinite(f.get_tensor(key).to(torch.float32)).all():
                     raise AdapterError("non_finite_weights", f"{key!r} contains NaN or inf (or values beyond fp32's range)")
             if not torch.isfinite(scaled_b).all():
@@ -137,7 +152,10 @@ def _raise_non_finite(path: Path, found: dict, modules: dict, scaling: float) ->
 
 
 def _parse_key(key: str, targets: set[tuple[int, str]], num_layers: int, config: LoraConfig) -> tuple[tuple[int, str], str]:
-    m = _LORA_KEY.fullmatch(key)
+    m = _LORA_KEY.fullmatch(key) or _MAGNITUDE_KEY.fullmatch(key)
+    if m is not None and m["kind"] == "lora_magnitude_vector" and not config.use_dora:
+        raise AdapterError("invalid_weights", f"key {key!r} is a DoRA magnitude vector, but adapter_config.json "
+                           "does not set use_dora=true")
     if m is None:
         what = next((w for marker, w in _KEY_HINTS if marker in key), "not a LoRA A/B weight")
         raise AdapterError("invalid_weights", f"unexpected key {key!r} in {WEIGHTS_FILE} ({what}); "
@@ -155,13 +173,13 @@ def _parse_key(key: str, targets: set[tuple[int, str]], num_layers: int, config:
     return (layer, name), m["kind"]
 
 
-def _tensor(f, key: str, expected: tuple[int, int], rank_axis: int, meaning: str) -> torch.Tensor:
+def _tensor(f, key: str, expected: tuple[int, ...], rank_axis: int | None, meaning: str) -> torch.Tensor:
     sl = f.get_slice(key)
     dtype, shape = sl.get_dtype(), tuple(sl.get_shape())
     if dtype not in _FLOAT_DTYPES:
         raise AdapterError("invalid_weights", f"{key!r} has dtype {dtype}; expected one of {', '.join(_FLOAT_DTYPES)}")
     if shape != expected:
-        rank_only = len(shape) == 2 and shape[1 - rank_axis] == expected[1 - rank_axis]
+        rank_only = rank_axis is not None and len(shape) == 2 and shape[1 - rank_axis] == expected[1 - rank_axis]
         hint = "its rank differs from r in adapter_config.json" if rank_only else "was it trained for another base model?"
         raise AdapterError("shape_mismatch", f"{key!r} has shape {list(shape)}; expected {list(expected)} "
                            f"({meaning}): {hint}")

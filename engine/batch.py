@@ -23,6 +23,7 @@ class LoraBatch:
     pool: object  # adapters.pool.LoraSlotPool
     rank: int  # largest rank among this step's adapters: stacks are sliced to it
     modules: frozenset[str]  # modules some adapter of this step targets
+    dora: list[tuple[int, int, int]] = field(default_factory=list)  # DoRA segments: (first row, end row, slot)
 
 
 @dataclass
@@ -117,7 +118,8 @@ def _lora_batch(scheduled: list[tuple[Request, int]], pool) -> LoraBatch:
             slot_ids.append(req.lora_slot)
             indptr.append(indptr[-1] + num_new)
     used = [s for s in slot_ids if s >= 0]
-    return LoraBatch(plan_segments(indptr, slot_ids), pool, pool.max_rank_of(used), pool.modules_of(used))
+    dora = [(indptr[i], indptr[i + 1], s) for i, s in enumerate(slot_ids) if s >= 0 and pool.slot_dora[s]]
+    return LoraBatch(plan_segments(indptr, slot_ids), pool, pool.max_rank_of(used), pool.modules_of(used), dora)
 
 
 def _context_slots(blocks: list[int], context_len: int, block_size: int) -> torch.Tensor:

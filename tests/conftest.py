@@ -69,7 +69,8 @@ def real_model_dir():
 
 def _save_random_lora(base_dir, out_dir, b_std: float, seed: int | None = None, **lora_kwargs):
     """A LoRA adapter saved by peft itself on `base_dir`, with random non-zero B (peft
-    initialises B to zero, which would make every adapter a no-op). Returns out_dir."""
+    initialises B to zero, which would make every adapter a no-op) and, for DoRA, random
+    magnitudes. Returns out_dir."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -81,6 +82,8 @@ def _save_random_lora(base_dir, out_dir, b_std: float, seed: int | None = None, 
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, b_std)
+            elif "lora_magnitude_vector" in name:  # DoRA: peft starts it at ||W||, a no-op rescale
+                p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
     model.save_pretrained(out_dir)
     return out_dir
 

@@ -13,6 +13,8 @@ from torch import nn
 from loragate.kernels.dense import Int4Weight, dense_linear, pack_weight
 from loragate.kernels.lora import LoraModule, LoraModules, add_lora_modules
 
+from .dora import apply_dora
+
 
 class Projection(nn.Module):
     def __init__(self, in_features: int, output_slices: dict[str, int], bias: bool, dtype: torch.dtype,
@@ -26,6 +28,9 @@ class Projection(nn.Module):
         self.weight: torch.Tensor | None = torch.empty(self.out_features, in_features, dtype=dtype)
         self.bias = torch.zeros(self.out_features, dtype=dtype) if bias else None
         self.packed: torch.Tensor | Int4Weight | None = None
+        # DoRA (engine/models/dora.py): per slot, the row scales s and, with a bias, b*(1-s).
+        self.dora_scale: torch.Tensor | None = None  # [slots, out]
+        self.dora_bias: torch.Tensor | None = None
         self._lora_pool = None  # the pool _lora_modules was built for
         self._lora_modules: dict[frozenset[str], LoraModules] = {}  # by the step's targeted modules
 
@@ -41,6 +46,7 @@ class Projection(nn.Module):
         """Switch to the GEMM-friendly weight layout once loading is done (int4: weight-only
         quantized, for a speculative draft); the plain copy is dropped when the packed one is
         a different tensor, so weights are held once."""
+        self.row_norms_sq = self.weight.float().square().sum(1)  # ||W||^2 per output row, for DoRA
         self.packed = pack_weight(self.weight, int4)
         self.weight = None
 
@@ -51,6 +57,8 @@ class Projection(nn.Module):
             mods = self.lora_modules(lora.pool, lora.modules)
             if mods.modules:
                 add_lora_modules(y, x, mods, lora.plan, lora.rank, batch.use_native_kernels)
+                if lora.dora:
+                    apply_dora(y, self, lora)
         return y
 
     def lora_modules(self, pool, targeted: frozenset[str]) -> LoraModules:

@@ -1,5 +1,5 @@
 """Every way an uploaded adapter can be wrong ends in an AdapterError with a specific code and
-a message that names what is wrong. Most bad adapters are made by peft itself (DoRA, IA3,
+a message that names what is wrong. Most bad adapters are made by peft itself (IA3,
 prefix tuning, modules_to_save, another hidden size); the rest are a good peft adapter with
 one thing broken."""
 
@@ -31,6 +31,19 @@ def _set(key, value):
     return lambda t: t.__setitem__(key, value)
 
 
+
+
+def _as_dora(also=None):
+    """The good adapter turned into a DoRA one (a magnitude of ones per module), then `also`."""
+    def make(d: Path) -> None:
+        def add(t):
+            for key in [k for k in t if k.endswith("lora_B.weight")]:
+                t[key.replace("lora_B.weight", "lora_magnitude_vector")] = torch.ones(t[key].shape[0])
+            if also is not None:
+                also(t)
+        edit_config(d, use_dora=True)
+        edit_weights(d, add)
+    return make
 
 
 class _Evil:
@@ -82,7 +95,12 @@ CASES = {
     "integer_dtype": (lambda d: edit_weights(d, _set(f"{Q0}.lora_A.weight", torch.ones(4, 64, dtype=torch.int32))), {},
                       "invalid_weights", "dtype I32"),
     "rank_above_max": ({"r": 16}, {}, "rank_too_large", "max_lora_rank=8"),
-    "dora": ({"use_dora": True}, {}, "unsupported_adapter", "DoRA"),
+    "dora_without_magnitudes": (lambda d: edit_config(d, use_dora=True), {}, "invalid_weights",
+                                "no lora_magnitude_vector for model.layers.0.mlp.down_proj"),
+    "dora_magnitude_wrong_shape": (_as_dora(_set(f"{Q0}.lora_magnitude_vector", torch.ones(32))), {},
+                                   "shape_mismatch", "expected [64] (out_features=64)"),
+    "dora_magnitude_nan": (_as_dora(poison(f"{Q0}.lora_magnitude_vector", float("nan"))), {},
+                           "non_finite_weights", f"{Q0}.lora_magnitude_vector"),
     "modules_to_save": ({"modules_to_save": ["lm_head"]}, {}, "unsupported_adapter", "modules_to_save"),
     "bias_all": ({"bias": "all"}, {}, "unsupported_adapter", "bias='all'"),
     "rank_pattern": ({"rank_pattern": {"q_proj": 2}}, {}, "unsupported_adapter", "not supported yet"),
@@ -126,6 +144,14 @@ def good_adapter(tmp_path_factory, save_peft):
 
 def test_the_good_adapter_loads(good_adapter, arch):
     assert len(load_adapter(good_adapter, arch, MAX_RANK).modules) == 6
+
+
+def test_a_dora_adapter_loads_its_magnitudes(good_adapter, arch, tmp_path):
+    shutil.copytree(good_adapter, tmp_path / "dora")
+    _as_dora(_set(f"{Q0}.lora_magnitude_vector", torch.full((64,), 2.0)))(tmp_path / "dora")
+    weights = load_adapter(tmp_path / "dora", arch, MAX_RANK)
+    assert weights.config.use_dora and set(weights.magnitudes) == set(weights.modules)
+    assert weights.magnitudes[(0, "q_proj")].eq(2.0).all() and weights.magnitudes[(1, "v_proj")].shape == (32,)
 
 
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))

@@ -152,7 +152,7 @@ BAD = {
     "nan": (lambda d: edit_weights(d, poison(f"{Q0}.lora_A.weight", float("nan"))), "non_finite_weights"),
     "inf": (lambda d: edit_weights(d, poison(f"{Q0}.lora_B.weight", float("inf"))), "non_finite_weights"),
     "rank_too_large": ({"r": 16}, "rank_too_large"),
-    "dora": ({"use_dora": True}, "unsupported_adapter"),
+    "dora_without_magnitudes": (lambda d: edit_config(d, use_dora=True), "invalid_weights"),
     "modules_to_save": ({"modules_to_save": ["lm_head"]}, "unsupported_adapter"),
     "bias": ({"bias": "all"}, "unsupported_adapter"),
     "lora_b_bias_tensor": (lambda d: edit_weights(d, lambda t: t.__setitem__(f"{Q0}.lora_B.bias", torch.zeros(64))),

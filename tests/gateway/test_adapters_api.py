@@ -62,6 +62,18 @@ def test_upload_then_inference_matches_peft(server, peft_adapter, tiny_llama):
     assert "sql" in [m["id"] for m in models["data"]]
 
 
+def test_a_dora_adapter_uploads_and_answers_as_peft_does(server, tiny_llama, tmp_path, save_lora):
+    dora = save_lora(tiny_llama, tmp_path / "dora", 0.3, seed=4, r=8, lora_alpha=16, use_dora=True,
+                     target_modules=["q_proj", "v_proj", "down_proj"])
+    assert upload(server, "dora", files_of(dora)).status_code == 201
+    out = complete(server, "dora").json()
+    ids = server.state.engine.engine.tokenize("t5 t6 t7")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    ref = PeftModel.from_pretrained(base, dora).generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8,
+                                                         do_sample=False)[0, len(ids):]
+    assert out["choices"][0]["text"] == server.state.engine.tokenizer.decode(ref.tolist(), skip_special_tokens=True)
+
+
 def test_tenant_isolation(server, peft_adapter):
     assert upload(server, "mine", files_of(peft_adapter), key="key-a").status_code == 201
     snapshot = store_snapshot(Path(server_home(server)))
@@ -163,7 +175,7 @@ def bad_uploads(adapter: Path) -> dict:
         "unknown target": (422, with_cfg(target_modules=["q_proj", "lm_head_x"])),
         "not an archive": (422, [("file", ("a.tar.gz", b"definitely not gzip"))]),
         "empty body": (400, []),
-        "dora": (422, with_cfg(use_dora=True)),
+        "dora without magnitudes": (422, with_cfg(use_dora=True)),
     }
 
 

@@ -1,0 +1,70 @@
+"""DoRA adapters (use_dora) against peft's PeftModel: alone, mixed in one batch with plain
+LoRA adapters and the base model, and through slot reuse (fp32). Qwen2 has q/k/v biases,
+which DoRA must leave unscaled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loragate.engine import EngineConfig, LLMEngine, SamplingParams
+from loragate.engine.models.dora import dora_scales
+
+from .test_multi_lora import check_mixed_batch, peft_greedy
+
+# (name, rank, alpha, rslora, target_modules, layers_to_transform, use_dora)
+ADAPTERS = [
+    ("dora-all-r8", 8, 16, False, "all-linear", None, True),
+    ("dora-qkv-r4-rs-layer1", 4, 8, True, ["q_proj", "k_proj", "v_proj"], [1], True),
+    ("dora-mlp-r16", 16, 8, False, ["gate_proj", "up_proj", "down_proj"], None, True),
+    ("lora-all-r8", 8, 16, False, "all-linear", None, False),
+]
+
+
+@pytest.fixture(scope="module")
+def dora_dirs(tiny_model, tmp_path_factory, save_lora):
+    root = tmp_path_factory.mktemp("dora")
+    return {name: save_lora(tiny_model, root / name, 0.5 / r ** 0.5, seed=10 + i, r=r, lora_alpha=a, use_rslora=rs,
+                            target_modules=t, layers_to_transform=layers, use_dora=dora, lora_dropout=0.0,
+                            bias="none", task_type="CAUSAL_LM")
+            for i, (name, r, a, rs, t, layers, dora) in enumerate(ADAPTERS)}
+
+
+def test_dora_adapters_in_a_mixed_batch_match_peft(tiny_model, dora_dirs):
+    check_mixed_batch(tiny_model, dora_dirs, vocab=512)
+
+
+def test_dora_is_not_plain_lora_here(tiny_model, dora_dirs):
+    """Guards the comparison: the rescale changes the answer, so ignoring it would fail."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_model), dtype="float32"), progress=False)
+    engine.add_adapter("d", dora_dirs["dora-all-r8"])
+    weights = engine.adapters["d"][1]
+    scales = torch.cat(list(dora_scales(engine.model, weights).values()))
+    assert (scales - 1).abs().max() > 0.2
+    prompt = [5, 6, 7, 8, 9]
+    dora_tokens, _ = peft_greedy(tiny_model, dora_dirs["dora-all-r8"], prompt, 8)
+    weights.magnitudes.clear()  # the same A and B served as a plain LoRA
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    engine.add_request(prompt, params, adapter="d")
+    out = []
+    while engine.has_unfinished:
+        out += engine.step()
+    assert out[-1].token_ids != dora_tokens
+
+
+def test_a_slot_passed_between_dora_and_plain_adapters_matches_peft(tiny_model, dora_dirs):
+    """One slot: each adapter evicts the previous one, so a plain LoRA lands where a DoRA
+    adapter's scales were and the other way round."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_model), dtype="float32", max_loras=1), progress=False)
+    order = ["dora-all-r8", "lora-all-r8", "dora-mlp-r16", "lora-all-r8", "dora-qkv-r4-rs-layer1"]
+    for name in set(order):
+        engine.add_adapter(name, dora_dirs[name])
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompt = [9, 8, 7, 6]
+    for name in order:
+        engine.add_request(prompt, params, adapter=name)
+        out = []
+        while engine.has_unfinished:
+            out += engine.step()
+        assert out[-1].token_ids == peft_greedy(tiny_model, dora_dirs[name], prompt, 6)[0], name
+    assert engine.lora_pool.stats.evictions == len(order) - 1
