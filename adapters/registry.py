@@ -56,6 +56,7 @@ class AdapterInfo:
     state: AdapterState
     error: str | None
     created: float
+    dora: bool = False  # a DoRA adapter (use_dora)
 
     @property
     def id(self) -> str:
@@ -120,7 +121,8 @@ class AdapterRegistry(StoreSync):
         weights = load_adapter(src, self.arch, self.max_lora_rank, **self._load_kwargs)
         with self._write_lock(tenant, name):
             stored = self.store.put(tenant, name, src)
-            info = _info(stored, weights.rank, {m for _, m in weights.modules}, AdapterState.READY, None)
+            info = _info(stored, weights.rank, {m for _, m in weights.modules}, AdapterState.READY, None,
+                         weights.config.use_dora)
             with self._lock:
                 self._entries[(tenant, name)] = _Entry(info, stored, weights)  # kept: first use reads no disk
                 self._touch((tenant, name))
@@ -220,10 +222,10 @@ class AdapterRegistry(StoreSync):
     def _from_store(self, stored: StoredAdapter) -> _Entry:
         """Index a stored adapter from its config alone (no weights read), checked against this
         server's settings, which may have changed since it was uploaded."""
-        rank, modules, error = 0, set(), None
+        rank, modules, error, dora = 0, set(), None, False
         try:
             config = self._read_config(stored)
-            rank = config.r
+            rank, dora = config.r, config.use_dora
             config.check_base_model(self.base_model_name, self.strict_base_model)
             config.check_rank(self.max_lora_rank)
             modules = {m for _, m in config.targets(self.arch.num_layers)}
@@ -232,7 +234,7 @@ class AdapterRegistry(StoreSync):
                                          f"cannot be served: {e.message}")
             log.error("%s", error.message)
         state = AdapterState.FAILED if error else AdapterState.READY
-        return _Entry(_info(stored, rank, modules, state, error and error.message), stored, error=error)
+        return _Entry(_info(stored, rank, modules, state, error and error.message, dora), stored, error=error)
 
     def _notify(self, info: AdapterInfo | None, adapter_id: str) -> None:
         for listener in list(self.listeners):
@@ -242,10 +244,11 @@ class AdapterRegistry(StoreSync):
                 log.exception("adapter listener %r failed for %s", listener, adapter_id)
 
 
-def _info(stored: StoredAdapter, rank: int, modules, state: AdapterState, error: str | None) -> AdapterInfo:
+def _info(stored: StoredAdapter, rank: int, modules, state: AdapterState, error: str | None,
+          dora: bool) -> AdapterInfo:
     return AdapterInfo(tenant=stored.tenant, name=stored.name, version=stored.version, sha256=stored.sha256,
                        rank=rank, target_modules=tuple(sorted(modules)), state=state, error=error,
-                       created=stored.created)
+                       created=stored.created, dora=dora)
 
 
 def _check_sha256(stored: StoredAdapter) -> None:

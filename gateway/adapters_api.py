@@ -42,8 +42,8 @@ def _tenant(request: Request, principal, form_tenant: str | None = None) -> str:
 def info_json(info) -> dict:
     return {"id": info.name, "object": "adapter", "name": info.name, "tenant": info.tenant,
             "version": info.version, "sha256": info.sha256, "rank": info.rank,
-            "target_modules": list(info.target_modules), "state": str(info.state.value), "error": info.error,
-            "created": int(info.created)}
+            "target_modules": list(info.target_modules), "dora": info.dora, "state": str(info.state.value),
+            "error": info.error, "created": int(info.created)}
 
 
 async def _chunks(upload: UploadFile):

@@ -68,3 +68,14 @@ def test_a_slot_passed_between_dora_and_plain_adapters_matches_peft(tiny_model, 
             out += engine.step()
         assert out[-1].token_ids == peft_greedy(tiny_model, dora_dirs[name], prompt, 6)[0], name
     assert engine.lora_pool.stats.evictions == len(order) - 1
+
+
+@pytest.mark.slow
+def test_dora_on_smollm2_matches_peft(real_model_dir, tmp_path, save_lora):
+    dirs = {"dora-all": save_lora(real_model_dir, tmp_path / "a", 0.02, seed=1, r=8, lora_alpha=16,
+                                  target_modules="all-linear", use_dora=True),
+            "dora-qv": save_lora(real_model_dir, tmp_path / "b", 0.02, seed=2, r=16, lora_alpha=16,
+                                 target_modules=["q_proj", "v_proj"], use_dora=True),
+            "lora": save_lora(real_model_dir, tmp_path / "c", 0.02, seed=3, r=8, lora_alpha=16,
+                              target_modules="all-linear")}
+    check_mixed_batch(real_model_dir, dirs, vocab=49152, logprob_atol=2e-3)

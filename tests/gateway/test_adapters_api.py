@@ -49,6 +49,7 @@ def test_upload_then_inference_matches_peft(server, peft_adapter, tiny_llama):
     info = r.json()
     assert info["name"] == "sql" and info["version"] == 1 and info["rank"] == 8
     assert info["target_modules"] == ["down_proj", "q_proj", "v_proj"] and len(info["sha256"]) == 64
+    assert info["dora"] is False
     out = complete(server, "sql").json()
     ids = server.state.engine.engine.tokenize("t5 t6 t7")
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
@@ -65,7 +66,8 @@ def test_upload_then_inference_matches_peft(server, peft_adapter, tiny_llama):
 def test_a_dora_adapter_uploads_and_answers_as_peft_does(server, tiny_llama, tmp_path, save_lora):
     dora = save_lora(tiny_llama, tmp_path / "dora", 0.3, seed=4, r=8, lora_alpha=16, use_dora=True,
                      target_modules=["q_proj", "v_proj", "down_proj"])
-    assert upload(server, "dora", files_of(dora)).status_code == 201
+    r = upload(server, "dora", files_of(dora))
+    assert r.status_code == 201 and r.json()["dora"] is True
     out = complete(server, "dora").json()
     ids = server.state.engine.engine.tokenize("t5 t6 t7")
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
