@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loragate.kernels.attention import AttentionMetadata, PrefillSpan
-from loragate.kernels.lora import LoraPlan, plan_segments
+from loragate.kernels.lora import SHORT_SEGMENT, LoraPlan, plan_segments
 
 from .request import Request
 
@@ -24,6 +24,8 @@ class LoraBatch:
     rank: int  # largest rank among this step's adapters: stacks are sliced to it
     modules: frozenset[str]  # modules some adapter of this step targets
     dora: list[tuple[int, int, int]] = field(default_factory=list)  # DoRA segments: (first row, end row, slot)
+    # A short batch with DoRA segments: each row's DoRA slot, or num_slots (s = 1) for the others.
+    dora_rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -118,8 +120,13 @@ def _lora_batch(scheduled: list[tuple[Request, int]], pool) -> LoraBatch:
             slot_ids.append(req.lora_slot)
             indptr.append(indptr[-1] + num_new)
     used = [s for s in slot_ids if s >= 0]
-    dora = [(indptr[i], indptr[i + 1], s) for i, s in enumerate(slot_ids) if s >= 0 and pool.slot_dora[s]]
-    return LoraBatch(plan_segments(indptr, slot_ids), pool, pool.max_rank_of(used), pool.modules_of(used), dora)
+    batch = LoraBatch(plan_segments(indptr, slot_ids), pool, pool.max_rank_of(used), pool.modules_of(used))
+    batch.dora = [(indptr[i], indptr[i + 1], s) for i, s in enumerate(slot_ids) if s >= 0 and pool.slot_dora[s]]
+    if batch.dora and indptr[-1] <= SHORT_SEGMENT:
+        rows = [s if s >= 0 and pool.slot_dora[s] else pool.num_slots
+                for i, s in enumerate(slot_ids) for _ in range(indptr[i + 1] - indptr[i])]
+        batch.dora_rows = torch.tensor(rows, dtype=torch.int64)
+    return batch
 
 
 def _context_slots(blocks: list[int], context_len: int, block_size: int) -> torch.Tensor:

@@ -4,8 +4,8 @@ peft computes a DoRA module as y = b + s * (W x + B A x), where s = m / ||W + B 
 (m: the adapter's magnitude vector, one entry per output; B carries the LoRA scaling; the
 bias b is not rescaled). s depends on the base weights only through W, so it is computed once
 per adapter and engine (`dora_scales`) and kept in the slot pool next to A and B. A step then
-adds the LoRA term as for any adapter and multiplies each DoRA segment's output rows by its
-slot's s (`apply_dora`): one multiply per projection and DoRA segment.
+adds the LoRA term as for any adapter and multiplies the DoRA segments' output rows by their
+slots' s (`apply_dora`): one multiply per projection in a decode step.
 
 ||W + BA||^2 per row is ||W||^2 + 2 (W A^T) . B + ||B A||^2. The first term is kept at load
 (Projection.row_norms_sq), because the packed weight layouts are not read row by row; the
@@ -41,10 +41,11 @@ class DoraSlots:
 
     def write(self, slot: int, scales: dict[tuple[int, str], torch.Tensor]) -> None:
         for proj in self.projections:
-            if proj.dora_scale is None:  # made with the first DoRA adapter
-                proj.dora_scale = torch.ones(self.num_slots, proj.out_features, dtype=self.model.dtype)
+            if proj.dora_scale is None:  # made with the first DoRA adapter; the extra last row
+                # (s = 1, no bias term) stands for rows of other adapters and the base model
+                proj.dora_scale = torch.ones(self.num_slots + 1, proj.out_features, dtype=self.model.dtype)
                 if proj.bias is not None:
-                    proj.dora_bias = torch.zeros(self.num_slots, proj.out_features, dtype=self.model.dtype)
+                    proj.dora_bias = torch.zeros(self.num_slots + 1, proj.out_features, dtype=self.model.dtype)
             row = torch.ones(proj.out_features)
             for name in proj.output_slices:
                 scale = scales.get((proj.layer_index, name))
@@ -76,8 +77,15 @@ def _projection_of(layer, module_name: str) -> Projection:
 
 
 def apply_dora(y: torch.Tensor, proj: Projection, lora) -> None:
-    """Rescale, in place, the rows of each DoRA segment of the step (lora.dora: first row, end
-    row, slot): one multiply per segment (and an add with a bias), whatever its length."""
+    """Rescale, in place, the rows of the step's DoRA segments (lora.dora: first row, end row,
+    slot). A short batch (decode) gathers a scale row for every batch row (lora.dora_rows: its
+    slot, or the extra row of ones) and multiplies once; a long one (prefill) multiplies each
+    DoRA segment by its slot's row, rather than gather a row per token."""
+    if lora.dora_rows is not None:
+        y.mul_(proj.dora_scale.index_select(0, lora.dora_rows))
+        if proj.bias is not None:
+            y.add_(proj.dora_bias.index_select(0, lora.dora_rows))
+        return
     for first, end, slot in lora.dora:
         part = y[first:end]
         part.mul_(proj.dora_scale[slot])
