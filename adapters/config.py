@@ -35,8 +35,6 @@ _IGNORED_KEYS = frozenset({
 _UNSUPPORTED_IF_SET = {
     "modules_to_save": "modules_to_save (fully trained copies of base modules) is not supported; "
                        "only LoRA deltas can be served on the shared base model",
-    "rank_pattern": "per-module ranks (rank_pattern) are not supported yet; use one r for all modules",
-    "alpha_pattern": "per-module alphas (alpha_pattern) are not supported yet; use one lora_alpha",
     "lora_bias": "lora_bias=true (a bias on lora_B) is not supported",
     "use_qalora": "QALoRA (use_qalora=true) is not supported",
     "use_bdlora": "BD-LoRA (use_bdlora) is not supported",
@@ -53,7 +51,7 @@ _UNSUPPORTED_IF_SET = {
 _HANDLED_KEYS = frozenset({
     "peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules",
     "layers_to_transform", "layers_pattern", "fan_in_fan_out", "bias", "base_model_name_or_path",
-    "init_lora_weights", "use_dora",
+    "init_lora_weights", "use_dora", "rank_pattern", "alpha_pattern",
 })
 # These inits rewrite the base weights during training; unless the adapter was converted on
 # save (path_initial_model_for_weight_conversion, which records init_lora_weights=true), it
@@ -72,6 +70,24 @@ def _layer_regex(pattern: str | None) -> str:
 
 def module_path(layer: int, name: str) -> str:
     return f"model.layers.{layer}.{TARGET_MODULES[name]}.{name}"
+
+
+def _pattern(d: dict, key: str, valid, meaning: str) -> tuple:
+    v = d.get(key) or {}
+    if not isinstance(v, dict):
+        raise _invalid(f"{key} must be an object of module patterns, got {v!r}")
+    for pattern, value in v.items():
+        try:
+            re.compile(rf"(.*\.)?({pattern})$")
+        except re.error as e:
+            raise _invalid(f"{key} key {pattern!r} is not a valid regular expression: {e}") from None
+        if not valid(value):
+            raise _invalid(f"{key}[{pattern!r}] must be {meaning}, got {value!r}")
+    return tuple(v.items())
+
+
+def _match(pattern: tuple, path: str, default):
+    return next((value for key, value in pattern if re.match(rf"(.*\.)?({key})$", path)), default)
 
 
 def _names(d: dict, key: str, allow_str: bool) -> tuple[str, ...] | str | None:
@@ -100,6 +116,10 @@ class LoraConfig:
     fan_in_fan_out: bool = False  # only describes the base layer's layout (GPT-2 Conv1D); see loader
     base_model_name_or_path: str | None = None
     use_dora: bool = False  # DoRA: a magnitude vector per module rescales each output row (loader)
+    # Per-module r and lora_alpha: (pattern, value) pairs in the file's order; the first pattern
+    # that matches the end of a module's name wins (peft's get_pattern_key).
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def from_file(cls, path: str | Path) -> "LoraConfig":
@@ -176,6 +196,10 @@ class LoraConfig:
                 re.compile(_layer_regex(p))
             except re.error as e:
                 raise _invalid(f"layers_pattern {p!r} is not a valid regular expression: {e}") from None
+        rank_pattern = _pattern(d, "rank_pattern", lambda v: not isinstance(v, bool) and isinstance(v, int) and v > 0,
+                                "a positive integer")
+        alpha_pattern = _pattern(d, "alpha_pattern", lambda v: not isinstance(v, bool) and isinstance(v, (int, float))
+                                 and math.isfinite(v), "a finite number")
         base = d.get("base_model_name_or_path")
         if base is not None and not isinstance(base, str):
             raise _invalid(f"base_model_name_or_path must be a string, got {base!r}")
@@ -184,11 +208,21 @@ class LoraConfig:
                    layers_to_transform=tuple(sorted(set(layers))) if layers else None,  # peft: [] means all layers
                    layers_pattern=tuple(pattern) if pattern else None,
                    fan_in_fan_out=d.get("fan_in_fan_out", False), base_model_name_or_path=base,
-                   use_dora=d.get("use_dora", False))
+                   use_dora=d.get("use_dora", False), rank_pattern=rank_pattern,
+                   alpha_pattern=tuple((k, float(v)) for k, v in alpha_pattern))
 
     @property
-    def scaling(self) -> float:
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+    def max_rank(self) -> int:
+        """The largest rank any module may have (peft sizes its checks the same way)."""
+        return max([self.r, *(r for _, r in self.rank_pattern)])
+
+    def rank_of(self, layer: int, name: str) -> int:
+        return _match(self.rank_pattern, module_path(layer, name), self.r)
+
+    def scaling_of(self, layer: int, name: str) -> float:
+        r = self.rank_of(layer, name)
+        alpha = _match(self.alpha_pattern, module_path(layer, name), self.lora_alpha)
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
 
     def targets(self, num_layers: int) -> set[tuple[int, str]]:
         """(layer index, module name) pairs this adapter applies to on a base model with
@@ -237,8 +271,9 @@ class LoraConfig:
         return any(path == e or path.endswith("." + e) for e in ex)
 
     def check_rank(self, max_lora_rank: int) -> None:
-        if self.r > max_lora_rank:
-            raise AdapterError("rank_too_large", f"adapter rank r={self.r} exceeds this server's max_lora_rank="
+        if self.max_rank > max_lora_rank:
+            what = f"r={self.r}" if self.max_rank == self.r else f"rank_pattern's {self.max_rank}"
+            raise AdapterError("rank_too_large", f"adapter rank {what} exceeds this server's max_lora_rank="
                                f"{max_lora_rank}; retrain with r <= {max_lora_rank}")
 
     def check_base_model(self, expected_name: str | None, strict: bool) -> None:

@@ -46,7 +46,7 @@ def module_shapes(arch: ModelArchConfig) -> dict[str, tuple[int, int]]:
 
 @dataclass
 class LoraWeights:
-    rank: int
+    rank: int  # the largest module rank (rank_pattern may give modules smaller ones)
     config: LoraConfig
     # (layer, module name) -> (A [rank, in_features], B [out_features, rank] with scaling folded in), fp32
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
@@ -91,14 +91,13 @@ def load_adapter(adapter_dir: str | Path, arch: ModelArchConfig, max_lora_rank: 
         raise
     except Exception as e:  # safetensors raises its own error types, OSError, or ValueError on bad files
         raise AdapterError("invalid_weights", f"{WEIGHTS_FILE} is not a valid safetensors file ({e})") from e
-    return LoraWeights(rank=config.r, config=config, modules=modules, magnitudes=magnitudes)
+    return LoraWeights(rank=config.max_rank, config=config, modules=modules, magnitudes=magnitudes)
 
 
 def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
                   shapes: dict[str, tuple[int, int]], num_layers: int) -> dict:
     from safetensors import safe_open
 
-    r = config.r
     found: dict[tuple[int, str, str], str] = {}  # (layer, module, "lora_A"/"lora_B") -> key
     with safe_open(str(path), framework="pt") as f:
         keys = sorted(f.keys())
@@ -117,12 +116,13 @@ def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
         modules, magnitudes = {}, {}
         for layer, name in sorted(targets):
             fan_in, fan_out = shapes[name]
+            r = config.rank_of(layer, name)
             # A is [r, in] and B [out, r] whatever fan_in_fan_out says: in peft it only marks a
             # transposed *base* weight (GPT-2's Conv1D); lora_A/B are always nn.Linear, and peft
             # resets fan_in_fan_out to false on nn.Linear targets such as Llama's.
             a = _tensor(f, found[(layer, name, "lora_A")], (r, fan_in), 0, f"r={r}, in_features={fan_in}")
             b = _tensor(f, found[(layer, name, "lora_B")], (fan_out, r), 1, f"out_features={fan_out}, r={r}")
-            modules[(layer, name)] = (a.contiguous(), (b * config.scaling).contiguous())
+            modules[(layer, name)] = (a.contiguous(), (b * config.scaling_of(layer, name)).contiguous())
             if config.use_dora:
                 key = found[(layer, name, "lora_magnitude_vector")]
                 magnitudes[(layer, name)] = _tensor(f, key, (fan_out,), None, f"out_features={fan_out}")
@@ -131,11 +131,11 @@ def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
     # add up past fp32's range, is the culprit searched for, tensor by tensor.
     tensors = [t.view(-1) for pair in modules.values() for t in pair] + [m for m in magnitudes.values()]
     if tensors and not torch.isfinite(torch.cat(tensors).sum()):
-        _raise_non_finite(path, found, modules, config.scaling)
+        _raise_non_finite(path, found, modules, config)
     return modules, magnitudes
 
 
-def _raise_non_finite(path: Path, found: dict, modules: dict, scaling: float) -> None:
+def _raise_non_finite(path: Path, found: dict, modules: dict, config: LoraConfig) -> None:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -148,7 +148,7 @@ def _raise_non_finite(path: Path, found: dict, modules: dict, scaling: float) ->
                     raise AdapterError("non_finite_weights", f"{key!r} contains NaN or inf (or values beyond fp32's range)")
             if not torch.isfinite(scaled_b).all():
                 raise AdapterError("non_finite_weights", f"{found[(layer, name, 'lora_B')]!r} overflows fp32 after "
-                                   f"scaling by {scaling:g}")
+                                   f"scaling by {config.scaling_of(layer, name):g}")
 
 
 def _parse_key(key: str, targets: set[tuple[int, str]], num_layers: int, config: LoraConfig) -> tuple[tuple[int, str], str]:
@@ -180,7 +180,7 @@ def _tensor(f, key: str, expected: tuple[int, ...], rank_axis: int | None, meani
         raise AdapterError("invalid_weights", f"{key!r} has dtype {dtype}; expected one of {', '.join(_FLOAT_DTYPES)}")
     if shape != expected:
         rank_only = rank_axis is not None and len(shape) == 2 and shape[1 - rank_axis] == expected[1 - rank_axis]
-        hint = "its rank differs from r in adapter_config.json" if rank_only else "was it trained for another base model?"
+        hint = "its rank differs from r (or rank_pattern) in adapter_config.json" if rank_only else "was it trained for another base model?"
         raise AdapterError("shape_mismatch", f"{key!r} has shape {list(shape)}; expected {list(expected)} "
                            f"({meaning}): {hint}")
     return f.get_tensor(key).to(torch.float32)

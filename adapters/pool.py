@@ -135,8 +135,12 @@ class LoraSlotPool:
                 self.b[name][:, slot, :, r:old_r].zero_()
         layers = {name: set() for name in targeted}
         for (layer, name), (a, b) in weights.modules.items():
-            self.a[name][layer, slot, :r].copy_(a)
-            self.b[name][layer, slot, :, :r].copy_(b)
+            mr = a.shape[0]  # this module's rank (rank_pattern), at most r: zeros pad it to r
+            self.a[name][layer, slot, :mr].copy_(a)
+            self.b[name][layer, slot, :, :mr].copy_(b)
+            if mr < r:
+                self.a[name][layer, slot, mr:r].zero_()
+                self.b[name][layer, slot, :, mr:r].zero_()
             layers[name].add(layer)
         for name, done in layers.items():  # layers_to_transform: untouched layers stay zero
             for layer in set(range(self.num_layers)) - done:

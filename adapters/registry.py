@@ -225,7 +225,7 @@ class AdapterRegistry(StoreSync):
         rank, modules, error, dora = 0, set(), None, False
         try:
             config = self._read_config(stored)
-            rank, dora = config.r, config.use_dora
+            rank, dora = config.max_rank, config.use_dora
             config.check_base_model(self.base_model_name, self.strict_base_model)
             config.check_rank(self.max_lora_rank)
             modules = {m for _, m in config.targets(self.arch.num_layers)}

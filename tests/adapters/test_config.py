@@ -29,12 +29,22 @@ def test_every_key_peft_writes_is_understood(tmp_path):
     raw = json.loads((tmp_path / "adapter_config.json").read_text())
     assert {"lora_dropout", "task_type", "inference_mode", "peft_version", "loftq_config"} <= raw.keys()
     cfg = LoraConfig.from_file(tmp_path / "adapter_config.json")
-    assert (cfg.r, cfg.lora_alpha, cfg.scaling, cfg.target_modules) == (4, 8.0, 2.0, ("q_proj",))
+    assert (cfg.r, cfg.lora_alpha, cfg.scaling_of(0, "q_proj"), cfg.target_modules) == (4, 8.0, 2.0, ("q_proj",))
 
 
 def test_scaling():
-    assert LoraConfig.from_dict(base()).scaling == 2.0
-    assert LoraConfig.from_dict(base(r=16, lora_alpha=8, use_rslora=True)).scaling == 2.0
+    assert LoraConfig.from_dict(base()).scaling_of(0, "q_proj") == 2.0
+    assert LoraConfig.from_dict(base(r=16, lora_alpha=8, use_rslora=True)).scaling_of(0, "q_proj") == 2.0
+
+
+def test_per_module_rank_and_alpha_follow_the_first_matching_pattern():
+    """peft's get_pattern_key: a pattern matches the end of the module's full name, after a dot."""
+    cfg = LoraConfig.from_dict(base(r=8, lora_alpha=16, rank_pattern={r"layers\.1\..*_proj": 2, "q_proj": 4},
+                                    alpha_pattern={"proj": 1, "v_proj": 64}))
+    assert (cfg.rank_of(0, "q_proj"), cfg.rank_of(1, "q_proj"), cfg.rank_of(0, "v_proj")) == (4, 2, 8)
+    assert cfg.max_rank == 8
+    assert cfg.scaling_of(0, "v_proj") == 64 / 8  # "proj" is not a whole name part: no match
+    assert cfg.scaling_of(0, "q_proj") == 16 / 4
 
 
 def test_unknown_keys_are_ignored_only_when_unset():
@@ -69,7 +79,8 @@ def test_targets(changes, targets):
     (dict(layers_to_transform=[0], layers_pattern="h"), "unknown_target_module"),  # GPT-2 style layer names
     (dict(exclude_modules=["q_proj", "v_proj"]), "unknown_target_module"),
     (dict(lora_bias=True), "unsupported_adapter"),
-    (dict(alpha_pattern={"q_proj": 4}), "unsupported_adapter"),
+    (dict(alpha_pattern={"q_proj": "4"}), "invalid_config"),
+    (dict(rank_pattern=["q_proj", 4]), "invalid_config"),
     (dict(init_lora_weights="olora"), "unsupported_adapter"),
     (dict(trainable_token_indices=[1, 2]), "unsupported_adapter"),
 ])

@@ -59,7 +59,7 @@ def test_matches_peft(tmp_path, variant, arch, save_peft, lora_layers):
 
 def test_rslora_scaling_is_alpha_over_sqrt_r(tmp_path, arch, save_peft):
     save_peft(tmp_path, PeftLoraConfig(r=16, lora_alpha=8, use_rslora=True, target_modules=["q_proj"]))
-    assert load_adapter(tmp_path, arch, 16).config.scaling == pytest.approx(8 / 4)
+    assert load_adapter(tmp_path, arch, 16).config.scaling_of(0, "q_proj") == pytest.approx(8 / 4)
 
 
 def test_bf16_adapter_is_converted_to_fp32(tmp_path, arch, save_peft, lora_layers):

@@ -84,6 +84,20 @@ def check_mixed_batch(model_dir, adapter_dirs, vocab, logprob_atol=1e-4):
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
+def test_per_module_ranks_and_alphas_match_peft(tiny_model, tmp_path, save_lora):
+    """rank_pattern and alpha_pattern: peft's first matching pattern sets a module's r and
+    alpha (and so its scaling); the slot pads the smaller ranks with zeros."""
+    dirs = {
+        "pattern": save_lora(tiny_model, tmp_path / "p", 0.15, seed=20, r=8, lora_alpha=16, target_modules="all-linear",
+                             rank_pattern={"q_proj": 4, r"layers\.1\.mlp\.down_proj": 16}, alpha_pattern={"v_proj": 40}),
+        "pattern-rs-dora": save_lora(tiny_model, tmp_path / "q", 0.15, seed=21, r=4, lora_alpha=8, use_rslora=True,
+                                     use_dora=True, target_modules=["q_proj", "v_proj", "gate_proj"],
+                                     rank_pattern={"gate_proj": 12}, alpha_pattern={r"layers\.0\..*": 2}),
+        "plain": save_lora(tiny_model, tmp_path / "r", 0.15, seed=22, r=8, lora_alpha=8, target_modules=["o_proj"]),
+    }
+    check_mixed_batch(tiny_model, dirs, vocab=512)
+
+
 def test_adapters_change_the_output(tiny_llama, adapter_dirs):
     """Guards the comparison above: with these weights an adapter is not a no-op."""
     prompt = [5, 6, 7, 8, 9]
