@@ -64,15 +64,23 @@ async def _receive_and_register(request: Request, name: str | None, *, replace: 
         if not isinstance(name, str) or not name:
             raise APIError(400, "the form needs a 'name' field naming the adapter", param="name")
         tenant = _tenant(request, principal, form.get("tenant") if isinstance(form.get("tenant"), str) else None)
-        exists = any(i.name == name for i in registry.list(tenant))
-        if replace and not exists:
-            raise not_found(f"adapter {name!r} does not exist", param="name", code="adapter_not_found")
-        if not replace and exists:
-            raise APIError(409, f"adapter {name!r} already exists; PUT /v1/adapters/{name} uploads a new version",
-                           param="name", code="adapter_exists")
         files = [(v.filename or "", _chunks(v)) for _, v in form.multi_items() if isinstance(v, UploadFile)]
-        await save_upload_files(files, tmp, limits)
-        info = await asyncio.to_thread(registry.register, tenant, name, tmp)
+        # One upload of a tenant at a time on this server, so two cannot both pass the quota.
+        async with request.app.state.server.tenant_uploads.setdefault(tenant, asyncio.Lock()):
+            stored = registry.list(tenant)
+            exists = any(i.name == name for i in stored)
+            if replace and not exists:
+                raise not_found(f"adapter {name!r} does not exist", param="name", code="adapter_not_found")
+            if not replace and exists:
+                raise APIError(409, f"adapter {name!r} already exists; PUT /v1/adapters/{name} uploads a new version",
+                               param="name", code="adapter_exists")
+            limit = settings.max_adapters_per_tenant
+            if not replace and limit and len(stored) >= limit:
+                raise APIError(403, f"tenant {tenant!r} has {len(stored)} adapters, its limit; delete one "
+                               "(DELETE /v1/adapters/{name}) or replace one (PUT) instead", "permission_error",
+                               param="name", code="adapter_quota")
+            await save_upload_files(files, tmp, limits)
+            info = await asyncio.to_thread(registry.register, tenant, name, tmp)
         return JSONResponse(info_json(info), status_code=200 if replace else 201)
     finally:
         await form.close()

@@ -134,6 +134,7 @@ GATEWAY_HELP = {
     "max_waiting_requests": "with this many queued, tenants over their share of the queue are answered 429 "
                             "with Retry-After",
     "max_tenant_requests": "inference requests one tenant may have open at once; more are answered 429 (0: no limit)",
+    "max_adapters_per_tenant": "adapters one tenant may store; uploading another is answered 403 (0: no limit)",
     "max_upload_size": "largest adapter upload, e.g. 512MiB",
     "served_model_name": "name clients use for the base model (default: the model's name)",
     "strict_base_model": "refuse adapters whose base_model_name_or_path names another model",

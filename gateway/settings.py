@@ -22,6 +22,7 @@ class GatewaySettings:
     admin_key: str | None = None
     max_waiting_requests: int = 256
     max_tenant_requests: int = 0  # most inference requests one tenant may have open at once (0: no limit)
+    max_adapters_per_tenant: int = 0  # most adapters one tenant may store (0: no limit)
     max_upload_size: int | str = "2GiB"
     served_model_name: str | None = None  # the name clients use for the base model
     strict_base_model: bool = False  # refuse adapters whose base_model_name_or_path differs
@@ -58,8 +59,9 @@ class GatewaySettings:
             raise ModelConfigError(f"port must be in 1..65535, got {self.port}")
         if self.max_waiting_requests < 1:
             raise ModelConfigError("max_waiting_requests must be >= 1")
-        if self.max_tenant_requests < 0:
-            raise ModelConfigError("max_tenant_requests must be >= 0 (0: no limit)")
+        for name in ("max_tenant_requests", "max_adapters_per_tenant"):
+            if getattr(self, name) < 0:
+                raise ModelConfigError(f"{name} must be >= 0 (0: no limit)")
         self.max_upload_size = parse_bytes(self.max_upload_size, "max_upload_size")
         for name in ("batch_max_concurrency", "batch_max_lines"):
             if getattr(self, name) < 1:

@@ -40,6 +40,7 @@ class ServerState:
     max_waiting: int = 256
     max_tenant_requests: int = 0  # 0: no per-tenant limit
     tenant_in_flight: dict = field(default_factory=dict)  # tenant -> open inference requests
+    tenant_uploads: dict = field(default_factory=dict)  # tenant -> asyncio.Lock held while it uploads an adapter
     engine: object | None = None  # AsyncEngine, set once the model is loaded
     registry: object | None = None  # adapters.registry.AdapterRegistry
     model_name: str = ""

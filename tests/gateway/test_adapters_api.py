@@ -283,3 +283,19 @@ def test_engine_keeps_a_bounded_number_of_adapters(server, peft_adapter, monkeyp
     held = [k for k in server.state.engine.engine.adapters if k.split("@")[0].split("/")[-1] in ("e1", "e2", "e3")]
     assert len(held) == 2 and not any("/e1@" in k for k in held)
     assert complete(server, "e1").status_code == 200  # evicted from the engine, re-added on use
+
+
+def test_a_tenant_at_its_adapter_quota_can_replace_but_not_add(server, peft_adapter, monkeypatch):
+    b = server.headers("key-b")
+    have = len(httpx.get(server.url + "/v1/adapters", headers=b).json()["data"])
+    for i in range(have + 2):  # tenant-a holds more than tenant-b's limit: each tenant's count is its own
+        upload(server, f"a-{i}", files_of(peft_adapter))
+    monkeypatch.setattr(server.app.state.settings, "max_adapters_per_tenant", have + 2)
+    for name in ("q1", "q2"):
+        assert upload(server, name, files_of(peft_adapter), key="key-b").status_code == 201
+    over = upload(server, "q3", files_of(peft_adapter), key="key-b")
+    assert over.status_code == 403 and over.json()["error"]["code"] == "adapter_quota", over.text
+    assert "q3" not in [a["name"] for a in httpx.get(server.url + "/v1/adapters", headers=b).json()["data"]]
+    assert upload(server, "q1", files_of(peft_adapter), key="key-b", method="PUT").status_code == 200
+    assert httpx.delete(server.url + "/v1/adapters/q2", headers=b).status_code in (200, 204)
+    assert upload(server, "q3", files_of(peft_adapter), key="key-b").status_code == 201
