@@ -53,7 +53,7 @@ class LoraWeights:
     # DoRA: (layer, module name) -> magnitude [out_features], fp32; empty for a plain LoRA.
     magnitudes: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     # DoRA: magnitude / ||W + BA|| per output row, which depends on the base weights: computed
-    # once by the engine that serves the adapter (LlamaForCausalLM.dora_scales).
+    # once by the engine that serves the adapter (engine/models/dora.py).
     dora_scales: dict[tuple[int, str], torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -129,7 +129,7 @@ def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
     # One finiteness check over everything (per-tensor checks dominated the cold-load time): a
     # NaN or inf anywhere makes the sum non-finite. Only then, or when finite values merely
     # add up past fp32's range, is the culprit searched for, tensor by tensor.
-    tensors = [t.view(-1) for pair in modules.values() for t in pair] + [m for m in magnitudes.values()]
+    tensors = [t.view(-1) for pair in modules.values() for t in pair] + list(magnitudes.values())
     if tensors and not torch.isfinite(torch.cat(tensors).sum()):
         _raise_non_finite(path, found, modules, config)
     return modules, magnitudes
@@ -180,7 +180,8 @@ def _tensor(f, key: str, expected: tuple[int, ...], rank_axis: int | None, meani
         raise AdapterError("invalid_weights", f"{key!r} has dtype {dtype}; expected one of {', '.join(_FLOAT_DTYPES)}")
     if shape != expected:
         rank_only = rank_axis is not None and len(shape) == 2 and shape[1 - rank_axis] == expected[1 - rank_axis]
-        hint = "its rank differs from r (or rank_pattern) in adapter_config.json" if rank_only else "was it trained for another base model?"
+        hint = ("its rank differs from r (or rank_pattern) in adapter_config.json" if rank_only
+                else "was it trained for another base model?")
         raise AdapterError("shape_mismatch", f"{key!r} has shape {list(shape)}; expected {list(expected)} "
                            f"({meaning}): {hint}")
     return f.get_tensor(key).to(torch.float32)
