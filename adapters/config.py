@@ -35,7 +35,6 @@ _IGNORED_KEYS = frozenset({
 _UNSUPPORTED_IF_SET = {
     "modules_to_save": "modules_to_save (fully trained copies of base modules) is not supported; "
                        "only LoRA deltas can be served on the shared base model",
-    "lora_bias": "lora_bias=true (a bias on lora_B) is not supported",
     "use_qalora": "QALoRA (use_qalora=true) is not supported",
     "use_bdlora": "BD-LoRA (use_bdlora) is not supported",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
@@ -51,7 +50,7 @@ _UNSUPPORTED_IF_SET = {
 _HANDLED_KEYS = frozenset({
     "peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules",
     "layers_to_transform", "layers_pattern", "fan_in_fan_out", "bias", "base_model_name_or_path",
-    "init_lora_weights", "use_dora", "rank_pattern", "alpha_pattern",
+    "init_lora_weights", "use_dora", "rank_pattern", "alpha_pattern", "lora_bias",
 })
 # These inits rewrite the base weights during training; unless the adapter was converted on
 # save (path_initial_model_for_weight_conversion, which records init_lora_weights=true), it
@@ -116,6 +115,7 @@ class LoraConfig:
     fan_in_fan_out: bool = False  # only describes the base layer's layout (GPT-2 Conv1D); see loader
     base_model_name_or_path: str | None = None
     use_dora: bool = False  # DoRA: a magnitude vector per module rescales each output row (loader)
+    lora_bias: bool = False  # lora_B has a bias (LoRAs extracted from full fine-tunes)
     # Per-module r and lora_alpha: (pattern, value) pairs in the file's order; the first pattern
     # that matches the end of a module's name wins (peft's get_pattern_key).
     rank_pattern: tuple[tuple[str, int], ...] = ()
@@ -172,9 +172,12 @@ class LoraConfig:
         alpha = d.get("lora_alpha", 8)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise _invalid(f"lora_alpha must be a finite number, got {alpha!r}")
-        for key in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        for key in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
             if not isinstance(d.get(key, False), bool):
                 raise _invalid(f"{key} must be true or false, got {d[key]!r}")
+        if d.get("use_dora") and d.get("lora_bias"):
+            raise AdapterError("unsupported_adapter", "adapter_config.json: lora_bias=true with use_dora=true is not "
+                                                      "a combination peft supports")
         targets = _names(d, "target_modules", allow_str=True)
         if not targets:
             raise _invalid("target_modules is missing or empty; list the modules the adapter was trained on")
@@ -208,7 +211,7 @@ class LoraConfig:
                    layers_to_transform=tuple(sorted(set(layers))) if layers else None,  # peft: [] means all layers
                    layers_pattern=tuple(pattern) if pattern else None,
                    fan_in_fan_out=d.get("fan_in_fan_out", False), base_model_name_or_path=base,
-                   use_dora=d.get("use_dora", False), rank_pattern=rank_pattern,
+                   use_dora=d.get("use_dora", False), lora_bias=d.get("lora_bias", False), rank_pattern=rank_pattern,
                    alpha_pattern=tuple((k, float(v)) for k, v in alpha_pattern))
 
     @property

@@ -29,11 +29,13 @@ _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # peft saves "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"; state_dict()
 # dumps and other tools add the adapter name ("lora_A.default.weight") or drop the prefix.
 _LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_A|lora_B)(?:\.[\w-]+)?\.weight")
+# lora_bias=true: "...q_proj.lora_B.bias".
+_BIAS_KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_B)(?:\.[\w-]+)?\.bias")
 # DoRA's per-output-row magnitude: "...q_proj.lora_magnitude_vector" as peft saves it.
 _MAGNITUDE_KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_magnitude_vector)(?:\.[\w-]+)?(?:\.weight)?")
 _MODULE_PATH = re.compile(r"(?:base_model\.model\.)?(?:model\.)?layers\.(?P<layer>\d+)\.(?P<parent>\w+)\.(?P<module>\w+)")
-_KEY_HINTS = (("lora_embedding", "an embedding LoRA"),
-              ("base_layer", "a copy of a base weight"), (".bias", "a bias"))
+_KEY_HINTS = (("lora_embedding", "an embedding LoRA"), ("base_layer", "a copy of a base weight"),
+              (".bias", "a bias"))
 
 
 def module_shapes(arch: ModelArchConfig) -> dict[str, tuple[int, int]]:
@@ -52,13 +54,21 @@ class LoraWeights:
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     # DoRA: (layer, module name) -> magnitude [out_features], fp32; empty for a plain LoRA.
     magnitudes: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    # lora_bias: (layer, module name) -> lora_B's bias [out_features] with scaling folded in, fp32.
+    lora_biases: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     # DoRA: magnitude / ||W + BA|| per output row, which depends on the base weights: computed
-    # once by the engine that serves the adapter (engine/models/dora.py).
+    # once by the engine that serves the adapter (engine/models/slot_rows.py).
     dora_scales: dict[tuple[int, str], torch.Tensor] | None = field(default=None, repr=False)
 
     @property
+    def has_row_terms(self) -> bool:
+        """Whether the adapter rescales or shifts its output rows (DoRA, lora_bias)."""
+        return bool(self.magnitudes or self.lora_biases)
+
+    @property
     def num_bytes(self) -> int:
-        tensors = [t for pair in self.modules.values() for t in pair] + list(self.magnitudes.values())
+        tensors = [t for pair in self.modules.values() for t in pair]
+        tensors += list(self.magnitudes.values()) + list(self.lora_biases.values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -86,12 +96,13 @@ def load_adapter(adapter_dir: str | Path, arch: ModelArchConfig, max_lora_rank: 
     if size > max_bytes:
         raise AdapterError("too_large", f"{WEIGHTS_FILE} is {size} bytes; the limit is {max_bytes}")
     try:
-        modules, magnitudes = _read_weights(path, config, targets, module_shapes(arch), arch.num_layers)
+        modules, magnitudes, biases = _read_weights(path, config, targets, module_shapes(arch), arch.num_layers)
     except AdapterError:
         raise
     except Exception as e:  # safetensors raises its own error types, OSError, or ValueError on bad files
         raise AdapterError("invalid_weights", f"{WEIGHTS_FILE} is not a valid safetensors file ({e})") from e
-    return LoraWeights(rank=config.max_rank, config=config, modules=modules, magnitudes=magnitudes)
+    return LoraWeights(rank=config.max_rank, config=config, modules=modules, magnitudes=magnitudes,
+                       lora_biases=biases)
 
 
 def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
@@ -107,13 +118,13 @@ def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
                 raise AdapterError("invalid_weights", f"{key!r} and {found[(*target, kind)]!r} both hold {kind} of "
                                    f"{module_path(*target)}; the file mixes several adapters")
             found[(*target, kind)] = key
-        kinds = ("lora_A", "lora_B", "lora_magnitude_vector") if config.use_dora else ("lora_A", "lora_B")
+        kinds = ("lora_A", "lora_B") + ("lora_magnitude_vector",) * config.use_dora + ("lora_B.bias",) * config.lora_bias
         for layer, name in sorted(targets):
             for kind in kinds:
                 if (layer, name, kind) not in found:
                     raise AdapterError("invalid_weights", f"{WEIGHTS_FILE} has no {kind} for {module_path(layer, name)}, "
                                        "which adapter_config.json targets")
-        modules, magnitudes = {}, {}
+        modules, magnitudes, biases = {}, {}, {}
         for layer, name in sorted(targets):
             fan_in, fan_out = shapes[name]
             r = config.rank_of(layer, name)
@@ -126,13 +137,17 @@ def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
             if config.use_dora:
                 key = found[(layer, name, "lora_magnitude_vector")]
                 magnitudes[(layer, name)] = _tensor(f, key, (fan_out,), None, f"out_features={fan_out}")
+            if config.lora_bias:
+                key = found[(layer, name, "lora_B.bias")]
+                biases[(layer, name)] = _tensor(f, key, (fan_out,), None, f"out_features={fan_out}") * \
+                    config.scaling_of(layer, name)
     # One finiteness check over everything (per-tensor checks dominated the cold-load time): a
     # NaN or inf anywhere makes the sum non-finite. Only then, or when finite values merely
     # add up past fp32's range, is the culprit searched for, tensor by tensor.
-    tensors = [t.view(-1) for pair in modules.values() for t in pair] + list(magnitudes.values())
+    tensors = [t.view(-1) for pair in modules.values() for t in pair] + list(magnitudes.values()) + list(biases.values())
     if tensors and not torch.isfinite(torch.cat(tensors).sum()):
         _raise_non_finite(path, found, modules, config)
-    return modules, magnitudes
+    return modules, magnitudes, biases
 
 
 def _raise_non_finite(path: Path, found: dict, modules: dict, config: LoraConfig) -> None:
@@ -140,9 +155,9 @@ def _raise_non_finite(path: Path, found: dict, modules: dict, config: LoraConfig
 
     with safe_open(str(path), framework="pt") as f:
         for (layer, name), (_, scaled_b) in sorted(modules.items()):
-            for kind in ("lora_A", "lora_B", "lora_magnitude_vector"):
+            for kind in ("lora_A", "lora_B", "lora_magnitude_vector", "lora_B.bias"):
                 key = found.get((layer, name, kind))
-                if key is None:  # not a DoRA adapter
+                if key is None:  # not a DoRA or lora_bias adapter
                     continue
                 if not torch.isfinite(f.get_tensor(key).to(torch.float32)).all():
                     raise AdapterError("non_finite_weights", f"{key!r} contains NaN or inf (or values beyond fp32's range)")
@@ -153,9 +168,15 @@ def _raise_non_finite(path: Path, found: dict, modules: dict, config: LoraConfig
 
 def _parse_key(key: str, targets: set[tuple[int, str]], num_layers: int, config: LoraConfig) -> tuple[tuple[int, str], str]:
     m = _LORA_KEY.fullmatch(key) or _MAGNITUDE_KEY.fullmatch(key)
+    bias = _BIAS_KEY.fullmatch(key) if m is None else None
     if m is not None and m["kind"] == "lora_magnitude_vector" and not config.use_dora:
         raise AdapterError("invalid_weights", f"key {key!r} is a DoRA magnitude vector, but adapter_config.json "
                            "does not set use_dora=true")
+    if bias is not None:
+        if not config.lora_bias:
+            raise AdapterError("invalid_weights", f"key {key!r} is a bias of lora_B, but adapter_config.json does "
+                               "not set lora_bias=true")
+        m = bias
     if m is None:
         what = next((w for marker, w in _KEY_HINTS if marker in key), "not a LoRA A/B weight")
         raise AdapterError("invalid_weights", f"unexpected key {key!r} in {WEIGHTS_FILE} ({what}); "
@@ -170,7 +191,7 @@ def _parse_key(key: str, targets: set[tuple[int, str]], num_layers: int, config:
                else f"adapter_config.json does not target it (target_modules={config.target_modules!r}, "
                     f"layers_to_transform={config.layers_to_transform})")
         raise AdapterError("invalid_weights", f"key {key!r} is for {module_path(layer, name)}, but {why}")
-    return (layer, name), m["kind"]
+    return (layer, name), m["kind"] if bias is None else "lora_B.bias"
 
 
 def _tensor(f, key: str, expected: tuple[int, ...], rank_axis: int | None, meaning: str) -> torch.Tensor:

@@ -4,8 +4,8 @@ For every decoder layer and every LoRA-targetable module the pool holds
 A [num_slots, max_rank, in] and B [num_slots, out, max_rank] (scaling folded into B, zeros
 beyond an adapter's rank or for modules it does not target). Loading an adapter is a copy_
 into a free slot; the base weights are never touched. Slots used by running requests are
-pinned; when a slot is needed the least recently used unpinned one is evicted. A DoRA
-adapter also gets its row scales (engine/models/dora.py) in the slot. Evicted
+pinned; when a slot is needed the least recently used unpinned one is evicted. DoRA and
+lora_bias adapters also get their row terms (engine/models/slot_rows.py) in the slot. Evicted
 adapters stay in a host-memory LRU tier (max_cpu_loras), so reloading them needs no disk.
 The pool never blocks: when every slot is pinned, acquire() returns None and the scheduler
 keeps the request waiting.
@@ -37,7 +37,7 @@ class PoolStats:
 
 class LoraSlotPool:
     def __init__(self, arch, num_slots: int, max_rank: int, dtype: torch.dtype, max_cpu_loras: int = 64,
-                 dora=None):
+                 row_terms=None):
         if num_slots < 1 or max_rank < 1:
             raise ValueError("num_slots and max_rank must be >= 1")
         self.num_slots, self.max_rank, self.dtype = num_slots, max_rank, dtype
@@ -47,10 +47,10 @@ class LoraSlotPool:
         for name, (fan_in, fan_out) in module_shapes(arch).items():
             self.a[name] = torch.zeros(arch.num_layers, num_slots, max_rank, fan_in, dtype=dtype)
             self.b[name] = torch.zeros(arch.num_layers, num_slots, fan_out, max_rank, dtype=dtype)
-        # DoRA: which slots hold a DoRA adapter; `dora` (engine/models/dora.DoraSlots) computes
-        # an adapter's row scales from the base weights and keeps each slot's.
-        self.slot_dora = [False] * num_slots
-        self._dora = dora
+        # Which slots hold an adapter with row terms (DoRA, lora_bias); `row_terms`
+        # (engine/models/slot_rows.SlotRowTerms) computes and keeps each slot's.
+        self.slot_row_terms = [False] * num_slots
+        self._row_terms = row_terms
         self.slot_key: list[str | None] = [None] * num_slots
         self.slot_rank = [0] * num_slots
         self.slot_modules: list[frozenset[str]] = [frozenset()] * num_slots
@@ -146,16 +146,11 @@ class LoraSlotPool:
             for layer in set(range(self.num_layers)) - done:
                 self.a[name][layer, slot].zero_()
                 self.b[name][layer, slot].zero_()
-        self.slot_dora[slot] = bool(weights.magnitudes)
-        if weights.magnitudes:
-            self._write_dora(slot, weights)
-
-    def _write_dora(self, slot: int, weights) -> None:
-        if self._dora is None:
-            raise ValueError("this pool was made without a way to serve DoRA adapters")
-        if weights.dora_scales is None:  # once per adapter version: it stays on the host copy
-            weights.dora_scales = self._dora.scales(weights)
-        self._dora.write(slot, weights.dora_scales)
+        self.slot_row_terms[slot] = weights.has_row_terms
+        if weights.has_row_terms:
+            if self._row_terms is None:
+                raise ValueError("this pool was made without a way to serve DoRA or lora_bias adapters")
+            self._row_terms.write(slot, weights)
 
     def _remember_on_host(self, key: str, weights) -> None:
         self.host_cache[key] = weights

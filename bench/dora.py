@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from multi_lora import TARGETS, prompts_for, run_engine  # noqa: E402
 
 from loragate.engine import EngineConfig, LLMEngine  # noqa: E402
-from loragate.engine.models.dora import dora_scales  # noqa: E402
+from loragate.engine.models.slot_rows import dora_scales  # noqa: E402
 from loragate.engine.models.prepare import DEFAULT_MODEL, resolve_model  # noqa: E402
 
 

@@ -23,9 +23,10 @@ class LoraBatch:
     pool: object  # adapters.pool.LoraSlotPool
     rank: int  # largest rank among this step's adapters: stacks are sliced to it
     modules: frozenset[str]  # modules some adapter of this step targets
-    dora: list[tuple[int, int, int]] = field(default_factory=list)  # DoRA segments: (first row, end row, slot)
-    # A short batch with DoRA segments: each row's DoRA slot, or num_slots (s = 1) for the others.
-    dora_rows: torch.Tensor | None = None
+    # Segments whose adapters add row terms (DoRA, lora_bias; engine/models/slot_rows.py):
+    # (first row, end row, slot); in a short batch also each row's slot, or num_slots for the others.
+    row_terms: list[tuple[int, int, int]] = field(default_factory=list)
+    row_term_slots: torch.Tensor | None = None
 
 
 @dataclass
@@ -121,11 +122,12 @@ def _lora_batch(scheduled: list[tuple[Request, int]], pool) -> LoraBatch:
             indptr.append(indptr[-1] + num_new)
     used = [s for s in slot_ids if s >= 0]
     batch = LoraBatch(plan_segments(indptr, slot_ids), pool, pool.max_rank_of(used), pool.modules_of(used))
-    batch.dora = [(indptr[i], indptr[i + 1], s) for i, s in enumerate(slot_ids) if s >= 0 and pool.slot_dora[s]]
-    if batch.dora and indptr[-1] <= SHORT_SEGMENT:
-        rows = [s if s >= 0 and pool.slot_dora[s] else pool.num_slots
-                for i, s in enumerate(slot_ids) for _ in range(indptr[i + 1] - indptr[i])]
-        batch.dora_rows = torch.tensor(rows, dtype=torch.int64)
+    with_terms = [s >= 0 and pool.slot_row_terms[s] for s in slot_ids]
+    batch.row_terms = [(indptr[i], indptr[i + 1], s) for i, s in enumerate(slot_ids) if with_terms[i]]
+    if batch.row_terms and indptr[-1] <= SHORT_SEGMENT:
+        rows = [s if with_terms[i] else pool.num_slots for i, s in enumerate(slot_ids)
+                for _ in range(indptr[i + 1] - indptr[i])]
+        batch.row_term_slots = torch.tensor(rows, dtype=torch.int64)
     return batch
 
 

@@ -18,7 +18,7 @@ from .errors import AdapterNotFoundError, InvalidRequestError, ModelConfigError
 from .kv_cache import KVCacheManager
 from .logits_processors import adjuster_for
 from .model_runner import ModelRunner
-from .models.dora import DoraSlots
+from .models.slot_rows import SlotRowTerms
 from .models.loader import load_hf_config, load_model
 from .models.prepare import resolve_model
 from .request import Request, RequestStatus
@@ -70,7 +70,7 @@ class LLMEngine:
 
             self.lora_pool = LoraSlotPool(self.model.config, config.max_loras, config.max_lora_rank,
                                           config.torch_dtype, config.max_cpu_loras,
-                                          dora=DoraSlots(self.model, config.max_loras))
+                                          row_terms=SlotRowTerms(self.model, config.max_loras))
         # Adapters may be added or removed from any thread (AsyncEngine callers) while the
         # loop thread reads them: entries are replaced whole under this lock.
         self.adapters: dict[str, tuple[int, object]] = {}  # name -> (version, LoraWeights)

@@ -13,7 +13,7 @@ from torch import nn
 from loragate.kernels.dense import Int4Weight, dense_linear, pack_weight
 from loragate.kernels.lora import LoraModule, LoraModules, add_lora_modules
 
-from .dora import apply_dora
+from .slot_rows import apply_row_terms
 
 
 class Projection(nn.Module):
@@ -28,9 +28,9 @@ class Projection(nn.Module):
         self.weight: torch.Tensor | None = torch.empty(self.out_features, in_features, dtype=dtype)
         self.bias = torch.zeros(self.out_features, dtype=dtype) if bias else None
         self.packed: torch.Tensor | Int4Weight | None = None
-        # DoRA (engine/models/dora.py): per slot, the row scales s and, with a bias, b*(1-s).
-        self.dora_scale: torch.Tensor | None = None  # [slots, out]
-        self.dora_bias: torch.Tensor | None = None
+        # Per slot, what some adapters (DoRA, lora_bias) do to their rows: y*s + t (slot_rows.py).
+        self.row_scale: torch.Tensor | None = None  # [slots + 1, out]
+        self.row_shift: torch.Tensor | None = None
         self._lora_pool = None  # the pool _lora_modules was built for
         self._lora_modules: dict[frozenset[str], LoraModules] = {}  # by the step's targeted modules
 
@@ -57,8 +57,8 @@ class Projection(nn.Module):
             mods = self.lora_modules(lora.pool, lora.modules)
             if mods.modules:
                 add_lora_modules(y, x, mods, lora.plan, lora.rank, batch.use_native_kernels)
-                if lora.dora:
-                    apply_dora(y, self, lora)
+                if lora.row_terms:
+                    apply_row_terms(y, self, lora)
         return y
 
     def lora_modules(self, pool, targeted: frozenset[str]) -> LoraModules:

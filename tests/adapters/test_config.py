@@ -78,7 +78,8 @@ def test_targets(changes, targets):
     (dict(layers_to_transform=[0], layers_pattern="(idx"), "invalid_config"),
     (dict(layers_to_transform=[0], layers_pattern="h"), "unknown_target_module"),  # GPT-2 style layer names
     (dict(exclude_modules=["q_proj", "v_proj"]), "unknown_target_module"),
-    (dict(lora_bias=True), "unsupported_adapter"),
+    (dict(lora_bias=True, use_dora=True), "unsupported_adapter"),
+    (dict(lora_bias="yes"), "invalid_config"),
     (dict(alpha_pattern={"q_proj": "4"}), "invalid_config"),
     (dict(rank_pattern=["q_proj", 4]), "invalid_config"),
     (dict(init_lora_weights="olora"), "unsupported_adapter"),

@@ -1,6 +1,6 @@
-"""DoRA adapters (use_dora) against peft's PeftModel: alone, mixed in one batch with plain
-LoRA adapters and the base model, and through slot reuse (fp32). Qwen2 has q/k/v biases,
-which DoRA must leave unscaled."""
+"""Adapters with row terms (engine/models/slot_rows.py) against peft's PeftModel: DoRA
+(use_dora) and lora_bias, mixed in one batch with plain LoRA adapters and the base model,
+and through slot reuse (fp32). Qwen2 has q/k/v biases, which DoRA must leave unscaled."""
 
 from __future__ import annotations
 
@@ -8,16 +8,17 @@ import pytest
 import torch
 
 from loragate.engine import EngineConfig, LLMEngine, SamplingParams
-from loragate.engine.models.dora import dora_scales
+from loragate.engine.models.slot_rows import dora_scales
 
 from .test_multi_lora import check_mixed_batch, peft_greedy
 
-# (name, rank, alpha, rslora, target_modules, layers_to_transform, use_dora)
+# (name, rank, alpha, rslora, target_modules, layers_to_transform, use_dora, lora_bias)
 ADAPTERS = [
-    ("dora-all-r8", 8, 16, False, "all-linear", None, True),
-    ("dora-qkv-r4-rs-layer1", 4, 8, True, ["q_proj", "k_proj", "v_proj"], [1], True),
-    ("dora-mlp-r16", 16, 8, False, ["gate_proj", "up_proj", "down_proj"], None, True),
-    ("lora-all-r8", 8, 16, False, "all-linear", None, False),
+    ("dora-all-r8", 8, 16, False, "all-linear", None, True, False),
+    ("dora-qkv-r4-rs-layer1", 4, 8, True, ["q_proj", "k_proj", "v_proj"], [1], True, False),
+    ("dora-mlp-r16", 16, 8, False, ["gate_proj", "up_proj", "down_proj"], None, True, False),
+    ("bias-qv-r8", 8, 32, False, ["q_proj", "v_proj", "down_proj"], None, False, True),
+    ("lora-all-r8", 8, 16, False, "all-linear", None, False, False),
 ]
 
 
@@ -25,12 +26,12 @@ ADAPTERS = [
 def dora_dirs(tiny_model, tmp_path_factory, save_lora):
     root = tmp_path_factory.mktemp("dora")
     return {name: save_lora(tiny_model, root / name, 0.5 / r ** 0.5, seed=10 + i, r=r, lora_alpha=a, use_rslora=rs,
-                            target_modules=t, layers_to_transform=layers, use_dora=dora, lora_dropout=0.0,
-                            bias="none", task_type="CAUSAL_LM")
-            for i, (name, r, a, rs, t, layers, dora) in enumerate(ADAPTERS)}
+                            target_modules=t, layers_to_transform=layers, use_dora=dora, lora_bias=bias,
+                            lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+            for i, (name, r, a, rs, t, layers, dora, bias) in enumerate(ADAPTERS)}
 
 
-def test_dora_adapters_in_a_mixed_batch_match_peft(tiny_model, dora_dirs):
+def test_dora_and_lora_bias_adapters_in_a_mixed_batch_match_peft(tiny_model, dora_dirs):
     check_mixed_batch(tiny_model, dora_dirs, vocab=512)
 
 
@@ -52,11 +53,11 @@ def test_dora_is_not_plain_lora_here(tiny_model, dora_dirs):
     assert out[-1].token_ids != dora_tokens
 
 
-def test_a_slot_passed_between_dora_and_plain_adapters_matches_peft(tiny_model, dora_dirs):
+def test_a_slot_passed_between_adapters_with_and_without_row_terms_matches_peft(tiny_model, dora_dirs):
     """One slot: each adapter evicts the previous one, so a plain LoRA lands where a DoRA
-    adapter's scales were and the other way round."""
+    adapter's scales (or a lora_bias adapter's shifts) were and the other way round."""
     engine = LLMEngine(EngineConfig(model=str(tiny_model), dtype="float32", max_loras=1), progress=False)
-    order = ["dora-all-r8", "lora-all-r8", "dora-mlp-r16", "lora-all-r8", "dora-qkv-r4-rs-layer1"]
+    order = ["dora-all-r8", "lora-all-r8", "dora-mlp-r16", "bias-qv-r8", "lora-all-r8", "dora-qkv-r4-rs-layer1"]
     for name in set(order):
         engine.add_adapter(name, dora_dirs[name])
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
