@@ -66,8 +66,11 @@ def prompts_20() -> list[list[int]]:
 @pytest.fixture(scope="module")
 def adapters(tiny_llama, tmp_path_factory, save_lora):
     root = tmp_path_factory.mktemp("spec-adapters")
-    return {"attn": save_lora(tiny_llama, root / "attn", 0.3, seed=1, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-            "mlp": save_lora(tiny_llama, root / "mlp", 0.3, seed=2, r=4, lora_alpha=8, target_modules=["gate_proj", "down_proj"])}
+    # With row terms too (engine/models/slot_rows.py): a lora_bias adapter and a DoRA one.
+    return {"attn": save_lora(tiny_llama, root / "attn", 0.3, seed=1, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                              lora_bias=True),
+            "mlp": save_lora(tiny_llama, root / "mlp", 0.3, seed=2, r=4, lora_alpha=8, target_modules=["gate_proj", "down_proj"],
+                             use_dora=True)}
 
 
 def run(llm: LLM, prompts, params, adapters=None):
