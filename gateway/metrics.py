@@ -1,6 +1,7 @@
 """Prometheus metrics for /metrics: HTTP requests by route and status, latency histograms
 (time to first token, inter-token, end to end, queue time), finished requests by reason,
-token counts by tenant and adapter (usage metering), and engine gauges read at scrape time (running/waiting requests, preemptions,
+token counts by tenant and adapter (usage metering), and engine gauges read at scrape time
+(running/waiting requests, open requests per tenant, preemptions,
 KV-cache use, prefix-cache hit rate, adapter pool).
 
 Adapter labels are bounded: the first MAX_ADAPTER_LABELS adapters seen get their own label,
@@ -70,6 +71,11 @@ class _EngineCollector:
             return g
 
         yield gauge("loragate_requests_running", "requests running in the engine", len(inner.scheduler.running))
+        per_tenant = GaugeMetricFamily("loragate_tenant_requests_open", "inference requests open (running or waiting) "
+                                       "per tenant", labels=["tenant"])
+        for tenant, count in sorted(self.state.tenant_in_flight.items()):
+            per_tenant.add_metric([tenant], count)
+        yield per_tenant
         yield gauge("loragate_requests_waiting", "requests waiting for the engine", engine.num_waiting)
         c = GaugeMetricFamily("loragate_preemptions", "running requests preempted for KV blocks (recomputed "
                               "later), since start")

@@ -85,6 +85,8 @@ def test_one_tenants_flood_is_held_at_its_own_limit(tiny_llama, tmp_path, monkey
                         second_lines = second.aiter_lines()
                         await anext(second_lines)
                         assert s.state.tenant_in_flight == {"tenant-a": 2}
+                        scraped = samples((await h.get(s.url + "/metrics")).text)
+                        assert scraped[("loragate_tenant_requests_open", (("tenant", "tenant-a"),))] == 2
                         over = await h.post(s.url + "/v1/completions", json=short, headers=s.headers())
                         other = await h.post(s.url + "/v1/completions", json=short, headers=s.headers("key-b"))
                     await until(lambda: s.state.tenant_in_flight == {"tenant-a": 1})  # dropped mid-stream: freed
