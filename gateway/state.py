@@ -73,7 +73,9 @@ class ServerState:
         if self.engine.num_waiting < self.max_waiting:
             return
         share = self.max_waiting / max(1, len(self.tenant_in_flight))
-        if self.tenant_in_flight.get(tenant, 0) > share:
+        # 0 open: not an interactive request (those are counted before they get here) but a
+        # batch line, which never passes a full queue: batches yield to interactive traffic.
+        if not 0 < self.tenant_in_flight.get(tenant, 0) <= share:
             raise APIError(429, f"too many requests waiting ({self.max_waiting}); retry shortly", "rate_limit_error",
                            code="overloaded", headers={"Retry-After": "1"})
 
