@@ -131,5 +131,28 @@ def dense_linear(x: torch.Tensor, packed: torch.Tensor | AmxWeight | Int4Weight,
     return F.linear(x, packed, bias)
 
 
+def row_norms_sq(packed: torch.Tensor | AmxWeight | Int4Weight, in_features: int) -> torch.Tensor:
+    """||W[o]||^2 for every output row o of a packed weight, fp32 (DoRA needs them). Read from
+    the layout where it can be (plain, AMX tiles: one pass); oneDNN's blocked layout is opaque,
+    so there the rows come out of the projection itself, a block of unit inputs at a time
+    (exact: one product per output, accumulated in fp32)."""
+    if isinstance(packed, Int4Weight):
+        return row_norms_sq(packed.dense, in_features)
+    if isinstance(packed, AmxWeight):  # tiles [out/16, in/32, 16 inputs, 16 outputs, 2 inputs]
+        t = packed.tiles.view(packed.tiles.shape[0], -1, 32)  # the last axis holds (output, input pair)
+        sums = torch.linalg.vector_norm(t, dim=1, dtype=torch.float32).square()  # faster than over (1, 2, 4)
+        return sums.view(-1, 16, 2).sum(-1).reshape(-1)
+    if not packed.is_mkldnn:
+        return torch.linalg.vector_norm(packed, dim=1, dtype=torch.float32).square()
+    total = None
+    for k in range(0, in_features, 256):
+        n = min(256, in_features - k)
+        units = torch.zeros(n, in_features, dtype=torch.bfloat16)
+        units[:, k:k + n].fill_diagonal_(1)
+        part = dense_linear(units, packed, None).float().square().sum(0)
+        total = part if total is None else total + part
+    return total
+
+
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return F.linear(x, weight, bias)

@@ -5,8 +5,8 @@
   carries the LoRA scaling), and the base bias b is not rescaled: t = b (1 - s). s depends on
   the base weights only through W, so it is computed once per adapter and engine
   (`dora_scales`). ||W + BA||^2 per row is ||W||^2 + 2 (W A^T) . B + ||B A||^2: the first term
-  is kept at load (Projection.row_norms_sq), because the packed weight layouts are not read
-  row by row; the second runs A's r rows through the projection; the third is B (A A^T) . B.
+  comes from the packed weight, once per engine (Projection.row_norms_sq); the second runs A's
+  r rows through the projection; the third is B (A A^T) . B.
 - lora_bias (a bias on lora_B, as LoRAs extracted from full fine-tunes have): s = 1 and
   t = scaling * that bias.
 

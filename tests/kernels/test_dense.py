@@ -175,3 +175,25 @@ def test_int4_falls_back_to_the_dense_layout_when_the_shape_does_not_allow_it(in
     assert not isinstance(packed, dense.Int4Weight)
     x = torch.randn(2, in_features).to(torch.bfloat16)
     torch.testing.assert_close(dense.dense_linear(x, packed, None), F.linear(x, w), atol=2e-2, rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("layout", ("plain fp32", "amx", "onednn", "int4"))
+def test_row_norms_come_out_of_every_packed_layout(layout):
+    """DoRA needs ||W||^2 per output row after the plain weight is gone."""
+    _, w, _ = make(torch.float32 if layout == "plain fp32" else torch.bfloat16, 1, False, seed=7)
+    if layout == "amx" and not dense.native.amx_available():
+        pytest.skip("no AMX on this CPU")
+    if layout == "onednn":
+        if not dense._mkldnn_linear_available():
+            pytest.skip("no oneDNN packed layout")
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
+    elif layout == "int4":
+        if not dense.int4_available():
+            pytest.skip("no int4 kernel")
+        packed = dense.Int4Weight(w)
+        w = dense.dense_linear(torch.eye(IN_FEATURES, dtype=torch.bfloat16), packed, None).T  # the weight it holds
+    else:
+        packed = dense.pack_weight(w)
+    assert layout != "amx" or isinstance(packed, dense.AmxWeight)
+    torch.testing.assert_close(dense.row_norms_sq(packed, IN_FEATURES), w.double().square().sum(1).float(),
+                               rtol=1e-5, atol=0)
