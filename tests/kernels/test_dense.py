@@ -56,6 +56,8 @@ def test_bf16_onednn_packed_linear(rows, with_bias, monkeypatch):
 
 
 needs_amx = pytest.mark.skipif(not dense.native.amx_available(), reason="no AMX on this CPU (or native kernels off)")
+needs_int4 = pytest.mark.skipif(not dense.int4_available(), reason="torch has no CPU int4 weight-only kernel")
+needs_onednn = pytest.mark.skipif(not dense._mkldnn_linear_available(), reason="no oneDNN packed layout")
 
 
 @needs_amx
@@ -135,7 +137,7 @@ def int4_reference(w: torch.Tensor, group: int = dense.GROUP_SIZE) -> tuple[torc
     return deq.reshape(out_f, in_f).to(w.dtype), bound.expand_as(g).reshape(out_f, in_f)
 
 
-@pytest.mark.skipif(not dense.int4_available(), reason="torch has no CPU int4 weight-only kernel")
+@needs_int4
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
 @pytest.mark.parametrize("rows", (1, 2, 3, 4, 5, 16, 300))
 @pytest.mark.parametrize("with_bias", (False, True))
@@ -157,7 +159,7 @@ def test_int4_weight_equals_linear_on_the_quantized_weight(dtype, rows, with_bia
     assert not torch.allclose(float64_linear(x, w, b), truth, atol=tol["atol"], rtol=tol["rtol"])
 
 
-@pytest.mark.skipif(not dense.int4_available(), reason="torch has no CPU int4 weight-only kernel")
+@needs_int4
 def test_int4_kernel_path_and_dense_copy_agree_across_the_row_threshold():
     x, w, _ = make(torch.bfloat16, dense.INT4_MAX_ROWS + 1, False, seed=7, in_features=256, out_features=64)
     packed = dense.pack_weight(w, int4=True)
@@ -177,19 +179,14 @@ def test_int4_falls_back_to_the_dense_layout_when_the_shape_does_not_allow_it(in
     torch.testing.assert_close(dense.dense_linear(x, packed, None), F.linear(x, w), atol=2e-2, rtol=1.6e-2)
 
 
-@pytest.mark.parametrize("layout", ("plain fp32", "amx", "onednn", "int4"))
+@pytest.mark.parametrize("layout", ["plain fp32", pytest.param("amx", marks=needs_amx),
+                                    pytest.param("onednn", marks=needs_onednn), pytest.param("int4", marks=needs_int4)])
 def test_row_norms_come_out_of_every_packed_layout(layout):
     """DoRA needs ||W||^2 per output row after the plain weight is gone."""
     _, w, _ = make(torch.float32 if layout == "plain fp32" else torch.bfloat16, 1, False, seed=7)
-    if layout == "amx" and not dense.native.amx_available():
-        pytest.skip("no AMX on this CPU")
     if layout == "onednn":
-        if not dense._mkldnn_linear_available():
-            pytest.skip("no oneDNN packed layout")
         packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
     elif layout == "int4":
-        if not dense.int4_available():
-            pytest.skip("no int4 kernel")
         packed = dense.Int4Weight(w)
         w = dense.dense_linear(torch.eye(IN_FEATURES, dtype=torch.bfloat16), packed, None).T  # the weight it holds
     else:
