@@ -37,7 +37,7 @@ class PoolStats:
 
 class LoraSlotPool:
     def __init__(self, arch, num_slots: int, max_rank: int, dtype: torch.dtype, max_cpu_loras: int = 64,
-                 row_terms=None):
+                 row_terms=None, device: torch.device | str = "cpu"):
         if num_slots < 1 or max_rank < 1:
             raise ValueError("num_slots and max_rank must be >= 1")
         self.num_slots, self.max_rank, self.dtype = num_slots, max_rank, dtype
@@ -45,8 +45,8 @@ class LoraSlotPool:
         self.a: dict[str, torch.Tensor] = {}  # module -> [layers, slots, max_rank, in]
         self.b: dict[str, torch.Tensor] = {}  # module -> [layers, slots, out, max_rank]
         for name, (fan_in, fan_out) in module_shapes(arch).items():
-            self.a[name] = torch.zeros(arch.num_layers, num_slots, max_rank, fan_in, dtype=dtype)
-            self.b[name] = torch.zeros(arch.num_layers, num_slots, fan_out, max_rank, dtype=dtype)
+            self.a[name] = torch.zeros(arch.num_layers, num_slots, max_rank, fan_in, dtype=dtype, device=device)
+            self.b[name] = torch.zeros(arch.num_layers, num_slots, fan_out, max_rank, dtype=dtype, device=device)
         # Which slots hold an adapter with row terms (DoRA, lora_bias); `row_terms`
         # (engine/models/slot_rows.SlotRowTerms) computes and keeps each slot's.
         self.slot_row_terms = [False] * num_slots

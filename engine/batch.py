@@ -3,6 +3,7 @@ from the scheduled requests and passed down explicitly (no module-level state)."
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,24 @@ class BatchMetadata:
     # Prompt positions whose logprobs were asked for: (request, first hidden row, its
     # position, count); position p's row predicts prompt token p + 1.
     prompt_logprob_rows: list[tuple[Request, int, int, int]] = field(default_factory=list)
+
+    def to(self, device: torch.device) -> BatchMetadata:
+        """The step's index tensors on the model's device (they are built on the host). The
+        LoRA plan stays on the host: the kernels copy what they need once per step."""
+        if device.type == "cpu":
+            return self
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        a = self.attention
+        attention = dataclasses.replace(
+            a, slot_mapping=move(a.slot_mapping), query_start=move(a.query_start), query_len=move(a.query_len),
+            context_len=move(a.context_len), block_table=move(a.block_table),
+            prefill_spans=[dataclasses.replace(s, context_slots=move(s.context_slots)) for s in a.prefill_spans])
+        lora = self.lora and dataclasses.replace(self.lora, row_term_slots=move(self.lora.row_term_slots))
+        return dataclasses.replace(self, input_ids=move(self.input_ids), positions=move(self.positions),
+                                   logits_indices=move(self.logits_indices), attention=attention, lora=lora)
 
 
 def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_native_kernels: bool = True,

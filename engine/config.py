@@ -38,6 +38,9 @@ def physical_cores() -> int:
 @dataclass
 class EngineConfig:
     model: str = "smollm2-135m-instruct"  # a catalog name (see `loragate models list`) or a model directory
+    # auto: the first CUDA GPU torch sees, else the CPU. On CUDA the model, KV cache and LoRA
+    # slots live on the GPU and LoRA segments run through flashinfer's segment GEMM.
+    device: str = "auto"
     # bfloat16 is the default: on CPUs with AMX/AVX-512-BF16 it moves half the bytes of fp32
     # per decoded token, and decode is memory-bound (README's benchmark table).
     dtype: str = "bfloat16"
@@ -65,6 +68,15 @@ class EngineConfig:
     ngram_max: int = 4
 
     def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
+            raise ModelConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ModelConfigError(f"device {self.device!r}: torch sees no CUDA GPU (this torch build: "
+                                       f"{torch.__version__}; a CPU-only build never does)")
+            index = torch.device(self.device).index
+            if index is not None and index >= torch.cuda.device_count():
+                raise ModelConfigError(f"device {self.device!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
         if self.dtype not in DTYPES:
             raise ModelConfigError(f"dtype must be one of {sorted(set(DTYPES))}, got {self.dtype!r}")
         self.kv_cache_memory = parse_bytes(self.kv_cache_memory, "kv_cache_memory")
@@ -99,3 +111,9 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)

@@ -55,7 +55,8 @@ class LLMEngine:
         hf_config = load_hf_config(self.model_dir)
         max_len = min(config.max_model_len or hf_config.max_position_embeddings, hf_config.max_position_embeddings)
         t0 = time.perf_counter()
-        self.model, _ = load_model(self.model_dir, config.torch_dtype, max_len)
+        self.device = config.torch_device
+        self.model, _ = load_model(self.model_dir, config.torch_dtype, max_len, device=self.device)
         self.tokenizer = _load_tokenizer(self.model_dir)
         bytes_per_block = ModelRunner.bytes_per_block(self.model, config.block_size)
         num_blocks = config.kv_cache_memory // bytes_per_block
@@ -70,7 +71,7 @@ class LLMEngine:
 
             self.lora_pool = LoraSlotPool(self.model.config, config.max_loras, config.max_lora_rank,
                                           config.torch_dtype, config.max_cpu_loras,
-                                          row_terms=SlotRowTerms(self.model, config.max_loras))
+                                          row_terms=SlotRowTerms(self.model, config.max_loras), device=self.device)
         # Adapters may be added or removed from any thread (AsyncEngine callers) while the
         # loop thread reads them: entries are replaced whole under this lock.
         self.adapters: dict[str, tuple[int, object]] = {}  # name -> (version, LoraWeights)
@@ -91,7 +92,9 @@ class LLMEngine:
         self.num_forced_accepted = 0  # grammar-forced tokens taken without a step of their own
         self._forced: set[str] = set()  # requests whose proposals this step are grammar-forced tokens
         if progress:
-            print(f"loragate: {self.model_name} ({config.dtype}, {torch.get_num_threads()} threads) loaded in "
+            where = (f"{torch.get_num_threads()} threads" if self.device.type == "cpu"
+                     else f"{self.device}: {torch.cuda.get_device_name(self.device)}")
+            print(f"loragate: {self.model_name} ({config.dtype}, {where}) loaded in "
                   f"{time.perf_counter() - t0:.1f}s; KV cache {num_blocks} blocks x {config.block_size} tokens "
                   f"= {num_blocks * config.block_size} tokens ({num_blocks * bytes_per_block / 2**20:.0f} MiB); "
                   f"max_model_len {self.max_model_len}", file=sys.stderr)

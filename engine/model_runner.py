@@ -42,7 +42,9 @@ class ModelRunner:
         self.block_size = block_size
         c = model.config
         shape = (c.num_layers, 2, num_blocks, c.num_kv_heads, block_size, c.head_dim)
-        self.kv_cache = zeros_on_huge_pages(shape, model.dtype)
+        self.device = model.device
+        self.kv_cache = (zeros_on_huge_pages(shape, model.dtype) if self.device.type == "cpu"
+                         else torch.zeros(shape, dtype=model.dtype, device=self.device))
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.num_layers)]
         self.expose_hidden_states = False
 
@@ -51,16 +53,23 @@ class ModelRunner:
         c = model.config
         return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * model.dtype.itemsize
 
+    def forward(self, scheduled: list[tuple[Request, int]]) -> tuple[BatchMetadata, torch.Tensor]:
+        """Build the step's batch (on the host, moved to the model's device) and run the model
+        over it: returns the batch and the final hidden states [num_tokens, hidden]."""
+        batch = build_batch(scheduled, self.block_size, lora_pool=self.lora_pool).to(self.device)
+        return batch, self.model(batch.input_ids, batch.positions, self.kv_caches, batch)
+
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Request, int]]) -> StepOutput:
-        batch = build_batch(scheduled, self.block_size, lora_pool=self.lora_pool)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch)
+        batch, hidden = self.forward(scheduled)
         num_tokens = int(batch.input_ids.shape[0])
         prompt_logprobs = self._prompt_logprobs(batch, hidden) if batch.prompt_logprob_rows else None
         if not batch.sampled_requests:
             return StepOutput([], [], [], [], num_tokens, prompt_logprobs=prompt_logprobs)
         rows = hidden.index_select(0, batch.logits_indices)
-        out = self.sample(batch, self.model.compute_logits(rows, fp32=False), num_tokens)
+        # Sampling runs on the host, whatever the device: per-request seeded generators, logits
+        # processors and grammar masks are host-side, and [requests, vocab] is a small copy.
+        out = self.sample(batch, self.model.compute_logits(rows, fp32=False).cpu(), num_tokens)
         out.prompt_logprobs = prompt_logprobs
         if self.expose_hidden_states:
             ends = torch.tensor(batch.num_logits).cumsum(0).tolist()
@@ -79,7 +88,7 @@ class ModelRunner:
             entries = out[req.request_id] = []
             for i in range(0, count, self.PROMPT_LOGITS_CHUNK):
                 n = min(self.PROMPT_LOGITS_CHUNK, count - i)
-                logits = self.model.compute_logits(hidden[row + i:row + i + n])
+                logits = self.model.compute_logits(hidden[row + i:row + i + n]).cpu()
                 chosen, top_vals, top_ids = logprobs_of(logits, targets[i:i + n], k)
                 entries.extend((lp, dict(zip(ids, vals)))
                                for lp, ids, vals in zip(chosen.tolist(), top_ids.tolist(), top_vals.tolist()))

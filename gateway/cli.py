@@ -12,6 +12,7 @@ from .config_flags import add_dataclass_flags, dataclass_from_args
 
 ENGINE_HELP = {
     "model": "catalog name (see `loragate models list`) or a local Hugging Face model directory",
+    "device": "auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda or cuda:N",
     "dtype": "weights, activations and KV cache dtype: bfloat16 or float32",
     "max_model_len": "longest prompt + output in tokens (capped by the model and the KV cache)",
     "block_size": "tokens per KV-cache block",

@@ -17,7 +17,7 @@ every segment (kernels/lora_cuda.py, imported lazily).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -65,11 +65,22 @@ class LoraPlan:
     lora_start: torch.Tensor  # [L] every LoRA segment, short or long: first batch row
     lora_count: torch.Tensor  # [L] its rows
     lora_slots: torch.Tensor  # [L] its slot
+    # What a device's kernels made of this plan (its tensors copied there): a plan is built on
+    # the host once per step and used by every projection of every layer.
+    device_copies: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def to(self, device: torch.device) -> LoraPlan:
         """The plan with its index tensors on `device` (the torch path indexes GPU tensors)."""
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
                                             if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def on(self, device: torch.device) -> LoraPlan:
+        """to(device), made once per plan and device."""
+        if device.type == "cpu":
+            return self
+        if device not in self.device_copies:
+            self.device_copies[device] = self.to(device)
+        return self.device_copies[device]
 
     @property
     def has_lora(self) -> bool:
@@ -149,7 +160,7 @@ def add_lora_modules(y: torch.Tensor, x: torch.Tensor, mods: LoraModules, plan: 
         if native and _lora_cuda.usable(x, mods):
             _lora_cuda.add_lora_modules(y, x, mods, plan)
             return
-        plan = plan.to(x.device)  # the torch path below, with its index tensors on the GPU
+        plan = plan.on(x.device)  # the torch path below, with its index tensors on the GPU
     native = (native and mods.native_ok and x.dtype == y.dtype == mods.dtype and x.stride(1) == 1
               and y.stride(1) == 1 and rank <= _native.MAX_LORA_RANK and x.device.type == "cpu")
     if native and mods.amx:

@@ -40,21 +40,30 @@ def _segment_gemm(device: torch.device):
     return _flashinfer().SegmentGEMMWrapper(torch.empty(WORKSPACE_BYTES, dtype=torch.int8, device=device))
 
 
+def _segments(plan, device: torch.device) -> tuple:
+    """The segment GEMM's arguments for a step's plan (host tensors), on `device`: made by the
+    step's first projection, reused by the others."""
+    key = ("segment_gemm", device)
+    if key not in plan.device_copies:
+        starts, counts = plan.lora_start.tolist(), plan.lora_count.tolist()
+        rows = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)]) if starts else None
+        indptr = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int64)
+        plan.device_copies[key] = (len(starts), rows if rows is None else rows.to(device), indptr.to(device),
+                                   plan.lora_slots.to(device))
+    return plan.device_copies[key]
+
+
 def add_lora_modules(y: torch.Tensor, x: torch.Tensor, mods, plan) -> None:
     """kernels.lora.add_lora_modules on CUDA (same semantics). The pool's stacks are used at
     their full rank: past each adapter's rank they hold zeros, and slicing them to the step's
     rank would make them non-contiguous, which the kernel cannot read."""
-    starts, counts = plan.lora_start.tolist(), plan.lora_count.tolist()
-    if not starts:
+    num_segments, rows, indptr, slots = _segments(plan, x.device)
+    if not num_segments:
         return
-    device = x.device
-    rows = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)]).to(device)
-    indptr = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int64, device=device)
-    slots = plan.lora_slots.to(device)
     xs = x.index_select(0, rows).contiguous()
-    gemm = _segment_gemm(device)
+    gemm = _segment_gemm(x.device)
     for m in mods.modules:
         # lora_A's and lora_B's outputs in the weights' dtype, as in PEFT
-        h = gemm.run(xs, m.a, len(starts), True, seg_indptr=indptr, weight_indices=slots)
-        delta = gemm.run(h, m.b, len(starts), True, seg_indptr=indptr, weight_indices=slots)
+        h = gemm.run(xs, m.a, num_segments, True, seg_indptr=indptr, weight_indices=slots)
+        delta = gemm.run(h, m.b, num_segments, True, seg_indptr=indptr, weight_indices=slots)
         y[:, m.column:m.column + m.width].index_add_(0, rows, delta)

@@ -43,6 +43,11 @@ class Projection(nn.Module):
             start += width
         raise KeyError(name)
 
+    def move_to(self, device: torch.device) -> None:
+        """Before pack(): weight and bias are plain attributes, which nn.Module.to() skips."""
+        self.weight = self.weight.to(device)
+        self.bias = None if self.bias is None else self.bias.to(device)
+
     def pack(self, int4: bool = False) -> None:
         """Switch to the GEMM-friendly weight layout once loading is done (int4: weight-only
         quantized, for a speculative draft); the plain copy is dropped when the packed one is

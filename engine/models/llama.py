@@ -142,6 +142,17 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
 
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def move_to(self, device: torch.device) -> None:
+        """Loaded weights to `device` (before pack_weights)."""
+        self.to(device)
+        for module in self.modules():
+            if isinstance(module, Projection):
+                module.move_to(device)
+
     def pack_weights(self, int4: bool = False) -> None:
         """Called once after loading: every projection (and the head) to its fast layout;
         int4 quantizes the projections (weight-only), for a model whose outputs are only

@@ -45,8 +45,8 @@ def _checkpoint_tensors(model_dir: Path):
                 yield name, st.get_tensor(name)
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int,
-               int4: bool = False) -> tuple[LlamaForCausalLM, object]:
+def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, int4: bool = False,
+               device: torch.device | str = "cpu") -> tuple[LlamaForCausalLM, object]:
     model_dir = Path(model_dir)
     hf_config = load_hf_config(model_dir)
     arch = ModelArchConfig.from_hf(hf_config)
@@ -91,5 +91,7 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int,
     expected += arch.num_layers * (3 * arch.qkv_bias + arch.o_bias + 3 * arch.mlp_bias)
     if len(loaded) != expected:
         raise ModelConfigError(f"checkpoint in {model_dir} holds {len(loaded)} of the {expected} tensors the model needs")
+    if torch.device(device).type != "cpu":  # read on the host, then moved once
+        model.move_to(torch.device(device))
     model.pack_weights(int4)
     return model, hf_config

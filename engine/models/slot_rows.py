@@ -42,8 +42,9 @@ class SlotRowTerms:
         if weights.magnitudes and weights.dora_scales is None:  # once per adapter version
             weights.dora_scales = dora_scales(self.model, weights)
         scales, shifts = weights.dora_scales or {}, weights.lora_biases
+        device = self.model.device
         for proj in self.projections:
-            s, t = torch.ones(proj.out_features), torch.zeros(proj.out_features)
+            s, t = torch.ones(proj.out_features), torch.zeros(proj.out_features)  # host, like the adapter's tensors
             for name in proj.output_slices:
                 cols = slice(*proj.slice_range(name))
                 if (proj.layer_index, name) in scales:
@@ -51,12 +52,12 @@ class SlotRowTerms:
                 if (proj.layer_index, name) in shifts:
                     t[cols] = shifts[(proj.layer_index, name)]
             if proj.bias is not None:  # y*s + b*(1-s): the base bias is not rescaled
-                t += proj.bias.float() * (1 - s)
+                t += proj.bias.float().cpu() * (1 - s)
             # Each table is made with the first adapter that needs it (none: nothing to apply).
             if proj.row_scale is None and not s.eq(1).all():
-                proj.row_scale = torch.ones(self.num_slots + 1, proj.out_features, dtype=self.model.dtype)
+                proj.row_scale = torch.ones(self.num_slots + 1, proj.out_features, dtype=self.model.dtype, device=device)
             if proj.row_shift is None and t.any():
-                proj.row_shift = torch.zeros(self.num_slots + 1, proj.out_features, dtype=self.model.dtype)
+                proj.row_shift = torch.zeros(self.num_slots + 1, proj.out_features, dtype=self.model.dtype, device=device)
             if proj.row_scale is not None:
                 proj.row_scale[slot] = s
             if proj.row_shift is not None:
@@ -69,9 +70,9 @@ def dora_scales(model, weights) -> dict[tuple[int, str], torch.Tensor]:
     for (layer, name), magnitude in weights.magnitudes.items():
         proj = _projection_of(model.layers[layer], name)
         start, end = proj.slice_range(name)
-        a, b = weights.modules[(layer, name)]  # fp32; b scaled
-        wa = dense_linear(a.to(model.dtype), proj.packed, None).float()[:, start:end]  # (W A^T)^T
-        norm_sq = proj.row_norms_sq[start:end] + 2 * (b * wa.T).sum(1) + ((b @ (a @ a.T)) * b).sum(1)
+        a, b = weights.modules[(layer, name)]  # fp32, on the host; b scaled
+        wa = dense_linear(a.to(model.device, model.dtype), proj.packed, None).float()[:, start:end].cpu()  # (W A^T)^T
+        norm_sq = proj.row_norms_sq[start:end].cpu() + 2 * (b * wa.T).sum(1) + ((b @ (a @ a.T)) * b).sum(1)
         scales[(layer, name)] = magnitude / norm_sq.clamp_min(torch.finfo(torch.float32).tiny).sqrt()
     return scales
 

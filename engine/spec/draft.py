@@ -19,7 +19,6 @@ import torch
 
 from loragate.kernels.spec_sampling import sampling_probs
 
-from ..batch import build_batch
 from ..errors import ModelConfigError
 from ..kv_cache import KVCacheManager
 from ..model_runner import ModelRunner
@@ -44,8 +43,9 @@ class DraftModelProposer:
     wants_hidden_states = False
 
     def __init__(self, model_dir: Path, dtype: torch.dtype, max_model_len: int, num_blocks: int, block_size: int,
-                 max_tokens_per_forward: int, head_size: int = 0, int4: bool = False):
-        self.model, _ = load_model(model_dir, dtype, max_model_len, int4=int4)
+                 max_tokens_per_forward: int, head_size: int = 0, int4: bool = False,
+                 device: torch.device | str = "cpu"):
+        self.model, _ = load_model(model_dir, dtype, max_model_len, int4=int4, device=device)
         self.head = DraftHead(self.model, head_size, int4)
         self.runner = ModelRunner(self.model, num_blocks, block_size)
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=True)
@@ -151,8 +151,7 @@ class DraftModelProposer:
     def _forward(self, step: list[tuple[int, Request, int]]) -> torch.Tensor:
         """One draft forward; returns the logits at each shadow's newest computed position."""
         scheduled = [(shadow, n) for _, shadow, n in step]
-        batch = build_batch(scheduled, self.block_size)
-        hidden = self.model(batch.input_ids, batch.positions, self.runner.kv_caches, batch)
+        _, hidden = self.runner.forward(scheduled)
         ends, pos = [], 0
         for _, n in scheduled:
             pos += n
@@ -163,7 +162,8 @@ class DraftModelProposer:
             # may be partly rolled back and rewritten, which must never touch a shared block.
             if shadow.num_computed_tokens <= shadow.num_prompt_tokens:
                 self.kv.cache_full_blocks(shadow)
-        return self.head.logits(hidden.index_select(0, torch.tensor(ends)), [s.request_id for s, _ in scheduled])
+        rows = hidden.index_select(0, torch.tensor(ends, device=hidden.device))
+        return self.head.logits(rows, [s.request_id for s, _ in scheduled])
 
     @staticmethod
     def _draw(req: Request, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:

@@ -36,20 +36,21 @@ class DraftHead:
         new = sorted({t for t in token_ids if t >= self.size} - set(ids))
         if new:
             ids = ids + new
-            self.extra[request_id] = (ids, self.weight[torch.tensor(ids)])
+            self.extra[request_id] = (ids, self.weight[torch.tensor(ids, device=self.weight.device)])
 
     def forget(self, request_id: str) -> None:
         self.extra.pop(request_id, None)
 
     def logits(self, hidden: torch.Tensor, request_ids: list[str]) -> torch.Tensor:
-        """hidden [n, h] -> fp32 logits [n, vocab], -inf outside each request's subset."""
+        """hidden [n, h] -> fp32 logits [n, vocab] on the host (drafts are drawn there), -inf
+        outside each request's subset."""
         sub = dense_linear(hidden, self.packed, None).float()
         if self.size == self.vocab:
-            return sub
-        out = torch.full((hidden.shape[0], self.vocab), float("-inf"))
+            return sub.cpu()
+        out = torch.full((hidden.shape[0], self.vocab), float("-inf"), device=hidden.device)
         out[:, : self.size] = sub
         for row, rid in enumerate(request_ids):
             ids, rows = self.extra.get(rid, ([], None))
             if ids:
-                out[row, torch.tensor(ids)] = (hidden[row] @ rows.T).float()
-        return out
+                out[row, torch.tensor(ids, device=hidden.device)] = (hidden[row] @ rows.T).float()
+        return out.cpu()

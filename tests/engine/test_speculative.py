@@ -127,7 +127,8 @@ def test_draft_weights_quantized_or_not_output_is_plain_decodings(tiny_llama, dr
                                draft_model=str(draft_dir), draft_quantization=quantization))
     draft = llm.engine.speculator.proposer
     packed = [m.packed for m in draft.model.modules() if hasattr(m, "packed")] + [draft.head.packed]
-    assert all(isinstance(p, Int4Weight) == (quantization == "int4" and int4_available()) for p in packed)
+    assert all(isinstance(p, Int4Weight) == (quantization == "int4" and int4_available(draft.model.device))
+               for p in packed)
     assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in plain]
     stats = llm.engine.speculator.stats
     assert stats.num_proposed > 50 and stats.num_accepted > 0
@@ -324,8 +325,8 @@ def test_draft_head_over_part_of_the_vocabulary(tiny_llama, draft_dir):
 
     head = DraftHead(proposer.model, 100)
     head.add_tokens("r", [5, 300, 301])
-    hidden = torch.randn(1, proposer.model.config.hidden_size)
-    full = proposer.model.compute_logits(hidden)
+    hidden = torch.randn(1, proposer.model.config.hidden_size, device=proposer.model.device)
+    full = proposer.model.compute_logits(hidden).cpu()
     got = head.logits(hidden, ["r"])
     keep = list(range(100)) + [300, 301]
     assert torch.allclose(got[0, keep], full[0, keep], atol=1e-5)
