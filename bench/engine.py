@@ -1,12 +1,13 @@
 """Engine vs Hugging Face transformers `generate`, side by side in one process.
 
-    python bench/engine.py [--model smollm2-135m-instruct]
+    python bench/engine.py [--model smollm2-135m-instruct] [--device auto|cpu|cuda]
 
 (a) batch-1 greedy decode tok/s (bf16; fp32 too, for the dtype default);
 (b) 16 concurrent requests, prompts 32-512 and outputs 32-256 tokens: useful output tok/s
     (HF: one static left-padded batch that runs to the longest output);
 (c) time to first token of a request whose 512-token prefix is in the prefix cache vs not.
-Prints each figure and the ratio to its target. Run it on an otherwise idle machine.
+Prints each figure and the ratio to its target. Both systems run on --device (HF's model is
+moved there). Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -53,12 +54,12 @@ def ours_decode(engine: LLMEngine, prompt, n_out: int) -> float:
 
 
 def hf_decode(hf, prompt, n_out: int) -> float:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=hf.device)
     hf.generate(ids, max_new_tokens=4, do_sample=False)
     best = 0.0
     for _ in range(2):
         t0 = time.perf_counter()
-        hf.generate(ids, max_new_tokens=n_out, min_new_tokens=n_out, do_sample=False)
+        hf.generate(ids, max_new_tokens=n_out, min_new_tokens=n_out, do_sample=False).tolist()
         best = max(best, n_out / (time.perf_counter() - t0))
     return best
 
@@ -66,12 +67,12 @@ def hf_decode(hf, prompt, n_out: int) -> float:
 def hf_static_batch(hf, tokenizer, prompts, out_lens) -> float:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=hf.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(out_lens), min_new_tokens=max(out_lens),
-                    do_sample=False, pad_token_id=pad)
+                    do_sample=False, pad_token_id=pad).tolist()
     return sum(out_lens) / (time.perf_counter() - t0)
 
 
@@ -88,16 +89,17 @@ def main() -> None:
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--skip-fp32", action="store_true", help="skip the fp32 comparison runs")
+    ap.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one), cpu or cuda")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
     model_dir = resolve_model(args.model)
     rows: list[tuple[str, float, float, float]] = []  # (what, ours, baseline, target ratio)
-    engine = LLMEngine(EngineConfig(model=str(model_dir), dtype="bfloat16"))
+    engine = LLMEngine(EngineConfig(model=str(model_dir), dtype="bfloat16", device=args.device))
     tok = engine.tokenizer
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval().to(engine.device)
     torch.set_num_threads(engine.config.num_threads or torch.get_num_threads())
-    print(f"threads: {torch.get_num_threads()}")
+    print(f"device: {engine.device}, threads: {torch.get_num_threads()}")
 
     prompt = token_pool(tok, 64)
     ours_a = ours_decode(engine, prompt, args.decode_tokens)
@@ -128,7 +130,7 @@ def main() -> None:
 
     if not args.skip_fp32:
         del hf
-        e32 = LLMEngine(EngineConfig(model=str(model_dir), dtype="float32"), progress=False)
+        e32 = LLMEngine(EngineConfig(model=str(model_dir), dtype="float32", device=args.device), progress=False)
         f32_a = ours_decode(e32, prompt, args.decode_tokens)
         dt, _ = run_to_completion(e32, prompts, params)
         print(f"dtype: batch-1 decode bf16 {ours_a:.1f} vs fp32 {f32_a:.1f} tok/s; "

@@ -1,6 +1,6 @@
 """Multi-LoRA throughput: loragate's mixed-adapter batches vs peft, side by side in one run.
 
-    python bench/multi_lora.py [--requests 32] [--max-tokens 128]
+    python bench/multi_lora.py [--requests 32] [--max-tokens 128] [--device auto|cpu|cuda]
 
 SmolLM2-135M-Instruct, bf16, N concurrent greedy requests. For rank-16 adapters on q,k,v,o
 and again on all linear layers, prints output tok/s for: all base; all one adapter; 8
@@ -68,29 +68,29 @@ def run_engine(engine: LLMEngine, prompts, adapters, max_tokens: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def peft_baselines(model_dir, dirs, prompts, adapters, max_tokens, tokenizer) -> tuple[float, float]:
+def peft_baselines(model_dir, dirs, prompts, adapters, max_tokens, tokenizer, device) -> tuple[float, float]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device)
     names = sorted(set(adapters))
     model = PeftModel.from_pretrained(base, dirs[int(names[0][1:])], adapter_name=names[0])
     for n in names[1:]:
         model.load_adapter(dirs[int(n[1:])], adapter_name=n)
     model.eval()
-    ids = torch.tensor(prompts)  # equal lengths: no padding needed
+    ids = torch.tensor(prompts, device=device)  # equal lengths: no padding needed
     kw = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
               pad_token_id=tokenizer.eos_token_id)
     mask = torch.ones_like(ids)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=mask, adapter_names=list(adapters), **kw)
+        model.generate(input_ids=ids, attention_mask=mask, adapter_names=list(adapters), **kw).tolist()
         mixed = len(prompts) * max_tokens / (time.perf_counter() - t0)
         t0 = time.perf_counter()
         for n in names:
             rows = [i for i, a in enumerate(adapters) if a == n]
             model.set_adapter(n)
-            model.generate(input_ids=ids[rows], attention_mask=mask[rows], **kw)
+            model.generate(input_ids=ids[rows], attention_mask=mask[rows], **kw).tolist()
         serial = len(prompts) * max_tokens / (time.perf_counter() - t0)
     return mixed, serial
 
@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--skip-peft", action="store_true", help="skip the (slow) peft baselines")
+    ap.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one), cpu or cuda; peft runs there too")
     args = ap.parse_args()
     model_dir = resolve_model(args.model)
     n = args.requests
@@ -108,14 +109,14 @@ def main() -> None:
     # No prefix caching: every run repeats the same prompts, and cached prefills would favour
     # whichever mix ran before with the same adapter (peft recomputes its prefill every time).
     engine = LLMEngine(EngineConfig(model=str(model_dir), max_loras=n, max_lora_rank=16, max_num_seqs=n,
-                                    enable_prefix_caching=False))
+                                    enable_prefix_caching=False, device=args.device))
     tok = engine.tokenizer
     prompts = prompts_for(tok, n)
     base_bytes = sum(p.numel() * p.element_size() for p in (engine.model.embed_tokens.weight,))  # tied head
     base_bytes += sum(m.in_features * m.out_features * 2 for m in engine.model.modules() if isinstance(m, Projection))
 
-    no_lora = LLMEngine(EngineConfig(model=str(model_dir), max_loras=0, max_num_seqs=n, enable_prefix_caching=False),
-                        progress=False)
+    no_lora = LLMEngine(EngineConfig(model=str(model_dir), max_loras=0, max_num_seqs=n, enable_prefix_caching=False,
+                                     device=args.device), progress=False)
     for e in (no_lora, engine):
         run_engine(e, prompts[:4], [None] * 4, 8)  # warm-up
     # Interleaved, best of three: the two engines see the same machine state.
@@ -153,7 +154,8 @@ def main() -> None:
             print(f"{kind:4s} {mix:12s} {tps:7.1f} tok/s  vs one {tps / one:.3f}  bound {bound:.3f}  "
                   f"of bound {tps / one / bound:.3f}", flush=True)
         if not args.skip_peft and kind == "attn":
-            mixed, serial = peft_baselines(model_dir, dirs, prompts, mixes["8 distinct"], args.max_tokens, tok)
+            mixed, serial = peft_baselines(model_dir, dirs, prompts, mixes["8 distinct"], args.max_tokens, tok,
+                                           engine.device)
             ours8 = next(r[2] for r in rows if r[0] == kind and r[1] == "8 distinct")
             print(f"peft 8 distinct: mixed-batch {mixed:.1f} tok/s, set_adapter one at a time {serial:.1f} tok/s; "
                   f"ours / peft mixed = {ours8 / mixed:.2f}x (target >= 5x), ours / set_adapter = {ours8 / serial:.2f}x",
