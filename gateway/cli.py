@@ -162,6 +162,8 @@ GATEWAY_HELP = {
     "batch_max_lines": "batch API: most request lines in one input file",
     "response_retention_days": "Responses API: days a completed response stays stored for previous_response_id and "
                                "GET /v1/responses/{id} (0: none is stored)",
+    "response_store_max_bytes_per_tenant": "Responses API: most bytes one tenant's stored responses may hold, e.g. "
+                                           "512MiB; beyond it the tenant's oldest are deleted (0: no limit)",
 }
 
 

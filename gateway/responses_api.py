@@ -44,6 +44,7 @@ async def response_store_service(app, state):
     unless --response-retention-days is 0. One that cannot open leaves the rest up: responses
     are then not stored (`store: false` in them), and previous_response_id and
     /v1/responses/{id} answer 503."""
+    from loragate.engine.config import parse_bytes
     from loragate.engine.models.prepare import loragate_home
 
     from .settings import GatewaySettings
@@ -53,7 +54,10 @@ async def response_store_service(app, state):
     state.response_retention_days = days
     if days > 0:
         try:
-            state.response_store = await asyncio.to_thread(ResponseStore, loragate_home() / "responses", days)
+            state.response_store = await asyncio.to_thread(
+                ResponseStore, loragate_home() / "responses", days,
+                parse_bytes(getattr(settings, "response_store_max_bytes_per_tenant",
+                                    GatewaySettings.response_store_max_bytes_per_tenant)))
         except (OSError, sqlite3.Error) as e:
             log.error("stored responses unavailable: cannot open their store under %s: %s",
                       loragate_home() / "responses", e)

@@ -41,6 +41,8 @@ class GatewaySettings:
     # Responses API: days a completed response stays stored (for previous_response_id and
     # GET /v1/responses/{id}); 0 stores none (every response says store: false).
     response_retention_days: int = 30
+    # ... and the most bytes one tenant's stored responses may hold: beyond it its oldest go.
+    response_store_max_bytes_per_tenant: int | str = "1GiB"
     # Roles: "all" (one process), "engine" (the same server, behind a router), "router" (no
     # model: proxies to engines by adapter affinity, see gateway/router.py).
     role: str = "all"
@@ -66,6 +68,8 @@ class GatewaySettings:
         for name in ("batch_max_concurrency", "batch_max_lines"):
             if getattr(self, name) < 1:
                 raise ModelConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.response_store_max_bytes_per_tenant = parse_bytes(self.response_store_max_bytes_per_tenant,
+                                                               "response_store_max_bytes_per_tenant")
         if self.response_retention_days < 0:
             raise ModelConfigError("response_retention_days must be >= 0 (0: responses are not stored)")
         self._check_router_settings()

@@ -5,6 +5,7 @@ stored state, then structured output and function calls on SmolLM2."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import jsonschema
@@ -192,6 +193,7 @@ def test_the_response_store_keeps_rows_across_opens_and_prunes_old_ones(tmp_path
                    "response TEXT NOT NULL, conversation TEXT NOT NULL)")
         db.execute("INSERT INTO responses VALUES ('resp_0', 'a', 1000, '{}', '[]')")
     store = ResponseStore(tmp_path, retention_days=2)
+    assert store.tenant_bytes("a") == len('{}') + len('[]') + len('[]')  # sizes filled in for old rows
     assert store.get("resp_0").input_items == [] and store.delete("resp_0")
     store.put("a", {"id": "resp_1", "created_at": 1000}, [{"role": "user", "content": "x"}])
     store.close()
@@ -200,6 +202,44 @@ def test_the_response_store_keeps_rows_across_opens_and_prunes_old_ones(tmp_path
     assert (stored.tenant, stored.response["id"], stored.conversation) == ("a", "resp_1", [{"role": "user", "content": "x"}])
     assert store.prune(now=1000 + 2 * DAY_S - 1) == 0 and store.prune(now=1000 + 2 * DAY_S + 1) == 1
     assert store.get("resp_1") is None and not store.delete("resp_1")
+
+
+def test_a_tenant_over_its_byte_cap_loses_its_oldest_responses_and_no_one_elses(tmp_path):
+    from loragate.gateway.response_store import ResponseStore
+
+    store = ResponseStore(tmp_path, max_bytes_per_tenant=3000)
+    now = int(time.time())  # within the retention: a put also prunes expired rows
+
+    def put(tenant, i, size=1000):
+        response = {"id": f"resp_{tenant}{i}", "created_at": now + i}
+        conversation = [{"role": "user", "content": "x" * (size - 80)}]
+        store.put(tenant, response, conversation)
+
+    put("b", 0)
+    for i in range(6):
+        put("a", i)
+        assert store.tenant_bytes("a") <= 3000
+    kept = [i for i in range(6) if store.get(f"resp_a{i}")]
+    assert kept == [4, 5] or kept == [3, 4, 5]  # the newest ones, as many as fit
+    assert store.get("resp_b0") is not None  # another tenant's row is not touched
+    put("a", 6, size=5000)  # larger than the cap alone: kept, and the tenant's others make room
+    assert [i for i in range(7) if store.get(f"resp_a{i}")] == [6]
+    assert store.get("resp_b0") is not None
+    store.close()
+    store = ResponseStore(tmp_path)  # no cap (0): nothing is evicted
+    for i in range(7, 10):
+        put("a", i)
+    assert all(store.get(f"resp_a{i}") for i in range(6, 10))
+
+
+def test_the_response_store_cap_is_a_size_setting():
+    from loragate.engine.errors import ModelConfigError
+    from loragate.gateway.settings import GatewaySettings
+
+    assert GatewaySettings(response_store_max_bytes_per_tenant="512MiB").response_store_max_bytes_per_tenant == 512 << 20
+    assert GatewaySettings().response_store_max_bytes_per_tenant == 1 << 30
+    with pytest.raises(ModelConfigError, match="response_store_max_bytes_per_tenant"):
+        GatewaySettings(response_store_max_bytes_per_tenant="lots")
 
 
 def test_truncation_auto_drops_the_oldest_items_to_fit_the_context(server):
