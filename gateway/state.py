@@ -98,11 +98,18 @@ class ServerState:
             model = name
         if self.registry is None:
             raise AdapterNotFoundError(f"model {model!r} does not exist", "model")
+        engine = self.engine.engine
+
+        def fetch():  # off the event loop: disk or S3, then the engine's own work on the adapter
+            info, weights = self.registry.weights(principal.tenant, model)
+            if info.key not in engine.adapters:
+                engine.prepare_adapter_weights(weights)
+            return info, weights
+
         try:
-            info, weights = await asyncio.to_thread(self.registry.weights, principal.tenant, model)
+            info, weights = await asyncio.to_thread(fetch)
         except KeyError:  # AdapterNotFound: also for another tenant's adapter
             raise AdapterNotFoundError(f"model {model!r} does not exist", "model") from None
-        engine = self.engine.engine
         if info.key not in engine.adapters:
             engine.add_adapter_weights(info.key, weights)
         self.engine_adapters[info.key] = None

@@ -38,9 +38,16 @@ class SlotRowTerms:
         self.projections = [p for layer in model.layers
                             for p in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
 
-    def write(self, slot: int, weights) -> None:
-        if weights.magnitudes and weights.dora_scales is None:  # once per adapter version
+    @torch.no_grad()
+    def prepare(self, weights) -> None:
+        """DoRA's s for an adapter's LoraWeights, once per adapter version (and engine: it
+        depends on the base weights). LLMEngine.prepare_adapter_weights runs it outside the
+        engine's loop; `write` does it otherwise."""
+        if weights.magnitudes and weights.dora_scales is None:
             weights.dora_scales = dora_scales(self.model, weights)
+
+    def write(self, slot: int, weights) -> None:
+        self.prepare(weights)
         scales, shifts = weights.dora_scales or {}, weights.lora_biases
         device = self.model.device
         for proj in self.projections:

@@ -53,6 +53,26 @@ def test_dora_is_not_plain_lora_here(tiny_model, dora_dirs):
     assert out[-1].token_ids != dora_tokens
 
 
+def test_an_adapter_prepared_beforehand_loads_without_computing_its_scales(tiny_model, dora_dirs, monkeypatch):
+    """prepare_adapter_weights (the gateway calls it from a worker thread) leaves the slot load,
+    in the engine's loop, nothing to compute; the answer is peft's all the same."""
+    from loragate.adapters.loader import load_adapter
+    from loragate.engine.models import slot_rows
+
+    engine = LLMEngine(EngineConfig(model=str(tiny_model), dtype="float32"), progress=False)
+    weights = load_adapter(dora_dirs["dora-mlp-r16"], engine.model.config, 64)
+    engine.prepare_adapter_weights(weights)
+    assert weights.dora_scales
+    monkeypatch.setattr(slot_rows, "dora_scales", lambda *a: pytest.fail("DoRA scales computed at slot load"))
+    engine.add_adapter_weights("d", weights)
+    prompt = [5, 6, 7, 8, 9]
+    engine.add_request(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), adapter="d")
+    out = []
+    while engine.has_unfinished:
+        out += engine.step()
+    assert out[-1].token_ids == peft_greedy(tiny_model, dora_dirs["dora-mlp-r16"], prompt, 8)[0]
+
+
 def test_a_slot_passed_between_adapters_with_and_without_row_terms_matches_peft(tiny_model, dora_dirs):
     """One slot: each adapter evicts the previous one, so a plain LoRA lands where a DoRA
     adapter's scales (or a lora_bias adapter's shifts) were and the other way round."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -63,7 +64,13 @@ def test_upload_then_inference_matches_peft(server, peft_adapter, tiny_llama):
     assert "sql" in [m["id"] for m in models["data"]]
 
 
-def test_a_dora_adapter_uploads_and_answers_as_peft_does(server, tiny_llama, tmp_path, save_lora):
+def test_a_dora_adapter_uploads_and_answers_as_peft_does(server, tiny_llama, tmp_path, save_lora, monkeypatch):
+    """...and its DoRA scales are computed in a worker thread, not in the engine's loop, where
+    every running request would wait for them."""
+    from loragate.engine.models import slot_rows
+
+    threads, real = [], slot_rows.dora_scales
+    monkeypatch.setattr(slot_rows, "dora_scales", lambda *a: threads.append(threading.current_thread().name) or real(*a))
     dora = save_lora(tiny_llama, tmp_path / "dora", 0.3, seed=4, r=8, lora_alpha=16, use_dora=True,
                      target_modules=["q_proj", "v_proj", "down_proj"])
     r = upload(server, "dora", files_of(dora))
@@ -74,6 +81,7 @@ def test_a_dora_adapter_uploads_and_answers_as_peft_does(server, tiny_llama, tmp
     ref = PeftModel.from_pretrained(base, dora).generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8,
                                                          do_sample=False)[0, len(ids):]
     assert out["choices"][0]["text"] == server.state.engine.tokenizer.decode(ref.tolist(), skip_special_tokens=True)
+    assert threads and "loragate-engine" not in threads
 
 
 def test_tenant_isolation(server, peft_adapter):
