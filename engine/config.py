@@ -114,6 +114,9 @@ class EngineConfig:
 
     @property
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        """The device with its index (cuda: the current GPU), so kernels can be launched on it."""
+        device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if self.device == "auto" else self.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device

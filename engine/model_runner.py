@@ -57,7 +57,12 @@ class ModelRunner:
         """Build the step's batch (on the host, moved to the model's device) and run the model
         over it: returns the batch and the final hidden states [num_tokens, hidden]."""
         batch = build_batch(scheduled, self.block_size, lora_pool=self.lora_pool).to(self.device)
-        return batch, self.model(batch.input_ids, batch.positions, self.kv_caches, batch)
+        if self.device.type != "cuda":
+            return batch, self.model(batch.input_ids, batch.positions, self.kv_caches, batch)
+        # torch ops follow their tensors' device, but flashinfer launches on the calling
+        # thread's current device, which is GPU 0 in a new thread (the engine's loop)
+        with torch.cuda.device(self.device):
+            return batch, self.model(batch.input_ids, batch.positions, self.kv_caches, batch)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Request, int]]) -> StepOutput:
