@@ -73,6 +73,11 @@ class LLMEngine:
             self.lora_pool = LoraSlotPool(self.model.config, config.max_loras, config.max_lora_rank,
                                           config.torch_dtype, config.max_cpu_loras, row_terms=self.row_terms,
                                           device=self.device)
+            if self.device.type == "cuda":
+                from loragate.kernels import lora_cuda
+
+                with torch.cuda.device(self.device):
+                    lora_cuda.warm_up(self.device, config.torch_dtype)
         # Adapters may be added or removed from any thread (AsyncEngine callers) while the
         # loop thread reads them: entries are replaced whole under this lock.
         self.adapters: dict[str, tuple[int, object]] = {}  # name -> (version, LoraWeights)

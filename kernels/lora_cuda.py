@@ -67,3 +67,19 @@ def add_lora_modules(y: torch.Tensor, x: torch.Tensor, mods, plan) -> None:
         h = gemm.run(xs, m.a, num_segments, True, seg_indptr=indptr, weight_indices=slots)
         delta = gemm.run(h, m.b, num_segments, True, seg_indptr=indptr, weight_indices=slots)
         y[:, m.column:m.column + m.width].index_add_(0, rows, delta)
+
+
+def warm_up(device: torch.device, dtype: torch.dtype) -> bool:
+    """Run the segment GEMM once on tiny inputs where the engine will use it, so flashinfer
+    compiles it (JIT, on first use on a machine; then cached under ~/.cache/flashinfer) while
+    the engine starts rather than in its first LoRA request. False where it is not used."""
+    from .lora import LoraModule, LoraModules, plan_segments
+
+    a = torch.zeros(1, 16, 64, dtype=dtype, device=device)
+    mods = LoraModules([LoraModule(0, a, torch.zeros(1, 16, 16, dtype=dtype, device=device))])
+    x = torch.zeros(2, 64, dtype=dtype, device=device)
+    if not usable(x, mods):
+        return False
+    add_lora_modules(torch.zeros(2, 16, dtype=dtype, device=device), x, mods, plan_segments([0, 2], [0]))
+    return True
+

@@ -137,3 +137,14 @@ def test_cuda_glue_feeds_the_segment_gemm_what_its_documentation_asks(monkeypatc
                                    atol=1e-4, rtol=1e-4)
     untouched = [c for c in range(y.shape[1]) if not any(m.column <= c < m.column + m.width for m in mods.modules)]
     assert torch.equal(y[:, untouched], before[:, untouched])
+
+
+def test_warm_up_runs_the_segment_gemm_once_where_it_is_used(monkeypatch):
+    """The engine calls it at start-up on CUDA, so flashinfer's JIT compile happens there."""
+    fake = FakeSegmentGEMM(None)
+    monkeypatch.setattr(lora_cuda, "_segment_gemm", lambda device: fake)
+    assert not lora_cuda.warm_up(torch.device("cpu"), torch.bfloat16)  # not a CUDA tensor: not used
+    monkeypatch.setattr(lora_cuda, "usable", lambda x, mods: True)
+    monkeypatch.setattr(lora_cuda, "_flashinfer", lambda: type("flashinfer", (), {"SegmentGEMMWrapper": None}))
+    assert lora_cuda.warm_up(torch.device("cpu"), torch.float32) and fake.calls == 2
+
