@@ -118,3 +118,41 @@ def test_speculative_decoding_on_the_gpu_is_lossless(tiny_model, adapter_dirs, s
     spec = run(tiny_model, adapter_dirs, "cuda", "float32", speculative=speculative, **draft)
     for i, (p, s) in enumerate(zip(plain[:-1], spec[:-1])):  # greedy ones
         assert p[0] == s[0], f"request {i} diverged under {speculative} speculation"
+
+
+def test_a_step_batch_moves_every_index_tensor_it_holds(tiny_llama, save_lora, tmp_path, monkeypatch):
+    """Runs everywhere: BatchMetadata.to() onto torch's 'meta' device leaves no tensor behind on
+    the host but the LoRA plan (which the kernels copy once per step themselves), for the batches
+    of a run with decodes, a chunked prefill and a DoRA adapter's per-row scales."""
+    from loragate.engine import model_runner
+    from loragate.kernels.lora import LoraPlan
+
+    batches = []
+    real = model_runner.build_batch
+    monkeypatch.setattr(model_runner, "build_batch", lambda *a, **k: batches.append(real(*a, **k)) or batches[-1])
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama), device="cpu", dtype="float32", max_num_batched_tokens=64),
+                       progress=False)
+    engine.add_adapter("d", save_lora(tiny_llama, tmp_path / "d", 0.3, seed=1, r=4, lora_alpha=8, use_dora=True,
+                                      target_modules=["q_proj", "down_proj"]))
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    engine.add_request(list(range(3, 103)), params, adapter="d")
+    engine.add_request([5, 6, 7], params, adapter="d")
+    while engine.has_unfinished:
+        engine.step()
+
+    def host_tensors(value, path):
+        if isinstance(value, torch.Tensor):
+            return [path] if value.device.type != "meta" else []
+        if isinstance(value, LoraPlan) or not hasattr(value, "__dataclass_fields__"):
+            return [path] if isinstance(value, list) and any(isinstance(v, torch.Tensor) for v in value) else []
+        return [p for name in value.__dataclass_fields__ for p in host_tensors(getattr(value, name), f"{path}.{name}")]
+
+    seen = set()
+    for batch in batches:
+        moved = batch.to(torch.device("meta"))
+        assert host_tensors(moved, "batch") == []
+        assert all(host_tensors(s, "span") == [] for s in moved.attention.prefill_spans)
+        seen |= {"context_slots"} if any(s.context_slots is not None for s in batch.attention.prefill_spans) else set()
+        seen |= {"row_term_slots"} if batch.lora is not None and batch.lora.row_term_slots is not None else set()
+        seen |= {"block_table"} if batch.attention.block_table is not None else set()
+    assert seen == {"context_slots", "row_term_slots", "block_table"}  # the run reached every kind
