@@ -1,7 +1,8 @@
 """The engine on a CUDA GPU (EngineConfig.device) against the same engine on the CPU: model,
 paged KV cache with prefix hits and chunked prefill, LoRA slots (the torch path in fp32,
 flashinfer's segment GEMM in bf16), DoRA and lora_bias row terms, speculative decoding.
-Skips without a CUDA GPU. Where there is one, the rest of the suite runs on it too (device
+Those skip without a CUDA GPU; the device setting and the batch's move to a device are
+checked everywhere. Where there is a GPU, the rest of the suite runs on it too (device
 'auto'), against peft and transformers on the CPU."""
 
 from __future__ import annotations
