@@ -3,19 +3,24 @@ one shrink and one expand per module over all of a step's LoRA segments, each se
 its own adapter's weights (`weight_indices` = the segments' pool slots).
 
 flashinfer is imported here only, on first use, so CPU installs never need it (the `cuda`
-extra installs it). Without it, CUDA tensors take the torch path of kernels/lora.py.
+extra installs it). Without it, CUDA tensors take the torch path of kernels/lora.py. So they
+do where flashinfer cannot build the kernel: it compiles it on first use on a machine (JIT,
+cached under ~/.cache/flashinfer), which needs nvcc and a GPU its kernels support.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import logging
 
 import torch
 
 # flashinfer's recommended float workspace for the CUTLASS segment GEMM kernels.
 WORKSPACE_BYTES = 128 << 20
 DTYPES = (torch.float16, torch.bfloat16)
+
+log = logging.getLogger("loragate.kernels")
 
 
 @functools.cache
@@ -29,10 +34,29 @@ def _flashinfer():
 
 def usable(x: torch.Tensor, mods) -> bool:
     """CUDA tensors of a dtype the kernels take, stacks laid out as the kernel reads them
-    (contiguous: slot s's [d_out, d_in] matrix at s * d_out * d_in), flashinfer installed."""
+    (contiguous: slot s's [d_out, d_in] matrix at s * d_out * d_in), flashinfer installed and
+    its kernel built."""
     return (x.device.type == "cuda" and x.dtype in DTYPES and bool(mods.modules) and _flashinfer() is not None
             and all(m.a.is_contiguous() and m.b.is_contiguous() and m.a.dtype == m.b.dtype == x.dtype
-                    and m.a.device == m.b.device == x.device for m in mods.modules))
+                    and m.a.device == m.b.device == x.device for m in mods.modules)
+            and _runs_on(x.device, x.dtype))
+
+
+@functools.cache
+def _runs_on(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the segment GEMM runs here: one tiny product, which also makes flashinfer
+    compile it. If that fails, LoRA takes the torch path, with one warning."""
+    x = torch.zeros(2, 64, dtype=dtype, device=device)
+    weights = torch.zeros(1, 16, 64, dtype=dtype, device=device)
+    indptr = torch.tensor([0, 2], dtype=torch.int64, device=device)
+    try:
+        _segment_gemm(device).run(x, weights, 1, True, seg_indptr=indptr,
+                                  weight_indices=torch.zeros(1, dtype=torch.int64, device=device))
+    except Exception as e:  # a failed JIT build surfaces as whatever the build tooling raised
+        log.warning("flashinfer's segment GEMM does not run on %s (%s: %s); LoRA takes the torch path there",
+                    device, type(e).__name__, e)
+        return False
+    return True
 
 
 @functools.cache
@@ -70,16 +94,7 @@ def add_lora_modules(y: torch.Tensor, x: torch.Tensor, mods, plan) -> None:
 
 
 def warm_up(device: torch.device, dtype: torch.dtype) -> bool:
-    """Run the segment GEMM once on tiny inputs where the engine will use it, so flashinfer
-    compiles it (JIT, on first use on a machine; then cached under ~/.cache/flashinfer) while
-    the engine starts rather than in its first LoRA request. False where it is not used."""
-    from .lora import LoraModule, LoraModules, plan_segments
-
-    a = torch.zeros(1, 16, 64, dtype=dtype, device=device)
-    mods = LoraModules([LoraModule(0, a, torch.zeros(1, 16, 16, dtype=dtype, device=device))])
-    x = torch.zeros(2, 64, dtype=dtype, device=device)
-    if not usable(x, mods):
-        return False
-    add_lora_modules(torch.zeros(2, 16, dtype=dtype, device=device), x, mods, plan_segments([0, 2], [0]))
-    return True
-
+    """Build and try the segment GEMM where the engine will use it, so flashinfer's JIT compile
+    happens while the engine starts rather than in its first LoRA request. False where it is
+    not used (CPU, fp32, no flashinfer, or it failed to build)."""
+    return device.type == "cuda" and dtype in DTYPES and _flashinfer() is not None and _runs_on(device, dtype)

@@ -139,12 +139,23 @@ def test_cuda_glue_feeds_the_segment_gemm_what_its_documentation_asks(monkeypatc
     assert torch.equal(y[:, untouched], before[:, untouched])
 
 
-def test_warm_up_runs_the_segment_gemm_once_where_it_is_used(monkeypatch):
-    """The engine calls it at start-up on CUDA, so flashinfer's JIT compile happens there."""
+def test_the_segment_gemm_is_tried_once_and_a_failed_build_leaves_lora_on_the_torch_path(monkeypatch, caplog):
+    """The engine warms it up at start-up on CUDA, so flashinfer's JIT compile happens there; a
+    build that fails (no nvcc in the image, say) gives one warning, not failing requests."""
     fake = FakeSegmentGEMM(None)
     monkeypatch.setattr(lora_cuda, "_segment_gemm", lambda device: fake)
-    assert not lora_cuda.warm_up(torch.device("cpu"), torch.bfloat16)  # not a CUDA tensor: not used
-    monkeypatch.setattr(lora_cuda, "usable", lambda x, mods: True)
-    monkeypatch.setattr(lora_cuda, "_flashinfer", lambda: type("flashinfer", (), {"SegmentGEMMWrapper": None}))
-    assert lora_cuda.warm_up(torch.device("cpu"), torch.float32) and fake.calls == 2
+    assert not lora_cuda.warm_up(torch.device("cpu"), torch.bfloat16)  # not CUDA: not used, not tried
+    assert fake.calls == 0
+    lora_cuda._runs_on.cache_clear()
+    assert lora_cuda._runs_on(torch.device("cpu"), torch.float32) and fake.calls == 1
+    assert lora_cuda._runs_on(torch.device("cpu"), torch.float32) and fake.calls == 1  # once per device and dtype
 
+    def failing_build(*args, **kwargs):
+        raise RuntimeError("ninja: build stopped: nvcc not found")
+
+    monkeypatch.setattr(fake, "run", failing_build)
+    lora_cuda._runs_on.cache_clear()
+    with caplog.at_level("WARNING", logger="loragate.kernels"):
+        assert not lora_cuda._runs_on(torch.device("cpu"), torch.float32)
+    assert "nvcc not found" in caplog.text and "torch path" in caplog.text
+    lora_cuda._runs_on.cache_clear()
