@@ -140,8 +140,9 @@ def _lora_batch(scheduled: list[tuple[Request, int]], pool) -> LoraBatch:
             slot_ids.append(req.lora_slot)
             indptr.append(indptr[-1] + num_new)
     used = [s for s in slot_ids if s >= 0]
-    batch = LoraBatch(plan_segments(indptr, slot_ids), pool, pool.max_rank_of(used), pool.modules_of(used))
     with_terms = [s >= 0 and pool.slot_row_terms[s] for s in slot_ids]
+    plan = plan_segments(indptr, slot_ids, frozenset(s for s, terms in zip(slot_ids, with_terms) if terms))
+    batch = LoraBatch(plan, pool, pool.max_rank_of(used), pool.modules_of(used))
     batch.row_terms = [(indptr[i], indptr[i + 1], s) for i, s in enumerate(slot_ids) if with_terms[i]]
     if batch.row_terms and indptr[-1] <= SHORT_SEGMENT:
         rows = [s if with_terms[i] else pool.num_slots for i, s in enumerate(slot_ids)

@@ -65,6 +65,12 @@ class LoraPlan:
     lora_start: torch.Tensor  # [L] every LoRA segment, short or long: first batch row
     lora_count: torch.Tensor  # [L] its rows
     lora_slots: torch.Tensor  # [L] its slot
+    # Row terms (DoRA, lora_bias: engine/models/slot_rows.py): per LoRA segment and per short
+    # one, the row of the projection's term tables (its slot), -1 for none; and whether a long
+    # segment has them (the non-AMX kernel leaves long segments to torch, terms and all).
+    lora_term_row: torch.Tensor | None = None
+    short_term_row: torch.Tensor | None = None
+    long_terms: bool = False
     # What a device's kernels made of this plan (its tensors copied there): a plan is built on
     # the host once per step and used by every projection of every layer.
     device_copies: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -87,7 +93,8 @@ class LoraPlan:
         return bool(self.long_segments) or self.short_rows.numel() > 0
 
 
-def plan_segments(seg_indptr: list[int], slot_ids: list[int]) -> LoraPlan:
+def plan_segments(seg_indptr: list[int], slot_ids: list[int], term_slots=frozenset()) -> LoraPlan:
+    """term_slots: the slots whose adapters add row terms."""
     short_slots, rows, seg, pos, longs, starts, counts = [], [], [], [], [], [], []
     short_len = 0
     for i, slot in enumerate(slot_ids):
@@ -108,8 +115,13 @@ def plan_segments(seg_indptr: list[int], slot_ids: list[int]) -> LoraPlan:
     t = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
     lora = [(seg_indptr[i], seg_indptr[i + 1] - seg_indptr[i], slot) for i, slot in enumerate(slot_ids)
             if slot >= 0 and seg_indptr[i + 1] > seg_indptr[i]]
-    return LoraPlan(t(seg_indptr), t(slot_ids), t(short_slots), t(rows), t(seg), t(pos), short_len, t(starts),
+    plan = LoraPlan(t(seg_indptr), t(slot_ids), t(short_slots), t(rows), t(seg), t(pos), short_len, t(starts),
                     t(counts), longs, *(t([seg[k] for seg in lora]) for k in range(3)))
+    if term_slots:
+        plan.lora_term_row = t([s if s in term_slots else -1 for _, _, s in lora])
+        plan.short_term_row = t([s if s in term_slots else -1 for s in short_slots])
+        plan.long_terms = any(s in term_slots for _, _, s in longs)
+    return plan
 
 
 @dataclass(frozen=True)
@@ -150,31 +162,44 @@ class LoraModules:
 
 
 def add_lora_modules(y: torch.Tensor, x: torch.Tensor, mods: LoraModules, plan: LoraPlan, rank: int,
-                     native: bool = True) -> None:
+                     native: bool = True, row_scale: torch.Tensor | None = None,
+                     row_shift: torch.Tensor | None = None) -> bool:
     """y[:, m.column:m.column + m.width] += LoRA of module m, for every module, in place (the
     semantics of lora_expand(lora_shrink(...)) per module). Only the first `rank` rank positions
     are used: the step's largest rank. On CPU with the native kernels built, the short
     segments of all modules take one native call (csrc/lora.c), with the long ones too on AMX;
-    on CUDA, flashinfer's segment GEMM does all segments (kernels/lora_cuda.py)."""
+    on CUDA, flashinfer's segment GEMM does all segments (kernels/lora_cuda.py).
+
+    row_scale / row_shift: the projection's per-slot row terms [slots + 1, y's width] (see
+    engine/models/slot_rows.py). The native kernels apply them as they add (y = y * s + t on the
+    rows of plan's segments with terms) where they take every such segment; returns whether
+    they did, else the caller applies them."""
+    terms = plan.lora_term_row is not None and (row_scale is not None or row_shift is not None)
     if x.device.type == "cuda":
         if native and _lora_cuda.usable(x, mods):
             _lora_cuda.add_lora_modules(y, x, mods, plan)
-            return
+            return False
         plan = plan.on(x.device)  # the torch path below, with its index tensors on the GPU
     native = (native and mods.native_ok and x.dtype == y.dtype == mods.dtype and x.stride(1) == 1
-              and y.stride(1) == 1 and rank <= _native.MAX_LORA_RANK and x.device.type == "cpu")
+              and y.stride(1) == 1 and rank <= _native.MAX_LORA_RANK and x.device.type == "cpu"
+              and all(t is None or (t.dtype == y.dtype and t.stride(1) == 1) for t in (row_scale, row_shift)))
     if native and mods.amx:
         if plan.lora_slots.numel():
-            _native.lora_add(y, x, mods.table, rank, plan.lora_start, plan.lora_count, plan.lora_slots, amx=True)
-        return
+            _native.lora_add(y, x, mods.table, rank, plan.lora_start, plan.lora_count, plan.lora_slots, amx=True,
+                             row_scale=row_scale if terms else None, row_shift=row_shift if terms else None,
+                             seg_term_row=plan.lora_term_row if terms else None)
+        return terms
     for s, e, slot in plan.long_segments:
         for m in mods.modules:
             y[s:e, m.column:m.column + m.width] += (x[s:e] @ m.a[slot, :rank].T) @ m.b[slot, :, :rank].T
     if plan.short_rows.numel() == 0:
-        return
+        return False
     if native:
-        _native.lora_add(y, x, mods.table, rank, plan.short_start, plan.short_count, plan.short_slots, amx=False)
-        return
+        fold = terms and not plan.long_terms
+        _native.lora_add(y, x, mods.table, rank, plan.short_start, plan.short_count, plan.short_slots, amx=False,
+                         row_scale=row_scale if fold else None, row_shift=row_shift if fold else None,
+                         seg_term_row=plan.short_term_row if fold else None)
+        return fold
     num = plan.short_slots.shape[0]
     xp = x.new_zeros(num, plan.short_len, x.shape[1])
     xp[plan.short_seg, plan.short_pos] = x.index_select(0, plan.short_rows)
@@ -182,6 +207,7 @@ def add_lora_modules(y: torch.Tensor, x: torch.Tensor, mods: LoraModules, plan: 
         a, b = m.a[:, :rank].index_select(0, plan.short_slots), m.b[:, :, :rank].index_select(0, plan.short_slots)
         d = torch.bmm(torch.bmm(xp, a.transpose(1, 2)), b.transpose(1, 2))  # [S, L, out]
         y[:, m.column:m.column + m.width].index_add_(0, plan.short_rows, d[plan.short_seg, plan.short_pos])
+    return False
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, plan: LoraPlan,

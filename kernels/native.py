@@ -84,7 +84,7 @@ def library() -> ctypes.CDLL | None:
             "rms_norm": [ptr, ptr, ptr, ptr, i64, i32, f32, i32, i32],
             "rope_write_kv": [ptr, i64, i64, ptr, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, i32, i32, i32],
             "silu_mul": [ptr, ptr, i64, i32, i32, i32],
-            "lora_add": [ptr, i64, i32, ptr, i64, i32, ptr, i32, i32, ptr, ptr, ptr, i32, i32, i32],
+            "lora_add": [ptr, i64, i32, ptr, i64, i32, ptr, i32, i32, ptr, ptr, ptr, ptr, ptr, i64, ptr, i32, i32, i32],
             "argmax_rows": [ptr, i64, i64, i64, i32, ptr, i32],
             "apply_token_bitmask": [ptr, i64, i64, i64, ptr, i64],
             "amx_init": [],
@@ -187,14 +187,20 @@ _DTYPES = (torch.bfloat16, torch.float32)
 
 
 def lora_add(y: torch.Tensor, x: torch.Tensor, table: torch.Tensor, rank: int, seg_start: torch.Tensor,
-             seg_len: torch.Tensor, seg_slot: torch.Tensor, amx: bool) -> None:
+             seg_len: torch.Tensor, seg_slot: torch.Tensor, amx: bool, row_scale: torch.Tensor | None = None,
+             row_shift: torch.Tensor | None = None, seg_term_row: torch.Tensor | None = None) -> None:
     """y [T, *] (row stride allowed) += LoRA of the given segments (slot >= 0) for every module
     of `table` (int64 [modules, 7], see kernels.lora.LoraModules and csrc/lora.c): with the AMX
     kernel (bf16, shapes it fits; segments of any length) or the AVX-512 / plain one (segments
-    of at most 64 rows)."""
+    of at most 64 rows). With seg_term_row (a row of the [rows, y's width] tables row_scale and
+    row_shift per segment, -1: none), the modules' columns of those segments' rows then become
+    y * s + t (csrc/lora.h, struct row_terms)."""
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    stride = next((t.stride(0) for t in (row_scale, row_shift) if t is not None), 0)
     _check(library().lora_add(x.data_ptr(), x.stride(0), x.shape[1], y.data_ptr(), y.stride(0), table.shape[0],
                               table.data_ptr(), rank, seg_slot.shape[0], seg_start.data_ptr(), seg_len.data_ptr(),
-                              seg_slot.data_ptr(), int(x.dtype == torch.bfloat16), int(amx), torch.get_num_threads()),
+                              seg_slot.data_ptr(), ptr(row_scale), ptr(row_shift), stride, ptr(seg_term_row),
+                              int(x.dtype == torch.bfloat16), int(amx), torch.get_num_threads()),
            "lora_add")
 
 

@@ -72,8 +72,9 @@ class Projection(nn.Module):
         if lora is not None:
             mods = self.lora_modules(lora.pool, lora.modules)
             if mods.modules:
-                add_lora_modules(y, x, mods, lora.plan, lora.rank, batch.use_native_kernels)
-                if lora.row_terms:
+                folded = add_lora_modules(y, x, mods, lora.plan, lora.rank, batch.use_native_kernels,
+                                          self.row_scale, self.row_shift)
+                if lora.row_terms and not folded:
                     apply_row_terms(y, self, lora)
         return y
 

@@ -12,9 +12,11 @@
 
 `SlotRowTerms` keeps each slot's s and t on every projection ([slots + 1, out], model dtype,
 fused like the weight: q|k|v, gate|up; a table no adapter has needed yet is None); the last
-row (s = 1, t = 0) stands for the rows of other adapters and of the base model. A step adds the LoRA term as for any adapter, then
-`apply_row_terms` rescales and shifts the rows of those slots' segments: in a decode step one
-gathered multiply (and add) per projection, in a prefill step one per segment.
+row (s = 1, t = 0) stands for the rows of other adapters and of the base model. The native
+LoRA kernels apply a segment's s and t as they add its LoRA term (kernels/lora.py,
+add_lora_modules); where they do not take every such segment, `apply_row_terms` rescales
+and shifts those rows afterwards: in a decode step one gathered multiply (and add) per
+projection, in a prefill step one per segment.
 """
 
 from __future__ import annotations

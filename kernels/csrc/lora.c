@@ -11,6 +11,8 @@
  *   B  [slots, out, R]  element (s, o, r) at s*b_slot_stride + o*b_row_stride + r
  * Segment i covers rows seg_start[i] .. seg_start[i] + seg_len[i] with pool slot seg_slot[i].
  * Only the first `rank` (<= R) rank positions are read: the step's largest adapter rank.
+ * Segments whose adapters have row terms (DoRA, lora_bias) end as (y + delta) * s + t on the
+ * modules' columns, applied in the same pass (struct row_terms, lora.h).
  *
  * Two implementations: AMX tiles (bf16, any segment length: lora_amx.c), and here, per module,
  * AVX-512 / plain loops for fp32, CPUs without AMX and shapes the tiles do not fit (segments
@@ -56,16 +58,19 @@ static inline float shrink_dot_bf16(const uint16_t *x, const uint16_t *a, int in
 /* y[t][o0 .. o0+n) += round(h_t . B_o) for n <= 16 outputs and the segment's rows t: each
  * output's dot product over the rank in one lane, 16 of them folded together by sum16. With
  * rank <= 16 the block of B is converted once and kept in registers for all rows. */
-static inline void add_delta(const __m512 *part, int n, uint16_t *yrow) {
+static inline void add_delta(const __m512 *part, int n, uint16_t *yrow, const uint16_t *s, const uint16_t *sh) {
     const __mmask16 out_mask = n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1);
     /* lora_B's output is rounded to the weights' dtype, as in PEFT, then added to y and rounded */
     const __m512 delta = bf16x16_to_f32((__m256i)_mm512_cvtneps_pbh(sum16((__m512 *)part)));
     const __m512 yv = bf16x16_to_f32(_mm256_maskz_loadu_epi16(out_mask, yrow));
-    _mm256_mask_storeu_epi16(yrow, out_mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(yv, delta)));
+    __m512 v = _mm512_add_ps(yv, delta);
+    if (s) v = _mm512_mul_ps(v, bf16x16_to_f32(_mm256_maskz_loadu_epi16(out_mask, s)));  /* row terms */
+    if (sh) v = _mm512_add_ps(v, bf16x16_to_f32(_mm256_maskz_loadu_epi16(out_mask, sh)));
+    _mm256_mask_storeu_epi16(yrow, out_mask, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
 static void expand_16_bf16(const float *h, int rank, int rows, const uint16_t *b, int64_t b_row_stride, int n,
-                           uint16_t *y, int64_t y_stride) {
+                           uint16_t *y, int64_t y_stride, const uint16_t *s, const uint16_t *sh) {
     __m512 part[16];
     if (rank <= 16) {
         const __mmask16 m = (__mmask16)((1u << rank) - 1);
@@ -75,7 +80,7 @@ static void expand_16_bf16(const float *h, int rank, int rows, const uint16_t *b
         for (int t = 0; t < rows; t++) {
             const __m512 hv = _mm512_maskz_loadu_ps(m, h + (size_t)t * rank);
             for (int o = 0; o < 16; o++) part[o] = _mm512_mul_ps(hv, bo[o]);
-            add_delta(part, n, y + t * y_stride);
+            add_delta(part, n, y + t * y_stride, s, sh);
         }
         return;
     }
@@ -88,16 +93,17 @@ static void expand_16_bf16(const float *h, int rank, int rows, const uint16_t *b
                 part[o] = _mm512_fmadd_ps(hv, bf16x16_to_f32(_mm256_maskz_loadu_epi16(m, b + o * b_row_stride + r0)),
                                           part[o]);
         }
-        add_delta(part, n, y + t * y_stride);
+        add_delta(part, n, y + t * y_stride, s, sh);
     }
 }
 #endif
 
-/* One module, with AVX-512 (bf16) or plain loops: the path without AMX, and for fp32. */
+/* One module, with AVX-512 (bf16) or plain loops: the path without AMX, and for fp32. y points
+ * at the module's first column, y_col of the projection (where its row terms start). */
 static int lora_add_module(const void *x, int64_t x_stride, int in, void *y, int64_t y_stride, int out, const void *a,
                            int64_t a_slot_stride, const void *b, int64_t b_slot_stride, int64_t b_row_stride, int rank,
                            int num_segments, const int64_t *seg_start, const int64_t *seg_len, const int64_t *seg_slot,
-                           int is_bf16, int num_threads) {
+                           const struct row_terms *rt, int64_t y_col, int is_bf16, int num_threads) {
     const size_t es = is_bf16 ? 2 : 4;
     /* Rows of all segments packed: segment i's token t is packed row off[i] + t. */
     int64_t *off = malloc(sizeof(int64_t) * (num_segments + 1));
@@ -129,7 +135,9 @@ static int lora_add_module(const void *x, int64_t x_stride, int in, void *y, int
                 const int i = task / blocks, o0 = (task % blocks) * 16, n = out - o0 < 16 ? out - o0 : 16;
                 const uint16_t *bs = bb + (size_t)seg_slot[i] * b_slot_stride + (size_t)o0 * b_row_stride;
                 expand_16_bf16(h + (size_t)off[i] * rank, rank, (int)seg_len[i], bs, b_row_stride, n,
-                               yb + seg_start[i] * y_stride + o0, y_stride);
+                               yb + seg_start[i] * y_stride + o0, y_stride,
+                               term_at(rt, rt ? rt->scale : NULL, i, y_col + o0, 2),
+                               term_at(rt, rt ? rt->shift : NULL, i, y_col + o0, 2));
             }
         }
         status = 0;
@@ -158,6 +166,11 @@ static int lora_add_module(const void *x, int64_t x_stride, int in, void *y, int
         /* B's 64 x rank block transposed to [rank][64], so each token's expand is rank
          * 64-wide vector FMAs instead of 64 short dot products. */
         float bt[MAX_RANK][64], row[MAX_RANK + ROW_PAD], yo[64 + ROW_PAD], delta[64 + ROW_PAD];
+        float sv[64 + ROW_PAD], tv[64 + ROW_PAD];  /* the segment's row terms for these outputs */
+        const void *s = term_at(rt, rt ? rt->scale : NULL, i, y_col + o0, es);
+        const void *sh = term_at(rt, rt ? rt->shift : NULL, i, y_col + o0, es);
+        if (s) load_row(sv, s, n, is_bf16);
+        if (sh) load_row(tv, sh, n, is_bf16);
         for (int o = 0; o < 64; o++) {
             if (o < n) load_row(row, bs + (size_t)(o0 + o) * b_row_stride * es, rank, is_bf16);
             for (int r = 0; r < rank; r++) bt[r][o] = o < n ? row[r] : 0.f;
@@ -175,6 +188,10 @@ static int lora_add_module(const void *x, int64_t x_stride, int in, void *y, int
             load_row(yo, yrow, n, is_bf16);
 #pragma omp simd
             for (int o = 0; o < n; o++) yo[o] += delta[o];
+            if (s)
+                for (int o = 0; o < n; o++) yo[o] *= sv[o];
+            if (sh)
+                for (int o = 0; o < n; o++) yo[o] += tv[o];
             store_row(yrow, yo, n, is_bf16);
         }
     }
@@ -188,7 +205,8 @@ done:
 
 int lora_add(const void *x, int64_t x_stride, int in, void *y, int64_t y_stride, int num_modules,
              const int64_t *table, int rank, int num_segments, const int64_t *seg_start, const int64_t *seg_len,
-             const int64_t *seg_slot, int is_bf16, int use_amx, int num_threads) {
+             const int64_t *seg_slot, const void *row_scale, const void *row_shift, int64_t term_stride,
+             const int64_t *seg_term_row, int is_bf16, int use_amx, int num_threads) {
     if (rank > MAX_RANK || in > MAX_IN || rank < 1 || in < 1) return -1;
     int longest = 0;
     for (int i = 0; i < num_segments; i++) {
@@ -196,9 +214,11 @@ int lora_add(const void *x, int64_t x_stride, int in, void *y, int64_t y_stride,
         if (seg_len[i] > longest) longest = (int)seg_len[i];
     }
     const struct lora_module *mods = (const struct lora_module *)table;
+    const struct row_terms terms = {row_scale, row_shift, term_stride, seg_term_row};
+    const struct row_terms *rt = seg_term_row && (row_scale || row_shift) ? &terms : NULL;
     if (use_amx) /* the caller's choice (kernels/lora.py, LoraModules.amx); -1 where it cannot run */
         return is_bf16 ? lora_group_amx(x, x_stride, in, y, y_stride, num_modules, mods, rank, num_segments,
-                                        seg_start, seg_len, seg_slot, num_threads)
+                                        seg_start, seg_len, seg_slot, rt, num_threads)
                        : -1;
     if (longest > MAX_SEG_ROWS) return -1; /* the AMX path takes any length, this one short segments */
     const size_t es = is_bf16 ? 2 : 4;
@@ -206,7 +226,7 @@ int lora_add(const void *x, int64_t x_stride, int in, void *y, int64_t y_stride,
         if (lora_add_module(x, x_stride, in, (char *)y + mods[m].y_col * es, y_stride, (int)mods[m].out,
                             (const void *)mods[m].a, mods[m].a_slot_stride, (const void *)mods[m].b,
                             mods[m].b_slot_stride, mods[m].b_row_stride, rank, num_segments, seg_start, seg_len,
-                            seg_slot, is_bf16, num_threads) != 0)
+                            seg_slot, rt, mods[m].y_col, is_bf16, num_threads) != 0)
             return -1;
     return 0;
 }

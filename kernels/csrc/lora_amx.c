@@ -72,14 +72,19 @@ static inline void b_pairs(const uint16_t *b, int64_t b_row_stride, int nout, in
     for (int k = 0; k < 16; k++) _mm512_store_si512(bt + 16 * k, r[k]);
 }
 
-/* y rows (n tokens, 16 outputs from y0, nout valid) += the delta in c [16][16], rounded first. */
-static inline void add_tile(const float *c, int n, uint16_t *y0, int64_t y_stride, int nout) {
+/* y rows (n tokens, 16 outputs from y0, nout valid) += the delta in c [16][16], rounded first;
+ * then * s + t where given (the outputs' row terms). */
+static inline void add_tile(const float *c, int n, uint16_t *y0, int64_t y_stride, int nout, const uint16_t *s,
+                            const uint16_t *sh) {
     const __mmask16 om = (__mmask16)((1u << nout) - 1);
+    const __m512 sv = s ? bf16x16_to_f32(_mm256_maskz_loadu_epi16(om, s)) : _mm512_set1_ps(1.f);
+    const __m512 tv = sh ? bf16x16_to_f32(_mm256_maskz_loadu_epi16(om, sh)) : _mm512_setzero_ps();
     for (int t = 0; t < n; t++) {
         uint16_t *yrow = y0 + t * y_stride;
         const __m512 delta = bf16x16_to_f32((__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(c + 16 * t)));
         const __m512 yv = bf16x16_to_f32(_mm256_maskz_loadu_epi16(om, yrow));
-        _mm256_mask_storeu_epi16(yrow, om, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(yv, delta)));
+        const __m512 v = _mm512_add_ps(yv, delta);
+        _mm256_mask_storeu_epi16(yrow, om, (__m256i)_mm512_cvtneps_pbh(s || sh ? _mm512_fmadd_ps(v, sv, tv) : v));
     }
 }
 
@@ -96,7 +101,8 @@ static inline void store_h(const float *c, int n, uint16_t *h, int kp, int r0) {
 /* One block of n <= 16 tokens of one segment (x rows from x0, y rows from y0), every module. */
 static void lora_block_amx(const uint16_t *x0, int64_t x_stride, int in, int n, uint16_t *y0, int64_t y_stride,
                            int num_modules, const struct lora_module *mods, int64_t slot, int re, uint32_t *xt,
-                           uint16_t *h, float *c0, float *c1, uint32_t *bt0, uint32_t *bt1) {
+                           uint16_t *h, float *c0, float *c1, uint32_t *bt0, uint32_t *bt1,
+                           const struct row_terms *rt, int64_t seg) {
     const int kblocks = in / 32, rank_tiles = (re + 15) / 16, kp = (re + 31) & ~31;
     /* x^T: word k of token t at xt[k * 16 + t]; tokens past n are zero */
     for (int wb = 0; wb < in / 32; wb++) {
@@ -149,6 +155,10 @@ static void lora_block_amx(const uint16_t *x0, int64_t x_stride, int in, int n, 
         const uint16_t *bs = (const uint16_t *)mods[m].b + slot * mods[m].b_slot_stride;
         const uint16_t *hm = h + (int64_t)m * 16 * kp;
         uint16_t *ym = y0 + mods[m].y_col;
+        /* this segment's row terms for the module's outputs (NULL: none) */
+        const uint16_t *sm = term_at(rt, rt ? rt->scale : NULL, seg, mods[m].y_col, 2);
+        const uint16_t *tm = term_at(rt, rt ? rt->shift : NULL, seg, mods[m].y_col, 2);
+#define TERMS(ob) (sm ? sm + (ob) * 16 : NULL), (tm ? tm + (ob) * 16 : NULL)
         if (kp == 32) {
             _tile_loadd(7, hm, kp * 2);
             int ob = 0;
@@ -164,8 +174,8 @@ static void lora_block_amx(const uint16_t *x0, int64_t x_stride, int in, int n, 
                 _tile_dpbf16ps(1, 7, 5);
                 _tile_stored(0, c0, 64);
                 _tile_stored(1, c1, 64);
-                add_tile(c0, n, ym + ob * 16, y_stride, 16);
-                add_tile(c1, n, ym + (ob + 1) * 16, y_stride, n1);
+                add_tile(c0, n, ym + ob * 16, y_stride, 16, TERMS(ob));
+                add_tile(c1, n, ym + (ob + 1) * 16, y_stride, n1, TERMS(ob + 1));
             }
             if (ob < obs) {
                 const int n0 = out - ob * 16 < 16 ? out - ob * 16 : 16;
@@ -174,7 +184,7 @@ static void lora_block_amx(const uint16_t *x0, int64_t x_stride, int in, int n, 
                 _tile_zero(0);
                 _tile_dpbf16ps(0, 7, 4);
                 _tile_stored(0, c0, 64);
-                add_tile(c0, n, ym + ob * 16, y_stride, n0);
+                add_tile(c0, n, ym + ob * 16, y_stride, n0, TERMS(ob));
             }
         } else {
             for (int ob = 0; ob < obs; ob++) {
@@ -187,9 +197,10 @@ static void lora_block_amx(const uint16_t *x0, int64_t x_stride, int in, int n, 
                     _tile_dpbf16ps(0, 7, 4);
                 }
                 _tile_stored(0, c0, 64);
-                add_tile(c0, n, ym + ob * 16, y_stride, n0);
+                add_tile(c0, n, ym + ob * 16, y_stride, n0, TERMS(ob));
             }
         }
+#undef TERMS
     }
 }
 
@@ -198,7 +209,7 @@ static void lora_block_amx(const uint16_t *x0, int64_t x_stride, int in, int n, 
  * cores costs more than a tile product). */
 int lora_group_amx(const void *xv, int64_t x_stride, int in, void *yv, int64_t y_stride, int num_modules,
                    const struct lora_module *mods, int rank, int num_segments, const int64_t *seg_start,
-                   const int64_t *seg_len, const int64_t *seg_slot, int num_threads) {
+                   const int64_t *seg_len, const int64_t *seg_slot, const struct row_terms *rt, int num_threads) {
     const uint16_t *x = xv;
     uint16_t *y = yv;
     /* 16-rank tiles and whole bf16 pairs must stay inside each slot's rows */
@@ -238,7 +249,7 @@ int lora_group_amx(const void *xv, int64_t x_stride, int in, void *yv, int64_t y
             const int64_t i = blk[2 * b], t0 = blk[2 * b + 1];
             const int n = seg_len[i] - t0 < 16 ? (int)(seg_len[i] - t0) : 16;
             lora_block_amx(x + (seg_start[i] + t0) * x_stride, x_stride, in, n, y + (seg_start[i] + t0) * y_stride,
-                           y_stride, num_modules, mods, seg_slot[i], re, xt, h, c0, c1, bt0, bt1);
+                           y_stride, num_modules, mods, seg_slot[i], re, xt, h, c0, c1, bt0, bt1, rt, i);
         }
         _tile_release();
     }
@@ -249,9 +260,9 @@ int lora_group_amx(const void *xv, int64_t x_stride, int in, void *yv, int64_t y
 #else
 int lora_group_amx(const void *x, int64_t x_stride, int in, void *y, int64_t y_stride, int num_modules,
                    const struct lora_module *mods, int rank, int num_segments, const int64_t *seg_start,
-                   const int64_t *seg_len, const int64_t *seg_slot, int num_threads) {
+                   const int64_t *seg_len, const int64_t *seg_slot, const struct row_terms *rt, int num_threads) {
     (void)x; (void)x_stride; (void)in; (void)y; (void)y_stride; (void)num_modules; (void)mods; (void)rank;
-    (void)num_segments; (void)seg_start; (void)seg_len; (void)seg_slot; (void)num_threads;
+    (void)num_segments; (void)seg_start; (void)seg_len; (void)seg_slot; (void)rt; (void)num_threads;
     return -1;
 }
 #endif

@@ -153,6 +153,70 @@ def test_modules_of_a_projection_in_one_call_match_float64(in_features, widths, 
     assert torch.equal(y[:, :3], before[:, :3]) and torch.equal(y[:, column:], before[:, column:])
 
 
+@pytest.mark.parametrize("terms", ["scale", "shift", "both"])
+@pytest.mark.parametrize("path", ["native", "native-no-amx", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("in_features, widths, pool_rank, rank, lengths", GROUP_CASES[:4] + GROUP_CASES[5:6])
+def test_row_terms_are_applied_once_whichever_path_adds_the_lora(in_features, widths, pool_rank, rank, lengths, dtype,
+                                                                  path, terms):
+    """DoRA / lora_bias segments end as (y + lora) * s + t on the projection's LoRA columns. The
+    native kernels fold that into their add where they take every such segment (AMX: all;
+    the AVX-512 / plain kernel: short ones, unless a long segment has terms); otherwise
+    add_lora_modules says so and the caller applies them, as Projection.forward does."""
+    g = torch.Generator().manual_seed(in_features + rank + 7)
+    modules, column = [], 3
+    for width in widths:
+        a = torch.zeros(NUM_SLOTS, pool_rank, in_features, dtype=dtype)
+        b = torch.zeros(NUM_SLOTS, width, pool_rank, dtype=dtype)
+        a[:, :rank] = (torch.randn(NUM_SLOTS, rank, in_features, generator=g) * 0.2).to(dtype)
+        b[:, :, :rank] = (torch.randn(NUM_SLOTS, width, rank, generator=g) * 0.2).to(dtype)
+        modules.append(LoraModule(column, a, b))
+        column += width
+    indptr, seg_slots = [0], []
+    for i, n in enumerate(lengths):
+        seg_slots.append(-1 if i % 3 == 2 else (5 * i + 1) % NUM_SLOTS)
+        indptr.append(indptr[-1] + n)
+    term_slots = frozenset(s for i, s in enumerate(seg_slots) if s >= 0 and i % 2 == 0)
+    width = column + 5
+    # outside the LoRA columns a table is the identity (engine/models/slot_rows.py keeps it so)
+    scale, shift = torch.ones(NUM_SLOTS + 1, width), torch.zeros(NUM_SLOTS + 1, width)
+    scale[:, 3:column] = torch.rand(NUM_SLOTS + 1, column - 3, generator=g) + 0.5
+    shift[:, 3:column] = torch.randn(NUM_SLOTS + 1, column - 3, generator=g)
+    scale, shift = scale.to(dtype), shift.to(dtype)
+    row_scale = scale if terms in ("scale", "both") else None
+    row_shift = shift if terms in ("shift", "both") else None
+    x = torch.randn(indptr[-1], in_features, generator=g).to(dtype)
+    y = torch.randn(indptr[-1], width, generator=g).to(dtype)
+    before = y.clone()
+    mods = LoraModules(modules)
+    if path == "native-no-amx":
+        mods.amx = False
+    folded = add_lora_modules(y, x, mods, plan_segments(indptr, seg_slots, term_slots), rank, path != "torch",
+                              row_scale, row_shift)
+    if not folded:  # what the caller does then
+        for i, slot in enumerate(seg_slots):
+            if slot in term_slots:
+                rows = y[indptr[i]:indptr[i + 1]]
+                if row_scale is not None:
+                    rows.mul_(row_scale[slot])
+                if row_shift is not None:
+                    rows.add_(row_shift[slot])
+    if path != "torch" and mods.native_ok:
+        assert folded  # every segment is short, or AMX takes them all
+    if path == "torch":
+        assert not folded
+    want = before.double()
+    for m in modules:
+        want[:, m.column:m.column + m.width] += naive(x, m.a[:, :rank], m.b[:, :, :rank], indptr, seg_slots)
+    for i, slot in enumerate(seg_slots):
+        if slot in term_slots:
+            rows = slice(indptr[i], indptr[i + 1])
+            want[rows] = want[rows] * (scale[slot].double() if row_scale is not None else 1)
+            want[rows] += shift[slot].double() if row_shift is not None else 0
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=8e-2, rtol=4e-2)
+    torch.testing.assert_close(y.double(), want, **tol)
+
+
 @pytest.mark.parametrize("dtype, pool_rank, in_features", [(torch.float32, 16, 64), (torch.bfloat16, 8, 64),
                                                             (torch.bfloat16, 16, 48)])
 def test_amx_kernel_refuses_what_it_cannot_run(dtype, pool_rank, in_features):
