@@ -121,12 +121,11 @@ GROUP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("path", ["native", "native-no-amx", "torch"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("in_features, widths, pool_rank, rank, lengths", GROUP_CASES)
-def test_modules_of_a_projection_in_one_call_match_float64(in_features, widths, pool_rank, rank, lengths, dtype, path):
-    g = torch.Generator().manual_seed(in_features + pool_rank + rank)
-    modules, column = [], 3  # the modules' columns start inside y, not at 0
+def make_group(in_features, widths, pool_rank, rank, lengths, dtype, g):
+    """A projection's modules (their columns start inside y, not at 0) with random stacks, and
+    segments of the given lengths (slot -1 every third). Returns modules, the column after the
+    last module, indptr and the segments' slots."""
+    modules, column = [], 3
     for width in widths:
         a = torch.zeros(NUM_SLOTS, pool_rank, in_features, dtype=dtype)
         b = torch.zeros(NUM_SLOTS, width, pool_rank, dtype=dtype)
@@ -138,6 +137,15 @@ def test_modules_of_a_projection_in_one_call_match_float64(in_features, widths, 
     for i, n in enumerate(lengths):
         seg_slots.append(-1 if i % 3 == 2 else (5 * i + 1) % NUM_SLOTS)
         indptr.append(indptr[-1] + n)
+    return modules, column, indptr, seg_slots
+
+
+@pytest.mark.parametrize("path", ["native", "native-no-amx", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("in_features, widths, pool_rank, rank, lengths", GROUP_CASES)
+def test_modules_of_a_projection_in_one_call_match_float64(in_features, widths, pool_rank, rank, lengths, dtype, path):
+    g = torch.Generator().manual_seed(in_features + pool_rank + rank)
+    modules, column, indptr, seg_slots = make_group(in_features, widths, pool_rank, rank, lengths, dtype, g)
     x = torch.randn(indptr[-1], in_features, generator=g).to(dtype)
     y = torch.randn(indptr[-1], column + 5, generator=g).to(dtype)
     before = y.clone()
@@ -164,18 +172,7 @@ def test_row_terms_are_applied_once_whichever_path_adds_the_lora(in_features, wi
     the AVX-512 / plain kernel: short ones, unless a long segment has terms); otherwise
     add_lora_modules says so and the caller applies them, as Projection.forward does."""
     g = torch.Generator().manual_seed(in_features + rank + 7)
-    modules, column = [], 3
-    for width in widths:
-        a = torch.zeros(NUM_SLOTS, pool_rank, in_features, dtype=dtype)
-        b = torch.zeros(NUM_SLOTS, width, pool_rank, dtype=dtype)
-        a[:, :rank] = (torch.randn(NUM_SLOTS, rank, in_features, generator=g) * 0.2).to(dtype)
-        b[:, :, :rank] = (torch.randn(NUM_SLOTS, width, rank, generator=g) * 0.2).to(dtype)
-        modules.append(LoraModule(column, a, b))
-        column += width
-    indptr, seg_slots = [0], []
-    for i, n in enumerate(lengths):
-        seg_slots.append(-1 if i % 3 == 2 else (5 * i + 1) % NUM_SLOTS)
-        indptr.append(indptr[-1] + n)
+    modules, column, indptr, seg_slots = make_group(in_features, widths, pool_rank, rank, lengths, dtype, g)
     term_slots = frozenset(s for i, s in enumerate(seg_slots) if s >= 0 and i % 2 == 0)
     width = column + 5
     # outside the LoRA columns a table is the identity (engine/models/slot_rows.py keeps it so)
