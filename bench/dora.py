@@ -28,32 +28,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from multi_lora import TARGETS, prompts_for, run_engine  # noqa: E402
+from multi_lora import TARGETS, make_adapters, prompts_for, run_engine  # noqa: E402
 
 from loragate.adapters.loader import load_adapter  # noqa: E402
 from loragate.engine import AsyncEngine, EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from loragate.engine.models.prepare import DEFAULT_MODEL, resolve_model  # noqa: E402
-
-
-def make_dora_adapters(model_dir: Path, out: Path, count: int, rank: int = 16) -> list[Path]:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS["all"],
-                                            lora_dropout=0.0, use_dora=True))
-    dirs = []
-    for i in range(count):
-        torch.manual_seed(i)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_magnitude_vector" in name:
-                    p.mul_(torch.empty_like(p).uniform_(0.9, 1.1))
-                elif "lora_" in name:
-                    p.normal_(0, 0.02)
-        model.save_pretrained(out / f"d{i}")
-        dirs.append(out / f"d{i}")
-    return dirs
 
 
 def peft_one_adapter_at_a_time(model_dir, dirs, prompts, adapters, max_tokens, tokenizer) -> float:
@@ -120,7 +99,7 @@ def main() -> None:
     args = ap.parse_args()
     model_dir, gap_model = resolve_model(DEFAULT_MODEL), resolve_model(args.model)
     tmp = Path(tempfile.mkdtemp(prefix="loragate-dora-"))
-    dirs = make_dora_adapters(model_dir, tmp, args.adapters)
+    dirs = make_adapters(model_dir, tmp, TARGETS["all"], args.adapters, use_dora=True)
     config = EngineConfig(model=str(model_dir), max_loras=args.adapters, max_lora_rank=16,
                           max_num_seqs=args.requests, enable_prefix_caching=False)
     dora, plain = LLMEngine(config, progress=False), LLMEngine(config, progress=False)
@@ -153,7 +132,8 @@ def main() -> None:
     print(f"  DoRA row scales, once per adapter and engine: {scales_ms[-1]:.1f} ms "
           f"({scales_ms[0]:.1f} ms for the engine's first DoRA adapter)")
     del dora, plain
-    gap_dir = dirs[0] if gap_model == model_dir else make_dora_adapters(gap_model, tmp / "gap", 1)[0]
+    gap_dir = dirs[0] if gap_model == model_dir else make_adapters(gap_model, tmp / "gap", TARGETS["all"], 1,
+                                                                   use_dora=True)[0]
     in_loop = largest_stream_gap(gap_model, gap_dir, off_loop=False)
     off_loop = largest_stream_gap(gap_model, gap_dir, off_loop=True)
     print(f"  {args.model}: largest gap in a running stream when the engine's first DoRA adapter comes in: "

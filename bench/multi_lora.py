@@ -32,18 +32,23 @@ TARGETS = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
            "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
-def make_adapters(model_dir: Path, out: Path, targets: list[str], count: int, rank: int = 16) -> list[Path]:
+def make_adapters(model_dir: Path, out: Path, targets: list[str], count: int, rank: int = 16,
+                  use_dora: bool = False) -> list[Path]:
+    """`count` adapters saved by peft, random A and B (and, for DoRA, magnitudes scaled by 0.9-1.1)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0))
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0,
+                                            use_dora=use_dora))
     dirs = []
     for i in range(count):
         torch.manual_seed(i)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if "lora_" in name:
+                if "lora_magnitude_vector" in name:
+                    p.mul_(torch.empty_like(p).uniform_(0.9, 1.1))
+                elif "lora_" in name:
                     p.normal_(0, 0.02)
         model.save_pretrained(out / f"a{i}")
         dirs.append(out / f"a{i}")

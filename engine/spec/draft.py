@@ -49,7 +49,6 @@ class DraftModelProposer:
         self.head = DraftHead(self.model, head_size, int4)
         self.runner = ModelRunner(self.model, num_blocks, block_size)
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=True)
-        self.block_size = block_size
         self.max_tokens_per_forward = max_tokens_per_forward
         self.shadows: dict[str, Request] = {}
         self._synced: dict[str, int] = {}  # request id -> target length at the last sync
