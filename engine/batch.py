@@ -20,7 +20,7 @@ MAX_SHORT_QUERY = 16
 
 @dataclass
 class LoraBatch:
-    plan: LoraPlan
+    plan: LoraPlan | None
     pool: object  # adapters.pool.LoraSlotPool
     rank: int  # largest rank among this step's adapters: stacks are sliced to it
     modules: frozenset[str]  # modules some adapter of this step targets
@@ -28,6 +28,8 @@ class LoraBatch:
     # (first row, end row, slot); in a short batch also each row's slot, or num_slots for the others.
     row_terms: list[tuple[int, int, int]] = field(default_factory=list)
     row_term_slots: torch.Tensor | None = None
+    # A captured decode step (engine/cuda_graphs.py) has no plan: each row's slot (-1: none).
+    row_slots: torch.Tensor | None = None
 
 
 @dataclass

@@ -44,6 +44,9 @@ class EngineConfig:
     # bfloat16 is the default: on CPUs with AMX/AVX-512-BF16 it moves half the bytes of fp32
     # per decoded token, and decode is memory-bound (README's benchmark table).
     dtype: str = "bfloat16"
+    # On CUDA, decode steps replay CUDA graphs (engine/cuda_graphs.py): a small model's step is
+    # otherwise bound by kernel launches. False runs every step eagerly (vLLM: --enforce-eager).
+    cuda_graphs: bool = True
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped by the KV cache
     block_size: int = 16
     kv_cache_memory: int | str = "1GiB"

@@ -4,6 +4,7 @@ the K/V tensors but changes no request state: that is the scheduler's job."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,7 @@ from loragate.kernels.sampling import greedy, logprobs_of, sample
 from loragate.kernels.spec_sampling import accept_greedy, accept_sampled, sampling_probs
 
 from .batch import BatchMetadata, build_batch
+from .cuda_graphs import DecodeGraphs
 from .host_memory import zeros_on_huge_pages
 from .logits_processors import adjust_logits
 from .models.llama import LlamaForCausalLM
@@ -36,17 +38,24 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, lora_pool=None):
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, lora_pool=None,
+                 cuda_graph_batch: int = 0):
+        """cuda_graph_batch: on CUDA, decode steps of up to this many requests replay CUDA graphs
+        (engine/cuda_graphs.py); 0: every step runs eagerly."""
         self.model = model
         self.lora_pool = lora_pool
         self.block_size = block_size
         c = model.config
-        shape = (c.num_layers, 2, num_blocks, c.num_kv_heads, block_size, c.head_dim)
+        # One block more than the cache manager hands out: a captured step's padded rows use it.
+        shape = (c.num_layers, 2, num_blocks + 1, c.num_kv_heads, block_size, c.head_dim)
         self.device = model.device
         self.kv_cache = (zeros_on_huge_pages(shape, model.dtype) if self.device.type == "cpu"
                          else torch.zeros(shape, dtype=model.dtype, device=self.device))
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.num_layers)]
         self.expose_hidden_states = False
+        self.graphs = None
+        if cuda_graph_batch > 0 and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(model, self.kv_caches, block_size, num_blocks, cuda_graph_batch, lora_pool)
 
     @staticmethod
     def bytes_per_block(model: LlamaForCausalLM, block_size: int) -> int:
@@ -56,13 +65,21 @@ class ModelRunner:
     def forward(self, scheduled: list[tuple[Request, int]]) -> tuple[BatchMetadata, torch.Tensor]:
         """Build the step's batch (on the host, moved to the model's device) and run the model
         over it: returns the batch and the final hidden states [num_tokens, hidden]."""
-        batch = build_batch(scheduled, self.block_size, lora_pool=self.lora_pool).to(self.device)
+        batch = build_batch(scheduled, self.block_size, lora_pool=self.lora_pool)
         if self.device.type != "cuda":
-            return batch, self.model(batch.input_ids, batch.positions, self.kv_caches, batch)
+            return self._run(batch)
         # torch ops follow their tensors' device, but flashinfer launches on the calling
         # thread's current device, which is GPU 0 in a new thread (the engine's loop)
         with torch.cuda.device(self.device):
-            return batch, self.model(batch.input_ids, batch.positions, self.kv_caches, batch)
+            return self._run(batch)
+
+    def _run(self, batch: BatchMetadata) -> tuple[BatchMetadata, torch.Tensor]:
+        key = None if self.graphs is None else self.graphs.key(batch)
+        hidden = None if key is None else self.graphs.run(batch, key)
+        if hidden is not None:
+            return dataclasses.replace(batch, logits_indices=batch.logits_indices.to(self.device)), hidden
+        batch = batch.to(self.device)
+        return batch, self.model(batch.input_ids, batch.positions, self.kv_caches, batch)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Request, int]]) -> StepOutput:

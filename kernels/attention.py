@@ -97,8 +97,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             m, n = qs.shape[2], ks.shape[2]
             # Bottom-right aligned causal mask: the chunk's last query sees the whole context.
             mask = torch.ones(m, n, dtype=torch.bool, device=q.device).tril_(diagonal=n - m)
-            o = _sdpa(qs, ks, vs, attn_mask=mask, scale=scale,
-                                               enable_gqa=num_heads != num_kv_heads)
+            group = num_heads // num_kv_heads
+            if group > 1 and q.is_cuda:
+                # CUDA's kernels that take a mask do not take grouped heads: with enable_gqa,
+                # SDPA falls back to its math path, slower than recomputing the cached prefix.
+                ks, vs = ks.repeat_interleave(group, 1), vs.repeat_interleave(group, 1)
+            o = _sdpa(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=ks.shape[1] != num_heads)
         out[span.token_start:span.token_end] = o.squeeze(0).transpose(0, 1)
     return out
 
@@ -120,6 +124,22 @@ def _padded_plan(meta: AttentionMetadata, group: int) -> tuple:
         mask = mask.repeat(1, group, 1).unsqueeze(1)  # [B, 1, group*Q, C]
         meta._padded = (query_index, is_valid.view(-1).nonzero().squeeze(1), query_index[is_valid], context_slots, mask)
     return meta._padded
+
+
+def decode_metadata(slot_mapping: torch.Tensor, context_len: torch.Tensor, block_table: torch.Tensor,
+                    block_size: int) -> AttentionMetadata:
+    """The short batch's metadata for one new token per request, made without reading anything
+    back to the host: every shape follows the arguments' (the context is block_table's width),
+    so a CUDA graph can capture it (engine/cuda_graphs.py). Runs the torch path."""
+    B, blocks = block_table.shape
+    rows = torch.arange(B, device=block_table.device)
+    t = torch.arange(blocks * block_size, device=block_table.device)
+    context_slots = block_table.repeat_interleave(block_size, dim=1) * block_size + t % block_size  # [B, C]
+    mask = (t[None, :] < context_len[:, None])[:, None, None, :]  # [B, 1, 1, C]: the token sees all its context
+    meta = AttentionMetadata(slot_mapping, block_size, query_start=rows, query_len=torch.ones_like(rows),
+                             context_len=context_len, block_table=block_table, use_native=False)
+    meta._padded = (rows[:, None], rows, rows, context_slots, mask)
+    return meta
 
 
 def _short_queries_reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out) -> None:

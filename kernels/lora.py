@@ -210,6 +210,20 @@ def add_lora_modules(y: torch.Tensor, x: torch.Tensor, mods: LoraModules, plan: 
     return False
 
 
+def add_lora_rows(y: torch.Tensor, x: torch.Tensor, mods: LoraModules, row_slots: torch.Tensor, rank: int) -> None:
+    """add_lora_modules for a batch where row t uses slot row_slots[t] (-1: none), with no
+    segments: each row gathers its adapter's weights and takes two batched products. Nothing is
+    read back to the host and every shape follows x's, so a CUDA graph can capture it
+    (engine/cuda_graphs.py); it suits decode-sized batches, not prefill (weights per row)."""
+    use = (row_slots >= 0).to(x.dtype)[:, None]
+    slots = row_slots.clamp(min=0)
+    for m in mods.modules:
+        a = m.a[:, :rank].index_select(0, slots)  # [T, rank, in]
+        b = m.b[:, :, :rank].index_select(0, slots)  # [T, out, rank]
+        h = torch.bmm(a, x.unsqueeze(2))  # lora_A's output in the weights' dtype, as in PEFT
+        y[:, m.column:m.column + m.width] += torch.bmm(b, h).squeeze(2) * use
+
+
 def add_lora(y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, plan: LoraPlan,
              rank: int | None = None, native: bool = True) -> None:
     """y += lora_expand(lora_shrink(x, a_stack, ...), b_stack, ...) for one module, fast path."""

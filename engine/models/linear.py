@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from loragate.kernels.dense import Int4Weight, dense_linear, pack_weight, row_norms_sq
-from loragate.kernels.lora import LoraModule, LoraModules, add_lora_modules
+from loragate.kernels.lora import LoraModule, LoraModules, add_lora_modules, add_lora_rows
 
 from .slot_rows import apply_row_terms
 
@@ -71,7 +71,9 @@ class Projection(nn.Module):
         lora = batch.lora
         if lora is not None:
             mods = self.lora_modules(lora.pool, lora.modules)
-            if mods.modules:
+            if mods.modules and lora.row_slots is not None:
+                add_lora_rows(y, x, mods, lora.row_slots, lora.rank)
+            elif mods.modules:
                 folded = add_lora_modules(y, x, mods, lora.plan, lora.rank, batch.use_native_kernels,
                                           self.row_scale, self.row_shift)
                 if lora.row_terms and not folded:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from loragate.kernels import native
-from loragate.kernels.attention import AttentionMetadata, PrefillSpan, paged_attention, write_slots
+from loragate.kernels.attention import AttentionMetadata, PrefillSpan, decode_metadata, paged_attention, write_slots
 
 BATCH_SIZES = (1, 2, 3, 7, 16, 33)
 MAX_CTX = 700
@@ -358,3 +358,19 @@ def test_verified_query_rows_equal_decoding_them_one_at_a_time(dtype, group):
         meta.context_len = torch.tensor([ctx - n + i + 1], dtype=torch.int64)
         alone = paged_attention(case.q, case.k_new, case.v_new, case.k_cache, case.v_cache, meta, case.scale)
         assert torch.equal(alone[i], together[i]), f"query row {i} differs when decoded alone"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 3])
+def test_decode_metadata_with_a_padded_block_table_matches_naive(dtype, group):
+    """The sync-free decode form a CUDA graph captures (engine/cuda_graphs.py): a block table
+    wider than any context, padded with a block of garbage, gives the float64 truth."""
+    reqs = short_requests(77 + group, 7, mixed=False, block_size=16)
+    case = Case(reqs, kv_heads=2, group=group, head_dim=64, block_size=16, dtype=dtype, seed=group)
+    regular = case.meta(use_native=False)
+    table = torch.full((len(reqs), regular.block_table.shape[1] + 5), int(case.block_ids[0][0]), dtype=torch.int64)
+    for row, ids in enumerate(case.block_ids):
+        table[row, :len(ids)] = ids
+    meta = decode_metadata(regular.slot_mapping, regular.context_len, table, case.block_size)
+    got = paged_attention(case.q, case.k_new, case.v_new, case.k_cache, case.v_cache, meta, case.scale)
+    assert_close_to(got, case.naive(), dtype, f"decode_metadata group={group}")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from loragate.kernels import native as _native
-from loragate.kernels.lora import (SHORT_SEGMENT, LoraModule, LoraModules, add_lora, add_lora_modules, lora_expand,
-                                   lora_shrink, plan_segments)
+from loragate.kernels.lora import (SHORT_SEGMENT, LoraModule, LoraModules, add_lora, add_lora_modules, add_lora_rows,
+                                   lora_expand, lora_shrink, plan_segments)
 
 NUM_SLOTS = 8
 IN, OUT = 48, 40
@@ -140,7 +140,7 @@ def make_group(in_features, widths, pool_rank, rank, lengths, dtype, g):
     return modules, column, indptr, seg_slots
 
 
-@pytest.mark.parametrize("path", ["native", "native-no-amx", "torch"])
+@pytest.mark.parametrize("path", ["native", "native-no-amx", "torch", "rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("in_features, widths, pool_rank, rank, lengths", GROUP_CASES)
 def test_modules_of_a_projection_in_one_call_match_float64(in_features, widths, pool_rank, rank, lengths, dtype, path):
@@ -152,7 +152,11 @@ def test_modules_of_a_projection_in_one_call_match_float64(in_features, widths, 
     mods = LoraModules(modules)
     if path == "native-no-amx":  # the AVX-512 / plain kernel on the shapes AMX would take
         mods.amx = False
-    add_lora_modules(y, x, mods, plan_segments(indptr, seg_slots), rank, native=path != "torch")
+    if path == "rows":  # per-row slots, no segments: a captured decode step's form (engine/cuda_graphs.py)
+        row_slots = torch.tensor([s for i, s in enumerate(seg_slots) for _ in range(indptr[i + 1] - indptr[i])])
+        add_lora_rows(y, x, mods, row_slots, rank)
+    else:
+        add_lora_modules(y, x, mods, plan_segments(indptr, seg_slots), rank, native=path != "torch")
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=3e-2)
     for m in modules:
         want = before[:, m.column:m.column + m.width].double() + naive(x, m.a[:, :rank], m.b[:, :, :rank], indptr,

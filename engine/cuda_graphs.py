@@ -1,0 +1,169 @@
+"""Decode steps replayed as CUDA graphs.
+
+On a GPU, a small model's decode step is bound by the host, not the GPU. Each of its ~1,000
+kernels does a few microseconds of work, and each costs tens of microseconds of Python and
+launch overhead. A CUDA graph records a step's launches once; after that, one call replays
+them all.
+
+A graph fixes every shape and address, so a captured step is padded:
+- the batch to one of BATCH_SIZES rows;
+- the context to a power of two of KV blocks.
+Padded rows read and write only a scratch KV block that the engine never hands out (the
+runner allocates one block more than the cache manager knows of).
+
+A step's inputs go in through one static int64 tensor, copied from pinned host memory in one
+transfer. Per row, it holds the token, position, cache slot, context length and LoRA slot,
+then the block table. Attention and LoRA take forms that never read back to the host
+(kernels/attention.decode_metadata, kernels/lora.add_lora_rows). Graphs are keyed by rows,
+blocks, LoRA rank and targeted modules, and captured the first time a step needs one. They
+share one memory pool, since only one replays at a time.
+
+Steps that are not plain decode run eagerly:
+- prefill chunks, speculative verification and prompt logprobs;
+- adapters with row terms (DoRA, lora_bias): their tables are made when the first such
+  adapter loads, which may come after a graph was captured;
+- batches or contexts larger than the largest graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+
+import torch
+
+from loragate.kernels.attention import decode_metadata
+
+from .batch import BatchMetadata, LoraBatch
+
+log = logging.getLogger("loragate.engine")
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+MIN_BLOCKS = 4
+# Captured graphs kept (least recently used dropped first): each holds its own launch list,
+# while the activations live in the shared pool.
+MAX_GRAPHS = 128
+TOKEN, POSITION, SLOT, CONTEXT, LORA_SLOT = range(5)
+COLUMNS = 5  # then the block table
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class _Graph:
+    """One captured step shape: its static input (device) and pinned staging copy (host)."""
+
+    def __init__(self, ints: torch.Tensor, host: torch.Tensor, step, pool) -> None:
+        self.ints, self.host, self.step = ints, host, step
+        self.graph = None
+        if pool is None:  # eager: the same computation without capture (CPU tests)
+            return
+        side = torch.cuda.Stream(ints.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # once eagerly first: lazy set-up (cuBLAS workspaces, our caches) must not be captured
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads (the gateway computing DoRA scales) may use the GPU meanwhile
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+            self.hidden = step()
+
+    def replay(self) -> torch.Tensor:
+        if self.graph is None:
+            return self.step()
+        self.graph.replay()
+        return self.hidden
+
+
+class DecodeGraphs:
+    """The runner's captured decode steps. `capture=False` runs the identical padded,
+    sync-free computation eagerly, so it can be tested against the regular path anywhere."""
+
+    def __init__(self, model, kv_caches, block_size: int, scratch_block: int, max_batch: int, lora_pool=None,
+                 capture: bool = True):
+        self.model, self.kv_caches, self.block_size, self.lora_pool = model, kv_caches, block_size, lora_pool
+        self.scratch_block = scratch_block
+        self.sizes = [s for s in BATCH_SIZES if s < max_batch] + [next((s for s in BATCH_SIZES if s >= max_batch),
+                                                                       BATCH_SIZES[-1])]
+        self.max_blocks = -(-model.rope_cos.shape[0] // block_size)  # the model's longest context
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.enabled = True
+
+    def key(self, batch: BatchMetadata) -> tuple | None:
+        """The graph that runs this (host-side) batch, or None when it runs eagerly."""
+        n, a, lora = len(batch.sampled_requests), batch.attention, batch.lora
+        if (not self.enabled or n == 0 or n > self.sizes[-1] or batch.input_ids.numel() != n or a.prefill_spans
+                or batch.prompt_logprob_rows or (lora is not None and lora.row_terms)):
+            return None
+        blocks = min(max(_next_power_of_two(a.block_table.shape[1]), MIN_BLOCKS), self.max_blocks)
+        if blocks < a.block_table.shape[1]:
+            return None
+        rows = next(s for s in self.sizes if s >= n)
+        if lora is None:
+            return rows, blocks, None
+        return rows, blocks, (min(_next_power_of_two(lora.rank), self.lora_pool.max_rank), lora.modules)
+
+    def run(self, batch: BatchMetadata, key: tuple) -> torch.Tensor | None:
+        """Final hidden states [rows, hidden] of the batch's rows, valid until the next step; None
+        when the graph cannot be captured (then no step uses graphs again, and this one runs eagerly)."""
+        g = self.graphs.get(key)
+        if g is None:
+            g = self._capture(key)
+            if g is None:
+                return None
+        self.graphs.move_to_end(key)
+        n, a = len(batch.sampled_requests), batch.attention
+        host = g.host
+        host[n:] = self._padding(host.shape[1] - COLUMNS)  # rows a larger earlier step filled
+        host[:n, TOKEN] = batch.input_ids
+        host[:n, POSITION] = batch.positions
+        host[:n, SLOT] = a.slot_mapping
+        host[:n, CONTEXT] = a.context_len
+        host[:n, LORA_SLOT] = torch.tensor([r.lora_slot for r in batch.sampled_requests]) if batch.lora else -1
+        host[:n, COLUMNS:COLUMNS + a.block_table.shape[1]] = a.block_table
+        host[:n, COLUMNS + a.block_table.shape[1]:] = 0  # past the context: masked
+        g.ints.copy_(host)  # blocking: the next step rewrites `host`, and this copy is tiny
+        return g.replay()[:n]
+
+    def _padding(self, blocks: int) -> torch.Tensor:
+        """A padded row: one token at position 0 in the scratch block, no adapter."""
+        row = torch.zeros(COLUMNS + blocks, dtype=torch.int64)
+        row[SLOT] = self.scratch_block * self.block_size
+        row[CONTEXT] = 1
+        row[LORA_SLOT] = -1
+        row[COLUMNS] = self.scratch_block
+        return row
+
+    def _capture(self, key: tuple) -> _Graph | None:
+        rows, blocks, lora_key = key
+        capture = self.pool is not None
+        host = self._padding(blocks).repeat(rows, 1)
+        if capture:
+            host = host.pin_memory()
+        ints = host.to(self.kv_caches[0][0].device)
+
+        def step() -> torch.Tensor:
+            attention = decode_metadata(ints[:, SLOT], ints[:, CONTEXT], ints[:, COLUMNS:], self.block_size)
+            lora = None if lora_key is None else LoraBatch(None, self.lora_pool, lora_key[0], lora_key[1],
+                                                           row_slots=ints[:, LORA_SLOT])
+            batch = BatchMetadata(ints[:, TOKEN], ints[:, POSITION], attention, torch.empty(0, dtype=torch.int64),
+                                  [], [], use_native_kernels=False, lora=lora)
+            return self.model(batch.input_ids, batch.positions, self.kv_caches, batch)
+
+        t0 = time.perf_counter()
+        try:
+            g = _Graph(ints, host, step, self.pool)
+        except Exception as e:  # an op that cannot be captured: never fail the step for it
+            log.warning("CUDA graph capture failed (%s: %s); decode steps run eagerly from now on", type(e).__name__, e)
+            self.enabled = False
+            return None
+        self.graphs[key] = g
+        if len(self.graphs) > MAX_GRAPHS:
+            self.graphs.popitem(last=False)
+        if capture:
+            log.debug("captured a decode step graph in %.0f ms: %d rows, %d blocks, LoRA %s",
+                      (time.perf_counter() - t0) * 1e3, rows, blocks, lora_key)
+        return g

@@ -1,0 +1,134 @@
+"""Decode steps as CUDA graphs (engine/cuda_graphs.py). A graph replays a padded, sync-free
+form of the step. Here that form runs eagerly (capture=False) on any machine, inside an
+engine, against the same engine's regular path: same tokens and logprobs, and the same KV
+cache outside the scratch block that padded rows write to. On a GPU, the engine's captured
+graphs are checked against the same engine without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loragate.engine import EngineConfig, LLMEngine, SamplingParams
+from loragate.engine.cuda_graphs import DecodeGraphs
+
+PARAMS = dict(temperature=0, ignore_eos=True, logprobs=1)
+
+
+def make_engine(model_dir, adapters: dict, graphs: str, device: str = "cpu", **config) -> tuple[LLMEngine, list]:
+    """graphs: 'off', 'eager' (the padded form, not captured) or 'captured' (CUDA). Returns the
+    engine and the list its graph steps are recorded in: (rows, graph key)."""
+    config = {"max_loras": 2, "max_num_batched_tokens": 64, "kv_cache_memory": "32MiB", **config}
+    engine = LLMEngine(EngineConfig(model=str(model_dir), device=device, dtype="float32",
+                                    cuda_graphs=graphs == "captured", **config), progress=False)
+    for name, path in adapters.items():
+        engine.add_adapter(name, path)
+    steps = []
+    r = engine.runner
+    if graphs == "eager":
+        r.graphs = DecodeGraphs(engine.model, r.kv_caches, r.block_size, engine.kv.num_blocks,
+                                engine.config.max_num_seqs, engine.lora_pool, capture=False)
+    if graphs != "off":
+        real = r.graphs.run
+        r.graphs.run = lambda batch, key: steps.append((len(batch.sampled_requests), key)) or real(batch, key)
+    return engine, steps
+
+
+def run(engine: LLMEngine, work) -> list[tuple[list[int], list[float]]]:
+    reqs = [engine.add_request(prompt, params, adapter=adapter) for prompt, adapter, params in work]
+    while engine.has_unfinished:
+        engine.step()
+    return [(r.output_token_ids, [lp for lp, _ in r.logprobs]) for r in reqs]
+
+
+def assert_same(a, b, atol: float = 1e-5) -> None:
+    for i, ((ta, la), (tb, lb)) in enumerate(zip(a, b)):
+        assert ta == tb, f"request {i} diverged"
+        torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama, tmp_path_factory, save_lora):
+    root = tmp_path_factory.mktemp("graph-adapters")
+    return {"a": save_lora(tiny_llama, root / "a", 0.4, seed=1, r=8, lora_alpha=16, target_modules="all-linear"),
+            "b": save_lora(tiny_llama, root / "b", 0.4, seed=2, r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+            "c": save_lora(tiny_llama, root / "c", 0.4, seed=3, r=16, lora_alpha=16,
+                           target_modules=["o_proj", "down_proj"])}
+
+
+def mixed_decode_work() -> list:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(3, 250, (n,), generator=g).tolist(), adapter, SamplingParams(max_tokens=m, **PARAMS))
+            for n, adapter, m in [(3, None, 20), (40, "a", 4), (150, "b", 9), (20, "c", 6), (70, "a", 16),
+                                  (10, None, 21), (30, None, 22), (5, None, 23)]]
+
+
+def test_padded_decode_steps_match_the_regular_path_and_touch_only_the_scratch_block(tiny_llama, adapters):
+    """Eight requests, three adapters and the base model, prompts from 3 to 150 tokens (1 to
+    10 KV blocks), finishing one after another: decode batches of 8 down to 1 rows, padded to
+    8, 4, 2 and 1, with LoRA rows and base rows side by side, and rows a larger step filled
+    that are padding again later."""
+    work = mixed_decode_work()
+    config = {"max_loras": 3, "max_num_batched_tokens": 512}
+    plain, _ = make_engine(tiny_llama, adapters, "off", **config)
+    padded, steps = make_engine(tiny_llama, adapters, "eager", **config)
+    assert_same(run(padded, work), run(plain, work))
+    rows = {n for n, _ in steps}
+    assert {1, 3, 4, 5, 8} <= rows, rows  # padded (3 -> 4, 5 -> 8) and exact sizes
+    assert any(key[2] is None for _, key in steps) and any(key[2] is not None for _, key in steps)
+    assert {key[1] for _, key in steps} >= {4, 16}  # context buckets: the minimum and 150 tokens' 10 blocks
+    # Rows a larger step filled are padding again (else they would rewrite the cache slots of
+    # requests that may have finished, whose blocks can belong to others by then).
+    graphs = padded.runner.graphs
+    last_rows = {key: n for n, key in steps}
+    assert any(n < max(m for m, k in steps if k == key) for key, n in last_rows.items())
+    for key, n in last_rows.items():
+        host = graphs.graphs[key].host
+        assert torch.equal(host[n:], graphs._padding(key[1]).expand(key[0] - n, -1))
+    # The same K/V everywhere but the scratch block, which only padded rows wrote.
+    torch.testing.assert_close(padded.runner.kv_cache[:, :, :-1], plain.runner.kv_cache[:, :, :-1], atol=1e-4, rtol=0)
+    assert plain.runner.kv_cache[:, :, -1].abs().sum() == 0 and padded.runner.kv_cache[:, :, -1].abs().sum() > 0
+
+
+def test_steps_a_graph_cannot_replay_run_on_the_regular_path(tiny_llama, adapters, save_lora, tmp_path):
+    """Speculative verification (several new tokens per request), prompt logprobs and DoRA's
+    row terms keep a step off the graphs, and still give the same output."""
+    dora = save_lora(tiny_llama, tmp_path / "dora", 0.4, seed=4, r=4, lora_alpha=8, use_dora=True,
+                     target_modules=["q_proj", "v_proj"])
+    prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]
+    work = [(prompt, "dora", SamplingParams(max_tokens=5, **PARAMS)),
+            (prompt, None, SamplingParams(max_tokens=5, prompt_logprobs=1, **PARAMS)),
+            (list(range(3, 30)), "a", SamplingParams(max_tokens=12, **PARAMS))]
+    config = dict(speculative="ngram", num_speculative_tokens=3)
+    plain, _ = make_engine(tiny_llama, {**adapters, "dora": dora}, "off", **config)
+    padded, steps = make_engine(tiny_llama, {**adapters, "dora": dora}, "eager", **config)
+    seen = []  # per step: (whether it must run eagerly, the graph chosen)
+    real_key = padded.runner.graphs.key
+
+    def key(batch):
+        eager = (batch.input_ids.numel() > len(batch.sampled_requests) or bool(batch.prompt_logprob_rows)
+                 or (batch.lora is not None and bool(batch.lora.row_terms)))
+        seen.append((eager, real_key(batch)))
+        return seen[-1][1]
+
+    padded.runner.graphs.key = key
+    assert_same(run(padded, work), run(plain, work))
+    assert steps, "no step took the graph path"
+    assert any(eager for eager, _ in seen) and all(k is None for eager, k in seen if eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_captured_graphs_on_the_gpu_give_what_the_eager_gpu_engine_gives(tiny_llama, adapters):
+    config = {"max_loras": 3, "max_num_batched_tokens": 512}
+    eager, _ = make_engine(tiny_llama, adapters, "off", device="cuda", **config)
+    captured, steps = make_engine(tiny_llama, adapters, "captured", device="cuda", **config)
+    work = mixed_decode_work()
+    assert_same(run(captured, work), run(eager, work), atol=1e-4)
+    graphs = captured.runner.graphs
+    assert all(g.graph is not None for g in graphs.graphs.values())
+    assert {key for _, key in steps} == set(graphs.graphs)
+    assert any(key[2] is None for _, key in steps) and any(key[2] is not None for _, key in steps)
+    # Replayed again for new requests (new blocks, other adapters' slots): the same answers.
+    assert_same(run(captured, work), run(eager, work), atol=1e-4)
+    torch.testing.assert_close(captured.runner.kv_cache[:, :, :-1], eager.runner.kv_cache[:, :, :-1],
+                               atol=1e-3, rtol=0)
