@@ -28,7 +28,7 @@ class LoraBatch:
     # (first row, end row, slot); in a short batch also each row's slot, or num_slots for the others.
     row_terms: list[tuple[int, int, int]] = field(default_factory=list)
     row_term_slots: torch.Tensor | None = None
-    # A captured decode step (engine/cuda_graphs.py) has no plan: each row's slot (-1: none).
+    # A step replayed as a CUDA graph (engine/cuda_graphs.py) has no plan: each row's slot (-1: none).
     row_slots: torch.Tensor | None = None
 
 

@@ -44,8 +44,8 @@ class EngineConfig:
     # bfloat16 is the default: on CPUs with AMX/AVX-512-BF16 it moves half the bytes of fp32
     # per decoded token, and decode is memory-bound (README's benchmark table).
     dtype: str = "bfloat16"
-    # On CUDA, decode steps replay CUDA graphs (engine/cuda_graphs.py): a small model's step is
-    # otherwise bound by kernel launches. False runs every step eagerly (vLLM: --enforce-eager).
+    # On CUDA, decode and speculative verification steps replay CUDA graphs (engine/cuda_graphs.py):
+    # a small model's step is otherwise bound by kernel launches. False: every step runs eagerly.
     cuda_graphs: bool = True
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped by the KV cache
     block_size: int = 16
@@ -110,6 +110,15 @@ class EngineConfig:
             raise ModelConfigError(f"n-gram sizes need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
         if self.kv_cache_memory <= 0:
             raise ModelConfigError("kv_cache_memory must be positive")
+
+    @property
+    def cuda_graph_rows(self) -> int:
+        """Most tokens in a step replayed as a CUDA graph (0: none): a token per running
+        request, plus its proposals when speculating."""
+        if not self.cuda_graphs:
+            return 0
+        per_request = 1 + (self.num_speculative_tokens if self.speculative != "off" else 0)
+        return min(self.max_num_seqs * per_request, self.max_num_batched_tokens)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -1,15 +1,17 @@
-"""Decode steps replayed as CUDA graphs.
+"""Steps of short queries replayed as CUDA graphs: decode, and speculative verification.
 
 On a GPU, a small model's decode step is bound by the host, not the GPU. Each of its ~1,000
 kernels does a few microseconds of work, and each costs tens of microseconds of Python and
 launch overhead. A CUDA graph records a step's launches once; after that, one call replays
 them all.
 
-A graph fixes every shape and address, so a captured step is padded:
-- the batch to one of BATCH_SIZES rows;
+A graph fixes every shape and address, so a captured step works on token rows, padded:
+- the rows to one of ROW_SIZES;
 - the context to a power of two of KV blocks.
-Padded rows read and write only a scratch KV block that the engine never hands out (the
-runner allocates one block more than the cache manager knows of).
+Each row is one new token. It attends to its request's cache up to its own position, so a
+request verifying k speculative tokens is simply 1 + k rows (their K/V are written before
+attention reads). Padded rows read and write only a scratch KV block that the engine never
+hands out (the runner allocates one block more than the cache manager knows of).
 
 A step's inputs go in through one static int64 tensor, copied from pinned host memory in one
 transfer. Per row, it holds the token, position, cache slot, context length and LoRA slot,
@@ -18,11 +20,11 @@ then the block table. Attention and LoRA take forms that never read back to the 
 blocks, LoRA rank and targeted modules, and captured the first time a step needs one. They
 share one memory pool, since only one replays at a time.
 
-Steps that are not plain decode run eagerly:
-- prefill chunks, speculative verification and prompt logprobs;
+Steps that these graphs do not take run eagerly:
+- steps with a prefill chunk longer than the short-query limit (engine/batch.py);
 - adapters with row terms (DoRA, lora_bias): their tables are made when the first such
   adapter loads, which may come after a graph was captured;
-- batches or contexts larger than the largest graph.
+- more rows or longer contexts than the largest graph.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from .batch import BatchMetadata, LoraBatch
 
 log = logging.getLogger("loragate.engine")
 
-BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+ROW_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MIN_BLOCKS = 4
 # Captured graphs kept (least recently used dropped first): each holds its own launch list,
 # while the activations live in the shared pool.
@@ -78,15 +80,15 @@ class _Graph:
 
 
 class DecodeGraphs:
-    """The runner's captured decode steps. `capture=False` runs the identical padded,
-    sync-free computation eagerly, so it can be tested against the regular path anywhere."""
+    """The runner's captured steps. `capture=False` runs the identical padded, sync-free
+    computation eagerly, so it can be tested against the regular path anywhere."""
 
-    def __init__(self, model, kv_caches, block_size: int, scratch_block: int, max_batch: int, lora_pool=None,
+    def __init__(self, model, kv_caches, block_size: int, scratch_block: int, max_rows: int, lora_pool=None,
                  capture: bool = True):
         self.model, self.kv_caches, self.block_size, self.lora_pool = model, kv_caches, block_size, lora_pool
         self.scratch_block = scratch_block
-        self.sizes = [s for s in BATCH_SIZES if s < max_batch] + [next((s for s in BATCH_SIZES if s >= max_batch),
-                                                                       BATCH_SIZES[-1])]
+        self.sizes = [s for s in ROW_SIZES if s < max_rows] + [next((s for s in ROW_SIZES if s >= max_rows),
+                                                                    ROW_SIZES[-1])]
         self.max_blocks = -(-model.rope_cos.shape[0] // block_size)  # the model's longest context
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
@@ -94,9 +96,8 @@ class DecodeGraphs:
 
     def key(self, batch: BatchMetadata) -> tuple | None:
         """The graph that runs this (host-side) batch, or None when it runs eagerly."""
-        n, a, lora = len(batch.sampled_requests), batch.attention, batch.lora
-        if (not self.enabled or n == 0 or n > self.sizes[-1] or batch.input_ids.numel() != n or a.prefill_spans
-                or batch.prompt_logprob_rows or (lora is not None and lora.row_terms)):
+        n, a, lora = batch.input_ids.numel(), batch.attention, batch.lora
+        if not self.enabled or n > self.sizes[-1] or a.prefill_spans or (lora is not None and lora.row_terms):
             return None
         blocks = min(max(_next_power_of_two(a.block_table.shape[1]), MIN_BLOCKS), self.max_blocks)
         if blocks < a.block_table.shape[1]:
@@ -107,24 +108,25 @@ class DecodeGraphs:
         return rows, blocks, (min(_next_power_of_two(lora.rank), self.lora_pool.max_rank), lora.modules)
 
     def run(self, batch: BatchMetadata, key: tuple) -> torch.Tensor | None:
-        """Final hidden states [rows, hidden] of the batch's rows, valid until the next step; None
-        when the graph cannot be captured (then no step uses graphs again, and this one runs eagerly)."""
+        """Final hidden states [tokens, hidden] of the batch, valid until the next step; None when
+        the graph cannot be captured (then no step uses graphs again, and this one runs eagerly)."""
         g = self.graphs.get(key)
         if g is None:
             g = self._capture(key)
             if g is None:
                 return None
         self.graphs.move_to_end(key)
-        n, a = len(batch.sampled_requests), batch.attention
-        host = g.host
+        n, a, lora = batch.input_ids.numel(), batch.attention, batch.lora
+        host, width = g.host, a.block_table.shape[1]
         host[n:] = self._padding(host.shape[1] - COLUMNS)  # rows a larger earlier step filled
         host[:n, TOKEN] = batch.input_ids
         host[:n, POSITION] = batch.positions
         host[:n, SLOT] = a.slot_mapping
-        host[:n, CONTEXT] = a.context_len
-        host[:n, LORA_SLOT] = torch.tensor([r.lora_slot for r in batch.sampled_requests]) if batch.lora else -1
-        host[:n, COLUMNS:COLUMNS + a.block_table.shape[1]] = a.block_table
-        host[:n, COLUMNS + a.block_table.shape[1]:] = 0  # past the context: masked
+        host[:n, CONTEXT] = batch.positions + 1  # a row sees its request's cache up to itself
+        # Every token is in the short batch, whose requests are packed in token order.
+        host[:n, LORA_SLOT] = -1 if lora is None else lora.plan.slot_ids.repeat_interleave(lora.plan.seg_indptr.diff())
+        host[:n, COLUMNS:COLUMNS + width] = a.block_table.repeat_interleave(a.query_len, dim=0)
+        host[:n, COLUMNS + width:] = 0  # past the context: masked
         g.ints.copy_(host)  # blocking: the next step rewrites `host`, and this copy is tiny
         return g.replay()[:n]
 
@@ -157,13 +159,13 @@ class DecodeGraphs:
         try:
             g = _Graph(ints, host, step, self.pool)
         except Exception as e:  # an op that cannot be captured: never fail the step for it
-            log.warning("CUDA graph capture failed (%s: %s); decode steps run eagerly from now on", type(e).__name__, e)
+            log.warning("CUDA graph capture failed (%s: %s); every step runs eagerly from now on", type(e).__name__, e)
             self.enabled = False
             return None
         self.graphs[key] = g
         if len(self.graphs) > MAX_GRAPHS:
             self.graphs.popitem(last=False)
         if capture:
-            log.debug("captured a decode step graph in %.0f ms: %d rows, %d blocks, LoRA %s",
+            log.debug("captured a step graph in %.0f ms: %d rows, %d blocks, LoRA %s",
                       (time.perf_counter() - t0) * 1e3, rows, blocks, lora_key)
         return g

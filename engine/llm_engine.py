@@ -85,7 +85,7 @@ class LLMEngine:
         self._adapter_lock = threading.Lock()
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.lora_pool)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.lora_pool,
-                                  cuda_graph_batch=config.max_num_seqs if config.cuda_graphs else 0)
+                                  cuda_graph_rows=config.cuda_graph_rows)
         self.eos_token_ids = _eos_ids(self.tokenizer, hf_config, self.model_dir)
         self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size, self.eos_token_ids)
         from .spec import build_speculator

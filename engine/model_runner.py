@@ -39,9 +39,9 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, lora_pool=None,
-                 cuda_graph_batch: int = 0):
-        """cuda_graph_batch: on CUDA, decode steps of up to this many requests replay CUDA graphs
-        (engine/cuda_graphs.py); 0: every step runs eagerly."""
+                 cuda_graph_rows: int = 0):
+        """cuda_graph_rows: on CUDA, steps of short queries (decode, speculative verification)
+        with up to this many tokens replay CUDA graphs (engine/cuda_graphs.py); 0: none do."""
         self.model = model
         self.lora_pool = lora_pool
         self.block_size = block_size
@@ -54,8 +54,8 @@ class ModelRunner:
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.num_layers)]
         self.expose_hidden_states = False
         self.graphs = None
-        if cuda_graph_batch > 0 and self.device.type == "cuda":
-            self.graphs = DecodeGraphs(model, self.kv_caches, block_size, num_blocks, cuda_graph_batch, lora_pool)
+        if cuda_graph_rows > 0 and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(model, self.kv_caches, block_size, num_blocks, cuda_graph_rows, lora_pool)
 
     @staticmethod
     def bytes_per_block(model: LlamaForCausalLM, block_size: int) -> int:

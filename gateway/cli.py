@@ -14,7 +14,7 @@ ENGINE_HELP = {
     "model": "catalog name (see `loragate models list`) or a local Hugging Face model directory",
     "device": "auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda or cuda:N",
     "dtype": "weights, activations and KV cache dtype: bfloat16 or float32",
-    "cuda_graphs": "on a CUDA GPU, replay decode steps as CUDA graphs (false: run every step eagerly)",
+    "cuda_graphs": "on a CUDA GPU, replay decode and speculative verification steps as CUDA graphs (false: run every step eagerly)",
     "max_model_len": "longest prompt + output in tokens (capped by the model and the KV cache)",
     "block_size": "tokens per KV-cache block",
     "kv_cache_memory": "memory for the KV cache, e.g. 512MiB or 2GiB",

@@ -128,9 +128,10 @@ def _padded_plan(meta: AttentionMetadata, group: int) -> tuple:
 
 def decode_metadata(slot_mapping: torch.Tensor, context_len: torch.Tensor, block_table: torch.Tensor,
                     block_size: int) -> AttentionMetadata:
-    """The short batch's metadata for one new token per request, made without reading anything
-    back to the host: every shape follows the arguments' (the context is block_table's width),
-    so a CUDA graph can capture it (engine/cuda_graphs.py). Runs the torch path."""
+    """The short batch's metadata for rows of one new token each, where row i sees the first
+    context_len[i] slots of its cache (block_table[i]). Made without reading anything back to
+    the host: every shape follows the arguments' (the context is block_table's width), so a
+    CUDA graph can capture it (engine/cuda_graphs.py). Runs the torch path."""
     B, blocks = block_table.shape
     rows = torch.arange(B, device=block_table.device)
     t = torch.arange(blocks * block_size, device=block_table.device)

@@ -44,10 +44,10 @@ class DraftModelProposer:
 
     def __init__(self, model_dir: Path, dtype: torch.dtype, max_model_len: int, num_blocks: int, block_size: int,
                  max_tokens_per_forward: int, head_size: int = 0, int4: bool = False,
-                 device: torch.device | str = "cpu", cuda_graph_batch: int = 0):
+                 device: torch.device | str = "cpu", cuda_graph_rows: int = 0):
         self.model, _ = load_model(model_dir, dtype, max_model_len, int4=int4, device=device)
         self.head = DraftHead(self.model, head_size, int4)
-        self.runner = ModelRunner(self.model, num_blocks, block_size, cuda_graph_batch=cuda_graph_batch)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, cuda_graph_rows=cuda_graph_rows)
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=True)
         self.max_tokens_per_forward = max_tokens_per_forward
         self.shadows: dict[str, Request] = {}

@@ -155,4 +155,4 @@ def _draft_proposer(config, engine):
     return DraftModelProposer(draft_dir, config.torch_dtype, engine.max_model_len, engine.kv.num_blocks,
                               config.block_size, config.max_num_batched_tokens, config.draft_vocab_size,
                               config.draft_quantization == "int4", device=engine.model.device,
-                              cuda_graph_batch=config.max_num_seqs if config.cuda_graphs else 0)
+                              cuda_graph_rows=config.cuda_graph_rows)

@@ -17,7 +17,7 @@ PARAMS = dict(temperature=0, ignore_eos=True, logprobs=1)
 
 def make_engine(model_dir, adapters: dict, graphs: str, device: str = "cpu", **config) -> tuple[LLMEngine, list]:
     """graphs: 'off', 'eager' (the padded form, not captured) or 'captured' (CUDA). Returns the
-    engine and the list its graph steps are recorded in: (rows, graph key)."""
+    engine and the list its graph steps are recorded in: (tokens, sampling requests, graph key)."""
     config = {"max_loras": 2, "max_num_batched_tokens": 64, "kv_cache_memory": "32MiB", **config}
     engine = LLMEngine(EngineConfig(model=str(model_dir), device=device, dtype="float32",
                                     cuda_graphs=graphs == "captured", **config), progress=False)
@@ -30,21 +30,25 @@ def make_engine(model_dir, adapters: dict, graphs: str, device: str = "cpu", **c
                                 engine.config.max_num_seqs, engine.lora_pool, capture=False)
     if graphs != "off":
         real = r.graphs.run
-        r.graphs.run = lambda batch, key: steps.append((len(batch.sampled_requests), key)) or real(batch, key)
+        r.graphs.run = lambda batch, key: steps.append(
+            (batch.input_ids.numel(), len(batch.sampled_requests), key)) or real(batch, key)
     return engine, steps
 
 
-def run(engine: LLMEngine, work) -> list[tuple[list[int], list[float]]]:
+def run(engine: LLMEngine, work) -> list[tuple[list[int], list[float], list[float]]]:
+    """Per request: its tokens, their logprobs and its prompt logprobs (if asked for)."""
     reqs = [engine.add_request(prompt, params, adapter=adapter) for prompt, adapter, params in work]
     while engine.has_unfinished:
         engine.step()
-    return [(r.output_token_ids, [lp for lp, _ in r.logprobs]) for r in reqs]
+    return [(r.output_token_ids, [lp for lp, _ in r.logprobs], [lp for lp, _ in r.prompt_logprobs or []])
+            for r in reqs]
 
 
 def assert_same(a, b, atol: float = 1e-5) -> None:
-    for i, ((ta, la), (tb, lb)) in enumerate(zip(a, b)):
+    for i, ((ta, la, pa), (tb, lb, pb)) in enumerate(zip(a, b)):
         assert ta == tb, f"request {i} diverged"
         torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), atol=atol, rtol=0)
+        torch.testing.assert_close(torch.tensor(pa), torch.tensor(pb), atol=atol, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +77,15 @@ def test_padded_decode_steps_match_the_regular_path_and_touch_only_the_scratch_b
     plain, _ = make_engine(tiny_llama, adapters, "off", **config)
     padded, steps = make_engine(tiny_llama, adapters, "eager", **config)
     assert_same(run(padded, work), run(plain, work))
-    rows = {n for n, _ in steps}
+    rows = {n for n, _, _ in steps}
     assert {1, 3, 4, 5, 8} <= rows, rows  # padded (3 -> 4, 5 -> 8) and exact sizes
-    assert any(key[2] is None for _, key in steps) and any(key[2] is not None for _, key in steps)
-    assert {key[1] for _, key in steps} >= {4, 16}  # context buckets: the minimum and 150 tokens' 10 blocks
+    assert any(key[2] is None for _, _, key in steps) and any(key[2] is not None for _, _, key in steps)
+    assert {key[1] for _, _, key in steps} >= {4, 16}  # context buckets: the minimum and 150 tokens' 10 blocks
     # Rows a larger step filled are padding again (else they would rewrite the cache slots of
     # requests that may have finished, whose blocks can belong to others by then).
     graphs = padded.runner.graphs
-    last_rows = {key: n for n, key in steps}
-    assert any(n < max(m for m, k in steps if k == key) for key, n in last_rows.items())
+    last_rows = {key: n for n, _, key in steps}
+    assert any(n < max(m for m, _, k in steps if k == key) for key, n in last_rows.items())
     for key, n in last_rows.items():
         host = graphs.graphs[key].host
         assert torch.equal(host[n:], graphs._padding(key[1]).expand(key[0] - n, -1))
@@ -90,45 +94,62 @@ def test_padded_decode_steps_match_the_regular_path_and_touch_only_the_scratch_b
     assert plain.runner.kv_cache[:, :, -1].abs().sum() == 0 and padded.runner.kv_cache[:, :, -1].abs().sum() > 0
 
 
-def test_steps_a_graph_cannot_replay_run_on_the_regular_path(tiny_llama, adapters, save_lora, tmp_path):
-    """Speculative verification (several new tokens per request), prompt logprobs and DoRA's
-    row terms keep a step off the graphs, and still give the same output."""
+def test_verification_steps_take_the_graphs_and_dora_and_long_prefills_do_not(tiny_llama, adapters, save_lora,
+                                                                              tmp_path):
+    """Speculative verification (1 + k token rows per request) and short prompt chunks run on
+    the graphs; long prefill chunks and DoRA's row terms keep a step off them. Either way the
+    output is the regular path's, prompt logprobs included."""
     dora = save_lora(tiny_llama, tmp_path / "dora", 0.4, seed=4, r=4, lora_alpha=8, use_dora=True,
                      target_modules=["q_proj", "v_proj"])
     prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]
     work = [(prompt, "dora", SamplingParams(max_tokens=5, **PARAMS)),
-            (prompt, None, SamplingParams(max_tokens=5, prompt_logprobs=1, **PARAMS)),
-            (list(range(3, 30)), "a", SamplingParams(max_tokens=12, **PARAMS))]
+            (prompt, None, SamplingParams(max_tokens=9, prompt_logprobs=1, **PARAMS)),
+            (list(range(3, 30)), "a", SamplingParams(max_tokens=12, **PARAMS)),
+            (prompt * 3, "b", SamplingParams(max_tokens=14, **PARAMS))]
     config = dict(speculative="ngram", num_speculative_tokens=3)
     plain, _ = make_engine(tiny_llama, {**adapters, "dora": dora}, "off", **config)
     padded, steps = make_engine(tiny_llama, {**adapters, "dora": dora}, "eager", **config)
-    seen = []  # per step: (whether it must run eagerly, the graph chosen)
+    seen = []  # per step: (what it holds, whether it must run eagerly, the graph chosen)
     real_key = padded.runner.graphs.key
 
     def key(batch):
-        eager = (batch.input_ids.numel() > len(batch.sampled_requests) or bool(batch.prompt_logprob_rows)
-                 or (batch.lora is not None and bool(batch.lora.row_terms)))
-        seen.append((eager, real_key(batch)))
-        return seen[-1][1]
+        eager = bool(batch.attention.prefill_spans) or (batch.lora is not None and bool(batch.lora.row_terms))
+        kind = ("verify" if any(n > 1 for n in batch.num_logits) else
+                "prompt logprobs" if batch.prompt_logprob_rows else "")
+        seen.append((kind, eager, real_key(batch)))
+        return seen[-1][2]
 
     padded.runner.graphs.key = key
     assert_same(run(padded, work), run(plain, work))
+    # alone, so its prompt (11 tokens: a short query) is a step of its own
+    alone = [([9, 8, 7, 6, 5, 9, 8, 7, 6, 5, 4], "a", SamplingParams(max_tokens=3, prompt_logprobs=2, **PARAMS))]
+    assert_same(run(padded, alone), run(plain, alone))
     assert steps, "no step took the graph path"
-    assert any(eager for eager, _ in seen) and all(k is None for eager, k in seen if eager)
+    assert any(eager for _, eager, _ in seen) and all(k is None for _, eager, k in seen if eager)
+    for kind in ("verify", "prompt logprobs"):
+        assert any(k is not None for what, _, k in seen if what == kind), f"no {kind} step took the graphs"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-def test_captured_graphs_on_the_gpu_give_what_the_eager_gpu_engine_gives(tiny_llama, adapters):
-    config = {"max_loras": 3, "max_num_batched_tokens": 512}
+@pytest.mark.parametrize("speculative", ["off", "ngram", "draft"])
+def test_captured_graphs_on_the_gpu_give_what_the_eager_gpu_engine_gives(tiny_llama, adapters, speculative):
+    """Decode steps, and with speculation verification steps (and the draft model's steps)."""
+    config = {"max_loras": 3, "max_num_batched_tokens": 512, "speculative": speculative}
+    if speculative == "draft":
+        config.update(draft_model=str(tiny_llama), draft_quantization="none")
     eager, _ = make_engine(tiny_llama, adapters, "off", device="cuda", **config)
     captured, steps = make_engine(tiny_llama, adapters, "captured", device="cuda", **config)
     work = mixed_decode_work()
     assert_same(run(captured, work), run(eager, work), atol=1e-4)
     graphs = captured.runner.graphs
     assert all(g.graph is not None for g in graphs.graphs.values())
-    assert {key for _, key in steps} == set(graphs.graphs)
-    assert any(key[2] is None for _, key in steps) and any(key[2] is not None for _, key in steps)
+    assert {key for _, _, key in steps} == set(graphs.graphs)
+    assert any(key[2] is None for _, _, key in steps) and any(key[2] is not None for _, _, key in steps)
+    if speculative == "draft":
+        assert any(tokens > sampled for tokens, sampled, _ in steps), "no verification step was replayed"
+        assert captured.speculator.proposer.runner.graphs.graphs, "the draft model replayed no graph"
     # Replayed again for new requests (new blocks, other adapters' slots): the same answers.
     assert_same(run(captured, work), run(eager, work), atol=1e-4)
-    torch.testing.assert_close(captured.runner.kv_cache[:, :, :-1], eager.runner.kv_cache[:, :, :-1],
-                               atol=1e-3, rtol=0)
+    if speculative == "off":  # (speculation leaves rejected proposals' K/V, and how many it makes is timed)
+        torch.testing.assert_close(captured.runner.kv_cache[:, :, :-1], eager.runner.kv_cache[:, :, :-1],
+                                   atol=1e-3, rtol=0)
