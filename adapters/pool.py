@@ -88,6 +88,11 @@ class LoraSlotPool:
             self.pins[slot] = 1
             return slot
 
+    @property
+    def row_tables_made(self) -> int:
+        """How many row-term tables exist (engine/models/slot_rows.py); grows as adapters need them."""
+        return 0 if self._row_terms is None else self._row_terms.tables_made
+
     def is_loaded(self, key: str) -> bool:
         return key in self.slot_of
 

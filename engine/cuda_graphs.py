@@ -20,15 +20,18 @@ then the block table. Attention and LoRA take forms that never read back to the 
 blocks, LoRA rank and targeted modules, and captured the first time a step needs one. They
 share one memory pool, since only one replays at a time.
 
-Steps that these graphs do not take run eagerly:
-- steps with a prefill chunk longer than the short-query limit (engine/batch.py);
-- adapters with row terms (DoRA, lora_bias): their tables are made when the first such
-  adapter loads, which may come after a graph was captured;
-- more rows or longer contexts than the largest graph.
+Adapters with row terms (DoRA, lora_bias) rescale and shift their rows from per-slot tables.
+A table is made when the first adapter that needs it loads, so graphs that apply terms are
+also keyed by how many tables exist: a graph captured before a table existed would skip it.
+
+Steps that these graphs do not take run eagerly: those with a prefill chunk longer than the
+short-query limit (engine/batch.py), and those with more rows or longer contexts than the
+largest graph.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections import OrderedDict
@@ -46,8 +49,8 @@ MIN_BLOCKS = 4
 # Captured graphs kept (least recently used dropped first): each holds its own launch list,
 # while the activations live in the shared pool.
 MAX_GRAPHS = 128
-TOKEN, POSITION, SLOT, CONTEXT, LORA_SLOT = range(5)
-COLUMNS = 5  # then the block table
+TOKEN, POSITION, SLOT, CONTEXT, LORA_SLOT, TERM_SLOT = range(6)
+COLUMNS = 6  # then the block table
 
 
 def _next_power_of_two(n: int) -> int:
@@ -68,9 +71,17 @@ class _Graph:
             step()  # once eagerly first: lazy set-up (cuBLAS workspaces, our caches) must not be captured
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (the gateway computing DoRA scales) may use the GPU meanwhile
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.hidden = step()
+        # No garbage collection while capturing: freeing another graph then (one of an engine
+        # gone, or evicted) is a CUDA call a capture forbids, and it invalidates the capture.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            # thread_local: other threads (the gateway computing DoRA scales) may use the GPU meanwhile
+            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+                self.hidden = step()
+        finally:
+            if collecting:
+                gc.enable()
 
     def replay(self) -> torch.Tensor:
         if self.graph is None:
@@ -87,6 +98,7 @@ class DecodeGraphs:
                  capture: bool = True):
         self.model, self.kv_caches, self.block_size, self.lora_pool = model, kv_caches, block_size, lora_pool
         self.scratch_block = scratch_block
+        self.identity_row = lora_pool.num_slots if lora_pool is not None else 0  # of the row-term tables
         self.sizes = [s for s in ROW_SIZES if s < max_rows] + [next((s for s in ROW_SIZES if s >= max_rows),
                                                                     ROW_SIZES[-1])]
         self.max_blocks = -(-model.rope_cos.shape[0] // block_size)  # the model's longest context
@@ -97,7 +109,7 @@ class DecodeGraphs:
     def key(self, batch: BatchMetadata) -> tuple | None:
         """The graph that runs this (host-side) batch, or None when it runs eagerly."""
         n, a, lora = batch.input_ids.numel(), batch.attention, batch.lora
-        if not self.enabled or n > self.sizes[-1] or a.prefill_spans or (lora is not None and lora.row_terms):
+        if not self.enabled or n > self.sizes[-1] or a.prefill_spans:
             return None
         blocks = min(max(_next_power_of_two(a.block_table.shape[1]), MIN_BLOCKS), self.max_blocks)
         if blocks < a.block_table.shape[1]:
@@ -105,7 +117,9 @@ class DecodeGraphs:
         rows = next(s for s in self.sizes if s >= n)
         if lora is None:
             return rows, blocks, None
-        return rows, blocks, (min(_next_power_of_two(lora.rank), self.lora_pool.max_rank), lora.modules)
+        # With row terms, the tables that exist now: one made later needs a new graph.
+        terms = self.lora_pool.row_tables_made if lora.row_terms else None
+        return rows, blocks, (min(_next_power_of_two(lora.rank), self.lora_pool.max_rank), lora.modules, terms)
 
     def run(self, batch: BatchMetadata, key: tuple) -> torch.Tensor | None:
         """Final hidden states [tokens, hidden] of the batch, valid until the next step; None when
@@ -124,7 +138,13 @@ class DecodeGraphs:
         host[:n, SLOT] = a.slot_mapping
         host[:n, CONTEXT] = batch.positions + 1  # a row sees its request's cache up to itself
         # Every token is in the short batch, whose requests are packed in token order.
-        host[:n, LORA_SLOT] = -1 if lora is None else lora.plan.slot_ids.repeat_interleave(lora.plan.seg_indptr.diff())
+        plan = None if lora is None else lora.plan
+        slots = torch.full((n,), -1) if plan is None else plan.slot_ids.repeat_interleave(plan.seg_indptr.diff())
+        host[:n, LORA_SLOT] = slots
+        # Each row's row of the term tables (DoRA, lora_bias): its slot's, or the identity row.
+        terms = (torch.tensor(self.lora_pool.slot_row_terms + [False])[slots] if lora is not None and lora.row_terms
+                 else torch.zeros(n, dtype=torch.bool))
+        host[:n, TERM_SLOT] = torch.where(terms, slots, self.identity_row)
         host[:n, COLUMNS:COLUMNS + width] = a.block_table.repeat_interleave(a.query_len, dim=0)
         host[:n, COLUMNS + width:] = 0  # past the context: masked
         g.ints.copy_(host)  # blocking: the next step rewrites `host`, and this copy is tiny
@@ -136,6 +156,7 @@ class DecodeGraphs:
         row[SLOT] = self.scratch_block * self.block_size
         row[CONTEXT] = 1
         row[LORA_SLOT] = -1
+        row[TERM_SLOT] = self.identity_row
         row[COLUMNS] = self.scratch_block
         return row
 
@@ -149,8 +170,9 @@ class DecodeGraphs:
 
         def step() -> torch.Tensor:
             attention = decode_metadata(ints[:, SLOT], ints[:, CONTEXT], ints[:, COLUMNS:], self.block_size)
-            lora = None if lora_key is None else LoraBatch(None, self.lora_pool, lora_key[0], lora_key[1],
-                                                           row_slots=ints[:, LORA_SLOT])
+            lora = None if lora_key is None else LoraBatch(
+                None, self.lora_pool, lora_key[0], lora_key[1], row_slots=ints[:, LORA_SLOT],
+                row_term_slots=None if lora_key[2] is None else ints[:, TERM_SLOT])
             batch = BatchMetadata(ints[:, TOKEN], ints[:, POSITION], attention, torch.empty(0, dtype=torch.int64),
                                   [], [], use_native_kernels=False, lora=lora)
             return self.model(batch.input_ids, batch.positions, self.kv_caches, batch)
@@ -166,6 +188,6 @@ class DecodeGraphs:
         if len(self.graphs) > MAX_GRAPHS:
             self.graphs.popitem(last=False)
         if capture:
-            log.debug("captured a step graph in %.0f ms: %d rows, %d blocks, LoRA %s",
+            log.debug("captured a step graph in %.0f ms: %d rows, %d blocks, LoRA (rank, modules, tables) %s",
                       (time.perf_counter() - t0) * 1e3, rows, blocks, lora_key)
         return g

@@ -73,6 +73,8 @@ class Projection(nn.Module):
             mods = self.lora_modules(lora.pool, lora.modules)
             if mods.modules and lora.row_slots is not None:
                 add_lora_rows(y, x, mods, lora.row_slots, lora.rank)
+                if lora.row_term_slots is not None:
+                    apply_row_terms(y, self, lora)
             elif mods.modules:
                 folded = add_lora_modules(y, x, mods, lora.plan, lora.rank, batch.use_native_kernels,
                                           self.row_scale, self.row_shift)

@@ -37,6 +37,8 @@ class SlotRowTerms:
 
     def __init__(self, model, num_slots: int):
         self.model, self.num_slots = model, num_slots
+        # Tables made so far: a CUDA graph captured before a table existed does not apply it.
+        self.tables_made = 0
         self.projections = [p for layer in model.layers
                             for p in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
 
@@ -65,8 +67,10 @@ class SlotRowTerms:
             # Each table is made with the first adapter that needs it (none: nothing to apply).
             if proj.row_scale is None and not s.eq(1).all():
                 proj.row_scale = torch.ones(self.num_slots + 1, proj.out_features, dtype=self.model.dtype, device=device)
+                self.tables_made += 1
             if proj.row_shift is None and t.any():
                 proj.row_shift = torch.zeros(self.num_slots + 1, proj.out_features, dtype=self.model.dtype, device=device)
+                self.tables_made += 1
             if proj.row_scale is not None:
                 proj.row_scale[slot] = s
             if proj.row_shift is not None:

@@ -57,7 +57,11 @@ def adapters(tiny_llama, tmp_path_factory, save_lora):
     return {"a": save_lora(tiny_llama, root / "a", 0.4, seed=1, r=8, lora_alpha=16, target_modules="all-linear"),
             "b": save_lora(tiny_llama, root / "b", 0.4, seed=2, r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
             "c": save_lora(tiny_llama, root / "c", 0.4, seed=3, r=16, lora_alpha=16,
-                           target_modules=["o_proj", "down_proj"])}
+                           target_modules=["o_proj", "down_proj"]),
+            "dora": save_lora(tiny_llama, root / "dora", 0.4, seed=4, r=4, lora_alpha=8, use_dora=True,
+                              target_modules=["q_proj", "v_proj", "down_proj"]),
+            "bias": save_lora(tiny_llama, root / "bias", 0.4, seed=5, r=8, lora_alpha=8, lora_bias=True,
+                              target_modules=["k_proj", "o_proj", "up_proj"])}
 
 
 def mixed_decode_work() -> list:
@@ -94,29 +98,26 @@ def test_padded_decode_steps_match_the_regular_path_and_touch_only_the_scratch_b
     assert plain.runner.kv_cache[:, :, -1].abs().sum() == 0 and padded.runner.kv_cache[:, :, -1].abs().sum() > 0
 
 
-def test_verification_steps_take_the_graphs_and_dora_and_long_prefills_do_not(tiny_llama, adapters, save_lora,
-                                                                              tmp_path):
-    """Speculative verification (1 + k token rows per request) and short prompt chunks run on
-    the graphs; long prefill chunks and DoRA's row terms keep a step off them. Either way the
-    output is the regular path's, prompt logprobs included."""
-    dora = save_lora(tiny_llama, tmp_path / "dora", 0.4, seed=4, r=4, lora_alpha=8, use_dora=True,
-                     target_modules=["q_proj", "v_proj"])
+def test_verification_short_prompts_and_row_terms_take_the_graphs_and_long_prefills_do_not(tiny_llama, adapters):
+    """Speculative verification (1 + k token rows per request), short prompt chunks and DoRA /
+    lora_bias row terms run on the graphs; long prefill chunks keep a step off them. Either way
+    the output is the regular path's, prompt logprobs included."""
     prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]
     work = [(prompt, "dora", SamplingParams(max_tokens=5, **PARAMS)),
             (prompt, None, SamplingParams(max_tokens=9, prompt_logprobs=1, **PARAMS)),
             (list(range(3, 30)), "a", SamplingParams(max_tokens=12, **PARAMS)),
-            (prompt * 3, "b", SamplingParams(max_tokens=14, **PARAMS))]
+            (prompt * 3, "bias", SamplingParams(max_tokens=14, **PARAMS))]
     config = dict(speculative="ngram", num_speculative_tokens=3)
-    plain, _ = make_engine(tiny_llama, {**adapters, "dora": dora}, "off", **config)
-    padded, steps = make_engine(tiny_llama, {**adapters, "dora": dora}, "eager", **config)
-    seen = []  # per step: (what it holds, whether it must run eagerly, the graph chosen)
+    plain, _ = make_engine(tiny_llama, adapters, "off", **config)
+    padded, steps = make_engine(tiny_llama, adapters, "eager", **config)
+    seen = []  # per step: (what it holds, whether it has a long prefill chunk, the graph chosen)
     real_key = padded.runner.graphs.key
 
     def key(batch):
-        eager = bool(batch.attention.prefill_spans) or (batch.lora is not None and bool(batch.lora.row_terms))
         kind = ("verify" if any(n > 1 for n in batch.num_logits) else
-                "prompt logprobs" if batch.prompt_logprob_rows else "")
-        seen.append((kind, eager, real_key(batch)))
+                "prompt logprobs" if batch.prompt_logprob_rows else
+                "row terms" if batch.lora is not None and batch.lora.row_terms else "")
+        seen.append((kind, bool(batch.attention.prefill_spans), real_key(batch)))
         return seen[-1][2]
 
     padded.runner.graphs.key = key
@@ -125,8 +126,8 @@ def test_verification_steps_take_the_graphs_and_dora_and_long_prefills_do_not(ti
     alone = [([9, 8, 7, 6, 5, 9, 8, 7, 6, 5, 4], "a", SamplingParams(max_tokens=3, prompt_logprobs=2, **PARAMS))]
     assert_same(run(padded, alone), run(plain, alone))
     assert steps, "no step took the graph path"
-    assert any(eager for _, eager, _ in seen) and all(k is None for _, eager, k in seen if eager)
-    for kind in ("verify", "prompt logprobs"):
+    assert any(long for _, long, _ in seen) and all(k is None for _, long, k in seen if long)
+    for kind in ("verify", "prompt logprobs", "row terms"):
         assert any(k is not None for what, _, k in seen if what == kind), f"no {kind} step took the graphs"
 
 
@@ -150,6 +151,12 @@ def test_captured_graphs_on_the_gpu_give_what_the_eager_gpu_engine_gives(tiny_ll
         assert captured.speculator.proposer.runner.graphs.graphs, "the draft model replayed no graph"
     # Replayed again for new requests (new blocks, other adapters' slots): the same answers.
     assert_same(run(captured, work), run(eager, work), atol=1e-4)
+    # Adapters with row terms arrive after graphs exist: DoRA's scale tables first, then
+    # lora_bias's shift tables, each made after graphs that apply the tables before them.
+    for name in ("dora", "bias"):
+        terms = [(p, name if i % 2 else a, params) for i, (p, a, params) in enumerate(work)]
+        assert_same(run(captured, terms), run(eager, terms), atol=1e-4)
+    assert len({key[2][2] for _, _, key in steps if key[2] is not None and key[2][2] is not None}) >= 2
     if speculative == "off":  # (speculation leaves rejected proposals' K/V, and how many it makes is timed)
         torch.testing.assert_close(captured.runner.kv_cache[:, :, :-1], eager.runner.kv_cache[:, :, :-1],
                                    atol=1e-3, rtol=0)
