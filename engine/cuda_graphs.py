@@ -14,8 +14,8 @@ attention reads). Padded rows read and write only a scratch KV block that the en
 hands out (the runner allocates one block more than the cache manager knows of).
 
 A step's inputs go in through one static int64 tensor, copied from pinned host memory in one
-transfer. Per row, it holds the token, position, cache slot, context length and LoRA slot,
-then the block table. Attention and LoRA take forms that never read back to the host
+transfer. Per row, it holds the token, position, cache slot, context length, LoRA slot and
+row of the row-term tables, then the block table. Attention and LoRA take forms that never read back to the host
 (kernels/attention.decode_metadata, kernels/lora.add_lora_rows). Graphs are keyed by rows,
 blocks, LoRA rank and targeted modules, and captured the first time a step needs one. They
 share one memory pool, since only one replays at a time.
@@ -26,7 +26,8 @@ also keyed by how many tables exist: a graph captured before a table existed wou
 
 Steps that these graphs do not take run eagerly: those with a prefill chunk longer than the
 short-query limit (engine/batch.py), and those with more rows or longer contexts than the
-largest graph.
+largest graph. The largest graph's rows times context is bounded (MAX_ROW_CONTEXT): attention
+gathers each row's padded context, and a capture holds that memory.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ log = logging.getLogger("loragate.engine")
 
 ROW_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MIN_BLOCKS = 4
+# Most rows x context tokens in a graph: its attention gathers that many K and V vectors per
+# layer (Qwen2.5-1.5B: 0.5 GiB of K and V at this bound), memory the capture keeps.
+MAX_ROW_CONTEXT = 1 << 19
 # Captured graphs kept (least recently used dropped first): each holds its own launch list,
 # while the activations live in the shared pool.
 MAX_GRAPHS = 128
@@ -112,9 +116,9 @@ class DecodeGraphs:
         if not self.enabled or n > self.sizes[-1] or a.prefill_spans:
             return None
         blocks = min(max(_next_power_of_two(a.block_table.shape[1]), MIN_BLOCKS), self.max_blocks)
-        if blocks < a.block_table.shape[1]:
-            return None
         rows = next(s for s in self.sizes if s >= n)
+        if blocks < a.block_table.shape[1] or rows * blocks * self.block_size > MAX_ROW_CONTEXT:
+            return None
         if lora is None:
             return rows, blocks, None
         # With row terms, the tables that exist now: one made later needs a new graph.

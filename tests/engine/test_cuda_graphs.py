@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from loragate.engine import EngineConfig, LLMEngine, SamplingParams
+from loragate.engine import cuda_graphs
 from loragate.engine.cuda_graphs import DecodeGraphs
 
 PARAMS = dict(temperature=0, ignore_eos=True, logprobs=1)
@@ -129,6 +130,21 @@ def test_verification_short_prompts_and_row_terms_take_the_graphs_and_long_prefi
     assert any(long for _, long, _ in seen) and all(k is None for _, long, k in seen if long)
     for kind in ("verify", "prompt logprobs", "row terms"):
         assert any(k is not None for what, _, k in seen if what == kind), f"no {kind} step took the graphs"
+
+
+def test_rows_times_context_past_the_bound_run_eagerly(tiny_llama, adapters, monkeypatch):
+    """A bound on a graph's rows x context (the memory its attention gather holds): past it,
+    steps run eagerly, with the same output."""
+    monkeypatch.setattr(cuda_graphs, "MAX_ROW_CONTEXT", 32 * 16)  # e.g. 8 rows of 4 blocks
+    config = {"max_loras": 3, "max_num_batched_tokens": 512}
+    plain, _ = make_engine(tiny_llama, adapters, "off", **config)
+    padded, steps = make_engine(tiny_llama, adapters, "eager", **config)
+    g = torch.Generator().manual_seed(3)
+    work = [(torch.randint(3, 250, (100,), generator=g).tolist(), None, SamplingParams(max_tokens=m, **PARAMS))
+            for m in range(2, 10)]  # contexts of 7 blocks, 8 requests finishing one by one
+    assert_same(run(padded, work), run(plain, work))
+    assert steps and all(rows * blocks <= 32 for _, _, (rows, blocks, _) in steps)
+    assert any(blocks == 8 for _, _, (_, blocks, _) in steps)  # with 4 rows or fewer
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
