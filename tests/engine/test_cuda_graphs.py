@@ -147,6 +147,45 @@ def test_rows_times_context_past_the_bound_run_eagerly(tiny_llama, adapters, mon
     assert any(blocks == 8 for _, _, (_, blocks, _) in steps)  # with 4 rows or fewer
 
 
+def test_least_recently_used_graphs_go_past_the_limit(tiny_llama, adapters, monkeypatch):
+    monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 2)
+    config = {"max_loras": 3, "max_num_batched_tokens": 512}
+    plain, _ = make_engine(tiny_llama, adapters, "off", **config)
+    padded, steps = make_engine(tiny_llama, adapters, "eager", **config)
+    graphs = padded.runner.graphs
+    batches = {}  # the first batch of each graph
+    real = graphs.run
+
+    def remember(batch, key):
+        batches.setdefault(key, batch)
+        return real(batch, key)
+
+    graphs.run = remember
+    assert_same(run(padded, mixed_decode_work()), run(plain, mixed_decode_work()))
+    keys = [key for _, _, key in steps]
+    assert len(set(keys)) > 2 and len(graphs.graphs) == 2
+    assert list(graphs.graphs) == list(dict.fromkeys(reversed(keys)))[:2][::-1]
+    # Used again, a graph is the most recent: of a, b, a, c the two kept are a and c.
+    a, b, c = list(batches)[:3]
+    for key in (a, b, a, c):
+        real(batches[key], key)
+    assert list(graphs.graphs) == [a, c]
+
+
+def test_a_failed_capture_leaves_every_step_eager_with_one_warning(tiny_llama, adapters, monkeypatch, caplog):
+    def fail(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graphs._Graph, "__init__", fail)
+    plain, _ = make_engine(tiny_llama, adapters, "off")
+    padded, steps = make_engine(tiny_llama, adapters, "eager")
+    assert_same(run(padded, mixed_decode_work()), run(plain, mixed_decode_work()))
+    assert len(steps) == 1 and not padded.runner.graphs.graphs and not padded.runner.graphs.enabled
+    assert [r.message for r in caplog.records].count(
+        "CUDA graph capture failed (RuntimeError: operation not permitted when stream is capturing); "
+        "every step runs eagerly from now on") == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 @pytest.mark.parametrize("speculative", ["off", "ngram", "draft"])
 def test_captured_graphs_on_the_gpu_give_what_the_eager_gpu_engine_gives(tiny_llama, adapters, speculative):
