@@ -113,7 +113,7 @@ class DecodeGraphs:
     def key(self, batch: BatchMetadata) -> tuple | None:
         """The graph that runs this (host-side) batch, or None when it runs eagerly."""
         n, a, lora = batch.input_ids.numel(), batch.attention, batch.lora
-        if not self.enabled or n > self.sizes[-1] or a.prefill_spans:
+        if not self.enabled or n == 0 or n > self.sizes[-1] or a.prefill_spans:
             return None
         blocks = min(max(_next_power_of_two(a.block_table.shape[1]), MIN_BLOCKS), self.max_blocks)
         rows = next(s for s in self.sizes if s >= n)
