@@ -109,6 +109,8 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.enabled = True
+        self.num_captured = 0  # since start (/metrics)
+        self.num_replayed = 0
 
     def key(self, batch: BatchMetadata) -> tuple | None:
         """The graph that runs this (host-side) batch, or None when it runs eagerly."""
@@ -152,6 +154,7 @@ class DecodeGraphs:
         host[:n, COLUMNS:COLUMNS + width] = a.block_table.repeat_interleave(a.query_len, dim=0)
         host[:n, COLUMNS + width:] = 0  # past the context: masked
         g.ints.copy_(host)  # blocking: the next step rewrites `host`, and this copy is tiny
+        self.num_replayed += 1
         return g.replay()[:n]
 
     def _padding(self, blocks: int) -> torch.Tensor:
@@ -189,6 +192,7 @@ class DecodeGraphs:
             self.enabled = False
             return None
         self.graphs[key] = g
+        self.num_captured += 1
         if len(self.graphs) > MAX_GRAPHS:
             self.graphs.popitem(last=False)
         if capture:

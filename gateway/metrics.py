@@ -2,7 +2,7 @@
 (time to first token, inter-token, end to end, queue time), finished requests by reason,
 token counts by tenant and adapter (usage metering), and engine gauges read at scrape time
 (running/waiting requests, open requests per tenant, preemptions,
-KV-cache use, prefix-cache hit rate, adapter pool).
+KV-cache use, prefix-cache hit rate, adapter pool, CUDA graphs).
 
 Adapter labels are bounded: the first MAX_ADAPTER_LABELS adapters seen get their own label,
 the rest share "other", so a tenant with thousands of adapters cannot explode cardinality.
@@ -95,6 +95,16 @@ class _EngineCollector:
             loads = s.load_seconds[-100:]
             yield gauge("loragate_adapter_load_seconds_recent_mean", "mean of the last 100 adapter loads",
                         sum(loads) / len(loads) if loads else 0.0)
+        graphs = inner.runner.graphs
+        if graphs is not None:  # on CUDA, unless --cuda-graphs false
+            yield gauge("loragate_cuda_graphs_enabled", "1 while steps may replay CUDA graphs; 0 after a capture failed "
+                        "(every step eager)", int(graphs.enabled))
+            yield gauge("loragate_cuda_graphs_held", "CUDA graphs captured and kept", len(graphs.graphs))
+            for name, doc, value in (("captures", "CUDA graphs captured", graphs.num_captured),
+                                     ("replayed_steps", "engine steps replayed as CUDA graphs", graphs.num_replayed)):
+                c = GaugeMetricFamily(f"loragate_cuda_graph_{name}", f"{doc} since start")
+                c.add_metric([], value)
+                yield c
         c = GaugeMetricFamily("loragate_jump_forward_tokens", "grammar-forced tokens verified as proposals instead of "
                               "decoded one step each, since start")
         c.add_metric([], inner.num_forced_accepted)

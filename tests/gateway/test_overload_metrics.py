@@ -176,3 +176,27 @@ def test_a_full_queue_refuses_the_tenant_that_fills_it_not_the_others(tiny_llama
         assert codes.count(429) > 0 and codes.count(200) >= 3, codes
     finally:
         s.stop()
+
+
+def test_cuda_graph_metrics_count_replayed_steps(tiny_llama, tmp_path, monkeypatch):
+    """On a CPU there are no graphs, and no such metrics. With the graphs' padded form standing
+    in (engine/cuda_graphs.py, not captured), every decode step of a request is replayed."""
+    from loragate.engine.cuda_graphs import DecodeGraphs
+
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
+    s = RunningServer(tiny_llama, None)
+    try:
+        assert "loragate_cuda_graph" not in httpx.get(s.url + "/metrics").text
+        engine = s.state.engine.engine
+        r = engine.runner
+        r.graphs = DecodeGraphs(engine.model, r.kv_caches, r.block_size, engine.kv.num_blocks, 32, engine.lora_pool,
+                                capture=False)
+        body = {"model": "tiny", "prompt": "t5 t6 t7", "max_tokens": 9, "temperature": 0, "ignore_eos": True}
+        assert httpx.post(s.url + "/v1/completions", json=body, headers=s.headers(), timeout=60).status_code == 200
+        m = samples(httpx.get(s.url + "/metrics").text)
+        assert m[("loragate_cuda_graphs_enabled", ())] == 1
+        # the 3-token prompt (a short query: a graph of 4 rows) and 8 decode steps (1 row)
+        assert m[("loragate_cuda_graph_replayed_steps", ())] == 9
+        assert m[("loragate_cuda_graph_captures", ())] == m[("loragate_cuda_graphs_held", ())] == 2
+    finally:
+        s.stop()
