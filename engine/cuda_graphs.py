@@ -62,10 +62,11 @@ def _next_power_of_two(n: int) -> int:
 
 
 class _Graph:
-    """One captured step shape: its static input (device) and pinned staging copy (host)."""
+    """One captured step shape: its static input (device), pinned staging copy (host) and the
+    row that pads it."""
 
-    def __init__(self, ints: torch.Tensor, host: torch.Tensor, step, pool) -> None:
-        self.ints, self.host, self.step = ints, host, step
+    def __init__(self, ints: torch.Tensor, host: torch.Tensor, padding: torch.Tensor, step, pool) -> None:
+        self.ints, self.host, self.padding, self.step = ints, host, padding, step
         self.graph = None
         if pool is None:  # eager: the same computation without capture (CPU tests)
             return
@@ -138,7 +139,7 @@ class DecodeGraphs:
         self.graphs.move_to_end(key)
         n, a, lora = batch.input_ids.numel(), batch.attention, batch.lora
         host, width = g.host, a.block_table.shape[1]
-        host[n:] = self._padding(host.shape[1] - COLUMNS)  # rows a larger earlier step filled
+        host[n:] = g.padding  # rows a larger earlier step filled
         host[:n, TOKEN] = batch.input_ids
         host[:n, POSITION] = batch.positions
         host[:n, SLOT] = a.slot_mapping
@@ -170,7 +171,8 @@ class DecodeGraphs:
     def _capture(self, key: tuple) -> _Graph | None:
         rows, blocks, lora_key = key
         capture = self.pool is not None
-        host = self._padding(blocks).repeat(rows, 1)
+        padding = self._padding(blocks)
+        host = padding.repeat(rows, 1)
         if capture:
             host = host.pin_memory()
         ints = host.to(self.kv_caches[0][0].device)
@@ -186,7 +188,7 @@ class DecodeGraphs:
 
         t0 = time.perf_counter()
         try:
-            g = _Graph(ints, host, step, self.pool)
+            g = _Graph(ints, host, padding, step, self.pool)
         except Exception as e:  # an op that cannot be captured: never fail the step for it
             log.warning("CUDA graph capture failed (%s: %s); every step runs eagerly from now on", type(e).__name__, e)
             self.enabled = False

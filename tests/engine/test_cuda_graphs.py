@@ -14,6 +14,9 @@ from loragate.engine import cuda_graphs
 from loragate.engine.cuda_graphs import DecodeGraphs
 
 PARAMS = dict(temperature=0, ignore_eos=True, logprobs=1)
+# Every adapter of a workload in a slot, and whole prompts in one step: decode batches shrink
+# only as requests finish.
+ROOMY = {"max_loras": 3, "max_num_batched_tokens": 512}
 
 
 def make_engine(model_dir, adapters: dict, graphs: str, device: str = "cpu", **config) -> tuple[LLMEngine, list]:
@@ -34,6 +37,12 @@ def make_engine(model_dir, adapters: dict, graphs: str, device: str = "cpu", **c
         r.graphs.run = lambda batch, key: steps.append(
             (batch.input_ids.numel(), len(batch.sampled_requests), key)) or real(batch, key)
     return engine, steps
+
+
+def engine_pair(model_dir, adapters: dict, graphs: str = "eager", device: str = "cpu", **config):
+    """The same engine without graphs and with them: (plain, with graphs, its graph steps)."""
+    plain, _ = make_engine(model_dir, adapters, "off", device=device, **config)
+    return (plain, *make_engine(model_dir, adapters, graphs, device=device, **config))
 
 
 def run(engine: LLMEngine, work) -> list[tuple[list[int], list[float], list[float]]]:
@@ -78,9 +87,7 @@ def test_padded_decode_steps_match_the_regular_path_and_touch_only_the_scratch_b
     8, 4, 2 and 1, with LoRA rows and base rows side by side, and rows a larger step filled
     that are padding again later."""
     work = mixed_decode_work()
-    config = {"max_loras": 3, "max_num_batched_tokens": 512}
-    plain, _ = make_engine(tiny_llama, adapters, "off", **config)
-    padded, steps = make_engine(tiny_llama, adapters, "eager", **config)
+    plain, padded, steps = engine_pair(tiny_llama, adapters, **ROOMY)
     assert_same(run(padded, work), run(plain, work))
     rows = {n for n, _, _ in steps}
     assert {1, 3, 4, 5, 8} <= rows, rows  # padded (3 -> 4, 5 -> 8) and exact sizes
@@ -108,9 +115,7 @@ def test_verification_short_prompts_and_row_terms_take_the_graphs_and_long_prefi
             (prompt, None, SamplingParams(max_tokens=9, prompt_logprobs=1, **PARAMS)),
             (list(range(3, 30)), "a", SamplingParams(max_tokens=12, **PARAMS)),
             (prompt * 3, "bias", SamplingParams(max_tokens=14, **PARAMS))]
-    config = dict(speculative="ngram", num_speculative_tokens=3)
-    plain, _ = make_engine(tiny_llama, adapters, "off", **config)
-    padded, steps = make_engine(tiny_llama, adapters, "eager", **config)
+    plain, padded, steps = engine_pair(tiny_llama, adapters, speculative="ngram", num_speculative_tokens=3)
     seen = []  # per step: (what it holds, whether it has a long prefill chunk, the graph chosen)
     real_key = padded.runner.graphs.key
 
@@ -136,9 +141,7 @@ def test_rows_times_context_past_the_bound_run_eagerly(tiny_llama, adapters, mon
     """A bound on a graph's rows x context (the memory its attention gather holds): past it,
     steps run eagerly, with the same output."""
     monkeypatch.setattr(cuda_graphs, "MAX_ROW_CONTEXT", 32 * 16)  # e.g. 8 rows of 4 blocks
-    config = {"max_loras": 3, "max_num_batched_tokens": 512}
-    plain, _ = make_engine(tiny_llama, adapters, "off", **config)
-    padded, steps = make_engine(tiny_llama, adapters, "eager", **config)
+    plain, padded, steps = engine_pair(tiny_llama, adapters, **ROOMY)
     g = torch.Generator().manual_seed(3)
     work = [(torch.randint(3, 250, (100,), generator=g).tolist(), None, SamplingParams(max_tokens=m, **PARAMS))
             for m in range(2, 10)]  # contexts of 7 blocks, 8 requests finishing one by one
@@ -149,9 +152,7 @@ def test_rows_times_context_past_the_bound_run_eagerly(tiny_llama, adapters, mon
 
 def test_least_recently_used_graphs_go_past_the_limit(tiny_llama, adapters, monkeypatch):
     monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 2)
-    config = {"max_loras": 3, "max_num_batched_tokens": 512}
-    plain, _ = make_engine(tiny_llama, adapters, "off", **config)
-    padded, steps = make_engine(tiny_llama, adapters, "eager", **config)
+    plain, padded, steps = engine_pair(tiny_llama, adapters, **ROOMY)
     graphs = padded.runner.graphs
     batches = {}  # the first batch of each graph
     real = graphs.run
@@ -177,8 +178,7 @@ def test_a_failed_capture_leaves_every_step_eager_with_one_warning(tiny_llama, a
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(cuda_graphs._Graph, "__init__", fail)
-    plain, _ = make_engine(tiny_llama, adapters, "off")
-    padded, steps = make_engine(tiny_llama, adapters, "eager")
+    plain, padded, steps = engine_pair(tiny_llama, adapters)
     assert_same(run(padded, mixed_decode_work()), run(plain, mixed_decode_work()))
     assert len(steps) == 1 and not padded.runner.graphs.graphs and not padded.runner.graphs.enabled
     assert [r.message for r in caplog.records].count(
@@ -190,11 +190,10 @@ def test_a_failed_capture_leaves_every_step_eager_with_one_warning(tiny_llama, a
 @pytest.mark.parametrize("speculative", ["off", "ngram", "draft"])
 def test_captured_graphs_on_the_gpu_give_what_the_eager_gpu_engine_gives(tiny_llama, adapters, speculative):
     """Decode steps, and with speculation verification steps (and the draft model's steps)."""
-    config = {"max_loras": 3, "max_num_batched_tokens": 512, "speculative": speculative}
+    config = {**ROOMY, "speculative": speculative}
     if speculative == "draft":
         config.update(draft_model=str(tiny_llama), draft_quantization="none")
-    eager, _ = make_engine(tiny_llama, adapters, "off", device="cuda", **config)
-    captured, steps = make_engine(tiny_llama, adapters, "captured", device="cuda", **config)
+    eager, captured, steps = engine_pair(tiny_llama, adapters, "captured", device="cuda", **config)
     work = mixed_decode_work()
     assert_same(run(captured, work), run(eager, work), atol=1e-4)
     graphs = captured.runner.graphs
