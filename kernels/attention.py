@@ -7,6 +7,11 @@ verification) form the "short" batch: on CPU a native kernel reads their K/V str
 the blocks (kernels/native.py); the torch reference gathers them into one padded batch.
 Long prefill chunks run one request at a time through SDPA, where the call overhead is
 amortised over many tokens.
+
+A sliding window (Gemma 3's local layers) limits each query to the last `window` positions,
+its own included. The cache keeps every position, so one cache layout serves both kinds of
+layer; the window is a mask. The native kernel has no window: a windowed layer takes it only
+while no context is longer than the window (so the window hides nothing).
 """
 
 from __future__ import annotations
@@ -53,6 +58,16 @@ class AttentionMetadata:
     prefill_spans: list[PrefillSpan] = field(default_factory=list)
     use_native: bool = True
     _padded: tuple | None = field(default=None, repr=False)  # torch path's gather plan, built once per step
+    _masks: dict = field(default_factory=dict, repr=False)  # the plan's masks by window, built once per step
+    _longest_context: int | None = field(default=None, repr=False)
+
+    def window_hides_nothing(self, window: int | None) -> bool:
+        """No short query's context is longer than `window` (reads context_len once a step)."""
+        if window is None:
+            return True
+        if self._longest_context is None:
+            self._longest_context = int(self.context_len.max())
+        return self._longest_context <= window
 
 
 def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -68,35 +83,40 @@ def write_slots(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) 
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    window: int | None = None) -> torch.Tensor:
     """Semantics: causal softmax attention of every new token over its request's context.
 
     q: [num_tokens, heads, d]; k, v: [num_tokens, kv_heads, d] (already written to the cache);
     caches: [blocks, kv_heads, block_size, d]. Token t of a request whose context holds n tokens and that
     has m new tokens attends to context positions 0 .. n - m + (t's index among the m).
-    Query head h uses KV head h // (heads / kv_heads). Returns [num_tokens, heads, d].
+    Query head h uses KV head h // (heads / kv_heads). With a window, a query at position p
+    sees only positions above p - window. Returns [num_tokens, heads, d].
     """
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     out = torch.empty_like(q)
     if meta.query_start is not None:
-        if meta.use_native and native.supports(q, meta.block_size):
+        if meta.use_native and native.supports(q, meta.block_size) and meta.window_hides_nothing(window):
             native.paged_attention_short(q, k_cache, v_cache, out, meta.query_start, meta.query_len,
                                          meta.context_len, meta.block_table, meta.block_size, scale)
         else:
-            _short_queries_reference(q, k_cache, v_cache, meta, scale, out)
+            _short_queries_reference(q, k_cache, v_cache, meta, scale, out, window)
     for span in meta.prefill_spans:
         qs = q[span.token_start:span.token_end].transpose(0, 1).unsqueeze(0)  # [1, H, m, d]
         if span.context_slots is None:
             ks = k[span.token_start:span.token_end].transpose(0, 1).unsqueeze(0)
             vs = v[span.token_start:span.token_end].transpose(0, 1).unsqueeze(0)
-            o = _sdpa(qs, ks, vs, is_causal=True, scale=scale,
-                                               enable_gqa=num_heads != num_kv_heads)
         else:
             ks = gather_slots(k_cache, span.context_slots).transpose(0, 1).unsqueeze(0)
             vs = gather_slots(v_cache, span.context_slots).transpose(0, 1).unsqueeze(0)
-            m, n = qs.shape[2], ks.shape[2]
+        m, n = qs.shape[2], ks.shape[2]
+        if m == n and (window is None or n <= window):
+            o = _sdpa(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=num_heads != num_kv_heads)
+        else:
             # Bottom-right aligned causal mask: the chunk's last query sees the whole context.
             mask = torch.ones(m, n, dtype=torch.bool, device=q.device).tril_(diagonal=n - m)
+            if window is not None and n > window:
+                mask.triu_(diagonal=n - m - window + 1)  # query i (position n - m + i) sees > its position - window
             group = num_heads // num_kv_heads
             if group > 1 and q.is_cuda:
                 # CUDA's SDPA kernels that take a mask do not take grouped heads: with enable_gqa
@@ -107,8 +127,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return out
 
 
-def _padded_plan(meta: AttentionMetadata, group: int) -> tuple:
-    """Gather indices and mask that turn the short batch into one padded SDPA call."""
+def _padded_plan(meta: AttentionMetadata) -> tuple:
+    """Gather indices that turn the short batch into one padded SDPA call."""
     if meta._padded is None:
         B = meta.query_start.shape[0]
         Q, C = int(meta.query_len.max()), int(meta.context_len.max())
@@ -119,11 +139,23 @@ def _padded_plan(meta: AttentionMetadata, group: int) -> tuple:
         block = meta.block_table.gather(1, (t // meta.block_size).expand(B, C).clamp(max=meta.block_table.shape[1] - 1))
         context_slots = block * meta.block_size + t % meta.block_size  # [B, C]
         query_pos = meta.context_len[:, None] - meta.query_len[:, None] + i  # [B, Q]
-        mask = (t[None, None, :] <= query_pos[:, :, None]) & (t[None, None, :] < meta.context_len[:, None, None])
-        # Rows ordered (head in group, query) to match the folded query layout below.
-        mask = mask.repeat(1, group, 1).unsqueeze(1)  # [B, 1, group*Q, C]
-        meta._padded = (query_index, is_valid.view(-1).nonzero().squeeze(1), query_index[is_valid], context_slots, mask)
+        meta._padded = (query_index, is_valid.view(-1).nonzero().squeeze(1), query_index[is_valid], context_slots,
+                        query_pos)
     return meta._padded
+
+
+def _padded_mask(meta: AttentionMetadata, group: int, window: int | None) -> torch.Tensor:
+    """[B, 1, group*Q, C] (or [B, 1, 1, C] for one query a row): which context positions each
+    query row sees, rows ordered (head in group, query) like the folded query layout."""
+    if window not in meta._masks:
+        query_pos, C = _padded_plan(meta)[4], meta._padded[3].shape[1]
+        t = torch.arange(C, device=query_pos.device)[None, None, :]
+        pos = query_pos[:, :, None]
+        mask = (t <= pos) & (t < meta.context_len[:, None, None])  # [B, Q, C]
+        if window is not None:
+            mask &= t > pos - window
+        meta._masks[window] = (mask if mask.shape[1] == 1 else mask.repeat(1, group, 1)).unsqueeze(1)
+    return meta._masks[window]
 
 
 def decode_metadata(slot_mapping: torch.Tensor, context_len: torch.Tensor, block_table: torch.Tensor,
@@ -136,18 +168,19 @@ def decode_metadata(slot_mapping: torch.Tensor, context_len: torch.Tensor, block
     rows = torch.arange(B, device=block_table.device)
     t = torch.arange(blocks * block_size, device=block_table.device)
     context_slots = block_table.repeat_interleave(block_size, dim=1) * block_size + t % block_size  # [B, C]
-    mask = (t[None, :] < context_len[:, None])[:, None, None, :]  # [B, 1, 1, C]: the token sees all its context
     meta = AttentionMetadata(slot_mapping, block_size, query_start=rows, query_len=torch.ones_like(rows),
                              context_len=context_len, block_table=block_table, use_native=False)
-    meta._padded = (rows[:, None], rows, rows, context_slots, mask)
+    meta._padded = (rows[:, None], rows, rows, context_slots, (context_len - 1)[:, None])
     return meta
 
 
-def _short_queries_reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out) -> None:
+def _short_queries_reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
+                             window: int | None = None) -> None:
     num_heads, d = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
-    query_index, valid_rows, valid_tokens, context_slots, mask = _padded_plan(meta, group)
+    query_index, valid_rows, valid_tokens, context_slots, _ = _padded_plan(meta)
+    mask = _padded_mask(meta, group, window)
     B, Q = query_index.shape
     # Fold the query heads that share a KV head into the query axis, so K/V are used as they
     # are instead of being repeated per query head: [B, kv_heads, group*Q, d].

@@ -1,5 +1,5 @@
 """The pointwise steps of a Llama-family decoder layer: RMSNorm (with the residual add
-fused in), RoPE + KV-cache write, and SiLU-gated multiply.
+fused in), RoPE + KV-cache write, and SiLU- (or GELU-) gated multiply.
 
 Each function has a plain torch reference (written like transformers computes it, so bf16
 rounding happens at the same points) and, on CPU, a native kernel that does the same in one
@@ -63,3 +63,10 @@ def silu_mul(gate_up: torch.Tensor, native: bool = True) -> torch.Tensor:
         return out
     gate, up = gate_up.split(width, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """Semantics: gate_up [T, 2*I] -> gelu_tanh(gate_up[:, :I]) * gate_up[:, I:] (Gemma's MLP;
+    GELU with the tanh approximation, as transformers' gelu_pytorch_tanh)."""
+    gate, up = gate_up.split(gate_up.shape[1] // 2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up

@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random Llama / Qwen2 checkpoints written in HF format, and the
-real bundled model (prepared once into LORAGATE_HOME)."""
+"""Shared fixtures: tiny random Llama / Qwen2 / Gemma 3 checkpoints written in HF format, and
+the real bundled model (prepared once into LORAGATE_HOME)."""
 
 from __future__ import annotations
 
@@ -16,16 +16,27 @@ TINY_VOCAB = 512
 
 def _write_tiny(path, arch: str):
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+                              PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
 
-    torch.manual_seed(0 if arch == "llama" else 1)
+    torch.manual_seed({"llama": 0, "qwen2": 1, "gemma3": 2}[arch])
     common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=arch == "qwen2")
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=arch != "llama")
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}))
-    else:
+    elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        # Two local layers around a global one; a window of 12 tokens (not a multiple of the
+        # KV block) that prompts and outputs outgrow; head_dim and the softmax scale's
+        # query_pre_attn_scalar both other than hidden / heads, as in the real models.
+        common.update(num_hidden_layers=3, pad_token_id=0)
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            **common, head_dim=32, query_pre_attn_scalar=24, sliding_window=12,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}}))
     # Random init gives near-uniform logits; widen them so greedy choices are not near-ties.
     with torch.no_grad():
         for p in model.parameters():
@@ -33,6 +44,8 @@ def _write_tiny(path, arch: str):
                 p.normal_(0, 0.08)
             elif arch == "qwen2" and p.dim() == 1 and p.shape[0] != 64:
                 p.normal_(0, 0.05)  # q/k/v biases
+            elif arch == "gemma3" and p.dim() == 1:
+                p.normal_(0, 0.3)  # norm weights (zero in a fresh model: 1 + weight scales)
     model.save_pretrained(path)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"t{i}": i for i in range(3, TINY_VOCAB)}
     tok = Tokenizer(models.WordLevel({k: v for k, v in vocab.items()}, unk_token="<unk>"))
@@ -55,9 +68,14 @@ def tiny_qwen2(tmp_path_factory):
     return _write_tiny(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
 
 
-@pytest.fixture(scope="session", params=["llama", "qwen2"])
-def tiny_model(request, tiny_llama, tiny_qwen2):
-    return tiny_llama if request.param == "llama" else tiny_qwen2
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory):
+    return _write_tiny(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3")
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2", "gemma3"])
+def tiny_model(request):
+    return request.getfixturevalue(f"tiny_{request.param}")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
-"""Llama-family decoder (Llama, SmolLM2, Mistral-style GQA, Qwen2 with q/k/v bias) over a
-packed variable-length token batch: all tokens of all requests in one [num_tokens, hidden]
-tensor, each with its own position, attending through the paged KV cache."""
+"""Llama-family decoder (Llama, SmolLM2, Mistral-style GQA, Qwen2 with q/k/v bias; Gemma 3's
+variant in gemma3.py) over a packed variable-length token batch: all tokens of all requests
+in one [num_tokens, hidden] tensor, each with its own position, attending through the paged
+KV cache."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from loragate.kernels.dense import dense_linear, pack_weight
 from ..errors import ModelConfigError
 from .linear import Projection
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma3_text")
 # RoPE variants whose frequencies do not depend on the sequence being processed.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -37,11 +38,26 @@ class ModelArchConfig:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
+    # Gemma 3 (gemma3.py; Llama's values by default):
+    attention_scale: float | None = None  # softmax scale; None: head_dim ** -0.5
+    embedding_scale: float | None = None  # the token embeddings are multiplied by it
+    layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window, None for full attention
+
+    @property
+    def is_gemma3(self) -> bool:
+        return self.model_type == "gemma3_text"
 
     @classmethod
     def from_hf(cls, hf) -> "ModelArchConfig":
+        if hf.model_type == "gemma3":
+            raise ModelConfigError("model_type 'gemma3' is Gemma 3's multimodal model; only its text model "
+                                   "(model_type 'gemma3_text', Gemma3ForCausalLM) is supported")
         if hf.model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelConfigError(f"model_type {hf.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        if hf.model_type == "gemma3_text":
+            from .gemma3 import gemma3_arch
+
+            return gemma3_arch(cls, hf)
         if getattr(hf, "use_sliding_window", False):
             raise ModelConfigError("sliding-window attention is not supported")
         if getattr(hf, "hidden_act", "silu") != "silu":
@@ -69,19 +85,23 @@ class ModelArchConfig:
         )
 
 
-def rope_tables(hf_config, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(hf_config, max_positions: int, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [max_positions, head_dim] in fp32, computed like transformers does
-    (its ROPE_INIT_FUNCTIONS give the inverse frequencies and the attention scaling)."""
+    (its ROPE_INIT_FUNCTIONS give the inverse frequencies and the attention scaling).
+    layer_type: for models whose rope_parameters are per layer type (Gemma 3)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     params = getattr(hf_config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": hf_config.rope_theta}
+    if layer_type is not None:
+        params = params[layer_type]
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         scaling = 1.0
     else:
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+        kwargs = {} if layer_type is None else {"layer_type": layer_type}
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), **kwargs)
     freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos() * scaling, emb.sin() * scaling
@@ -98,6 +118,9 @@ class RMSNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    # Checkpoint module name -> attribute: the loader fills these norms' weights.
+    NORMS = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm"}
+
     def __init__(self, c: ModelArchConfig, dtype: torch.dtype, index: int):
         super().__init__()
         self.c = c
@@ -127,20 +150,26 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    layer_class = DecoderLayer
+    norm_class = RMSNorm
+
     def __init__(self, c: ModelArchConfig, hf_config, dtype: torch.dtype, max_positions: int):
         super().__init__()
         self.config = c
         self.dtype = dtype
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(c, dtype, i) for i in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype)
+        self.layers = nn.ModuleList(self.layer_class(c, dtype, i) for i in range(c.num_layers))
+        self.norm = self.norm_class(c.hidden_size, c.rms_norm_eps, dtype)
         self.lm_head = None if c.tie_word_embeddings else nn.Parameter(
             torch.empty(c.vocab_size, c.hidden_size, dtype=dtype), requires_grad=False)
-        cos, sin = rope_tables(hf_config, max_positions)
+        cos, sin = self.rope_for(hf_config, max_positions)
         # Cast like transformers (which computes in fp32, then casts to the activation dtype).
         self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
+
+    def rope_for(self, hf_config, max_positions: int):
+        return rope_tables(hf_config, max_positions)
 
     @property
     def device(self) -> torch.device:

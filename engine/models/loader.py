@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import ModelConfigError
+from .gemma3 import Gemma3ForCausalLM
 from .llama import LlamaForCausalLM, ModelArchConfig
 
 # Checkpoint module -> (our fused projection, its slice name).
@@ -50,7 +51,7 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, int4: bo
     model_dir = Path(model_dir)
     hf_config = load_hf_config(model_dir)
     arch = ModelArchConfig.from_hf(hf_config)
-    model = LlamaForCausalLM(arch, hf_config, dtype, max_positions)
+    model = (Gemma3ForCausalLM if arch.is_gemma3 else LlamaForCausalLM)(arch, hf_config, dtype, max_positions)
     layers = model.layers
     loaded: set[str] = set()
     for name, tensor in _checkpoint_tensors(model_dir):
@@ -67,8 +68,8 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, int4: bo
             _, idx, rest = name.split(".", 2)
             layer = layers[int(idx)]
             module, _, kind = rest.rpartition(".")
-            if module in ("input_layernorm", "post_attention_layernorm"):
-                target = getattr(layer, module).weight
+            if module in layer.NORMS and kind == "weight":
+                target = getattr(layer, layer.NORMS[module]).weight
             elif module in _FUSED and kind in ("weight", "bias"):
                 proj_name, slice_name = _FUSED[module]
                 proj = getattr(layer, proj_name)
@@ -87,7 +88,7 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, int4: bo
             raise ModelConfigError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(target.shape)}")
         target.copy_(tensor)
         loaded.add(name)
-    expected = 2 + arch.num_layers * (2 + len(_FUSED)) + (0 if arch.tie_word_embeddings else 1)
+    expected = 2 + arch.num_layers * (len(layers[0].NORMS) + len(_FUSED)) + (0 if arch.tie_word_embeddings else 1)
     expected += arch.num_layers * (3 * arch.qkv_bias + arch.o_bias + 3 * arch.mlp_bias)
     if len(loaded) != expected:
         raise ModelConfigError(f"checkpoint in {model_dir} holds {len(loaded)} of the {expected} tensors the model needs")

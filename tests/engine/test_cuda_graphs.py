@@ -106,6 +106,16 @@ def test_padded_decode_steps_match_the_regular_path_and_touch_only_the_scratch_b
     assert plain.runner.kv_cache[:, :, -1].abs().sum() == 0 and padded.runner.kv_cache[:, :, -1].abs().sum() > 0
 
 
+def test_padded_decode_steps_with_sliding_window_layers_match_the_regular_path(tiny_gemma3, save_lora, tmp_path):
+    """Gemma 3's local layers see only their last 12 positions, global ones everything: the
+    padded form masks each row's window as the regular path does, at contexts far past it."""
+    lora = save_lora(tiny_gemma3, tmp_path / "a", 0.4, seed=1, r=8, lora_alpha=16, target_modules="all-linear")
+    work = [(prompt, adapter and "a", params) for prompt, adapter, params in mixed_decode_work()]
+    plain, padded, steps = engine_pair(tiny_gemma3, {"a": lora}, **ROOMY)
+    assert_same(run(padded, work), run(plain, work))
+    assert {key[1] for _, _, key in steps} >= {4, 16}  # contexts of 4 to 10 blocks of 16 tokens
+
+
 def test_verification_short_prompts_and_row_terms_take_the_graphs_and_long_prefills_do_not(tiny_llama, adapters):
     """Speculative verification (1 + k token rows per request), short prompt chunks and DoRA /
     lora_bias row terms run on the graphs; long prefill chunks keep a step off them. Either way

@@ -97,12 +97,13 @@ class Case:
             meta.prefill_spans.append(PrefillSpan(start, start + n, slots))
         return meta
 
-    def run(self, use_native: bool) -> torch.Tensor:
+    def run(self, use_native: bool, window: int | None = None) -> torch.Tensor:
         return paged_attention(self.q, self.k_new, self.v_new, self.k_cache, self.v_cache, self.meta(use_native),
-                               self.scale)
+                               self.scale, window)
 
-    def naive(self) -> torch.Tensor:
-        """Per request, per head: softmax(q K^T * scale, causal limit) V in float64."""
+    def naive(self, window: int | None = None) -> torch.Tensor:
+        """Per request, per head: softmax(q K^T * scale, causal limit) V in float64; with a
+        window, query j also sees nothing at or below limit[j] - window."""
         out = torch.zeros(self.num_tokens, self.heads, self.d, dtype=torch.float64)
         for i, (ctx, n, _) in enumerate(self.requests):
             s = self.query_start[i]
@@ -113,7 +114,11 @@ class Case:
                 v = self.v_ctx[i][:, kvh].double()
                 scores = q @ k.T * self.scale  # [n, ctx]
                 limit = ctx - n + torch.arange(n)  # query j sees positions 0 .. limit[j]
-                scores = scores.masked_fill(torch.arange(ctx)[None, :] > limit[:, None], float("-inf"))
+                pos = torch.arange(ctx)[None, :]
+                hidden = pos > limit[:, None]
+                if window is not None:
+                    hidden |= pos <= limit[:, None] - window
+                scores = scores.masked_fill(hidden, float("-inf"))
                 out[s:s + n, h] = scores.softmax(dim=-1) @ v
         return out
 
@@ -372,5 +377,24 @@ def test_decode_metadata_with_a_padded_block_table_matches_naive(dtype, group):
     for row, ids in enumerate(case.block_ids):
         table[row, :len(ids)] = ids
     meta = decode_metadata(regular.slot_mapping, regular.context_len, table, case.block_size)
-    got = paged_attention(case.q, case.k_new, case.v_new, case.k_cache, case.v_cache, meta, case.scale)
-    assert_close_to(got, case.naive(), dtype, f"decode_metadata group={group}")
+    for window in (None, 5, 40):  # Gemma 3's local layers share the step's metadata with global ones
+        got = paged_attention(case.q, case.k_new, case.v_new, case.k_cache, case.v_cache, meta, case.scale, window)
+        assert_close_to(got, case.naive(window), dtype, f"decode_metadata group={group} window={window}")
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 37, 300])
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch"])
+def test_sliding_window_matches_naive(window, use_native):
+    """Gemma 3's local layers: each query sees its last `window` positions. Decode, speculative
+    and prefill queries (with and without a cached prefix), contexts shorter and longer than
+    the window, windows below, at and above the block size; a batch whose contexts all fit
+    the window keeps the native kernel."""
+    requests = [(1, 1, "short"), (40, 1, "short"), (300, 4, "short"), (16, 1, "short"), (90, 90, "prefill"),
+                (200, 30, "prefill"), (17, 17, "prefill")]
+    for dtype, group in [(torch.float32, 2), (torch.bfloat16, 4)]:
+        case = Case(requests, kv_heads=2, group=group, head_dim=64, block_size=16, dtype=dtype, seed=window)
+        assert_close_to(case.run(use_native, window), case.naive(window), dtype, f"window {window} {dtype}")
+    fits = Case([(10, 1, "short"), (12, 3, "short")], kv_heads=1, group=4, head_dim=32, block_size=16,
+                dtype=torch.float32, seed=0)
+    assert fits.meta(True).window_hides_nothing(12) and not fits.meta(True).window_hides_nothing(11)
+    assert_close_to(fits.run(use_native, 12), fits.naive(None), torch.float32, "window the contexts fit")

@@ -1,0 +1,158 @@
+"""Gemma 3's text decoder (Gemma3ForCausalLM, e.g. gemma-3-270m) on the Llama-family
+machinery of llama.py: the same fused, LoRA-targetable projections, paged KV cache and
+packed token batch. What differs, each computed where transformers computes it so bf16
+rounds at the same points:
+- RMSNorm scales by (1 + weight), in fp32 before rounding; a layer has four of them (norms
+  before and after attention and MLP), and q and k are normed per head before RoPE;
+- the embeddings are multiplied by sqrt(hidden_size); softmax scale query_pre_attn_scalar^-0.5;
+- GELU (tanh approximation) gates the MLP;
+- local layers attend over a sliding window with their own RoPE base; global ones see
+  everything."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loragate.kernels import layer_ops
+from loragate.kernels.attention import paged_attention
+
+from ..errors import ModelConfigError
+from .linear import Projection
+from .llama import SUPPORTED_ROPE_TYPES, LlamaForCausalLM, rope_tables
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def gemma3_arch(cls, hf):
+    """ModelArchConfig for a Gemma3TextConfig; refuses what this decoder does not compute."""
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(hf, name, None) is not None:
+            raise ModelConfigError(f"{name} is not supported")
+    if getattr(hf, "use_bidirectional_attention", False):
+        raise ModelConfigError("use_bidirectional_attention is not supported (a causal LM is)")
+    if hf.hidden_activation != "gelu_pytorch_tanh":
+        raise ModelConfigError(f"hidden_activation {hf.hidden_activation!r} is not supported (only gelu_pytorch_tanh)")
+    if unknown := set(hf.layer_types) - set(LAYER_TYPES):
+        raise ModelConfigError(f"layer types {sorted(unknown)} are not supported")
+    for layer_type in set(hf.layer_types):
+        rope_type = hf.rope_parameters[layer_type].get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ModelConfigError(f"rope_type {rope_type!r} ({layer_type}) is not supported "
+                                   f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    bias = bool(getattr(hf, "attention_bias", False))
+    return cls(
+        model_type=hf.model_type,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads,
+        num_kv_heads=hf.num_key_value_heads,
+        head_dim=hf.head_dim,
+        rms_norm_eps=hf.rms_norm_eps,
+        max_position_embeddings=hf.max_position_embeddings,
+        tie_word_embeddings=bool(hf.tie_word_embeddings),
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=False,
+        attention_scale=hf.query_pre_attn_scalar ** -0.5,
+        embedding_scale=hf.hidden_size ** 0.5,
+        layer_windows=tuple(hf.sliding_window if t == "sliding_attention" else None
+                            for t in hf.layer_types[:hf.num_hidden_layers]),
+    )
+
+
+class GemmaRMSNorm(nn.Module):
+    """(x / rms(x)) * (1 + weight), all in fp32, rounded once at the end."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(size, dtype=dtype), requires_grad=False)
+        self.eps = eps
+        self._multiplier: torch.Tensor | None = None  # 1 + weight in fp32, made once the weights are loaded
+
+    @property
+    def multiplier(self) -> torch.Tensor:
+        if self._multiplier is None or self._multiplier.device != self.weight.device:
+            self._multiplier = 1.0 + self.weight.float()
+        return self._multiplier
+
+    def forward(self, x: torch.Tensor, residual_delta: torch.Tensor | None = None, native: bool = True) -> torch.Tensor:
+        """Like llama.RMSNorm: residual_delta, if given, is first added to x in place."""
+        if residual_delta is not None:
+            x.add_(residual_delta)
+        return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps) * self.multiplier).to(x.dtype)
+
+
+class Gemma3DecoderLayer(nn.Module):
+    # Checkpoint module name -> attribute: the loader fills these norms' weights.
+    NORMS = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm",
+             "pre_feedforward_layernorm": "pre_feedforward_layernorm",
+             "post_feedforward_layernorm": "post_feedforward_layernorm",
+             "self_attn.q_norm": "q_norm", "self_attn.k_norm": "k_norm"}
+
+    def __init__(self, c, dtype: torch.dtype, index: int):
+        super().__init__()
+        self.c = c
+        q, kv, h, i = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            setattr(self, name, GemmaRMSNorm(h, c.rms_norm_eps, dtype))
+        self.q_norm = GemmaRMSNorm(c.head_dim, c.rms_norm_eps, dtype)
+        self.k_norm = GemmaRMSNorm(c.head_dim, c.rms_norm_eps, dtype)
+        self.qkv_proj = Projection(h, {"q_proj": q, "k_proj": kv, "v_proj": kv}, c.qkv_bias, dtype, index)
+        self.o_proj = Projection(q, {"o_proj": h}, c.o_bias, dtype, index)
+        self.gate_up_proj = Projection(h, {"gate_proj": i, "up_proj": i}, False, dtype, index)
+        self.down_proj = Projection(i, {"down_proj": h}, False, dtype, index)
+        self.scale = c.attention_scale
+        self.window = c.layer_windows[index]
+
+    def _norm_heads(self, qkv: torch.Tensor) -> None:
+        """q and k heads of qkv [T, (heads + 2*kv_heads) * d] normed in place, each over d."""
+        c = self.c
+        qk = qkv[:, :(c.num_heads + c.num_kv_heads) * c.head_dim].view(qkv.shape[0], -1, c.head_dim)
+        multiplier = torch.cat((self.q_norm.multiplier.expand(c.num_heads, -1),
+                                self.k_norm.multiplier.expand(c.num_kv_heads, -1)))
+        qk.copy_(F.rms_norm(qk.float(), (c.head_dim,), eps=self.q_norm.eps) * multiplier)
+
+    def forward(self, x, pending, rope, k_cache, v_cache, batch) -> torch.Tensor:
+        """As llama.DecoderLayer.forward: x is the residual stream, updated in place; pending
+        (the previous layer's output) is added to it first; returns this layer's output."""
+        c, native = self.c, batch.use_native_kernels
+        T = x.shape[0]
+        qkv = self.qkv_proj.forward(self.input_layernorm.forward(x, pending), batch)
+        self._norm_heads(qkv)
+        q, k, v = layer_ops.rope_write_kv(qkv, batch.positions, rope[0], rope[1], c.num_heads, c.num_kv_heads,
+                                          c.head_dim, batch.attention.slot_mapping, k_cache, v_cache, native)
+        attn = paged_attention(q, k, v, k_cache, v_cache, batch.attention, self.scale, self.window)
+        attn = self.post_attention_layernorm.forward(self.o_proj.forward(attn.view(T, -1), batch))
+        h = self.pre_feedforward_layernorm.forward(x, attn)
+        mlp = self.down_proj.forward(layer_ops.gelu_tanh_mul(self.gate_up_proj.forward(h, batch)), batch)
+        return self.post_feedforward_layernorm.forward(mlp)
+
+
+class Gemma3ForCausalLM(LlamaForCausalLM):
+    layer_class = Gemma3DecoderLayer
+    norm_class = GemmaRMSNorm
+
+    def __init__(self, c, hf_config, dtype: torch.dtype, max_positions: int):
+        super().__init__(c, hf_config, dtype, max_positions)
+        # rope_cos/rope_sin (llama.py) are the global layers' tables; the local layers' base differs.
+        cos, sin = rope_tables(hf_config, max_positions, "sliding_attention")
+        self.register_buffer("rope_local_cos", cos.to(dtype), persistent=False)
+        self.register_buffer("rope_local_sin", sin.to(dtype), persistent=False)
+        # Rounded to the weights' dtype from fp32, as transformers does.
+        self.register_buffer("embedding_scale", torch.tensor(c.embedding_scale).to(dtype), persistent=False)
+
+    def rope_for(self, hf_config, max_positions: int):
+        return rope_tables(hf_config, max_positions, "full_attention")
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, batch) -> torch.Tensor:
+        x = self.embed_tokens(input_ids) * self.embedding_scale
+        pending = None
+        full, local = (self.rope_cos, self.rope_sin), (self.rope_local_cos, self.rope_local_sin)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            pending = layer.forward(x, pending, full if layer.window is None else local, k_cache, v_cache, batch)
+        return self.norm(x, pending)
