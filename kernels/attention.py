@@ -10,8 +10,7 @@ amortised over many tokens.
 
 A sliding window (Gemma 3's local layers) limits each query to the last `window` positions,
 its own included. The cache keeps every position, so one cache layout serves both kinds of
-layer; the window is a mask. The native kernel has no window: a windowed layer takes it only
-while no context is longer than the window (so the window hides nothing).
+layer; the window is a mask (in the native kernel, in its softmax).
 """
 
 from __future__ import annotations
@@ -59,15 +58,6 @@ class AttentionMetadata:
     use_native: bool = True
     _padded: tuple | None = field(default=None, repr=False)  # torch path's gather plan, built once per step
     _masks: dict = field(default_factory=dict, repr=False)  # the plan's masks by window, built once per step
-    _longest_context: int | None = field(default=None, repr=False)
-
-    def window_hides_nothing(self, window: int | None) -> bool:
-        """No short query's context is longer than `window` (reads context_len once a step)."""
-        if window is None:
-            return True
-        if self._longest_context is None:
-            self._longest_context = int(self.context_len.max())
-        return self._longest_context <= window
 
 
 def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -96,9 +86,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     out = torch.empty_like(q)
     if meta.query_start is not None:
-        if meta.use_native and native.supports(q, meta.block_size) and meta.window_hides_nothing(window):
+        if meta.use_native and native.supports(q, meta.block_size):
             native.paged_attention_short(q, k_cache, v_cache, out, meta.query_start, meta.query_len,
-                                         meta.context_len, meta.block_table, meta.block_size, scale)
+                                         meta.context_len, meta.block_table, meta.block_size, scale, window)
         else:
             _short_queries_reference(q, k_cache, v_cache, meta, scale, out, window)
     for span in meta.prefill_spans:

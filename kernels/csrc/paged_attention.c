@@ -10,7 +10,10 @@
  *   out    [num_tokens, heads, d]          row stride out_stride
  * Request b owns query tokens query_start[b] .. +query_len[b]; its context (cached tokens and
  * the new ones, already written) is context_len[b] tokens long, mapped by block_table[b, :].
- * Query i of request b sees context positions 0 .. context_len - query_len + i.
+ * Query i of request b sees context positions 0 .. context_len - query_len + i; with a sliding
+ * window (window > 0) only the last `window` of them. The window is applied in the softmax
+ * (positions before it get probability 0), so scores are still computed from position 0:
+ * exact, and cheap while contexts are a few windows long.
  * Query head h reads KV head h / (heads / kv_heads).
  * Element type: bf16 (is_bf16 = 1) or fp32 for q, caches and out alike.
  */
@@ -37,19 +40,24 @@ static inline float dot(const float *restrict a, const float *restrict b, int n)
 
 
 /* Causal softmax of each score row (stride cs) in place: row r (query r / group) covers
- * positions 0 .. first_limit + r / group; later positions get probability 0. */
-static void softmax_rows(float *scores, int cs, int rows, int group, int first_limit, int ctx) {
+ * positions 0 .. first_limit + r / group, or with window > 0 only the last `window` of them;
+ * other positions get probability 0. */
+static void softmax_rows(float *scores, int cs, int rows, int group, int first_limit, int ctx, int window) {
     for (int r = 0; r < rows; r++) {
         const int len = first_limit + r / group + 1;
-        float *sr = scores + (size_t)r * cs, m = sr[0];
+        const int start = window > 0 && len > window ? len - window : 0;
+        float *sr = scores + (size_t)r * cs, m = sr[start];
+        for (int t = 0; t < start; t++) sr[t] = 0.f;
+        sr += start;
+        const int n = len - start;
 #pragma omp simd reduction(max:m)
-        for (int t = 0; t < len; t++) m = sr[t] > m ? sr[t] : m;
+        for (int t = 0; t < n; t++) m = sr[t] > m ? sr[t] : m;
 #pragma omp simd
-        for (int t = 0; t < len; t++) sr[t] -= m;
-        const float inv = 1.f / exp_inplace_sum(sr, len);
+        for (int t = 0; t < n; t++) sr[t] -= m;
+        const float inv = 1.f / exp_inplace_sum(sr, n);
 #pragma omp simd
-        for (int t = 0; t < len; t++) sr[t] *= inv;
-        for (int t = len; t < ctx; t++) sr[t] = 0.f;
+        for (int t = 0; t < n; t++) sr[t] *= inv;
+        for (int t = n; t < ctx - start; t++) sr[t] = 0.f;
     }
 }
 
@@ -322,7 +330,7 @@ static void attend_one(const char *q, int64_t q_stride, const char *k_cache, con
                        int kv_heads, char *out, int64_t out_stride, int64_t q0, int n, int ctx,
                        const int64_t *blocks, int kvh, int group, int d, int block_size, float scale,
                        int is_bf16, float *restrict qf, float *restrict acc, float *restrict scores,
-                       float *restrict tile, int use_amx) {
+                       float *restrict tile, int use_amx, int window) {
     const size_t es = is_bf16 ? 2 : 4;
     const int rows = group * n, first_limit = ctx - n; /* query i sees 0 .. first_limit + i */
 #ifdef HAVE_BF16_FAST_PATH
@@ -342,7 +350,7 @@ static void attend_one(const char *q, int64_t q_stride, const char *k_cache, con
                 scores_amx(q_rows + r0, rc, (const uint16_t *)k_cache, kv_heads, blocks, kvh, d, block_size, ctx,
                            scale, cs, scores + (size_t)r0 * cs);
             }
-            softmax_rows(scores, cs, rows, group, first_limit, ctx);
+            softmax_rows(scores, cs, rows, group, first_limit, ctx, window);
             for (int r0 = 0; r0 < rows; r0 += 16) {
                 const int rc = rows - r0 < 16 ? rows - r0 : 16;
                 values_amx(scores + (size_t)r0 * cs, cs, (const uint16_t *)v_cache, kv_heads, blocks, kvh, block_size,
@@ -353,7 +361,7 @@ static void attend_one(const char *q, int64_t q_stride, const char *k_cache, con
         {
             scores_bf16(q_rows, rows, (const uint16_t *)k_cache, kv_heads, blocks, kvh, d, block_size, ctx, scale,
                         cs, scores);
-            softmax_rows(scores, cs, rows, group, first_limit, ctx);
+            softmax_rows(scores, cs, rows, group, first_limit, ctx, window);
             values_bf16(scores, cs, (const uint16_t *)v_cache, kv_heads, blocks, kvh, block_size, d, rows, group,
                         first_limit, acc);
         }
@@ -376,7 +384,7 @@ static void attend_one(const char *q, int64_t q_stride, const char *k_cache, con
             for (int r = 0; r < rows; r++) scores[(size_t)r * ctx + t0 + tt] = dot(qf + (size_t)r * d, tile, d);
         }
     }
-    softmax_rows(scores, ctx, rows, group, first_limit, ctx);
+    softmax_rows(scores, ctx, rows, group, first_limit, ctx, window);
     memset(acc, 0, sizeof(float) * (size_t)rows * d);
     for (int t0 = 0; t0 < ctx; t0 += block_size) {
         const int nt = ctx - t0 < block_size ? ctx - t0 : block_size;
@@ -403,7 +411,7 @@ int paged_attention(const void *q, int64_t q_stride, const void *k_cache, const 
                     void *out, int64_t out_stride, int num_requests,
                     const int64_t *query_start, const int64_t *query_len, const int64_t *context_len,
                     const int64_t *block_table, int64_t max_blocks, int heads, int kv_heads, int d,
-                    int block_size, float scale, int is_bf16, int num_threads) {
+                    int block_size, float scale, int is_bf16, int num_threads, int window) {
     if (d > 256 || block_size > 64 || heads % kv_heads) return -1;
     const int group = heads / kv_heads;
     int failed = 0;
@@ -424,7 +432,7 @@ int paged_attention(const void *q, int64_t q_stride, const void *k_cache, const 
         else
             attend_one(q, q_stride, k_cache, v_cache, kv_heads, out, out_stride, query_start[b], n, ctx,
                        block_table + b * max_blocks, kvh, group, d, block_size, scale, is_bf16, qf, acc,
-                       scores, tile, use_amx);
+                       scores, tile, use_amx, window);
         free(qf); free(acc); free(scores); free(tile);
     }
 #ifdef HAVE_AMX_ATTENTION

@@ -96,3 +96,31 @@ def test_real_smollm2_matches_hf_fp32(real_model_dir):
         logits = model.compute_logits(model(batch.input_ids, batch.positions, runner.kv_caches, batch))
         ref = hf(torch.tensor([prompt])).logits[0]
     torch.testing.assert_close(logits, ref, atol=2e-3, rtol=0)
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_matches_hf_fp32(real_gemma3_dir):
+    """Gemma 3 270M: greedy tokens identical to transformers', a prompt of 700 tokens past its
+    512-token sliding window included, and the long prompt's logits (prefill path) close."""
+    import inspect
+
+    import argparse as text
+
+    llm = LLM(str(real_gemma3_dir), dtype="float32", progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(real_gemma3_dir, dtype=torch.float32)
+    tok = llm.tokenizer
+    long_prompt = tok.encode(inspect.getsource(text))[:700]
+    prompts = [tok.encode(t) for t in ["The capital of France is", "def fibonacci(n):", "Once upon a time"]]
+    outs = llm.generate(prompts + [long_prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    for prompt, out in zip(prompts + [long_prompt], outs):
+        assert out.token_ids == hf_greedy(hf, prompt, 16), tok.decode(prompt[:20])
+    model = llm.engine.model
+    with torch.inference_mode():
+        req = Request("x", long_prompt, SamplingParams())
+        kv = KVCacheManager(64, 16)
+        runner = ModelRunner(model, 64, 16)
+        kv.allocate(req, len(long_prompt))
+        batch = build_batch([(req, len(long_prompt))], 16)
+        logits = model.compute_logits(model(batch.input_ids, batch.positions, runner.kv_caches, batch))
+        ref = hf(torch.tensor([long_prompt])).logits[0]
+    torch.testing.assert_close(logits, ref, atol=2e-3, rtol=0)

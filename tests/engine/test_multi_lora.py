@@ -36,8 +36,12 @@ def peft_greedy(base_dir, adapter_dir, prompt, n):
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, adapter_dir) if adapter_dir else base
     model.eval()
+    out = torch.tensor([prompt])
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        # A plain argmax loop, not generate(): its min_new_tokens (to run all n steps) bans EOS,
+        # while the engine's ignore_eos only keeps going past it (Gemma 3 does pick EOS here).
+        for _ in range(n):
+            out = torch.cat((out, model(out).logits[:, -1].argmax(-1, keepdim=True)), dim=1)
         logits = model(out[:, :-1]).logits[0, len(prompt) - 1:]
     return out[0, len(prompt):].tolist(), torch.log_softmax(logits.float(), dim=-1)
 
@@ -54,6 +58,15 @@ def test_mixed_batch_matches_peft_per_adapter(tiny_llama, adapter_dirs):
 @pytest.mark.slow
 def test_mixed_batch_matches_peft_on_smollm2(real_model_dir, real_adapter_dirs):
     check_mixed_batch(real_model_dir, real_adapter_dirs, vocab=49152, logprob_atol=2e-3)
+
+
+@pytest.mark.slow
+def test_mixed_batch_matches_peft_on_gemma3_270m(real_gemma3_dir, tmp_path_factory, save_lora):
+    root = tmp_path_factory.mktemp("gemma3-adapters")
+    dirs = {name: save_lora(real_gemma3_dir, root / name, 0.02, seed=i, r=r, lora_alpha=2 * r, target_modules=t)
+            for i, (name, r, t) in enumerate([("attn", 8, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+                                               ("all", 16, "all-linear")])}
+    check_mixed_batch(real_gemma3_dir, dirs, vocab=262144, logprob_atol=2e-3)
 
 
 def check_mixed_batch(model_dir, adapter_dirs, vocab, logprob_atol=1e-4):

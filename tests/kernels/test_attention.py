@@ -387,14 +387,11 @@ def test_decode_metadata_with_a_padded_block_table_matches_naive(dtype, group):
 def test_sliding_window_matches_naive(window, use_native):
     """Gemma 3's local layers: each query sees its last `window` positions. Decode, speculative
     and prefill queries (with and without a cached prefix), contexts shorter and longer than
-    the window, windows below, at and above the block size; a batch whose contexts all fit
-    the window keeps the native kernel."""
+    the window, windows below, at and above the block size, head dims of the bf16 fast path
+    and of the generic one (Gemma's 256)."""
     requests = [(1, 1, "short"), (40, 1, "short"), (300, 4, "short"), (16, 1, "short"), (90, 90, "prefill"),
                 (200, 30, "prefill"), (17, 17, "prefill")]
-    for dtype, group in [(torch.float32, 2), (torch.bfloat16, 4)]:
-        case = Case(requests, kv_heads=2, group=group, head_dim=64, block_size=16, dtype=dtype, seed=window)
-        assert_close_to(case.run(use_native, window), case.naive(window), dtype, f"window {window} {dtype}")
-    fits = Case([(10, 1, "short"), (12, 3, "short")], kv_heads=1, group=4, head_dim=32, block_size=16,
-                dtype=torch.float32, seed=0)
-    assert fits.meta(True).window_hides_nothing(12) and not fits.meta(True).window_hides_nothing(11)
-    assert_close_to(fits.run(use_native, 12), fits.naive(None), torch.float32, "window the contexts fit")
+    for dtype, group, d in [(torch.float32, 2, 64), (torch.bfloat16, 4, 64), (torch.bfloat16, 4, 256),
+                            (torch.bfloat16, 1, 32)]:
+        case = Case(requests, kv_heads=2, group=group, head_dim=d, block_size=16, dtype=dtype, seed=window)
+        assert_close_to(case.run(use_native, window), case.naive(window), dtype, f"window {window} {dtype} d={d}")
