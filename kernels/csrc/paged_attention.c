@@ -142,15 +142,17 @@ static void configure_scores(int rows) {
                         _tile_loadd(7, (kp) + 96, stride); _tile_dpbf16ps(C, 7, 6); }     \
     } while (0)
 
+/* Dims dim0 .. dim0 + 128 (or d) of the product; with dim0 > 0 the scores are added to the
+ * ones an earlier call stored (four query tiles cover 128 dims, so d = 256 takes two calls). */
 static void scores_amx(const uint16_t *const *q_rows, int rows, const uint16_t *k_cache, int kv_heads,
                        const int64_t *blocks, int kvh, int d, int block_size, int ctx, float scale, int cs,
-                       float *scores) {
-    const int nv = d / 32;
+                       float *scores, int dim0) {
+    const int nv = d - dim0 < 128 ? (d - dim0) / 32 : 4;
     const int64_t stride = (int64_t)d * 2;
     uint32_t qt[4][16][16] __attribute__((aligned(64)));
     for (int v = 0; v < nv; v++)
         for (int p = 0; p < 16; p++)
-            for (int r = 0; r < rows; r++) qt[v][p][r] = ((const uint32_t *)q_rows[r])[16 * v + p];
+            for (int r = 0; r < rows; r++) qt[v][p][r] = ((const uint32_t *)(q_rows[r] + dim0))[16 * v + p];
     _tile_loadd(3, qt[0], 64);
     if (nv > 1) _tile_loadd(4, qt[1], 64);
     if (nv > 2) { _tile_loadd(5, qt[2], 64); _tile_loadd(6, qt[3], 64); }
@@ -159,19 +161,24 @@ static void scores_amx(const uint16_t *const *q_rows, int rows, const uint16_t *
         /* two chunks in flight, one per score tile */
         const int nt0 = ctx - t0 < 16 ? ctx - t0 : 16, t1 = t0 + 16, nt1 = ctx - t1 < 16 ? ctx - t1 : 16;
         const uint16_t *k0 = k_cache + kv_offset(blocks[t0 / block_size] * block_size + t0 % block_size, kvh,
-                                                 kv_heads, block_size, d);
+                                                 kv_heads, block_size, d) + dim0;
         SCORE_CHUNK(0, k0, nv);
         if (nt1 > 0) {
             const uint16_t *k1 = k_cache + kv_offset(blocks[t1 / block_size] * block_size + t1 % block_size, kvh,
-                                                     kv_heads, block_size, d);
+                                                     kv_heads, block_size, d) + dim0;
             SCORE_CHUNK(1, k1, nv);
         }
         _tile_stored(0, st[0], 64);
         if (nt1 > 0) _tile_stored(1, st[1], 64);
         for (int r = 0; r < rows; r++) {
             float *sr = scores + (size_t)r * cs + t0;
-            for (int tt = 0; tt < nt0; tt++) sr[tt] = st[0][tt][r] * scale;
-            for (int tt = 0; tt < nt1; tt++) sr[16 + tt] = st[1][tt][r] * scale;
+            if (dim0 == 0) {
+                for (int tt = 0; tt < nt0; tt++) sr[tt] = st[0][tt][r] * scale;
+                for (int tt = 0; tt < nt1; tt++) sr[16 + tt] = st[1][tt][r] * scale;
+            } else {
+                for (int tt = 0; tt < nt0; tt++) sr[tt] += st[0][tt][r] * scale;
+                for (int tt = 0; tt < nt1; tt++) sr[16 + tt] += st[1][tt][r] * scale;
+            }
         }
     }
 }
@@ -334,7 +341,13 @@ static void attend_one(const char *q, int64_t q_stride, const char *k_cache, con
     const size_t es = is_bf16 ? 2 : 4;
     const int rows = group * n, first_limit = ctx - n; /* query i sees 0 .. first_limit + i */
 #ifdef HAVE_BF16_FAST_PATH
-    if (is_bf16 && (d == 32 || d == 64 || d == 128) && block_size % 16 == 0) {
+    /* d = 256 (Gemma 3) only on AMX: the AVX-512 values path keeps d / 16 vectors per row in registers */
+#ifdef HAVE_AMX_ATTENTION
+    const int amx_d256 = d == 256 && use_amx;
+#else
+    const int amx_d256 = 0;
+#endif
+    if (is_bf16 && (d == 32 || d == 64 || d == 128 || amx_d256) && block_size % 16 == 0) {
         const int cs = (ctx + 15) / 16 * 16;
         const uint16_t *q_rows[rows];
         for (int i = 0; i < n; i++)
@@ -347,8 +360,9 @@ static void attend_one(const char *q, int64_t q_stride, const char *k_cache, con
             for (int r0 = 0; r0 < rows; r0 += 16) {
                 const int rc = rows - r0 < 16 ? rows - r0 : 16;
                 configure_scores(rc);
-                scores_amx(q_rows + r0, rc, (const uint16_t *)k_cache, kv_heads, blocks, kvh, d, block_size, ctx,
-                           scale, cs, scores + (size_t)r0 * cs);
+                for (int dim0 = 0; dim0 < d; dim0 += 128)
+                    scores_amx(q_rows + r0, rc, (const uint16_t *)k_cache, kv_heads, blocks, kvh, d, block_size,
+                               ctx, scale, cs, scores + (size_t)r0 * cs, dim0);
             }
             softmax_rows(scores, cs, rows, group, first_limit, ctx, window);
             for (int r0 = 0; r0 < rows; r0 += 16) {

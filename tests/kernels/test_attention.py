@@ -219,11 +219,13 @@ def test_every_context_length_around_block_boundaries(dtype, block_size):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_native_reads_only_the_context(dtype):
+@pytest.mark.parametrize("head_dim", (64, 256))
+def test_native_reads_only_the_context(dtype, head_dim):
     # NaN in every slot a request does not own (spare blocks, the tail of its last block):
     # the native kernel must never touch them (a probability-0 NaN still poisons a sum).
     reqs = [(ctx, n, "short") for ctx, n in ((1, 1), (17, 1), (31, 5), (40, 16), (65, 2), (100, 1))]
-    case = Case(reqs, kv_heads=2, group=3, head_dim=64, block_size=16, dtype=dtype, seed=3, garbage=float("nan"))
+    case = Case(reqs, kv_heads=2, group=3, head_dim=head_dim, block_size=16, dtype=dtype, seed=3,
+                garbage=float("nan"))
     assert_close_to(case.run(use_native=True), case.naive(), dtype, "native with NaN outside the context")
 
 
