@@ -71,6 +71,24 @@ def serve_router(settings: GatewaySettings) -> int:
     return 0
 
 
+def _example_call(base: str, model: str, model_dir) -> str:
+    """A curl line for the banner: a chat request, or a completion for a model without a chat
+    template (a base model such as gemma-3-270m, whose chat requests are refused)."""
+    import json
+    from pathlib import Path
+
+    config = Path(model_dir) / "tokenizer_config.json"
+    try:
+        has_template = (Path(model_dir) / "chat_template.jinja").is_file() or "chat_template" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        has_template = True  # unknown: show the usual call
+    if has_template:
+        return (f"curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
+                f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'")
+    return (f"curl {base}/v1/completions -H 'Content-Type: application/json' "
+            f"-d '{{\"model\": \"{model}\", \"prompt\": \"Once upon a time\", \"max_tokens\": 32}}'")
+
+
 def serve(engine_config, settings: GatewaySettings) -> int:
     import uvicorn
 
@@ -92,15 +110,13 @@ def serve(engine_config, settings: GatewaySettings) -> int:
 
     # Fail now, with one line, for a model that cannot exist; preparing a catalog model
     # (first run only) happens here too, with its progress on the terminal.
-    resolve_model(engine_config.model)
+    model_dir = resolve_model(engine_config.model)
     state = ServerState(keys=keys, max_waiting=settings.max_waiting_requests,
                         max_tenant_requests=settings.max_tenant_requests)
     app = build_app(state, make_loader(engine_config, settings))
     app.state.settings = settings
     base = f"http://{settings.host}:{settings.port}"
     print(f"loragate: serving on {base} (model loads in the background; {base}/readyz says when it is up)\n"
-          f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
-          f"-d '{{\"model\": \"{settings.served_model_name or engine_config.model}\", "
-          f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'", file=sys.stderr)
+          f"  {_example_call(base, settings.served_model_name or engine_config.model, model_dir)}", file=sys.stderr)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=os.environ.get("LORAGATE_LOG_LEVEL", "warning"))
     return 0

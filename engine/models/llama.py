@@ -157,7 +157,9 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = c
         self.dtype = dtype
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
+        # Given its (uninitialised) weight, Embedding skips its random init: 0.9 s for Gemma's 262k rows.
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size,
+                                         _weight=torch.empty(c.vocab_size, c.hidden_size, dtype=dtype))
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(self.layer_class(c, dtype, i) for i in range(c.num_layers))
         self.norm = self.norm_class(c.hidden_size, c.rms_norm_eps, dtype)

@@ -87,3 +87,21 @@ def test_generate_with_an_adapter_and_bad_adapter_errors(tiny_llama, tmp_path, c
     assert "adapter_config.json is missing" in capsys.readouterr().err
     assert main(base + ["--use-adapter", "ghost"]) == 2
     assert "names no adapter" in capsys.readouterr().err
+
+
+def test_serve_banner_shows_a_call_the_model_answers(tiny_llama, tmp_path):
+    """A chat call for a model with a chat template; a completion for a base model without one
+    (gemma-3-270m), whose chat requests the server refuses."""
+    import shutil
+
+    from loragate.gateway.server import _example_call
+
+    assert "/v1/chat/completions" in _example_call("http://h:1", "m", tiny_llama)
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    call = _example_call("http://h:1", "m", base)
+    assert "/v1/completions" in call and '"prompt"' in call
