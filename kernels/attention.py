@@ -97,8 +97,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             ks = k[span.token_start:span.token_end].transpose(0, 1).unsqueeze(0)
             vs = v[span.token_start:span.token_end].transpose(0, 1).unsqueeze(0)
         else:
-            ks = gather_slots(k_cache, span.context_slots).transpose(0, 1).unsqueeze(0)
-            vs = gather_slots(v_cache, span.context_slots).transpose(0, 1).unsqueeze(0)
+            slots = span.context_slots
+            if window is not None:  # nothing before the chunk's first query's window
+                slots = slots[max(0, slots.shape[0] - (span.token_end - span.token_start) - window + 1):]
+            ks = gather_slots(k_cache, slots).transpose(0, 1).unsqueeze(0)
+            vs = gather_slots(v_cache, slots).transpose(0, 1).unsqueeze(0)
         m, n = qs.shape[2], ks.shape[2]
         if m == n and (window is None or n <= window):
             o = _sdpa(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=num_heads != num_kv_heads)
@@ -106,7 +109,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             # Bottom-right aligned causal mask: the chunk's last query sees the whole context.
             mask = torch.ones(m, n, dtype=torch.bool, device=q.device).tril_(diagonal=n - m)
             if window is not None and n > window:
-                mask.triu_(diagonal=n - m - window + 1)  # query i (position n - m + i) sees > its position - window
+                mask.triu_(diagonal=n - m - window + 1)  # query i (n - m + i here) sees > its position - window
             group = num_heads // num_kv_heads
             if group > 1 and q.is_cuda:
                 # CUDA's SDPA kernels that take a mask do not take grouped heads: with enable_gqa

@@ -11,9 +11,10 @@
  * Request b owns query tokens query_start[b] .. +query_len[b]; its context (cached tokens and
  * the new ones, already written) is context_len[b] tokens long, mapped by block_table[b, :].
  * Query i of request b sees context positions 0 .. context_len - query_len + i; with a sliding
- * window (window > 0) only the last `window` of them. The window is applied in the softmax
- * (positions before it get probability 0), so scores are still computed from position 0:
- * exact, and cheap while contexts are a few windows long.
+ * window (window > 0) only the last `window` of them: the softmax gives the positions before
+ * it probability 0, and the K/V passes start at the first one any query of the task sees
+ * (rounded down to 16 tokens, or to a block on the generic path), so a long context costs a
+ * windowed layer only its window.
  * Query head h reads KV head h / (heads / kv_heads).
  * Element type: bf16 (is_bf16 = 1) or fp32 for q, caches and out alike.
  */
@@ -92,9 +93,9 @@ static inline void prefetch_rows(const uint16_t *cache, int kv_heads, const int6
  * scores has row stride cs (ctx rounded up to 16). block_size is a multiple of 16. */
 static void scores_bf16(const uint16_t *const *q_rows, int rows, const uint16_t *k_cache, int kv_heads,
                         const int64_t *blocks, int kvh, int d, int block_size, int ctx, float scale, int cs,
-                        float *scores) {
+                        float *scores, int begin) {
     const int nv = d / 32;
-    for (int t0 = 0; t0 < ctx; t0 += 16) {
+    for (int t0 = begin; t0 < ctx; t0 += 16) {
         const int nt = ctx - t0 < 16 ? ctx - t0 : 16;
         const int64_t base = blocks[t0 / block_size] * block_size + t0 % block_size;
         prefetch_rows(k_cache, kv_heads, blocks, kvh, d, block_size, t0 + 16, ctx);
@@ -146,7 +147,7 @@ static void configure_scores(int rows) {
  * ones an earlier call stored (four query tiles cover 128 dims, so d = 256 takes two calls). */
 static void scores_amx(const uint16_t *const *q_rows, int rows, const uint16_t *k_cache, int kv_heads,
                        const int64_t *blocks, int kvh, int d, int block_size, int ctx, float scale, int cs,
-                       float *scores, int dim0) {
+                       float *scores, int dim0, int begin) {
     const int nv = d - dim0 < 128 ? (d - dim0) / 32 : 4;
     const int64_t stride = (int64_t)d * 2;
     uint32_t qt[4][16][16] __attribute__((aligned(64)));
@@ -157,7 +158,7 @@ static void scores_amx(const uint16_t *const *q_rows, int rows, const uint16_t *
     if (nv > 1) _tile_loadd(4, qt[1], 64);
     if (nv > 2) { _tile_loadd(5, qt[2], 64); _tile_loadd(6, qt[3], 64); }
     float st[2][16][16] __attribute__((aligned(64)));
-    for (int t0 = 0; t0 < ctx; t0 += 32) {
+    for (int t0 = begin; t0 < ctx; t0 += 32) {
         /* two chunks in flight, one per score tile */
         const int nt0 = ctx - t0 < 16 ? ctx - t0 : 16, t1 = t0 + 16, nt1 = ctx - t1 < 16 ? ctx - t1 : 16;
         const uint16_t *k0 = k_cache + kv_offset(blocks[t0 / block_size] * block_size + t0 % block_size, kvh,
@@ -201,7 +202,7 @@ static void configure_values(int rows) {
  * tokens are interleaved into AMX's operand order on the fly; positions at or past len are
  * zeros (never read from the cache), so stale blocks cannot leak in even as NaN * 0. */
 static void values_amx(const float *p, int cs, const uint16_t *v_cache, int kv_heads, const int64_t *blocks,
-                       int kvh, int block_size, int d, int rows, int len, float *acc) {
+                       int kvh, int block_size, int d, int rows, int len, float *acc, int begin) {
     const __m512i idx_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                             39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     const __m512i idx_hi = _mm512_add_epi16(idx_lo, _mm512_set1_epi16(16));
@@ -214,7 +215,7 @@ static void values_amx(const float *p, int cs, const uint16_t *v_cache, int kv_h
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
-        for (int t0 = 0; t0 < len; t0 += 32) {
+        for (int t0 = begin; t0 < len; t0 += 32) {
             const int nt = len - t0 < 32 ? len - t0 : 32;
             const __mmask16 m0 = nt >= 16 ? 0xFFFF : (__mmask16)((1u << nt) - 1);
             const __mmask16 m1 = nt <= 16 ? 0 : nt >= 32 ? 0xFFFF : (__mmask16)((1u << (nt - 16)) - 1);
@@ -287,11 +288,11 @@ static inline __attribute__((always_inline)) void load_bf16x32(const uint16_t *p
 static inline __attribute__((always_inline)) void values_rows(const float *p, int cs, const uint16_t *v_cache,
                                                               int kv_heads, const int64_t *blocks, int kvh,
                                                               int block_size, int len, const int NV, const int R,
-                                                              float *acc) {
+                                                              float *acc, int begin) {
     __m512 a[4][8];
     for (int r = 0; r < R; r++)
         for (int v = 0; v < NV; v++) a[r][v] = _mm512_setzero_ps();
-    for (int t = 0; t < len; t++) {
+    for (int t = begin; t < len; t++) {
         if (t % 16 == 0) prefetch_rows(v_cache, kv_heads, blocks, kvh, NV * 16, block_size, t + 16, len);
         const uint16_t *vp = v_cache + kv_offset(blocks[t / block_size] * block_size + t % block_size, kvh, kv_heads,
                                                            block_size, NV * 16);
@@ -308,7 +309,7 @@ static inline __attribute__((always_inline)) void values_rows(const float *p, in
 
 static void values_bf16(const float *p, int cs, const uint16_t *v_cache, int kv_heads,
                         const int64_t *blocks, int kvh, int block_size, int d, int rows, int group,
-                        int first_limit, float *acc) {
+                        int first_limit, float *acc, int begin) {
     const int nv = d / 16, chunk = nv <= 4 ? 4 : 2;
     for (int r0 = 0; r0 < rows; r0 += chunk) {
         const int rc = rows - r0 < chunk ? rows - r0 : chunk;
@@ -316,7 +317,7 @@ static void values_bf16(const float *p, int cs, const uint16_t *v_cache, int kv_
         const int len = first_limit + (r0 + rc - 1) / group + 1;
         const float *pr = p + (size_t)r0 * cs;
         float *ar = acc + (size_t)r0 * d;
-#define VALUES_CASE(NV_, R_) values_rows(pr, cs, v_cache, kv_heads, blocks, kvh, block_size, len, NV_, R_, ar)
+#define VALUES_CASE(NV_, R_) values_rows(pr, cs, v_cache, kv_heads, blocks, kvh, block_size, len, NV_, R_, ar, begin)
         if (nv == 4) {
             if (rc == 4) VALUES_CASE(4, 4); else if (rc == 3) VALUES_CASE(4, 3);
             else if (rc == 2) VALUES_CASE(4, 2); else VALUES_CASE(4, 1);
@@ -340,6 +341,8 @@ static void attend_one(const char *q, int64_t q_stride, const char *k_cache, con
                        float *restrict tile, int use_amx, int window) {
     const size_t es = is_bf16 ? 2 : 4;
     const int rows = group * n, first_limit = ctx - n; /* query i sees 0 .. first_limit + i */
+    /* the first position any row sees: query 0's window start (later queries' start later) */
+    const int begin = window > 0 && first_limit + 1 > window ? first_limit + 1 - window : 0;
 #ifdef HAVE_BF16_FAST_PATH
     /* d = 256 (Gemma 3) only on AMX: the AVX-512 values path keeps d / 16 vectors per row in registers */
 #ifdef HAVE_AMX_ATTENTION
@@ -348,7 +351,7 @@ static void attend_one(const char *q, int64_t q_stride, const char *k_cache, con
     const int amx_d256 = 0;
 #endif
     if (is_bf16 && (d == 32 || d == 64 || d == 128 || amx_d256) && block_size % 16 == 0) {
-        const int cs = (ctx + 15) / 16 * 16;
+        const int cs = (ctx + 15) / 16 * 16, begin16 = begin / 16 * 16;
         const uint16_t *q_rows[rows];
         for (int i = 0; i < n; i++)
             for (int j = 0; j < group; j++)
@@ -362,22 +365,22 @@ static void attend_one(const char *q, int64_t q_stride, const char *k_cache, con
                 configure_scores(rc);
                 for (int dim0 = 0; dim0 < d; dim0 += 128)
                     scores_amx(q_rows + r0, rc, (const uint16_t *)k_cache, kv_heads, blocks, kvh, d, block_size,
-                               ctx, scale, cs, scores + (size_t)r0 * cs, dim0);
+                               ctx, scale, cs, scores + (size_t)r0 * cs, dim0, begin16);
             }
             softmax_rows(scores, cs, rows, group, first_limit, ctx, window);
             for (int r0 = 0; r0 < rows; r0 += 16) {
                 const int rc = rows - r0 < 16 ? rows - r0 : 16;
                 values_amx(scores + (size_t)r0 * cs, cs, (const uint16_t *)v_cache, kv_heads, blocks, kvh, block_size,
-                           d, rc, ctx, acc + (size_t)r0 * d);
+                           d, rc, ctx, acc + (size_t)r0 * d, begin16);
             }
         } else
 #endif
         {
             scores_bf16(q_rows, rows, (const uint16_t *)k_cache, kv_heads, blocks, kvh, d, block_size, ctx, scale,
-                        cs, scores);
+                        cs, scores, begin16);
             softmax_rows(scores, cs, rows, group, first_limit, ctx, window);
             values_bf16(scores, cs, (const uint16_t *)v_cache, kv_heads, blocks, kvh, block_size, d, rows, group,
-                        first_limit, acc);
+                        first_limit, acc, begin16);
         }
         store_out(out, out_stride, q0, n, group, kvh, d, acc, is_bf16);
         return;
@@ -390,7 +393,8 @@ static void attend_one(const char *q, int64_t q_stride, const char *k_cache, con
             for (int x = 0; x < d; x++) dst[x] *= scale;
         }
     /* Scores: each K row is converted once and dotted with every query row of the group. */
-    for (int t0 = 0; t0 < ctx; t0 += block_size) {
+    const int first_block = begin / block_size * block_size;
+    for (int t0 = first_block; t0 < ctx; t0 += block_size) {
         const int nt = ctx - t0 < block_size ? ctx - t0 : block_size;
         const int64_t base = blocks[t0 / block_size] * block_size;
         for (int tt = 0; tt < nt; tt++) {
@@ -400,7 +404,7 @@ static void attend_one(const char *q, int64_t q_stride, const char *k_cache, con
     }
     softmax_rows(scores, ctx, rows, group, first_limit, ctx, window);
     memset(acc, 0, sizeof(float) * (size_t)rows * d);
-    for (int t0 = 0; t0 < ctx; t0 += block_size) {
+    for (int t0 = first_block; t0 < ctx; t0 += block_size) {
         const int nt = ctx - t0 < block_size ? ctx - t0 : block_size;
         const int64_t base = blocks[t0 / block_size] * block_size;
         for (int tt = 0; tt < nt; tt++)
