@@ -19,14 +19,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual_delta: 
              native: bool = True) -> torch.Tensor:
     """Semantics: if residual_delta is given, first x += residual_delta (in place: x is the
     residual stream). Returns weight * (x / sqrt(mean(x^2) + eps)), normalised in fp32 and
-    rounded to x's dtype before the weight. x: [rows, width] contiguous."""
+    rounded to x's dtype before the weight (Llama), or, for an fp32 weight, after it (Gemma,
+    whose weight here is 1 + its checkpoint's). x: [rows, width] contiguous."""
     if native and x.is_contiguous() and _native.usable(x, weight):
         out = torch.empty_like(x)
         _native.rms_norm(x, None if residual_delta is None else residual_delta.contiguous(), weight, out, eps)
         return out
     if residual_delta is not None:
         x.add_(residual_delta)
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    if weight.dtype == torch.float32:
+        return (normed * weight).to(x.dtype)
+    return weight * normed.to(x.dtype)
 
 
 def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -81,7 +81,7 @@ def library() -> ctypes.CDLL | None:
         signatures = {
             "paged_attention": [ptr, i64, ptr, ptr, ptr, i64, i32, ptr, ptr, ptr, ptr, i64, i32, i32, i32,
                                 i32, f32, i32, i32, i32],
-            "rms_norm": [ptr, ptr, ptr, ptr, i64, i32, f32, i32, i32],
+            "rms_norm": [ptr, ptr, ptr, ptr, i64, i32, f32, i32, i32, i32],
             "rope_write_kv": [ptr, i64, i64, ptr, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, i32, i32, i32],
             "silu_mul": [ptr, ptr, i64, i32, i32, i32],
             "lora_add": [ptr, i64, i32, ptr, i64, i32, ptr, i32, i32, ptr, ptr, ptr, ptr, ptr, i64, ptr, i32, i32, i32],
@@ -134,10 +134,12 @@ def _check(rc: int, what: str) -> None:
 
 
 def rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor, eps: float) -> None:
+    """weight in x's dtype (Llama: rounded before it) or fp32 (Gemma: rounded after it)."""
     rows, width = x.shape
+    fp32_weight = weight.dtype == torch.float32 and x.dtype != torch.float32
     _check(library().rms_norm(x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
                               out.data_ptr(), rows, width, eps, int(x.dtype == torch.bfloat16),
-                              torch.get_num_threads()), "rms_norm")
+                              torch.get_num_threads(), int(fp32_weight)), "rms_norm")
 
 
 def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,

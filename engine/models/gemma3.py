@@ -81,9 +81,7 @@ class GemmaRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual_delta: torch.Tensor | None = None, native: bool = True) -> torch.Tensor:
         """Like llama.RMSNorm: residual_delta, if given, is first added to x in place."""
-        if residual_delta is not None:
-            x.add_(residual_delta)
-        return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps) * self.multiplier).to(x.dtype)
+        return layer_ops.rms_norm(x, self.multiplier, self.eps, residual_delta, native)
 
 
 class Gemma3DecoderLayer(nn.Module):
@@ -122,15 +120,15 @@ class Gemma3DecoderLayer(nn.Module):
         (the previous layer's output) is added to it first; returns this layer's output."""
         c, native = self.c, batch.use_native_kernels
         T = x.shape[0]
-        qkv = self.qkv_proj.forward(self.input_layernorm.forward(x, pending), batch)
+        qkv = self.qkv_proj.forward(self.input_layernorm.forward(x, pending, native), batch)
         self._norm_heads(qkv)
         q, k, v = layer_ops.rope_write_kv(qkv, batch.positions, rope[0], rope[1], c.num_heads, c.num_kv_heads,
                                           c.head_dim, batch.attention.slot_mapping, k_cache, v_cache, native)
         attn = paged_attention(q, k, v, k_cache, v_cache, batch.attention, self.scale, self.window)
-        attn = self.post_attention_layernorm.forward(self.o_proj.forward(attn.view(T, -1), batch))
-        h = self.pre_feedforward_layernorm.forward(x, attn)
+        attn = self.post_attention_layernorm.forward(self.o_proj.forward(attn.view(T, -1), batch), None, native)
+        h = self.pre_feedforward_layernorm.forward(x, attn, native)
         mlp = self.down_proj.forward(layer_ops.gelu_tanh_mul(self.gate_up_proj.forward(h, batch)), batch)
-        return self.post_feedforward_layernorm.forward(mlp)
+        return self.post_feedforward_layernorm.forward(mlp, None, native)
 
 
 class Gemma3ForCausalLM(LlamaForCausalLM):
@@ -155,4 +153,4 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         full, local = (self.rope_cos, self.rope_sin), (self.rope_local_cos, self.rope_local_sin)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             pending = layer.forward(x, pending, full if layer.window is None else local, k_cache, v_cache, batch)
-        return self.norm(x, pending)
+        return self.norm(x, pending, batch.use_native_kernels)

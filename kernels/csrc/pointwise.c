@@ -15,14 +15,16 @@ static inline const char *at(const void *base, int64_t index, int is_bf16) {
 }
 
 /* If delta: x[t] = x[t] + delta[t] (in place, rounded).  Then
- * out[t] = w * round(x[t] / sqrt(mean(x[t]^2) + eps)), as the HF Llama RMSNorm does. */
+ * out[t] = w * round(x[t] / sqrt(mean(x[t]^2) + eps)), as the HF Llama RMSNorm does; with
+ * fp32_weight (w is fp32 whatever x is), out[t] = round(w * x[t] / sqrt(...)), as Gemma's
+ * (whose w is 1 + its weight). */
 int rms_norm(void *x, const void *delta, const void *w, void *out, int64_t rows, int width, float eps,
-             int is_bf16, int num_threads) {
+             int is_bf16, int num_threads, int fp32_weight) {
     if (width > MAX_WIDTH) return -1;
     const int nt = rows * width >= PARALLEL_MIN_ELEMENTS ? num_threads : 1;
     float *wf = malloc(sizeof(float) * width);
     if (!wf) return -1;
-    load_row(wf, w, width, is_bf16);
+    load_row(wf, w, width, is_bf16 && !fp32_weight);
 #pragma omp parallel for num_threads(nt) if (nt > 1)
     for (int64_t t = 0; t < rows; t++) {
         float v[MAX_WIDTH + ROW_PAD], dv[MAX_WIDTH + ROW_PAD];
@@ -40,7 +42,7 @@ int rms_norm(void *x, const void *delta, const void *w, void *out, int64_t rows,
         const float inv = 1.f / sqrtf(ss / width + eps);
 #pragma omp simd
         for (int i = 0; i < width; i++) v[i] *= inv;
-        round_row(v, width, is_bf16);
+        if (!fp32_weight) round_row(v, width, is_bf16); /* Llama rounds before the weight, Gemma after */
 #pragma omp simd
         for (int i = 0; i < width; i++) v[i] *= wf[i];
         store_row((char *)at(out, t * width, is_bf16), v, width, is_bf16);

@@ -101,6 +101,32 @@ def test_rms_norm(dtype, rows, width, with_residual):
     assert_close_to_float64(out_native, rms_norm_float64(expected_x, weight, eps), label)
 
 
+@pytest.mark.parametrize("rows,width", [(1, 640), (16, 640), (100, 640), (7, 1536)])
+@pytest.mark.parametrize("with_residual", (False, True))
+def test_rms_norm_with_an_fp32_weight_rounds_after_it(rows, width, with_residual):
+    """Gemma's norm on bf16 activations: the fp32 weight (1 + the checkpoint's) scales the fp32
+    normalised row, then the product is rounded once. Against transformers' Gemma3RMSNorm too."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    g = torch.Generator().manual_seed(rows * 31 + width)
+    x0 = (torch.randn(rows, width, generator=g) * 3).to(torch.bfloat16)
+    delta = (torch.randn(rows, width, generator=g) * 2).to(torch.bfloat16) if with_residual else None
+    hf = Gemma3RMSNorm(width, eps=1e-6)
+    with torch.no_grad():
+        hf.weight.copy_(torch.randn(width, generator=g) * 0.5)
+    multiplier = 1.0 + hf.weight.detach().to(torch.bfloat16).float()
+    hf.weight.data = hf.weight.data.to(torch.bfloat16)
+    x_native, x_ref = x0.clone(), x0.clone()
+    out_native = layer_ops.rms_norm(x_native, multiplier, 1e-6, delta, native=True)
+    out_ref = layer_ops.rms_norm(x_ref, multiplier, 1e-6, delta, native=False)
+    label = f"fp32-weight rms_norm {rows}x{width} residual={with_residual}"
+    assert_native_matches_reference(out_native, out_ref, label)
+    expected_x = x0 + delta if with_residual else x0
+    assert torch.equal(x_native, expected_x) and torch.equal(x_ref, expected_x)
+    with torch.no_grad():
+        assert_native_matches_reference(out_native, hf(expected_x), f"{label} vs transformers")
+
+
 def test_rms_norm_rows_are_independent():
     # Row t's output depends on row t only: a kernel that mixes up the per-row scale, or that
     # threads over rows incorrectly, fails this even where values are close overall.
