@@ -20,7 +20,7 @@ from loragate.kernels.attention import paged_attention
 
 from ..errors import ModelConfigError
 from .linear import Projection
-from .llama import SUPPORTED_ROPE_TYPES, LlamaForCausalLM, rope_tables
+from .llama import SUPPORTED_ROPE_TYPES, LlamaForCausalLM, common_fields, rope_tables
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -43,17 +43,7 @@ def gemma3_arch(cls, hf):
                                    f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
     bias = bool(getattr(hf, "attention_bias", False))
     return cls(
-        model_type=hf.model_type,
-        vocab_size=hf.vocab_size,
-        hidden_size=hf.hidden_size,
-        intermediate_size=hf.intermediate_size,
-        num_layers=hf.num_hidden_layers,
-        num_heads=hf.num_attention_heads,
-        num_kv_heads=hf.num_key_value_heads,
-        head_dim=hf.head_dim,
-        rms_norm_eps=hf.rms_norm_eps,
-        max_position_embeddings=hf.max_position_embeddings,
-        tie_word_embeddings=bool(hf.tie_word_embeddings),
+        **common_fields(hf),
         qkv_bias=bias,
         o_bias=bias,
         mlp_bias=False,

@@ -84,9 +84,11 @@ def test_real_smollm2_matches_hf_fp32(real_model_dir):
     outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == hf_greedy(hf, prompt, 24), tok.decode(prompt)
-    # Logits of a whole prompt, prefill path, against HF.
-    model = llm.engine.model
-    prompt = prompts[5]
+    assert_prefill_logits_close(llm.engine.model, hf, prompts[5])
+
+
+def assert_prefill_logits_close(model, hf, prompt, atol=2e-3):
+    """The logits of a whole prompt in one prefill step, against HF's forward."""
     with torch.inference_mode():
         req = Request("x", prompt, SamplingParams())
         kv = KVCacheManager(64, 16)
@@ -95,7 +97,7 @@ def test_real_smollm2_matches_hf_fp32(real_model_dir):
         batch = build_batch([(req, len(prompt))], 16)
         logits = model.compute_logits(model(batch.input_ids, batch.positions, runner.kv_caches, batch))
         ref = hf(torch.tensor([prompt])).logits[0]
-    torch.testing.assert_close(logits, ref, atol=2e-3, rtol=0)
+    torch.testing.assert_close(logits, ref, atol=atol, rtol=0)
 
 
 @pytest.mark.slow
@@ -114,13 +116,4 @@ def test_real_gemma3_270m_matches_hf_fp32(real_gemma3_dir):
     outs = llm.generate(prompts + [long_prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
     for prompt, out in zip(prompts + [long_prompt], outs):
         assert out.token_ids == hf_greedy(hf, prompt, 16), tok.decode(prompt[:20])
-    model = llm.engine.model
-    with torch.inference_mode():
-        req = Request("x", long_prompt, SamplingParams())
-        kv = KVCacheManager(64, 16)
-        runner = ModelRunner(model, 64, 16)
-        kv.allocate(req, len(long_prompt))
-        batch = build_batch([(req, len(long_prompt))], 16)
-        logits = model.compute_logits(model(batch.input_ids, batch.positions, runner.kv_caches, batch))
-        ref = hf(torch.tensor([long_prompt])).logits[0]
-    torch.testing.assert_close(logits, ref, atol=2e-3, rtol=0)
+    assert_prefill_logits_close(llm.engine.model, hf, long_prompt)
