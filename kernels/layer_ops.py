@@ -1,5 +1,5 @@
 """The pointwise steps of a Llama-family decoder layer: RMSNorm (with the residual add
-fused in), RoPE + KV-cache write, and SiLU- (or GELU-) gated multiply.
+fused in; per head for q and k), RoPE + KV-cache write, and SiLU- (or GELU-) gated multiply.
 
 Each function has a plain torch reference (written like transformers computes it, so bf16
 rounding happens at the same points) and, on CPU, a native kernel that does the same in one
@@ -31,6 +31,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual_delta: 
     if weight.dtype == torch.float32:
         return (normed * weight).to(x.dtype)
     return weight * normed.to(x.dtype)
+
+
+def rms_norm_heads(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, num_heads: int,
+                   num_kv_heads: int, head_dim: int, eps: float) -> None:
+    """Semantics: the q and k heads of qkv [T, (heads + 2*kv_heads) * d] RMS-normed in place,
+    each over its d values, with q_weight / k_weight [d], rounded as rms_norm rounds (Qwen3:
+    before the weight; Gemma 3, whose weights come as fp32 1 + weight: after it)."""
+    qk = qkv[:, :(num_heads + num_kv_heads) * head_dim].view(qkv.shape[0], -1, head_dim)
+    weight = torch.cat((q_weight.expand(num_heads, -1), k_weight.expand(num_kv_heads, -1)))
+    normed = F.rms_norm(qk.float(), (head_dim,), eps=eps)
+    qk.copy_(normed * weight if weight.dtype == torch.float32 else weight * normed.to(qkv.dtype))
 
 
 def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

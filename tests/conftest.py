@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random Llama / Qwen2 / Gemma 3 checkpoints written in HF format, and
+"""Shared fixtures: tiny random Llama / Qwen2 / Qwen3 / Gemma 3 checkpoints written in HF format, and
 the real bundled model (prepared once into LORAGATE_HOME)."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ TINY_VOCAB = 512
 def _write_tiny(path, arch: str):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
-                              PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+                              PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-    torch.manual_seed({"llama": 0, "qwen2": 1, "gemma3": 2}[arch])
+    torch.manual_seed({"llama": 0, "qwen2": 1, "gemma3": 2, "qwen3": 3}[arch])
     common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=arch != "llama")
@@ -27,6 +27,11 @@ def _write_tiny(path, arch: str):
         model = LlamaForCausalLM(LlamaConfig(**common, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}))
     elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif arch == "qwen3":
+        # q/k norms, head_dim other than hidden / heads, and its second layer on a 20-token
+        # sliding window (use_sliding_window from max_window_layers on).
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=32, use_sliding_window=True, sliding_window=20,
+                                             max_window_layers=1))
     else:
         # Two local layers around a global one; a window of 12 tokens (not a multiple of the
         # KV block) that prompts and outputs outgrow; head_dim and the softmax scale's
@@ -46,6 +51,8 @@ def _write_tiny(path, arch: str):
                 p.normal_(0, 0.05)  # q/k/v biases
             elif arch == "gemma3" and p.dim() == 1:
                 p.normal_(0, 0.3)  # norm weights (zero in a fresh model: 1 + weight scales)
+            elif arch == "qwen3" and p.dim() == 1:
+                p.normal_(1, 0.3)  # norm weights (one in a fresh model)
     model.save_pretrained(path)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"t{i}": i for i in range(3, TINY_VOCAB)}
     tok = Tokenizer(models.WordLevel({k: v for k, v in vocab.items()}, unk_token="<unk>"))
@@ -73,7 +80,12 @@ def tiny_gemma3(tmp_path_factory):
     return _write_tiny(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3")
 
 
-@pytest.fixture(scope="session", params=["llama", "qwen2", "gemma3"])
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory):
+    return _write_tiny(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3")
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3", "gemma3"])
 def tiny_model(request):
     return request.getfixturevalue(f"tiny_{request.param}")
 

@@ -12,7 +12,6 @@ rounds at the same points:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loragate.kernels import layer_ops
@@ -20,7 +19,7 @@ from loragate.kernels.attention import paged_attention
 
 from ..errors import ModelConfigError
 from .linear import Projection
-from .llama import SUPPORTED_ROPE_TYPES, LlamaForCausalLM, common_fields, rope_tables
+from .llama import SUPPORTED_ROPE_TYPES, LlamaForCausalLM, common_fields, layer_windows, rope_tables
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -49,8 +48,8 @@ def gemma3_arch(cls, hf):
         mlp_bias=False,
         attention_scale=hf.query_pre_attn_scalar ** -0.5,
         embedding_scale=hf.hidden_size ** 0.5,
-        layer_windows=tuple(hf.sliding_window if t == "sliding_attention" else None
-                            for t in hf.layer_types[:hf.num_hidden_layers]),
+        qk_norm=True,
+        layer_windows=layer_windows(hf),
     )
 
 
@@ -95,15 +94,7 @@ class Gemma3DecoderLayer(nn.Module):
         self.gate_up_proj = Projection(h, {"gate_proj": i, "up_proj": i}, False, dtype, index)
         self.down_proj = Projection(i, {"down_proj": h}, False, dtype, index)
         self.scale = c.attention_scale
-        self.window = c.layer_windows[index]
-
-    def _norm_heads(self, qkv: torch.Tensor) -> None:
-        """q and k heads of qkv [T, (heads + 2*kv_heads) * d] normed in place, each over d."""
-        c = self.c
-        qk = qkv[:, :(c.num_heads + c.num_kv_heads) * c.head_dim].view(qkv.shape[0], -1, c.head_dim)
-        multiplier = torch.cat((self.q_norm.multiplier.expand(c.num_heads, -1),
-                                self.k_norm.multiplier.expand(c.num_kv_heads, -1)))
-        qk.copy_(F.rms_norm(qk.float(), (c.head_dim,), eps=self.q_norm.eps) * multiplier)
+        self.window = c.window(index)
 
     def forward(self, x, pending, rope, k_cache, v_cache, batch) -> torch.Tensor:
         """As llama.DecoderLayer.forward: x is the residual stream, updated in place; pending
@@ -111,7 +102,8 @@ class Gemma3DecoderLayer(nn.Module):
         c, native = self.c, batch.use_native_kernels
         T = x.shape[0]
         qkv = self.qkv_proj.forward(self.input_layernorm.forward(x, pending, native), batch)
-        self._norm_heads(qkv)
+        layer_ops.rms_norm_heads(qkv, self.q_norm.multiplier, self.k_norm.multiplier, c.num_heads, c.num_kv_heads,
+                                 c.head_dim, self.q_norm.eps)
         q, k, v = layer_ops.rope_write_kv(qkv, batch.positions, rope[0], rope[1], c.num_heads, c.num_kv_heads,
                                           c.head_dim, batch.attention.slot_mapping, k_cache, v_cache, native)
         attn = paged_attention(q, k, v, k_cache, v_cache, batch.attention, self.scale, self.window)

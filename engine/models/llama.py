@@ -1,5 +1,5 @@
-"""Llama-family decoder (Llama, SmolLM2, Mistral-style GQA, Qwen2 with q/k/v bias; Gemma 3's
-variant in gemma3.py) over a packed variable-length token batch: all tokens of all requests
+"""Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2 with q/k/v bias, Qwen3 with q/k norms,
+sliding windows where the config has them; Gemma 3's variant in gemma3.py) over a packed variable-length token batch: all tokens of all requests
 in one [num_tokens, hidden] tensor, each with its own position, attending through the paged
 KV cache."""
 
@@ -17,7 +17,7 @@ from loragate.kernels.dense import dense_linear, pack_weight
 from ..errors import ModelConfigError
 from .linear import Projection
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
 # RoPE variants whose frequencies do not depend on the sequence being processed.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -38,10 +38,14 @@ class ModelArchConfig:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
+    qk_norm: bool = False  # q and k RMS-normed per head before RoPE (Qwen3, Gemma 3)
+    layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window, None for full attention
     # Gemma 3 (gemma3.py; Llama's values by default):
     attention_scale: float | None = None  # softmax scale; None: head_dim ** -0.5
     embedding_scale: float | None = None  # the token embeddings are multiplied by it
-    layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window, None for full attention
+
+    def window(self, layer: int) -> int | None:
+        return self.layer_windows[layer] if self.layer_windows else None
 
     @property
     def is_gemma3(self) -> bool:
@@ -58,8 +62,6 @@ class ModelArchConfig:
             from .gemma3 import gemma3_arch
 
             return gemma3_arch(cls, hf)
-        if getattr(hf, "use_sliding_window", False):
-            raise ModelConfigError("sliding-window attention is not supported")
         if getattr(hf, "hidden_act", "silu") != "silu":
             raise ModelConfigError(f"hidden_act {hf.hidden_act!r} is not supported (only silu)")
         rope_type = (getattr(hf, "rope_parameters", None) or {}).get("rope_type", "default")
@@ -70,9 +72,22 @@ class ModelArchConfig:
         return cls(
             **common_fields(hf),
             qkv_bias=is_qwen2 or attention_bias,
+            qk_norm=hf.model_type == "qwen3",
+            layer_windows=layer_windows(hf),
             o_bias=attention_bias and not is_qwen2,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         )
+
+
+def layer_windows(hf) -> tuple[int | None, ...]:
+    """Each layer's sliding window, as transformers applies them: per `layer_types` where the
+    config has them (Qwen2/Qwen3 with use_sliding_window, Gemma 3), else `sliding_window` on
+    every layer (Mistral); () without one."""
+    window = getattr(hf, "sliding_window", None)
+    if window is None:
+        return ()
+    types = getattr(hf, "layer_types", None) or ["sliding_attention"] * hf.num_hidden_layers
+    return tuple(window if t == "sliding_attention" else None for t in types[:hf.num_hidden_layers])
 
 
 def common_fields(hf) -> dict:
@@ -127,6 +142,7 @@ class RMSNorm(nn.Module):
 class DecoderLayer(nn.Module):
     # Checkpoint module name -> attribute: the loader fills these norms' weights.
     NORMS = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm"}
+    QK_NORMS = {"self_attn.q_norm": "q_norm", "self_attn.k_norm": "k_norm"}
 
     def __init__(self, c: ModelArchConfig, dtype: torch.dtype, index: int):
         super().__init__()
@@ -139,6 +155,11 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = Projection(h, {"gate_proj": i, "up_proj": i}, c.mlp_bias, dtype, index)
         self.down_proj = Projection(i, {"down_proj": h}, c.mlp_bias, dtype, index)
         self.scale = c.head_dim ** -0.5
+        self.window = c.window(index)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
+            self.NORMS = self.NORMS | self.QK_NORMS
 
     def forward(self, x, pending, rope, k_cache, v_cache, batch) -> torch.Tensor:
         """x: the residual stream [T, hidden], updated in place; pending: the previous layer's
@@ -149,9 +170,12 @@ class DecoderLayer(nn.Module):
         c, native = self.c, batch.use_native_kernels
         T = x.shape[0]
         qkv = self.qkv_proj.forward(self.input_layernorm.forward(x, pending, native), batch)
+        if c.qk_norm:
+            layer_ops.rms_norm_heads(qkv, self.q_norm.weight, self.k_norm.weight, c.num_heads, c.num_kv_heads,
+                                     c.head_dim, self.q_norm.eps)
         q, k, v = layer_ops.rope_write_kv(qkv, batch.positions, rope[0], rope[1], c.num_heads, c.num_kv_heads,
                                           c.head_dim, batch.attention.slot_mapping, k_cache, v_cache, native)
-        attn = paged_attention(q, k, v, k_cache, v_cache, batch.attention, self.scale)
+        attn = paged_attention(q, k, v, k_cache, v_cache, batch.attention, self.scale, self.window)
         h = self.post_attention_layernorm.forward(x, self.o_proj.forward(attn.view(T, -1), batch), native)
         return self.down_proj.forward(layer_ops.silu_mul(self.gate_up_proj.forward(h, batch), native), batch)
 

@@ -70,3 +70,26 @@ def test_unknown_model_path_is_a_clear_error(tmp_path):
 def test_bad_engine_config(field, value):
     with pytest.raises(ModelConfigError, match=field.split("_")[0]):
         EngineConfig(**{field: value})
+
+
+def test_sliding_windows_follow_the_config_and_unsupported_variants_are_refused():
+    """Windows as transformers applies them (Mistral: every layer; Qwen2/Qwen3: per
+    layer_types), and one clear error for what the decoder does not compute."""
+    from transformers import Gemma3Config, Gemma3TextConfig, MistralConfig, Qwen2Config
+
+    from loragate.engine.models.llama import ModelArchConfig
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512)
+    assert ModelArchConfig.from_hf(MistralConfig(**small, sliding_window=64)).layer_windows == (64, 64, 64)
+    assert ModelArchConfig.from_hf(MistralConfig(**small, sliding_window=None)).layer_windows == ()
+    qwen2 = Qwen2Config(**small, use_sliding_window=True, sliding_window=32, max_window_layers=2)
+    assert ModelArchConfig.from_hf(qwen2).layer_windows == (None, None, 32)
+    assert ModelArchConfig.from_hf(Qwen2Config(**small)).layer_windows == ()
+    gemma = dict(small, head_dim=16, sliding_window=8)
+    assert ModelArchConfig.from_hf(Gemma3TextConfig(**gemma)).layer_windows == (8, 8, 8)  # 6-layer pattern
+    for config, message in [(Gemma3TextConfig(**gemma, final_logit_softcapping=30.0), "final_logit_softcapping"),
+                            (Gemma3TextConfig(**gemma, hidden_activation="relu"), "hidden_activation"),
+                            (Gemma3Config(text_config=gemma), "multimodal")]:
+        with pytest.raises(ModelConfigError, match=message):
+            ModelArchConfig.from_hf(config)
