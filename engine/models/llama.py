@@ -1,7 +1,7 @@
 """Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2 with q/k/v bias, Qwen3 with q/k norms,
-sliding windows where the config has them; Gemma 3's variant in gemma3.py) over a packed variable-length token batch: all tokens of all requests
-in one [num_tokens, hidden] tensor, each with its own position, attending through the paged
-KV cache."""
+sliding windows where the config has them; Gemma 3's variant in gemma3.py) over a packed
+variable-length token batch: all tokens of all requests in one [num_tokens, hidden] tensor,
+each with its own position, attending through the paged KV cache."""
 
 from __future__ import annotations
 
