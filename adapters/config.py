@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import AdapterError
@@ -85,8 +85,8 @@ def _pattern(d: dict, key: str, valid, meaning: str) -> tuple:
     return tuple(v.items())
 
 
-def _match(pattern: tuple, path: str, default):
-    return next((value for key, value in pattern if re.match(rf"(.*\.)?({key})$", path)), default)
+def _match(pattern: tuple, paths: tuple[str, ...], default):
+    return next((value for key, value in pattern if any(re.match(rf"(.*\.)?({key})$", p) for p in paths)), default)
 
 
 def _names(d: dict, key: str, allow_str: bool) -> tuple[str, ...] | str | None:
@@ -120,6 +120,20 @@ class LoraConfig:
     # that matches the end of a module's name wins (peft's get_pattern_key).
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
+    # How the base model names its decoder layers' modules, which patterns are matched against
+    # (set by on_model): "model.layers.3.self_attn.q_proj", or for a multimodal Gemma 3 its
+    # language model's names; and the names of linear modules outside them (its vision tower),
+    # which peft may have adapted too but text requests never run.
+    module_prefixes: tuple[str, ...] = ("model.",)
+    foreign_modules: frozenset[str] = frozenset()
+
+    def on_model(self, arch) -> "LoraConfig":
+        """This config as it applies to the base model `arch` (a ModelArchConfig)."""
+        return replace(self, module_prefixes=arch.module_prefixes, foreign_modules=frozenset(arch.foreign_modules))
+
+    def paths(self, layer: int, name: str) -> tuple[str, ...]:
+        """The full names peft may have matched this module under."""
+        return tuple(f"{prefix}layers.{layer}.{TARGET_MODULES[name]}.{name}" for prefix in self.module_prefixes)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "LoraConfig":
@@ -220,11 +234,11 @@ class LoraConfig:
         return max([self.r, *(r for _, r in self.rank_pattern)])
 
     def rank_of(self, layer: int, name: str) -> int:
-        return _match(self.rank_pattern, module_path(layer, name), self.r)
+        return _match(self.rank_pattern, self.paths(layer, name), self.r)
 
     def scaling_of(self, layer: int, name: str) -> float:
         r = self.rank_of(layer, name)
-        alpha = _match(self.alpha_pattern, module_path(layer, name), self.lora_alpha)
+        alpha = _match(self.alpha_pattern, self.paths(layer, name), self.lora_alpha)
         return alpha / (math.sqrt(r) if self.use_rslora else r)
 
     def targets(self, num_layers: int) -> set[tuple[int, str]]:
@@ -233,13 +247,14 @@ class LoraConfig:
         if self.layers_to_transform and self.layers_to_transform[-1] >= num_layers:
             raise AdapterError("unknown_target_module", f"layers_to_transform names layer {self.layers_to_transform[-1]}, "
                                f"but the base model has {num_layers} layers (0..{num_layers - 1})")
-        paths = {module_path(i, m): (i, m) for i in range(num_layers) for m in TARGET_MODULES}
+        paths = {p: (i, m) for i in range(num_layers) for m in TARGET_MODULES for p in self.paths(i, m)}
         found: set[tuple[int, str]] = set()
         if isinstance(self.target_modules, str):
             everything = self.target_modules.lower() == "all-linear"  # peft: every linear but the LM head
             found = {t for p, t in paths.items() if everything or re.fullmatch(self.target_modules, p)}
         else:
-            unknown = [e for e in self.target_modules if not any(p == e or p.endswith("." + e) for p in paths)]
+            unknown = [e for e in self.target_modules if not any(p == e or p.endswith("." + e) for p in paths)
+                       and e.rsplit(".", 1)[-1] not in self.foreign_modules]
             if unknown:
                 raise AdapterError("unknown_target_module", f"target_modules {unknown} match no module of the base model; "
                                    f"LoRA can target {', '.join(TARGET_MODULES)} in layers 0..{num_layers - 1}")
@@ -248,7 +263,7 @@ class LoraConfig:
                     found.add(t)
                 elif any(p.endswith("." + e) for e in self.target_modules) and self._layer_selected(p):
                     found.add(t)
-        found = {t for t in found if not self._excluded(module_path(*t))}
+        found = {t for t in found if not any(self._excluded(p) for p in self.paths(*t))}
         if not found:
             raise AdapterError("unknown_target_module", f"target_modules={self.target_modules!r} (with layers_to_transform="
                                f"{self.layers_to_transform}, layers_pattern={self.layers_pattern}) selects no module; "

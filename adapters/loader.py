@@ -33,7 +33,11 @@ _LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_A|lora_B)(?:\.[\w-]+)?\.wei
 _BIAS_KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_B)(?:\.[\w-]+)?\.bias")
 # DoRA's per-output-row magnitude: "...q_proj.lora_magnitude_vector" as peft saves it.
 _MAGNITUDE_KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_magnitude_vector)(?:\.[\w-]+)?(?:\.weight)?")
-_MODULE_PATH = re.compile(r"(?:base_model\.model\.)?(?:model\.)?layers\.(?P<layer>\d+)\.(?P<parent>\w+)\.(?P<module>\w+)")
+def _module_path_regex(prefixes: tuple[str, ...]) -> re.Pattern:
+    """A LoRA key's module path: "base_model.model." (peft's wrapper), then one of the base
+    model's prefixes for its decoder layers (or none), then layers.N.parent.module."""
+    alternatives = "|".join(re.escape(p) for p in prefixes)
+    return re.compile(rf"(?:base_model\.model\.)?(?:{alternatives})?layers\.(?P<layer>\d+)\.(?P<parent>\w+)\.(?P<module>\w+)")
 _KEY_HINTS = (("lora_embedding", "an embedding LoRA"), ("base_layer", "a copy of a base weight"),
               (".bias", "a bias"))
 
@@ -80,7 +84,7 @@ def load_adapter(adapter_dir: str | Path, arch: ModelArchConfig, max_lora_rank: 
         raise AdapterError("missing_file", f"adapter directory {str(adapter_dir)!r} does not exist")
     if not (adapter_dir / CONFIG_FILE).exists():
         raise AdapterError("missing_file", f"{CONFIG_FILE} is missing from the adapter directory{_subdir_hint(adapter_dir)}")
-    config = LoraConfig.from_file(adapter_dir / CONFIG_FILE)
+    config = LoraConfig.from_file(adapter_dir / CONFIG_FILE).on_model(arch)
     # Cheap config checks first, so a wrong adapter is refused before its weights are read.
     config.check_base_model(base_model_name, strict_base_model)
     config.check_rank(max_lora_rank)
@@ -96,7 +100,7 @@ def load_adapter(adapter_dir: str | Path, arch: ModelArchConfig, max_lora_rank: 
     if size > max_bytes:
         raise AdapterError("too_large", f"{WEIGHTS_FILE} is {size} bytes; the limit is {max_bytes}")
     try:
-        modules, magnitudes, biases = _read_weights(path, config, targets, module_shapes(arch), arch.num_layers)
+        modules, magnitudes, biases = _read_weights(path, config, targets, module_shapes(arch), arch)
     except AdapterError:
         raise
     except Exception as e:  # safetensors raises its own error types, OSError, or ValueError on bad files
@@ -106,14 +110,18 @@ def load_adapter(adapter_dir: str | Path, arch: ModelArchConfig, max_lora_rank: 
 
 
 def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
-                  shapes: dict[str, tuple[int, int]], num_layers: int) -> dict:
+                  shapes: dict[str, tuple[int, int]], arch: ModelArchConfig) -> dict:
     from safetensors import safe_open
 
     found: dict[tuple[int, str, str], str] = {}  # (layer, module, "lora_A"/"lora_B") -> key
+    module_path_re = _module_path_regex(arch.module_prefixes)
+    skipped = tuple("base_model.model." + p for p in arch.skipped_prefixes) + arch.skipped_prefixes
     with safe_open(str(path), framework="pt") as f:
         keys = sorted(f.keys())
         for key in keys:  # validate every key's name before reading any tensor
-            target, kind = _parse_key(key, targets, num_layers, config)
+            if key.startswith(skipped):  # a vision tower's LoRA: text requests never run it
+                continue
+            target, kind = _parse_key(key, targets, arch.num_layers, config, module_path_re)
             if (*target, kind) in found:
                 raise AdapterError("invalid_weights", f"{key!r} and {found[(*target, kind)]!r} both hold {kind} of "
                                    f"{module_path(*target)}; the file mixes several adapters")
@@ -166,7 +174,8 @@ def _raise_non_finite(path: Path, found: dict, modules: dict, config: LoraConfig
                                    f"scaling by {config.scaling_of(layer, name):g}")
 
 
-def _parse_key(key: str, targets: set[tuple[int, str]], num_layers: int, config: LoraConfig) -> tuple[tuple[int, str], str]:
+def _parse_key(key: str, targets: set[tuple[int, str]], num_layers: int, config: LoraConfig,
+               module_path_re: re.Pattern) -> tuple[tuple[int, str], str]:
     m = _LORA_KEY.fullmatch(key) or _MAGNITUDE_KEY.fullmatch(key)
     bias = _BIAS_KEY.fullmatch(key) if m is None else None
     if m is not None and m["kind"] == "lora_magnitude_vector" and not config.use_dora:
@@ -181,7 +190,7 @@ def _parse_key(key: str, targets: set[tuple[int, str]], num_layers: int, config:
         what = next((w for marker, w in _KEY_HINTS if marker in key), "not a LoRA A/B weight")
         raise AdapterError("invalid_weights", f"unexpected key {key!r} in {WEIGHTS_FILE} ({what}); "
                            "only lora_A/lora_B weights of linear modules can be served")
-    p = _MODULE_PATH.fullmatch(m["path"])
+    p = module_path_re.fullmatch(m["path"])
     if p is None or TARGET_MODULES.get(p["module"]) != p["parent"]:
         raise AdapterError("unknown_target_module", f"key {key!r} adapts {m['path']!r}, which is not a LoRA target of "
                            f"the base model; targets are {', '.join(TARGET_MODULES)} in each layer")

@@ -228,7 +228,7 @@ class AdapterRegistry(StoreSync):
             rank, dora = config.max_rank, config.use_dora
             config.check_base_model(self.base_model_name, self.strict_base_model)
             config.check_rank(self.max_lora_rank)
-            modules = {m for _, m in config.targets(self.arch.num_layers)}
+            modules = {m for _, m in config.on_model(self.arch).targets(self.arch.num_layers)}
         except AdapterError as e:
             error = AdapterError(e.code, f"stored adapter {stored.tenant}/{stored.name}@{stored.version} "
                                          f"cannot be served: {e.message}")

@@ -19,6 +19,7 @@ from .kv_cache import KVCacheManager
 from .logits_processors import adjuster_for
 from .model_runner import ModelRunner
 from .models.slot_rows import SlotRowTerms
+from .models.llama import text_config
 from .models.loader import load_hf_config, load_model
 from .models.prepare import resolve_model
 from .request import Request, RequestStatus
@@ -52,7 +53,7 @@ class LLMEngine:
         torch.set_num_threads(config.num_threads or physical_cores())
         model_dir = resolve_model(config.model, progress=progress)
         self.model_dir = Path(model_dir)
-        hf_config = load_hf_config(self.model_dir)
+        hf_config = text_config(load_hf_config(self.model_dir))
         max_len = min(config.max_model_len or hf_config.max_position_embeddings, hf_config.max_position_embeddings)
         t0 = time.perf_counter()
         self.device = config.torch_device

@@ -16,10 +16,11 @@ TINY_VOCAB = 512
 
 def _write_tiny(path, arch: str):
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
-                              PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
+                              LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
 
-    torch.manual_seed({"llama": 0, "qwen2": 1, "gemma3": 2, "qwen3": 3}[arch])
+    torch.manual_seed({"llama": 0, "qwen2": 1, "gemma3": 2, "qwen3": 3, "gemma3-multimodal": 4}[arch])
     common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=arch != "llama")
@@ -37,11 +38,19 @@ def _write_tiny(path, arch: str):
         # KV block) that prompts and outputs outgrow; head_dim and the softmax scale's
         # query_pre_attn_scalar both other than hidden / heads, as in the real models.
         common.update(num_hidden_layers=3, pad_token_id=0)
-        model = Gemma3ForCausalLM(Gemma3TextConfig(
+        text = Gemma3TextConfig(
             **common, head_dim=32, query_pre_attn_scalar=24, sliding_window=12,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
             rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}}))
+                             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}})
+        if arch == "gemma3":
+            model = Gemma3ForCausalLM(text)
+        else:  # the image + text model (Gemma 3 4B and up), with a tiny SigLIP vision tower
+            vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          image_size=28, patch_size=14)
+            model = Gemma3ForConditionalGeneration(Gemma3Config(
+                text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4,
+                image_token_index=TINY_VOCAB - 3, boi_token_index=TINY_VOCAB - 2, eoi_token_index=TINY_VOCAB - 1))
     # Random init gives near-uniform logits; widen them so greedy choices are not near-ties.
     with torch.no_grad():
         for p in model.parameters():
@@ -49,7 +58,7 @@ def _write_tiny(path, arch: str):
                 p.normal_(0, 0.08)
             elif arch == "qwen2" and p.dim() == 1 and p.shape[0] != 64:
                 p.normal_(0, 0.05)  # q/k/v biases
-            elif arch == "gemma3" and p.dim() == 1:
+            elif arch.startswith("gemma3") and p.dim() == 1:
                 p.normal_(0, 0.3)  # norm weights (zero in a fresh model: 1 + weight scales)
             elif arch == "qwen3" and p.dim() == 1:
                 p.normal_(1, 0.3)  # norm weights (one in a fresh model)
@@ -78,6 +87,11 @@ def tiny_qwen2(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gemma3(tmp_path_factory):
     return _write_tiny(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_multimodal(tmp_path_factory):
+    return _write_tiny(tmp_path_factory.mktemp("tiny-gemma3-multimodal"), "gemma3-multimodal")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,9 @@ rounds at the same points:
 - the embeddings are multiplied by sqrt(hidden_size); softmax scale query_pre_attn_scalar^-0.5;
 - GELU (tanh approximation) gates the MLP;
 - local layers attend over a sliding window with their own RoPE base; global ones see
-  everything."""
+  everything.
+The image + text checkpoints (Gemma3ForConditionalGeneration) load as their language model:
+see llama.py's MULTIMODAL_MODULE_PREFIXES and loader.py."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ each with its own position, attending through the paged KV cache."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -18,6 +18,14 @@ from ..errors import ModelConfigError
 from .linear import Projection
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
+# Where the decoder layers' modules live in a checkpoint and in peft's module names: plain
+# causal LMs, and Gemma 3's multimodal checkpoints (saved by transformers 4 and named by 5).
+TEXT_MODULE_PREFIXES = ("model.",)
+MULTIMODAL_MODULE_PREFIXES = ("language_model.model.", "model.language_model.")
+# What a multimodal checkpoint holds besides its language model; text-only serving skips it.
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+# Linear modules of Gemma 3's SigLIP vision tower, which peft's "all-linear" adapts too.
+VISION_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 # RoPE variants whose frequencies do not depend on the sequence being processed.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -43,6 +51,11 @@ class ModelArchConfig:
     # Gemma 3 (gemma3.py; Llama's values by default):
     attention_scale: float | None = None  # softmax scale; None: head_dim ** -0.5
     embedding_scale: float | None = None  # the token embeddings are multiplied by it
+    # Multimodal checkpoints (Gemma 3 4B and up), served text-only: their language model's
+    # module prefixes, and the prefixes of modules (vision tower) that text never reaches.
+    module_prefixes: tuple[str, ...] = TEXT_MODULE_PREFIXES
+    skipped_prefixes: tuple[str, ...] = ()
+    foreign_modules: tuple[str, ...] = ()  # linear modules' names in what is skipped
 
     def window(self, layer: int) -> int | None:
         return self.layer_windows[layer] if self.layer_windows else None
@@ -53,9 +66,9 @@ class ModelArchConfig:
 
     @classmethod
     def from_hf(cls, hf) -> "ModelArchConfig":
-        if hf.model_type == "gemma3":
-            raise ModelConfigError("model_type 'gemma3' is Gemma 3's multimodal model; only its text model "
-                                   "(model_type 'gemma3_text', Gemma3ForCausalLM) is supported")
+        if hf.model_type == "gemma3":  # image + text: its language model serves text requests
+            return replace(cls.from_hf(text_config(hf)), module_prefixes=MULTIMODAL_MODULE_PREFIXES,
+                           skipped_prefixes=VISION_PREFIXES, foreign_modules=VISION_LINEAR_MODULES)
         if hf.model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelConfigError(f"model_type {hf.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         if hf.model_type == "gemma3_text":
@@ -77,6 +90,11 @@ class ModelArchConfig:
             o_bias=attention_bias and not is_qwen2,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         )
+
+
+def text_config(hf):
+    """The language model's config: Gemma 3's multimodal checkpoints nest it as text_config."""
+    return hf.text_config if hf.model_type == "gemma3" else hf
 
 
 def layer_windows(hf) -> tuple[int | None, ...]:

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from ..errors import ModelConfigError
 from .gemma3 import Gemma3ForCausalLM
-from .llama import LlamaForCausalLM, ModelArchConfig
+from .llama import LlamaForCausalLM, ModelArchConfig, text_config
 
 # Checkpoint module -> (our fused projection, its slice name).
 _FUSED = {
@@ -46,16 +46,28 @@ def _checkpoint_tensors(model_dir: Path):
                 yield name, st.get_tensor(name)
 
 
+def _language_model_name(name: str, prefixes: tuple[str, ...]) -> str:
+    """A checkpoint tensor's name relative to the language model ("layers.3.mlp.up_proj.weight")."""
+    name = name.removeprefix("language_model.") if name.startswith("language_model.lm_head.") else name
+    for prefix in prefixes:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
 def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, int4: bool = False,
                device: torch.device | str = "cpu") -> tuple[LlamaForCausalLM, object]:
     model_dir = Path(model_dir)
     hf_config = load_hf_config(model_dir)
     arch = ModelArchConfig.from_hf(hf_config)
-    model = (Gemma3ForCausalLM if arch.is_gemma3 else LlamaForCausalLM)(arch, hf_config, dtype, max_positions)
+    model = (Gemma3ForCausalLM if arch.is_gemma3 else LlamaForCausalLM)(arch, text_config(hf_config), dtype,
+                                                                          max_positions)
     layers = model.layers
     loaded: set[str] = set()
     for name, tensor in _checkpoint_tensors(model_dir):
-        name = name.removeprefix("model.")
+        if name.startswith(arch.skipped_prefixes):
+            continue
+        name = _language_model_name(name, arch.module_prefixes)
         if name == "embed_tokens.weight":
             target = model.embed_tokens.weight
         elif name == "norm.weight":

@@ -141,12 +141,13 @@ def build_speculator(config, engine) -> Speculator | None:
 
 def _draft_proposer(config, engine):
     from ..llm_engine import _load_tokenizer
+    from ..models.llama import text_config
     from ..models.loader import load_hf_config
     from ..models.prepare import resolve_model
     from .draft import DraftModelProposer, check_same_vocabulary
 
     draft_dir = resolve_model(config.draft_model)
-    draft_config = load_hf_config(draft_dir)
+    draft_config = text_config(load_hf_config(draft_dir))
     check_same_vocabulary(engine.tokenizer, _load_tokenizer(draft_dir), engine.model.config.vocab_size,
                           draft_config.vocab_size, config.draft_model)
     if draft_config.max_position_embeddings < engine.max_model_len:

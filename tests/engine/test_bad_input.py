@@ -74,7 +74,8 @@ def test_bad_engine_config(field, value):
 
 def test_sliding_windows_follow_the_config_and_unsupported_variants_are_refused():
     """Windows as transformers applies them (Mistral: every layer; Qwen2/Qwen3: per
-    layer_types), and one clear error for what the decoder does not compute."""
+    layer_types), multimodal Gemma 3 read as its language model, and one clear error for what
+    the decoder does not compute."""
     from transformers import Gemma3Config, Gemma3TextConfig, MistralConfig, Qwen2Config
 
     from loragate.engine.models.llama import ModelArchConfig
@@ -88,8 +89,11 @@ def test_sliding_windows_follow_the_config_and_unsupported_variants_are_refused(
     assert ModelArchConfig.from_hf(Qwen2Config(**small)).layer_windows == ()
     gemma = dict(small, head_dim=16, sliding_window=8)
     assert ModelArchConfig.from_hf(Gemma3TextConfig(**gemma)).layer_windows == (8, 8, 8)  # 6-layer pattern
+    multimodal = ModelArchConfig.from_hf(Gemma3Config(text_config=gemma))  # served text-only
+    assert multimodal.is_gemma3 and multimodal.layer_windows == (8, 8, 8) and "fc1" in multimodal.foreign_modules
     for config, message in [(Gemma3TextConfig(**gemma, final_logit_softcapping=30.0), "final_logit_softcapping"),
                             (Gemma3TextConfig(**gemma, hidden_activation="relu"), "hidden_activation"),
-                            (Gemma3Config(text_config=gemma), "multimodal")]:
+                            (Gemma3Config(text_config=dict(gemma, attn_logit_softcapping=50.0)),
+                             "attn_logit_softcapping")]:
         with pytest.raises(ModelConfigError, match=message):
             ModelArchConfig.from_hf(config)

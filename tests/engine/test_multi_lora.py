@@ -69,6 +69,37 @@ def test_mixed_batch_matches_peft_on_gemma3_270m(real_gemma3_dir, tmp_path_facto
     check_mixed_batch(real_gemma3_dir, dirs, vocab=262144, logprob_atol=2e-3)
 
 
+def test_adapters_of_a_gemma3_multimodal_model_match_peft_on_text(tiny_gemma3_multimodal, tmp_path, save_lora):
+    """peft names a multimodal Gemma 3's decoder modules model.language_model.layers.N...; its
+    "all-linear" also adapts the vision tower (fc1, out_proj, ...), which text never runs, and
+    target regexes are written against those names."""
+    dirs = {"all": save_lora(tiny_gemma3_multimodal, tmp_path / "all", 0.3, seed=30, r=8, lora_alpha=16,
+                             target_modules="all-linear"),
+            "regex": save_lora(tiny_gemma3_multimodal, tmp_path / "regex", 0.3, seed=31, r=4, lora_alpha=8,
+                               target_modules=r".*language_model.*\.(q_proj|o_proj|up_proj)",
+                               rank_pattern={"o_proj": 2}),
+            "names": save_lora(tiny_gemma3_multimodal, tmp_path / "names", 0.3, seed=32, r=4, lora_alpha=4,
+                               target_modules=["v_proj", "down_proj", "fc2"], layers_to_transform=[0, 2])}
+    check_mixed_batch(tiny_gemma3_multimodal, dirs, vocab=500)
+    # Adapters saved under transformers 4 name the same modules language_model.model.layers.N...
+    from safetensors.torch import load_file, save_file
+
+    from loragate.adapters.loader import load_adapter
+    from loragate.engine.models.llama import ModelArchConfig
+    from loragate.engine.models.loader import load_hf_config
+
+    old = tmp_path / "transformers-4"
+    old.mkdir()
+    (old / "adapter_config.json").write_text((dirs["all"] / "adapter_config.json").read_text())
+    tensors = load_file(dirs["all"] / "adapter_model.safetensors")
+    save_file({k.replace("model.language_model.", "language_model.model."): v for k, v in tensors.items()},
+              old / "adapter_model.safetensors")
+    arch = ModelArchConfig.from_hf(load_hf_config(tiny_gemma3_multimodal))
+    new, renamed = load_adapter(dirs["all"], arch, 64), load_adapter(old, arch, 64)
+    assert new.modules.keys() == renamed.modules.keys() and len(new.modules) == 3 * 7
+    assert all(torch.equal(new.modules[t][1], renamed.modules[t][1]) for t in new.modules)
+
+
 def check_mixed_batch(model_dir, adapter_dirs, vocab, logprob_atol=1e-4):
     """All adapters plus base requests in one engine batch; each request must produce
     exactly PeftModel's greedy tokens for its adapter alone, log-probs within tolerance."""
