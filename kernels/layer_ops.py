@@ -34,10 +34,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual_delta: 
 
 
 def rms_norm_heads(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, num_heads: int,
-                   num_kv_heads: int, head_dim: int, eps: float) -> None:
+                   num_kv_heads: int, head_dim: int, eps: float, native: bool = True) -> None:
     """Semantics: the q and k heads of qkv [T, (heads + 2*kv_heads) * d] RMS-normed in place,
     each over its d values, with q_weight / k_weight [d], rounded as rms_norm rounds (Qwen3:
     before the weight; Gemma 3, whose weights come as fp32 1 + weight: after it)."""
+    if native and qkv.stride(-1) == 1 and _native.usable(qkv, q_weight, k_weight) and head_dim <= 512:
+        _native.rms_norm_heads(qkv, q_weight, k_weight, num_heads, num_kv_heads, head_dim, eps)
+        return
     qk = qkv[:, :(num_heads + num_kv_heads) * head_dim].view(qkv.shape[0], -1, head_dim)
     weight = torch.cat((q_weight.expand(num_heads, -1), k_weight.expand(num_kv_heads, -1)))
     normed = F.rms_norm(qk.float(), (head_dim,), eps=eps)

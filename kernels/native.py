@@ -83,6 +83,7 @@ def library() -> ctypes.CDLL | None:
                                 i32, f32, i32, i32, i32],
             "rms_norm": [ptr, ptr, ptr, ptr, i64, i32, f32, i32, i32, i32],
             "rope_write_kv": [ptr, i64, i64, ptr, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, i32, i32, i32],
+            "rms_norm_heads": [ptr, i64, i64, i32, i32, i32, ptr, ptr, f32, i32, i32, i32],
             "silu_mul": [ptr, ptr, i64, i32, i32, i32],
             "lora_add": [ptr, i64, i32, ptr, i64, i32, ptr, i32, i32, ptr, ptr, ptr, ptr, ptr, i64, ptr, i32, i32, i32],
             "argmax_rows": [ptr, i64, i64, i64, i32, ptr, i32],
@@ -140,6 +141,15 @@ def rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, 
     _check(library().rms_norm(x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
                               out.data_ptr(), rows, width, eps, int(x.dtype == torch.bfloat16),
                               torch.get_num_threads(), int(fp32_weight)), "rms_norm")
+
+
+def rms_norm_heads(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, heads: int, kv_heads: int,
+                   d: int, eps: float) -> None:
+    """weights in qkv's dtype (rounded before them) or fp32 (after them), like rms_norm."""
+    fp32_weight = q_weight.dtype == torch.float32 and qkv.dtype != torch.float32
+    _check(library().rms_norm_heads(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], heads, kv_heads, d,
+                                    q_weight.data_ptr(), k_weight.data_ptr(), eps, int(qkv.dtype == torch.bfloat16),
+                                    int(fp32_weight), torch.get_num_threads()), "rms_norm_heads")
 
 
 def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,

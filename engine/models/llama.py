@@ -190,7 +190,7 @@ class DecoderLayer(nn.Module):
         qkv = self.qkv_proj.forward(self.input_layernorm.forward(x, pending, native), batch)
         if c.qk_norm:
             layer_ops.rms_norm_heads(qkv, self.q_norm.weight, self.k_norm.weight, c.num_heads, c.num_kv_heads,
-                                     c.head_dim, self.q_norm.eps)
+                                     c.head_dim, self.q_norm.eps, native)
         q, k, v = layer_ops.rope_write_kv(qkv, batch.positions, rope[0], rope[1], c.num_heads, c.num_kv_heads,
                                           c.head_dim, batch.attention.slot_mapping, k_cache, v_cache, native)
         attn = paged_attention(q, k, v, k_cache, v_cache, batch.attention, self.scale, self.window)

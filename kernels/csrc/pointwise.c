@@ -51,6 +51,39 @@ int rms_norm(void *x, const void *delta, const void *w, void *out, int64_t rows,
     return 0;
 }
 
+/* qkv rows [heads + 2*kv_heads][d] (row stride row_stride): RMS-normalise each q head with
+ * q_w [d] and each k head with k_w [d], in place, rounding as rms_norm does (before the
+ * weight, or with fp32_weight after it). Qwen3's and Gemma 3's q/k norms. */
+int rms_norm_heads(void *qkv, int64_t row_stride, int64_t rows, int heads, int kv_heads, int d, const void *q_w,
+                   const void *k_w, float eps, int is_bf16, int fp32_weight, int num_threads) {
+    if (d > 512) return -1;
+    const int normed = heads + kv_heads;
+    const int nt = rows * normed * d >= PARALLEL_MIN_ELEMENTS ? num_threads : 1;
+    float qf[512 + ROW_PAD], kf[512 + ROW_PAD];
+    load_row(qf, q_w, d, is_bf16 && !fp32_weight);
+    load_row(kf, k_w, d, is_bf16 && !fp32_weight);
+#pragma omp parallel for num_threads(nt) if (nt > 1)
+    for (int64_t t = 0; t < rows; t++) {
+        float v[512 + ROW_PAD];
+        for (int h = 0; h < normed; h++) {
+            char *row = (char *)at(qkv, t * row_stride + (int64_t)h * d, is_bf16);
+            const float *w = h < heads ? qf : kf;
+            load_row(v, row, d, is_bf16);
+            float ss = 0.f;
+#pragma omp simd reduction(+:ss)
+            for (int i = 0; i < d; i++) ss += v[i] * v[i];
+            const float inv = 1.f / sqrtf(ss / d + eps);
+#pragma omp simd
+            for (int i = 0; i < d; i++) v[i] *= inv;
+            if (!fp32_weight) round_row(v, d, is_bf16);
+#pragma omp simd
+            for (int i = 0; i < d; i++) v[i] *= w[i];
+            store_row(row, v, d, is_bf16);
+        }
+    }
+    return 0;
+}
+
 /* qkv rows [heads + 2*kv_heads][d] (row stride row_stride): rotate the q and k heads of
  * token t by position positions[t] (cos/sin tables [max_pos][d], HF's rotate-half layout),
  * in place, then copy its k and v heads to the caches (layout: kv_offset) at slot_mapping[t]. */

@@ -127,6 +127,37 @@ def test_rms_norm_with_an_fp32_weight_rounds_after_it(rows, width, with_residual
         assert_native_matches_reference(out_native, hf(expected_x), f"{label} vs transformers")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,heads,kv_heads,d", [(1, 4, 1, 256), (7, 16, 8, 128), (100, 8, 2, 64)])
+@pytest.mark.parametrize("fp32_weight", (False, True), ids=("qwen3", "gemma3"))
+def test_rms_norm_heads(dtype, rows, heads, kv_heads, d, fp32_weight):
+    """q/k head norms in place: the native kernel against the torch path and against
+    transformers' Qwen3RMSNorm / Gemma3RMSNorm per head; v heads untouched."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    g = torch.Generator().manual_seed(rows * 7 + d)
+    qkv = (torch.randn(rows, (heads + 2 * kv_heads) * d, generator=g) * 3).to(dtype)
+    raw = [torch.randn(d, generator=g) * 0.5 + (0 if fp32_weight else 1) for _ in range(2)]
+    hf = []
+    for w in raw:
+        norm = Gemma3RMSNorm(d, eps=1e-6) if fp32_weight else Qwen3RMSNorm(d, eps=1e-6)
+        norm.weight.data = w.to(dtype)
+        hf.append(norm)
+    weights = [1.0 + n.weight.float() if fp32_weight else n.weight.data for n in hf]
+    native_out, ref_out = qkv.clone(), qkv.clone()
+    layer_ops.rms_norm_heads(native_out, *weights, heads, kv_heads, d, 1e-6, native=True)
+    layer_ops.rms_norm_heads(ref_out, *weights, heads, kv_heads, d, 1e-6, native=False)
+    label = f"rms_norm_heads {dtype} {rows}x({heads}+{kv_heads}) d={d} fp32_weight={fp32_weight}"
+    assert_native_matches_reference(native_out, ref_out, label)
+    q_end, k_end = heads * d, (heads + kv_heads) * d
+    assert torch.equal(native_out[:, k_end:], qkv[:, k_end:]), f"{label}: v heads changed"
+    with torch.no_grad():
+        want = torch.cat((hf[0](qkv[:, :q_end].view(rows, heads, d)).view(rows, -1),
+                          hf[1](qkv[:, q_end:k_end].view(rows, kv_heads, d)).view(rows, -1)), dim=1)
+    assert_native_matches_reference(native_out[:, :k_end].contiguous(), want, f"{label} vs transformers")
+
+
 def test_rms_norm_rows_are_independent():
     # Row t's output depends on row t only: a kernel that mixes up the per-row scale, or that
     # threads over rows incorrectly, fails this even where values are close overall.
