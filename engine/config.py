@@ -28,6 +28,17 @@ def parse_bytes(value: str | int, name: str = "size") -> int:
     return int(float(m.group(1)) * scale)
 
 
+def parse_share(value: str | int | float, name: str) -> int | float:
+    """'85%' -> 0.85 (a share of free memory); any size parse_bytes takes -> bytes."""
+    if isinstance(value, float) or (isinstance(value, str) and value.strip().endswith("%")):
+        try:
+            share = value if isinstance(value, float) else float(value.strip()[:-1]) / 100
+        except ValueError:
+            raise ModelConfigError(f"{name}: cannot parse a share from {value!r} (examples: 85%, 2GiB)") from None
+        return share
+    return parse_bytes(value, name)
+
+
 def physical_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -49,7 +60,10 @@ class EngineConfig:
     cuda_graphs: bool = True
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped by the KV cache
     block_size: int = 16
-    kv_cache_memory: int | str = "1GiB"
+    # A size ("1GiB"), or a share of the memory free once the model and LoRA slots are loaded
+    # ("85%": of the GPU's on CUDA, of MemAvailable on CPU); the rest is for activations (and
+    # a draft model). Parsed to bytes (int) or a fraction (float).
+    kv_cache_memory: int | float | str = "1GiB"
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 1024
     enable_prefix_caching: bool = True
@@ -82,7 +96,7 @@ class EngineConfig:
                 raise ModelConfigError(f"device {self.device!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
         if self.dtype not in DTYPES:
             raise ModelConfigError(f"dtype must be one of {sorted(set(DTYPES))}, got {self.dtype!r}")
-        self.kv_cache_memory = parse_bytes(self.kv_cache_memory, "kv_cache_memory")
+        self.kv_cache_memory = parse_share(self.kv_cache_memory, "kv_cache_memory")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ModelConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -110,6 +124,15 @@ class EngineConfig:
             raise ModelConfigError(f"n-gram sizes need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
         if self.kv_cache_memory <= 0:
             raise ModelConfigError("kv_cache_memory must be positive")
+        if isinstance(self.kv_cache_memory, float) and self.kv_cache_memory > 0.95:
+            raise ModelConfigError("kv_cache_memory as a share of free memory must be at most 95%: "
+                                   "activations need the rest")
+
+    def kv_cache_bytes(self, free_bytes) -> int:
+        """The KV cache budget; free_bytes() (called only for a share) measures free memory."""
+        if isinstance(self.kv_cache_memory, float):
+            return int(self.kv_cache_memory * free_bytes())
+        return self.kv_cache_memory
 
     @property
     def cuda_graph_rows(self) -> int:

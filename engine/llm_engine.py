@@ -59,13 +59,6 @@ class LLMEngine:
         self.device = config.torch_device
         self.model, _ = load_model(self.model_dir, config.torch_dtype, max_len, device=self.device)
         self.tokenizer = _load_tokenizer(self.model_dir)
-        bytes_per_block = ModelRunner.bytes_per_block(self.model, config.block_size)
-        num_blocks = config.kv_cache_memory // bytes_per_block
-        if num_blocks < 2:
-            raise ModelConfigError(f"kv_cache_memory {config.kv_cache_memory} B holds fewer than 2 blocks of {bytes_per_block} B")
-        # A request must always fit alone, or it could be preempted forever.
-        self.max_model_len = min(max_len, num_blocks * config.block_size)
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.lora_pool = None
         if config.max_loras > 0:
             from loragate.adapters.pool import LoraSlotPool
@@ -79,6 +72,16 @@ class LLMEngine:
 
                 with torch.cuda.device(self.device):
                     lora_cuda.warm_up(self.device, config.torch_dtype)
+        # Sized last, so that a share of free memory counts what the model and slots took.
+        bytes_per_block = ModelRunner.bytes_per_block(self.model, config.block_size)
+        kv_bytes = config.kv_cache_bytes(lambda: free_memory(self.device))
+        num_blocks = kv_bytes // bytes_per_block
+        if num_blocks < 2:
+            raise ModelConfigError(f"kv_cache_memory {config.kv_cache_memory} ({kv_bytes} B) holds fewer than 2 "
+                                   f"blocks of {bytes_per_block} B")
+        # A request must always fit alone, or it could be preempted forever.
+        self.max_model_len = min(max_len, num_blocks * config.block_size)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         # Adapters may be added or removed from any thread (AsyncEngine callers) while the
         # loop thread reads them: entries are replaced whole under this lock.
         self.adapters: dict[str, tuple[int, object]] = {}  # name -> (version, LoraWeights)
@@ -318,6 +321,20 @@ class LLMEngine:
         if num_output >= p.max_tokens or req.num_prompt_tokens + num_output >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for the KV cache: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise ModelConfigError("cannot tell this host's free memory (no /proc/meminfo): give kv_cache_memory as a size")
 
 
 def _load_tokenizer(model_dir: Path):

@@ -17,7 +17,8 @@ ENGINE_HELP = {
     "cuda_graphs": "on a CUDA GPU, replay decode and speculative verification steps as CUDA graphs (false: run every step eagerly)",
     "max_model_len": "longest prompt + output in tokens (capped by the model and the KV cache)",
     "block_size": "tokens per KV-cache block",
-    "kv_cache_memory": "memory for the KV cache, e.g. 512MiB or 2GiB",
+    "kv_cache_memory": "memory for the KV cache, e.g. 512MiB or 2GiB, or a share of the memory free once the model "
+                       "is loaded, e.g. 85%% (of the GPU's on CUDA, of MemAvailable on CPU)",
     "max_num_seqs": "most requests running at once",
     "max_num_batched_tokens": "token budget per step; longer prompts are prefilled in chunks",
     "enable_prefix_caching": "reuse the KV cache of shared prompt prefixes",

@@ -66,7 +66,8 @@ def test_unknown_model_path_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [("dtype", "int3"), ("block_size", 0), ("max_num_seqs", 0),
-                                          ("kv_cache_memory", "lots"), ("max_model_len", 1)])
+                                          ("kv_cache_memory", "lots"), ("kv_cache_memory", "lots%"),
+                                          ("kv_cache_memory", "0%"), ("kv_cache_memory", "99%"), ("max_model_len", 1)])
 def test_bad_engine_config(field, value):
     with pytest.raises(ModelConfigError, match=field.split("_")[0]):
         EngineConfig(**{field: value})
@@ -97,3 +98,24 @@ def test_sliding_windows_follow_the_config_and_unsupported_variants_are_refused(
                              "attn_logit_softcapping")]:
         with pytest.raises(ModelConfigError, match=message):
             ModelArchConfig.from_hf(config)
+
+
+def test_kv_cache_memory_as_a_share_of_free_memory(tiny_llama, monkeypatch):
+    """'N%': the KV cache takes N% of the memory free once the model and LoRA slots are in
+    (the GPU's on CUDA, MemAvailable on the CPU), measured after both are loaded."""
+    from loragate.adapters.pool import LoraSlotPool
+    from loragate.engine import llm_engine
+    from loragate.engine.model_runner import ModelRunner
+
+    assert EngineConfig(kv_cache_memory="85%").kv_cache_memory == 0.85
+    assert EngineConfig(kv_cache_memory="2GiB").kv_cache_memory == 2 << 30
+    events = []
+    real_init = LoraSlotPool.__init__
+    monkeypatch.setattr(LoraSlotPool, "__init__", lambda self, *a, **k: events.append("slots") or real_init(self, *a, **k))
+    monkeypatch.setattr(llm_engine, "free_memory", lambda device: events.append(f"free {device.type}") or 3 << 30)
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", kv_cache_memory="1%"), progress=False)
+    assert events == ["slots", "free cpu"]
+    per_block = ModelRunner.bytes_per_block(engine.model, 16)
+    assert engine.kv.num_blocks == int(0.01 * (3 << 30)) // per_block
+    monkeypatch.undo()
+    assert llm_engine.free_memory(engine.device) > 0  # MemAvailable, read for real
