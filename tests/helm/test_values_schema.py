@@ -22,6 +22,7 @@ SCHEMA_VIOLATIONS = {
     "unknown pull policy": ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     "unknown dtype": ({"model": {"dtype": "int8"}}, "/model/dtype"),
     "unparsable kv cache size": ({"model": {"kvCacheMemory": "lots"}}, "/model/kvCacheMemory"),
+    "kv cache share without a number": ({"model": {"kvCacheMemory": "most%"}}, "/model/kvCacheMemory"),
     "replicas as a string": ({"engine": {"replicas": "2"}}, "/engine/replicas"),
     "threads below one": ({"engine": {"numThreads": 0}}, "/engine/numThreads"),
     "api key with a space": ({"auth": {"apiKeys": [{"key": "sk team a 123", "tenant": "a"}]}}, "/auth/apiKeys/0/key"),
@@ -66,6 +67,7 @@ ACCEPTED = {
     "percent disruption budget": {"engine": {"podDisruptionBudget": {"enabled": True, "maxUnavailable": "25%"}}},
     "numeric settings": {"engine": {"config": {"LORAGATE_MAX_MODEL_LEN": 4096}}},
     "no preStop sleep": {"router": {"preStopSleepSeconds": 0}},
+    "kv cache as a share of free memory": {"model": {"kvCacheMemory": "80%"}},
 }
 
 
