@@ -74,29 +74,18 @@ def _write_tiny(path, arch: str):
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory):
-    return _write_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
+def _tiny_fixture(arch: str):
+    @pytest.fixture(scope="session", name=f"tiny_{arch.replace('-', '_')}")
+    def fixture(tmp_path_factory):
+        return _write_tiny(tmp_path_factory.mktemp(f"tiny-{arch}"), arch)
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen2(tmp_path_factory):
-    return _write_tiny(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
-
-
-@pytest.fixture(scope="session")
-def tiny_gemma3(tmp_path_factory):
-    return _write_tiny(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3")
-
-
-@pytest.fixture(scope="session")
-def tiny_gemma3_multimodal(tmp_path_factory):
-    return _write_tiny(tmp_path_factory.mktemp("tiny-gemma3-multimodal"), "gemma3-multimodal")
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen3(tmp_path_factory):
-    return _write_tiny(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3")
+tiny_llama = _tiny_fixture("llama")
+tiny_qwen2 = _tiny_fixture("qwen2")
+tiny_qwen3 = _tiny_fixture("qwen3")
+tiny_gemma3 = _tiny_fixture("gemma3")
+tiny_gemma3_multimodal = _tiny_fixture("gemma3-multimodal")
 
 
 @pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3", "gemma3"])

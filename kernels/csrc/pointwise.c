@@ -14,6 +14,21 @@ static inline const char *at(const void *base, int64_t index, int is_bf16) {
     return (const char *)base + index * (is_bf16 ? 2 : 4);
 }
 
+/* v = w * v / sqrt(mean(v^2) + eps), in fp32, rounded to bf16 before the weight (Llama) or,
+ * with fp32_weight, not (Gemma: its one rounding is the caller's store). */
+static inline void normalize_row(float *restrict v, const float *restrict w, int n, float eps, int is_bf16,
+                                 int fp32_weight) {
+    float ss = 0.f;
+#pragma omp simd reduction(+:ss)
+    for (int i = 0; i < n; i++) ss += v[i] * v[i];
+    const float inv = 1.f / sqrtf(ss / n + eps);
+#pragma omp simd
+    for (int i = 0; i < n; i++) v[i] *= inv;
+    if (!fp32_weight) round_row(v, n, is_bf16);
+#pragma omp simd
+    for (int i = 0; i < n; i++) v[i] *= w[i];
+}
+
 /* If delta: x[t] = x[t] + delta[t] (in place, rounded).  Then
  * out[t] = w * round(x[t] / sqrt(mean(x[t]^2) + eps)), as the HF Llama RMSNorm does; with
  * fp32_weight (w is fp32 whatever x is), out[t] = round(w * x[t] / sqrt(...)), as Gemma's
@@ -36,15 +51,7 @@ int rms_norm(void *x, const void *delta, const void *w, void *out, int64_t rows,
             round_row(v, width, is_bf16);
             store_row((char *)at(x, t * width, is_bf16), v, width, is_bf16);
         }
-        float ss = 0.f;
-#pragma omp simd reduction(+:ss)
-        for (int i = 0; i < width; i++) ss += v[i] * v[i];
-        const float inv = 1.f / sqrtf(ss / width + eps);
-#pragma omp simd
-        for (int i = 0; i < width; i++) v[i] *= inv;
-        if (!fp32_weight) round_row(v, width, is_bf16); /* Llama rounds before the weight, Gemma after */
-#pragma omp simd
-        for (int i = 0; i < width; i++) v[i] *= wf[i];
+        normalize_row(v, wf, width, eps, is_bf16, fp32_weight);
         store_row((char *)at(out, t * width, is_bf16), v, width, is_bf16);
     }
     free(wf);
@@ -69,15 +76,7 @@ int rms_norm_heads(void *qkv, int64_t row_stride, int64_t rows, int heads, int k
             char *row = (char *)at(qkv, t * row_stride + (int64_t)h * d, is_bf16);
             const float *w = h < heads ? qf : kf;
             load_row(v, row, d, is_bf16);
-            float ss = 0.f;
-#pragma omp simd reduction(+:ss)
-            for (int i = 0; i < d; i++) ss += v[i] * v[i];
-            const float inv = 1.f / sqrtf(ss / d + eps);
-#pragma omp simd
-            for (int i = 0; i < d; i++) v[i] *= inv;
-            if (!fp32_weight) round_row(v, d, is_bf16);
-#pragma omp simd
-            for (int i = 0; i < d; i++) v[i] *= w[i];
+            normalize_row(v, w, d, eps, is_bf16, fp32_weight);
             store_row(row, v, d, is_bf16);
         }
     }
