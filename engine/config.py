@@ -39,6 +39,20 @@ def parse_share(value: str | int | float, name: str) -> int | float:
     return parse_bytes(value, name)
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free for the KV cache: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise ModelConfigError("cannot tell this host's free memory (no /proc/meminfo): give kv_cache_memory as a size")
+
+
 def physical_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -128,10 +142,10 @@ class EngineConfig:
             raise ModelConfigError("kv_cache_memory as a share of free memory must be at most 95%: "
                                    "activations need the rest")
 
-    def kv_cache_bytes(self, free_bytes) -> int:
-        """The KV cache budget; free_bytes() (called only for a share) measures free memory."""
+    def kv_cache_bytes(self, device: torch.device) -> int:
+        """The KV cache budget: the size given, or the share of `device`'s free memory now."""
         if isinstance(self.kv_cache_memory, float):
-            return int(self.kv_cache_memory * free_bytes())
+            return int(self.kv_cache_memory * free_memory(device))
         return self.kv_cache_memory
 
     @property

@@ -74,7 +74,7 @@ class LLMEngine:
                     lora_cuda.warm_up(self.device, config.torch_dtype)
         # Sized last, so that a share of free memory counts what the model and slots took.
         bytes_per_block = ModelRunner.bytes_per_block(self.model, config.block_size)
-        kv_bytes = config.kv_cache_bytes(lambda: free_memory(self.device))
+        kv_bytes = config.kv_cache_bytes(self.device)
         num_blocks = kv_bytes // bytes_per_block
         if num_blocks < 2:
             raise ModelConfigError(f"kv_cache_memory {config.kv_cache_memory} ({kv_bytes} B) holds fewer than 2 "
@@ -321,20 +321,6 @@ class LLMEngine:
         if num_output >= p.max_tokens or req.num_prompt_tokens + num_output >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free for the KV cache: the GPU's free memory, or the host's MemAvailable."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    raise ModelConfigError("cannot tell this host's free memory (no /proc/meminfo): give kv_cache_memory as a size")
 
 
 def _load_tokenizer(model_dir: Path):

@@ -104,7 +104,7 @@ def test_kv_cache_memory_as_a_share_of_free_memory(tiny_llama, monkeypatch):
     """'N%': the KV cache takes N% of the memory free once the model and LoRA slots are in
     (the GPU's on CUDA, MemAvailable on the CPU), measured after both are loaded."""
     from loragate.adapters.pool import LoraSlotPool
-    from loragate.engine import llm_engine
+    from loragate.engine import config as engine_config
     from loragate.engine.model_runner import ModelRunner
 
     assert EngineConfig(kv_cache_memory="85%").kv_cache_memory == 0.85
@@ -112,10 +112,10 @@ def test_kv_cache_memory_as_a_share_of_free_memory(tiny_llama, monkeypatch):
     events = []
     real_init = LoraSlotPool.__init__
     monkeypatch.setattr(LoraSlotPool, "__init__", lambda self, *a, **k: events.append("slots") or real_init(self, *a, **k))
-    monkeypatch.setattr(llm_engine, "free_memory", lambda device: events.append(f"free {device.type}") or 3 << 30)
+    monkeypatch.setattr(engine_config, "free_memory", lambda device: events.append(f"free {device.type}") or 3 << 30)
     engine = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", kv_cache_memory="1%"), progress=False)
     assert events == ["slots", "free cpu"]
     per_block = ModelRunner.bytes_per_block(engine.model, 16)
     assert engine.kv.num_blocks == int(0.01 * (3 << 30)) // per_block
     monkeypatch.undo()
-    assert llm_engine.free_memory(engine.device) > 0  # MemAvailable, read for real
+    assert engine_config.free_memory(engine.device) > 0  # MemAvailable, read for real
