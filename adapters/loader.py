@@ -33,13 +33,15 @@ _LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_A|lora_B)(?:\.[\w-]+)?\.wei
 _BIAS_KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_B)(?:\.[\w-]+)?\.bias")
 # DoRA's per-output-row magnitude: "...q_proj.lora_magnitude_vector" as peft saves it.
 _MAGNITUDE_KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_magnitude_vector)(?:\.[\w-]+)?(?:\.weight)?")
+_KEY_HINTS = (("lora_embedding", "an embedding LoRA"), ("base_layer", "a copy of a base weight"),
+              (".bias", "a bias"))
+
+
 def _module_path_regex(prefixes: tuple[str, ...]) -> re.Pattern:
     """A LoRA key's module path: "base_model.model." (peft's wrapper), then one of the base
     model's prefixes for its decoder layers (or none), then layers.N.parent.module."""
     alternatives = "|".join(re.escape(p) for p in prefixes)
     return re.compile(rf"(?:base_model\.model\.)?(?:{alternatives})?layers\.(?P<layer>\d+)\.(?P<parent>\w+)\.(?P<module>\w+)")
-_KEY_HINTS = (("lora_embedding", "an embedding LoRA"), ("base_layer", "a copy of a base weight"),
-              (".bias", "a bias"))
 
 
 def module_shapes(arch: ModelArchConfig) -> dict[str, tuple[int, int]]:

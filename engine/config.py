@@ -3,6 +3,7 @@ environment variables map onto these fields)."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -34,7 +35,9 @@ def parse_share(value: str | int | float, name: str) -> int | float:
         try:
             share = value if isinstance(value, float) else float(value.strip()[:-1]) / 100
         except ValueError:
-            raise ModelConfigError(f"{name}: cannot parse a share from {value!r} (examples: 85%, 2GiB)") from None
+            share = float("nan")
+        if not math.isfinite(share):
+            raise ModelConfigError(f"{name}: cannot parse a share from {value!r} (examples: 85%, 2GiB)")
         return share
     return parse_bytes(value, name)
 
