@@ -130,3 +130,27 @@ def test_gemma3_multimodal_checkpoint_serves_text_like_hf(tiny_gemma3_multimodal
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == hf_greedy(hf, prompt, 12), f"prompt of {len(prompt)} tokens diverged"
     assert_prefill_logits_close(llm.engine.model, hf, prompts[2], atol=LOGIT_ATOL)
+
+
+def test_sliding_windows_hold_across_prefill_chunks_and_cached_prefixes(tiny_gemma3, tiny_qwen3):
+    """Prompts far past the windows (Gemma's 12, Qwen3's 20 tokens) prefilled in 32-token
+    chunks, then again sharing a cached prefix: each chunk's queries see only their windows
+    (tokens and their logprobs as transformers gives them)."""
+    from .test_multi_lora import peft_greedy
+
+    for model_dir in (tiny_gemma3, tiny_qwen3):
+        engine = LLM(str(model_dir), dtype="float32", progress=False, max_num_batched_tokens=32).engine
+        prompts = random_prompts([150, 97], 500, seed=7)
+        prompts.append(prompts[0][:120] + prompts[1][:30])  # 7 cached blocks, then a new suffix
+        params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=1)
+        reqs = []
+        for batch in (prompts[:2], prompts[2:]):
+            reqs += [engine.add_request(p, params) for p in batch]
+            while engine.has_unfinished:
+                engine.step()
+        assert engine.kv.num_prefix_hit_tokens >= 112
+        for prompt, req in zip(prompts, reqs):
+            tokens, logprobs = peft_greedy(model_dir, None, prompt, 10)
+            assert req.output_token_ids == tokens, f"{model_dir.name}: prompt of {len(prompt)} diverged"
+            torch.testing.assert_close(torch.tensor([lp for lp, _ in req.logprobs]),
+                                       logprobs[torch.arange(10), torch.tensor(tokens)], atol=LOGIT_ATOL, rtol=0)
