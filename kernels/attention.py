@@ -141,7 +141,8 @@ def _padded_mask(meta: AttentionMetadata, group: int, window: int | None) -> tor
     """[B, 1, group*Q, C] (or [B, 1, 1, C] for one query a row): which context positions each
     query row sees, rows ordered (head in group, query) like the folded query layout."""
     if window not in meta._masks:
-        query_pos, C = _padded_plan(meta)[4], meta._padded[3].shape[1]
+        *_, context_slots, query_pos = _padded_plan(meta)
+        C = context_slots.shape[1]
         t = torch.arange(C, device=query_pos.device)[None, None, :]
         pos = query_pos[:, :, None]
         mask = (t <= pos) & (t < meta.context_len[:, None, None])  # [B, Q, C]
