@@ -18,11 +18,14 @@ from pathlib import Path
 
 from .errors import AdapterError
 
-# LoRA-targetable module -> its parent in every decoder layer (HF Llama/Qwen2 names).
-TARGET_MODULES: dict[str, str] = {
+# LoRA-targetable linear module -> its parent in every decoder layer, as HF names them: the
+# Llama layout (Llama, Mistral, Qwen, Gemma), and Phi-3's, whose q/k/v and gate/up are one
+# module each in the checkpoint and so in peft's adapters.
+LLAMA_LINEARS: dict[str, str] = {
     "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
 }
+FUSED_LINEARS: dict[str, str] = {"qkv_proj": "self_attn", "o_proj": "self_attn", "gate_up_proj": "mlp", "down_proj": "mlp"}
 MAX_CONFIG_BYTES = 1 << 20  # real configs are ~2 KB; a bigger one is not a config
 
 # Training-time or bookkeeping keys: they do not change what the adapter computes.
@@ -65,10 +68,6 @@ def _invalid(msg: str) -> AdapterError:
 def _layer_regex(pattern: str | None) -> str:
     # peft's: the first numbered component after layers_pattern (or after any name).
     return r".*?\.[^.]*\.(?P<idx>\d+)\." if pattern is None else rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
-
-
-def module_path(layer: int, name: str) -> str:
-    return f"model.layers.{layer}.{TARGET_MODULES[name]}.{name}"
 
 
 def _pattern(d: dict, key: str, valid, meaning: str) -> tuple:
@@ -126,14 +125,24 @@ class LoraConfig:
     # which peft may have adapted too but text requests never run.
     module_prefixes: tuple[str, ...] = ("model.",)
     foreign_modules: frozenset[str] = frozenset()
+    # The base model's targetable linears (name, parent), also set by on_model.
+    linears: tuple[tuple[str, str], ...] = tuple(LLAMA_LINEARS.items())
 
     def on_model(self, arch) -> "LoraConfig":
         """This config as it applies to the base model `arch` (a ModelArchConfig)."""
-        return replace(self, module_prefixes=arch.module_prefixes, foreign_modules=frozenset(arch.foreign_modules))
+        return replace(self, module_prefixes=arch.module_prefixes, foreign_modules=frozenset(arch.foreign_modules),
+                       linears=tuple((name, m.parent) for name, m in arch.linear_modules.items()))
+
+    @property
+    def linear_names(self) -> str:
+        return ", ".join(name for name, _ in self.linears)
+
+    def parent_of(self, name: str) -> str | None:
+        return next((parent for n, parent in self.linears if n == name), None)
 
     def paths(self, layer: int, name: str) -> tuple[str, ...]:
         """The full names peft may have matched this module under."""
-        return tuple(f"{prefix}layers.{layer}.{TARGET_MODULES[name]}.{name}" for prefix in self.module_prefixes)
+        return tuple(f"{prefix}layers.{layer}.{self.parent_of(name)}.{name}" for prefix in self.module_prefixes)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "LoraConfig":
@@ -247,7 +256,7 @@ class LoraConfig:
         if self.layers_to_transform and self.layers_to_transform[-1] >= num_layers:
             raise AdapterError("unknown_target_module", f"layers_to_transform names layer {self.layers_to_transform[-1]}, "
                                f"but the base model has {num_layers} layers (0..{num_layers - 1})")
-        paths = {p: (i, m) for i in range(num_layers) for m in TARGET_MODULES for p in self.paths(i, m)}
+        paths = {p: (i, m) for i in range(num_layers) for m, _ in self.linears for p in self.paths(i, m)}
         found: set[tuple[int, str]] = set()
         if isinstance(self.target_modules, str):
             everything = self.target_modules.lower() == "all-linear"  # peft: every linear but the LM head
@@ -257,7 +266,7 @@ class LoraConfig:
                        and e.rsplit(".", 1)[-1] not in self.foreign_modules]
             if unknown:
                 raise AdapterError("unknown_target_module", f"target_modules {unknown} match no module of the base model; "
-                                   f"LoRA can target {', '.join(TARGET_MODULES)} in layers 0..{num_layers - 1}")
+                                   f"LoRA can target {self.linear_names} in layers 0..{num_layers - 1}")
             for p, t in paths.items():
                 if p in self.target_modules:  # an exact full name ignores layers_to_transform, as in peft
                     found.add(t)
@@ -267,7 +276,7 @@ class LoraConfig:
         if not found:
             raise AdapterError("unknown_target_module", f"target_modules={self.target_modules!r} (with layers_to_transform="
                                f"{self.layers_to_transform}, layers_pattern={self.layers_pattern}) selects no module; "
-                               f"LoRA can target {', '.join(TARGET_MODULES)}")
+                               f"LoRA can target {self.linear_names}")
         return found
 
     def _layer_selected(self, path: str) -> bool:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import TARGET_MODULES, LoraConfig, module_path
+from .config import LoraConfig
 from .errors import AdapterError
 
 if TYPE_CHECKING:
@@ -46,10 +46,7 @@ def _module_path_regex(prefixes: tuple[str, ...]) -> re.Pattern:
 
 def module_shapes(arch: ModelArchConfig) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each LoRA-targetable module of the base model."""
-    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-    h, i = arch.hidden_size, arch.intermediate_size
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    return {name: (m.fan_in, m.fan_out) for name, m in arch.linear_modules.items()}
 
 
 @dataclass
@@ -126,13 +123,13 @@ def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
             target, kind = _parse_key(key, targets, arch.num_layers, config, module_path_re)
             if (*target, kind) in found:
                 raise AdapterError("invalid_weights", f"{key!r} and {found[(*target, kind)]!r} both hold {kind} of "
-                                   f"{module_path(*target)}; the file mixes several adapters")
+                                   f"{config.paths(*target)[0]}; the file mixes several adapters")
             found[(*target, kind)] = key
         kinds = ("lora_A", "lora_B") + ("lora_magnitude_vector",) * config.use_dora + ("lora_B.bias",) * config.lora_bias
         for layer, name in sorted(targets):
             for kind in kinds:
                 if (layer, name, kind) not in found:
-                    raise AdapterError("invalid_weights", f"{WEIGHTS_FILE} has no {kind} for {module_path(layer, name)}, "
+                    raise AdapterError("invalid_weights", f"{WEIGHTS_FILE} has no {kind} for {config.paths(layer, name)[0]}, "
                                        "which adapter_config.json targets")
         modules, magnitudes, biases = {}, {}, {}
         for layer, name in sorted(targets):
@@ -193,15 +190,15 @@ def _parse_key(key: str, targets: set[tuple[int, str]], num_layers: int, config:
         raise AdapterError("invalid_weights", f"unexpected key {key!r} in {WEIGHTS_FILE} ({what}); "
                            "only lora_A/lora_B weights of linear modules can be served")
     p = module_path_re.fullmatch(m["path"])
-    if p is None or TARGET_MODULES.get(p["module"]) != p["parent"]:
+    if p is None or config.parent_of(p["module"]) != p["parent"]:
         raise AdapterError("unknown_target_module", f"key {key!r} adapts {m['path']!r}, which is not a LoRA target of "
-                           f"the base model; targets are {', '.join(TARGET_MODULES)} in each layer")
+                           f"the base model; targets are {config.linear_names} in each layer")
     layer, name = int(p["layer"]), p["module"]
     if (layer, name) not in targets:
         why = (f"the base model has only {num_layers} layers" if layer >= num_layers
                else f"adapter_config.json does not target it (target_modules={config.target_modules!r}, "
                     f"layers_to_transform={config.layers_to_transform})")
-        raise AdapterError("invalid_weights", f"key {key!r} is for {module_path(layer, name)}, but {why}")
+        raise AdapterError("invalid_weights", f"key {key!r} is for {config.paths(layer, name)[0]}, but {why}")
     return (layer, name), m["kind"] if bias is None else "lora_B.bias"
 
 

@@ -21,10 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import TARGET_MODULES
 from .loader import module_shapes
-
-MODULE_NAMES = tuple(TARGET_MODULES)
 
 
 @dataclass

@@ -21,7 +21,8 @@ from loragate.kernels.attention import paged_attention
 
 from ..errors import ModelConfigError
 from .linear import Projection
-from .llama import SUPPORTED_ROPE_TYPES, LlamaForCausalLM, common_fields, layer_windows, rope_tables
+from .llama import (SUPPORTED_ROPE_TYPES, LlamaForCausalLM, common_fields, layer_windows, projection_biases,
+                    rope_tables)
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -85,16 +86,14 @@ class Gemma3DecoderLayer(nn.Module):
     def __init__(self, c, dtype: torch.dtype, index: int):
         super().__init__()
         self.c = c
-        q, kv, h, i = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
+        h = c.hidden_size
         for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                      "post_feedforward_layernorm"):
             setattr(self, name, GemmaRMSNorm(h, c.rms_norm_eps, dtype))
         self.q_norm = GemmaRMSNorm(c.head_dim, c.rms_norm_eps, dtype)
         self.k_norm = GemmaRMSNorm(c.head_dim, c.rms_norm_eps, dtype)
-        self.qkv_proj = Projection(h, {"q_proj": q, "k_proj": kv, "v_proj": kv}, c.qkv_bias, dtype, index)
-        self.o_proj = Projection(q, {"o_proj": h}, c.o_bias, dtype, index)
-        self.gate_up_proj = Projection(h, {"gate_proj": i, "up_proj": i}, False, dtype, index)
-        self.down_proj = Projection(i, {"down_proj": h}, False, dtype, index)
+        for name, bias in projection_biases(c).items():
+            setattr(self, name, Projection.of(c, name, bias, dtype, index))
         self.scale = c.attention_scale
         self.window = c.window(index)
 

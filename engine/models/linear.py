@@ -35,6 +35,14 @@ class Projection(nn.Module):
         self._lora_pool = None  # the pool _lora_modules was built for
         self._lora_modules: dict[frozenset[str], LoraModules] = {}  # by the step's targeted modules
 
+    @classmethod
+    def of(cls, arch, name: str, bias: bool, dtype: torch.dtype, layer_index: int) -> "Projection":
+        """Projection `name` of a decoder layer of `arch` (a ModelArchConfig): the linear
+        modules it computes, from arch.linear_modules."""
+        modules = {n: m for n, m in arch.linear_modules.items() if m.projection == name}
+        fan_in = next(iter(modules.values())).fan_in
+        return cls(fan_in, {n: m.fan_out for n, m in modules.items()}, bias, dtype, layer_index)
+
     def slice_range(self, name: str) -> tuple[int, int]:
         start = 0
         for s, width in self.output_slices.items():

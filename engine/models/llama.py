@@ -6,10 +6,12 @@ each with its own position, attending through the paged KV cache."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 from torch import nn
 
+from loragate.adapters.config import FUSED_LINEARS, LLAMA_LINEARS
 from loragate.kernels import layer_ops
 from loragate.kernels.attention import paged_attention
 from loragate.kernels.dense import dense_linear, pack_weight
@@ -28,6 +30,15 @@ VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_towe
 VISION_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 # RoPE variants whose frequencies do not depend on the sequence being processed.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class LinearModule:
+    """A LoRA-targetable linear module of every decoder layer."""
+    parent: str  # its parent in an HF decoder layer ("self_attn", "mlp"): part of peft's names
+    projection: str  # our Projection that computes it (several modules share qkv_proj, gate_up_proj)
+    fan_in: int
+    fan_out: int
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,23 @@ class ModelArchConfig:
     module_prefixes: tuple[str, ...] = TEXT_MODULE_PREFIXES
     skipped_prefixes: tuple[str, ...] = ()
     foreign_modules: tuple[str, ...] = ()  # linear modules' names in what is skipped
+    fused_linears: bool = False  # Phi-3: q/k/v and gate/up are one checkpoint (and peft) module each
+
+    @cached_property
+    def linear_modules(self) -> dict[str, LinearModule]:
+        """The layers' targetable linears by checkpoint name, each projection's in output order."""
+        q, kv, h, i = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.hidden_size, \
+            self.intermediate_size
+        if self.fused_linears:
+            shapes = {"qkv_proj": ("qkv_proj", h, q + 2 * kv), "o_proj": ("o_proj", q, h),
+                      "gate_up_proj": ("gate_up_proj", h, 2 * i), "down_proj": ("down_proj", i, h)}
+            parents = FUSED_LINEARS
+        else:
+            shapes = {"q_proj": ("qkv_proj", h, q), "k_proj": ("qkv_proj", h, kv), "v_proj": ("qkv_proj", h, kv),
+                      "o_proj": ("o_proj", q, h), "gate_proj": ("gate_up_proj", h, i),
+                      "up_proj": ("gate_up_proj", h, i), "down_proj": ("down_proj", i, h)}
+            parents = LLAMA_LINEARS
+        return {name: LinearModule(parents[name], *shape) for name, shape in shapes.items()}
 
     def window(self, layer: int) -> int | None:
         return self.layer_windows[layer] if self.layer_windows else None
@@ -90,6 +118,11 @@ class ModelArchConfig:
             o_bias=attention_bias and not is_qwen2,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         )
+
+
+def projection_biases(c: ModelArchConfig) -> dict[str, bool]:
+    """A decoder layer's projections, and whether each has a bias."""
+    return {"qkv_proj": c.qkv_bias, "o_proj": c.o_bias, "gate_up_proj": c.mlp_bias, "down_proj": c.mlp_bias}
 
 
 def text_config(hf):
@@ -165,13 +198,11 @@ class DecoderLayer(nn.Module):
     def __init__(self, c: ModelArchConfig, dtype: torch.dtype, index: int):
         super().__init__()
         self.c = c
-        q, kv, h, i = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.hidden_size, c.intermediate_size
+        h = c.hidden_size
         self.input_layernorm = RMSNorm(h, c.rms_norm_eps, dtype)
-        self.qkv_proj = Projection(h, {"q_proj": q, "k_proj": kv, "v_proj": kv}, c.qkv_bias, dtype, index)
-        self.o_proj = Projection(q, {"o_proj": h}, c.o_bias, dtype, index)
         self.post_attention_layernorm = RMSNorm(h, c.rms_norm_eps, dtype)
-        self.gate_up_proj = Projection(h, {"gate_proj": i, "up_proj": i}, c.mlp_bias, dtype, index)
-        self.down_proj = Projection(i, {"down_proj": h}, c.mlp_bias, dtype, index)
+        for name, bias in projection_biases(c).items():
+            setattr(self, name, Projection.of(c, name, bias, dtype, index))
         self.scale = c.head_dim ** -0.5
         self.window = c.window(index)
         if c.qk_norm:

@@ -10,18 +10,7 @@ from safetensors import safe_open
 
 from ..errors import ModelConfigError
 from .gemma3 import Gemma3ForCausalLM
-from .llama import LlamaForCausalLM, ModelArchConfig, text_config
-
-# Checkpoint module -> (our fused projection, its slice name).
-_FUSED = {
-    "self_attn.q_proj": ("qkv_proj", "q_proj"),
-    "self_attn.k_proj": ("qkv_proj", "k_proj"),
-    "self_attn.v_proj": ("qkv_proj", "v_proj"),
-    "self_attn.o_proj": ("o_proj", "o_proj"),
-    "mlp.gate_proj": ("gate_up_proj", "gate_proj"),
-    "mlp.up_proj": ("gate_up_proj", "up_proj"),
-    "mlp.down_proj": ("down_proj", "down_proj"),
-}
+from .llama import LlamaForCausalLM, ModelArchConfig, projection_biases, text_config
 
 
 def load_hf_config(model_dir: Path):
@@ -63,6 +52,8 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, int4: bo
     model = (Gemma3ForCausalLM if arch.is_gemma3 else LlamaForCausalLM)(arch, text_config(hf_config), dtype,
                                                                           max_positions)
     layers = model.layers
+    # Checkpoint module ("self_attn.q_proj") -> (our projection, its slice).
+    linears = {f"{m.parent}.{name}": (m.projection, name) for name, m in arch.linear_modules.items()}
     loaded: set[str] = set()
     for name, tensor in _checkpoint_tensors(model_dir):
         if name.startswith(arch.skipped_prefixes):
@@ -82,8 +73,8 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, int4: bo
             module, _, kind = rest.rpartition(".")
             if module in layer.NORMS and kind == "weight":
                 target = getattr(layer, layer.NORMS[module]).weight
-            elif module in _FUSED and kind in ("weight", "bias"):
-                proj_name, slice_name = _FUSED[module]
+            elif module in linears and kind in ("weight", "bias"):
+                proj_name, slice_name = linears[module]
                 proj = getattr(layer, proj_name)
                 full = getattr(proj, kind)
                 if full is None:
@@ -100,8 +91,9 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, int4: bo
             raise ModelConfigError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(target.shape)}")
         target.copy_(tensor)
         loaded.add(name)
-    expected = 2 + arch.num_layers * (len(layers[0].NORMS) + len(_FUSED)) + (0 if arch.tie_word_embeddings else 1)
-    expected += arch.num_layers * (3 * arch.qkv_bias + arch.o_bias + 3 * arch.mlp_bias)
+    biases = projection_biases(arch)
+    per_layer = len(layers[0].NORMS) + sum(1 + biases[m.projection] for m in arch.linear_modules.values())
+    expected = 2 + arch.num_layers * per_layer + (0 if arch.tie_word_embeddings else 1)
     if len(loaded) != expected:
         raise ModelConfigError(f"checkpoint in {model_dir} holds {len(loaded)} of the {expected} tensors the model needs")
     if torch.device(device).type != "cpu":  # read on the host, then moved once
