@@ -51,9 +51,10 @@ def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                   num_heads: int, num_kv_heads: int, head_dim: int, slot_mapping: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, native: bool = True):
     """Semantics: qkv [T, (heads + 2*kv_heads) * d] holds q, k, v heads per token. Rotates q and
-    k by each token's position (HF rotate-half RoPE; cos/sin tables [max_pos, d]) and writes k
-    and v to the caches [blocks, kv_heads, block_size, d] at slot_mapping [T]. Returns q [T, heads, d],
-    k, v [T, kv_heads, d] (views; the native path rotates qkv in place)."""
+    k by each token's position (HF rotate-half RoPE; cos/sin tables [max_pos, r]: the first r <= d
+    dims of each head rotate, the rest pass through, as with Phi-4-mini's partial_rotary_factor)
+    and writes k and v to the caches [blocks, kv_heads, block_size, d] at slot_mapping [T].
+    Returns q [T, heads, d], k, v [T, kv_heads, d] (views; the native path rotates qkv in place)."""
     T = qkv.shape[0]
     if native and qkv.is_contiguous() and _native.usable(qkv, cos, k_cache):
         _native.rope_write_kv(qkv, positions, cos, sin, num_heads, num_kv_heads, head_dim, slot_mapping,
@@ -63,8 +64,10 @@ def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
     qk = qkv[:, : (num_heads + num_kv_heads) * head_dim].view(T, -1, head_dim)
     c = cos.index_select(0, positions).unsqueeze(1)
     s = sin.index_select(0, positions).unsqueeze(1)
-    half = head_dim // 2
-    qk = qk * c + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * s
+    rotary = cos.shape[1]
+    x, half = qk[..., :rotary], rotary // 2
+    rotated = x * c + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
+    qk = rotated if rotary == head_dim else torch.cat((rotated, qk[..., rotary:]), dim=-1)
     q, k = qk[:, :num_heads], qk[:, num_heads:]
     v = qkv[:, (num_heads + num_kv_heads) * head_dim:].view(T, num_kv_heads, head_dim)
     write_slots(k_cache, slot_mapping, k)

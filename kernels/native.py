@@ -82,7 +82,7 @@ def library() -> ctypes.CDLL | None:
             "paged_attention": [ptr, i64, ptr, ptr, ptr, i64, i32, ptr, ptr, ptr, ptr, i64, i32, i32, i32,
                                 i32, f32, i32, i32, i32],
             "rms_norm": [ptr, ptr, ptr, ptr, i64, i32, f32, i32, i32, i32],
-            "rope_write_kv": [ptr, i64, i64, ptr, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, i32, i32, i32],
+            "rope_write_kv": [ptr, i64, i64, ptr, ptr, ptr, i32, i32, i32, i32, ptr, ptr, ptr, i32, i32, i32],
             "rms_norm_heads": [ptr, i64, i64, i32, i32, i32, ptr, ptr, f32, i32, i32, i32],
             "silu_mul": [ptr, ptr, i64, i32, i32, i32],
             "lora_add": [ptr, i64, i32, ptr, i64, i32, ptr, i32, i32, ptr, ptr, ptr, ptr, ptr, i64, ptr, i32, i32, i32],
@@ -155,7 +155,8 @@ def rms_norm_heads(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Te
 def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
                   kv_heads: int, d: int, slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     _check(library().rope_write_kv(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], positions.data_ptr(), cos.data_ptr(),
-                                   sin.data_ptr(), heads, kv_heads, d, slot_mapping.data_ptr(), k_cache.data_ptr(),
+                                   sin.data_ptr(), heads, kv_heads, d, cos.shape[1], slot_mapping.data_ptr(),
+                                   k_cache.data_ptr(),
                                    v_cache.data_ptr(), k_cache.shape[2], int(qkv.dtype == torch.bfloat16),
                                    torch.get_num_threads()), "rope_write_kv")
 

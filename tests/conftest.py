@@ -1,9 +1,10 @@
-"""Shared fixtures: tiny random Llama / Qwen2 / Qwen3 / Gemma 3 checkpoints written in HF format, and
-the real bundled model (prepared once into LORAGATE_HOME)."""
+"""Shared fixtures: tiny random Llama / Qwen2 / Qwen3 / Phi-3 / Gemma 3 checkpoints written in HF
+format, and the real bundled model (prepared once into LORAGATE_HOME)."""
 
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -17,10 +18,10 @@ TINY_VOCAB = 512
 def _write_tiny(path, arch: str):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
-                              LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
-                              Qwen3Config, Qwen3ForCausalLM)
+                              LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast,
+                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-    torch.manual_seed({"llama": 0, "qwen2": 1, "gemma3": 2, "qwen3": 3, "gemma3-multimodal": 4}[arch])
+    torch.manual_seed({"llama": 0, "qwen2": 1, "gemma3": 2, "qwen3": 3, "gemma3-multimodal": 4, "phi3": 5}[arch])
     common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=arch != "llama")
@@ -33,6 +34,16 @@ def _write_tiny(path, arch: str):
         # sliding window (use_sliding_window from max_window_layers on).
         model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=32, use_sliding_window=True, sliding_window=20,
                                              max_window_layers=1))
+    elif arch == "phi3":
+        # Fused qkv_proj / gate_up_proj; Phi-4-mini's partial RoPE (12 of 16 dims) with LongRoPE
+        # factors, exact up to original_max_position_embeddings (which caps the context); and
+        # Phi-3-mini-4k's sliding window on every layer.
+        common.update(max_position_embeddings=4096)
+        model = Phi3ForCausalLM(Phi3Config(
+            **common, original_max_position_embeddings=2048, sliding_window=20, pad_token_id=0,
+            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                             "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0],
+                             "long_factor": [1.5, 2.0, 3.0, 5.0, 8.0, 12.0]}))
     else:
         # Two local layers around a global one; a window of 12 tokens (not a multiple of the
         # KV block) that prompts and outputs outgrow; head_dim and the softmax scale's
@@ -88,7 +99,10 @@ tiny_gemma3 = _tiny_fixture("gemma3")
 tiny_gemma3_multimodal = _tiny_fixture("gemma3-multimodal")
 
 
-@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3", "gemma3"])
+tiny_phi3 = _tiny_fixture("phi3")
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3", "phi3", "gemma3"])
 def tiny_model(request):
     return request.getfixturevalue(f"tiny_{request.param}")
 
@@ -112,12 +126,15 @@ def real_gemma3_dir():
 def _save_random_lora(base_dir, out_dir, b_std: float, seed: int | None = None, **lora_kwargs):
     """A LoRA adapter saved by peft itself on `base_dir`, with random non-zero B (peft
     initialises B to zero, which would make every adapter a no-op) and, for DoRA, random
-    magnitudes. Returns out_dir."""
+    magnitudes. Returns out_dir. Module names are Llama's; on a Phi-3 base they become the
+    fused modules that contain them (q_proj -> qkv_proj, up_proj -> gate_up_proj)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if seed is not None:
         torch.manual_seed(seed)
+    if AutoConfig.from_pretrained(base_dir).model_type == "phi3":
+        lora_kwargs = _on_phi3(lora_kwargs)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
                            LoraConfig(**lora_kwargs))
     with torch.no_grad():
@@ -128,6 +145,22 @@ def _save_random_lora(base_dir, out_dir, b_std: float, seed: int | None = None, 
                 p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def _on_phi3(lora_kwargs: dict) -> dict:
+    def rename(name: str) -> str:
+        return re.sub(r"\b(?:gate|up)_proj\b", "gate_up_proj", re.sub(r"\b[qkv]_proj\b", "qkv_proj", name))
+
+    out = dict(lora_kwargs)
+    targets = out.get("target_modules")
+    if isinstance(targets, str):
+        out["target_modules"] = targets if targets == "all-linear" else rename(targets)
+    elif targets is not None:
+        out["target_modules"] = sorted({rename(t) for t in targets})
+    for key in ("rank_pattern", "alpha_pattern"):
+        if key in out:
+            out[key] = {rename(k): v for k, v in out[key].items()}
+    return out
 
 
 @pytest.fixture(scope="session")

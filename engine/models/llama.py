@@ -1,5 +1,6 @@
 """Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2 with q/k/v bias, Qwen3 with q/k norms,
-sliding windows where the config has them; Gemma 3's variant in gemma3.py) over a packed
+Phi-3 with fused q/k/v and gate/up modules and partial RoPE, sliding windows where the config
+has them; Gemma 3's variant in gemma3.py) over a packed
 variable-length token batch: all tokens of all requests in one [num_tokens, hidden] tensor,
 each with its own position, attending through the paged KV cache."""
 
@@ -19,7 +20,7 @@ from loragate.kernels.dense import dense_linear, pack_weight
 from ..errors import ModelConfigError
 from .linear import Projection
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text")
 # Where the decoder layers' modules live in a checkpoint and in peft's module names: plain
 # causal LMs, and Gemma 3's multimodal checkpoints (saved by transformers 4 and named by 5).
 TEXT_MODULE_PREFIXES = ("model.",)
@@ -30,6 +31,11 @@ VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_towe
 VISION_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 # RoPE variants whose frequencies do not depend on the sequence being processed.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# LongRoPE (Phi-3.5, Phi-4-mini, the 128k Phi-3s) switches transformers to its long factors
+# once a forward pass reaches original_max_position_embeddings, so what a position computes
+# depends on how the sequence was split into passes; up to that length only the short
+# factors apply, exactly. The context is capped there.
+LONGROPE = "longrope"
 
 
 @dataclass(frozen=True)
@@ -105,13 +111,23 @@ class ModelArchConfig:
             return gemma3_arch(cls, hf)
         if getattr(hf, "hidden_act", "silu") != "silu":
             raise ModelConfigError(f"hidden_act {hf.hidden_act!r} is not supported (only silu)")
-        rope_type = (getattr(hf, "rope_parameters", None) or {}).get("rope_type", "default")
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ModelConfigError(f"rope_type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        rope = getattr(hf, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", "default")
+        is_phi3 = hf.model_type == "phi3"
+        supported = SUPPORTED_ROPE_TYPES + ((LONGROPE,) if is_phi3 else ())
+        if rope_type not in supported:
+            raise ModelConfigError(f"rope_type {rope_type!r} is not supported (supported: {', '.join(supported)})")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0 and not is_phi3:  # transformers' Llama rotates whole heads
+            raise ModelConfigError(f"partial_rotary_factor is not supported for model_type {hf.model_type!r}")
+        fields = common_fields(hf)
+        if rope_type == LONGROPE:
+            fields["max_position_embeddings"] = min(fields["max_position_embeddings"],
+                                                    rope["original_max_position_embeddings"])
         is_qwen2 = hf.model_type == "qwen2"
         attention_bias = bool(getattr(hf, "attention_bias", False))
         return cls(
-            **common_fields(hf),
+            **fields,
+            fused_linears=is_phi3,
             qkv_bias=is_qwen2 or attention_bias,
             qk_norm=hf.model_type == "qwen3",
             layer_windows=layer_windows(hf),
@@ -159,8 +175,9 @@ def common_fields(hf) -> dict:
 
 
 def rope_tables(hf_config, max_positions: int, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [max_positions, head_dim] in fp32, computed like transformers does
-    (its ROPE_INIT_FUNCTIONS give the inverse frequencies and the attention scaling).
+    """cos/sin tables [max_positions, rotary dims] in fp32, computed like transformers does
+    (its ROPE_INIT_FUNCTIONS give the inverse frequencies and the attention scaling); the
+    rotary dims are head_dim, or its first partial_rotary_factor part.
     layer_type: for models whose rope_parameters are per layer type (Gemma 3)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -169,7 +186,8 @@ def rope_tables(hf_config, max_positions: int, layer_type: str | None = None) ->
         params = params[layer_type]
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
-        dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))  # Phi-4-mini rotates 3/4 of each head
         inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         scaling = 1.0
     else:

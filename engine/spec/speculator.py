@@ -141,17 +141,18 @@ def build_speculator(config, engine) -> Speculator | None:
 
 def _draft_proposer(config, engine):
     from ..llm_engine import _load_tokenizer
-    from ..models.llama import text_config
+    from ..models.llama import ModelArchConfig, text_config
     from ..models.loader import load_hf_config
     from ..models.prepare import resolve_model
     from .draft import DraftModelProposer, check_same_vocabulary
 
     draft_dir = resolve_model(config.draft_model)
-    draft_config = text_config(load_hf_config(draft_dir))
+    draft_config = load_hf_config(draft_dir)
     check_same_vocabulary(engine.tokenizer, _load_tokenizer(draft_dir), engine.model.config.vocab_size,
-                          draft_config.vocab_size, config.draft_model)
-    if draft_config.max_position_embeddings < engine.max_model_len:
-        raise ModelConfigError(f"draft model {config.draft_model} handles {draft_config.max_position_embeddings} "
+                          text_config(draft_config).vocab_size, config.draft_model)
+    draft_positions = ModelArchConfig.from_hf(draft_config).max_position_embeddings
+    if draft_positions < engine.max_model_len:
+        raise ModelConfigError(f"draft model {config.draft_model} handles {draft_positions} "
                                f"positions, fewer than max_model_len {engine.max_model_len}: lower --max-model-len")
     return DraftModelProposer(draft_dir, config.torch_dtype, engine.max_model_len, engine.kv.num_blocks,
                               config.block_size, config.max_num_batched_tokens, config.draft_vocab_size,

@@ -122,7 +122,7 @@ static void scores_bf16(const uint16_t *const *q_rows, int rows, const uint16_t 
  * the query rows, transposed into pairs of dims once per task, the B operand; the 16 x rows
  * result is scattered into the row-major score rows. About 4x fewer instructions than the
  * dot-product path, which is what bounds it while the K rows stream in. */
-/* Tiles: 0, 1 scores (alternate chunks); 2, 7 K rows; 3-6 query pairs for d/32 slices. */
+/* Tiles: 0, 1 scores (alternate chunks); 2, 7 K rows; 3-6 query pairs for d/32 slices (3 for d = 96). */
 static void configure_scores(int rows) {
     amx_tile_config cfg = {0};
     cfg.palette_id = 1;
@@ -139,8 +139,8 @@ static void configure_scores(int rows) {
         _tile_loadd(2, (kp), stride);                                                     \
         _tile_dpbf16ps(C, 2, 3);                                                          \
         if ((nv) > 1) { _tile_loadd(7, (kp) + 32, stride); _tile_dpbf16ps(C, 7, 4); }     \
-        if ((nv) > 2) { _tile_loadd(2, (kp) + 64, stride); _tile_dpbf16ps(C, 2, 5);       \
-                        _tile_loadd(7, (kp) + 96, stride); _tile_dpbf16ps(C, 7, 6); }     \
+        if ((nv) > 2) { _tile_loadd(2, (kp) + 64, stride); _tile_dpbf16ps(C, 2, 5); }     \
+        if ((nv) > 3) { _tile_loadd(7, (kp) + 96, stride); _tile_dpbf16ps(C, 7, 6); }     \
     } while (0)
 
 /* Dims dim0 .. dim0 + 128 (or d) of the product; with dim0 > 0 the scores are added to the
@@ -156,7 +156,8 @@ static void scores_amx(const uint16_t *const *q_rows, int rows, const uint16_t *
             for (int r = 0; r < rows; r++) qt[v][p][r] = ((const uint32_t *)(q_rows[r] + dim0))[16 * v + p];
     _tile_loadd(3, qt[0], 64);
     if (nv > 1) _tile_loadd(4, qt[1], 64);
-    if (nv > 2) { _tile_loadd(5, qt[2], 64); _tile_loadd(6, qt[3], 64); }
+    if (nv > 2) _tile_loadd(5, qt[2], 64);
+    if (nv > 3) _tile_loadd(6, qt[3], 64);
     float st[2][16][16] __attribute__((aligned(64)));
     for (int t0 = begin; t0 < ctx; t0 += 32) {
         /* two chunks in flight, one per score tile */
@@ -344,13 +345,14 @@ static void attend_one(const char *q, int64_t q_stride, const char *k_cache, con
     /* the first position any row sees: query 0's window start (later queries' start later) */
     const int begin = window > 0 && first_limit + 1 > window ? first_limit + 1 - window : 0;
 #ifdef HAVE_BF16_FAST_PATH
-    /* d = 256 (Gemma 3) only on AMX: the AVX-512 values path keeps d / 16 vectors per row in registers */
+    /* d = 96 (Phi-3-mini) and 256 (Gemma 3) only on AMX: the AVX-512 values path has cases
+     * for 2, 4 and 8 vectors per row, which it keeps in registers */
 #ifdef HAVE_AMX_ATTENTION
-    const int amx_d256 = d == 256 && use_amx;
+    const int amx_only_d = (d == 96 || d == 256) && use_amx;
 #else
-    const int amx_d256 = 0;
+    const int amx_only_d = 0;
 #endif
-    if (is_bf16 && (d == 32 || d == 64 || d == 128 || amx_d256) && block_size % 16 == 0) {
+    if (is_bf16 && (d == 32 || d == 64 || d == 128 || amx_only_d) && block_size % 16 == 0) {
         const int cs = (ctx + 15) / 16 * 16, begin16 = begin / 16 * 16;
         const uint16_t *q_rows[rows];
         for (int i = 0; i < n; i++)

@@ -84,19 +84,20 @@ int rms_norm_heads(void *qkv, int64_t row_stride, int64_t rows, int heads, int k
 }
 
 /* qkv rows [heads + 2*kv_heads][d] (row stride row_stride): rotate the q and k heads of
- * token t by position positions[t] (cos/sin tables [max_pos][d], HF's rotate-half layout),
- * in place, then copy its k and v heads to the caches (layout: kv_offset) at slot_mapping[t]. */
+ * token t by position positions[t] (cos/sin tables [max_pos][rot], HF's rotate-half layout
+ * over each head's first rot <= d dims; the rest pass through), in place, then copy its k and
+ * v heads to the caches (layout: kv_offset) at slot_mapping[t]. */
 int rope_write_kv(void *qkv, int64_t row_stride, int64_t rows, const int64_t *positions, const void *cos_table,
-                  const void *sin_table, int heads, int kv_heads, int d, const int64_t *slot_mapping,
+                  const void *sin_table, int heads, int kv_heads, int d, int rot, const int64_t *slot_mapping,
                   void *k_cache, void *v_cache, int block_size, int is_bf16, int num_threads) {
-    if (d > 512 || d % 2) return -1;
-    const int half = d / 2, rotated = heads + kv_heads;
+    if (d > 512 || rot > d || rot % 2) return -1;
+    const int half = rot / 2, rotated = heads + kv_heads;
     const int nt = rows * rotated * d >= PARALLEL_MIN_ELEMENTS ? num_threads : 1;
 #pragma omp parallel for num_threads(nt) if (nt > 1)
     for (int64_t t = 0; t < rows; t++) {
         float c[512 + ROW_PAD], s[512 + ROW_PAD], x[512 + ROW_PAD];
-        load_row(c, at(cos_table, positions[t] * d, is_bf16), d, is_bf16);
-        load_row(s, at(sin_table, positions[t] * d, is_bf16), d, is_bf16);
+        load_row(c, at(cos_table, positions[t] * rot, is_bf16), rot, is_bf16);
+        load_row(s, at(sin_table, positions[t] * rot, is_bf16), rot, is_bf16);
         char *row = (char *)at(qkv, t * row_stride, is_bf16);
         for (int h = 0; h < rotated; h++) {
             char *head = (char *)at(row, (int64_t)h * d, is_bf16);

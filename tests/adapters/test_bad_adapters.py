@@ -182,3 +182,23 @@ def test_bad_adapter(case, tmp_path, good_adapter, arch, save_peft):
     assert e.value.code == code, str(e.value)
     assert fragment in str(e.value)
     assert not (tmp_path / "UNPICKLED").exists()
+
+
+def test_an_adapter_for_the_other_projection_layout_is_refused(good_adapter, arch, tmp_path):
+    """Phi-3's checkpoints (and so peft's adapters of them) fuse q/k/v and gate/up into one
+    module each: an adapter of the separate layout names modules a Phi-3 base lacks, and the
+    other way round; either is refused with the modules the base has."""
+    from dataclasses import replace
+
+    with pytest.raises(AdapterError) as e:
+        load_adapter(good_adapter, replace(arch, fused_linears=True), MAX_RANK)
+    assert e.value.code == "unknown_target_module"
+    assert "['q_proj', 'v_proj'] match no module" in str(e.value)
+    assert "qkv_proj, o_proj, gate_up_proj, down_proj" in str(e.value)
+
+    fused = tmp_path / "fused"
+    shutil.copytree(good_adapter, fused)
+    edit_config(fused, target_modules=["qkv_proj", "down_proj"])
+    with pytest.raises(AdapterError) as e:
+        load_adapter(fused, arch, MAX_RANK)
+    assert e.value.code == "unknown_target_module" and "['qkv_proj'] match no module" in str(e.value)

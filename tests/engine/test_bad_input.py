@@ -101,6 +101,32 @@ def test_sliding_windows_follow_the_config_and_unsupported_variants_are_refused(
             ModelArchConfig.from_hf(config)
 
 
+def test_phi3_rope_variants_and_what_other_families_refuse():
+    """LongRoPE and partial rotary dims, as transformers implements them for Phi-3 only; a
+    LongRoPE model's positions end at original_max_position_embeddings (see test_model_vs_hf)."""
+    from transformers import LlamaConfig, Phi3Config
+
+    from loragate.engine.models.llama import ModelArchConfig
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512)
+    longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
+    phi3 = ModelArchConfig.from_hf(Phi3Config(**small, max_position_embeddings=8192,
+                                              original_max_position_embeddings=4096, rope_parameters=longrope))
+    assert phi3.fused_linears and phi3.max_position_embeddings == 4096
+    assert list(phi3.linear_modules) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert phi3.linear_modules["qkv_proj"].fan_out == 3 * 64 and phi3.linear_modules["gate_up_proj"].fan_out == 256
+    plain = ModelArchConfig.from_hf(Phi3Config(**small, max_position_embeddings=4096))  # Phi-3-mini-4k
+    assert plain.max_position_embeddings == 4096 and plain.layer_windows == ()
+    for config, message in [(Phi3Config(**small, hidden_act="gelu"), "hidden_act"),
+                            (LlamaConfig(**small, rope_parameters=dict(longrope, original_max_position_embeddings=4096)),
+                             r"rope_type 'longrope' is not supported \(supported: default, linear, llama3, yarn\)"),
+                            (LlamaConfig(**small, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                                   "partial_rotary_factor": 0.5}),
+                             "partial_rotary_factor is not supported for model_type 'llama'")]:
+        with pytest.raises(ModelConfigError, match=message):
+            ModelArchConfig.from_hf(config)
+
+
 def test_kv_cache_memory_as_a_share_of_free_memory(tiny_llama, monkeypatch):
     """'N%': the KV cache takes N% of the memory free once the model and LoRA slots are in
     (the GPU's on CUDA, MemAvailable on the CPU), measured after both are loaded."""

@@ -132,13 +132,13 @@ def test_gemma3_multimodal_checkpoint_serves_text_like_hf(tiny_gemma3_multimodal
     assert_prefill_logits_close(llm.engine.model, hf, prompts[2], atol=LOGIT_ATOL)
 
 
-def test_sliding_windows_hold_across_prefill_chunks_and_cached_prefixes(tiny_gemma3, tiny_qwen3):
-    """Prompts far past the windows (Gemma's 12, Qwen3's 20 tokens) prefilled in 32-token
+def test_sliding_windows_hold_across_prefill_chunks_and_cached_prefixes(tiny_gemma3, tiny_qwen3, tiny_phi3):
+    """Prompts far past the windows (Gemma's 12, Qwen3's and Phi-3's 20 tokens) prefilled in 32-token
     chunks, then again sharing a cached prefix: each chunk's queries see only their windows
     (tokens and their logprobs as transformers gives them)."""
     from .test_multi_lora import peft_greedy
 
-    for model_dir in (tiny_gemma3, tiny_qwen3):
+    for model_dir in (tiny_gemma3, tiny_qwen3, tiny_phi3):
         engine = LLM(str(model_dir), dtype="float32", progress=False, max_num_batched_tokens=32).engine
         prompts = random_prompts([150, 97], 500, seed=7)
         prompts.append(prompts[0][:120] + prompts[1][:30])  # 7 cached blocks, then a new suffix
@@ -154,3 +154,17 @@ def test_sliding_windows_hold_across_prefill_chunks_and_cached_prefixes(tiny_gem
             assert req.output_token_ids == tokens, f"{model_dir.name}: prompt of {len(prompt)} diverged"
             torch.testing.assert_close(torch.tensor([lp for lp, _ in req.logprobs]),
                                        logprobs[torch.arange(10), torch.tensor(tokens)], atol=LOGIT_ATOL, rtol=0)
+
+
+def test_phi3_longrope_serves_the_context_where_it_is_exact(tiny_phi3, capsys):
+    """Past original_max_position_embeddings (2048 of this model's 4096), transformers switches
+    LongRoPE to its long factors for a whole forward pass, so a position's rotation would depend
+    on how the sequence was split. The engine serves the 2048 positions where only the short
+    factors apply, says so when asked for more, and matches transformers up to the last one."""
+    llm = LLM(str(tiny_phi3), dtype="float32", max_model_len=4096, progress=True)
+    assert llm.engine.max_model_len == 2048
+    assert "max_model_len 4096 is more than this model's 2048 positions (LongRoPE" in capsys.readouterr().err
+    prompt = random_prompts([2036], 500, seed=9)[0]
+    out = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    hf = AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32)
+    assert out.token_ids == hf_greedy(hf, prompt, 12)

@@ -55,6 +55,14 @@ def test_mixed_batch_matches_peft_per_adapter(tiny_llama, adapter_dirs):
     check_mixed_batch(tiny_llama, adapter_dirs, vocab=512)
 
 
+def test_mixed_batch_matches_peft_on_phi3(tiny_phi3, tmp_path, save_lora):
+    """Phi-3's checkpoints and peft's adapters fuse q/k/v and gate/up into one module each:
+    the same recipes, on qkv_proj and gate_up_proj (a regex, all-linear, one layer only)."""
+    dirs = make_adapters(save_lora, tiny_phi3, tmp_path)
+    assert "qkv_proj" in (dirs["attn-r4"] / "adapter_config.json").read_text()
+    check_mixed_batch(tiny_phi3, dirs, vocab=512)
+
+
 @pytest.mark.slow
 def test_mixed_batch_matches_peft_on_smollm2(real_model_dir, real_adapter_dirs):
     check_mixed_batch(real_model_dir, real_adapter_dirs, vocab=49152, logprob_atol=2e-3)

@@ -176,7 +176,7 @@ def short_requests(seed: int, batch: int, mixed: bool, block_size: int):
 # Short-query batches: native kernel vs torch reference vs naive
 
 DTYPES = (torch.float32, torch.bfloat16)
-GRID = list(itertools.product(DTYPES, (64, 128), (16, 32), (1, 3, 4), (False, True)))
+GRID = list(itertools.product(DTYPES, (64, 96, 128), (16, 32), (1, 3, 4), (False, True)))
 
 
 @pytest.mark.parametrize("index", range(len(GRID)))
@@ -219,7 +219,7 @@ def test_every_context_length_around_block_boundaries(dtype, block_size):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", (64, 256))
+@pytest.mark.parametrize("head_dim", (64, 96, 256))
 def test_native_reads_only_the_context(dtype, head_dim):
     # NaN in every slot a request does not own (spare blocks, the tail of its last block):
     # the native kernel must never touch them (a probability-0 NaN still poisons a sum).

@@ -176,37 +176,46 @@ def test_rms_norm_rows_are_independent():
 
 
 def rope_float64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor):
-    """HF rotate-half RoPE; x [T, heads, d]. Returns (result, |x*cos| + |rotated*sin|)."""
+    """HF rotate-half RoPE over the tables' width (the rest of each head passes through);
+    x [T, heads, d]. Returns (result, |x*cos| + |rotated*sin|)."""
     x = x.double()
     c = cos.double()[positions].unsqueeze(1)
     s = sin.double()[positions].unsqueeze(1)
+    x, passed = x[..., :cos.shape[1]], x[..., cos.shape[1]:]
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * c + rotated * s, (x * c).abs() + (rotated * s).abs()
+    return (torch.cat((x * c + rotated * s, passed), dim=-1),
+            torch.cat(((x * c).abs() + (rotated * s).abs(), passed.abs()), dim=-1))
 
 
 ROPE_CASES = [
-    # (rows, heads, kv_heads, head_dim, block_size, tables)
-    (1, 4, 2, 64, 16, "llama"),
-    (3, 6, 2, 128, 32, "random"),
-    (16, 4, 1, 64, 16, "random"),
-    (100, 4, 4, 128, 16, "llama"),  # threaded: 100 * 8 * 128 >= 32K
-    (1024, 3, 1, 64, 32, "llama"),
-    (1024, 8, 2, 128, 16, "random"),
+    # (rows, heads, kv_heads, head_dim, block_size, tables, partial_rotary_factor)
+    (1, 4, 2, 64, 16, "llama", 1.0),
+    (3, 6, 2, 128, 32, "random", 1.0),
+    (16, 4, 1, 64, 16, "random", 1.0),
+    (100, 4, 4, 128, 16, "llama", 1.0),  # threaded: 100 * 8 * 128 >= 32K
+    (1024, 3, 1, 64, 32, "llama", 1.0),
+    (1024, 8, 2, 128, 16, "random", 1.0),
+    (5, 4, 2, 96, 16, "llama", 1.0),  # Phi-3-mini's head size
+    (7, 6, 2, 128, 16, "llama", 0.75),  # Phi-4-mini: 96 of 128 dims rotate
+    (200, 4, 2, 64, 32, "random", 0.5),
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,heads,kv_heads,head_dim,block_size,tables", ROPE_CASES)
-def test_rope_write_kv(dtype, rows, heads, kv_heads, head_dim, block_size, tables):
+@pytest.mark.parametrize("rows,heads,kv_heads,head_dim,block_size,tables,partial", ROPE_CASES)
+def test_rope_write_kv(dtype, rows, heads, kv_heads, head_dim, block_size, tables, partial):
     g = torch.Generator().manual_seed(rows + heads + head_dim)
     max_pos = 4096
     if tables == "llama":
-        config = types.SimpleNamespace(rope_theta=10000.0, hidden_size=heads * head_dim, num_attention_heads=heads,
-                                       head_dim=head_dim)
+        config = types.SimpleNamespace(hidden_size=heads * head_dim, num_attention_heads=heads, head_dim=head_dim,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                        "partial_rotary_factor": partial})
         cos, sin = rope_tables(config, max_pos)
     else:  # arbitrary tables: catches a kernel that recomputes cos/sin itself or mixes the halves
-        cos, sin = torch.randn(max_pos, head_dim, generator=g), torch.randn(max_pos, head_dim, generator=g)
+        width = int(head_dim * partial)
+        cos, sin = torch.randn(max_pos, width, generator=g), torch.randn(max_pos, width, generator=g)
+    assert cos.shape == (max_pos, int(head_dim * partial))
     cos, sin = cos.to(dtype), sin.to(dtype)  # the model keeps its tables in its own dtype
     width = (heads + 2 * kv_heads) * head_dim
     qkv = (torch.randn(rows, width, generator=g) * 2).to(dtype)
@@ -224,7 +233,7 @@ def test_rope_write_kv(dtype, rows, heads, kv_heads, head_dim, block_size, table
                                           k_cache, v_cache, native=use_native)
         assert q.shape == (rows, heads, head_dim) and k.shape == v.shape == (rows, kv_heads, head_dim)
         results[use_native] = (q, k, v, k_cache, v_cache)
-    label = f"rope {dtype} rows={rows} heads={heads}/{kv_heads} d={head_dim} tables={tables}"
+    label = f"rope {dtype} rows={rows} heads={heads}/{kv_heads} d={head_dim} tables={tables} partial={partial}"
     (qn, kn, vn, kcn, vcn), (qr, kr, vr, kcr, vcr) = results[True], results[False]
     assert_native_matches_reference(qn, qr, f"{label}: q")
     assert_native_matches_reference(kn, kr, f"{label}: k")
