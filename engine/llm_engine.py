@@ -338,8 +338,8 @@ def _context_limit(hf_config, requested: int | None, progress: bool) -> int:
     arch = ModelArchConfig.from_hf(hf_config)
     limit = arch.max_position_embeddings
     if requested is not None and requested > limit and progress:
-        why = (f" (LongRoPE is exact up to original_max_position_embeddings; past it transformers switches to the "
-               f"long factors, which loragate does not)" if limit < text_config(hf_config).max_position_embeddings else "")
+        why = (" (LongRoPE is exact up to original_max_position_embeddings; past it transformers switches to the "
+               "long factors, which loragate does not)" if limit < text_config(hf_config).max_position_embeddings else "")
         print(f"loragate: max_model_len {requested} is more than this model's {limit} positions{why}; "
               f"serving {limit}", file=sys.stderr)
     return min(requested or limit, limit)
