@@ -10,7 +10,8 @@ amortised over many tokens.
 
 A sliding window (Gemma 3's local layers) limits each query to the last `window` positions,
 its own included. The cache keeps every position, so one cache layout serves both kinds of
-layer; the window is a mask (in the native kernel, in its softmax).
+layer; the window is a mask (in the native kernel, in its softmax). A softcap (Gemma 2)
+squashes the scaled scores into (-softcap, softcap) with tanh before the softmax.
 """
 
 from __future__ import annotations
@@ -29,11 +30,29 @@ from . import native
 _CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, softcap: float | None = None,
+          attn_mask: torch.Tensor | None = None, is_causal: bool = False, enable_gqa: bool = False) -> torch.Tensor:
+    if softcap is not None:
+        return _softcapped(q, k, v, scale, softcap, attn_mask, is_causal)
+    kwargs = dict(attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     if q.device.type != "cuda":
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     with sdpa_kernel(_CUDA_BACKENDS):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def _softcapped(q, k, v, scale: float, softcap: float, attn_mask, is_causal: bool) -> torch.Tensor:
+    """SDPA's math with the scores capped first, which SDPA has no option for; in fp32."""
+    if k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril_()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
 
 
 @dataclass
@@ -74,23 +93,25 @@ def write_slots(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                    window: int | None = None) -> torch.Tensor:
+                    window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Semantics: causal softmax attention of every new token over its request's context.
 
     q: [num_tokens, heads, d]; k, v: [num_tokens, kv_heads, d] (already written to the cache);
     caches: [blocks, kv_heads, block_size, d]. Token t of a request whose context holds n tokens and that
     has m new tokens attends to context positions 0 .. n - m + (t's index among the m).
     Query head h uses KV head h // (heads / kv_heads). With a window, a query at position p
-    sees only positions above p - window. Returns [num_tokens, heads, d].
+    sees only positions above p - window. With a softcap, scores s (scaled) become
+    softcap * tanh(s / softcap). Returns [num_tokens, heads, d].
     """
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     out = torch.empty_like(q)
     if meta.query_start is not None:
         if meta.use_native and native.supports(q, meta.block_size):
             native.paged_attention_short(q, k_cache, v_cache, out, meta.query_start, meta.query_len,
-                                         meta.context_len, meta.block_table, meta.block_size, scale, window)
+                                         meta.context_len, meta.block_table, meta.block_size, scale, window,
+                                         softcap)
         else:
-            _short_queries_reference(q, k_cache, v_cache, meta, scale, out, window)
+            _short_queries_reference(q, k_cache, v_cache, meta, scale, out, window, softcap)
     for span in meta.prefill_spans:
         qs = q[span.token_start:span.token_end].transpose(0, 1).unsqueeze(0)  # [1, H, m, d]
         if span.context_slots is None:
@@ -104,7 +125,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             vs = gather_slots(v_cache, slots).transpose(0, 1).unsqueeze(0)
         m, n = qs.shape[2], ks.shape[2]
         if m == n and (window is None or n <= window):
-            o = _sdpa(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=num_heads != num_kv_heads)
+            o = _sdpa(qs, ks, vs, scale, softcap, is_causal=True, enable_gqa=num_heads != num_kv_heads)
         else:
             # Bottom-right aligned causal mask: the chunk's last query sees the whole context.
             mask = torch.ones(m, n, dtype=torch.bool, device=q.device).tril_(diagonal=n - m)
@@ -115,7 +136,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                 # CUDA's SDPA kernels that take a mask do not take grouped heads: with enable_gqa
                 # it falls back to its math path, 2.4-2.6x slower on the H100 (README, On a GPU).
                 ks, vs = ks.repeat_interleave(group, 1), vs.repeat_interleave(group, 1)
-            o = _sdpa(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=ks.shape[1] != num_heads)
+            o = _sdpa(qs, ks, vs, scale, softcap, attn_mask=mask, enable_gqa=ks.shape[1] != num_heads)
         out[span.token_start:span.token_end] = o.squeeze(0).transpose(0, 1)
     return out
 
@@ -169,7 +190,7 @@ def decode_metadata(slot_mapping: torch.Tensor, context_len: torch.Tensor, block
 
 
 def _short_queries_reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out,
-                             window: int | None = None) -> None:
+                             window: int | None = None, softcap: float | None = None) -> None:
     num_heads, d = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
@@ -182,6 +203,6 @@ def _short_queries_reference(q, k_cache, v_cache, meta: AttentionMetadata, scale
     qb = qb.permute(0, 2, 3, 1, 4).reshape(B, num_kv_heads, group * Q, d)
     kb = gather_slots(k_cache, context_slots).transpose(1, 2)  # [B, kv_heads, C, d]
     vb = gather_slots(v_cache, context_slots).transpose(1, 2)
-    o = _sdpa(qb, kb, vb, attn_mask=mask, scale=scale)
+    o = _sdpa(qb, kb, vb, scale, softcap, attn_mask=mask)
     o = o.view(B, num_kv_heads, group, Q, d).permute(0, 3, 1, 2, 4).reshape(B * Q, num_heads, d)
     out.index_copy_(0, valid_tokens, o.index_select(0, valid_rows))

@@ -80,7 +80,7 @@ def library() -> ctypes.CDLL | None:
         i64, i32, ptr, f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
         signatures = {
             "paged_attention": [ptr, i64, ptr, ptr, ptr, i64, i32, ptr, ptr, ptr, ptr, i64, i32, i32, i32,
-                                i32, f32, i32, i32, i32],
+                                i32, f32, i32, i32, i32, f32],
             "rms_norm": [ptr, ptr, ptr, ptr, i64, i32, f32, i32, i32, i32],
             "rope_write_kv": [ptr, i64, i64, ptr, ptr, ptr, i32, i32, i32, i32, ptr, ptr, ptr, i32, i32, i32],
             "rms_norm_heads": [ptr, i64, i64, i32, i32, i32, ptr, ptr, f32, i32, i32, i32],
@@ -100,7 +100,8 @@ def library() -> ctypes.CDLL | None:
 
 def paged_attention_short(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                           query_start: torch.Tensor, query_len: torch.Tensor, context_len: torch.Tensor,
-                          block_table: torch.Tensor, block_size: int, scale: float, window: int | None = None) -> None:
+                          block_table: torch.Tensor, block_size: int, scale: float, window: int | None = None,
+                          softcap: float | None = None) -> None:
     """Native version of kernels.attention's short-query batch (see csrc/paged_attention.c).
     q [T, heads, d] (token rows may be strided, heads/d contiguous); caches [blocks, kv_heads, block_size, d];
     out [T, heads, d]; per-request int64 vectors; block_table [B, max_blocks] int64."""
@@ -110,7 +111,7 @@ def paged_attention_short(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                              out.stride(0), int(query_start.shape[0]), query_start.data_ptr(), query_len.data_ptr(),
                              context_len.data_ptr(), block_table.data_ptr(), block_table.shape[1], heads,
                              k_cache.shape[1], d, block_size, scale, int(q.dtype == torch.bfloat16),
-                             torch.get_num_threads(), window or 0)
+                             torch.get_num_threads(), window or 0, softcap or 0.0)
     if rc != 0:
         raise RuntimeError("paged attention kernel refused its arguments or could not allocate scratch memory")
 

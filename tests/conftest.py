@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random Llama / Qwen2 / Qwen3 / Phi-3 / Gemma 3 checkpoints written in HF
-format, and the real bundled model (prepared once into LORAGATE_HOME)."""
+"""Shared fixtures: tiny random Llama / Qwen2 / Qwen3 / Phi-3 / Gemma 2 / Gemma 3 checkpoints written
+in HF format, and the real bundled model (prepared once into LORAGATE_HOME)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ TINY_VOCAB = 512
 
 def _write_tiny(path, arch: str):
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
+                              Gemma3ForConditionalGeneration, Gemma3TextConfig,
                               LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast,
                               Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-    torch.manual_seed({"llama": 0, "qwen2": 1, "gemma3": 2, "qwen3": 3, "gemma3-multimodal": 4, "phi3": 5}[arch])
+    torch.manual_seed({"llama": 0, "qwen2": 1, "gemma3": 2, "qwen3": 3, "gemma3-multimodal": 4, "phi3": 5,
+                       "gemma2": 6}[arch])
     common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=arch != "llama")
@@ -44,6 +46,13 @@ def _write_tiny(path, arch: str):
             rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
                              "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0],
                              "long_factor": [1.5, 2.0, 3.0, 5.0, 8.0, 12.0]}))
+    elif arch == "gemma2":
+        # Local and global layers alternating, one RoPE; softcaps small enough (scores and
+        # logits here reach a few units) that skipping either changes the tokens.
+        common.update(num_hidden_layers=3, pad_token_id=0)
+        model = Gemma2ForCausalLM(Gemma2Config(
+            **common, head_dim=32, query_pre_attn_scalar=24, sliding_window=12, attn_logit_softcapping=1.5,
+            final_logit_softcapping=2.0, layer_types=["sliding_attention", "full_attention", "sliding_attention"]))
     else:
         # Two local layers around a global one; a window of 12 tokens (not a multiple of the
         # KV block) that prompts and outputs outgrow; head_dim and the softmax scale's
@@ -69,7 +78,7 @@ def _write_tiny(path, arch: str):
                 p.normal_(0, 0.08)
             elif arch == "qwen2" and p.dim() == 1 and p.shape[0] != 64:
                 p.normal_(0, 0.05)  # q/k/v biases
-            elif arch.startswith("gemma3") and p.dim() == 1:
+            elif arch.startswith("gemma") and p.dim() == 1:
                 p.normal_(0, 0.3)  # norm weights (zero in a fresh model: 1 + weight scales)
             elif arch == "qwen3" and p.dim() == 1:
                 p.normal_(1, 0.3)  # norm weights (one in a fresh model)
@@ -100,9 +109,10 @@ tiny_gemma3_multimodal = _tiny_fixture("gemma3-multimodal")
 
 
 tiny_phi3 = _tiny_fixture("phi3")
+tiny_gemma2 = _tiny_fixture("gemma2")
 
 
-@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3", "phi3", "gemma3"])
+@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"])
 def tiny_model(request):
     return request.getfixturevalue(f"tiny_{request.param}")
 

@@ -1,6 +1,6 @@
 """Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2 with q/k/v bias, Qwen3 with q/k norms,
 Phi-3 with fused q/k/v and gate/up modules and partial RoPE, sliding windows where the config
-has them; Gemma 3's variant in gemma3.py) over a packed
+has them; Gemma 2 and 3's variant in gemma.py) over a packed
 variable-length token batch: all tokens of all requests in one [num_tokens, hidden] tensor,
 each with its own position, attending through the paged KV cache."""
 
@@ -20,7 +20,7 @@ from loragate.kernels.dense import dense_linear, pack_weight
 from ..errors import ModelConfigError
 from .linear import Projection
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text")
 # Where the decoder layers' modules live in a checkpoint and in peft's module names: plain
 # causal LMs, and Gemma 3's multimodal checkpoints (saved by transformers 4 and named by 5).
 TEXT_MODULE_PREFIXES = ("model.",)
@@ -65,9 +65,11 @@ class ModelArchConfig:
     mlp_bias: bool
     qk_norm: bool = False  # q and k RMS-normed per head before RoPE (Qwen3, Gemma 3)
     layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window, None for full attention
-    # Gemma 3 (gemma3.py; Llama's values by default):
+    # Gemma 2 and 3 (gemma.py; Llama's values by default):
     attention_scale: float | None = None  # softmax scale; None: head_dim ** -0.5
     embedding_scale: float | None = None  # the token embeddings are multiplied by it
+    attention_softcap: float | None = None  # Gemma 2: scaled scores s become cap * tanh(s / cap)
+    logit_softcap: float | None = None  # Gemma 2: and so do the final logits
     # Multimodal checkpoints (Gemma 3 4B and up), served text-only: their language model's
     # module prefixes, and the prefixes of modules (vision tower) that text never reaches.
     module_prefixes: tuple[str, ...] = TEXT_MODULE_PREFIXES
@@ -98,6 +100,10 @@ class ModelArchConfig:
     def is_gemma3(self) -> bool:
         return self.model_type == "gemma3_text"
 
+    @property
+    def is_gemma(self) -> bool:
+        return self.model_type in ("gemma2", "gemma3_text")
+
     @classmethod
     def from_hf(cls, hf) -> "ModelArchConfig":
         if hf.model_type == "gemma3":  # image + text: its language model serves text requests
@@ -105,10 +111,10 @@ class ModelArchConfig:
                            skipped_prefixes=VISION_PREFIXES, foreign_modules=VISION_LINEAR_MODULES)
         if hf.model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelConfigError(f"model_type {hf.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-        if hf.model_type == "gemma3_text":
-            from .gemma3 import gemma3_arch
+        if hf.model_type in ("gemma2", "gemma3_text"):
+            from .gemma import gemma_arch
 
-            return gemma3_arch(cls, hf)
+            return gemma_arch(cls, hf)
         if getattr(hf, "hidden_act", "silu") != "silu":
             raise ModelConfigError(f"hidden_act {hf.hidden_act!r} is not supported (only silu)")
         rope = getattr(hf, "rope_parameters", None) or {}
@@ -305,5 +311,11 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, fp32: bool = True) -> torch.Tensor:
         """hidden [n, hidden] -> logits [n, vocab], fp32 or (fp32=False) in the model's dtype
         for the sampler, which converts only the rows it needs in fp32."""
-        logits = dense_linear(hidden, self.lm_head_packed, None)
+        logits = self.cap_logits(dense_linear(hidden, self.lm_head_packed, None))
         return logits.float() if fp32 else logits
+
+    def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gemma 2's final softcap, cap * tanh(logits / cap), in the logits' dtype as transformers
+        computes it; other models' logits pass through."""
+        cap = self.config.logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap

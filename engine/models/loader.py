@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import ModelConfigError
-from .gemma3 import Gemma3ForCausalLM
+from .gemma import GemmaForCausalLM
 from .llama import LlamaForCausalLM, ModelArchConfig, projection_biases, text_config
 
 
@@ -49,8 +49,8 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, int4: bo
     model_dir = Path(model_dir)
     hf_config = load_hf_config(model_dir)
     arch = ModelArchConfig.from_hf(hf_config)
-    model = (Gemma3ForCausalLM if arch.is_gemma3 else LlamaForCausalLM)(arch, text_config(hf_config), dtype,
-                                                                          max_positions)
+    model_class = GemmaForCausalLM if arch.is_gemma else LlamaForCausalLM
+    model = model_class(arch, text_config(hf_config), dtype, max_positions)
     layers = model.layers
     # Checkpoint module ("self_attn.q_proj") -> (our projection, its slice).
     linears = {f"{m.parent}.{name}": (m.projection, name) for name, m in arch.linear_modules.items()}

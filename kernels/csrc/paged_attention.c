@@ -43,14 +43,18 @@ static inline float dot(const float *restrict a, const float *restrict b, int n)
 /* Causal softmax of each score row (stride cs) in place: row r (query r / group) covers
  * positions 0 .. first_limit + r / group, or with window > 0 only the last `window` of them;
  * other positions get probability 0. */
-static void softmax_rows(float *scores, int cs, int rows, int group, int first_limit, int ctx, int window) {
+static void softmax_rows(float *scores, int cs, int rows, int group, int first_limit, int ctx, int window,
+                         float softcap) {
     for (int r = 0; r < rows; r++) {
         const int len = first_limit + r / group + 1;
         const int start = window > 0 && len > window ? len - window : 0;
-        float *sr = scores + (size_t)r * cs, m = sr[start];
+        float *sr = scores + (size_t)r * cs;
         for (int t = 0; t < start; t++) sr[t] = 0.f;
         sr += start;
         const int n = len - start;
+        if (softcap > 0.f) /* Gemma 2: scores squashed into (-softcap, softcap) before the softmax */
+            for (int t = 0; t < n; t++) sr[t] = softcap * tanhf(sr[t] / softcap);
+        float m = sr[0];
 #pragma omp simd reduction(max:m)
         for (int t = 0; t < n; t++) m = sr[t] > m ? sr[t] : m;
 #pragma omp simd
@@ -339,7 +343,7 @@ static void attend_one(const char *q, int64_t q_stride, const char *k_cache, con
                        int kv_heads, char *out, int64_t out_stride, int64_t q0, int n, int ctx,
                        const int64_t *blocks, int kvh, int group, int d, int block_size, float scale,
                        int is_bf16, float *restrict qf, float *restrict acc, float *restrict scores,
-                       float *restrict tile, int use_amx, int window) {
+                       float *restrict tile, int use_amx, int window, float softcap) {
     const size_t es = is_bf16 ? 2 : 4;
     const int rows = group * n, first_limit = ctx - n; /* query i sees 0 .. first_limit + i */
     /* the first position any row sees: query 0's window start (later queries' start later) */
@@ -369,7 +373,7 @@ static void attend_one(const char *q, int64_t q_stride, const char *k_cache, con
                     scores_amx(q_rows + r0, rc, (const uint16_t *)k_cache, kv_heads, blocks, kvh, d, block_size,
                                ctx, scale, cs, scores + (size_t)r0 * cs, dim0, begin16);
             }
-            softmax_rows(scores, cs, rows, group, first_limit, ctx, window);
+            softmax_rows(scores, cs, rows, group, first_limit, ctx, window, softcap);
             for (int r0 = 0; r0 < rows; r0 += 16) {
                 const int rc = rows - r0 < 16 ? rows - r0 : 16;
                 values_amx(scores + (size_t)r0 * cs, cs, (const uint16_t *)v_cache, kv_heads, blocks, kvh, block_size,
@@ -380,7 +384,7 @@ static void attend_one(const char *q, int64_t q_stride, const char *k_cache, con
         {
             scores_bf16(q_rows, rows, (const uint16_t *)k_cache, kv_heads, blocks, kvh, d, block_size, ctx, scale,
                         cs, scores, begin16);
-            softmax_rows(scores, cs, rows, group, first_limit, ctx, window);
+            softmax_rows(scores, cs, rows, group, first_limit, ctx, window, softcap);
             values_bf16(scores, cs, (const uint16_t *)v_cache, kv_heads, blocks, kvh, block_size, d, rows, group,
                         first_limit, acc, begin16);
         }
@@ -404,7 +408,7 @@ static void attend_one(const char *q, int64_t q_stride, const char *k_cache, con
             for (int r = 0; r < rows; r++) scores[(size_t)r * ctx + t0 + tt] = dot(qf + (size_t)r * d, tile, d);
         }
     }
-    softmax_rows(scores, ctx, rows, group, first_limit, ctx, window);
+    softmax_rows(scores, ctx, rows, group, first_limit, ctx, window, softcap);
     memset(acc, 0, sizeof(float) * (size_t)rows * d);
     for (int t0 = first_block; t0 < ctx; t0 += block_size) {
         const int nt = ctx - t0 < block_size ? ctx - t0 : block_size;
@@ -431,7 +435,7 @@ int paged_attention(const void *q, int64_t q_stride, const void *k_cache, const 
                     void *out, int64_t out_stride, int num_requests,
                     const int64_t *query_start, const int64_t *query_len, const int64_t *context_len,
                     const int64_t *block_table, int64_t max_blocks, int heads, int kv_heads, int d,
-                    int block_size, float scale, int is_bf16, int num_threads, int window) {
+                    int block_size, float scale, int is_bf16, int num_threads, int window, float softcap) {
     if (d > 256 || block_size > 64 || heads % kv_heads) return -1;
     const int group = heads / kv_heads;
     int failed = 0;
@@ -452,7 +456,7 @@ int paged_attention(const void *q, int64_t q_stride, const void *k_cache, const 
         else
             attend_one(q, q_stride, k_cache, v_cache, kv_heads, out, out_stride, query_start[b], n, ctx,
                        block_table + b * max_blocks, kvh, group, d, block_size, scale, is_bf16, qf, acc,
-                       scores, tile, use_amx, window);
+                       scores, tile, use_amx, window, softcap);
         free(qf); free(acc); free(scores); free(tile);
     }
 #ifdef HAVE_AMX_ATTENTION

@@ -78,7 +78,7 @@ def test_sliding_windows_follow_the_config_and_unsupported_variants_are_refused(
     """Windows as transformers applies them (Mistral: every layer; Qwen2/Qwen3: per
     layer_types), multimodal Gemma 3 read as its language model, and one clear error for what
     the decoder does not compute."""
-    from transformers import Gemma3Config, Gemma3TextConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma2Config, Gemma3Config, Gemma3TextConfig, MistralConfig, Qwen2Config
 
     from loragate.engine.models.llama import ModelArchConfig
 
@@ -93,10 +93,13 @@ def test_sliding_windows_follow_the_config_and_unsupported_variants_are_refused(
     assert ModelArchConfig.from_hf(Gemma3TextConfig(**gemma)).layer_windows == (8, 8, 8)  # 6-layer pattern
     multimodal = ModelArchConfig.from_hf(Gemma3Config(text_config=gemma))  # served text-only
     assert multimodal.is_gemma3 and multimodal.layer_windows == (8, 8, 8) and "fc1" in multimodal.foreign_modules
-    for config, message in [(Gemma3TextConfig(**gemma, final_logit_softcapping=30.0), "final_logit_softcapping"),
-                            (Gemma3TextConfig(**gemma, hidden_activation="relu"), "hidden_activation"),
-                            (Gemma3Config(text_config=dict(gemma, attn_logit_softcapping=50.0)),
-                             "attn_logit_softcapping")]:
+    capped = ModelArchConfig.from_hf(Gemma2Config(**gemma, layer_types=["sliding_attention", "full_attention",
+                                                                        "sliding_attention"]))
+    assert capped.layer_windows == (8, None, 8) and (capped.attention_softcap, capped.logit_softcap) == (50.0, 30.0)
+    assert not capped.qk_norm and capped.is_gemma and not capped.is_gemma3
+    for config, message in [(Gemma3TextConfig(**gemma, hidden_activation="relu"), "hidden_activation"),
+                            (Gemma2Config(**gemma, use_bidirectional_attention=True), "bidirectional"),
+                            (Gemma2Config(**gemma, layer_types=["chunked_attention"] * 3), "layer types")]:
         with pytest.raises(ModelConfigError, match=message):
             ModelArchConfig.from_hf(config)
 

@@ -386,3 +386,15 @@ def test_draft_mode_falls_back_to_ngram_lookup_where_drafting_does_not_pay(tiny_
     assert any(speculative for _, speculative in fallback.realized)
     assert not any(speculative for _, speculative in spec.controller.realized)
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+def test_a_gemma2_draft_proposes_from_softcapped_logits(tiny_gemma2):
+    """Gemma 2 caps its final logits (cap * tanh(logits / cap)); a draft that skipped the cap
+    would sample from another distribution than the target's. As its own draft, sampling, the
+    model's proposals are then accepted with probability min(1, p/q) = 1, up to rounding."""
+    prompts = prompts_20()
+    params = SamplingParams(max_tokens=16, temperature=0.5, seed=3, ignore_eos=True)
+    llm = spec_llm(tiny_gemma2, "draft", tiny_gemma2, draft_quantization="none", draft_vocab_size=0)
+    llm.generate(prompts, params)
+    stats = llm.engine.speculator.stats
+    assert stats.num_proposed > 100 and stats.num_accepted >= 0.97 * stats.num_proposed, stats

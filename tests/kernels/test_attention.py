@@ -97,13 +97,14 @@ class Case:
             meta.prefill_spans.append(PrefillSpan(start, start + n, slots))
         return meta
 
-    def run(self, use_native: bool, window: int | None = None) -> torch.Tensor:
+    def run(self, use_native: bool, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         return paged_attention(self.q, self.k_new, self.v_new, self.k_cache, self.v_cache, self.meta(use_native),
-                               self.scale, window)
+                               self.scale, window, softcap)
 
-    def naive(self, window: int | None = None) -> torch.Tensor:
+    def naive(self, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         """Per request, per head: softmax(q K^T * scale, causal limit) V in float64; with a
-        window, query j also sees nothing at or below limit[j] - window."""
+        window, query j also sees nothing at or below limit[j] - window; with a softcap, the
+        scores are softcap * tanh(scores / softcap) first."""
         out = torch.zeros(self.num_tokens, self.heads, self.d, dtype=torch.float64)
         for i, (ctx, n, _) in enumerate(self.requests):
             s = self.query_start[i]
@@ -113,6 +114,8 @@ class Case:
                 k = self.k_ctx[i][:, kvh].double()  # [ctx, d]
                 v = self.v_ctx[i][:, kvh].double()
                 scores = q @ k.T * self.scale  # [n, ctx]
+                if softcap is not None:
+                    scores = torch.tanh(scores / softcap) * softcap
                 limit = ctx - n + torch.arange(n)  # query j sees positions 0 .. limit[j]
                 pos = torch.arange(ctx)[None, :]
                 hidden = pos > limit[:, None]
@@ -397,3 +400,18 @@ def test_sliding_window_matches_naive(window, use_native):
                             (torch.bfloat16, 1, 32)]:
         case = Case(requests, kv_heads=2, group=group, head_dim=d, block_size=16, dtype=dtype, seed=window)
         assert_close_to(case.run(use_native, window), case.naive(window), dtype, f"window {window} {dtype} d={d}")
+
+
+@pytest.mark.parametrize("window", [None, 20])
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch"])
+def test_softcapped_scores_match_naive(window, use_native):
+    """Gemma 2: scores become softcap * tanh(scores / softcap) before the softmax, on its
+    global layers and its windowed local ones. The cap here (2.0, scores of about N(0, 1))
+    changes every output noticeably, so a kernel that skipped it would fail."""
+    requests = [(1, 1, "short"), (40, 1, "short"), (300, 4, "short"), (90, 90, "prefill"), (200, 30, "prefill")]
+    for dtype, group, d in [(torch.float32, 2, 64), (torch.bfloat16, 4, 128), (torch.bfloat16, 2, 256),
+                            (torch.float32, 1, 80)]:
+        case = Case(requests, kv_heads=2, group=group, head_dim=d, block_size=16, dtype=dtype, seed=d)
+        want = case.naive(window, softcap=2.0)
+        assert (want - case.naive(window)).abs().max() > 0.1
+        assert_close_to(case.run(use_native, window, softcap=2.0), want, dtype, f"softcap {dtype} d={d} window={window}")

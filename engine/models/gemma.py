@@ -1,13 +1,14 @@
-"""Gemma 3's text decoder (Gemma3ForCausalLM, e.g. gemma-3-270m) on the Llama-family
-machinery of llama.py: the same fused, LoRA-targetable projections, paged KV cache and
-packed token batch. What differs, each computed where transformers computes it so bf16
-rounds at the same points:
+"""Gemma 2 and Gemma 3's text decoders (Gemma2ForCausalLM, Gemma3ForCausalLM, e.g. gemma-2-2b,
+gemma-3-270m) on the Llama-family machinery of llama.py: the same fused, LoRA-targetable
+projections, paged KV cache and packed token batch. What differs, each computed where
+transformers computes it so bf16 rounds at the same points:
 - RMSNorm scales by (1 + weight), in fp32 before rounding; a layer has four of them (norms
-  before and after attention and MLP), and q and k are normed per head before RoPE;
+  before and after attention and MLP), and in Gemma 3 q and k are normed per head before RoPE;
 - the embeddings are multiplied by sqrt(hidden_size); softmax scale query_pre_attn_scalar^-0.5;
 - GELU (tanh approximation) gates the MLP;
-- local layers attend over a sliding window with their own RoPE base; global ones see
-  everything.
+- local layers attend over a sliding window (in Gemma 3 with their own RoPE base); global
+  ones see everything;
+- Gemma 2 caps attention scores and final logits: cap * tanh(x / cap).
 The image + text checkpoints (Gemma3ForConditionalGeneration) load as their language model:
 see llama.py's MULTIMODAL_MODULE_PREFIXES and loader.py."""
 
@@ -27,22 +28,21 @@ from .llama import (SUPPORTED_ROPE_TYPES, LlamaForCausalLM, common_fields, layer
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
-def gemma3_arch(cls, hf):
-    """ModelArchConfig for a Gemma3TextConfig; refuses what this decoder does not compute."""
-    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(hf, name, None) is not None:
-            raise ModelConfigError(f"{name} is not supported")
+def gemma_arch(cls, hf):
+    """ModelArchConfig for a Gemma2Config or Gemma3TextConfig; refuses what this decoder does not compute."""
     if getattr(hf, "use_bidirectional_attention", False):
         raise ModelConfigError("use_bidirectional_attention is not supported (a causal LM is)")
     if hf.hidden_activation != "gelu_pytorch_tanh":
         raise ModelConfigError(f"hidden_activation {hf.hidden_activation!r} is not supported (only gelu_pytorch_tanh)")
     if unknown := set(hf.layer_types) - set(LAYER_TYPES):
         raise ModelConfigError(f"layer types {sorted(unknown)} are not supported")
-    for layer_type in set(hf.layer_types):
-        rope_type = hf.rope_parameters[layer_type].get("rope_type", "default")
+    per_layer_type = hf.model_type == "gemma3_text"  # Gemma 2 has one RoPE for all layers
+    for layer_type in set(hf.layer_types) if per_layer_type else (None,):
+        params = hf.rope_parameters[layer_type] if per_layer_type else hf.rope_parameters
+        rope_type = params.get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ModelConfigError(f"rope_type {rope_type!r} ({layer_type}) is not supported "
-                                   f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+            raise ModelConfigError(f"rope_type {rope_type!r}{f' ({layer_type})' if layer_type else ''} is not "
+                                   f"supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
     bias = bool(getattr(hf, "attention_bias", False))
     return cls(
         **common_fields(hf),
@@ -51,8 +51,10 @@ def gemma3_arch(cls, hf):
         mlp_bias=False,
         attention_scale=hf.query_pre_attn_scalar ** -0.5,
         embedding_scale=hf.hidden_size ** 0.5,
-        qk_norm=True,
+        qk_norm=per_layer_type,
         layer_windows=layer_windows(hf),
+        attention_softcap=getattr(hf, "attn_logit_softcapping", None),
+        logit_softcap=getattr(hf, "final_logit_softcapping", None),
     )
 
 
@@ -76,12 +78,12 @@ class GemmaRMSNorm(nn.Module):
         return layer_ops.rms_norm(x, self.multiplier, self.eps, residual_delta, native)
 
 
-class Gemma3DecoderLayer(nn.Module):
+class GemmaDecoderLayer(nn.Module):
     # Checkpoint module name -> attribute: the loader fills these norms' weights.
     NORMS = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm",
              "pre_feedforward_layernorm": "pre_feedforward_layernorm",
-             "post_feedforward_layernorm": "post_feedforward_layernorm",
-             "self_attn.q_norm": "q_norm", "self_attn.k_norm": "k_norm"}
+             "post_feedforward_layernorm": "post_feedforward_layernorm"}
+    QK_NORMS = {"self_attn.q_norm": "q_norm", "self_attn.k_norm": "k_norm"}
 
     def __init__(self, c, dtype: torch.dtype, index: int):
         super().__init__()
@@ -90,8 +92,10 @@ class Gemma3DecoderLayer(nn.Module):
         for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                      "post_feedforward_layernorm"):
             setattr(self, name, GemmaRMSNorm(h, c.rms_norm_eps, dtype))
-        self.q_norm = GemmaRMSNorm(c.head_dim, c.rms_norm_eps, dtype)
-        self.k_norm = GemmaRMSNorm(c.head_dim, c.rms_norm_eps, dtype)
+        if c.qk_norm:
+            self.q_norm = GemmaRMSNorm(c.head_dim, c.rms_norm_eps, dtype)
+            self.k_norm = GemmaRMSNorm(c.head_dim, c.rms_norm_eps, dtype)
+            self.NORMS = self.NORMS | self.QK_NORMS
         for name, bias in projection_biases(c).items():
             setattr(self, name, Projection.of(c, name, bias, dtype, index))
         self.scale = c.attention_scale
@@ -103,37 +107,40 @@ class Gemma3DecoderLayer(nn.Module):
         c, native = self.c, batch.use_native_kernels
         T = x.shape[0]
         qkv = self.qkv_proj.forward(self.input_layernorm.forward(x, pending, native), batch)
-        layer_ops.rms_norm_heads(qkv, self.q_norm.multiplier, self.k_norm.multiplier, c.num_heads, c.num_kv_heads,
-                                 c.head_dim, self.q_norm.eps, native)
+        if c.qk_norm:
+            layer_ops.rms_norm_heads(qkv, self.q_norm.multiplier, self.k_norm.multiplier, c.num_heads,
+                                     c.num_kv_heads, c.head_dim, self.q_norm.eps, native)
         q, k, v = layer_ops.rope_write_kv(qkv, batch.positions, rope[0], rope[1], c.num_heads, c.num_kv_heads,
                                           c.head_dim, batch.attention.slot_mapping, k_cache, v_cache, native)
-        attn = paged_attention(q, k, v, k_cache, v_cache, batch.attention, self.scale, self.window)
+        attn = paged_attention(q, k, v, k_cache, v_cache, batch.attention, self.scale, self.window,
+                               c.attention_softcap)
         attn = self.post_attention_layernorm.forward(self.o_proj.forward(attn.view(T, -1), batch), None, native)
         h = self.pre_feedforward_layernorm.forward(x, attn, native)
         mlp = self.down_proj.forward(layer_ops.gelu_tanh_mul(self.gate_up_proj.forward(h, batch)), batch)
         return self.post_feedforward_layernorm.forward(mlp, None, native)
 
 
-class Gemma3ForCausalLM(LlamaForCausalLM):
-    layer_class = Gemma3DecoderLayer
+class GemmaForCausalLM(LlamaForCausalLM):
+    layer_class = GemmaDecoderLayer
     norm_class = GemmaRMSNorm
 
     def __init__(self, c, hf_config, dtype: torch.dtype, max_positions: int):
         super().__init__(c, hf_config, dtype, max_positions)
-        # rope_cos/rope_sin (llama.py) are the global layers' tables; the local layers' base differs.
-        cos, sin = rope_tables(hf_config, max_positions, "sliding_attention")
-        self.register_buffer("rope_local_cos", cos.to(dtype), persistent=False)
-        self.register_buffer("rope_local_sin", sin.to(dtype), persistent=False)
+        if c.is_gemma3:  # rope_cos/rope_sin (llama.py) are the global layers'; the local layers' base differs
+            cos, sin = rope_tables(hf_config, max_positions, "sliding_attention")
+            self.register_buffer("rope_local_cos", cos.to(dtype), persistent=False)
+            self.register_buffer("rope_local_sin", sin.to(dtype), persistent=False)
         # Rounded to the weights' dtype from fp32, as transformers does.
         self.register_buffer("embedding_scale", torch.tensor(c.embedding_scale).to(dtype), persistent=False)
 
     def rope_for(self, hf_config, max_positions: int):
-        return rope_tables(hf_config, max_positions, "full_attention")
+        return rope_tables(hf_config, max_positions, "full_attention" if self.config.is_gemma3 else None)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, batch) -> torch.Tensor:
         x = self.embed_tokens(input_ids) * self.embedding_scale
         pending = None
-        full, local = (self.rope_cos, self.rope_sin), (self.rope_local_cos, self.rope_local_sin)
+        full = (self.rope_cos, self.rope_sin)
+        local = (self.rope_local_cos, self.rope_local_sin) if self.config.is_gemma3 else full
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             pending = layer.forward(x, pending, full if layer.window is None else local, k_cache, v_cache, batch)
         return self.norm(x, pending, batch.use_native_kernels)
