@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random Llama / Qwen2 / Qwen3 / Phi-3 / Gemma 2 / Gemma 3 checkpoints written
-in HF format, and the real bundled model (prepared once into LORAGATE_HOME)."""
+"""Shared fixtures: tiny random Llama / Qwen2 / Qwen3 / Phi-3 / Granite / Gemma 2 / Gemma 3 checkpoints
+written in HF format, and the real bundled model (prepared once into LORAGATE_HOME)."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ TINY_VOCAB = 512
 def _write_tiny(path, arch: str):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
-                              Gemma3ForConditionalGeneration, Gemma3TextConfig,
+                              Gemma3ForConditionalGeneration, Gemma3TextConfig, GraniteConfig, GraniteForCausalLM,
                               LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast,
                               Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed({"llama": 0, "qwen2": 1, "gemma3": 2, "qwen3": 3, "gemma3-multimodal": 4, "phi3": 5,
-                       "gemma2": 6}[arch])
+                       "gemma2": 6, "granite": 7}[arch])
     common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=arch != "llama")
@@ -46,6 +46,12 @@ def _write_tiny(path, arch: str):
             rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
                              "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0],
                              "long_factor": [1.5, 2.0, 3.0, 5.0, 8.0, 12.0]}))
+    elif arch == "granite":
+        # Granite's four scaling constants, each far enough from 1 to change the tokens (the real
+        # models' 12, 1/64, 0.22 and 8 would leave adapters too little effect on a random model).
+        model = GraniteForCausalLM(GraniteConfig(
+            **common, embedding_multiplier=0.5, attention_multiplier=0.1, residual_multiplier=1.5,
+            logits_scaling=0.5))
     elif arch == "gemma2":
         # Local and global layers alternating, one RoPE; softcaps small enough (scores and
         # logits here reach a few units) that skipping either changes the tokens.
@@ -110,9 +116,10 @@ tiny_gemma3_multimodal = _tiny_fixture("gemma3-multimodal")
 
 tiny_phi3 = _tiny_fixture("phi3")
 tiny_gemma2 = _tiny_fixture("gemma2")
+tiny_granite = _tiny_fixture("granite")
 
 
-@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"])
+@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3", "phi3", "granite", "gemma2", "gemma3"])
 def tiny_model(request):
     return request.getfixturevalue(f"tiny_{request.param}")
 

@@ -1,6 +1,6 @@
 """Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2 with q/k/v bias, Qwen3 with q/k norms,
-Phi-3 with fused q/k/v and gate/up modules and partial RoPE, sliding windows where the config
-has them; Gemma 2 and 3's variant in gemma.py) over a packed
+Phi-3 with fused q/k/v and gate/up modules and partial RoPE, Granite with its four scaling
+constants, sliding windows where the config has them; Gemma 2 and 3's variant in gemma.py) over a packed
 variable-length token batch: all tokens of all requests in one [num_tokens, hidden] tensor,
 each with its own position, attending through the paged KV cache."""
 
@@ -20,7 +20,7 @@ from loragate.kernels.dense import dense_linear, pack_weight
 from ..errors import ModelConfigError
 from .linear import Projection
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "granite", "gemma2", "gemma3_text")
 # Where the decoder layers' modules live in a checkpoint and in peft's module names: plain
 # causal LMs, and Gemma 3's multimodal checkpoints (saved by transformers 4 and named by 5).
 TEXT_MODULE_PREFIXES = ("model.",)
@@ -65,9 +65,11 @@ class ModelArchConfig:
     mlp_bias: bool
     qk_norm: bool = False  # q and k RMS-normed per head before RoPE (Qwen3, Gemma 3)
     layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window, None for full attention
-    # Gemma 2 and 3 (gemma.py; Llama's values by default):
+    # Granite, Gemma 2 and 3 (gemma.py); Llama's values by default:
     attention_scale: float | None = None  # softmax scale; None: head_dim ** -0.5
     embedding_scale: float | None = None  # the token embeddings are multiplied by it
+    residual_scale: float | None = None  # Granite: each layer's attention and MLP outputs are multiplied by it
+    logits_divisor: float | None = None  # Granite: the final logits are divided by it
     attention_softcap: float | None = None  # Gemma 2: scaled scores s become cap * tanh(s / cap)
     logit_softcap: float | None = None  # Gemma 2: and so do the final logits
     # Multimodal checkpoints (Gemma 3 4B and up), served text-only: their language model's
@@ -129,6 +131,9 @@ class ModelArchConfig:
         if rope_type == LONGROPE:
             fields["max_position_embeddings"] = min(fields["max_position_embeddings"],
                                                     rope["original_max_position_embeddings"])
+        if hf.model_type == "granite":  # scaling constants where Llama has none (1.0 means none)
+            fields.update(attention_scale=hf.attention_multiplier, embedding_scale=hf.embedding_multiplier,
+                          residual_scale=hf.residual_multiplier, logits_divisor=hf.logits_scaling)
         is_qwen2 = hf.model_type == "qwen2"
         attention_bias = bool(getattr(hf, "attention_bias", False))
         return cls(
@@ -227,7 +232,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(h, c.rms_norm_eps, dtype)
         for name, bias in projection_biases(c).items():
             setattr(self, name, Projection.of(c, name, bias, dtype, index))
-        self.scale = c.head_dim ** -0.5
+        self.scale = c.head_dim ** -0.5 if c.attention_scale is None else c.attention_scale
         self.window = c.window(index)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
@@ -249,8 +254,11 @@ class DecoderLayer(nn.Module):
         q, k, v = layer_ops.rope_write_kv(qkv, batch.positions, rope[0], rope[1], c.num_heads, c.num_kv_heads,
                                           c.head_dim, batch.attention.slot_mapping, k_cache, v_cache, native)
         attn = paged_attention(q, k, v, k_cache, v_cache, batch.attention, self.scale, self.window)
-        h = self.post_attention_layernorm.forward(x, self.o_proj.forward(attn.view(T, -1), batch), native)
-        return self.down_proj.forward(layer_ops.silu_mul(self.gate_up_proj.forward(h, batch), native), batch)
+        attn = self.o_proj.forward(attn.view(T, -1), batch)
+        h = self.post_attention_layernorm.forward(x, attn if c.residual_scale is None else attn.mul_(c.residual_scale),
+                                                  native)
+        mlp = self.down_proj.forward(layer_ops.silu_mul(self.gate_up_proj.forward(h, batch), native), batch)
+        return mlp if c.residual_scale is None else mlp.mul_(c.residual_scale)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -302,6 +310,8 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [num_tokens]; kv_caches: per layer (k_cache, v_cache).
         Returns final hidden states [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
+        if self.config.embedding_scale is not None:  # Granite (a Python float, as transformers multiplies)
+            x.mul_(self.config.embedding_scale)
         pending = None
         rope = (self.rope_cos, self.rope_sin)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
@@ -311,11 +321,13 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, fp32: bool = True) -> torch.Tensor:
         """hidden [n, hidden] -> logits [n, vocab], fp32 or (fp32=False) in the model's dtype
         for the sampler, which converts only the rows it needs in fp32."""
-        logits = self.cap_logits(dense_linear(hidden, self.lm_head_packed, None))
+        logits = self.final_logits(dense_linear(hidden, self.lm_head_packed, None))
         return logits.float() if fp32 else logits
 
-    def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Gemma 2's final softcap, cap * tanh(logits / cap), in the logits' dtype as transformers
-        computes it; other models' logits pass through."""
-        cap = self.config.logit_softcap
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+    def final_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The head's output as the model's logits, in its dtype as transformers computes them:
+        Gemma 2 caps them (cap * tanh(logits / cap)), Granite divides them; others pass through."""
+        c = self.config
+        if c.logit_softcap is not None:
+            return torch.tanh(logits / c.logit_softcap) * c.logit_softcap
+        return logits if c.logits_divisor is None else logits / c.logits_divisor

@@ -20,7 +20,7 @@ class DraftHead:
     def __init__(self, model, size: int, int4: bool = False):
         head = model.embed_tokens.weight if model.lm_head is None else model.lm_head
         self.weight = head
-        self.cap_logits = model.cap_logits  # Gemma 2's final softcap
+        self.final_logits = model.final_logits  # Gemma 2's softcap, Granite's divisor
         self.vocab = head.shape[0]
         self.size = self.vocab if size <= 0 else min(size, self.vocab)
         if self.size == self.vocab and not int4:
@@ -45,7 +45,7 @@ class DraftHead:
     def logits(self, hidden: torch.Tensor, request_ids: list[str]) -> torch.Tensor:
         """hidden [n, h] -> fp32 logits [n, vocab] on the host (drafts are drawn there), -inf
         outside each request's subset."""
-        sub = self.cap_logits(dense_linear(hidden, self.packed, None)).float()
+        sub = self.final_logits(dense_linear(hidden, self.packed, None)).float()
         if self.size == self.vocab:
             return sub.cpu()
         out = torch.full((hidden.shape[0], self.vocab), float("-inf"), device=hidden.device)
@@ -53,5 +53,5 @@ class DraftHead:
         for row, rid in enumerate(request_ids):
             ids, rows = self.extra.get(rid, ([], None))
             if ids:
-                out[row, torch.tensor(ids, device=hidden.device)] = self.cap_logits(hidden[row] @ rows.T).float()
+                out[row, torch.tensor(ids, device=hidden.device)] = self.final_logits(hidden[row] @ rows.T).float()
         return out.cpu()
