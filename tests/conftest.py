@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random Llama / Qwen2 / Qwen3 / Phi-3 / Granite / Gemma 2 / Gemma 3 checkpoints
-written in HF format, and the real bundled model (prepared once into LORAGATE_HOME)."""
+"""Shared fixtures: tiny random Llama / Qwen2 / Qwen3 / Phi-3 / Granite / SmolLM3 / Gemma 2 / Gemma 3
+checkpoints written in HF format, and the real bundled model (prepared once into LORAGATE_HOME)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ def _write_tiny(path, arch: str):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
                               Gemma3ForConditionalGeneration, Gemma3TextConfig, GraniteConfig, GraniteForCausalLM,
+                              SmolLM3Config, SmolLM3ForCausalLM,
                               LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast,
                               Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed({"llama": 0, "qwen2": 1, "gemma3": 2, "qwen3": 3, "gemma3-multimodal": 4, "phi3": 5,
-                       "gemma2": 6, "granite": 7}[arch])
+                       "gemma2": 6, "granite": 7, "smollm3": 8}[arch])
     common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=arch != "llama")
@@ -52,6 +53,11 @@ def _write_tiny(path, arch: str):
         model = GraniteForCausalLM(GraniteConfig(
             **common, embedding_multiplier=0.5, attention_multiplier=0.1, residual_multiplier=1.5,
             logits_scaling=0.5))
+    elif arch == "smollm3":
+        # The middle layer without RoPE (the real model: every fourth).
+        model = SmolLM3ForCausalLM(SmolLM3Config(**dict(common, num_hidden_layers=3), no_rope_layer_interval=2,
+                                                 pad_token_id=0))
+        assert model.config.no_rope_layers == [1, 0, 1]
     elif arch == "gemma2":
         # Local and global layers alternating, one RoPE; softcaps small enough (scores and
         # logits here reach a few units) that skipping either changes the tokens.
@@ -117,9 +123,10 @@ tiny_gemma3_multimodal = _tiny_fixture("gemma3-multimodal")
 tiny_phi3 = _tiny_fixture("phi3")
 tiny_gemma2 = _tiny_fixture("gemma2")
 tiny_granite = _tiny_fixture("granite")
+tiny_smollm3 = _tiny_fixture("smollm3")
 
 
-@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3", "phi3", "granite", "gemma2", "gemma3"])
+@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3", "phi3", "granite", "smollm3", "gemma2", "gemma3"])
 def tiny_model(request):
     return request.getfixturevalue(f"tiny_{request.param}")
 

@@ -1,6 +1,6 @@
 """Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2 with q/k/v bias, Qwen3 with q/k norms,
 Phi-3 with fused q/k/v and gate/up modules and partial RoPE, Granite with its four scaling
-constants, sliding windows where the config has them; Gemma 2 and 3's variant in gemma.py) over a packed
+constants, SmolLM3 with RoPE-less layers, sliding windows where the config has them; Gemma 2 and 3's variant in gemma.py) over a packed
 variable-length token batch: all tokens of all requests in one [num_tokens, hidden] tensor,
 each with its own position, attending through the paged KV cache."""
 
@@ -20,7 +20,7 @@ from loragate.kernels.dense import dense_linear, pack_weight
 from ..errors import ModelConfigError
 from .linear import Projection
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "granite", "gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "granite", "smollm3", "gemma2", "gemma3_text")
 # Where the decoder layers' modules live in a checkpoint and in peft's module names: plain
 # causal LMs, and Gemma 3's multimodal checkpoints (saved by transformers 4 and named by 5).
 TEXT_MODULE_PREFIXES = ("model.",)
@@ -65,6 +65,7 @@ class ModelArchConfig:
     mlp_bias: bool
     qk_norm: bool = False  # q and k RMS-normed per head before RoPE (Qwen3, Gemma 3)
     layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window, None for full attention
+    nope_layers: tuple[int, ...] = ()  # layers without RoPE (SmolLM3's every fourth)
     # Granite, Gemma 2 and 3 (gemma.py); Llama's values by default:
     attention_scale: float | None = None  # softmax scale; None: head_dim ** -0.5
     embedding_scale: float | None = None  # the token embeddings are multiplied by it
@@ -134,6 +135,8 @@ class ModelArchConfig:
         if hf.model_type == "granite":  # scaling constants where Llama has none (1.0 means none)
             fields.update(attention_scale=hf.attention_multiplier, embedding_scale=hf.embedding_multiplier,
                           residual_scale=hf.residual_multiplier, logits_divisor=hf.logits_scaling)
+        if hf.model_type == "smollm3":
+            fields["nope_layers"] = tuple(i for i, rope in enumerate(hf.no_rope_layers) if not rope)
         is_qwen2 = hf.model_type == "qwen2"
         attention_bias = bool(getattr(hf, "attention_bias", False))
         return cls(
@@ -162,7 +165,7 @@ def layer_windows(hf) -> tuple[int | None, ...]:
     config has them (Qwen2/Qwen3 with use_sliding_window, Gemma 3), else `sliding_window` on
     every layer (Mistral); () without one."""
     window = getattr(hf, "sliding_window", None)
-    if window is None:
+    if window is None or (hf.model_type == "smollm3" and not hf.use_sliding_window):  # SmolLM3 keeps the size regardless
         return ()
     types = getattr(hf, "layer_types", None) or ["sliding_attention"] * hf.num_hidden_layers
     return tuple(window if t == "sliding_attention" else None for t in types[:hf.num_hidden_layers])
@@ -281,6 +284,8 @@ class LlamaForCausalLM(nn.Module):
         # Cast like transformers (which computes in fp32, then casts to the activation dtype).
         self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
+        # RoPE tables zero dims wide rotate nothing: a RoPE-less layer's q and k pass through.
+        self.register_buffer("nope", torch.empty(max_positions, 0, dtype=dtype), persistent=False)
 
     def rope_for(self, hf_config, max_positions: int):
         return rope_tables(hf_config, max_positions)
@@ -313,9 +318,10 @@ class LlamaForCausalLM(nn.Module):
         if self.config.embedding_scale is not None:  # Granite (a Python float, as transformers multiplies)
             x.mul_(self.config.embedding_scale)
         pending = None
-        rope = (self.rope_cos, self.rope_sin)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            pending = layer.forward(x, pending, rope, k_cache, v_cache, batch)
+        rope, nope = (self.rope_cos, self.rope_sin), (self.nope, self.nope)
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
+            pending = layer.forward(x, pending, nope if i in self.config.nope_layers else rope, k_cache, v_cache,
+                                    batch)
         return self.norm(x, pending, batch.use_native_kernels)
 
     def compute_logits(self, hidden: torch.Tensor, fp32: bool = True) -> torch.Tensor:

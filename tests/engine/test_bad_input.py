@@ -78,7 +78,7 @@ def test_sliding_windows_follow_the_config_and_unsupported_variants_are_refused(
     """Windows as transformers applies them (Mistral: every layer; Qwen2/Qwen3: per
     layer_types), multimodal Gemma 3 read as its language model, and one clear error for what
     the decoder does not compute."""
-    from transformers import Gemma2Config, Gemma3Config, Gemma3TextConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma2Config, Gemma3Config, Gemma3TextConfig, MistralConfig, Qwen2Config, SmolLM3Config
 
     from loragate.engine.models.llama import ModelArchConfig
 
@@ -89,6 +89,10 @@ def test_sliding_windows_follow_the_config_and_unsupported_variants_are_refused(
     qwen2 = Qwen2Config(**small, use_sliding_window=True, sliding_window=32, max_window_layers=2)
     assert ModelArchConfig.from_hf(qwen2).layer_windows == (None, None, 32)
     assert ModelArchConfig.from_hf(Qwen2Config(**small)).layer_windows == ()
+    smollm3 = dict(small, sliding_window=16, no_rope_layer_interval=3)  # the third layer without RoPE
+    assert ModelArchConfig.from_hf(SmolLM3Config(**smollm3)).layer_windows == ()  # use_sliding_window is off
+    windowed = ModelArchConfig.from_hf(SmolLM3Config(**smollm3, use_sliding_window=True))
+    assert windowed.layer_windows == (None, None, 16) and windowed.nope_layers == (2,)
     gemma = dict(small, head_dim=16, sliding_window=8)
     assert ModelArchConfig.from_hf(Gemma3TextConfig(**gemma)).layer_windows == (8, 8, 8)  # 6-layer pattern
     multimodal = ModelArchConfig.from_hf(Gemma3Config(text_config=gemma))  # served text-only
