@@ -8,6 +8,12 @@ is rolled back by truncating its block table, and the tokens it has not seen are
 (the whole prompt the first time) in the first draft forward of the step. A request with
 an output format drafts within it: each drafted token comes from logits masked by the
 request's grammar, whose matcher consumes the drafts and rolls them back afterwards.
+
+The draft may have fewer embedding rows than the target when both share one tokenizer:
+model families pad their vocabularies per size (Qwen2.5 up to 7B: 151,936 rows, 14B and up:
+152,064; Gemma 3 270M: 262,144, 4B and up: 262,208). It proposes only ids it has rows for
+(its probabilities are zero beyond them), and a target token past its rows reaches it as
+id 0, which only makes its guesses after that token worse: the target verifies every one.
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ from .proposer import Proposal
 
 
 def check_same_vocabulary(target_tokenizer, draft_tokenizer, target_vocab: int, draft_vocab: int, name: str) -> None:
-    """Speculation compares token ids, so both models must mean the same thing by each id."""
-    if target_vocab != draft_vocab:
-        raise ModelConfigError(f"draft model {name} has a vocabulary of {draft_vocab} tokens, the target "
-                               f"{target_vocab}: speculative decoding needs the same tokenizer")
+    """Speculation compares token ids, so both models must mean the same thing by each id; the
+    draft may have fewer rows (padding differs across a family's sizes), not more, since the
+    target could not verify ids past its own."""
+    if draft_vocab > target_vocab:
+        raise ModelConfigError(f"draft model {name} has a vocabulary of {draft_vocab} tokens, more than the "
+                               f"target's {target_vocab}: speculative decoding needs the target's tokenizer")
     if target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():
         raise ModelConfigError(f"draft model {name} uses a different tokenizer than the target (token ids "
                                "differ): speculative decoding needs the same tokenizer")
@@ -44,9 +52,10 @@ class DraftModelProposer:
 
     def __init__(self, model_dir: Path, dtype: torch.dtype, max_model_len: int, num_blocks: int, block_size: int,
                  max_tokens_per_forward: int, head_size: int = 0, int4: bool = False,
-                 device: torch.device | str = "cpu", cuda_graph_rows: int = 0):
+                 device: torch.device | str = "cpu", cuda_graph_rows: int = 0, target_vocab: int | None = None):
         self.model, _ = load_model(model_dir, dtype, max_model_len, int4=int4, device=device)
-        self.head = DraftHead(self.model, head_size, int4)
+        self.rows = self.model.config.vocab_size  # ids the draft can embed and propose
+        self.head = DraftHead(self.model, head_size, int4, target_vocab or self.rows)
         self.runner = ModelRunner(self.model, num_blocks, block_size, cuda_graph_rows=cuda_graph_rows)
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=True)
         self.max_tokens_per_forward = max_tokens_per_forward
@@ -130,6 +139,8 @@ class DraftModelProposer:
 
     def _sync(self, req: Request) -> Request:
         target = req.all_token_ids
+        if self.rows < self.head.vocab and max(target) >= self.rows:  # ids only the target has rows for
+            target = [t if t < self.rows else 0 for t in target]
         shadow = self.shadows.get(req.request_id)
         if shadow is None:
             shadow = Request(req.request_id, list(target), SamplingParams(max_tokens=1))

@@ -17,13 +17,15 @@ from loragate.kernels.dense import dense_linear, pack_weight
 
 
 class DraftHead:
-    def __init__(self, model, size: int, int4: bool = False):
+    def __init__(self, model, size: int, int4: bool = False, vocab: int | None = None):
+        """vocab: the target's, which the logits span (-inf past the draft's own rows)."""
         head = model.embed_tokens.weight if model.lm_head is None else model.lm_head
         self.weight = head
         self.final_logits = model.final_logits  # Gemma 2's softcap, Granite's divisor
-        self.vocab = head.shape[0]
-        self.size = self.vocab if size <= 0 else min(size, self.vocab)
-        if self.size == self.vocab and not int4:
+        self.rows = head.shape[0]
+        self.vocab = vocab or self.rows
+        self.size = self.rows if size <= 0 else min(size, self.rows)
+        if self.size == self.rows and not int4:
             self.packed = model.lm_head_packed
         else:
             self.packed = pack_weight(head[: self.size].contiguous(), int4)
@@ -31,10 +33,10 @@ class DraftHead:
 
     def add_tokens(self, request_id: str, token_ids: list[int]) -> None:
         """Make the request's own tokens beyond the common subset proposable for it."""
-        if self.size == self.vocab:
+        if self.size == self.rows:
             return
         ids, _ = self.extra.get(request_id, ([], None))
-        new = sorted({t for t in token_ids if t >= self.size} - set(ids))
+        new = sorted({t for t in token_ids if self.size <= t < self.rows} - set(ids))
         if new:
             ids = ids + new
             self.extra[request_id] = (ids, self.weight[torch.tensor(ids, device=self.weight.device)])

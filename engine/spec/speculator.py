@@ -157,4 +157,4 @@ def _draft_proposer(config, engine):
     return DraftModelProposer(draft_dir, config.torch_dtype, engine.max_model_len, engine.kv.num_blocks,
                               config.block_size, config.max_num_batched_tokens, config.draft_vocab_size,
                               config.draft_quantization == "int4", device=engine.model.device,
-                              cuda_graph_rows=config.cuda_graph_rows)
+                              cuda_graph_rows=config.cuda_graph_rows, target_vocab=engine.model.config.vocab_size)

@@ -213,7 +213,7 @@ def test_draft_with_another_vocabulary_is_refused(tiny_llama, tiny_qwen2, tmp_pa
     cfg = json.loads((other / "config.json").read_text())
     cfg["vocab_size"] = 600
     (other / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelConfigError, match="vocabulary of 600 tokens"):
+    with pytest.raises(ModelConfigError, match="vocabulary of 600 tokens, more than the target's 512"):
         LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", speculative="draft", draft_model=str(other)),
                   progress=False)
 
@@ -398,3 +398,39 @@ def test_a_gemma2_draft_proposes_from_softcapped_logits(tiny_gemma2):
     llm.generate(prompts, params)
     stats = llm.engine.speculator.stats
     assert stats.num_proposed > 100 and stats.num_accepted >= 0.97 * stats.num_proposed, stats
+
+
+@pytest.fixture(scope="module")
+def short_vocab_draft(tiny_llama, tmp_path_factory):
+    """The model with its last 12 embedding rows cut off, as a smaller size of a family whose
+    vocabulary is padded less; the tokenizer (512 ids) is the same, so the target's prompts
+    and outputs hold ids the draft has no row for."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("short-vocab") / "m"
+    shutil.copytree(tiny_llama, out)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    model.resize_token_embeddings(500)
+    model.save_pretrained(str(out))
+    return out
+
+
+def test_a_draft_with_fewer_vocabulary_rows_speculates_losslessly(tiny_llama, short_vocab_draft):
+    """Same tokenizer, fewer rows (Qwen2.5-0.5B drafting for 14B and up): the draft proposes
+    only ids it has and reads the others as id 0. Output stays plain decoding's; where no
+    token is past its rows, it proposes exactly what the target picks."""
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    plain = LLM(str(tiny_llama), dtype="float32", progress=False)
+    clean = [[t for t in p if t < 500] for p in prompts_20()]
+    with_high = [[1, 505, 7, 511, 9, 505, 7]] + clean[1:]  # ids past the draft's rows, repeated
+    for prompts, all_accepted in ((clean, True), (with_high, False)):
+        llm = spec_llm(tiny_llama, "draft", short_vocab_draft, draft_vocab_size=0, draft_quantization="none")
+        assert llm.engine.speculator.proposer.rows == 500
+        outs = llm.generate(prompts, params)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in plain.generate(prompts, params)]
+        stats = llm.engine.speculator.stats
+        assert stats.num_proposed > 100
+        assert (stats.num_accepted == stats.num_proposed) == all_accepted, stats
+    accepted = stats.num_accepted
+    sampled = llm.generate(with_high, SamplingParams(max_tokens=16, temperature=0.8, seed=1, ignore_eos=True))
+    assert all(len(o.token_ids) == 16 for o in sampled) and stats.num_accepted > accepted  # probabilities padded
