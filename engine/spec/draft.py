@@ -11,7 +11,7 @@ request's grammar, whose matcher consumes the drafts and rolls them back afterwa
 
 The draft may have fewer embedding rows than the target when both share one tokenizer:
 model families pad their vocabularies per size (Qwen2.5 up to 7B: 151,936 rows, 14B and up:
-152,064; Gemma 3 270M: 262,144, 4B and up: 262,208). It proposes only ids it has rows for
+152,064, for the same 151,665 tokens). It proposes only ids it has rows for
 (its probabilities are zero beyond them), and a target token past its rows reaches it as
 id 0, which only makes its guesses after that token worse: the target verifies every one.
 """
