@@ -339,7 +339,7 @@ def _context_limit(hf_config, requested: int | None, progress: bool) -> int:
     limit = arch.max_position_embeddings
     if requested is not None and requested > limit and progress:
         why = (" (LongRoPE is exact up to original_max_position_embeddings; past it transformers switches to the "
-               "long factors, which loragate does not)" if limit < text_config(hf_config).max_position_embeddings else "")
+               "long factors, which loragate does not apply)" if limit < text_config(hf_config).max_position_embeddings else "")
         print(f"loragate: max_model_len {requested} is more than this model's {limit} positions{why}; "
               f"serving {limit}", file=sys.stderr)
     return min(requested or limit, limit)

@@ -1,8 +1,9 @@
 """Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2 with q/k/v bias, Qwen3 with q/k norms,
 Phi-3 with fused q/k/v and gate/up modules and partial RoPE, Granite with its four scaling
-constants, SmolLM3 with RoPE-less layers, sliding windows where the config has them; Gemma 2 and 3's variant in gemma.py) over a packed
-variable-length token batch: all tokens of all requests in one [num_tokens, hidden] tensor,
-each with its own position, attending through the paged KV cache."""
+constants, SmolLM3 with RoPE-less layers, sliding windows where the config has them; Gemma 2
+and 3's variant in gemma.py) over a packed variable-length token batch: all tokens of all
+requests in one [num_tokens, hidden] tensor, each with its own position, attending through
+the paged KV cache."""
 
 from __future__ import annotations
 
@@ -136,7 +137,7 @@ class ModelArchConfig:
             fields.update(attention_scale=hf.attention_multiplier, embedding_scale=hf.embedding_multiplier,
                           residual_scale=hf.residual_multiplier, logits_divisor=hf.logits_scaling)
         if hf.model_type == "smollm3":
-            fields["nope_layers"] = tuple(i for i, rope in enumerate(hf.no_rope_layers) if not rope)
+            fields["nope_layers"] = tuple(i for i, has_rope in enumerate(hf.no_rope_layers) if not has_rope)
         is_qwen2 = hf.model_type == "qwen2"
         attention_bias = bool(getattr(hf, "attention_bias", False))
         return cls(
