@@ -44,7 +44,8 @@ _UNSUPPORTED_IF_SET = {
     "layer_replication": "layer_replication is not supported",
     "megatron_config": "Megatron-parallel LoRA (megatron_config) is not supported",
     "trainable_token_indices": "trainable_token_indices (trained embedding rows) is not supported",
-    "target_parameters": "target_parameters (LoRA on raw parameters) is not supported",
+    "target_parameters": "target_parameters (LoRA on raw parameters, as peft adapts the experts and router of "
+                         "Mixtral or Qwen3-MoE) is not supported; target the attention projections",
     "arrow_config": "Arrow routing (arrow_config) is not supported",
     "kasa_config": "KaSA (kasa_config) is not supported",
     "velora_config": "VeLoRA (velora_config) is not supported",

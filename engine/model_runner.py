@@ -54,7 +54,8 @@ class ModelRunner:
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.num_layers)]
         self.expose_hidden_states = False
         self.graphs = None
-        if cuda_graph_rows > 0 and self.device.type == "cuda":
+        # A sparse-expert step's shapes depend on its routing, which a captured graph cannot follow.
+        if cuda_graph_rows > 0 and self.device.type == "cuda" and not c.is_moe:
             self.graphs = DecodeGraphs(model, self.kv_caches, block_size, num_blocks, cuda_graph_rows, lora_pool)
 
     @staticmethod

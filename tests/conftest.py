@@ -1,5 +1,5 @@
 """Shared fixtures: tiny random Llama / Qwen2 / Qwen3 / Phi-3 / Granite / SmolLM3 / Gemma 2 / Gemma 3
-checkpoints written in HF format, and the real bundled model (prepared once into LORAGATE_HOME)."""
+/ Mixtral / Qwen3-MoE checkpoints written in HF format, and the real bundled model (prepared once into LORAGATE_HOME)."""
 
 from __future__ import annotations
 
@@ -19,12 +19,13 @@ def _write_tiny(path, arch: str):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
                               Gemma3ForConditionalGeneration, Gemma3TextConfig, GraniteConfig, GraniteForCausalLM,
+                              MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
                               SmolLM3Config, SmolLM3ForCausalLM,
                               LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast,
                               Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed({"llama": 0, "qwen2": 1, "gemma3": 2, "qwen3": 3, "gemma3-multimodal": 4, "phi3": 5,
-                       "gemma2": 6, "granite": 7, "smollm3": 8}[arch])
+                       "gemma2": 6, "granite": 7, "smollm3": 8, "mixtral": 9, "qwen3-moe": 10}[arch])
     common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=arch != "llama")
@@ -58,6 +59,11 @@ def _write_tiny(path, arch: str):
         model = SmolLM3ForCausalLM(SmolLM3Config(**dict(common, num_hidden_layers=3), no_rope_layer_interval=2,
                                                  pad_token_id=0))
         assert model.config.no_rope_layers == [1, 0, 1]
+    elif arch == "mixtral":  # 4 experts, 2 per token
+        model = MixtralForCausalLM(MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2))
+    elif arch == "qwen3-moe":  # 6 experts of 48, 2 per token, weights as the router gives them
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, head_dim=32, num_experts=6, num_experts_per_tok=2,
+                                                   moe_intermediate_size=48, norm_topk_prob=False))
     elif arch == "gemma2":
         # Local and global layers alternating, one RoPE; softcaps small enough (scores and
         # logits here reach a few units) that skipping either changes the tokens.
@@ -85,8 +91,10 @@ def _write_tiny(path, arch: str):
                 image_token_index=TINY_VOCAB - 3, boi_token_index=TINY_VOCAB - 2, eoi_token_index=TINY_VOCAB - 1))
     # Random init gives near-uniform logits; widen them so greedy choices are not near-ties.
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and name.endswith("mlp.gate.weight"):
+                p.normal_(0, 1.0)  # routers: experts picked by clear margins, not near-ties
+            elif p.dim() in (2, 3):  # 3: the experts' stacked weights
                 p.normal_(0, 0.08)
             elif arch == "qwen2" and p.dim() == 1 and p.shape[0] != 64:
                 p.normal_(0, 0.05)  # q/k/v biases
@@ -124,6 +132,8 @@ tiny_phi3 = _tiny_fixture("phi3")
 tiny_gemma2 = _tiny_fixture("gemma2")
 tiny_granite = _tiny_fixture("granite")
 tiny_smollm3 = _tiny_fixture("smollm3")
+tiny_mixtral = _tiny_fixture("mixtral")
+tiny_qwen3_moe = _tiny_fixture("qwen3-moe")
 
 
 @pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3", "phi3", "granite", "smollm3", "gemma2", "gemma3"])
@@ -235,3 +245,10 @@ def moto_url(tmp_path_factory):
             proc.wait(10)
     finally:
         mp.undo()
+
+
+@pytest.fixture(scope="session", params=["mixtral", "qwen3_moe"])
+def tiny_moe(request):
+    """The sparse-expert models, which the LoRA recipes of tiny_model do not fit (their MLPs
+    are no linear modules)."""
+    return request.getfixturevalue(f"tiny_{request.param}")

@@ -1,7 +1,7 @@
 """Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2 with q/k/v bias, Qwen3 with q/k norms,
 Phi-3 with fused q/k/v and gate/up modules and partial RoPE, Granite with its four scaling
-constants, SmolLM3 with RoPE-less layers, sliding windows where the config has them; Gemma 2
-and 3's variant in gemma.py) over a packed variable-length token batch: all tokens of all
+constants, SmolLM3 with RoPE-less layers, Mixtral and Qwen3-MoE with sparse experts (moe.py),
+sliding windows where the config has them; Gemma 2 and 3's variant in gemma.py) over a packed variable-length token batch: all tokens of all
 requests in one [num_tokens, hidden] tensor, each with its own position, attending through
 the paged KV cache."""
 
@@ -20,8 +20,10 @@ from loragate.kernels.dense import dense_linear, pack_weight
 
 from ..errors import ModelConfigError
 from .linear import Projection
+from .moe import SparseMoE
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "granite", "smollm3", "gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "granite", "smollm3", "mixtral", "qwen3_moe",
+                         "gemma2", "gemma3_text")
 # Where the decoder layers' modules live in a checkpoint and in peft's module names: plain
 # causal LMs, and Gemma 3's multimodal checkpoints (saved by transformers 4 and named by 5).
 TEXT_MODULE_PREFIXES = ("model.",)
@@ -80,6 +82,16 @@ class ModelArchConfig:
     skipped_prefixes: tuple[str, ...] = ()
     foreign_modules: tuple[str, ...] = ()  # linear modules' names in what is skipped
     fused_linears: bool = False  # Phi-3: q/k/v and gate/up are one checkpoint (and peft) module each
+    # Sparse experts in place of the MLP (moe.py); 0: a dense MLP.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_size: int = 0  # each expert's intermediate size
+    normalize_expert_weights: bool = True  # the top-k router weights are rescaled to sum to 1
+    expert_weights_in_fp32: bool = False  # Mixtral scales expert outputs by fp32 weights
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @cached_property
     def linear_modules(self) -> dict[str, LinearModule]:
@@ -95,6 +107,8 @@ class ModelArchConfig:
                       "o_proj": ("o_proj", q, h), "gate_proj": ("gate_up_proj", h, i),
                       "up_proj": ("gate_up_proj", h, i), "down_proj": ("down_proj", i, h)}
             parents = LLAMA_LINEARS
+        if self.is_moe:  # the MLP's experts are not linear modules (moe.py)
+            shapes = {name: shape for name, shape in shapes.items() if parents[name] != "mlp"}
         return {name: LinearModule(parents[name], *shape) for name, shape in shapes.items()}
 
     def window(self, layer: int) -> int | None:
@@ -136,6 +150,8 @@ class ModelArchConfig:
         if hf.model_type == "granite":  # scaling constants where Llama has none (1.0 means none)
             fields.update(attention_scale=hf.attention_multiplier, embedding_scale=hf.embedding_multiplier,
                           residual_scale=hf.residual_multiplier, logits_divisor=hf.logits_scaling)
+        if hf.model_type in ("mixtral", "qwen3_moe"):
+            fields.update(moe_fields(hf))
         if hf.model_type == "smollm3":
             fields["nope_layers"] = tuple(i for i, has_rope in enumerate(hf.no_rope_layers) if not has_rope)
         is_qwen2 = hf.model_type == "qwen2"
@@ -144,16 +160,30 @@ class ModelArchConfig:
             **fields,
             fused_linears=is_phi3,
             qkv_bias=is_qwen2 or attention_bias,
-            qk_norm=hf.model_type == "qwen3",
+            qk_norm=hf.model_type in ("qwen3", "qwen3_moe"),
             layer_windows=layer_windows(hf),
             o_bias=attention_bias and not is_qwen2,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         )
 
 
+def moe_fields(hf) -> dict:
+    """ModelArchConfig's expert fields of a Mixtral or Qwen3-MoE config."""
+    if hf.model_type == "mixtral":
+        return dict(num_experts=hf.num_local_experts, experts_per_token=hf.num_experts_per_tok,
+                    expert_size=hf.intermediate_size, expert_weights_in_fp32=True)
+    if hf.mlp_only_layers or hf.decoder_sparse_step != 1:
+        raise ModelConfigError("Qwen3-MoE with dense MLP layers (mlp_only_layers, decoder_sparse_step > 1) is not "
+                               "supported; every layer must be sparse, as in the released models")
+    return dict(num_experts=hf.num_experts, experts_per_token=hf.num_experts_per_tok,
+                expert_size=hf.moe_intermediate_size, normalize_expert_weights=bool(hf.norm_topk_prob))
+
+
 def projection_biases(c: ModelArchConfig) -> dict[str, bool]:
-    """A decoder layer's projections, and whether each has a bias."""
-    return {"qkv_proj": c.qkv_bias, "o_proj": c.o_bias, "gate_up_proj": c.mlp_bias, "down_proj": c.mlp_bias}
+    """A decoder layer's projections, and whether each has a bias (sparse-expert models have
+    no MLP projections)."""
+    attention = {"qkv_proj": c.qkv_bias, "o_proj": c.o_bias}
+    return attention if c.is_moe else attention | {"gate_up_proj": c.mlp_bias, "down_proj": c.mlp_bias}
 
 
 def text_config(hf):
@@ -236,6 +266,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(h, c.rms_norm_eps, dtype)
         for name, bias in projection_biases(c).items():
             setattr(self, name, Projection.of(c, name, bias, dtype, index))
+        self.moe = SparseMoE(c, dtype) if c.is_moe else None
         self.scale = c.head_dim ** -0.5 if c.attention_scale is None else c.attention_scale
         self.window = c.window(index)
         if c.qk_norm:
@@ -261,6 +292,8 @@ class DecoderLayer(nn.Module):
         attn = self.o_proj.forward(attn.view(T, -1), batch)
         h = self.post_attention_layernorm.forward(x, attn if c.residual_scale is None else attn.mul_(c.residual_scale),
                                                   native)
+        if self.moe is not None:
+            return self.moe.forward(h, native)
         mlp = self.down_proj.forward(layer_ops.silu_mul(self.gate_up_proj.forward(h, batch), native), batch)
         return mlp if c.residual_scale is None else mlp.mul_(c.residual_scale)
 
@@ -307,7 +340,7 @@ class LlamaForCausalLM(nn.Module):
         int4 quantizes the projections (weight-only), for a model whose outputs are only
         proposals (its head: see engine/spec/draft_head.py)."""
         for module in self.modules():
-            if isinstance(module, Projection):
+            if isinstance(module, (Projection, SparseMoE)):
                 module.pack(int4)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head
         self.lm_head_packed = pack_weight(head)

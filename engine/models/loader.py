@@ -71,8 +71,11 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, int4: bo
             _, idx, rest = name.split(".", 2)
             layer = layers[int(idx)]
             module, _, kind = rest.rpartition(".")
+            expert = layer.moe.checkpoint_tensor(module) if getattr(layer, "moe", None) is not None else None
             if module in layer.NORMS and kind == "weight":
                 target = getattr(layer, layer.NORMS[module]).weight
+            elif expert is not None and kind == "weight":
+                target = expert
             elif module in linears and kind in ("weight", "bias"):
                 proj_name, slice_name = linears[module]
                 proj = getattr(layer, proj_name)
@@ -92,7 +95,8 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, int4: bo
         target.copy_(tensor)
         loaded.add(name)
     biases = projection_biases(arch)
-    per_layer = len(layers[0].NORMS) + sum(1 + biases[m.projection] for m in arch.linear_modules.values())
+    per_layer = len(layers[0].NORMS) + sum(1 + biases.get(m.projection, False) for m in arch.linear_modules.values())
+    per_layer += layers[0].moe.num_checkpoint_tensors if arch.is_moe else 0
     expected = 2 + arch.num_layers * per_layer + (0 if arch.tie_word_embeddings else 1)
     if len(loaded) != expected:
         raise ModelConfigError(f"checkpoint in {model_dir} holds {len(loaded)} of the {expected} tensors the model needs")

@@ -39,8 +39,7 @@ class SlotRowTerms:
         self.model, self.num_slots = model, num_slots
         # Tables made so far: a CUDA graph captured before a table existed does not apply it.
         self.tables_made = 0
-        self.projections = [p for layer in model.layers
-                            for p in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
+        self.projections = [p for layer in model.layers for p in _projections(layer)]
 
     @torch.no_grad()
     def prepare(self, weights) -> None:
@@ -90,8 +89,15 @@ def dora_scales(model, weights) -> dict[tuple[int, str], torch.Tensor]:
     return scales
 
 
+def _projections(layer) -> list[Projection]:
+    """A decoder layer's projections (sparse-expert models have no MLP ones)."""
+    from .linear import Projection
+
+    return [p for p in layer.children() if isinstance(p, Projection)]
+
+
 def _projection_of(layer, module_name: str) -> Projection:
-    for proj in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+    for proj in _projections(layer):
         if module_name in proj.output_slices:
             return proj
     raise KeyError(module_name)

@@ -202,3 +202,16 @@ def test_an_adapter_for_the_other_projection_layout_is_refused(good_adapter, arc
     with pytest.raises(AdapterError) as e:
         load_adapter(fused, arch, MAX_RANK)
     assert e.value.code == "unknown_target_module" and "['qkv_proj'] match no module" in str(e.value)
+
+
+def test_an_adapter_of_expert_mlps_is_refused_on_a_sparse_expert_model(good_adapter, arch):
+    """Mixtral and Qwen3-MoE have no linear MLP modules (transformers 5 keeps experts as 3-D
+    parameters, and adapters of transformers 4's per-expert modules do not fit them): an
+    adapter targeting the MLP is refused, naming what can be adapted."""
+    from dataclasses import replace
+
+    moe = replace(arch, num_experts=4, experts_per_token=2, expert_size=32)
+    with pytest.raises(AdapterError) as e:
+        load_adapter(good_adapter, moe, MAX_RANK)
+    assert e.value.code == "unknown_target_module"
+    assert "['down_proj'] match no module" in str(e.value) and "q_proj, k_proj, v_proj, o_proj in" in str(e.value)

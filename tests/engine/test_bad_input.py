@@ -134,6 +134,19 @@ def test_phi3_rope_variants_and_what_other_families_refuse():
             ModelArchConfig.from_hf(config)
 
 
+def test_qwen3_moe_with_dense_layers_is_refused():
+    from transformers import Qwen3MoeConfig
+
+    from loragate.engine.models.llama import ModelArchConfig
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512,
+                 num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    assert ModelArchConfig.from_hf(Qwen3MoeConfig(**small)).is_moe
+    for dense in (dict(mlp_only_layers=[0]), dict(decoder_sparse_step=2)):
+        with pytest.raises(ModelConfigError, match="every layer must be sparse"):
+            ModelArchConfig.from_hf(Qwen3MoeConfig(**small, **dense))
+
+
 def test_kv_cache_memory_as_a_share_of_free_memory(tiny_llama, monkeypatch):
     """'N%': the KV cache takes N% of the memory free once the model and LoRA slots are in
     (the GPU's on CUDA, MemAvailable on the CPU), measured after both are loaded."""

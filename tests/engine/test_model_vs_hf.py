@@ -169,3 +169,16 @@ def test_phi3_longrope_serves_the_context_where_it_is_exact(tiny_phi3, capsys):
     out = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
     hf = AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32)
     assert out.token_ids == hf_greedy(hf, prompt, 12)
+
+
+def test_sparse_expert_models_match_hf(tiny_moe):
+    """Mixtral and Qwen3-MoE: each token's top-2 experts, weighted as the router gives them
+    (renormalised or not), in a mixed batch and decoded, then one prompt's prefill logits."""
+    llm = LLM(str(tiny_moe), dtype="float32", progress=False)
+    assert llm.engine.model.config.is_moe
+    hf = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
+    prompts = random_prompts(PROMPT_LENGTHS, hf.config.vocab_size, seed=11)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(hf, prompt, 12), f"prompt of {len(prompt)} tokens diverged"
+    assert_prefill_logits_close(llm.engine.model, hf, prompts[4], atol=LOGIT_ATOL)

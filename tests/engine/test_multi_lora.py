@@ -63,6 +63,27 @@ def test_mixed_batch_matches_peft_on_phi3(tiny_phi3, tmp_path, save_lora):
     check_mixed_batch(tiny_phi3, dirs, vocab=512)
 
 
+def test_attention_adapters_on_sparse_expert_models_match_peft(tiny_moe, tmp_path, save_lora):
+    """Mixtral and Qwen3-MoE: adapters of their attention projections, plain, rsLoRA and DoRA,
+    in one batch with base requests, each request PeftModel's tokens. peft's all-linear also
+    adapts the router and the experts (3-D parameters), which is refused with what to do."""
+    from loragate.adapters.errors import AdapterError
+    from loragate.adapters.loader import load_adapter
+    from loragate.engine.models.llama import ModelArchConfig
+    from loragate.engine.models.loader import load_hf_config
+
+    everything = save_lora(tiny_moe, tmp_path / "everything", 0.15, seed=1, r=8, target_modules="all-linear")
+    with pytest.raises(AdapterError, match="target_parameters .* experts and router .* not supported"):
+        load_adapter(everything, ModelArchConfig.from_hf(load_hf_config(tiny_moe)), 64)
+    dirs = {"attn": save_lora(tiny_moe, tmp_path / "attn", 0.15, seed=1, r=8, lora_alpha=16,
+                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+            "qv-rs": save_lora(tiny_moe, tmp_path / "qv", 0.15, seed=2, r=4, lora_alpha=8, use_rslora=True,
+                               target_modules=["q_proj", "v_proj"]),
+            "dora": save_lora(tiny_moe, tmp_path / "dora", 0.15, seed=3, r=8, lora_alpha=8, use_dora=True,
+                              target_modules=["k_proj", "o_proj"])}
+    check_mixed_batch(tiny_moe, dirs, vocab=512)
+
+
 @pytest.mark.slow
 def test_mixed_batch_matches_peft_on_smollm2(real_model_dir, real_adapter_dirs):
     check_mixed_batch(real_model_dir, real_adapter_dirs, vocab=49152, logprob_atol=2e-3)
