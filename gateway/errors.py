@@ -48,6 +48,13 @@ def to_api_error(exc: Exception) -> APIError:
 
     if isinstance(exc, StoreUnavailableError):
         return APIError(503, str(exc), "server_error", code="store_unavailable", headers={"Retry-After": "5"})
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    if isinstance(exc, TemplateError) and not isinstance(exc, TemplateSyntaxError):
+        # The model's chat template refusing the conversation (raise_exception: Gemma's "System
+        # role not supported", Mistral's roles that must alternate) is about the request; a
+        # template that does not parse stays the server's fault.
+        return APIError(400, f"the model's chat template refused these messages: {exc}", param="messages")
     return APIError(500, "internal server error", "server_error")
 
 

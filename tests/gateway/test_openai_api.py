@@ -137,6 +137,29 @@ def test_tokenizer_routes_in_vllms_shapes(server):
     assert httpx.post(server.url + "/tokenize", json={"prompt": "t5"}).status_code == 401
 
 
+def test_a_chat_template_refusing_the_messages_is_a_400(server):
+    """Templates raise on what they cannot render (Gemma 2: a system message; Mistral: roles
+    that do not alternate): a 400 with their reason, wherever a chat is rendered. A template
+    that does not parse is the server's fault: 500."""
+    tok, h = server.state.engine.tokenizer, server.headers()
+    original = tok.chat_template
+    messages = [{"role": "system", "content": "t5"}, {"role": "user", "content": "t9"}]
+    chat = {"model": "tiny", "messages": messages, "max_tokens": 2}
+    try:
+        tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                             "{% endif %}{% for m in messages %}{{ m['content'] }} {% endfor %}")
+        for path, body in (("/v1/chat/completions", chat), ("/tokenize", {"messages": messages})):
+            r = httpx.post(server.url + path, headers=h, json=body)
+            assert r.status_code == 400, r.text
+            assert "System role not supported" in r.json()["error"]["message"] and r.json()["error"]["param"] == "messages"
+        assert httpx.post(server.url + "/v1/chat/completions", headers=h,
+                          json=dict(chat, messages=messages[1:])).status_code == 200
+        tok.chat_template = "{% for m in messages %}"
+        assert httpx.post(server.url + "/v1/chat/completions", headers=h, json=chat).status_code == 500
+    finally:
+        tok.chat_template = original
+
+
 def test_usage_counts_the_prompt_tokens_served_from_the_prefix_cache(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="key-a", max_retries=0)
     prompt = " ".join(f"t{i}" for i in range(100, 140))  # 40 tokens: two full 16-token blocks
