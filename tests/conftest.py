@@ -1,5 +1,5 @@
 """Shared fixtures: tiny random Llama / Qwen2 / Qwen3 / Phi-3 / Granite / SmolLM3 / Gemma 2 / Gemma 3
-/ Mixtral / Qwen3-MoE checkpoints written in HF format, and the real bundled model (prepared once into LORAGATE_HOME)."""
+/ OLMo 2 / OLMo 3 / Mixtral / Qwen3-MoE checkpoints written in HF format, and the real bundled model (prepared once into LORAGATE_HOME)."""
 
 from __future__ import annotations
 
@@ -19,13 +19,15 @@ def _write_tiny(path, arch: str):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
                               Gemma3ForConditionalGeneration, Gemma3TextConfig, GraniteConfig, GraniteForCausalLM,
-                              MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
+                              MixtralConfig, MixtralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config,
+                              Olmo3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
                               SmolLM3Config, SmolLM3ForCausalLM,
                               LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast,
                               Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed({"llama": 0, "qwen2": 1, "gemma3": 2, "qwen3": 3, "gemma3-multimodal": 4, "phi3": 5,
-                       "gemma2": 6, "granite": 7, "smollm3": 8, "mixtral": 9, "qwen3-moe": 10}[arch])
+                       "gemma2": 6, "granite": 7, "smollm3": 8, "mixtral": 9, "qwen3-moe": 10,
+                       "olmo2": 11, "olmo3": 12}[arch])
     common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=arch != "llama")
@@ -59,6 +61,14 @@ def _write_tiny(path, arch: str):
         model = SmolLM3ForCausalLM(SmolLM3Config(**dict(common, num_hidden_layers=3), no_rope_layer_interval=2,
                                                  pad_token_id=0))
         assert model.config.no_rope_layers == [1, 0, 1]
+    elif arch == "olmo2":  # norms after the sublayers, q/k normed over all heads; GQA as in the 32B
+        model = Olmo2ForCausalLM(Olmo2Config(**common, pad_token_id=0))
+    elif arch == "olmo3":  # OLMo 2's layers; windowed local ones around a global one, each with its own RoPE
+        model = Olmo3ForCausalLM(Olmo3Config(
+            **dict(common, num_hidden_layers=3), pad_token_id=0, sliding_window=12,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}}))
     elif arch == "mixtral":  # 4 experts, 2 per token
         model = MixtralForCausalLM(MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2))
     elif arch == "qwen3-moe":  # 6 experts of 48, 2 per token, weights as the router gives them
@@ -100,7 +110,7 @@ def _write_tiny(path, arch: str):
                 p.normal_(0, 0.05)  # q/k/v biases
             elif arch.startswith("gemma") and p.dim() == 1:
                 p.normal_(0, 0.3)  # norm weights (zero in a fresh model: 1 + weight scales)
-            elif arch == "qwen3" and p.dim() == 1:
+            elif arch in ("qwen3", "olmo2", "olmo3") and p.dim() == 1:
                 p.normal_(1, 0.3)  # norm weights (one in a fresh model)
     model.save_pretrained(path)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"t{i}": i for i in range(3, TINY_VOCAB)}
@@ -132,11 +142,14 @@ tiny_phi3 = _tiny_fixture("phi3")
 tiny_gemma2 = _tiny_fixture("gemma2")
 tiny_granite = _tiny_fixture("granite")
 tiny_smollm3 = _tiny_fixture("smollm3")
+tiny_olmo2 = _tiny_fixture("olmo2")
+tiny_olmo3 = _tiny_fixture("olmo3")
 tiny_mixtral = _tiny_fixture("mixtral")
 tiny_qwen3_moe = _tiny_fixture("qwen3-moe")
 
 
-@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3", "phi3", "granite", "smollm3", "gemma2", "gemma3"])
+@pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3", "phi3", "granite", "smollm3", "olmo2", "gemma2",
+                                         "gemma3"])
 def tiny_model(request):
     return request.getfixturevalue(f"tiny_{request.param}")
 

@@ -22,11 +22,8 @@ from loragate.kernels.attention import paged_attention
 
 from ..errors import ModelConfigError
 from .linear import Projection
-from .llama import (SUPPORTED_ROPE_TYPES, LlamaForCausalLM, common_fields, layer_windows, projection_biases,
-                    rope_tables)
-
-LAYER_TYPES = ("sliding_attention", "full_attention")
-
+from .llama import (LAYER_TYPES, SUPPORTED_ROPE_TYPES, LlamaForCausalLM, check_rope, common_fields, layer_windows,
+                    projection_biases)
 
 def gemma_arch(cls, hf):
     """ModelArchConfig for a Gemma2Config or Gemma3TextConfig; refuses what this decoder does not compute."""
@@ -36,13 +33,7 @@ def gemma_arch(cls, hf):
         raise ModelConfigError(f"hidden_activation {hf.hidden_activation!r} is not supported (only gelu_pytorch_tanh)")
     if unknown := set(hf.layer_types) - set(LAYER_TYPES):
         raise ModelConfigError(f"layer types {sorted(unknown)} are not supported")
-    per_layer_type = hf.model_type == "gemma3_text"  # Gemma 2 has one RoPE for all layers
-    for layer_type in set(hf.layer_types) if per_layer_type else (None,):
-        params = hf.rope_parameters[layer_type] if per_layer_type else hf.rope_parameters
-        rope_type = params.get("rope_type", "default")
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ModelConfigError(f"rope_type {rope_type!r}{f' ({layer_type})' if layer_type else ''} is not "
-                                   f"supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    check_rope(hf, SUPPORTED_ROPE_TYPES)
     bias = bool(getattr(hf, "attention_bias", False))
     return cls(
         **common_fields(hf),
@@ -51,7 +42,7 @@ def gemma_arch(cls, hf):
         mlp_bias=False,
         attention_scale=hf.query_pre_attn_scalar ** -0.5,
         embedding_scale=hf.hidden_size ** 0.5,
-        qk_norm=per_layer_type,
+        qk_norm=hf.model_type == "gemma3_text",
         layer_windows=layer_windows(hf),
         attention_softcap=getattr(hf, "attn_logit_softcapping", None),
         logit_softcap=getattr(hf, "final_logit_softcapping", None),
@@ -126,21 +117,8 @@ class GemmaForCausalLM(LlamaForCausalLM):
 
     def __init__(self, c, hf_config, dtype: torch.dtype, max_positions: int):
         super().__init__(c, hf_config, dtype, max_positions)
-        if c.is_gemma3:  # rope_cos/rope_sin (llama.py) are the global layers'; the local layers' base differs
-            cos, sin = rope_tables(hf_config, max_positions, "sliding_attention")
-            self.register_buffer("rope_local_cos", cos.to(dtype), persistent=False)
-            self.register_buffer("rope_local_sin", sin.to(dtype), persistent=False)
         # Rounded to the weights' dtype from fp32, as transformers does.
         self.register_buffer("embedding_scale", torch.tensor(c.embedding_scale).to(dtype), persistent=False)
 
-    def rope_for(self, hf_config, max_positions: int):
-        return rope_tables(hf_config, max_positions, "full_attention" if self.config.is_gemma3 else None)
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, batch) -> torch.Tensor:
-        x = self.embed_tokens(input_ids) * self.embedding_scale
-        pending = None
-        full = (self.rope_cos, self.rope_sin)
-        local = (self.rope_local_cos, self.rope_local_sin) if self.config.is_gemma3 else full
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            pending = layer.forward(x, pending, full if layer.window is None else local, k_cache, v_cache, batch)
-        return self.norm(x, pending, batch.use_native_kernels)
+        return self.run_layers(self.embed_tokens(input_ids) * self.embedding_scale, kv_caches, batch)

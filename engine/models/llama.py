@@ -1,7 +1,8 @@
 """Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2 with q/k/v bias, Qwen3 with q/k norms,
 Phi-3 with fused q/k/v and gate/up modules and partial RoPE, Granite with its four scaling
 constants, SmolLM3 with RoPE-less layers, Mixtral and Qwen3-MoE with sparse experts (moe.py),
-sliding windows where the config has them; Gemma 2 and 3's variant in gemma.py) over a packed variable-length token batch: all tokens of all
+sliding windows where the config has them; Gemma 2 and 3's variant in gemma.py, OLMo 2 and
+3's in olmo2.py) over a packed variable-length token batch: all tokens of all
 requests in one [num_tokens, hidden] tensor, each with its own position, attending through
 the paged KV cache."""
 
@@ -23,7 +24,7 @@ from .linear import Projection
 from .moe import SparseMoE
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "granite", "smollm3", "mixtral", "qwen3_moe",
-                         "gemma2", "gemma3_text")
+                         "olmo2", "olmo3", "gemma2", "gemma3_text")
 # Where the decoder layers' modules live in a checkpoint and in peft's module names: plain
 # causal LMs, and Gemma 3's multimodal checkpoints (saved by transformers 4 and named by 5).
 TEXT_MODULE_PREFIXES = ("model.",)
@@ -32,6 +33,7 @@ MULTIMODAL_MODULE_PREFIXES = ("language_model.model.", "model.language_model.")
 VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 # Linear modules of Gemma 3's SigLIP vision tower, which peft's "all-linear" adapts too.
 VISION_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+LAYER_TYPES = ("sliding_attention", "full_attention")
 # RoPE variants whose frequencies do not depend on the sequence being processed.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # LongRoPE (Phi-3.5, Phi-4-mini, the 128k Phi-3s) switches transformers to its long factors
@@ -119,6 +121,10 @@ class ModelArchConfig:
         return self.model_type == "gemma3_text"
 
     @property
+    def is_olmo(self) -> bool:
+        return self.model_type in ("olmo2", "olmo3")
+
+    @property
     def is_gemma(self) -> bool:
         return self.model_type in ("gemma2", "gemma3_text")
 
@@ -135,16 +141,13 @@ class ModelArchConfig:
             return gemma_arch(cls, hf)
         if getattr(hf, "hidden_act", "silu") != "silu":
             raise ModelConfigError(f"hidden_act {hf.hidden_act!r} is not supported (only silu)")
-        rope = getattr(hf, "rope_parameters", None) or {}
-        rope_type = rope.get("rope_type", "default")
         is_phi3 = hf.model_type == "phi3"
-        supported = SUPPORTED_ROPE_TYPES + ((LONGROPE,) if is_phi3 else ())
-        if rope_type not in supported:
-            raise ModelConfigError(f"rope_type {rope_type!r} is not supported (supported: {', '.join(supported)})")
+        check_rope(hf, SUPPORTED_ROPE_TYPES + ((LONGROPE,) if is_phi3 else ()))
+        rope = getattr(hf, "rope_parameters", None) or {}
         if rope.get("partial_rotary_factor", 1.0) != 1.0 and not is_phi3:  # transformers' Llama rotates whole heads
             raise ModelConfigError(f"partial_rotary_factor is not supported for model_type {hf.model_type!r}")
         fields = common_fields(hf)
-        if rope_type == LONGROPE:
+        if rope.get("rope_type") == LONGROPE:
             fields["max_position_embeddings"] = min(fields["max_position_embeddings"],
                                                     rope["original_max_position_embeddings"])
         if hf.model_type == "granite":  # scaling constants where Llama has none (1.0 means none)
@@ -165,6 +168,22 @@ class ModelArchConfig:
             o_bias=attention_bias and not is_qwen2,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         )
+
+
+def rope_layer_types(hf) -> tuple[str, ...]:
+    """The layer types with RoPE parameters of their own (Gemma 3, OLMo 3: "full_attention",
+    "sliding_attention"); () when one set serves every layer."""
+    params = getattr(hf, "rope_parameters", None) or {}
+    return tuple(t for t in LAYER_TYPES if isinstance(params.get(t), dict))
+
+
+def check_rope(hf, supported: tuple[str, ...]) -> None:
+    params = getattr(hf, "rope_parameters", None) or {}
+    for layer_type in rope_layer_types(hf) or (None,):
+        rope_type = (params[layer_type] if layer_type else params).get("rope_type", "default")
+        if rope_type not in supported:
+            raise ModelConfigError(f"rope_type {rope_type!r}{f' ({layer_type})' if layer_type else ''} is not "
+                                   f"supported (supported: {', '.join(supported)})")
 
 
 def moe_fields(hf) -> dict:
@@ -314,15 +333,19 @@ class LlamaForCausalLM(nn.Module):
         self.norm = self.norm_class(c.hidden_size, c.rms_norm_eps, dtype)
         self.lm_head = None if c.tie_word_embeddings else nn.Parameter(
             torch.empty(c.vocab_size, c.hidden_size, dtype=dtype), requires_grad=False)
-        cos, sin = self.rope_for(hf_config, max_positions)
         # Cast like transformers (which computes in fp32, then casts to the activation dtype).
+        # Where the layer types have RoPE parameters of their own, these are the global layers'.
+        per_type = rope_layer_types(hf_config)
+        cos, sin = rope_tables(hf_config, max_positions, "full_attention" if per_type else None)
         self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
+        self.local_rope = "sliding_attention" in per_type  # the windowed layers' differ (another base)
+        if self.local_rope:
+            cos, sin = rope_tables(hf_config, max_positions, "sliding_attention")
+            self.register_buffer("rope_local_cos", cos.to(dtype), persistent=False)
+            self.register_buffer("rope_local_sin", sin.to(dtype), persistent=False)
         # RoPE tables zero dims wide rotate nothing: a RoPE-less layer's q and k pass through.
         self.register_buffer("nope", torch.empty(max_positions, 0, dtype=dtype), persistent=False)
-
-    def rope_for(self, hf_config, max_positions: int):
-        return rope_tables(hf_config, max_positions)
 
     @property
     def device(self) -> torch.device:
@@ -351,11 +374,16 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.config.embedding_scale is not None:  # Granite (a Python float, as transformers multiplies)
             x.mul_(self.config.embedding_scale)
+        return self.run_layers(x, kv_caches, batch)
+
+    def run_layers(self, x: torch.Tensor, kv_caches, batch) -> torch.Tensor:
+        """The decoder layers over the embedded tokens x (updated in place), then the final norm."""
+        full, nope = (self.rope_cos, self.rope_sin), (self.nope, self.nope)
+        local = (self.rope_local_cos, self.rope_local_sin) if self.local_rope else full
         pending = None
-        rope, nope = (self.rope_cos, self.rope_sin), (self.nope, self.nope)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
-            pending = layer.forward(x, pending, nope if i in self.config.nope_layers else rope, k_cache, v_cache,
-                                    batch)
+            rope = nope if i in self.config.nope_layers else full if layer.window is None else local
+            pending = layer.forward(x, pending, rope, k_cache, v_cache, batch)
         return self.norm(x, pending, batch.use_native_kernels)
 
     def compute_logits(self, hidden: torch.Tensor, fp32: bool = True) -> torch.Tensor:

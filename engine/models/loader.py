@@ -11,6 +11,7 @@ from safetensors import safe_open
 from ..errors import ModelConfigError
 from .gemma import GemmaForCausalLM
 from .llama import LlamaForCausalLM, ModelArchConfig, projection_biases, text_config
+from .olmo2 import Olmo2ForCausalLM
 
 
 def load_hf_config(model_dir: Path):
@@ -49,7 +50,7 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, int4: bo
     model_dir = Path(model_dir)
     hf_config = load_hf_config(model_dir)
     arch = ModelArchConfig.from_hf(hf_config)
-    model_class = GemmaForCausalLM if arch.is_gemma else LlamaForCausalLM
+    model_class = GemmaForCausalLM if arch.is_gemma else Olmo2ForCausalLM if arch.is_olmo else LlamaForCausalLM
     model = model_class(arch, text_config(hf_config), dtype, max_positions)
     layers = model.layers
     # Checkpoint module ("self_attn.q_proj") -> (our projection, its slice).

@@ -133,13 +133,13 @@ def test_gemma3_multimodal_checkpoint_serves_text_like_hf(tiny_gemma3_multimodal
 
 
 def test_sliding_windows_hold_across_prefill_chunks_and_cached_prefixes(tiny_gemma3, tiny_gemma2, tiny_qwen3,
-                                                                        tiny_phi3):
-    """Prompts far past the windows (Gemma's 12, Qwen3's and Phi-3's 20 tokens) prefilled in 32-token
-    chunks, then again sharing a cached prefix: each chunk's queries see only their windows
-    (tokens and their logprobs as transformers gives them)."""
+                                                                        tiny_phi3, tiny_olmo3):
+    """Prompts far past the windows (Gemma's and OLMo 3's 12 tokens, Qwen3's and Phi-3's 20)
+    prefilled in 32-token chunks, then again sharing a cached prefix: each chunk's queries see
+    only their windows (tokens and their logprobs as transformers gives them)."""
     from .test_multi_lora import peft_greedy
 
-    for model_dir in (tiny_gemma3, tiny_gemma2, tiny_qwen3, tiny_phi3):
+    for model_dir in (tiny_gemma3, tiny_gemma2, tiny_qwen3, tiny_phi3, tiny_olmo3):
         engine = LLM(str(model_dir), dtype="float32", progress=False, max_num_batched_tokens=32).engine
         prompts = random_prompts([150, 97], 500, seed=7)
         prompts.append(prompts[0][:120] + prompts[1][:30])  # 7 cached blocks, then a new suffix
