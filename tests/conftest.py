@@ -131,21 +131,11 @@ def _tiny_fixture(arch: str):
     return fixture
 
 
-tiny_llama = _tiny_fixture("llama")
-tiny_qwen2 = _tiny_fixture("qwen2")
-tiny_qwen3 = _tiny_fixture("qwen3")
-tiny_gemma3 = _tiny_fixture("gemma3")
-tiny_gemma3_multimodal = _tiny_fixture("gemma3-multimodal")
-
-
-tiny_phi3 = _tiny_fixture("phi3")
-tiny_gemma2 = _tiny_fixture("gemma2")
-tiny_granite = _tiny_fixture("granite")
-tiny_smollm3 = _tiny_fixture("smollm3")
-tiny_olmo2 = _tiny_fixture("olmo2")
-tiny_olmo3 = _tiny_fixture("olmo3")
-tiny_mixtral = _tiny_fixture("mixtral")
-tiny_qwen3_moe = _tiny_fixture("qwen3-moe")
+# The fixtures tiny_llama, tiny_qwen2, ..., tiny_gemma3_multimodal, tiny_qwen3_moe.
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "granite", "smollm3", "olmo2", "olmo3", "gemma2", "gemma3",
+              "gemma3-multimodal", "mixtral", "qwen3-moe")
+for _arch in TINY_ARCHS:
+    globals()[f"tiny_{_arch.replace('-', '_')}"] = _tiny_fixture(_arch)
 
 
 @pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3", "phi3", "granite", "smollm3", "olmo2", "gemma2",
