@@ -19,7 +19,7 @@ from .config import LoraConfig
 from .errors import AdapterError
 
 if TYPE_CHECKING:
-    from loragate.engine.models.llama import ModelArchConfig
+    from loragate.engine.models.arch import ModelArchConfig
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -19,7 +19,7 @@ from .kv_cache import KVCacheManager
 from .logits_processors import adjuster_for
 from .model_runner import ModelRunner
 from .models.slot_rows import SlotRowTerms
-from .models.llama import ModelArchConfig, text_config
+from .models.arch import ModelArchConfig, text_config
 from .models.loader import load_hf_config, load_model
 from .models.prepare import resolve_model
 from .request import Request, RequestStatus

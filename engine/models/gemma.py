@@ -10,7 +10,7 @@ transformers computes it so bf16 rounds at the same points:
   ones see everything;
 - Gemma 2 caps attention scores and final logits: cap * tanh(x / cap).
 The image + text checkpoints (Gemma3ForConditionalGeneration) load as their language model:
-see llama.py's MULTIMODAL_MODULE_PREFIXES and loader.py."""
+see arch.py's MULTIMODAL_MODULE_PREFIXES and loader.py."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from loragate.kernels.attention import paged_attention
 
 from ..errors import ModelConfigError
 from .linear import Projection
-from .llama import (LAYER_TYPES, SUPPORTED_ROPE_TYPES, LlamaForCausalLM, check_rope, common_fields, layer_windows,
-                    projection_biases)
+from .arch import LAYER_TYPES, SUPPORTED_ROPE_TYPES, check_rope, common_fields, layer_windows, projection_biases
+from .llama import LlamaForCausalLM
 
 def gemma_arch(cls, hf):
     """ModelArchConfig for a Gemma2Config or Gemma3TextConfig; refuses what this decoder does not compute."""

@@ -10,7 +10,8 @@ from safetensors import safe_open
 
 from ..errors import ModelConfigError
 from .gemma import GemmaForCausalLM
-from .llama import LlamaForCausalLM, ModelArchConfig, projection_biases, text_config
+from .arch import ModelArchConfig, projection_biases, text_config
+from .llama import LlamaForCausalLM
 from .olmo2 import Olmo2ForCausalLM
 
 

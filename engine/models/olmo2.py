@@ -18,7 +18,8 @@ from loragate.kernels import layer_ops
 from loragate.kernels.attention import paged_attention
 
 from .linear import Projection
-from .llama import LlamaForCausalLM, projection_biases
+from .arch import projection_biases
+from .llama import LlamaForCausalLM
 
 
 class Olmo2RMSNorm(nn.Module):

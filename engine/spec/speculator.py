@@ -141,7 +141,7 @@ def build_speculator(config, engine) -> Speculator | None:
 
 def _draft_proposer(config, engine):
     from ..llm_engine import _load_tokenizer
-    from ..models.llama import ModelArchConfig, text_config
+    from ..models.arch import ModelArchConfig, text_config
     from ..models.loader import load_hf_config
     from ..models.prepare import resolve_model
     from .draft import DraftModelProposer, check_same_vocabulary

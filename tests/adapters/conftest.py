@@ -29,7 +29,7 @@ def _tiny_hf_llama(hidden_size: int = 64, seed: int = 0, dtype: torch.dtype = to
 def _tiny_arch(hidden_size: int = 64):
     from transformers import LlamaConfig
 
-    from loragate.engine.models.llama import ModelArchConfig
+    from loragate.engine.models.arch import ModelArchConfig
 
     return ModelArchConfig.from_hf(LlamaConfig(**{**TINY, "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size}))
 

@@ -80,7 +80,7 @@ def test_sliding_windows_follow_the_config_and_unsupported_variants_are_refused(
     the decoder does not compute."""
     from transformers import Gemma2Config, Gemma3Config, Gemma3TextConfig, MistralConfig, Qwen2Config, SmolLM3Config
 
-    from loragate.engine.models.llama import ModelArchConfig
+    from loragate.engine.models.arch import ModelArchConfig
 
     small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512)
@@ -113,7 +113,7 @@ def test_phi3_rope_variants_and_what_other_families_refuse():
     LongRoPE model's positions end at original_max_position_embeddings (see test_model_vs_hf)."""
     from transformers import LlamaConfig, Phi3Config
 
-    from loragate.engine.models.llama import ModelArchConfig
+    from loragate.engine.models.arch import ModelArchConfig
 
     small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512)
     longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
@@ -137,7 +137,7 @@ def test_phi3_rope_variants_and_what_other_families_refuse():
 def test_qwen3_moe_with_dense_layers_is_refused():
     from transformers import Qwen3MoeConfig
 
-    from loragate.engine.models.llama import ModelArchConfig
+    from loragate.engine.models.arch import ModelArchConfig
 
     small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512,
                  num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)

@@ -9,7 +9,7 @@ import torch
 from loragate.adapters.loader import LoraWeights, module_shapes
 from loragate.adapters.pool import LoraSlotPool
 from loragate.engine import EngineConfig, LLMEngine, SamplingParams
-from loragate.engine.models.llama import ModelArchConfig
+from loragate.engine.models.arch import ModelArchConfig
 from loragate.engine.models.loader import load_hf_config
 
 

@@ -69,7 +69,7 @@ def test_attention_adapters_on_sparse_expert_models_match_peft(tiny_moe, tmp_pat
     adapts the router and the experts (3-D parameters), which is refused with what to do."""
     from loragate.adapters.errors import AdapterError
     from loragate.adapters.loader import load_adapter
-    from loragate.engine.models.llama import ModelArchConfig
+    from loragate.engine.models.arch import ModelArchConfig
     from loragate.engine.models.loader import load_hf_config
 
     everything = save_lora(tiny_moe, tmp_path / "everything", 0.15, seed=1, r=8, target_modules="all-linear")
@@ -114,7 +114,7 @@ def test_adapters_of_a_gemma3_multimodal_model_match_peft_on_text(tiny_gemma3_mu
     from safetensors.torch import load_file, save_file
 
     from loragate.adapters.loader import load_adapter
-    from loragate.engine.models.llama import ModelArchConfig
+    from loragate.engine.models.arch import ModelArchConfig
     from loragate.engine.models.loader import load_hf_config
 
     old = tmp_path / "transformers-4"

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from loragate.engine import EngineConfig, LLMEngine, SamplingParams
-from loragate.engine.models.llama import ModelArchConfig
+from loragate.engine.models.arch import ModelArchConfig
 from loragate.engine.models.loader import load_hf_config
 
 from .test_lora_pool import random_weights
