@@ -19,7 +19,7 @@ from .kv_cache import KVCacheManager
 from .logits_processors import adjuster_for
 from .model_runner import ModelRunner
 from .models.slot_rows import SlotRowTerms
-from .models.arch import ModelArchConfig, text_config
+from .models.arch import context_limit, text_config
 from .models.loader import load_hf_config, load_model
 from .models.prepare import resolve_model
 from .request import Request, RequestStatus
@@ -54,7 +54,9 @@ class LLMEngine:
         model_dir = resolve_model(config.model, progress=progress)
         self.model_dir = Path(model_dir)
         hf_config = load_hf_config(self.model_dir)
-        max_len = _context_limit(hf_config, config.max_model_len, progress)
+        max_len, capped = context_limit(hf_config, config.max_model_len)
+        if capped and progress:
+            print(f"loragate: {capped}", file=sys.stderr)
         hf_config = text_config(hf_config)
         t0 = time.perf_counter()
         self.device = config.torch_device
@@ -331,18 +333,6 @@ def _load_tokenizer(model_dir: Path):
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ModelConfigError(f"cannot load the tokenizer from {model_dir}: {e}") from e
-
-
-def _context_limit(hf_config, requested: int | None, progress: bool) -> int:
-    """max_model_len before the KV cache's cap: the model's positions, or fewer if asked."""
-    arch = ModelArchConfig.from_hf(hf_config)
-    limit = arch.max_position_embeddings
-    if requested is not None and requested > limit and progress:
-        why = (" (LongRoPE is exact up to original_max_position_embeddings; past it transformers switches to the "
-               "long factors, which loragate does not apply)" if limit < text_config(hf_config).max_position_embeddings else "")
-        print(f"loragate: max_model_len {requested} is more than this model's {limit} positions{why}; "
-              f"serving {limit}", file=sys.stderr)
-    return min(requested or limit, limit)
 
 
 def _eos_ids(tokenizer, hf_config, model_dir: Path) -> set[int]:

@@ -224,3 +224,14 @@ def common_fields(hf) -> dict:
         max_position_embeddings=hf.max_position_embeddings,
         tie_word_embeddings=bool(hf.tie_word_embeddings),
     )
+
+
+def context_limit(hf, requested: int | None) -> tuple[int, str | None]:
+    """max_model_len before the KV cache's cap: the model's positions, or fewer if asked; and,
+    when more were asked for, what to tell the user."""
+    limit = ModelArchConfig.from_hf(hf).max_position_embeddings
+    if requested is None or requested <= limit:
+        return requested or limit, None
+    why = (" (LongRoPE is exact up to original_max_position_embeddings; past it transformers switches to the "
+           "long factors, which loragate does not apply)" if limit < text_config(hf).max_position_embeddings else "")
+    return limit, f"max_model_len {requested} is more than this model's {limit} positions{why}; serving {limit}"
