@@ -88,14 +88,15 @@ def test_real_smollm2_matches_hf_fp32(real_model_dir):
 
 
 def assert_prefill_logits_close(model, hf, prompt, atol=2e-3):
-    """The logits of a whole prompt in one prefill step, against HF's forward."""
+    """The logits of a whole prompt in one prefill step (on the engine's device), against HF's
+    forward on the CPU."""
     with torch.inference_mode():
         req = Request("x", prompt, SamplingParams())
         kv = KVCacheManager(64, 16)
         runner = ModelRunner(model, 64, 16)
         kv.allocate(req, len(prompt))
-        batch = build_batch([(req, len(prompt))], 16)
-        logits = model.compute_logits(model(batch.input_ids, batch.positions, runner.kv_caches, batch))
+        batch = build_batch([(req, len(prompt))], 16).to(runner.device)
+        logits = model.compute_logits(model(batch.input_ids, batch.positions, runner.kv_caches, batch)).cpu()
         ref = hf(torch.tensor([prompt])).logits[0]
     torch.testing.assert_close(logits, ref, atol=atol, rtol=0)
 
