@@ -44,8 +44,6 @@ _UNSUPPORTED_IF_SET = {
     "layer_replication": "layer_replication is not supported",
     "megatron_config": "Megatron-parallel LoRA (megatron_config) is not supported",
     "trainable_token_indices": "trainable_token_indices (trained embedding rows) is not supported",
-    "target_parameters": "target_parameters (LoRA on raw parameters, as peft adapts the experts and router of "
-                         "Mixtral or Qwen3-MoE) is not supported; target the attention projections",
     "arrow_config": "Arrow routing (arrow_config) is not supported",
     "kasa_config": "KaSA (kasa_config) is not supported",
     "velora_config": "VeLoRA (velora_config) is not supported",
@@ -54,7 +52,7 @@ _UNSUPPORTED_IF_SET = {
 _HANDLED_KEYS = frozenset({
     "peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules",
     "layers_to_transform", "layers_pattern", "fan_in_fan_out", "bias", "base_model_name_or_path",
-    "init_lora_weights", "use_dora", "rank_pattern", "alpha_pattern", "lora_bias",
+    "init_lora_weights", "use_dora", "rank_pattern", "alpha_pattern", "lora_bias", "target_parameters",
 })
 # These inits rewrite the base weights during training; unless the adapter was converted on
 # save (path_initial_model_for_weight_conversion, which records init_lora_weights=true), it
@@ -128,18 +126,27 @@ class LoraConfig:
     foreign_modules: frozenset[str] = frozenset()
     # The base model's targetable linears (name, parent), also set by on_model.
     linears: tuple[tuple[str, str], ...] = tuple(LLAMA_LINEARS.items())
+    # Parameters adapted directly (peft's target_parameters): a sparse-expert block's experts and
+    # router. The entries as in the file, and the base model's such parameters (name, parent).
+    target_parameters: tuple[str, ...] = ()
+    parameters: tuple[tuple[str, str], ...] = ()
+    per_expert: bool = False  # converted from transformers 4's per-expert linears (moe_adapters.py)
 
     def on_model(self, arch) -> "LoraConfig":
         """This config as it applies to the base model `arch` (a ModelArchConfig)."""
-        return replace(self, module_prefixes=arch.module_prefixes, foreign_modules=frozenset(arch.foreign_modules),
-                       linears=tuple((name, m.parent) for name, m in arch.linear_modules.items()))
+        from .moe_adapters import on_stacked_experts
+
+        return on_stacked_experts(replace(
+            self, module_prefixes=arch.module_prefixes, foreign_modules=frozenset(arch.foreign_modules),
+            linears=tuple((name, m.parent) for name, m in arch.linear_modules.items()),
+            parameters=tuple((name, p.parent) for name, p in arch.lora_parameters.items())), arch)
 
     @property
     def linear_names(self) -> str:
         return ", ".join(name for name, _ in self.linears)
 
     def parent_of(self, name: str) -> str | None:
-        return next((parent for n, parent in self.linears if n == name), None)
+        return next((parent for n, parent in self.linears + self.parameters if n == name), None)
 
     def paths(self, layer: int, name: str) -> tuple[str, ...]:
         """The full names peft may have matched this module under."""
@@ -203,8 +210,12 @@ class LoraConfig:
             raise AdapterError("unsupported_adapter", "adapter_config.json: lora_bias=true with use_dora=true is not "
                                                       "a combination peft supports")
         targets = _names(d, "target_modules", allow_str=True)
-        if not targets:
+        parameters = _names(d, "target_parameters", allow_str=False) or ()
+        if not targets and not parameters:
             raise _invalid("target_modules is missing or empty; list the modules the adapter was trained on")
+        if parameters and (d.get("use_dora") or d.get("lora_bias")):
+            raise AdapterError("unsupported_adapter", "adapter_config.json: use_dora or lora_bias with target_parameters "
+                                                      "is not supported")
         layers = d.get("layers_to_transform")
         if isinstance(layers, int) and not isinstance(layers, bool):
             layers = [layers]
@@ -230,7 +241,8 @@ class LoraConfig:
         base = d.get("base_model_name_or_path")
         if base is not None and not isinstance(base, str):
             raise _invalid(f"base_model_name_or_path must be a string, got {base!r}")
-        return cls(r=r, lora_alpha=float(alpha), target_modules=targets, use_rslora=d.get("use_rslora", False),
+        return cls(r=r, lora_alpha=float(alpha), target_modules=targets or (), target_parameters=parameters,
+                   use_rslora=d.get("use_rslora", False),
                    exclude_modules=_names(d, "exclude_modules", allow_str=True),
                    layers_to_transform=tuple(sorted(set(layers))) if layers else None,  # peft: [] means all layers
                    layers_pattern=tuple(pattern) if pattern else None,
@@ -259,26 +271,53 @@ class LoraConfig:
                                f"but the base model has {num_layers} layers (0..{num_layers - 1})")
         paths = {p: (i, m) for i in range(num_layers) for m, _ in self.linears for p in self.paths(i, m)}
         found: set[tuple[int, str]] = set()
-        if isinstance(self.target_modules, str):
+        if not self.target_modules:  # only target_parameters
+            pass
+        elif isinstance(self.target_modules, str):
             everything = self.target_modules.lower() == "all-linear"  # peft: every linear but the LM head
             found = {t for p, t in paths.items() if everything or re.fullmatch(self.target_modules, p)}
         else:
             unknown = [e for e in self.target_modules if not any(p == e or p.endswith("." + e) for p in paths)
                        and e.rsplit(".", 1)[-1] not in self.foreign_modules]
             if unknown:
+                also = (f", and through target_parameters {', '.join(n for n, _ in self.parameters)}"
+                        if self.parameters else "")
                 raise AdapterError("unknown_target_module", f"target_modules {unknown} match no module of the base model; "
-                                   f"LoRA can target {self.linear_names} in layers 0..{num_layers - 1}")
+                                   f"LoRA can target {self.linear_names} in layers 0..{num_layers - 1}{also}")
             for p, t in paths.items():
                 if p in self.target_modules:  # an exact full name ignores layers_to_transform, as in peft
                     found.add(t)
                 elif any(p.endswith("." + e) for e in self.target_modules) and self._layer_selected(p):
                     found.add(t)
         found = {t for t in found if not any(self._excluded(p) for p in self.paths(*t))}
+        found |= self._parameter_targets(num_layers)
         if not found:
             raise AdapterError("unknown_target_module", f"target_modules={self.target_modules!r} (with layers_to_transform="
                                f"{self.layers_to_transform}, layers_pattern={self.layers_pattern}) selects no module; "
                                f"LoRA can target {self.linear_names}")
         return found
+
+    def _parameter_targets(self, num_layers: int) -> set[tuple[int, str]]:
+        """peft's rule for target_parameters: a parameter's full name equals an entry or ends
+        with "." + entry; layers_to_transform and exclude_modules do not apply to them (except
+        to the converted per-expert linears, which were trained with it)."""
+        if not self.target_parameters:
+            return set()
+        paths = {p: (i, n) for i in range(num_layers) for n, _ in self.parameters for p in self.paths(i, n)}
+        matches = lambda p, e: p == e or p.endswith("." + e)  # noqa: E731
+        unknown = [e for e in self.target_parameters if not any(matches(p, e) for p in paths)]
+        if unknown:
+            can = (f"LoRA can target the parameters {', '.join(n for n, _ in self.parameters)} in layers "
+                   f"0..{num_layers - 1}" if self.parameters else
+                   "only a sparse-expert model's experts and router are served as parameters; target this model's "
+                   f"linear modules ({self.linear_names}) with target_modules")
+            raise AdapterError("unknown_target_module", f"target_parameters {unknown} match no parameter of the base "
+                                                        f"model; {can}")
+        return {t for p, t in paths.items() if any(matches(p, e) for e in self.target_parameters)
+                and (not self.per_expert or self._layer_selected(p))}
+
+    def is_parameter(self, name: str) -> bool:
+        return any(n == name for n, _ in self.parameters)
 
     def _layer_selected(self, path: str) -> bool:
         if not self.layers_to_transform:

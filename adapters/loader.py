@@ -17,6 +17,7 @@ import torch
 
 from .config import LoraConfig
 from .errors import AdapterError
+from .moe_adapters import normalized_key, parse_per_expert_key, stacked_pair
 
 if TYPE_CHECKING:
     from loragate.engine.models.arch import ModelArchConfig
@@ -45,7 +46,7 @@ def _module_path_regex(prefixes: tuple[str, ...]) -> re.Pattern:
 
 
 def module_shapes(arch: ModelArchConfig) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each LoRA-targetable module of the base model."""
+    """(in_features, out_features) of each LoRA-targetable linear module of the base model."""
     return {name: (m.fan_in, m.fan_out) for name, m in arch.linear_modules.items()}
 
 
@@ -53,7 +54,8 @@ def module_shapes(arch: ModelArchConfig) -> dict[str, tuple[int, int]]:
 class LoraWeights:
     rank: int  # the largest module rank (rank_pattern may give modules smaller ones)
     config: LoraConfig
-    # (layer, module name) -> (A [rank, in_features], B [out_features, rank] with scaling folded in), fp32
+    # (layer, module name) -> (A [rank, in_features], B [out_features, rank] with scaling folded in), fp32;
+    # a stacked parameter (arch.lora_parameters) has one pair per expert: A [experts, rank, in], B [experts, out, rank]
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     # DoRA: (layer, module name) -> magnitude [out_features], fp32; empty for a plain LoRA.
     magnitudes: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
@@ -113,6 +115,8 @@ def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
     from safetensors import safe_open
 
     found: dict[tuple[int, str, str], str] = {}  # (layer, module, "lora_A"/"lora_B") -> key
+    # transformers 4's experts (moe_adapters.py): (layer, parameter) -> {(expert, part, kind): key}
+    per_expert: dict[tuple[int, str], dict[tuple[int, int, str], str]] = {}
     module_path_re = _module_path_regex(arch.module_prefixes)
     skipped = tuple("base_model.model." + p for p in arch.skipped_prefixes) + arch.skipped_prefixes
     with safe_open(str(path), framework="pt") as f:
@@ -120,26 +124,46 @@ def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
         for key in keys:  # validate every key's name before reading any tensor
             if key.startswith(skipped):  # a vision tower's LoRA: text requests never run it
                 continue
-            target, kind = _parse_key(key, targets, arch.num_layers, config, module_path_re)
+            name_key = normalized_key(key) if arch.is_moe else key
+            expert = parse_per_expert_key(name_key, arch.model_type, arch.num_experts) if arch.is_moe else None
+            if expert is not None:
+                layer, name, e, part, kind = expert
+                if (layer, name) not in targets:
+                    raise AdapterError("invalid_weights", f"key {key!r} is for {config.paths(layer, name)[0]}, but "
+                                       "adapter_config.json does not target it")
+                per_expert.setdefault((layer, name), {})[(e, part, kind)] = key
+                continue
+            target, kind = _parse_key(name_key, targets, arch.num_layers, config, module_path_re)
             if (*target, kind) in found:
                 raise AdapterError("invalid_weights", f"{key!r} and {found[(*target, kind)]!r} both hold {kind} of "
                                    f"{config.paths(*target)[0]}; the file mixes several adapters")
             found[(*target, kind)] = key
+        mixed = sorted(t for t in per_expert if (*t, "lora_A") in found or (*t, "lora_B") in found)
+        if mixed:
+            raise AdapterError("invalid_weights", f"{WEIGHTS_FILE} holds {config.paths(*mixed[0])[0]} both per expert "
+                               "(transformers 4) and stacked; the file mixes several adapters")
         kinds = ("lora_A", "lora_B") + ("lora_magnitude_vector",) * config.use_dora + ("lora_B.bias",) * config.lora_bias
-        for layer, name in sorted(targets):
+        for layer, name in sorted(set(targets) - per_expert.keys()):
             for kind in kinds:
                 if (layer, name, kind) not in found:
                     raise AdapterError("invalid_weights", f"{WEIGHTS_FILE} has no {kind} for {config.paths(layer, name)[0]}, "
                                        "which adapter_config.json targets")
         modules, magnitudes, biases = {}, {}, {}
         for layer, name in sorted(targets):
-            fan_in, fan_out = shapes[name]
             r = config.rank_of(layer, name)
-            # A is [r, in] and B [out, r] whatever fan_in_fan_out says: in peft it only marks a
-            # transposed *base* weight (GPT-2's Conv1D); lora_A/B are always nn.Linear, and peft
-            # resets fan_in_fan_out to false on nn.Linear targets such as Llama's.
-            a = _tensor(f, found[(layer, name, "lora_A")], (r, fan_in), 0, f"r={r}, in_features={fan_in}")
-            b = _tensor(f, found[(layer, name, "lora_B")], (fan_out, r), 1, f"out_features={fan_out}, r={r}")
+            if (layer, name) in per_expert:
+                a, b = stacked_pair(per_expert[(layer, name)], name, r, arch.lora_parameters[name],
+                                    lambda *args: _tensor(f, *args), config.paths(layer, name)[0])
+            elif config.is_parameter(name):
+                a, b = _parameter_pair(f, found[(layer, name, "lora_A")], found[(layer, name, "lora_B")], r,
+                                       arch.lora_parameters[name])
+            else:
+                fan_in, fan_out = shapes[name]
+                # A is [r, in] and B [out, r] whatever fan_in_fan_out says: in peft it only marks a
+                # transposed *base* weight (GPT-2's Conv1D); lora_A/B are always nn.Linear, and peft
+                # resets fan_in_fan_out to false on nn.Linear targets such as Llama's.
+                a = _tensor(f, found[(layer, name, "lora_A")], (r, fan_in), 0, f"r={r}, in_features={fan_in}")
+                b = _tensor(f, found[(layer, name, "lora_B")], (fan_out, r), 1, f"out_features={fan_out}, r={r}")
             modules[(layer, name)] = (a.contiguous(), (b * config.scaling_of(layer, name)).contiguous())
             if config.use_dora:
                 key = found[(layer, name, "lora_magnitude_vector")]
@@ -157,11 +181,23 @@ def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
     return modules, magnitudes, biases
 
 
+def _parameter_pair(f, key_a: str, key_b: str, r: int, p) -> tuple[torch.Tensor, torch.Tensor]:
+    """A target_parameters LoRA as A [experts, r, in], B [experts, out, r]. peft's ParamWrapper
+    saves lora_A as [experts * r, in] (expert e's A in rows e * r ...) and lora_B as
+    [out, r * experts] (expert e's B in columns e, e + experts, ...); e's delta is B_e @ A_e."""
+    e = p.experts
+    a = _tensor(f, key_a, (e * r, p.fan_in), 0, f"{e} x r={r}, in_features={p.fan_in}")
+    b = _tensor(f, key_b, (p.fan_out, r * e), 1, f"out_features={p.fan_out}, r={r} x {e}")
+    return a.view(e, r, p.fan_in), b.view(p.fan_out, r, e).permute(2, 0, 1)
+
+
 def _raise_non_finite(path: Path, found: dict, modules: dict, config: LoraConfig) -> None:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         for (layer, name), (_, scaled_b) in sorted(modules.items()):
+            if (layer, name, "lora_A") not in found:  # a transformers 4 expert's: checked below
+                continue
             for kind in ("lora_A", "lora_B", "lora_magnitude_vector", "lora_B.bias"):
                 key = found.get((layer, name, kind))
                 if key is None:  # not a DoRA or lora_bias adapter
@@ -171,6 +207,10 @@ def _raise_non_finite(path: Path, found: dict, modules: dict, config: LoraConfig
             if not torch.isfinite(scaled_b).all():
                 raise AdapterError("non_finite_weights", f"{found[(layer, name, 'lora_B')]!r} overflows fp32 after "
                                    f"scaling by {config.scaling_of(layer, name):g}")
+    for (layer, name), pair in sorted(modules.items()):
+        if not all(torch.isfinite(t).all() for t in pair):
+            raise AdapterError("non_finite_weights", f"the LoRA of {config.paths(layer, name)[0]}'s experts contains "
+                               "NaN or inf (or values beyond fp32's range)")
 
 
 def _parse_key(key: str, targets: set[tuple[int, str]], num_layers: int, config: LoraConfig,
@@ -189,17 +229,32 @@ def _parse_key(key: str, targets: set[tuple[int, str]], num_layers: int, config:
         what = next((w for marker, w in _KEY_HINTS if marker in key), "not a LoRA A/B weight")
         raise AdapterError("invalid_weights", f"unexpected key {key!r} in {WEIGHTS_FILE} ({what}); "
                            "only lora_A/lora_B weights of linear modules can be served")
-    p = module_path_re.fullmatch(m["path"])
-    if p is None or config.parent_of(p["module"]) != p["parent"]:
+    # peft wraps each targeted parameter of a module (a MoE block's experts) in its own
+    # ParamWrapper, nested: "experts.base_layer.lora_A" is the inner one's.
+    depth = m["path"].count(".base_layer")
+    p = module_path_re.fullmatch(m["path"].replace(".base_layer", ""))
+    name = None if p is None else _target_name(int(p["layer"]), p["parent"], p["module"], depth, config, targets)
+    if name is None:
         raise AdapterError("unknown_target_module", f"key {key!r} adapts {m['path']!r}, which is not a LoRA target of "
                            f"the base model; targets are {config.linear_names} in each layer")
-    layer, name = int(p["layer"]), p["module"]
+    layer = int(p["layer"])
     if (layer, name) not in targets:
         why = (f"the base model has only {num_layers} layers" if layer >= num_layers
                else f"adapter_config.json does not target it (target_modules={config.target_modules!r}, "
                     f"layers_to_transform={config.layers_to_transform})")
         raise AdapterError("invalid_weights", f"key {key!r} is for {config.paths(layer, name)[0]}, but {why}")
     return (layer, name), m["kind"] if bias is None else "lora_B.bias"
+
+
+def _target_name(layer: int, parent: str, module: str, depth: int, config: LoraConfig,
+                 targets: set[tuple[int, str]]) -> str | None:
+    """The linear module or parameter a key's module path names. A module's parameter
+    wrappers nest in the order its parameters are defined, the first innermost."""
+    if depth == 0 and config.parent_of(module) == parent:
+        return module
+    held = [n for n, par in config.parameters if par == parent and n.startswith(module + ".")]
+    wrapped = [n for n in held if (layer, n) in targets] or held
+    return wrapped[len(wrapped) - 1 - depth] if depth < len(wrapped) else None
 
 
 def _tensor(f, key: str, expected: tuple[int, ...], rank_axis: int | None, meaning: str) -> torch.Tensor:

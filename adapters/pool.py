@@ -2,8 +2,10 @@
 
 For every decoder layer and every LoRA-targetable module the pool holds
 A [num_slots, max_rank, in] and B [num_slots, out, max_rank] (scaling folded into B, zeros
-beyond an adapter's rank or for modules it does not target). Loading an adapter is a copy_
-into a free slot; the base weights are never touched. Slots used by running requests are
+beyond an adapter's rank or for modules it does not target); a MoE block's experts and router
+(target_parameters) get an A/B pair per expert, made when the first adapter adapting them is
+added (make_stacks). Loading an adapter is a copy_ into a free slot; the base weights are
+never touched. Slots used by running requests are
 pinned; when a slot is needed the least recently used unpinned one is evicted. DoRA and
 lora_bias adapters also get their row terms (engine/models/slot_rows.py) in the slot. Evicted
 adapters stay in a host-memory LRU tier (max_cpu_loras), so reloading them needs no disk.
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import AdapterError
 from .loader import module_shapes
 
 
@@ -41,9 +44,13 @@ class LoraSlotPool:
         self.num_layers = arch.num_layers
         self.a: dict[str, torch.Tensor] = {}  # module -> [layers, slots, max_rank, in]
         self.b: dict[str, torch.Tensor] = {}  # module -> [layers, slots, out, max_rank]
-        for name, (fan_in, fan_out) in module_shapes(arch).items():
-            self.a[name] = torch.zeros(arch.num_layers, num_slots, max_rank, fan_in, dtype=dtype, device=device)
-            self.b[name] = torch.zeros(arch.num_layers, num_slots, fan_out, max_rank, dtype=dtype, device=device)
+        # module -> (experts, in, out); experts None for a linear. A MoE block's parameters
+        # (arch.lora_parameters) hold a pair per expert: a [layers, slots, experts, max_rank, in].
+        self._shapes = {name: (None, *shape) for name, shape in module_shapes(arch).items()}
+        self._shapes |= {name: (p.experts, p.fan_in, p.fan_out) for name, p in arch.lora_parameters.items()}
+        self._device = device
+        for name in arch.linear_modules:
+            self._make_stacks(name)
         # Which slots hold an adapter with row terms (DoRA, lora_bias); `row_terms`
         # (engine/models/slot_rows.SlotRowTerms) computes and keeps each slot's.
         self.slot_row_terms = [False] * num_slots
@@ -121,28 +128,55 @@ class LoraSlotPool:
                 return slot
         return None
 
+    def make_stacks(self, weights) -> None:
+        """Make the stacks an adapter needs before it loads into a slot (the engine calls this
+        when the adapter is added, outside its step loop). A MoE block's experts and router get
+        theirs when the first adapter targeting them comes: per slot they take an adapter of
+        max_rank's size, for every expert, which models served without such adapters never pay."""
+        with self._lock:
+            for name in sorted({name for _, name in weights.modules} - self.a.keys()):
+                experts, fan_in, fan_out = self._shapes[name]
+                size = self.num_layers * self.num_slots * (experts or 1) * self.max_rank * (fan_in + fan_out) * \
+                    self.dtype.itemsize
+                try:
+                    self._make_stacks(name)
+                except (MemoryError, RuntimeError) as e:  # torch's out-of-memory errors are RuntimeErrors
+                    raise AdapterError("too_large", f"no memory for the slots of {name} ({size / 2**30:.1f} GiB: "
+                                       f"{self.num_slots} slots x rank {self.max_rank} x {self.num_layers} layers); "
+                                       "lower --max-lora-rank or --max-loras") from e
+
+    def _make_stacks(self, name: str) -> None:
+        if name not in self.a:
+            experts, fan_in, fan_out = self._shapes[name]
+            outer = (self.num_layers, self.num_slots) + ((experts,) if experts else ())
+            self.a[name] = torch.zeros(*outer, self.max_rank, fan_in, dtype=self.dtype, device=self._device)
+            self.b[name] = torch.zeros(*outer, fan_out, self.max_rank, dtype=self.dtype, device=self._device)
+
     def _write(self, slot: int, weights) -> None:
         if weights.rank > self.max_rank:
             raise ValueError(f"adapter rank {weights.rank} exceeds the pool's max rank {self.max_rank}")
         r, old_r = weights.rank, self.slot_rank[slot]
         targeted = {name for _, name in weights.modules}
         # Clear only what the previous occupant left that the new adapter will not overwrite:
-        # modules it targeted and the new one does not, and rank rows beyond the new rank.
+        # modules it targeted and the new one does not, and rank rows beyond the new rank. The
+        # rank is a's second-to-last axis and b's last, with or without an experts axis.
         for name in self.slot_modules[slot]:
             if name not in targeted:
-                self.a[name][:, slot, :old_r].zero_()
-                self.b[name][:, slot, :, :old_r].zero_()
+                self.a[name][:, slot, ..., :old_r, :].zero_()
+                self.b[name][:, slot, ..., :old_r].zero_()
             elif old_r > r:
-                self.a[name][:, slot, r:old_r].zero_()
-                self.b[name][:, slot, :, r:old_r].zero_()
+                self.a[name][:, slot, ..., r:old_r, :].zero_()
+                self.b[name][:, slot, ..., r:old_r].zero_()
+        for name in targeted:  # the engine made them in make_stacks; direct users of the pool may not have
+            self._make_stacks(name)
         layers = {name: set() for name in targeted}
         for (layer, name), (a, b) in weights.modules.items():
-            mr = a.shape[0]  # this module's rank (rank_pattern), at most r: zeros pad it to r
-            self.a[name][layer, slot, :mr].copy_(a)
-            self.b[name][layer, slot, :, :mr].copy_(b)
+            mr = a.shape[-2]  # this module's rank (rank_pattern), at most r: zeros pad it to r
+            self.a[name][layer, slot, ..., :mr, :].copy_(a)
+            self.b[name][layer, slot, ..., :mr].copy_(b)
             if mr < r:
-                self.a[name][layer, slot, mr:r].zero_()
-                self.b[name][layer, slot, :, mr:r].zero_()
+                self.a[name][layer, slot, ..., mr:r, :].zero_()
+                self.b[name][layer, slot, ..., mr:r].zero_()
             layers[name].add(layer)
         for name, done in layers.items():  # layers_to_transform: untouched layers stay zero
             for layer in set(range(self.num_layers)) - done:

@@ -81,13 +81,13 @@ def main() -> None:
             x = torch.randn(tokens, args.hidden, dtype=dtype)
             hf.experts.config._experts_implementation = None
             want = hf(x.unsqueeze(0))[0]  # eager: the reference the tests check against
-            got = ours.forward(x, native=True)
+            got = ours.forward(x, None, native=True)
             diff = float((got.float() - want.float()).abs().max())
             times = []
             for name in names:
                 hf.experts.config._experts_implementation = None if name == "eager" else name
                 times.append(best_ms(lambda: hf(x.unsqueeze(0)), args.repeats))
-            t_ours = best_ms(lambda: ours.forward(x, native=True), args.repeats)
+            t_ours = best_ms(lambda: ours.forward(x, None, native=True), args.repeats)
             print(f"| {tokens} | {' | '.join(f'{t:.2f}' for t in times)} | {t_ours:.2f} | {min(times) / t_ours:.2f}x "
                   f"| {diff:.2g} |")
 

@@ -144,12 +144,13 @@ class LLMEngine:
 
     def prepare_adapter_weights(self, weights) -> None:
         """The engine's own work on an adapter before it can load into a slot: DoRA's row
-        scales (about 45 ms for a rank-16 all-linear SmolLM2 adapter, and with the engine's
-        first DoRA adapter also ||W||^2 per row: 3.8 s on Qwen2.5-1.5B). Done in the caller's
-        thread; the gateway calls it from a worker thread, so no engine step stalls on it (a
-        slot load does it otherwise). Safe while the loop runs: it only reads the base weights."""
+        scales (45 ms for a rank-16 all-linear SmolLM2 adapter; the first DoRA adapter also
+        takes ||W||^2 per row: 3.8 s on Qwen2.5-1.5B) and a MoE model's expert slots (pool.py).
+        Done in the caller's thread (the gateway's: a worker), so no engine step stalls on it.
+        Safe while the loop runs: it only reads the base weights."""
         if self.lora_pool is not None:
             self.row_terms.prepare(weights)
+            self.lora_pool.make_stacks(weights)
 
     def add_adapter_weights(self, name: str, weights) -> int:
         with self._adapter_lock:

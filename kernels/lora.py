@@ -65,6 +65,7 @@ class LoraPlan:
     lora_start: torch.Tensor  # [L] every LoRA segment, short or long: first batch row
     lora_count: torch.Tensor  # [L] its rows
     lora_slots: torch.Tensor  # [L] its slot
+    token_slots: torch.Tensor | None = None  # [T] each row's slot, -1 = base model (a MoE block's experts)
     # Row terms (DoRA, lora_bias: engine/models/slot_rows.py): per LoRA segment and per short
     # one, the row of the projection's term tables (its slot), -1 for none; and whether a long
     # segment has them (the non-AMX kernel leaves long segments to torch, terms and all).
@@ -116,7 +117,8 @@ def plan_segments(seg_indptr: list[int], slot_ids: list[int], term_slots=frozens
     lora = [(seg_indptr[i], seg_indptr[i + 1] - seg_indptr[i], slot) for i, slot in enumerate(slot_ids)
             if slot >= 0 and seg_indptr[i + 1] > seg_indptr[i]]
     plan = LoraPlan(t(seg_indptr), t(slot_ids), t(short_slots), t(rows), t(seg), t(pos), short_len, t(starts),
-                    t(counts), longs, *(t([seg[k] for seg in lora]) for k in range(3)))
+                    t(counts), longs, *(t([seg[k] for seg in lora]) for k in range(3)),
+                    torch.repeat_interleave(t(slot_ids), t(seg_indptr).diff()))
     if term_slots:
         plan.lora_term_row = t([s if s in term_slots else -1 for _, _, s in lora])
         plan.short_term_row = t([s if s in term_slots else -1 for s in short_slots])

@@ -205,6 +205,50 @@ def save_lora():
     return _save_random_lora
 
 
+def _save_per_expert_lora(base_dir, out_dir, seed: int, r: int = 4, alpha: float = 8):
+    """An adapter as peft saved them on transformers 4, where a MoE block's experts and router
+    were linear modules: per-expert keys (Mixtral's block_sparse_moe.experts.N.w1 ..., Qwen3-MoE's
+    mlp.experts.N.gate_proj ...) and the router's, with q/v projections besides."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(base_dir)
+    mixtral = cfg.model_type == "mixtral"
+    block, (gate, up, down) = ("block_sparse_moe", ("w1", "w3", "w2")) if mixtral else ("mlp", ("gate_proj", "up_proj",
+                                                                                             "down_proj"))
+    experts = cfg.num_local_experts if mixtral else cfg.num_experts
+    h, i = cfg.hidden_size, cfg.intermediate_size if mixtral else cfg.moe_intermediate_size
+    head_dim = cfg.head_dim or h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+
+    def pair(path, fan_in, fan_out):
+        tensors[f"base_model.model.model.{path}.lora_A.weight"] = torch.randn(r, fan_in, generator=g) / fan_in ** 0.5
+        tensors[f"base_model.model.model.{path}.lora_B.weight"] = torch.randn(fan_out, r, generator=g) * 0.15
+
+    for layer in range(cfg.num_hidden_layers):
+        pair(f"layers.{layer}.self_attn.q_proj", h, q)
+        pair(f"layers.{layer}.self_attn.v_proj", h, kv)
+        pair(f"layers.{layer}.{block}.gate", h, experts)
+        for e in range(experts):
+            for name, fan_in, fan_out in ((gate, h, i), (up, h, i), (down, i, h)):
+                pair(f"layers.{layer}.{block}.experts.{e}.{name}", fan_in, fan_out)
+    out_dir.mkdir(parents=True)
+    save_file(tensors, out_dir / "adapter_model.safetensors")
+    (out_dir / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj", "gate", gate, up, down], "bias": "none"}))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def save_per_expert_lora():
+    return _save_per_expert_lora
+
+
 MOTO_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 

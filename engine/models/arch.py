@@ -41,6 +41,16 @@ class LinearModule:
 
 
 @dataclass(frozen=True)
+class LoraParameter:
+    """A parameter that peft adapts directly (target_parameters): a sparse-expert block's
+    stacked experts or its router. Its LoRA holds one A/B pair per stacked matrix."""
+    parent: str  # "mlp": part of peft's names, as LinearModule.parent
+    experts: int  # matrices stacked in it (1: the router's one)
+    fan_in: int  # of each matrix
+    fan_out: int
+
+
+@dataclass(frozen=True)
 class ModelArchConfig:
     model_type: str
     vocab_size: int
@@ -100,6 +110,18 @@ class ModelArchConfig:
         if self.is_moe:  # the MLP's experts are not linear modules (moe.py)
             shapes = {name: shape for name, shape in shapes.items() if parents[name] != "mlp"}
         return {name: LinearModule(parents[name], *shape) for name, shape in shapes.items()}
+
+    @cached_property
+    def lora_parameters(self) -> dict[str, LoraParameter]:
+        """Parameters peft's target_parameters may adapt, by name under their parent: a
+        sparse-expert block's experts (transformers 5 stacks them per layer, gate/up rows
+        fused) and router. In definition order, which is the order peft nests their wrappers."""
+        if not self.is_moe:
+            return {}
+        e, h, i = self.num_experts, self.hidden_size, self.expert_size
+        return {"experts.gate_up_proj": LoraParameter("mlp", e, h, 2 * i),
+                "experts.down_proj": LoraParameter("mlp", e, i, h),
+                "gate.weight": LoraParameter("mlp", 1, h, e)}
 
     def window(self, layer: int) -> int | None:
         return self.layer_windows[layer] if self.layer_windows else None

@@ -67,7 +67,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(h, c.rms_norm_eps, dtype)
         for name, bias in projection_biases(c).items():
             setattr(self, name, Projection.of(c, name, bias, dtype, index))
-        self.moe = SparseMoE(c, dtype) if c.is_moe else None
+        self.moe = SparseMoE(c, dtype, index) if c.is_moe else None
         self.scale = c.head_dim ** -0.5 if c.attention_scale is None else c.attention_scale
         self.window = c.window(index)
         if c.qk_norm:
@@ -94,7 +94,7 @@ class DecoderLayer(nn.Module):
         h = self.post_attention_layernorm.forward(x, attn if c.residual_scale is None else attn.mul_(c.residual_scale),
                                                   native)
         if self.moe is not None:
-            return self.moe.forward(h, native)
+            return self.moe.forward(h, batch, native)
         mlp = self.down_proj.forward(layer_ops.silu_mul(self.gate_up_proj.forward(h, batch), native), batch)
         return mlp if c.residual_scale is None else mlp.mul_(c.residual_scale)
 

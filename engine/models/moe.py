@@ -7,10 +7,11 @@ expert by expert in ascending order each one's tokens through gate/up, SiLU and 
 by their weight and added into the output. Only the experts some token picked run, each on
 just its tokens, through the same packed GEMMs as the dense projections.
 
-The experts are not LoRA targets: transformers 5 keeps them as 3-D parameters, which peft
-adapts only through target_parameters (refused, adapters/config.py). Adapters of these models
-adapt the attention projections. The step's shapes depend on the routing, so these models run
-without CUDA graphs.
+Adapters may adapt the experts and the router as peft does through target_parameters
+(transformers 5 keeps each layer's experts as stacked 3-D parameters): each expert has its own
+A/B pair, added to its gate/up or down output for the tokens routed to it, per token's adapter;
+the router's pair is added to the router logits before the top-k. The step's shapes depend on
+the routing, so these models run without CUDA graphs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from loragate.kernels import layer_ops
+from loragate.kernels import native as _native
 from loragate.kernels.dense import dense_linear, pack_weight
+from loragate.kernels.lora import SHORT_SEGMENT, LoraModule, LoraModules
 
 # Checkpoint names of the router and of expert e's linears, as the models are published (and
 # as transformers 5 saves them): module -> (this block's tensor, row half of gate_up or None).
@@ -32,10 +35,67 @@ _EXPERT_LINEARS = {"gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1), "down
 ROUTER_NAMES = ("mlp.gate", "block_sparse_moe.gate")
 
 
+class ExpertLora:
+    """The step's adapters on one MoE block: for a row with slot s, y += (x @ A.T) @ B.T with
+    expert e's A [R, in] and B [out, R] from the pool's stacks ([slots, experts, R, in] and
+    [slots, experts, out, R]). An expert's rows come in runs of one adapter (a request's
+    tokens are contiguous); the native LoRA kernel takes the runs of up to SHORT_SEGMENT rows,
+    all of one expert's in one call, and torch the longer ones (prefill) and everything on a
+    GPU or without the native kernels."""
+
+    def __init__(self, lora, targeted: set[str], moe: "SparseMoE", device: torch.device, native: bool):
+        self.rank, self.pool, self.moe = lora.rank, lora.pool, moe
+        self.token_slots = lora.plan.on(device).token_slots
+        self.stacks = {name: (lora.pool.a[name][moe.layer_index], lora.pool.b[name][moe.layer_index])
+                       for name in targeted}
+        self.native = native and device.type == "cpu" and self.rank <= _native.MAX_LORA_RANK
+
+    @classmethod
+    def of(cls, batch, moe: "SparseMoE", device: torch.device) -> "ExpertLora | None":
+        """None unless an adapter of the step adapts a parameter of the block (arch.lora_parameters)."""
+        lora = None if batch is None else batch.lora
+        targeted = set() if lora is None or lora.plan is None else lora.modules & moe.c.lora_parameters.keys()
+        return cls(lora, targeted, moe, device, batch.use_native_kernels) if targeted else None
+
+    def runs(self, rows: torch.Tensor | None) -> list[tuple[int, int, int]]:
+        """(first row, rows, slot) of each run of rows with an adapter, among the step's rows
+        `rows` (ascending; None: all of them)."""
+        slots, counts = torch.unique_consecutive(self.token_slots if rows is None else self.token_slots[rows],
+                                                 return_counts=True)
+        out, start = [], 0
+        for slot, n in zip(slots.tolist(), counts.tolist()):
+            if slot >= 0:
+                out.append((start, n, slot))
+            start += n
+        return out
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, name: str, expert: int, runs: list[tuple[int, int, int]]) -> None:
+        """y [n, out] += the LoRA of `name`'s matrix `expert` on x [n, in], per run of rows."""
+        if name not in self.stacks or not runs:
+            return
+        a, b = self.stacks[name]
+        r, short = self.rank, []
+        mods = self.moe.lora_modules(self.pool, name, expert) if self.native else None
+        native = (mods is not None and mods.native_ok and x.dtype == y.dtype == mods.dtype and x.stride(1) == 1
+                  and y.stride(1) == 1)
+        for start, n, slot in runs:
+            if native and n <= SHORT_SEGMENT:
+                short.append((start, n, slot))
+            else:
+                rows = slice(start, start + n)
+                y[rows] += (x[rows] @ a[slot, expert, :r].T) @ b[slot, expert, :, :r].T
+        if short:
+            start, count, slot = torch.tensor(short, dtype=torch.int64).T.contiguous()
+            _native.lora_add(y, x, mods.table, r, start, count, slot, amx=False)
+
+
 class SparseMoE(nn.Module):
-    def __init__(self, c, dtype: torch.dtype):
+    def __init__(self, c, dtype: torch.dtype, layer_index: int = 0):
         super().__init__()
         self.c = c
+        self.layer_index = layer_index
+        self._lora_pool = None  # the pool _lora_modules was built for
+        self._lora_modules: dict[tuple[str, int], LoraModules] = {}
         e, h, i = c.num_experts, c.hidden_size, c.expert_size
         self.register_buffer("router", torch.empty(e, h, dtype=dtype))
         self.register_buffer("gate_up", torch.empty(e, 2 * i, h, dtype=dtype))  # per expert: gate rows, then up
@@ -68,10 +128,25 @@ class SparseMoE(nn.Module):
         self.packed_down = [pack_weight(w, int4) for w in self.down]
         self.gate_up = self.down = None
 
-    def forward(self, x: torch.Tensor, native: bool) -> torch.Tensor:
+    def lora_modules(self, pool, name: str, expert: int) -> LoraModules:
+        """Expert `expert`'s slice of parameter `name`'s stacks, for the native LoRA kernel:
+        made on first use and kept (the stacks never move)."""
+        if pool is not self._lora_pool:
+            self._lora_pool, self._lora_modules = pool, {}
+        mods = self._lora_modules.get((name, expert))
+        if mods is None:
+            a, b = pool.a[name][self.layer_index], pool.b[name][self.layer_index]
+            mods = self._lora_modules[(name, expert)] = LoraModules([LoraModule(0, a[:, expert], b[:, expert])])
+        return mods
+
+    def forward(self, x: torch.Tensor, batch, native: bool) -> torch.Tensor:
         """x [T, hidden] -> the experts' weighted sum [T, hidden]."""
         c = self.c
-        probs = torch.softmax(F.linear(x, self.router), dim=-1, dtype=torch.float32)
+        lora = ExpertLora.of(batch, self, x.device)
+        logits = F.linear(x, self.router)
+        if lora is not None:
+            lora.add(logits, x, "gate.weight", 0, lora.runs(None))
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, c.experts_per_token, dim=-1)
         if c.normalize_expert_weights:
             weights /= weights.sum(dim=-1, keepdim=True)
@@ -80,7 +155,14 @@ class SparseMoE(nn.Module):
         out = torch.zeros_like(x)
         for expert in experts.unique().tolist():  # ascending, as transformers adds them
             tokens, slot = torch.where(experts == expert)
-            h = layer_ops.silu_mul(dense_linear(x[tokens], self.packed_gate_up[expert], None), native)
+            xe = x[tokens]
+            runs = [] if lora is None else lora.runs(tokens)
+            gate_up = dense_linear(xe, self.packed_gate_up[expert], None)
+            if runs:
+                lora.add(gate_up, xe, "experts.gate_up_proj", expert, runs)
+            h = layer_ops.silu_mul(gate_up, native)
             y = dense_linear(h, self.packed_down[expert], None)
+            if runs:
+                lora.add(y, h, "experts.down_proj", expert, runs)
             out.index_add_(0, tokens, (y * weights[tokens, slot, None]).to(x.dtype))
         return out

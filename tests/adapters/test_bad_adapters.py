@@ -207,7 +207,8 @@ def test_an_adapter_for_the_other_projection_layout_is_refused(good_adapter, arc
 def test_an_adapter_of_expert_mlps_is_refused_on_a_sparse_expert_model(good_adapter, arch):
     """Mixtral and Qwen3-MoE have no linear MLP modules (transformers 5 keeps experts as 3-D
     parameters, and adapters of transformers 4's per-expert modules do not fit them): an
-    adapter targeting the MLP is refused, naming what can be adapted."""
+    adapter targeting the MLP is refused, naming what can be adapted (attention projections,
+    and the experts and router as parameters)."""
     from dataclasses import replace
 
     moe = replace(arch, num_experts=4, experts_per_token=2, expert_size=32)
@@ -215,3 +216,74 @@ def test_an_adapter_of_expert_mlps_is_refused_on_a_sparse_expert_model(good_adap
         load_adapter(good_adapter, moe, MAX_RANK)
     assert e.value.code == "unknown_target_module"
     assert "['down_proj'] match no module" in str(e.value) and "q_proj, k_proj, v_proj, o_proj in" in str(e.value)
+    assert "through target_parameters experts.gate_up_proj, experts.down_proj, gate.weight" in str(e.value)
+
+
+def test_expert_adapters_are_checked_and_their_stacks_made_on_first_use(tiny_qwen3_moe, tmp_path, save_lora,
+                                                                        monkeypatch):
+    """target_parameters on a MoE model: a key of a parameter the config does not target (the
+    inner of two nested wrappers) or of another expert count is refused by name; the pool makes
+    a parameter's stacks only when the first adapter targeting it comes, and says so when
+    there is no memory for them."""
+    from loragate.adapters.pool import LoraSlotPool
+    from loragate.engine.models.arch import ModelArchConfig
+    from loragate.engine.models.loader import load_hf_config
+
+    arch = ModelArchConfig.from_hf(load_hf_config(tiny_qwen3_moe))
+    both = save_lora(tiny_qwen3_moe, tmp_path / "both", 0.1, seed=1, r=4, target_modules=[],
+                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    down = tmp_path / "down"
+    shutil.copytree(both, down)
+    edit_config(down, target_parameters=["mlp.experts.down_proj"])
+    with pytest.raises(AdapterError) as e:
+        load_adapter(down, arch, MAX_RANK)
+    assert e.value.code == "unknown_target_module" and "layers.0.mlp.experts.base_layer.lora_A" in str(e.value)
+    fewer = tmp_path / "fewer"
+    shutil.copytree(both, fewer)
+    edit_weights(fewer, lambda t: t.update({k: v[: v.shape[0] // 2] for k, v in t.items() if "lora_A" in k}))
+    with pytest.raises(AdapterError) as e:
+        load_adapter(fewer, arch, MAX_RANK)
+    assert e.value.code == "shape_mismatch" and f"{arch.num_experts} x r=4" in str(e.value)
+
+    pool = LoraSlotPool(arch, 2, MAX_RANK, torch.float32)
+    attn = save_lora(tiny_qwen3_moe, tmp_path / "attn", 0.1, seed=2, r=4, target_modules=["q_proj"])
+    pool.acquire("attn", lambda: load_adapter(attn, arch, MAX_RANK))
+    assert set(pool.a) == set(arch.linear_modules)
+    only_down = save_lora(tiny_qwen3_moe, tmp_path / "only-down", 0.1, seed=3, r=4, target_modules=[],
+                          target_parameters=["mlp.experts.down_proj"])
+    weights = load_adapter(only_down, arch, MAX_RANK)
+    pool.acquire("down", lambda: weights)
+    assert set(pool.a) == set(arch.linear_modules) | {"experts.down_proj"}
+    assert pool.a["experts.down_proj"].shape == (arch.num_layers, 2, arch.num_experts, MAX_RANK, arch.expert_size)
+    full = LoraSlotPool(arch, 2, MAX_RANK, torch.float32)
+    monkeypatch.setattr(full, "_make_stacks", lambda name: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(AdapterError) as e:
+        full.make_stacks(weights)
+    assert e.value.code == "too_large" and "no memory for the slots of experts.down_proj" in str(e.value)
+
+
+def test_transformers_4_expert_adapters_are_checked(tiny_mixtral, tmp_path, save_per_expert_lora):
+    """A per-expert (transformers 4) adapter missing an expert, naming an expert the model does
+    not have, or with NaN in one expert is refused, naming where."""
+    from loragate.engine.models.arch import ModelArchConfig
+    from loragate.engine.models.loader import load_hf_config
+
+    arch = ModelArchConfig.from_hf(load_hf_config(tiny_mixtral))
+    good = save_per_expert_lora(tiny_mixtral, tmp_path / "good", seed=1)
+    assert load_adapter(good, arch, MAX_RANK).rank == 8  # gate and up fused: twice the rank
+    cases = {
+        "missing": (lambda t: t.pop(next(k for k in t if ".experts.2.w3.lora_B" in k)),
+                    "invalid_weights", "no lora_B for expert 2 of model.layers.0.mlp.experts.gate_up_proj"),
+        "extra": (lambda t: t.update({k.replace(".experts.0.", f".experts.{arch.num_experts}."): v.clone()
+                                      for k, v in list(t.items()) if ".experts.0.w2" in k}),
+                  "unknown_target_module", f"its {arch.num_experts} experts have w1, w3, w2"),
+        "nan": (lambda t: t[next(k for k in t if ".experts.1.w2.lora_A" in k)].fill_(float("nan")),
+                "non_finite_weights", "experts.down_proj's experts contains NaN"),
+    }
+    for name, (edit, code, message) in cases.items():
+        bad = tmp_path / name
+        shutil.copytree(good, bad)
+        edit_weights(bad, edit)
+        with pytest.raises(AdapterError) as e:
+            load_adapter(bad, arch, MAX_RANK)
+        assert e.value.code == code and message in str(e.value), name

@@ -84,9 +84,55 @@ def test_targets(changes, targets):
     (dict(rank_pattern=["q_proj", 4]), "invalid_config"),
     (dict(init_lora_weights="olora"), "unsupported_adapter"),
     (dict(trainable_token_indices=[1, 2]), "unsupported_adapter"),
+    (dict(target_parameters="gate_up_proj"), "invalid_config"),
+    (dict(target_parameters=["mlp.experts.gate_up_proj"]), "unknown_target_module"),  # a dense model
+    (dict(target_modules=[], target_parameters=["gate.weight"], use_dora=True), "unsupported_adapter"),
 ])
 def test_refused(changes, code):
     assert code_of(base(**changes)) == code
+
+
+def test_target_parameters_resolve_as_peft_matches_them():
+    """On a sparse-expert model: an entry equal to a parameter's full name, or ending it after a
+    dot; layers_to_transform does not apply to them (peft's _inject_parameters)."""
+    from dataclasses import replace
+
+    moe = (("experts.gate_up_proj", "mlp"), ("experts.down_proj", "mlp"), ("gate.weight", "mlp"))
+    cfg = replace(LoraConfig.from_dict(base(target_modules=[], layers_to_transform=[0],
+                                            target_parameters=["down_proj", "model.layers.1.mlp.gate.weight"])),
+                  parameters=moe)
+    assert cfg.targets(2) == {(0, "experts.down_proj"), (1, "experts.down_proj"), (1, "gate.weight")}
+    assert cfg.scaling_of(1, "gate.weight") == 2.0
+    with pytest.raises(AdapterError, match=r"\['experts.w1'\] match no parameter.*experts.gate_up_proj, "
+                                           r"experts.down_proj, gate.weight in layers 0..1"):
+        replace(LoraConfig.from_dict(base(target_parameters=["experts.w1"])), parameters=moe).targets(2)
+
+
+def test_transformers_4_expert_targets_become_target_parameters():
+    """peft's conversion of a transformers 4 MoE adapter's config: the experts' and router's
+    linears become the parameters holding them, gate and up (fused) at twice the rank and
+    alpha; one of them alone is refused; a regex is left to match the attention linears."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from loragate.adapters.moe_adapters import on_stacked_experts
+
+    qwen, mixtral = SimpleNamespace(model_type="qwen3_moe"), SimpleNamespace(model_type="mixtral")
+    moe = dict(linears=(("q_proj", "self_attn"), ("o_proj", "self_attn")),
+               parameters=(("experts.gate_up_proj", "mlp"), ("experts.down_proj", "mlp"), ("gate.weight", "mlp")))
+    cfg = on_stacked_experts(replace(LoraConfig.from_dict(base(target_modules=["q_proj", "gate_proj", "up_proj",
+                                                                               "down_proj"])), **moe), qwen)
+    assert (cfg.target_modules, cfg.target_parameters) == (("q_proj",), ("experts.down_proj", "experts.gate_up_proj"))
+    assert (cfg.rank_of(0, "experts.gate_up_proj"), cfg.rank_of(0, "experts.down_proj")) == (16, 8)
+    assert cfg.scaling_of(0, "experts.gate_up_proj") == cfg.scaling_of(0, "experts.down_proj") == 2.0
+    assert len(cfg.targets(2)) == 2 + 4
+    everything = on_stacked_experts(replace(LoraConfig.from_dict(base(target_modules="all-linear")), **moe), mixtral)
+    assert everything.target_parameters == ("experts.down_proj", "experts.gate_up_proj", "gate.weight")
+    assert everything.target_modules == ("o_proj", "q_proj")
+    regex = replace(LoraConfig.from_dict(base(target_modules=r".*\.(q_proj|w1)")), **moe)
+    assert on_stacked_experts(regex, mixtral) == regex
+    with pytest.raises(AdapterError, match=r"targets \['w1'\] of the experts but not \['w3'\]"):
+        on_stacked_experts(replace(LoraConfig.from_dict(base(target_modules=["w1", "w2"])), **moe), mixtral)
 
 
 def test_accepted_inits():

@@ -65,22 +65,31 @@ def test_mixed_batch_matches_peft_on_phi3(tiny_phi3, tmp_path, save_lora):
 
 def test_attention_adapters_on_sparse_expert_models_match_peft(tiny_moe, tmp_path, save_lora):
     """Mixtral and Qwen3-MoE: adapters of their attention projections, plain, rsLoRA and DoRA,
-    in one batch with base requests, each request PeftModel's tokens. peft's all-linear also
-    adapts the router and the experts (3-D parameters), which is refused with what to do."""
-    from loragate.adapters.errors import AdapterError
-    from loragate.adapters.loader import load_adapter
-    from loragate.engine.models.arch import ModelArchConfig
-    from loragate.engine.models.loader import load_hf_config
-
-    everything = save_lora(tiny_moe, tmp_path / "everything", 0.15, seed=1, r=8, target_modules="all-linear")
-    with pytest.raises(AdapterError, match="target_parameters .* experts and router .* not supported"):
-        load_adapter(everything, ModelArchConfig.from_hf(load_hf_config(tiny_moe)), 64)
+    in one batch with base requests, each request PeftModel's tokens."""
     dirs = {"attn": save_lora(tiny_moe, tmp_path / "attn", 0.15, seed=1, r=8, lora_alpha=16,
                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
             "qv-rs": save_lora(tiny_moe, tmp_path / "qv", 0.15, seed=2, r=4, lora_alpha=8, use_rslora=True,
                                target_modules=["q_proj", "v_proj"]),
             "dora": save_lora(tiny_moe, tmp_path / "dora", 0.15, seed=3, r=8, lora_alpha=8, use_dora=True,
                               target_modules=["k_proj", "o_proj"])}
+    check_mixed_batch(tiny_moe, dirs, vocab=512)
+
+
+def test_expert_and_router_adapters_match_peft(tiny_moe, tmp_path, save_lora):
+    """peft's target_parameters on Mixtral and Qwen3-MoE: each expert's own LoRA pair on the
+    stacked gate/up and down parameters, and the router's pair. all-linear (which peft extends
+    to them), the experts alone with a rank_pattern, the router alone (rsLoRA), one layer's
+    down experts, in one batch with an attention adapter and base requests."""
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    dirs = {"all": save_lora(tiny_moe, tmp_path / "all", 0.15, seed=4, r=8, lora_alpha=16, target_modules="all-linear"),
+            "experts": save_lora(tiny_moe, tmp_path / "experts", 0.15, seed=5, r=4, lora_alpha=8, target_modules=[],
+                                 target_parameters=experts, rank_pattern={"experts.down_proj": 6}),
+            "router": save_lora(tiny_moe, tmp_path / "router", 0.3, seed=6, r=4, lora_alpha=8, use_rslora=True,
+                                target_modules=[], target_parameters=["gate.weight"]),
+            "layer1-down": save_lora(tiny_moe, tmp_path / "layer1", 0.15, seed=7, r=8, lora_alpha=8,
+                                     target_modules=["q_proj"], target_parameters=["layers.1.mlp.experts.down_proj"]),
+            "attn": save_lora(tiny_moe, tmp_path / "attn", 0.15, seed=1, r=8, lora_alpha=16,
+                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])}
     check_mixed_batch(tiny_moe, dirs, vocab=512)
 
 
@@ -177,3 +186,34 @@ def test_adapters_change_the_output(tiny_llama, adapter_dirs):
     base_tokens, _ = peft_greedy(tiny_llama, None, prompt, 8)
     changed = sum(peft_greedy(tiny_llama, d, prompt, 8)[0] != base_tokens for d in adapter_dirs.values())
     assert changed >= 4
+
+
+@pytest.mark.parametrize("short_run", [64, 0], ids=["native-and-torch", "torch"])
+def test_expert_adapters_on_a_long_prompt_match_peft(tiny_qwen3_moe, tmp_path, save_lora, monkeypatch, short_run):
+    """A 300-token prefill puts runs of over 64 rows of one adapter on an expert, which torch
+    takes (the native kernel takes runs up to 64); with 0, torch takes every run."""
+    from loragate.engine.models import moe
+
+    monkeypatch.setattr(moe, "SHORT_SEGMENT", short_run)
+    path = save_lora(tiny_qwen3_moe, tmp_path / "all", 0.15, seed=10, r=8, lora_alpha=16, target_modules="all-linear")
+    engine = LLMEngine(EngineConfig(model=str(tiny_qwen3_moe), dtype="float32", max_loras=2, max_lora_rank=64),
+                       progress=False)
+    engine.add_adapter("all", path)
+    prompt = torch.randint(3, 512, (300,), generator=torch.Generator().manual_seed(5)).tolist()
+    req = engine.add_request(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=1),
+                             adapter="all")
+    outs = [out for _ in range(100) if engine.has_unfinished for out in engine.step() if out.finished]
+    tokens, ref_logprobs = peft_greedy(tiny_qwen3_moe, path, prompt, 8)
+    assert outs[0].token_ids == tokens
+    torch.testing.assert_close(torch.tensor([lp for lp, _ in req.logprobs]), ref_logprobs[torch.arange(8), tokens],
+                               atol=1e-4, rtol=0)
+
+
+def test_transformers_4_per_expert_adapters_match_peft(tiny_moe, tmp_path, save_lora, save_per_expert_lora):
+    """Adapters of transformers 4's per-expert linears (most published Mixtral and Qwen3-MoE
+    LoRAs): converted as peft converts them on load (gate and up fused block-diagonally), each
+    request PeftModel's tokens, in one batch with a transformers 5 expert adapter."""
+    dirs = {"per-expert": save_per_expert_lora(tiny_moe, tmp_path / "per-expert", seed=8),
+            "stacked": save_lora(tiny_moe, tmp_path / "stacked", 0.15, seed=9, r=4, lora_alpha=8,
+                                 target_modules=["k_proj"], target_parameters=["mlp.experts.down_proj"])}
+    check_mixed_batch(tiny_moe, dirs, vocab=512)
