@@ -34,14 +34,19 @@ def best_ms(fn, repeats: int) -> float:
     return min(times) * 1e3
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def layer_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
+    """The MoE layer's shape options (Qwen3-30B-A3B's by default), shared with bench/moe_lora.py."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--expert-size", type=int, default=768)
-    ap.add_argument("--repeats", type=int, default=10)
-    args = ap.parse_args()
+    ap.add_argument("--repeats", type=int, default=repeats)
+    return ap
+
+
+def main() -> None:
+    args = layer_parser(__doc__, repeats=10).parse_args()
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
