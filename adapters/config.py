@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import AdapterError
+from .moe_adapters import on_stacked_experts, parameter_targets
 
 # LoRA-targetable linear module -> its parent in every decoder layer, as HF names them: the
 # Llama layout (Llama, Mistral, Qwen, Gemma), and Phi-3's, whose q/k/v and gate/up are one
@@ -134,8 +135,6 @@ class LoraConfig:
 
     def on_model(self, arch) -> "LoraConfig":
         """This config as it applies to the base model `arch` (a ModelArchConfig)."""
-        from .moe_adapters import on_stacked_experts
-
         return on_stacked_experts(replace(
             self, module_prefixes=arch.module_prefixes, foreign_modules=frozenset(arch.foreign_modules),
             linears=tuple((name, m.parent) for name, m in arch.linear_modules.items()),
@@ -287,39 +286,20 @@ class LoraConfig:
             for p, t in paths.items():
                 if p in self.target_modules:  # an exact full name ignores layers_to_transform, as in peft
                     found.add(t)
-                elif any(p.endswith("." + e) for e in self.target_modules) and self._layer_selected(p):
+                elif any(p.endswith("." + e) for e in self.target_modules) and self.layer_selected(p):
                     found.add(t)
         found = {t for t in found if not any(self._excluded(p) for p in self.paths(*t))}
-        found |= self._parameter_targets(num_layers)
+        found |= parameter_targets(self, num_layers)
         if not found:
             raise AdapterError("unknown_target_module", f"target_modules={self.target_modules!r} (with layers_to_transform="
                                f"{self.layers_to_transform}, layers_pattern={self.layers_pattern}) selects no module; "
                                f"LoRA can target {self.linear_names}")
         return found
 
-    def _parameter_targets(self, num_layers: int) -> set[tuple[int, str]]:
-        """peft's rule for target_parameters: a parameter's full name equals an entry or ends
-        with "." + entry; layers_to_transform and exclude_modules do not apply to them (except
-        to the converted per-expert linears, which were trained with it)."""
-        if not self.target_parameters:
-            return set()
-        paths = {p: (i, n) for i in range(num_layers) for n, _ in self.parameters for p in self.paths(i, n)}
-        matches = lambda p, e: p == e or p.endswith("." + e)  # noqa: E731
-        unknown = [e for e in self.target_parameters if not any(matches(p, e) for p in paths)]
-        if unknown:
-            can = (f"LoRA can target the parameters {', '.join(n for n, _ in self.parameters)} in layers "
-                   f"0..{num_layers - 1}" if self.parameters else
-                   "only a sparse-expert model's experts and router are served as parameters; target this model's "
-                   f"linear modules ({self.linear_names}) with target_modules")
-            raise AdapterError("unknown_target_module", f"target_parameters {unknown} match no parameter of the base "
-                                                        f"model; {can}")
-        return {t for p, t in paths.items() if any(matches(p, e) for e in self.target_parameters)
-                and (not self.per_expert or self._layer_selected(p))}
-
     def is_parameter(self, name: str) -> bool:
         return any(n == name for n, _ in self.parameters)
 
-    def _layer_selected(self, path: str) -> bool:
+    def layer_selected(self, path: str) -> bool:
         if not self.layers_to_transform:
             return True
         patterns = self.layers_pattern or (None,)

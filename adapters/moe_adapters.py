@@ -1,6 +1,8 @@
-"""Adapters trained on transformers 4's sparse-expert models, served on transformers 5's.
+"""Adapters of a sparse-expert model's experts and router (Mixtral, Qwen3-MoE).
 
-transformers 4 kept each expert as linear modules ("model.layers.3.mlp.experts.7.gate_proj",
+transformers 5 keeps each layer's experts as stacked parameters, which peft adapts through
+target_parameters; `parameter_targets` resolves those as peft does. Adapters trained on
+transformers 4 are converted. transformers 4 kept each expert as linear modules ("model.layers.3.mlp.experts.7.gate_proj",
 Mixtral's "block_sparse_moe.experts.7.w1") and the router as a linear ("mlp.gate"), so peft
 adapted them through target_modules. transformers 5 stacks each layer's experts into two
 parameters, gate and up rows fused, which peft adapts through target_parameters, and peft
@@ -65,6 +67,27 @@ def on_stacked_experts(config, arch):
     return replace(config, target_modules=tuple(sorted(t for t, n in old.items() if n is None)),
                    target_parameters=tuple(sorted(set(config.target_parameters) | {mapping[n][0] for n in moved})),
                    rank_pattern=rank, alpha_pattern=alpha, per_expert=True)
+
+
+def parameter_targets(config, num_layers: int) -> set[tuple[int, str]]:
+    """(layer, parameter) pairs `config` (a LoraConfig) adapts through target_parameters, by
+    peft's rule: a parameter's full name equals an entry or ends with "." + entry;
+    layers_to_transform and exclude_modules do not apply (except to converted per-expert
+    linears, which were trained with it)."""
+    if not config.target_parameters:
+        return set()
+    paths = {p: (i, n) for i in range(num_layers) for n, _ in config.parameters for p in config.paths(i, n)}
+    matches = lambda p, e: p == e or p.endswith("." + e)  # noqa: E731
+    unknown = [e for e in config.target_parameters if not any(matches(p, e) for p in paths)]
+    if unknown:
+        can = (f"LoRA can target the parameters {', '.join(n for n, _ in config.parameters)} in layers "
+               f"0..{num_layers - 1}" if config.parameters else
+               "only a sparse-expert model's experts and router are served as parameters; target this model's "
+               f"linear modules ({config.linear_names}) with target_modules")
+        raise AdapterError("unknown_target_module", f"target_parameters {unknown} match no parameter of the base "
+                                                    f"model; {can}")
+    return {t for p, t in paths.items() if any(matches(p, e) for e in config.target_parameters)
+            and (not config.per_expert or config.layer_selected(p))}
 
 
 def parse_per_expert_key(key: str, model_type: str, num_experts: int) -> tuple[int, str, int, int, str] | None:

@@ -143,11 +143,10 @@ class LLMEngine:
         return self.add_adapter_weights(name, weights)
 
     def prepare_adapter_weights(self, weights) -> None:
-        """The engine's own work on an adapter before it can load into a slot: DoRA's row
-        scales (45 ms for a rank-16 all-linear SmolLM2 adapter; the first DoRA adapter also
-        takes ||W||^2 per row: 3.8 s on Qwen2.5-1.5B) and a MoE model's expert slots (pool.py).
-        Done in the caller's thread (the gateway's: a worker), so no engine step stalls on it.
-        Safe while the loop runs: it only reads the base weights."""
+        """The engine's own work on an adapter before it can load into a slot: DoRA's row scales
+        (45 ms for a rank-16 all-linear SmolLM2 adapter; the first DoRA adapter also takes ||W||^2
+        per row: 3.8 s on Qwen2.5-1.5B) and a MoE model's expert slots (pool.py). Done in the
+        caller's thread (the gateway's: a worker), so no step stalls; it only reads the base."""
         if self.lora_pool is not None:
             self.row_terms.prepare(weights)
             self.lora_pool.make_stacks(weights)
