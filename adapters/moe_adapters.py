@@ -1,12 +1,10 @@
 """Adapters of a sparse-expert model's experts and router (Mixtral, Qwen3-MoE).
 
-transformers 5 keeps each layer's experts as stacked parameters, which peft adapts through
-target_parameters; `parameter_targets` resolves those as peft does. Adapters trained on
-transformers 4 are converted. transformers 4 kept each expert as linear modules ("model.layers.3.mlp.experts.7.gate_proj",
-Mixtral's "block_sparse_moe.experts.7.w1") and the router as a linear ("mlp.gate"), so peft
-adapted them through target_modules. transformers 5 stacks each layer's experts into two
-parameters, gate and up rows fused, which peft adapts through target_parameters, and peft
-converts the old adapters when it loads them. This converts them the same way:
+transformers 5 stacks each layer's experts into two parameters (gate and up rows fused, then
+down), which peft adapts through target_parameters; `parameter_targets` resolves those as peft
+does. transformers 4 kept each expert as linear modules ("model.layers.3.mlp.experts.7.gate_proj",
+Mixtral's "block_sparse_moe.experts.7.w1") and the router as a linear ("mlp.gate"), adapted
+through target_modules; peft converts such adapters when it loads them, and so does this:
 - the config: expert names in target_modules become target_parameters, and where gate and up
   are fused, that parameter gets twice the rank and twice the alpha (alpha / r unchanged;
   with rsLoRA the scaling changes, as in peft);
