@@ -8,7 +8,8 @@ added (make_stacks). Loading an adapter is a copy_ into a free slot; the base we
 never touched. Slots used by running requests are
 pinned; when a slot is needed the least recently used unpinned one is evicted. DoRA and
 lora_bias adapters also get their row terms (engine/models/slot_rows.py) in the slot. Evicted
-adapters stay in a host-memory LRU tier (max_cpu_loras), so reloading them needs no disk.
+adapters stay in a host-memory LRU tier (max_cpu_loras adapters, max_cpu_lora_bytes at most),
+so reloading them needs no disk.
 The pool never blocks: when every slot is pinned, acquire() returns None and the scheduler
 keeps the request waiting.
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import AdapterError
+from .host_lru import HostLru
 from .loader import module_shapes
 
 
@@ -37,7 +39,7 @@ class PoolStats:
 
 class LoraSlotPool:
     def __init__(self, arch, num_slots: int, max_rank: int, dtype: torch.dtype, max_cpu_loras: int = 64,
-                 row_terms=None, device: torch.device | str = "cpu"):
+                 row_terms=None, device: torch.device | str = "cpu", max_cpu_lora_bytes: int = 8 << 30):
         if num_slots < 1 or max_rank < 1:
             raise ValueError("num_slots and max_rank must be >= 1")
         self.num_slots, self.max_rank, self.dtype = num_slots, max_rank, dtype
@@ -60,8 +62,7 @@ class LoraSlotPool:
         self.slot_modules: list[frozenset[str]] = [frozenset()] * num_slots
         self.pins = [0] * num_slots
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # loaded keys, least recently used first
-        self.host_cache: OrderedDict[str, object] = OrderedDict()
-        self.max_cpu_loras = max_cpu_loras
+        self.host_cache = HostLru(max_cpu_loras, max_cpu_lora_bytes, keep_newest=False)
         self.stats = PoolStats()
         self._lock = threading.Lock()
 
@@ -84,7 +85,7 @@ class LoraSlotPool:
             t0 = time.perf_counter()
             weights = self.host_cache.pop(key, None) or load()
             self._write(slot, weights)
-            self._remember_on_host(key, weights)
+            self.host_cache.put(key, weights, weights.num_bytes)
             self.stats.load_seconds.append(time.perf_counter() - t0)
             self.slot_key[slot], self.slot_rank[slot] = key, weights.rank
             self.slot_modules[slot] = frozenset(name for _, name in weights.modules)
@@ -109,8 +110,8 @@ class LoraSlotPool:
     def forget(self, key_prefix: str) -> None:
         """Drop unpinned copies of an adapter's versions (after deletion or replacement)."""
         with self._lock:
-            for key in [k for k in self.host_cache if k.startswith(key_prefix)]:
-                del self.host_cache[key]
+            for key in [k for k in self.host_cache.keys() if k.startswith(key_prefix)]:
+                self.host_cache.pop(key)
             for key, slot in list(self.slot_of.items()):
                 if key.startswith(key_prefix) and self.pins[slot] == 0:
                     del self.slot_of[key]
@@ -187,12 +188,6 @@ class LoraSlotPool:
             if self._row_terms is None:
                 raise ValueError("this pool was made without a way to serve DoRA or lora_bias adapters")
             self._row_terms.write(slot, weights)
-
-    def _remember_on_host(self, key: str, weights) -> None:
-        self.host_cache[key] = weights
-        self.host_cache.move_to_end(key)
-        while len(self.host_cache) > self.max_cpu_loras:
-            self.host_cache.popitem(last=False)
 
     @property
     def num_pinned(self) -> int:

@@ -22,12 +22,12 @@ import hashlib
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import AdapterError, AdapterNotFound
+from .host_lru import HostLru
 from .loader import CONFIG_FILE, DEFAULT_MAX_ADAPTER_BYTES, WEIGHTS_FILE, LoraWeights, load_adapter
 from .registry_sync import StoreSync
 from .store import AdapterStore, StoredAdapter, check_name
@@ -86,7 +86,7 @@ class AdapterRegistry(StoreSync):
     def __init__(self, store: AdapterStore, arch, max_lora_rank: int, *, base_model_name: str | None = None,
                  strict_base_model: bool = False, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
                  on_change: Listener | None = None, max_cached_weights: int = 64,
-                 refresh_interval: float | None = 2.0):
+                 max_cached_bytes: int = 8 << 30, refresh_interval: float | None = 2.0):
         self.store, self.arch, self.max_lora_rank = store, arch, max_lora_rank
         self.base_model_name, self.strict_base_model = base_model_name, strict_base_model
         self._load_kwargs = dict(base_model_name=base_model_name, strict_base_model=strict_base_model,
@@ -105,8 +105,7 @@ class AdapterRegistry(StoreSync):
                 continue
         # Weights held in memory, least recently used first: a tenant with thousands of
         # adapters must not keep them all in RAM; an evicted one is read from disk again.
-        self._cached: OrderedDict[tuple[str, str], None] = OrderedDict()
-        self.max_cached_weights = max_cached_weights
+        self._cached = HostLru(max_cached_weights, max_cached_bytes, keep_newest=True)  # whose weights are held
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -202,10 +201,8 @@ class AdapterRegistry(StoreSync):
     def _touch(self, key: tuple[str, str]) -> None:
         """Mark key's weights most recently used; drop the least recently used beyond the cap.
         Called with self._lock held."""
-        self._cached[key] = None
-        self._cached.move_to_end(key)
-        while len(self._cached) > self.max_cached_weights:
-            old, _ = self._cached.popitem(last=False)
+        entry = self._entries.get(key)
+        for old, _ in self._cached.put(key, None, entry.weights.num_bytes if entry and entry.weights else 0):
             entry = self._entries.get(old)
             if entry is not None:
                 entry.weights = None

@@ -88,6 +88,8 @@ class EngineConfig:
     max_loras: int = 4  # LoRA slots (distinct adapters per step); 0 disables LoRA support
     max_lora_rank: int = 64
     max_cpu_loras: int = 32  # adapters kept in host memory after eviction from a slot
+    # Host memory for adapters' weights, in each of the places that keep them (adapters/host_lru.py)
+    max_cpu_lora_memory: int | str = "8GiB"
     speculative: str = "off"  # off | draft (needs draft_model) | ngram (prompt lookup)
     draft_model: str | None = None  # catalog name or model directory; same tokenizer as the model
     num_speculative_tokens: int = 4  # most tokens proposed per request and step (adapted per request)
@@ -114,6 +116,7 @@ class EngineConfig:
         if self.dtype not in DTYPES:
             raise ModelConfigError(f"dtype must be one of {sorted(set(DTYPES))}, got {self.dtype!r}")
         self.kv_cache_memory = parse_share(self.kv_cache_memory, "kv_cache_memory")
+        self.max_cpu_lora_memory = parse_bytes(self.max_cpu_lora_memory, "max_cpu_lora_memory")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ModelConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -69,7 +69,7 @@ class LLMEngine:
             self.row_terms = SlotRowTerms(self.model, config.max_loras)
             self.lora_pool = LoraSlotPool(self.model.config, config.max_loras, config.max_lora_rank,
                                           config.torch_dtype, config.max_cpu_loras, row_terms=self.row_terms,
-                                          device=self.device)
+                                          device=self.device, max_cpu_lora_bytes=config.max_cpu_lora_memory)
             if self.device.type == "cuda":
                 from loragate.kernels import lora_cuda
 

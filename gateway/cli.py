@@ -26,6 +26,8 @@ ENGINE_HELP = {
     "max_loras": "LoRA adapter slots, i.e. distinct adapters per step (0: LoRA support off)",
     "max_lora_rank": "highest LoRA rank accepted (slots are padded to it)",
     "max_cpu_loras": "adapters kept in host memory after leaving a slot",
+    "max_cpu_lora_memory": "host memory for adapter weights, e.g. 8GiB: adapters beyond it are read from disk again when "
+                           "next used (a sparse-expert model's expert adapters are gigabytes each)",
     "speculative": "speculative decoding: off, draft (a smaller model proposes) or ngram (prompt lookup)",
     "draft_model": "draft model for --speculative draft: catalog name or directory, same tokenizer as --model",
     "num_speculative_tokens": "most tokens proposed per request and step (adapted to each request's acceptance)",

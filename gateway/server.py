@@ -33,6 +33,7 @@ def make_loader(engine_config, settings: GatewaySettings):
     store = make_adapter_store(settings) if engine_config.max_loras > 0 else None
 
     def load(state: ServerState) -> None:
+        from loragate.adapters.host_lru import HostLru
         from loragate.adapters.registry import AdapterRegistry
         from loragate.engine import AsyncEngine
         from loragate.engine.models.prepare import CATALOG
@@ -47,8 +48,10 @@ def make_loader(engine_config, settings: GatewaySettings):
             registry = AdapterRegistry(store, inner.model.config, engine_config.max_lora_rank,
                                        base_model_name=entry.hf_id if entry else None,
                                        strict_base_model=settings.strict_base_model,
-                                       refresh_interval=settings.adapter_refresh_interval)
+                                       refresh_interval=settings.adapter_refresh_interval,
+                                       max_cached_bytes=engine_config.max_cpu_lora_memory)
             registry.listeners.append(state.on_adapter_change)
+            state.engine_adapters = HostLru(64, engine_config.max_cpu_lora_memory, keep_newest=True)
             state.registry = registry
         state.engine = engine  # last: from here on the server is ready
         log.warning("ready: model %r", name)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from loragate.adapters.host_lru import HostLru
 from loragate.engine.errors import AdapterNotFoundError
 
 from .auth import KeyStore, Principal
@@ -49,10 +49,10 @@ class ServerState:
     metrics: object | None = None  # gateway.metrics.Metrics, set by build_app
     response_store: object | None = None  # gateway.response_store.ResponseStore, while the app runs
     response_retention_days: int = 30  # 0: responses are not stored
-    # Adapters the engine holds (by versioned key), least recently used first. Bounded: a
-    # request already running keeps its weights, and a later one simply re-adds them.
-    engine_adapters: OrderedDict = field(default_factory=OrderedDict)
-    max_engine_adapters: int = 64
+    # Adapters the engine holds (by versioned key), least recently used first. Bounded in count
+    # and bytes (server.py sets EngineConfig.max_cpu_lora_memory): a request already running
+    # keeps its weights, and a later one simply re-adds them.
+    engine_adapters: HostLru = field(default_factory=lambda: HostLru(64, 8 << 30, keep_newest=True))
 
     def require_engine(self):
         if self.engine is not None and self.engine.error is not None:
@@ -112,10 +112,7 @@ class ServerState:
             raise AdapterNotFoundError(f"model {model!r} does not exist", "model") from None
         if info.key not in engine.adapters:
             engine.add_adapter_weights(info.key, weights)
-        self.engine_adapters[info.key] = None
-        self.engine_adapters.move_to_end(info.key)
-        while len(self.engine_adapters) > self.max_engine_adapters:
-            old, _ = self.engine_adapters.popitem(last=False)
+        for old, _ in self.engine_adapters.put(info.key, None, weights.num_bytes):
             engine.remove_adapter(old)
         return info.key
 

@@ -398,3 +398,16 @@ def test_weights_cache_is_bounded_and_reloads_from_disk(make, good):
     info, weights = reg.weights("t", "a")  # read back from the store
     assert info.state.value == "READY" and weights.rank == 4
     assert sorted(k for k, e in reg._entries.items() if e.weights is not None) == [("t", "a"), ("t", "c")]
+
+
+def test_weights_cache_is_bounded_in_bytes_too(make, good, tmp_path):
+    """max_cached_bytes: a sparse-expert model's adapters are gigabytes each, so a count of
+    them alone does not bound the memory."""
+    probe = make(root=tmp_path / "probe")
+    probe.register("t", "probe", good)
+    size = probe.weights("t", "probe")[1].num_bytes
+    reg = make(max_cached_weights=10, max_cached_bytes=2 * size)
+    for name in ("a", "b", "c"):
+        reg.register("t", name, good)
+    assert sorted(k for k, e in reg._entries.items() if e.weights is not None) == [("t", "b"), ("t", "c")]
+    assert reg.weights("t", "a")[1].rank == 4  # read back from the store

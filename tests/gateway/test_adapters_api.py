@@ -284,7 +284,7 @@ def test_upload_without_content_length_is_refused(server, peft_adapter):
 
 
 def test_engine_keeps_a_bounded_number_of_adapters(server, peft_adapter, monkeypatch):
-    monkeypatch.setattr(server.state, "max_engine_adapters", 2)
+    monkeypatch.setattr(server.state.engine_adapters, "max_items", 2)
     for name in ("e1", "e2", "e3"):
         assert upload(server, name, files_of(peft_adapter)).status_code == 201
         assert complete(server, name).status_code == 200
