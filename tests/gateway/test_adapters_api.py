@@ -307,3 +307,42 @@ def test_a_tenant_at_its_adapter_quota_can_replace_but_not_add(server, peft_adap
     assert upload(server, "q1", files_of(peft_adapter), key="key-b", method="PUT").status_code == 200
     assert httpx.delete(server.url + "/v1/adapters/q2", headers=b).status_code in (200, 204)
     assert upload(server, "q3", files_of(peft_adapter), key="key-b").status_code == 201
+
+
+def test_expert_adapters_upload_and_answer_the_openai_client_as_peft_does(tiny_qwen3_moe, tmp_path, monkeypatch,
+                                                                         save_lora, save_per_expert_lora):
+    """A Qwen3-MoE server: peft's all-linear adapter (the experts and router through
+    target_parameters) and a transformers 4 per-expert one go up over REST, list their
+    targets, and answer the official client with PeftModel's greedy text; the experts' slots
+    are made off the engine's loop, in the worker thread that fetches the adapter."""
+    import openai
+
+    from loragate.adapters.pool import LoraSlotPool
+
+    threads, real = [], LoraSlotPool.make_stacks
+    monkeypatch.setattr(LoraSlotPool, "make_stacks",
+                        lambda self, w: threads.append(threading.current_thread().name) or real(self, w))
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
+    dirs = {"all": save_lora(tiny_qwen3_moe, tmp_path / "all", 0.15, seed=1, r=8, lora_alpha=16,
+                             target_modules="all-linear"),
+            "v4": save_per_expert_lora(tiny_qwen3_moe, tmp_path / "v4", seed=2)}
+    s = RunningServer(tiny_qwen3_moe, None)
+    try:
+        for name, d in dirs.items():
+            r = upload(s, name, files_of(d))
+            assert r.status_code == 201, r.text
+            assert {"experts.gate_up_proj", "experts.down_proj", "gate.weight"} <= set(r.json()["target_modules"])
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="key-a", max_retries=0)
+        ids = s.state.engine.engine.tokenize("t5 t6 t7")
+        base = AutoModelForCausalLM.from_pretrained(tiny_qwen3_moe, dtype=torch.float32)
+        texts = set()
+        for name, d in dirs.items():
+            text = client.completions.create(model=name, prompt="t5 t6 t7", max_tokens=8, temperature=0).choices[0].text
+            ref = PeftModel.from_pretrained(base, d).generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8,
+                                                              do_sample=False)[0, len(ids):]
+            assert text == s.state.engine.tokenizer.decode(ref.tolist(), skip_special_tokens=True), name
+            base = AutoModelForCausalLM.from_pretrained(tiny_qwen3_moe, dtype=torch.float32)  # peft wrapped the last
+            texts.add(text)
+        assert len(texts) == 2 and threads and "loragate-engine" not in threads
+    finally:
+        s.stop()
