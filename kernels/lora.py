@@ -158,7 +158,7 @@ class LoraModules:
         # change every step. Tests turn it off to run the other kernel on the same shapes.
         self.amx = self.native_ok and self.dtype == torch.bfloat16 and _native.amx_available() and (
             a.shape[2] % 32 == 0 and a.shape[1] % 16 == 0 and all(
-                m.a.stride(0) == a.shape[1] * a.shape[2] and m.b.stride(1) == a.shape[1] for m in modules))
+                m.a.stride(0) >= a.shape[1] * a.shape[2] and m.b.stride(1) == a.shape[1] for m in modules))
         self.table = torch.tensor([[m.column, m.width, m.a.data_ptr(), m.a.stride(0), m.b.data_ptr(), m.b.stride(0),
                                     m.b.stride(1)] for m in modules], dtype=torch.int64)
 

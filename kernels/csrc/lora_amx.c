@@ -212,11 +212,13 @@ int lora_group_amx(const void *xv, int64_t x_stride, int in, void *yv, int64_t y
                    const int64_t *seg_len, const int64_t *seg_slot, const struct row_terms *rt, int num_threads) {
     const uint16_t *x = xv;
     uint16_t *y = yv;
-    /* 16-rank tiles and whole bf16 pairs must stay inside each slot's rows */
+    /* 16-rank tiles and whole bf16 pairs must stay inside each slot's rows. The padded rank is
+     * B's row stride ([slots, out, rank]); A's slots may lie further apart than their rank rows
+     * (a MoE block's experts interleave with the slots). */
     int fits = in % 32 == 0 && amx_init() == 0 && num_modules > 0;
-    const int64_t max_rank = num_modules > 0 ? mods[0].a_slot_stride / in : 0;
+    const int64_t max_rank = num_modules > 0 ? mods[0].b_row_stride : 0;
     for (int m = 0; m < num_modules && fits; m++)
-        fits = mods[m].a_slot_stride == max_rank * in && mods[m].b_row_stride == max_rank && max_rank % 16 == 0
+        fits = mods[m].a_slot_stride >= max_rank * in && mods[m].b_row_stride == max_rank && max_rank % 16 == 0
                && max_rank > 0 && mods[m].out > 0;
     if (!fits || ((rank + 1) & ~1) > max_rank) return -1;
     const int re = (rank + 1) & ~1; /* whole bf16 pairs: the pool's zeros fill an odd rank */

@@ -218,6 +218,31 @@ def test_row_terms_are_applied_once_whichever_path_adds_the_lora(in_features, wi
     torch.testing.assert_close(y.double(), want, **tol)
 
 
+@pytest.mark.parametrize("path", ["native", "native-no-amx", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_one_experts_slice_of_stacked_slots_matches_float64(dtype, path):
+    """A MoE block's expert (engine/models/moe.py): its A and B are views of stacks
+    [slots, experts, R, in] and [slots, experts, out, R], so its slots lie further apart than
+    their rank rows; the AMX kernel takes them too."""
+    g = torch.Generator().manual_seed(11)
+    experts, expert, pool_rank, rank, in_features, out = 3, 1, 32, 20, 64, 40
+    a = torch.zeros(NUM_SLOTS, experts, pool_rank, in_features, dtype=dtype)
+    b = torch.zeros(NUM_SLOTS, experts, out, pool_rank, dtype=dtype)
+    a[..., :rank, :] = (torch.randn(NUM_SLOTS, experts, rank, in_features, generator=g) * 0.2).to(dtype)
+    b[..., :rank] = (torch.randn(NUM_SLOTS, experts, out, rank, generator=g) * 0.2).to(dtype)
+    mods = LoraModules([LoraModule(0, a[:, expert], b[:, expert])])
+    assert mods.amx == (dtype == torch.bfloat16 and _native.amx_available())
+    if path == "native-no-amx":
+        mods.amx = False
+    indptr, seg_slots = [0, 16, 33, 38, 41], [1, 3, -1, 0]
+    x = torch.randn(indptr[-1], in_features, generator=g).to(dtype)
+    y = torch.randn(indptr[-1], out, generator=g).to(dtype)
+    want = y.double() + naive(x, a[:, expert, :rank], b[:, expert, :, :rank], indptr, seg_slots)
+    add_lora_modules(y, x, mods, plan_segments(indptr, seg_slots), rank, native=path != "torch")
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=3e-2)
+    torch.testing.assert_close(y.double(), want, **tol)
+
+
 @pytest.mark.parametrize("dtype, pool_rank, in_features", [(torch.float32, 16, 64), (torch.bfloat16, 8, 64),
                                                             (torch.bfloat16, 16, 48)])
 def test_amx_kernel_refuses_what_it_cannot_run(dtype, pool_rank, in_features):
