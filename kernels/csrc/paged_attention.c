@@ -53,7 +53,7 @@ static void softmax_rows(float *scores, int cs, int rows, int group, int first_l
         sr += start;
         const int n = len - start;
         if (softcap > 0.f) /* Gemma 2: scores squashed into (-softcap, softcap) before the softmax */
-            for (int t = 0; t < n; t++) sr[t] = softcap * tanhf(sr[t] / softcap);
+            softcap_inplace(sr, n, softcap);
         float m = sr[0];
 #pragma omp simd reduction(max:m)
         for (int t = 0; t < n; t++) m = sr[t] > m ? sr[t] : m;
