@@ -320,8 +320,11 @@ class LoraConfig:
     def check_rank(self, max_lora_rank: int) -> None:
         if self.max_rank > max_lora_rank:
             what = f"r={self.r}" if self.max_rank == self.r else f"rank_pattern's {self.max_rank}"
-            raise AdapterError("rank_too_large", f"adapter rank {what} exceeds this server's max_lora_rank="
-                               f"{max_lora_rank}; retrain with r <= {max_lora_rank}")
+            fused = any(k.endswith("gate_up_proj") and v == self.max_rank for k, v in self.rank_pattern)
+            why = " (peft doubles r for a sparse-expert model's fused gate_up_proj)" if fused else ""
+            raise AdapterError("rank_too_large", f"adapter rank {what}{why} exceeds this server's max_lora_rank="
+                               f"{max_lora_rank}; start the server with a larger --max-lora-rank or retrain with a "
+                               "smaller r")
 
     def check_base_model(self, expected_name: str | None, strict: bool) -> None:
         """Names are compared loosely (case, trailing slash): the same hub id is often

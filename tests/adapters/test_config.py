@@ -125,6 +125,8 @@ def test_transformers_4_expert_targets_become_target_parameters():
     assert (cfg.target_modules, cfg.target_parameters) == (("q_proj",), ("experts.down_proj", "experts.gate_up_proj"))
     assert (cfg.rank_of(0, "experts.gate_up_proj"), cfg.rank_of(0, "experts.down_proj")) == (16, 8)
     assert cfg.scaling_of(0, "experts.gate_up_proj") == cfg.scaling_of(0, "experts.down_proj") == 2.0
+    with pytest.raises(AdapterError, match=r"rank_pattern's 16 \(peft doubles r for a sparse-expert model's fused"):
+        cfg.check_rank(8)
     assert len(cfg.targets(2)) == 2 + 4
     everything = on_stacked_experts(replace(LoraConfig.from_dict(base(target_modules="all-linear")), **moe), mixtral)
     assert everything.target_parameters == ("experts.down_proj", "experts.gate_up_proj", "gate.weight")
