@@ -40,14 +40,28 @@ ROUTER_NAMES = ("mlp.gate", "block_sparse_moe.gate")
 AMX_ROWS = 4
 
 
+class Runs:
+    """An expert's rows in runs of one adapter: (first row, rows, slot) each, and the same as
+    the native kernels' index tensors, made once for the expert's two projections."""
+
+    def __init__(self, runs: list[tuple[int, int, int]]):
+        self.runs, self._index = runs, None
+
+    def index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._index is None:
+            self._index = tuple(torch.tensor(self.runs, dtype=torch.int64).T.contiguous())
+        return self._index
+
+
 class ExpertLora:
     """The step's adapters on one MoE block: for a row with slot s, y += (x @ A.T) @ B.T with
     expert e's A [R, in] and B [out, R] from the pool's stacks ([slots, experts, R, in] and
     [slots, experts, out, R]). An expert's rows come in runs of one adapter (a request's
-    tokens are contiguous). The native LoRA kernels take all of one expert's runs in one call:
-    the AMX one (bf16) where the expert has AMX_ROWS rows or more (below, its tile set-up costs
-    more than it saves), else the AVX-512 one, which takes runs of up to SHORT_SEGMENT rows;
-    torch takes the rest, and everything on a GPU or without the native kernels."""
+    tokens are contiguous; a step of one adapter is one run). The native LoRA kernels take all
+    of one expert's runs in one call: the AMX one (bf16) where the expert has AMX_ROWS rows or
+    more (below, its tile set-up costs more than it saves), else the AVX-512 one, which takes
+    runs of up to SHORT_SEGMENT rows; torch takes the rest, and everything on a GPU or without
+    the native kernels."""
 
     def __init__(self, lora, targeted: set[str], moe: "SparseMoE", device: torch.device, native: bool):
         self.rank, self.pool, self.moe = lora.rank, lora.pool, moe
@@ -55,6 +69,11 @@ class ExpertLora:
         self.stacks = {name: (lora.pool.a[name][moe.layer_index], lora.pool.b[name][moe.layer_index])
                        for name in targeted}
         self.native = native and device.type == "cpu" and self.rank <= _native.MAX_LORA_RANK
+        # Whether every row of the step has one adapter (one request, or one tenant's): then every
+        # expert's rows are one run, with no need to look at them.
+        slots = lora.plan.slot_ids
+        self.single = int(slots[0]) if slots.numel() == 1 and int(slots[0]) >= 0 else None
+        self.num_rows = int(lora.plan.seg_indptr[-1])
 
     @classmethod
     def of(cls, batch, moe: "SparseMoE", device: torch.device) -> "ExpertLora | None":
@@ -63,9 +82,11 @@ class ExpertLora:
         targeted = set() if lora is None or lora.plan is None else lora.modules & moe.c.lora_parameters.keys()
         return cls(lora, targeted, moe, device, batch.use_native_kernels) if targeted else None
 
-    def runs(self, rows: torch.Tensor | None) -> list[tuple[int, int, int]]:
-        """(first row, rows, slot) of each run of rows with an adapter, among the step's rows
-        `rows` (ascending; None: all of them)."""
+    def runs(self, rows: torch.Tensor | None) -> Runs:
+        """The runs of rows with an adapter among the step's rows `rows` (ascending; None: all
+        of them)."""
+        if self.single is not None:
+            return Runs([(0, self.num_rows if rows is None else rows.shape[0], self.single)])
         slots, counts = torch.unique_consecutive(self.token_slots if rows is None else self.token_slots[rows],
                                                  return_counts=True)
         out, start = [], 0
@@ -73,11 +94,11 @@ class ExpertLora:
             if slot >= 0:
                 out.append((start, n, slot))
             start += n
-        return out
+        return Runs(out)
 
-    def add(self, y: torch.Tensor, x: torch.Tensor, name: str, expert: int, runs: list[tuple[int, int, int]]) -> None:
+    def add(self, y: torch.Tensor, x: torch.Tensor, name: str, expert: int, runs: Runs) -> None:
         """y [n, out] += the LoRA of `name`'s matrix `expert` on x [n, in], per run of rows."""
-        if name not in self.stacks or not runs:
+        if name not in self.stacks or not runs.runs:
             return
         a, b = self.stacks[name]
         r, short = self.rank, []
@@ -85,18 +106,18 @@ class ExpertLora:
         native = (mods is not None and mods.native_ok and x.dtype == y.dtype == mods.dtype and x.stride(1) == 1
                   and y.stride(1) == 1)
         if native and mods.amx and x.shape[0] >= AMX_ROWS:
-            start, count, slot = torch.tensor(runs, dtype=torch.int64).T.contiguous()
-            _native.lora_add(y, x, mods.table, r, start, count, slot, amx=True)
+            _native.lora_add(y, x, mods.table, r, *runs.index(), amx=True)
             return
-        for start, n, slot in runs:
+        for start, n, slot in runs.runs:
             if native and n <= SHORT_SEGMENT:
                 short.append((start, n, slot))
             else:
                 rows = slice(start, start + n)
                 y[rows] += (x[rows] @ a[slot, expert, :r].T) @ b[slot, expert, :, :r].T
-        if short:
-            start, count, slot = torch.tensor(short, dtype=torch.int64).T.contiguous()
-            _native.lora_add(y, x, mods.table, r, start, count, slot, amx=False)
+        if len(short) == len(runs.runs):
+            _native.lora_add(y, x, mods.table, r, *runs.index(), amx=False)
+        elif short:
+            _native.lora_add(y, x, mods.table, r, *Runs(short).index(), amx=False)
 
 
 class SparseMoE(nn.Module):
@@ -166,13 +187,13 @@ class SparseMoE(nn.Module):
         for expert in experts.unique().tolist():  # ascending, as transformers adds them
             tokens, slot = torch.where(experts == expert)
             xe = x[tokens]
-            runs = [] if lora is None else lora.runs(tokens)
+            runs = None if lora is None else lora.runs(tokens)
             gate_up = dense_linear(xe, self.packed_gate_up[expert], None)
-            if runs:
+            if runs is not None:
                 lora.add(gate_up, xe, "experts.gate_up_proj", expert, runs)
             h = layer_ops.silu_mul(gate_up, native)
             y = dense_linear(h, self.packed_down[expert], None)
-            if runs:
+            if runs is not None:
                 lora.add(y, h, "experts.down_proj", expert, runs)
             out.index_add_(0, tokens, (y * weights[tokens, slot, None]).to(x.dtype))
         return out
