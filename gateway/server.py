@@ -34,6 +34,7 @@ def make_loader(engine_config, settings: GatewaySettings):
 
     def load(state: ServerState) -> None:
         from loragate.adapters.host_lru import HostLru
+        from loragate.adapters.loader import DEFAULT_MAX_ADAPTER_BYTES
         from loragate.adapters.registry import AdapterRegistry
         from loragate.engine import AsyncEngine
         from loragate.engine.models.prepare import CATALOG
@@ -49,7 +50,9 @@ def make_loader(engine_config, settings: GatewaySettings):
                                        base_model_name=entry.hf_id if entry else None,
                                        strict_base_model=settings.strict_base_model,
                                        refresh_interval=settings.adapter_refresh_interval,
-                                       max_cached_bytes=engine_config.max_cpu_lora_memory)
+                                       max_cached_bytes=engine_config.max_cpu_lora_memory,
+                                       # what may be uploaded may be loaded (and what is stored still loads)
+                                       max_bytes=max(settings.max_upload_size, DEFAULT_MAX_ADAPTER_BYTES))
             registry.listeners.append(state.on_adapter_change)
             state.engine_adapters = HostLru(64, engine_config.max_cpu_lora_memory, keep_newest=True)
             state.registry = registry

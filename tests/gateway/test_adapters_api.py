@@ -346,3 +346,20 @@ def test_expert_adapters_upload_and_answer_the_openai_client_as_peft_does(tiny_q
         assert len(texts) == 2 and threads and "loragate-engine" not in threads
     finally:
         s.stop()
+
+
+def test_the_upload_limit_is_also_the_limit_on_loading_weights(tiny_llama, tmp_path, monkeypatch, peft_adapter):
+    """--max-upload-size above the loader's 2 GiB default (a sparse-expert model's adapter can
+    be bigger) lets such an adapter load, not only upload."""
+    from loragate.adapters import registry as registry_module
+    from loragate.adapters.loader import DEFAULT_MAX_ADAPTER_BYTES
+
+    limits, real = [], registry_module.load_adapter
+    monkeypatch.setattr(registry_module, "load_adapter", lambda *a, **k: limits.append(k["max_bytes"]) or real(*a, **k))
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
+    s = RunningServer(tiny_llama, None, max_upload=DEFAULT_MAX_ADAPTER_BYTES * 2)
+    try:
+        assert upload(s, "big-limit", files_of(peft_adapter)).status_code == 201
+        assert limits == [DEFAULT_MAX_ADAPTER_BYTES * 2]
+    finally:
+        s.stop()
