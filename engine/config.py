@@ -124,7 +124,7 @@ class EngineConfig:
             raise ModelConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ModelConfigError(f"num_threads must be >= 1, got {self.num_threads}")
-        for name in ("max_loras", "max_cpu_loras"):
+        for name in ("max_loras", "max_cpu_loras", "max_cpu_lora_memory"):
             if getattr(self, name) < 0:
                 raise ModelConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_lora_rank < 1:

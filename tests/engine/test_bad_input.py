@@ -68,7 +68,8 @@ def test_unknown_model_path_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("field, value", [("dtype", "int3"), ("block_size", 0), ("max_num_seqs", 0),
                                           ("kv_cache_memory", "lots"), ("kv_cache_memory", "lots%"),
                                           ("kv_cache_memory", "0%"), ("kv_cache_memory", "99%"), ("kv_cache_memory", "nan%"),
-                                          ("max_model_len", 1), ("max_cpu_lora_memory", "8 gigs")])
+                                          ("max_model_len", 1), ("max_cpu_lora_memory", "8 gigs"),
+                                          ("max_cpu_lora_memory", -1)])
 def test_bad_engine_config(field, value):
     with pytest.raises(ModelConfigError, match=field.split("_")[0]):
         EngineConfig(**{field: value})
