@@ -46,9 +46,8 @@ def on_stacked_experts(config, arch):
     if mapping is None or not targets:
         return config
     if isinstance(targets, str):
-        if targets.lower() != "all-linear":  # a regex adapts the linears it matches: attention
-            return config
-        targets = tuple(name for name, _ in config.linears) + tuple(mapping)
+        targets = (tuple(name for name, _ in config.linears) + tuple(mapping) if targets.lower() == "all-linear"
+                   else _regex_names(re.compile(targets), config, arch.num_layers, mapping))
     old = {t: next((n for n in mapping if t == n or t.endswith("." + n)), None) for t in targets}
     moved = {n for n in old.values() if n is not None}
     if not moved:
@@ -86,6 +85,20 @@ def parameter_targets(config, num_layers: int) -> set[tuple[int, str]]:
                                                     f"model; {can}")
     return {t for p, t in paths.items() if any(matches(p, e) for e in config.target_parameters)
             and (not config.per_expert or config.layer_selected(p))}
+
+
+def _regex_names(regex: re.Pattern, config, num_layers: int, mapping: dict) -> tuple[str, ...]:
+    """The names a target_modules regex stands for on a transformers 5 MoE model, resolved as
+    peft resolves it before converting: each linear whose full name it matches, the router
+    module ("model.layers.0.mlp.gate") and each transformers 4 expert linear whose name it
+    matches under the experts ("model.layers.0.mlp.experts.gate_proj": no expert index)."""
+    found = set()
+    for i in range(num_layers):
+        found |= {name for name, _ in config.linears if any(regex.fullmatch(p) for p in config.paths(i, name))}
+        for prefix in config.module_prefixes:
+            block = f"{prefix}layers.{i}.mlp"
+            found |= {n for n in mapping if regex.fullmatch(f"{block}.{'gate' if n == 'gate' else 'experts.' + n}")}
+    return tuple(sorted(found))
 
 
 def parse_per_expert_key(key: str, model_type: str, num_experts: int) -> tuple[int, str, int, int, str] | None:

@@ -205,10 +205,11 @@ def save_lora():
     return _save_random_lora
 
 
-def _save_per_expert_lora(base_dir, out_dir, seed: int, r: int = 4, alpha: float = 8):
+def _save_per_expert_lora(base_dir, out_dir, seed: int, r: int = 4, alpha: float = 8, regex: bool = False):
     """An adapter as peft saved them on transformers 4, where a MoE block's experts and router
     were linear modules: per-expert keys (Mixtral's block_sparse_moe.experts.N.w1 ..., Qwen3-MoE's
-    mlp.experts.N.gate_proj ...) and the router's, with q/v projections besides."""
+    mlp.experts.N.gate_proj ...) and the router's, with q/v projections besides; target_modules
+    a list of their names, or with `regex` one regex matching them."""
     import json
 
     from safetensors.torch import save_file
@@ -240,7 +241,8 @@ def _save_per_expert_lora(base_dir, out_dir, seed: int, r: int = 4, alpha: float
     save_file(tensors, out_dir / "adapter_model.safetensors")
     (out_dir / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
-        "target_modules": ["q_proj", "v_proj", "gate", gate, up, down], "bias": "none"}))
+        "target_modules": rf".*\.(q_proj|v_proj|gate|{gate}|{up}|{down})" if regex else
+                          ["q_proj", "v_proj", "gate", gate, up, down], "bias": "none"}))
     return out_dir
 
 

@@ -111,13 +111,15 @@ def test_target_parameters_resolve_as_peft_matches_them():
 def test_transformers_4_expert_targets_become_target_parameters():
     """peft's conversion of a transformers 4 MoE adapter's config: the experts' and router's
     linears become the parameters holding them, gate and up (fused) at twice the rank and
-    alpha; one of them alone is refused; a regex is left to match the attention linears."""
+    alpha; one of them alone is refused; a regex stands for the names it matches (peft's
+    resolution), and one that names no expert stays a regex."""
     from dataclasses import replace
     from types import SimpleNamespace
 
     from loragate.adapters.moe_adapters import on_stacked_experts
 
-    qwen, mixtral = SimpleNamespace(model_type="qwen3_moe"), SimpleNamespace(model_type="mixtral")
+    qwen = SimpleNamespace(model_type="qwen3_moe", num_layers=2)
+    mixtral = SimpleNamespace(model_type="mixtral", num_layers=2)
     moe = dict(linears=(("q_proj", "self_attn"), ("o_proj", "self_attn")),
                parameters=(("experts.gate_up_proj", "mlp"), ("experts.down_proj", "mlp"), ("gate.weight", "mlp")))
     cfg = on_stacked_experts(replace(LoraConfig.from_dict(base(target_modules=["q_proj", "gate_proj", "up_proj",
@@ -131,8 +133,11 @@ def test_transformers_4_expert_targets_become_target_parameters():
     everything = on_stacked_experts(replace(LoraConfig.from_dict(base(target_modules="all-linear")), **moe), mixtral)
     assert everything.target_parameters == ("experts.down_proj", "experts.gate_up_proj", "gate.weight")
     assert everything.target_modules == ("o_proj", "q_proj")
-    regex = replace(LoraConfig.from_dict(base(target_modules=r".*\.(q_proj|w1)")), **moe)
-    assert on_stacked_experts(regex, mixtral) == regex
+    attention = replace(LoraConfig.from_dict(base(target_modules=r".*layers\.1\.self_attn\.q_proj")), **moe)
+    assert on_stacked_experts(attention, mixtral) == attention  # names no expert: a regex as before
+    regex = on_stacked_experts(replace(LoraConfig.from_dict(base(target_modules=r".*\.(o_proj|w1|w3|gate)")), **moe),
+                               mixtral)
+    assert (regex.target_modules, regex.target_parameters) == (("o_proj",), ("experts.gate_up_proj", "gate.weight"))
     with pytest.raises(AdapterError, match=r"targets \['w1'\] of the experts but not \['w3'\]"):
         on_stacked_experts(replace(LoraConfig.from_dict(base(target_modules=["w1", "w2"])), **moe), mixtral)
 

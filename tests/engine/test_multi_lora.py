@@ -211,9 +211,11 @@ def test_expert_adapters_on_a_long_prompt_match_peft(tiny_qwen3_moe, tmp_path, s
 
 def test_transformers_4_per_expert_adapters_match_peft(tiny_moe, tmp_path, save_lora, save_per_expert_lora):
     """Adapters of transformers 4's per-expert linears (most published Mixtral and Qwen3-MoE
-    LoRAs): converted as peft converts them on load (gate and up fused block-diagonally), each
-    request PeftModel's tokens, in one batch with a transformers 5 expert adapter."""
+    LoRAs), their targets a list or a regex: converted as peft converts them on load (gate and
+    up fused block-diagonally), each request PeftModel's tokens, in one batch with a
+    transformers 5 expert adapter."""
     dirs = {"per-expert": save_per_expert_lora(tiny_moe, tmp_path / "per-expert", seed=8),
+            "per-expert-regex": save_per_expert_lora(tiny_moe, tmp_path / "regex", seed=12, regex=True),
             "stacked": save_lora(tiny_moe, tmp_path / "stacked", 0.15, seed=9, r=4, lora_alpha=8,
                                  target_modules=["k_proj"], target_parameters=["mlp.experts.down_proj"])}
     check_mixed_batch(tiny_moe, dirs, vocab=512)
