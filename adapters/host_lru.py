@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable
 
+DEFAULT_MAX_BYTES = 8 << 30  # EngineConfig.max_cpu_lora_memory's default
+
 
 class HostLru:
     def __init__(self, max_items: int, max_bytes: int, keep_newest: bool):

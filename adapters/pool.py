@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import AdapterError
-from .host_lru import HostLru
+from .host_lru import DEFAULT_MAX_BYTES, HostLru
 from .loader import module_shapes
 
 
@@ -39,7 +39,7 @@ class PoolStats:
 
 class LoraSlotPool:
     def __init__(self, arch, num_slots: int, max_rank: int, dtype: torch.dtype, max_cpu_loras: int = 64,
-                 row_terms=None, device: torch.device | str = "cpu", max_cpu_lora_bytes: int = 8 << 30):
+                 row_terms=None, device: torch.device | str = "cpu", max_cpu_lora_bytes: int = DEFAULT_MAX_BYTES):
         if num_slots < 1 or max_rank < 1:
             raise ValueError("num_slots and max_rank must be >= 1")
         self.num_slots, self.max_rank, self.dtype = num_slots, max_rank, dtype

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import AdapterError, AdapterNotFound
-from .host_lru import HostLru
+from .host_lru import DEFAULT_MAX_BYTES, HostLru
 from .loader import CONFIG_FILE, DEFAULT_MAX_ADAPTER_BYTES, WEIGHTS_FILE, LoraWeights, load_adapter
 from .registry_sync import StoreSync
 from .store import AdapterStore, StoredAdapter, check_name
@@ -86,7 +86,7 @@ class AdapterRegistry(StoreSync):
     def __init__(self, store: AdapterStore, arch, max_lora_rank: int, *, base_model_name: str | None = None,
                  strict_base_model: bool = False, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
                  on_change: Listener | None = None, max_cached_weights: int = 64,
-                 max_cached_bytes: int = 8 << 30, refresh_interval: float | None = 2.0):
+                 max_cached_bytes: int = DEFAULT_MAX_BYTES, refresh_interval: float | None = 2.0):
         self.store, self.arch, self.max_lora_rank = store, arch, max_lora_rank
         self.base_model_name, self.strict_base_model = base_model_name, strict_base_model
         self._load_kwargs = dict(base_model_name=base_model_name, strict_base_model=strict_base_model,

@@ -7,7 +7,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from loragate.adapters.host_lru import HostLru
+from loragate.adapters.host_lru import DEFAULT_MAX_BYTES, HostLru
 from loragate.engine.errors import AdapterNotFoundError
 
 from .auth import KeyStore, Principal
@@ -52,7 +52,7 @@ class ServerState:
     # Adapters the engine holds (by versioned key), least recently used first. Bounded in count
     # and bytes (server.py sets EngineConfig.max_cpu_lora_memory): a request already running
     # keeps its weights, and a later one simply re-adds them.
-    engine_adapters: HostLru = field(default_factory=lambda: HostLru(64, 8 << 30, keep_newest=True))
+    engine_adapters: HostLru = field(default_factory=lambda: HostLru(64, DEFAULT_MAX_BYTES, keep_newest=True))
 
     def require_engine(self):
         if self.engine is not None and self.engine.error is not None:
