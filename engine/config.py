@@ -75,7 +75,9 @@ class EngineConfig:
     # On CUDA, decode and speculative verification steps replay CUDA graphs (engine/cuda_graphs.py):
     # a small model's step is otherwise bound by kernel launches. False: every step runs eagerly.
     cuda_graphs: bool = True
-    max_model_len: int | None = None  # default: the model's max_position_embeddings, capped by the KV cache
+    # default: the model's max_position_embeddings (a LongRoPE model's original_max_position_embeddings;
+    # more serves its long factors at every position: arch.py's LONGROPE), capped by the KV cache
+    max_model_len: int | None = None
     block_size: int = 16
     # A size ("1GiB"), or a share of the memory free once the model and LoRA slots are loaded
     # ("85%": of the GPU's on CUDA, of MemAvailable on CPU); the rest is for activations (and

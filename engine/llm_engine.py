@@ -19,7 +19,7 @@ from .kv_cache import KVCacheManager
 from .logits_processors import adjuster_for
 from .model_runner import ModelRunner
 from .models.slot_rows import SlotRowTerms
-from .models.arch import context_limit, text_config
+from .models.arch import context_limit, longrope_note, text_config
 from .models.loader import load_hf_config, load_model
 from .models.prepare import resolve_model
 from .request import Request, RequestStatus
@@ -84,6 +84,10 @@ class LLMEngine:
                                    f"blocks of {bytes_per_block} B")
         # A request must always fit alone, or it could be preempted forever.
         self.max_model_len = min(max_len, num_blocks * config.block_size)
+        # The model's RoPE tables were built for max_len: said here, where the cache's cap is known.
+        note = longrope_note(hf_config, max_len, self.max_model_len)
+        if note and progress:
+            print(f"loragate: {note}", file=sys.stderr)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         # Adapters may be added or removed from any thread (AsyncEngine callers) while the
         # loop thread reads them: entries are replaced whole under this lock.

@@ -42,7 +42,8 @@ def _write_tiny(path, arch: str):
                                              max_window_layers=1))
     elif arch == "phi3":
         # Fused qkv_proj / gate_up_proj; Phi-4-mini's partial RoPE (12 of 16 dims) with LongRoPE
-        # factors, exact up to original_max_position_embeddings (which caps the context); and
+        # factors (short ones up to original_max_position_embeddings, the default context; long
+        # ones at every position when max_model_len asks for more); and
         # Phi-3-mini-4k's sliding window on every layer.
         common.update(max_position_embeddings=4096)
         model = Phi3ForCausalLM(Phi3Config(

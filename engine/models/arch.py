@@ -24,10 +24,13 @@ VISION_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 LAYER_TYPES = ("sliding_attention", "full_attention")
 # RoPE variants whose frequencies do not depend on the sequence being processed.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-# LongRoPE (Phi-3.5, Phi-4-mini, the 128k Phi-3s) switches transformers to its long factors
-# once a forward pass reaches original_max_position_embeddings, so what a position computes
-# depends on how the sequence was split into passes; up to that length only the short
-# factors apply, exactly. The context is capped there.
+# LongRoPE (Phi-3.5, Phi-4-mini, the 128k Phi-3s): transformers switches a whole forward
+# pass to the long factors once it reaches original_max_position_embeddings, so what a
+# position computes would depend on how the sequence was split into passes. loragate picks
+# one set at load, as vLLM does: by default it serves original_max_position_embeddings
+# positions with the short factors (exact); a max_model_len past that serves up to
+# max_position_embeddings with the long factors at every position (rope_tables), exact for
+# sequences past original_max, not for shorter ones.
 LONGROPE = "longrope"
 
 
@@ -61,7 +64,7 @@ class ModelArchConfig:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float
-    max_position_embeddings: int
+    max_position_embeddings: int  # as the config says (LongRoPE too: context_limit picks the default context)
     tie_word_embeddings: bool
     qkv_bias: bool
     o_bias: bool
@@ -157,9 +160,6 @@ class ModelArchConfig:
         if rope.get("partial_rotary_factor", 1.0) != 1.0 and not is_phi3:  # transformers' Llama rotates whole heads
             raise ModelConfigError(f"partial_rotary_factor is not supported for model_type {hf.model_type!r}")
         fields = common_fields(hf)
-        if rope.get("rope_type") == LONGROPE:
-            fields["max_position_embeddings"] = min(fields["max_position_embeddings"],
-                                                    rope["original_max_position_embeddings"])
         if hf.model_type == "granite":  # scaling constants where Llama has none (1.0 means none)
             fields.update(attention_scale=hf.attention_multiplier, embedding_scale=hf.embedding_multiplier,
                           residual_scale=hf.residual_multiplier, logits_divisor=hf.logits_scaling)
@@ -248,12 +248,36 @@ def common_fields(hf) -> dict:
     )
 
 
+def longrope_original_max(hf) -> int | None:
+    """original_max_position_embeddings of a LongRoPE model; None for any other RoPE."""
+    rope = getattr(text_config(hf), "rope_parameters", None) or {}
+    return rope.get("original_max_position_embeddings") if rope.get("rope_type") == LONGROPE else None
+
+
 def context_limit(hf, requested: int | None) -> tuple[int, str | None]:
-    """max_model_len before the KV cache's cap: the model's positions, or fewer if asked; and,
-    when more were asked for, what to tell the user."""
+    """max_model_len before the KV cache's cap: the model's max_position_embeddings (a LongRoPE
+    model's original_max_position_embeddings, where its short factors apply, unless more are
+    asked for), or fewer if asked; and, when more were asked for, what to tell the user."""
     limit = ModelArchConfig.from_hf(hf).max_position_embeddings
-    if requested is None or requested <= limit:
-        return requested or limit, None
-    why = (" (LongRoPE is exact up to original_max_position_embeddings; past it transformers switches to the "
-           "long factors, which loragate does not apply)" if limit < text_config(hf).max_position_embeddings else "")
-    return limit, f"max_model_len {requested} is more than this model's {limit} positions{why}; serving {limit}"
+    if requested is None:
+        return longrope_original_max(hf) or limit, None
+    if requested <= limit:
+        return requested, None
+    return limit, f"max_model_len {requested} is more than this model's {limit} positions; serving {limit}"
+
+
+def longrope_note(hf, max_len: int, served: int) -> str | None:
+    """What to tell the user when a LongRoPE model's RoPE tables are built for max_len
+    positions, past original_max_position_embeddings: the long factors then apply to every
+    position (so K/V never needs recomputing), unlike transformers below that length. served:
+    max_model_len after the KV cache's cap. None when the short factors apply."""
+    original = longrope_original_max(hf)
+    if original is None or max_len <= original:
+        return None
+    note = (f"max_model_len {max_len} is past this LongRoPE model's original_max_position_embeddings {original}: "
+            f"its long factors apply to every position, so sequences of up to {original} tokens differ from "
+            f"transformers (which uses the short factors there); --max-model-len <= {original} keeps the short factors")
+    if served <= original:
+        note += (f". The KV cache holds only {served} tokens, so max_model_len is {served}, no longer context than "
+                 "the short factors serve: raise --kv-cache-memory")
+    return note

@@ -15,7 +15,7 @@ from loragate.kernels import layer_ops
 from loragate.kernels.attention import paged_attention
 from loragate.kernels.dense import dense_linear, pack_weight
 
-from .arch import ModelArchConfig, projection_biases, rope_layer_types
+from .arch import LONGROPE, ModelArchConfig, projection_biases, rope_layer_types
 from .linear import Projection
 from .moe import SparseMoE
 
@@ -24,7 +24,9 @@ def rope_tables(hf_config, max_positions: int, layer_type: str | None = None) ->
     """cos/sin tables [max_positions, rotary dims] in fp32, computed like transformers does
     (its ROPE_INIT_FUNCTIONS give the inverse frequencies and the attention scaling); the
     rotary dims are head_dim, or its first partial_rotary_factor part.
-    layer_type: for models whose rope_parameters are per layer type (Gemma 3)."""
+    layer_type: for models whose rope_parameters are per layer type (Gemma 3).
+    LongRoPE's factors are chosen once for every position, as vLLM does: the long ones when
+    the tables run past original_max_position_embeddings (arch.py's LONGROPE)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     params = getattr(hf_config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": hf_config.rope_theta}
@@ -38,6 +40,8 @@ def rope_tables(hf_config, max_positions: int, layer_type: str | None = None) ->
         scaling = 1.0
     else:
         kwargs = {} if layer_type is None else {"layer_type": layer_type}
+        if rope_type == LONGROPE:  # its init takes the long factors when seq_len > original_max_position_embeddings
+            kwargs["seq_len"] = max_positions
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), **kwargs)
     freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)

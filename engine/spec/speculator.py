@@ -150,6 +150,8 @@ def _draft_proposer(config, engine):
     draft_config = load_hf_config(draft_dir)
     check_same_vocabulary(engine.tokenizer, _load_tokenizer(draft_dir), engine.model.config.vocab_size,
                           text_config(draft_config).vocab_size, config.draft_model)
+    # A LongRoPE draft follows the target's rule on its own tables: past its original_max_position_embeddings
+    # it takes the long factors at every position (rope_tables); its proposals are verified either way.
     draft_positions = ModelArchConfig.from_hf(draft_config).max_position_embeddings
     if draft_positions < engine.max_model_len:
         raise ModelConfigError(f"draft model {config.draft_model} handles {draft_positions} "

@@ -111,20 +111,24 @@ def test_sliding_windows_follow_the_config_and_unsupported_variants_are_refused(
 
 def test_phi3_rope_variants_and_what_other_families_refuse():
     """LongRoPE and partial rotary dims, as transformers implements them for Phi-3 only; a
-    LongRoPE model's positions end at original_max_position_embeddings (see test_model_vs_hf)."""
+    LongRoPE model has max_position_embeddings positions, and serves original_max_position_embeddings
+    of them (its short factors) unless asked for more (see test_model_vs_hf)."""
     from transformers import LlamaConfig, Phi3Config
 
-    from loragate.engine.models.arch import ModelArchConfig
+    from loragate.engine.models.arch import ModelArchConfig, context_limit
 
     small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512)
     longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
-    phi3 = ModelArchConfig.from_hf(Phi3Config(**small, max_position_embeddings=8192,
-                                              original_max_position_embeddings=4096, rope_parameters=longrope))
-    assert phi3.fused_linears and phi3.max_position_embeddings == 4096
+    phi3_hf = Phi3Config(**small, max_position_embeddings=8192, original_max_position_embeddings=4096,
+                         rope_parameters=longrope)
+    phi3 = ModelArchConfig.from_hf(phi3_hf)
+    assert phi3.fused_linears and phi3.max_position_embeddings == 8192
+    assert [context_limit(phi3_hf, n)[0] for n in (None, 1000, 6000, 9000)] == [4096, 1000, 6000, 8192]
     assert list(phi3.linear_modules) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     assert phi3.linear_modules["qkv_proj"].fan_out == 3 * 64 and phi3.linear_modules["gate_up_proj"].fan_out == 256
-    plain = ModelArchConfig.from_hf(Phi3Config(**small, max_position_embeddings=4096))  # Phi-3-mini-4k
-    assert plain.max_position_embeddings == 4096 and plain.layer_windows == ()
+    plain_hf = Phi3Config(**small, max_position_embeddings=4096)  # Phi-3-mini-4k
+    plain = ModelArchConfig.from_hf(plain_hf)
+    assert plain.max_position_embeddings == 4096 and plain.layer_windows == () and context_limit(plain_hf, None)[0] == 4096
     for config, message in [(Phi3Config(**small, hidden_act="gelu"), "hidden_act"),
                             (LlamaConfig(**small, rope_parameters=dict(longrope, original_max_position_embeddings=4096)),
                              r"rope_type 'longrope' is not supported \(supported: default, linear, llama3, yarn\)"),

@@ -92,8 +92,9 @@ def assert_prefill_logits_close(model, hf, prompt, atol=2e-3):
     forward on the CPU."""
     with torch.inference_mode():
         req = Request("x", prompt, SamplingParams())
-        kv = KVCacheManager(64, 16)
-        runner = ModelRunner(model, 64, 16)
+        blocks = max(64, -(-len(prompt) // 16))
+        kv = KVCacheManager(blocks, 16)
+        runner = ModelRunner(model, blocks, 16)
         kv.allocate(req, len(prompt))
         batch = build_batch([(req, len(prompt))], 16).to(runner.device)
         logits = model.compute_logits(model(batch.input_ids, batch.positions, runner.kv_caches, batch)).cpu()
@@ -161,15 +162,42 @@ def test_sliding_windows_hold_across_prefill_chunks_and_cached_prefixes(tiny_gem
 def test_phi3_longrope_serves_the_context_where_it_is_exact(tiny_phi3, capsys):
     """Past original_max_position_embeddings (2048 of this model's 4096), transformers switches
     LongRoPE to its long factors for a whole forward pass, so a position's rotation would depend
-    on how the sequence was split. The engine serves the 2048 positions where only the short
-    factors apply, says so when asked for more, and matches transformers up to the last one."""
-    llm = LLM(str(tiny_phi3), dtype="float32", max_model_len=4096, progress=True)
+    on how the sequence was split. By default the engine serves the 2048 positions where only
+    the short factors apply, and matches transformers up to the last one."""
+    llm = LLM(str(tiny_phi3), dtype="float32", progress=True)
     assert llm.engine.max_model_len == 2048
-    assert "max_model_len 4096 is more than this model's 2048 positions (LongRoPE" in capsys.readouterr().err
+    assert "LongRoPE" not in capsys.readouterr().err
     prompt = random_prompts([2036], 500, seed=9)[0]
     out = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
     hf = AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32)
     assert out.token_ids == hf_greedy(hf, prompt, 12)
+
+
+def test_phi3_longrope_long_factors_past_original_max(tiny_phi3, capsys):
+    """A max_model_len past original_max_position_embeddings serves it with the long factors at
+    every position, as vLLM does (and says so): a prompt past 2048 tokens, which transformers
+    runs on the long factors from its prefill on, gives transformers' tokens and logits. Asked
+    for more than max_position_embeddings, it serves those; a KV cache that holds no more than
+    the short factors serve is named in the message."""
+    short = LLM(str(tiny_phi3), dtype="float32", progress=False).engine.model
+    llm = LLM(str(tiny_phi3), dtype="float32", max_model_len=4096, progress=True)
+    assert llm.engine.max_model_len == 4096
+    err = capsys.readouterr().err
+    assert "long factors apply to every position" in err and "--max-model-len <= 2048 keeps the short" in err
+    model = llm.engine.model
+    assert model.rope_cos.shape[0] == 4096
+    for long_table, short_table in ((model.rope_cos, short.rope_cos), (model.rope_sin, short.rope_sin)):
+        assert not torch.allclose(long_table[:2048], short_table)
+    prompt = random_prompts([2100], 500, seed=9)[0]
+    out = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    hf = AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32)
+    assert out.token_ids == hf_greedy(hf, prompt, 12)
+    assert_prefill_logits_close(model, hf, prompt, atol=LOGIT_ATOL)
+
+    capped = LLM(str(tiny_phi3), dtype="float32", max_model_len=5000, kv_cache_memory=2**18, progress=True).engine
+    err = capsys.readouterr().err
+    assert "max_model_len 5000 is more than this model's 4096 positions; serving 4096" in err
+    assert capped.max_model_len <= 2048 and "raise --kv-cache-memory" in err
 
 
 def test_sparse_expert_models_match_hf(tiny_moe):
