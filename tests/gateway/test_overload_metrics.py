@@ -166,6 +166,9 @@ def test_a_full_queue_refuses_the_tenant_that_fills_it_not_the_others(tiny_llama
                 flood = [asyncio.create_task(h.post(s.url + "/v1/completions", json=body, headers=s.headers()))
                          for _ in range(12)]
                 while s.state.engine.num_waiting < 3:
+                    # A flood that finished (or failed) without ever queueing 3 would leave this
+                    # loop waiting forever; the assertions below then say what came back.
+                    assert not all(t.done() for t in flood), [t.result() for t in flood]
                     await asyncio.sleep(0.01)
                 other = await h.post(s.url + "/v1/completions", json=body, headers=s.headers("key-b"))
                 return other, await asyncio.gather(*flood)
@@ -180,11 +183,12 @@ def test_a_full_queue_refuses_the_tenant_that_fills_it_not_the_others(tiny_llama
 
 def test_cuda_graph_metrics_count_replayed_steps(tiny_llama, tmp_path, monkeypatch):
     """On a CPU there are no graphs, and no such metrics. With the graphs' padded form standing
-    in (engine/cuda_graphs.py, not captured), every decode step of a request is replayed."""
+    in (engine/cuda_graphs.py, not captured), every decode step of a request is replayed.
+    The engine is on the CPU even where a GPU is, whose real graphs would count other steps."""
     from loragate.engine.cuda_graphs import DecodeGraphs
 
     monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
-    s = RunningServer(tiny_llama, None)
+    s = RunningServer(tiny_llama, None, device="cpu")
     try:
         assert "loragate_cuda_graph" not in httpx.get(s.url + "/metrics").text
         engine = s.state.engine.engine
