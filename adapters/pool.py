@@ -139,12 +139,18 @@ class LoraSlotPool:
                 experts, fan_in, fan_out = self._shapes[name]
                 size = self.num_layers * self.num_slots * (experts or 1) * self.max_rank * (fan_in + fan_out) * \
                     self.dtype.itemsize
+                no_memory = (f"no memory for the slots of {name} ({size / 2**30:.1f} GiB: {self.num_slots} slots x "
+                             f"rank {self.max_rank} x {self.num_layers} layers)")
+                # A host allocation succeeds lazily and the kernel kills the process when the
+                # pages are first written: the slots must fit in what the host has now.
+                available = _host_available() if torch.device(self._device).type == "cpu" else None
+                if available is not None and size > available:
+                    raise AdapterError("too_large", f"{no_memory}; the host has {available / 2**30:.1f} GiB "
+                                       "available: lower --max-lora-rank or --max-loras, or --kv-cache-memory")
                 try:
                     self._make_stacks(name)
                 except (MemoryError, RuntimeError) as e:  # torch's out-of-memory errors are RuntimeErrors
-                    raise AdapterError("too_large", f"no memory for the slots of {name} ({size / 2**30:.1f} GiB: "
-                                       f"{self.num_slots} slots x rank {self.max_rank} x {self.num_layers} layers); "
-                                       "lower --max-lora-rank or --max-loras") from e
+                    raise AdapterError("too_large", f"{no_memory}; lower --max-lora-rank or --max-loras") from e
 
     def _make_stacks(self, name: str) -> None:
         if name not in self.a:
@@ -198,3 +204,14 @@ class LoraSlotPool:
 
     def modules_of(self, slots) -> frozenset[str]:
         return frozenset().union(*(self.slot_modules[s] for s in slots if s >= 0))
+
+
+def _host_available() -> int | None:
+    """The host's MemAvailable in bytes; None where it cannot be read (no check then)."""
+    from loragate.engine.config import free_memory
+    from loragate.engine.errors import ModelConfigError
+
+    try:
+        return free_memory(torch.device("cpu"))
+    except ModelConfigError:
+        return None

@@ -14,6 +14,7 @@ import torch
 from peft import IA3Config, PrefixTuningConfig
 from peft import LoraConfig as PeftLoraConfig
 
+from loragate.adapters import pool as pool_module
 from loragate.adapters.errors import AdapterError
 from .conftest import edit_config, edit_weights, poison
 from loragate.adapters.loader import WEIGHTS_FILE, load_adapter
@@ -260,6 +261,13 @@ def test_expert_adapters_are_checked_and_their_stacks_made_on_first_use(tiny_qwe
     with pytest.raises(AdapterError) as e:
         full.make_stacks(weights)
     assert e.value.code == "too_large" and "no memory for the slots of experts.down_proj" in str(e.value)
+    # On the host an allocation past what is free would succeed, and its first write kill the process.
+    short = LoraSlotPool(arch, 2, MAX_RANK, torch.float32)
+    monkeypatch.setattr(pool_module, "_host_available", lambda: 4096)
+    with pytest.raises(AdapterError) as e:
+        short.make_stacks(weights)
+    assert e.value.code == "too_large" and "the host has 0.0 GiB available" in str(e.value)
+    assert "experts.down_proj" not in short.a
 
 
 def test_transformers_4_expert_adapters_are_checked(tiny_mixtral, tmp_path, save_per_expert_lora):
