@@ -55,8 +55,6 @@ class LLMEngine:
         self.model_dir = Path(model_dir)
         hf_config = load_hf_config(self.model_dir)
         max_len, capped = context_limit(hf_config, config.max_model_len)
-        if capped and progress:
-            print(f"loragate: {capped}", file=sys.stderr)
         hf_config = text_config(hf_config)
         t0 = time.perf_counter()
         self.device = config.torch_device
@@ -84,10 +82,9 @@ class LLMEngine:
                                    f"blocks of {bytes_per_block} B")
         # A request must always fit alone, or it could be preempted forever.
         self.max_model_len = min(max_len, num_blocks * config.block_size)
-        # The model's RoPE tables were built for max_len: said here, where the cache's cap is known.
-        note = longrope_note(hf_config, max_len, self.max_model_len)
-        if note and progress:
-            print(f"loragate: {note}", file=sys.stderr)
+        for note in (capped, longrope_note(hf_config, max_len, self.max_model_len)):  # the cache's cap is known here
+            if note and progress:
+                print(f"loragate: {note}", file=sys.stderr)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         # Adapters may be added or removed from any thread (AsyncEngine callers) while the
         # loop thread reads them: entries are replaced whole under this lock.
@@ -124,13 +121,6 @@ class LLMEngine:
 
         self.speculator = Speculator(proposer, self.config.num_speculative_tokens, self.max_model_len)
         self.runner.expose_hidden_states = proposer.wants_hidden_states
-
-    # -- requests -------------------------------------------------------------------------
-
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=True)
-        return list(prompt)
 
     # -- adapters -------------------------------------------------------------------------
 
@@ -172,6 +162,11 @@ class LLMEngine:
         return True
 
     # -- requests -------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return list(prompt)
 
     def make_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                      request_id: str | None = None, cache_salt: str = "", adapter: str | None = None,
