@@ -4,6 +4,9 @@ Only block ids live here; the K/V tensors themselves belong to the model runner.
 block is content-addressed by a chained hash of (cache salt, every token id up to the block
 end), so a later request with the same prefix (and the same adapter) reuses it. Blocks whose
 reference count drops to zero stay cached until the allocator needs them, oldest first.
+Where every layer attends over a sliding window, a request gives back the blocks its next
+queries can no longer see (release_before): its context then costs about a window of blocks,
+however long it grows.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ class KVCacheManager:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        # What a released block's table entry becomes: the runner's scratch block (one past the
+        # blocks handed out), a valid address that attention never weighs in, beyond any window.
+        self.released_block = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         # Blocks with no reference, in eviction order (least recently freed first).
@@ -132,7 +138,7 @@ class KVCacheManager:
         self._extend_hashes(request, request.num_computed_tokens)
         num_full = request.num_computed_tokens // self.block_size
         scored = request.sampling_params.prompt_logprobs is not None
-        for i in range(num_full):
+        for i in range(request.num_released_blocks, num_full):  # released ones were registered before
             block = request.block_ids[i]
             h = request.block_hashes[i]
             if block not in self.hash_of_block and h not in self.cached_block_by_hash:
@@ -177,21 +183,45 @@ class KVCacheManager:
             request.block_ids.append(self._take_free_block())
         return True
 
+    def _unref(self, block: int) -> None:
+        if block == self.released_block:
+            return
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            self.free_blocks[block] = None
+
     def free(self, request: Request) -> None:
         """Drop the request's references. Tail blocks go first in the eviction order: they are
         the least likely to be shared by a later request."""
         for block in reversed(request.block_ids):
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self.free_blocks[block] = None
+            self._unref(block)
         request.block_ids = []
+        request.num_released_blocks = 0
 
     def truncate(self, request: Request, num_tokens: int) -> None:
         """Release blocks beyond the first `num_tokens` tokens (speculative rollback)."""
         keep = self.blocks_needed(num_tokens)
         for block in reversed(request.block_ids[keep:]):
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self.free_blocks[block] = None
+            self._unref(block)
         del request.block_ids[keep:]
         del request.block_hashes[num_tokens // self.block_size:]
+        request.num_released_blocks = min(request.num_released_blocks, keep)
+
+    def release_before(self, request: Request, position: int) -> None:
+        """Give back the request's blocks that hold only positions before `position`: with a
+        sliding window on every layer, those its next queries cannot see. A cached one stays
+        in the prefix cache until the allocator needs it, like any freed block."""
+        end = min(max(position, 0) // self.block_size, len(request.block_ids))
+        for i in range(request.num_released_blocks, end):
+            self._unref(request.block_ids[i])
+            request.block_ids[i] = self.released_block
+        request.num_released_blocks = max(request.num_released_blocks, end)
+
+
+def context_limit_of_cache(num_blocks: int, block_size: int, window: int | None, step_tokens: int) -> int | None:
+    """The longest context one request can reach with the cache to itself, so that it is never
+    preempted forever. With a window on every layer it holds at most a window and a step's
+    tokens (up to step_tokens) of blocks at a time: no limit (None) once those fit."""
+    if window is not None and num_blocks >= -(-(window + step_tokens) // block_size) + 1:
+        return None
+    return num_blocks * block_size

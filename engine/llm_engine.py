@@ -15,7 +15,7 @@ import torch
 from .config import EngineConfig, physical_cores
 from .detokenizer import IncrementalDetokenizer
 from .errors import AdapterNotFoundError, InvalidRequestError, ModelConfigError
-from .kv_cache import KVCacheManager
+from .kv_cache import KVCacheManager, context_limit_of_cache
 from .logits_processors import adjuster_for
 from .model_runner import ModelRunner
 from .models.slot_rows import SlotRowTerms
@@ -80,8 +80,9 @@ class LLMEngine:
         if num_blocks < 2:
             raise ModelConfigError(f"kv_cache_memory {config.kv_cache_memory} ({kv_bytes} B) holds fewer than 2 "
                                    f"blocks of {bytes_per_block} B")
-        # A request must always fit alone, or it could be preempted forever.
-        self.max_model_len = min(max_len, num_blocks * config.block_size)
+        window = self.model.config.window_of_every_layer
+        self.max_model_len = min(max_len, context_limit_of_cache(num_blocks, config.block_size, window,
+                                                                 config.max_num_batched_tokens) or max_len)
         for note in (capped, longrope_note(hf_config, max_len, self.max_model_len)):  # the cache's cap is known here
             if note and progress:
                 print(f"loragate: {note}", file=sys.stderr)
@@ -91,7 +92,7 @@ class LLMEngine:
         self.adapters: dict[str, tuple[int, object]] = {}  # name -> (version, LoraWeights)
         self._adapter_versions: dict[str, int] = {}
         self._adapter_lock = threading.Lock()
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.lora_pool)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.lora_pool, window)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.lora_pool,
                                   cuda_graph_rows=config.cuda_graph_rows)
         self.eos_token_ids = _eos_ids(self.tokenizer, hf_config, self.model_dir)

@@ -52,6 +52,9 @@ class Request:
     # Of those, how many came from the prefix cache on the first admission (usage's cached tokens).
     num_cached_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    # Leading blocks given back because no query of this request will see them again (a model
+    # whose every layer has a sliding window): their block_ids are KVCacheManager.released_block.
+    num_released_blocks: int = 0
     # Chained hashes of this request's full blocks, in order (prefix-cache keys).
     block_hashes: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0

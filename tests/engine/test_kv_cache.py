@@ -71,3 +71,37 @@ def test_truncate_releases_the_tail():
     kv.allocate(a, 14)
     kv.truncate(a, 5)
     assert len(a.block_ids) == 2 and kv.num_free_blocks == 6
+
+
+def test_release_before_gives_back_leading_blocks_that_stay_cached():
+    """A request on a model whose every layer has a sliding window gives back the blocks its
+    next queries cannot see: their entries become the released marker, their references go,
+    and a full one stays in the prefix cache like any freed block."""
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    a = req(range(14))
+    kv.allocate(a, 14)
+    a.num_computed_tokens = 14
+    kv.cache_full_blocks(a)
+    first, second = a.block_ids[:2]
+    kv.release_before(a, 9)  # positions 0-7 unseen: blocks 0 and 1
+    assert a.block_ids[:2] == [kv.released_block] * 2 and a.num_released_blocks == 2
+    assert kv.ref_counts[first] == kv.ref_counts[second] == 0 and kv.num_free_blocks == 6
+    kv.release_before(a, 9)  # idempotent
+    assert kv.num_free_blocks == 6
+    kv.cache_full_blocks(a)  # a released entry is never registered as the marker
+    assert kv.released_block not in kv.hash_of_block
+    b = req(list(range(8)) + [99], rid="b")
+    assert kv.match_prefix(b) == 8 and b.block_ids == [first, second]  # still cached
+    kv.truncate(a, 10)
+    assert a.num_released_blocks == 2 and len(a.block_ids) == 3
+    kv.free(a)
+    kv.free(b)
+    assert a.num_released_blocks == 0 and kv.num_free_blocks == 8 and all(c == 0 for c in kv.ref_counts)
+
+
+def test_the_cache_limits_the_context_unless_every_layer_has_a_window_that_fits():
+    from loragate.engine.kv_cache import context_limit_of_cache
+
+    assert context_limit_of_cache(10, 16, None, 64) == 160
+    assert context_limit_of_cache(10, 16, 20, 64) is None  # a window and a step: at most 7 blocks
+    assert context_limit_of_cache(5, 16, 20, 64) == 80
