@@ -80,9 +80,8 @@ class LLMEngine:
         if num_blocks < 2:
             raise ModelConfigError(f"kv_cache_memory {config.kv_cache_memory} ({kv_bytes} B) holds fewer than 2 "
                                    f"blocks of {bytes_per_block} B")
-        window = self.model.config.window_of_every_layer
-        self.max_model_len = min(max_len, context_limit_of_cache(num_blocks, config.block_size, window,
-                                                                 config.max_num_batched_tokens) or max_len)
+        window, step = self.model.config.window_of_every_layer, config.max_num_batched_tokens
+        self.max_model_len = min(max_len, context_limit_of_cache(num_blocks, config.block_size, window, step) or max_len)
         for note in (capped, longrope_note(hf_config, max_len, self.max_model_len)):  # the cache's cap is known here
             if note and progress:
                 print(f"loragate: {note}", file=sys.stderr)
@@ -113,7 +112,8 @@ class LLMEngine:
             print(f"loragate: {self.model_name} ({config.dtype}, {where}) loaded in "
                   f"{time.perf_counter() - t0:.1f}s; KV cache {num_blocks} blocks x {config.block_size} tokens "
                   f"= {num_blocks * config.block_size} tokens ({num_blocks * bytes_per_block / 2**20:.0f} MiB); "
-                  f"max_model_len {self.max_model_len}", file=sys.stderr)
+                  f"max_model_len {self.max_model_len}" + (f"; blocks behind every layer's {window}-token window "
+                  "are given back" if window else ""), file=sys.stderr)
 
     def use_proposer(self, proposer) -> None:
         """Speculate with another Proposer (engine/spec/proposer.py), e.g. a drafter that
