@@ -17,6 +17,7 @@ from .detokenizer import IncrementalDetokenizer
 from .errors import AdapterNotFoundError, InvalidRequestError, ModelConfigError
 from .kv_cache import KVCacheManager, context_limit_of_cache
 from .logits_processors import adjuster_for
+from .own_proposals import propose_own_tokens
 from .model_runner import ModelRunner
 from .models.slot_rows import SlotRowTerms
 from .models.arch import context_limit, longrope_note, text_config
@@ -45,6 +46,8 @@ class RequestOutput:
     prompt_logprobs: list[tuple[float, dict[int, float]]] | None = None
     queue_seconds: float = 0.0  # from arrival to first admission into the running batch
     num_preemptions: int = 0
+    num_prediction_tokens: int = 0  # SamplingParams.prediction's, and of those the output took as proposed:
+    num_accepted_prediction_tokens: int = 0
 
 
 class LLMEngine:
@@ -105,7 +108,9 @@ class LLMEngine:
         self.num_computed_tokens_total = 0  # tokens run through the model (prefix hits excluded)
         self.num_generated_tokens_total = 0
         self.num_forced_accepted = 0  # grammar-forced tokens taken without a step of their own
-        self._forced: set[str] = set()  # requests whose proposals this step are grammar-forced tokens
+        # Requests whose proposals this step are the engine's own (own_proposals.py): grammar-forced, predicted
+        self._forced: set[str] = set()
+        self._predicted: set[str] = set()
         if progress:
             where = (f"{torch.get_num_threads()} threads" if self.device.type == "cpu"
                      else f"{self.device}: {torch.cuda.get_device_name(self.device)}")
@@ -187,7 +192,10 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt is {len(ids)} tokens; this model's context is {self.max_model_len} tokens "
                 "including at least one generated token", "prompt")
-        for name, token_ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+        prediction = (self.tokenizer.encode(params.prediction, add_special_tokens=False)
+                      if isinstance(params.prediction, str) else params.prediction)
+        for name, token_ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids),
+                                ("prediction", prediction or [])):
             if any(t >= vocab for t in token_ids):
                 raise InvalidRequestError(f"{name} token ids must be in [0, {vocab})", name)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -195,6 +203,7 @@ class LLMEngine:
             cache_salt = f"tenant:{tenant}|{cache_salt}"
         req = Request(request_id, ids, params, cache_salt=cache_salt, tenant=tenant)
         req.logits_adjuster = adjuster_for(params, ids, self.eos_token_ids)
+        req.prediction_token_ids = prediction or None
         if params.grammar is not None:
             req.grammar = self.grammars.constraint(params.grammar)
         if adapter is not None:
@@ -243,10 +252,14 @@ class LLMEngine:
             self.scheduler.requests[request_id].prompt_logprobs.extend(entries)
         # Cut each request's new tokens at its first stop (speculation may emit several).
         statuses = [self._cut_at_stop(req, i, out) for i, req in enumerate(out.requests)]
-        # Grammar-forced proposals are the engine's, not the speculator's: its statistics skip them.
-        forced = [req.request_id in self._forced for req in out.requests]
-        proposed = [0 if f else len(req.spec_token_ids) for req, f in zip(out.requests, forced)]
-        self.num_forced_accepted += sum(a for a, f in zip(out.num_accepted, forced) if f)
+        # The engine's own proposals are not the speculator's: its statistics skip them.
+        own = [req.request_id in self._forced or req.request_id in self._predicted for req in out.requests]
+        proposed = [0 if o else len(req.spec_token_ids) for req, o in zip(out.requests, own)]
+        for req, accepted in zip(out.requests, out.num_accepted):
+            if req.request_id in self._forced:
+                self.num_forced_accepted += accepted
+            elif req.request_id in self._predicted:
+                req.num_accepted_prediction_tokens += accepted
         self.scheduler.update(scheduled, out)
         self.num_computed_tokens_total += out.num_computed_tokens
         self.num_generated_tokens_total += sum(len(t) for t in out.token_ids)
@@ -266,31 +279,14 @@ class LLMEngine:
                 finish_reason=req.finish_reason, stop_reason=req.stop_reason,
                 num_cached_tokens=req.num_cached_tokens, new_logprobs=logprobs or [],
                 prompt_logprobs=req.prompt_logprobs if req.sampling_params.prompt_logprobs is not None else None,
-                queue_seconds=req.first_scheduled_time - req.arrival_time, num_preemptions=req.num_preemptions))
+                queue_seconds=req.first_scheduled_time - req.arrival_time, num_preemptions=req.num_preemptions,
+                num_prediction_tokens=len(req.prediction_token_ids or ()),
+                num_accepted_prediction_tokens=req.num_accepted_prediction_tokens))
         if self.speculator is not None:
             self.speculator.after_step(scheduled, out, proposed, step_seconds)
             self.speculator.propose(self.scheduler.running)
-        self._propose_forced_tokens()
+        self._forced, self._predicted = propose_own_tokens(self.scheduler.running, self.max_model_len)
         return outputs
-
-    # Most grammar-forced tokens verified per request and step.
-    MAX_FORCED_TOKENS = 8
-
-    def _propose_forced_tokens(self) -> None:
-        """Jump-forward decoding: a structured request whose grammar forces its next tokens
-        gets them as proposals, unless the speculator proposed for it (never past max_tokens
-        or the context; not for requests that opt out of speculation)."""
-        self._forced = set()
-        for req in self.scheduler.running:
-            if (req.grammar is None or req.spec_token_ids or not req.sampling_params.speculative
-                    or req.num_computed_tokens != req.num_tokens - 1):
-                continue
-            limit = min(self.MAX_FORCED_TOKENS, req.sampling_params.max_tokens - len(req.output_token_ids) - 1,
-                        self.max_model_len - req.num_tokens)
-            if limit > 0:
-                req.spec_token_ids, req.spec_draft_probs = req.grammar.forced_tokens(limit), None
-                if req.spec_token_ids:
-                    self._forced.add(req.request_id)
 
     def _cut_at_stop(self, req: Request, i: int, out) -> RequestStatus | None:
         detok = self._detokenizers[req.request_id]

@@ -38,6 +38,10 @@ class SamplingParams:
     # Structured output: an llguidance grammar the output must match, e.g. from
     # structured_output.grammar_from_json_schema(schema); the request ends when it is complete.
     grammar: str | None = None
+    # Predicted output (OpenAI's `prediction`): text, or token ids, the output is expected to
+    # be much like (a file with a small edit). Its tokens are verified as proposals, so the
+    # output is what it would be without it, only sooner (engine/predicted_outputs.py).
+    prediction: str | list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -81,6 +85,10 @@ class SamplingParams:
         if self.min_tokens > self.max_tokens:
             raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
                                       "min_tokens")
+        if self.prediction is not None and not (isinstance(self.prediction, str) or (
+                isinstance(self.prediction, list)
+                and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.prediction))):
+            raise InvalidRequestError("prediction must be text or a list of token ids", "prediction")
         if self.grammar is not None and not isinstance(self.grammar, str):
             raise InvalidRequestError("grammar must be a string (an llguidance grammar)", "response_format")
         if self.grammar is not None and self.min_tokens:

@@ -41,6 +41,7 @@ class Choice:
         self.text, self.tokens, self.logprobs, self.finish_reason = "", [], [], None
         self.prompt_logprobs = None  # with echo + logprobs: the prompt tokens' entries
         self.cached_tokens = 0  # of the prompt, served from the prefix cache
+        self.prediction = (0, 0)  # (accepted, rejected) tokens of a predicted output
         self.metrics, self.labels = metrics, labels  # (tenant, adapter) of the token counters
         self.start = self.last = time.monotonic()
 
@@ -49,6 +50,8 @@ class Choice:
         (self.metrics.itl if self.tokens else self.metrics.ttft).observe(t - self.last)
         self.last = t
         self.cached_tokens = out.num_cached_tokens
+        accepted = out.num_accepted_prediction_tokens
+        self.prediction = (accepted, max(out.num_prediction_tokens - accepted, 0))
         if out.prompt_logprobs is not None and self.prompt_logprobs is None:
             self.prompt_logprobs = out.prompt_logprobs
         self.text += out.delta_text
@@ -175,7 +178,8 @@ async def collect_answer(state, principal, body: dict, gen, *, chat: bool) -> di
 def _usage(gen, prompts, choices: list[Choice]) -> dict:
     """Each prompt counts once (n choices share it): its cached tokens are its least cached choice's."""
     cached = sum(min(c.cached_tokens for c in choices if c.prompt_index == i) for i in range(len(prompts)))
-    return usage(sum(len(p) for p in prompts), sum(_generated(gen, c) for c in choices), cached)
+    prediction = tuple(map(sum, zip(*(c.prediction for c in choices)))) if gen.sampling.get("prediction") else None
+    return usage(sum(len(p) for p in prompts), sum(_generated(gen, c) for c in choices), cached, prediction)
 
 
 def _generated(gen, c: Choice) -> int:

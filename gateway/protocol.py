@@ -94,7 +94,8 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
                     frequency_penalty=_get(body, "frequency_penalty", float, 0.0),
                     repetition_penalty=_get(body, "repetition_penalty", float, 1.0),
                     logit_bias=_logit_bias(body), min_tokens=_get(body, "min_tokens", int, 0),
-                    stop_token_ids=_get(body, "stop_token_ids", list, []), grammar=output_grammar(body))
+                    stop_token_ids=_get(body, "stop_token_ids", list, []), grammar=output_grammar(body),
+                    prediction=_prediction(body))
     call_grammar = tools.grammar() if tools is not None else None
     if call_grammar is not None:
         if sampling["grammar"] is not None:
@@ -129,6 +130,22 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
             raise _bad("'suffix' (insertion) is not supported", "suffix")
         if body.get("best_of") not in (None, 1, body.get("n", 1)):
             raise _bad("'best_of' is not supported; use 'n'", "best_of")
+
+
+def _prediction(body: dict) -> str | None:
+    """OpenAI's predicted output, {"type": "content", "content": text or [{"type": "text",
+    "text": ...}, ...]} -> its text (None: none given)."""
+    prediction = body.get("prediction")
+    if prediction is None:
+        return None
+    content = prediction.get("content") if isinstance(prediction, dict) and prediction.get("type") == "content" else None
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                         for p in content):
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise _bad("'prediction' must be {\"type\": \"content\", \"content\": text or a list of text parts}",
+                   "prediction")
+    return content or None
 
 
 def _logit_bias(body: dict) -> dict[int, float]:
@@ -183,11 +200,17 @@ def chat_messages(body: dict) -> list[dict]:
     return out
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    """OpenAI's usage object; cached_tokens: prompt tokens served from the prefix cache."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+          prediction: tuple[int, int] | None = None) -> dict:
+    """OpenAI's usage object; cached_tokens: prompt tokens served from the prefix cache;
+    prediction: (accepted, rejected) tokens of a predicted output, when one was given."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    if prediction is not None:
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": prediction[0],
+                                            "rejected_prediction_tokens": prediction[1]}
+    return out
 
 
 def completion_logprobs(tokenizer, entries: list[tuple[int, tuple[float, dict[int, float]]]], offset: int) -> dict:

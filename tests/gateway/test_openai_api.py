@@ -176,6 +176,30 @@ def test_usage_counts_the_prompt_tokens_served_from_the_prefix_cache(server):
     assert theirs.prompt_tokens_details.cached_tokens == 0
 
 
+def test_a_predicted_output_gives_the_same_answer_and_counts_its_tokens(server):
+    """OpenAI's predicted outputs: the prediction's tokens are verified as proposals, so the
+    answer is the one without it; usage says how many of them the answer took."""
+    c = client(server)
+    messages = [{"role": "user", "content": "t5 t6 t7 t8"}]
+    plain = c.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0)
+    text = plain.choices[0].message.content
+    assert plain.usage.completion_tokens_details is None  # no prediction, no prediction counts
+    for content in (text, [{"type": "text", "text": text[:len(text) // 2]}, {"type": "text", "text": text[len(text) // 2:]}]):
+        predicted = c.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0,
+                                              prediction={"type": "content", "content": content})
+        assert predicted.choices[0].message.content == text
+        details = predicted.usage.completion_tokens_details
+        assert details.accepted_prediction_tokens >= 20 and details.rejected_prediction_tokens <= 4
+    words = text.split()
+    wrong = " ".join(words[:6] + ["t9"] * 6)
+    chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            prediction={"type": "content", "content": wrong}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
+    details = chunks[-1].usage.completion_tokens_details
+    assert 1 <= details.accepted_prediction_tokens <= 6 and details.rejected_prediction_tokens >= 6
+
+
 def test_min_p_reaches_the_sampler(server):
     """min_p 1 keeps only the most likely token: a sampled completion is then the greedy one."""
     body = {"model": "tiny", "prompt": "t3 t4 t5", "max_tokens": 12, "ignore_eos": True}
@@ -220,6 +244,9 @@ def test_models_list_shows_the_base_model_and_one_can_be_retrieved(server):
     ({"model": "tiny", "prompt": "x", "response_format": {"type": "xml"}}, "response_format"),
     ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"schema": 5}}},
      "response_format"),
+    ({"model": "tiny", "prompt": "x", "prediction": {"type": "content"}}, "prediction"),
+    ({"model": "tiny", "prompt": "x", "prediction": {"type": "file", "content": "t5"}}, "prediction"),
+    ({"model": "tiny", "prompt": "x", "prediction": {"type": "content", "content": [{"type": "image"}]}}, "prediction"),
     # the tiny model's word-level tokenizer has no byte decoder for the grammar engine
     ({"model": "tiny", "prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
 ])

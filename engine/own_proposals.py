@@ -1,0 +1,63 @@
+"""Proposals the engine makes itself, verified in the next step like a speculator's (so the
+output is what it would be without them, only sooner): tokens a request's grammar forces
+(jump-forward decoding), and the continuation of its predicted output (OpenAI's
+`prediction`, for answers expected to be much like a given text: a file with an edit).
+
+A prediction is followed with a cursor: the place in it after the output's last matched
+token. Where the output went on since, in step with the prediction, its last token should be
+at the cursor plus what it added since. Its last few tokens (4 down to 2) are looked for
+nearest that place, within a bounded distance either way, so an insertion or a deletion
+realigns the copy; a single token counts only exactly there (a replaced token), since one
+token matches too easily elsewhere. Outputs that leave the prediction get no proposals.
+"""
+
+from __future__ import annotations
+
+from .request import Request
+
+MAX_FORCED_TOKENS = 8  # grammar-forced tokens verified per request and step
+MAX_PREDICTED_TOKENS = 16  # predicted tokens verified per request and step
+# How far from where the output's last n tokens would be they are looked for, by n.
+SEARCH_DISTANCE = {4: 256, 3: 64, 2: 16, 1: 0}
+
+
+def propose_own_tokens(running: list[Request], max_model_len: int) -> tuple[set[str], set[str]]:
+    """Proposals for each decoding request the speculator left alone (never past max_tokens
+    or the context; not for requests that opt out of speculation): its grammar's forced
+    tokens, else its prediction's next ones (within its grammar). Returns the ids of the
+    requests given each kind."""
+    forced, predicted = set(), set()
+    for req in running:
+        if req.spec_token_ids or not req.sampling_params.speculative or req.num_computed_tokens != req.num_tokens - 1:
+            continue
+        room = min(req.sampling_params.max_tokens - len(req.output_token_ids) - 1, max_model_len - req.num_tokens)
+        if room <= 0:
+            continue
+        tokens, kind = [], forced
+        if req.grammar is not None:
+            tokens = req.grammar.forced_tokens(min(MAX_FORCED_TOKENS, room))
+        if not tokens and req.prediction_token_ids:
+            tokens, kind = predicted_continuation(req, min(MAX_PREDICTED_TOKENS, room)), predicted
+            if req.grammar is not None:
+                tokens = tokens[:req.grammar.valid_prefix(tokens)]
+        if tokens:
+            req.spec_token_ids, req.spec_draft_probs = tokens, None
+            kind.add(req.request_id)
+    return forced, predicted
+
+
+def predicted_continuation(req: Request, k: int) -> list[int]:
+    """Up to k tokens of the prediction after where the output's last tokens match (the
+    cursor moves there); [] when they match nowhere near."""
+    prediction, output = req.prediction_token_ids, req.output_token_ids
+    expected_end = req.prediction_cursor + len(output) - req.prediction_synced_at
+    for n, distance in SEARCH_DISTANCE.items():
+        if len(output) < n:
+            continue
+        tail = output[-n:]
+        for d in range(distance + 1):
+            for end in {expected_end + d, expected_end - d}:
+                if n <= end <= len(prediction) and prediction[end - n:end] == tail:
+                    req.prediction_cursor, req.prediction_synced_at = end, len(output)
+                    return prediction[end:end + k]
+    return []
