@@ -4,10 +4,12 @@
 
 Code-editing chat requests (greedy): "make this small change and return the whole file",
 with a ~330-token Python file. Each runs without a prediction, with the original file as
-the prediction (what a client knows), and with the answer itself (the best case). The
-outputs are checked to be the same tokens, so tok/s compares directly. One request alone,
-then 8 at once (each its own edit). Modes alternate over --rounds rounds (this machine's
-memory bandwidth drifts over minutes); the best round counts.
+the prediction (what a client knows), and with the answer itself (the best case). One
+request alone, then 8 at once (each its own edit). Alone, the outputs are checked to be the
+same tokens. At 8, a step's rows decide how bf16 rounds (from 128 rows the projections take
+oneDNN's kernel, not the AMX one), so answers may part at a near-tie: the script counts
+those that are the same. Modes alternate over --rounds rounds (this machine's memory
+bandwidth drifts over minutes); the best round counts.
 """
 
 from __future__ import annotations
@@ -99,15 +101,17 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, predictions in modes.items():
                 outputs, seconds, steps, accepted = run(engine, prompts, args.max_tokens, predictions)
-                if outputs != plain:
-                    raise SystemExit(f"{name}: the outputs differ from the ones without a prediction")
+                same = sum(o == p for o, p in zip(outputs, plain))
+                if n == 1 and not same:
+                    raise SystemExit(f"{name}: the output differs from the one without a prediction")
                 tokens = sum(map(len, outputs))
                 if name not in best or tokens / seconds > best[name][0]:
-                    best[name] = (tokens / seconds, steps, accepted, tokens)
+                    best[name] = (tokens / seconds, steps, accepted, tokens, same)
         base = best["no prediction"][0]
-        for name, (tps, steps, accepted, tokens) in best.items():
+        for name, (tps, steps, accepted, tokens, same) in best.items():
             print(f"{n} request(s), prediction = {name:18s}: {tps:7.1f} tok/s ({tps / base:.2f}x), {steps} steps, "
-                  f"{accepted} of {tokens} tokens accepted from the prediction", flush=True)
+                  f"{accepted} of {tokens} tokens accepted from the prediction, {same} of {n} answers as without",
+                  flush=True)
 
 
 if __name__ == "__main__":

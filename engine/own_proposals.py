@@ -13,10 +13,14 @@ token matches too easily elsewhere. Outputs that leave the prediction get no pro
 
 from __future__ import annotations
 
+from .batch import MAX_SHORT_QUERY
 from .request import Request
 
 MAX_FORCED_TOKENS = 8  # grammar-forced tokens verified per request and step
-MAX_PREDICTED_TOKENS = 16  # predicted tokens verified per request and step
+# Predicted tokens verified per request and step: with the newest token, a short query, which
+# the decode kernels take (bitwise as decoding them one by one); longer ones are prefill
+# chunks, whose other rounding could flip a near-tie and change a greedy answer.
+MAX_PREDICTED_TOKENS = MAX_SHORT_QUERY - 1
 # How far from where the output's last n tokens would be they are looked for, by n.
 SEARCH_DISTANCE = {4: 256, 3: 64, 2: 16, 1: 0}
 
