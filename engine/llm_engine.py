@@ -108,6 +108,7 @@ class LLMEngine:
         self.num_computed_tokens_total = 0  # tokens run through the model (prefix hits excluded)
         self.num_generated_tokens_total = 0
         self.num_forced_accepted = 0  # grammar-forced tokens taken without a step of their own
+        self.num_prediction_accepted = 0  # predicted output tokens taken as proposed
         # Requests whose proposals this step are the engine's own (own_proposals.py): grammar-forced, predicted
         self._forced: set[str] = set()
         self._predicted: set[str] = set()
@@ -260,6 +261,7 @@ class LLMEngine:
                 self.num_forced_accepted += accepted
             elif req.request_id in self._predicted:
                 req.num_accepted_prediction_tokens += accepted
+                self.num_prediction_accepted += accepted
         self.scheduler.update(scheduled, out)
         self.num_computed_tokens_total += out.num_computed_tokens
         self.num_generated_tokens_total += sum(len(t) for t in out.token_ids)

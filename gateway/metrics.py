@@ -105,10 +105,14 @@ class _EngineCollector:
                 c = GaugeMetricFamily(f"loragate_cuda_graph_{name}", f"{doc} since start")
                 c.add_metric([], value)
                 yield c
-        c = GaugeMetricFamily("loragate_jump_forward_tokens", "grammar-forced tokens verified as proposals instead of "
-                              "decoded one step each, since start")
-        c.add_metric([], inner.num_forced_accepted)
-        yield c
+        for name, doc, value in (
+                ("jump_forward_tokens", "grammar-forced tokens verified as proposals instead of decoded one step each",
+                 inner.num_forced_accepted),
+                ("predicted_tokens_accepted", "tokens of predicted outputs (OpenAI's prediction) taken as proposed",
+                 inner.num_prediction_accepted)):
+            c = GaugeMetricFamily(f"loragate_{name}", f"{doc}, since start")
+            c.add_metric([], value)
+            yield c
         if inner.speculator is not None:
             st = inner.speculator.stats
             for name, doc, value in (

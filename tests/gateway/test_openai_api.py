@@ -198,6 +198,10 @@ def test_a_predicted_output_gives_the_same_answer_and_counts_its_tokens(server):
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
     details = chunks[-1].usage.completion_tokens_details
     assert 1 <= details.accepted_prediction_tokens <= 6 and details.rejected_prediction_tokens >= 6
+    metrics = httpx.get(server.url + "/metrics").text
+    accepted = float(next(line.split()[1] for line in metrics.splitlines()
+                          if line.startswith("loragate_predicted_tokens_accepted ")))
+    assert accepted >= 2 * 20 + details.accepted_prediction_tokens
 
 
 def test_min_p_reaches_the_sampler(server):
