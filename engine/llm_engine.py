@@ -17,7 +17,7 @@ from .detokenizer import IncrementalDetokenizer
 from .errors import AdapterNotFoundError, InvalidRequestError, ModelConfigError
 from .kv_cache import KVCacheManager, context_limit_of_cache
 from .logits_processors import adjuster_for
-from .own_proposals import propose_own_tokens
+from .own_proposals import prediction_token_ids, propose_own_tokens
 from .model_runner import ModelRunner
 from .models.slot_rows import SlotRowTerms
 from .models.arch import context_limit, longrope_note, text_config
@@ -193,18 +193,16 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt is {len(ids)} tokens; this model's context is {self.max_model_len} tokens "
                 "including at least one generated token", "prompt")
-        prediction = (self.tokenizer.encode(params.prediction, add_special_tokens=False)
-                      if isinstance(params.prediction, str) else params.prediction)
-        for name, token_ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids),
-                                ("prediction", prediction or [])):
+        for name, token_ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
             if any(t >= vocab for t in token_ids):
                 raise InvalidRequestError(f"{name} token ids must be in [0, {vocab})", name)
+        prediction = prediction_token_ids(params.prediction, self.tokenizer, vocab, self.max_model_len)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if tenant is not None:
             cache_salt = f"tenant:{tenant}|{cache_salt}"
         req = Request(request_id, ids, params, cache_salt=cache_salt, tenant=tenant)
         req.logits_adjuster = adjuster_for(params, ids, self.eos_token_ids)
-        req.prediction_token_ids = prediction or None
+        req.prediction_token_ids = prediction
         if params.grammar is not None:
             req.grammar = self.grammars.constraint(params.grammar)
         if adapter is not None:

@@ -14,6 +14,7 @@ token matches too easily elsewhere. Outputs that leave the prediction get no pro
 from __future__ import annotations
 
 from .batch import MAX_SHORT_QUERY
+from .errors import InvalidRequestError
 from .request import Request
 
 MAX_FORCED_TOKENS = 8  # grammar-forced tokens verified per request and step
@@ -23,6 +24,20 @@ MAX_FORCED_TOKENS = 8  # grammar-forced tokens verified per request and step
 MAX_PREDICTED_TOKENS = MAX_SHORT_QUERY - 1
 # How far from where the output's last n tokens would be they are looked for, by n.
 SEARCH_DISTANCE = {4: 256, 3: 64, 2: 16, 1: 0}
+
+
+def prediction_token_ids(prediction: str | list[int] | None, tokenizer, vocab: int,
+                         max_model_len: int) -> list[int] | None:
+    """SamplingParams.prediction as token ids (text without special tokens), checked."""
+    if not prediction:
+        return None
+    ids = tokenizer.encode(prediction, add_special_tokens=False) if isinstance(prediction, str) else prediction
+    if any(t >= vocab for t in ids):
+        raise InvalidRequestError(f"prediction token ids must be in [0, {vocab})", "prediction")
+    if len(ids) > max_model_len:
+        raise InvalidRequestError(f"prediction is {len(ids)} tokens, longer than the context ({max_model_len})",
+                                  "prediction")
+    return ids or None
 
 
 def propose_own_tokens(running: list[Request], max_model_len: int) -> tuple[set[str], set[str]]:

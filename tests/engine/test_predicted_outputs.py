@@ -58,6 +58,8 @@ def test_text_predictions_and_bad_ones(llm):
     assert req.prediction_token_ids == llm.engine.tokenizer.encode(text, add_special_tokens=False)
     with pytest.raises(InvalidRequestError, match="prediction token ids must be in"):
         llm.engine.make_request("t5 t6", SamplingParams(prediction=[10**6]))
+    with pytest.raises(InvalidRequestError, match="prediction is 2049 tokens, longer than the context"):
+        llm.engine.make_request("t5 t6", SamplingParams(prediction=[5] * 2049))
     for bad in ([1.5], {"type": "content"}, [-1]):
         with pytest.raises(InvalidRequestError, match="prediction must be text or a list of token ids"):
             SamplingParams(prediction=bad)
