@@ -84,7 +84,8 @@ class LLMEngine:
             raise ModelConfigError(f"kv_cache_memory {config.kv_cache_memory} ({kv_bytes} B) holds fewer than 2 "
                                    f"blocks of {bytes_per_block} B")
         window, step = self.model.config.window_of_every_layer, config.max_num_batched_tokens
-        self.max_model_len = min(max_len, context_limit_of_cache(num_blocks, config.block_size, window, step) or max_len)
+        self.max_model_len = min(max_len,
+                                 context_limit_of_cache(num_blocks, config.block_size, window, step) or max_len)
         for note in (capped, longrope_note(hf_config, max_len, self.max_model_len)):  # the cache's cap is known here
             if note and progress:
                 print(f"loragate: {note}", file=sys.stderr)
