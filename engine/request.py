@@ -70,16 +70,16 @@ class Request:
     # part of the output), the distributions they were drawn from ([k, V], None for greedy or
     # deterministic proposers), and this request's recent acceptance (spec.controller.Acceptance).
     spec_token_ids: list[int] = field(default_factory=list)
-    # SamplingParams.prediction as token ids; where in it the output has got to (engine/
-    # predicted_outputs.py), and how many of its tokens the output took as they were proposed.
-    prediction_token_ids: list[int] | None = None
-    prediction_cursor: int = 0
-    prediction_synced_at: int = 0  # the output's length when the cursor last moved
-    num_accepted_prediction_tokens: int = 0
     spec_draft_probs: torch.Tensor | None = field(default=None, repr=False)
     spec_acceptance: object = field(default=None, repr=False)
     spec_fallback_acceptance: object = field(default=None, repr=False)  # of the n-gram fallback's proposals
     spec_idle_steps: int = 0  # steps since it last speculated (re-probe a request set to k=0)
+    # SamplingParams.prediction as token ids; where in it the output has got to (engine/
+    # own_proposals.py), and how many of its tokens the output took as they were proposed.
+    prediction_token_ids: list[int] | None = None
+    prediction_cursor: int = 0
+    prediction_synced_at: int = 0  # the output's length when the cursor last moved
+    num_accepted_prediction_tokens: int = 0
     # Penalties, logit_bias, min_tokens (engine/logits_processors.LogitsAdjuster); None: none.
     logits_adjuster: object = field(default=None, repr=False)
     # Structured output (engine/structured_output.GrammarConstraint); None: unconstrained.

@@ -40,7 +40,7 @@ class SamplingParams:
     grammar: str | None = None
     # Predicted output (OpenAI's `prediction`): text, or token ids, the output is expected to
     # be much like (a file with a small edit). Its tokens are verified as proposals, so the
-    # output is what it would be without it, only sooner (engine/predicted_outputs.py).
+    # output is what it would be without it, only sooner (engine/own_proposals.py).
     prediction: str | list[int] | None = None
 
     def __post_init__(self) -> None:

@@ -138,10 +138,11 @@ def _prediction(body: dict) -> str | None:
     prediction = body.get("prediction")
     if prediction is None:
         return None
-    content = prediction.get("content") if isinstance(prediction, dict) and prediction.get("type") == "content" else None
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                         for p in content):
-        content = "".join(p["text"] for p in content)
+    is_content = isinstance(prediction, dict) and prediction.get("type") == "content"
+    content = prediction.get("content") if is_content else None
+    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
+                                         and isinstance(part.get("text"), str) for part in content):
+        content = "".join(part["text"] for part in content)
     if not isinstance(content, str):
         raise _bad("'prediction' must be {\"type\": \"content\", \"content\": text or a list of text parts}",
                    "prediction")
