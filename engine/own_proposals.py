@@ -47,6 +47,8 @@ def propose_own_tokens(running: list[Request], max_model_len: int) -> tuple[set[
     requests given each kind."""
     forced, predicted = set(), set()
     for req in running:
+        if req.grammar is None and not req.prediction_token_ids:  # most requests: nothing of the engine's
+            continue
         if req.spec_token_ids or not req.sampling_params.speculative or req.num_computed_tokens != req.num_tokens - 1:
             continue
         room = min(req.sampling_params.max_tokens - len(req.output_token_ids) - 1, max_model_len - req.num_tokens)
