@@ -78,3 +78,24 @@ def test_a_windowed_draft_gives_back_its_blocks_too(tiny_phi3):
     assert draft.window == WINDOW and llm.engine.speculator.stats.num_accepted > 0
     plain = LLM(str(tiny_phi3), dtype="float32", progress=False)
     assert out == plain.generate([prompt], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0].token_ids
+
+
+def test_cuda_graphs_padded_form_reads_past_given_back_blocks(tiny_phi3):
+    """A CUDA graph's decode step gathers each row's whole padded context, given-back blocks'
+    entries (the scratch block) included, and masks what the window hides: the same answers
+    as the regular path (here the padded form runs eagerly, on any machine)."""
+    from .test_cuda_graphs import PARAMS, assert_same, engine_pair
+
+    plain, padded, steps = engine_pair(tiny_phi3, {}, max_loras=0, max_num_batched_tokens=256)
+    prompts = random_prompts([100, 60, 37], 500, seed=8)
+    results = []
+    for engine in (plain, padded):
+        reqs = [engine.add_request(p, SamplingParams(max_tokens=30, **PARAMS)) for p in prompts]
+        most_released = 0
+        while engine.has_unfinished:
+            engine.step()
+            most_released = max([most_released] + [r.num_released_blocks for r in engine.scheduler.running])
+        assert most_released >= 6  # the 100-token prompt's first blocks, once it decodes past them
+        results.append([(r.output_token_ids, [lp for lp, _ in r.logprobs], []) for r in reqs])
+    assert_same(results[1], results[0])
+    assert steps, "no decode step took the graphs' padded form"
