@@ -98,12 +98,26 @@ def _json_grammar(args) -> str | None:
         raise InvalidRequestError(f"--json-schema {args.json_schema}: {e}", "json_schema") from None
 
 
+def _prediction(args) -> str | None:
+    """--prediction FILE: text the output is expected to be much like."""
+    from loragate.engine import InvalidRequestError
+
+    if args.prediction is None:
+        return None
+    try:
+        with open(args.prediction, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidRequestError(f"--prediction {args.prediction}: {e}", "prediction") from None
+
+
 def cmd_generate(args) -> int:
     from loragate.engine import InvalidRequestError, LLMEngine, SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop or [],
-                            repetition_penalty=args.repetition_penalty, grammar=_json_grammar(args))
+                            repetition_penalty=args.repetition_penalty, grammar=_json_grammar(args),
+                            prediction=_prediction(args))
     engine = LLMEngine(_engine_config(args), progress=not args.quiet)
     for spec in args.adapter or []:
         name, sep, path = spec.partition("=")
@@ -223,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="divide the logits of tokens already seen (prompt and output) by this (default: %(default)s)")
     gen.add_argument("--json", action="store_true", help="the output is a JSON object")
     gen.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid against this JSON schema file")
+    gen.add_argument("--prediction", metavar="FILE",
+                     help="a file the output is expected to be much like (the file an edit rewrites): its text is "
+                          "verified as proposed tokens, so the output is the same, in fewer steps")
     gen.add_argument("--adapter", action="append", metavar="NAME=PATH",
                      help="load a PEFT LoRA adapter directory under NAME (repeatable)")
     gen.add_argument("--use-adapter", metavar="NAME", help="generate with this loaded adapter")

@@ -40,6 +40,21 @@ def test_generate_json_follows_the_schema_file(real_model_dir, tmp_path, capsys)
     assert set(json.loads(capsys.readouterr().out)) == {"name", "age"}
 
 
+def test_generate_with_a_prediction_prints_the_same_text(tiny_llama, tmp_path, capsys, monkeypatch):
+    from loragate.engine import own_proposals
+
+    argv = ["generate", "--model", str(tiny_llama), "--dtype", "float32", "--raw", "--quiet",
+            "--prompt", "t5 t6 t7", "--max-tokens", "12", "--temperature", "0"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    (tmp_path / "p.txt").write_text(out.strip())
+    proposed = []
+    real = own_proposals.predicted_continuation
+    monkeypatch.setattr(own_proposals, "predicted_continuation", lambda req, k: proposed.append(k) or real(req, k))
+    assert main(argv + ["--prediction", str(tmp_path / "p.txt")]) == 0
+    assert capsys.readouterr().out == out and proposed
+
+
 def test_generate_reads_stdin(tiny_llama, capsys, monkeypatch):
     import io
 
@@ -55,6 +70,7 @@ def test_generate_reads_stdin(tiny_llama, capsys, monkeypatch):
     (["generate", "--prompt", "x", "--max-tokens", "0"], "max_tokens must be"),
     (["generate", "--prompt", "x", "--kv-cache-memory", "lots"], "kv_cache_memory: cannot parse"),
     (["generate", "--prompt", "x", "--json-schema", "/no/such.json"], "--json-schema /no/such.json"),
+    (["generate", "--prompt", "x", "--prediction", "/no/such.txt"], "--prediction /no/such.txt"),
     (["generate", "--prompt", "x", "--repetition-penalty", "0"], "repetition_penalty must be"),
     (["models", "prepare", "nope"], "unknown model 'nope'"),
 ])
