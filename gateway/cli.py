@@ -84,31 +84,29 @@ def _stream_one(engine, ids, params, adapter=None) -> str:
     return req.finish_reason
 
 
+def _read_flag_file(flag: str, path: str, parse=lambda f: f.read()):
+    """The file a flag names, parsed; an unreadable or unparsable one is a one-line error."""
+    from loragate.engine import InvalidRequestError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse(f)
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSON errors are ValueErrors
+        raise InvalidRequestError(f"{flag} {path}: {e}", flag.lstrip("-").replace("-", "_")) from None
+
+
 def _json_grammar(args) -> str | None:
     """--json-schema FILE or --json: the output is JSON (valid against the schema)."""
-    from loragate.engine import InvalidRequestError
     from loragate.engine.structured_output import grammar_from_json_schema
 
     if args.json_schema is None:
         return grammar_from_json_schema(None) if args.json else None
-    try:
-        with open(args.json_schema) as f:
-            return grammar_from_json_schema(json.load(f))
-    except (OSError, ValueError) as e:
-        raise InvalidRequestError(f"--json-schema {args.json_schema}: {e}", "json_schema") from None
+    return _read_flag_file("--json-schema", args.json_schema, lambda f: grammar_from_json_schema(json.load(f)))
 
 
 def _prediction(args) -> str | None:
     """--prediction FILE: text the output is expected to be much like."""
-    from loragate.engine import InvalidRequestError
-
-    if args.prediction is None:
-        return None
-    try:
-        with open(args.prediction, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InvalidRequestError(f"--prediction {args.prediction}: {e}", "prediction") from None
+    return None if args.prediction is None else _read_flag_file("--prediction", args.prediction)
 
 
 def cmd_generate(args) -> int:
