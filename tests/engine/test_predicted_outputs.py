@@ -5,6 +5,8 @@ when the prediction is close, whether or not the engine speculates."""
 from __future__ import annotations
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from loragate.engine import LLM, SamplingParams
 from loragate.engine.errors import InvalidRequestError
@@ -12,6 +14,7 @@ from loragate.engine.own_proposals import predicted_continuation
 from loragate.engine.request import Request
 
 from .test_model_vs_hf import random_prompts
+from .test_speculative import _joint_reference
 
 GREEDY = dict(max_tokens=60, temperature=0, ignore_eos=True)
 
@@ -90,3 +93,27 @@ def test_predictions_beside_a_speculator(tiny_llama):
     plain = llm.generate([prompt], SamplingParams(**GREEDY))[0].token_ids
     with_prediction, _ = generate(llm, prompt, prediction=plain)
     assert with_prediction.output_token_ids == plain and with_prediction.num_accepted_prediction_tokens > 0
+
+
+def test_sampled_tokens_follow_the_models_distribution_with_a_prediction(tiny_llama):
+    """Chi-square of the first two sampled tokens over 2000 seeds against the model's exact
+    joint distribution: the second is verified against the prediction whenever the first
+    matched it, so the acceptance rule's accepts and its residual draws are both exercised."""
+    top_k, n = 4, 2000
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    prompt = random_prompts([9], 500, seed=6)[0]
+    joint = _joint_reference(hf, prompt, top_k)
+    first, second = max(joint, key=joint.get)
+    llm = LLM(str(tiny_llama), dtype="float32", progress=False)
+    outs = llm.generate([prompt] * n, [SamplingParams(max_tokens=3, temperature=1.0, top_k=top_k, seed=s, ignore_eos=True,
+                                                      prediction=[first, second, second]) for s in range(n)])
+    counts: dict = {}
+    for o in outs:
+        key = tuple(o.token_ids[:2])
+        assert key in joint, f"{key} has probability 0 under the model"
+        counts[key] = counts.get(key, 0) + 1
+    chi2 = sum((counts.get(k, 0) - n * p) ** 2 / (n * p) for k, p in joint.items())
+    assert len(joint) == 16 and chi2 < 37.70  # df 15, p = 0.001; seeds are fixed, so it is deterministic
+    accepted = sum(o.num_accepted_prediction_tokens for o in outs)
+    proposed = sum(o.num_prediction_tokens for o in outs)
+    assert 100 < accepted < proposed, (accepted, proposed)
