@@ -16,6 +16,8 @@ import uuid
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
+from loragate.engine.fill_in_middle import describe_markers, fim_format
+
 from .errors import APIError, not_found, to_api_error
 from .protocol import (chat_logprobs, chat_messages, completion_logprobs, completion_prompts, echo_logprobs, parse_common,
                        usage)
@@ -145,11 +147,26 @@ async def submit_choices(state, principal, body: dict, gen, *, chat: bool):
                                            add_generation_prompt=True, tokenize=True, return_dict=False)]
     else:
         texts = completion_prompts(body)
+        if gen.suffix is not None:
+            texts = _fill_in_middle(tok, gen, texts)
         prompts = [engine.engine.tokenize(p) for p in texts]
         if gen.echo:  # what echo repeats: the prompt as sent (token ids decoded)
             gen.prompt_texts = [p if isinstance(p, str) else tok.decode(p) for p in texts]
     choices, streams = await _start(state, principal, gen, prompts, gen.model)
     return prompts, choices, streams
+
+
+def _fill_in_middle(tok, gen, texts: list) -> list[str]:
+    """Each prompt laid out with the suffix in the model's fill-in-the-middle format, and
+    generation stopped where the model marks the gap filled."""
+    fim = fim_format(tok)
+    if fim is None:
+        raise APIError(400, "'suffix' needs a model trained to fill in the middle; this model's vocabulary has "
+                       f"none of the marker sets ({describe_markers()})", param="suffix")
+    if not all(isinstance(t, str) for t in texts):
+        raise APIError(400, "'suffix' needs the prompt as text, not token ids", param="suffix")
+    gen.sampling["stop_token_ids"] = [*gen.sampling["stop_token_ids"], *fim.stop_token_ids]
+    return [fim.prompt(t, gen.suffix) for t in texts]
 
 
 async def collect_answer(state, principal, body: dict, gen, *, chat: bool) -> dict:

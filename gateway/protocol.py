@@ -1,7 +1,7 @@
 """OpenAI request bodies -> engine inputs, engine outputs -> OpenAI response bodies.
 
 Validation names the offending parameter (`param`), like OpenAI does, and refuses options
-that would otherwise be silently ignored (suffix, best_of, audio output, ...)."""
+that would otherwise be silently ignored (best_of, audio output, ...)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ class GenerationRequest:
     echo: bool = False  # completions: the prompt precedes the completion in text and logprobs
     prompt_texts: list[str] | None = None  # with echo: each prompt as sent, set when they are tokenised
     tools: ToolPlan | None = None  # chat: function calling
+    suffix: str | None = None  # completions: the text after the gap to fill (engine/fill_in_middle.py)
 
     @property
     def prompt_only(self) -> bool:
@@ -67,6 +68,9 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
     max_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _get(body, max_name, int, None if chat else 16)
     echo = not chat and _get(body, "echo", bool, False)
+    suffix = None if chat else _get(body, "suffix", str, None) or None
+    if suffix is not None and echo:
+        raise _bad("'echo' cannot be combined with 'suffix'", "suffix")
     tools = parse_tool_plan(body) if chat else None
     n = _get(body, "n", int, 1)
     if not 1 <= n <= MAX_N:
@@ -112,7 +116,7 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
     SamplingParams(max_tokens=max(1, sampling["min_tokens"]) if not max_tokens else max_tokens,
                    logprobs=logprobs, **sampling)
     return GenerationRequest(model, n, stream, bool(options.get("include_usage")), logprobs, max_tokens, seed, sampling,
-                             echo, tools=tools)
+                             echo, tools=tools, suffix=suffix)
 
 
 def _refuse_unsupported(body: dict, chat: bool) -> None:
@@ -126,8 +130,6 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
     if chat and body.get("echo"):
         raise _bad("'echo' is for /v1/completions", "echo")
     if not chat:
-        if body.get("suffix"):
-            raise _bad("'suffix' (insertion) is not supported", "suffix")
         if body.get("best_of") not in (None, 1, body.get("n", 1)):
             raise _bad("'best_of' is not supported; use 'n'", "best_of")
 
