@@ -9,9 +9,12 @@ at the cursor plus what it added since. Its last few tokens (4 down to 2) are lo
 nearest that place, within a bounded distance either way, so an insertion or a deletion
 realigns the copy; a single token counts only exactly there (a replaced token), since one
 token matches too easily elsewhere. Outputs that leave the prediction get no proposals.
+The prediction's n-grams are indexed once (ngram_ends), so a search costs a look-up.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_left
 
 from .batch import MAX_SHORT_QUERY
 from .errors import InvalidRequestError
@@ -67,18 +70,41 @@ def propose_own_tokens(running: list[Request], max_model_len: int) -> tuple[set[
     return forced, predicted
 
 
+def ngram_ends(prediction: list[int]) -> dict[tuple[int, ...], list[int]]:
+    """Where each of the prediction's 2-, 3- and 4-grams ends, ascending: the cursor's search
+    is then a look-up, not a scan, every step that the output is off the prediction."""
+    index: dict[tuple[int, ...], list[int]] = {}
+    for n in SEARCH_DISTANCE:
+        if n > 1:
+            for end in range(n, len(prediction) + 1):
+                index.setdefault(tuple(prediction[end - n:end]), []).append(end)
+    return index
+
+
+def _nearest(ends: list[int], target: int) -> int:
+    """The entry of the ascending `ends` nearest `target` (the earlier one on a tie)."""
+    i = bisect_left(ends, target)
+    if i == len(ends) or (i > 0 and target - ends[i - 1] <= ends[i] - target):
+        return ends[i - 1]
+    return ends[i]
+
+
 def predicted_continuation(req: Request, k: int) -> list[int]:
     """Up to k tokens of the prediction after where the output's last tokens match (the
     cursor moves there); [] when they match nowhere near."""
     prediction, output = req.prediction_token_ids, req.output_token_ids
+    if req.prediction_ngram_ends is None:
+        req.prediction_ngram_ends = ngram_ends(prediction)
     expected_end = req.prediction_cursor + len(output) - req.prediction_synced_at
     for n, distance in SEARCH_DISTANCE.items():
         if len(output) < n:
             continue
-        tail = output[-n:]
-        for d in range(distance + 1):
-            for end in {expected_end + d, expected_end - d}:
-                if n <= end <= len(prediction) and prediction[end - n:end] == tail:
-                    req.prediction_cursor, req.prediction_synced_at = end, len(output)
-                    return prediction[end:end + k]
+        if n == 1:
+            end = expected_end if 1 <= expected_end <= len(prediction) and prediction[expected_end - 1] == output[-1] else None
+        else:
+            ends = req.prediction_ngram_ends.get(tuple(output[-n:]))
+            end = _nearest(ends, expected_end) if ends else None
+        if end is not None and abs(end - expected_end) <= distance:
+            req.prediction_cursor, req.prediction_synced_at = end, len(output)
+            return prediction[end:end + k]
     return []

@@ -79,6 +79,7 @@ class Request:
     prediction_token_ids: list[int] | None = None
     prediction_cursor: int = 0
     prediction_synced_at: int = 0  # the output's length when the cursor last moved
+    prediction_ngram_ends: dict | None = None  # own_proposals.ngram_ends, built at first use
     num_accepted_prediction_tokens: int = 0
     # Penalties, logit_bias, min_tokens (engine/logits_processors.LogitsAdjuster); None: none.
     logits_adjuster: object = field(default=None, repr=False)

@@ -4,13 +4,15 @@ when the prediction is close, whether or not the engine speculates."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from loragate.engine import LLM, SamplingParams
 from loragate.engine.errors import InvalidRequestError
-from loragate.engine.own_proposals import predicted_continuation
+from loragate.engine.own_proposals import SEARCH_DISTANCE, predicted_continuation
 from loragate.engine.request import Request
 
 from .test_model_vs_hf import random_prompts
@@ -83,6 +85,35 @@ def test_the_cursor_follows_the_output_through_an_edit():
     assert predicted_continuation(req, 3) == [20, 21, 22] and req.prediction_cursor == 10
     req.output_token_ids += [7, 7, 35]  # 35 is in the prediction, but not where the output is
     assert predicted_continuation(req, 3) == []
+
+
+def _scan_reference(prediction, output, expected_end):
+    """The cursor's search by brute force: for n = 4, 3, 2, 1, the end of the output's last n
+    tokens in the prediction nearest `expected_end` within SEARCH_DISTANCE[n] (the earlier on a tie)."""
+    for n, distance in SEARCH_DISTANCE.items():
+        if len(output) < n:
+            continue
+        ends = [e for e in range(n, len(prediction) + 1)
+                if prediction[e - n:e] == output[-n:] and abs(e - expected_end) <= distance]
+        if ends:
+            return min(ends, key=lambda e: (abs(e - expected_end), e))
+    return None
+
+
+def test_the_cursors_indexed_search_finds_what_a_scan_finds():
+    rng = random.Random(11)
+    for trial in range(300):
+        prediction = [rng.randrange(6) for _ in range(rng.randrange(1, 400))]  # 6 ids: many repeats
+        req = Request("r", [1], SamplingParams())
+        req.prediction_token_ids = prediction
+        req.prediction_cursor, req.prediction_synced_at = rng.randrange(len(prediction) + 1), 0
+        req.output_token_ids = [rng.randrange(6) for _ in range(rng.randrange(1, 8))]
+        expected_end = req.prediction_cursor + len(req.output_token_ids)
+        end = _scan_reference(prediction, req.output_token_ids, expected_end)
+        got = predicted_continuation(req, 5)
+        assert got == ([] if end is None else prediction[end:end + 5]), trial
+        if end is not None:
+            assert req.prediction_cursor == end
 
 
 def test_predictions_beside_a_speculator(tiny_llama):
