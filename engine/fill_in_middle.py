@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import InvalidRequestError
+
 # (prefix, suffix, middle) markers, in the order they are looked for.
 MARKERS = (
     ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder, CodeGemma
@@ -52,5 +54,10 @@ def fim_format(tokenizer) -> FimFormat | None:
     return None
 
 
-def describe_markers() -> str:
-    return ", ".join(" ".join(m) for m in MARKERS)
+def require_fim_format(tokenizer, param: str = "suffix") -> FimFormat:
+    fim = fim_format(tokenizer)
+    if fim is None:
+        sets = ", ".join(" ".join(m) for m in MARKERS)
+        raise InvalidRequestError(f"'{param}' needs a model trained to fill in the middle; this model's vocabulary "
+                                  f"has none of the marker sets ({sets})", param)
+    return fim

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -111,6 +112,7 @@ def _prediction(args) -> str | None:
 
 def cmd_generate(args) -> int:
     from loragate.engine import InvalidRequestError, LLMEngine, SamplingParams
+    from loragate.engine.fill_in_middle import require_fim_format
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop or [],
@@ -125,11 +127,19 @@ def cmd_generate(args) -> int:
     adapter = args.use_adapter
     if adapter is not None and adapter not in engine.adapters:
         raise InvalidRequestError(f"--use-adapter {adapter!r} names no adapter loaded with --adapter", "adapter")
+    fim = None
+    if args.suffix is not None:  # the prompt is the text before the gap: plain text in the model's FIM layout
+        fim = require_fim_format(engine.tokenizer, "--suffix")
+        params = dataclasses.replace(params, stop_token_ids=list(fim.stop_token_ids))
+
+    def prompt_ids(text: str) -> list[int]:
+        return _prompt_ids(engine, text, args.chat) if fim is None else engine.tokenize(fim.prompt(text, args.suffix))
+
     if args.prompt is not None:
-        _stream_one(engine, _prompt_ids(engine, args.prompt, args.chat), params, adapter)
+        _stream_one(engine, prompt_ids(args.prompt), params, adapter)
         return 0
     if not sys.stdin.isatty():
-        _stream_one(engine, _prompt_ids(engine, sys.stdin.read(), args.chat), params, adapter)
+        _stream_one(engine, prompt_ids(sys.stdin.read()), params, adapter)
         return 0
     print("Interactive generation: type a prompt and press Enter (Ctrl-D to quit).", file=sys.stderr)
     while True:
@@ -139,7 +149,7 @@ def cmd_generate(args) -> int:
             print(file=sys.stderr)
             return 0
         if text.strip():
-            _stream_one(engine, _prompt_ids(engine, text, args.chat), params, adapter)
+            _stream_one(engine, prompt_ids(text), params, adapter)
 
 
 GATEWAY_HELP = {
@@ -238,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prediction", metavar="FILE",
                      help="a file the output is expected to be much like (the file an edit rewrites): its text is "
                           "verified as proposed tokens, so the output is the same, in fewer steps")
+    gen.add_argument("--suffix", metavar="TEXT",
+                     help="fill in the middle: generate what goes between the prompt and this text, in the "
+                          "model's FIM format (code models such as Qwen2.5-Coder; e.g. --suffix \"$(cat after.py)\")")
     gen.add_argument("--adapter", action="append", metavar="NAME=PATH",
                      help="load a PEFT LoRA adapter directory under NAME (repeatable)")
     gen.add_argument("--use-adapter", metavar="NAME", help="generate with this loaded adapter")

@@ -16,7 +16,7 @@ import uuid
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from loragate.engine.fill_in_middle import describe_markers, fim_format
+from loragate.engine.fill_in_middle import require_fim_format
 
 from .errors import APIError, not_found, to_api_error
 from .protocol import (chat_logprobs, chat_messages, completion_logprobs, completion_prompts, echo_logprobs, parse_common,
@@ -159,10 +159,7 @@ async def submit_choices(state, principal, body: dict, gen, *, chat: bool):
 def _fill_in_middle(tok, gen, texts: list) -> list[str]:
     """Each prompt laid out with the suffix in the model's fill-in-the-middle format, and
     generation stopped where the model marks the gap filled."""
-    fim = fim_format(tok)
-    if fim is None:
-        raise APIError(400, "'suffix' needs a model trained to fill in the middle; this model's vocabulary has "
-                       f"none of the marker sets ({describe_markers()})", param="suffix")
+    fim = require_fim_format(tok)
     if not all(isinstance(t, str) for t in texts):
         raise APIError(400, "'suffix' needs the prompt as text, not token ids", param="suffix")
     gen.sampling["stop_token_ids"] = [*gen.sampling["stop_token_ids"], *fim.stop_token_ids]

@@ -72,6 +72,7 @@ def test_generate_reads_stdin(tiny_llama, capsys, monkeypatch):
     (["generate", "--prompt", "x", "--json-schema", "/no/such.json"], "--json-schema /no/such.json"),
     (["generate", "--prompt", "x", "--prediction", "/no/such.txt"], "--prediction /no/such.txt"),
     (["generate", "--prompt", "x", "--repetition-penalty", "0"], "repetition_penalty must be"),
+    (["generate", "--prompt", "x", "--suffix", "y"], "'--suffix' needs a model trained to fill in the middle"),
     (["models", "prepare", "nope"], "unknown model 'nope'"),
 ])
 def test_errors_are_one_line_with_exit_code_2(argv, message, capsys):

@@ -11,7 +11,7 @@ import openai
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from loragate.engine.fill_in_middle import MARKERS, fim_format
 
@@ -71,6 +71,7 @@ def test_the_middle_is_transformers_greedy_one_and_ends_at_a_fim_token(fim_serve
     ids = [500, 10, 11, 12, 13, 501, 20, 21, 502]
     stops = [2, *QWEN_STYLE.values()]
     want = hf_middle(fim_model, ids, stops, 12)
+    assert want
     tok = fim_server.state.engine.tokenizer
     got = c.completions.create(model="tiny", prompt=prefix, suffix=suffix, max_tokens=12, temperature=0)
     assert got.choices[0].text == tok.decode(want)
@@ -89,6 +90,17 @@ def test_the_middle_is_transformers_greedy_one_and_ends_at_a_fim_token(fim_serve
     # Without a suffix the same prompt is a plain completion.
     plain = c.completions.create(model="tiny", prompt=prefix, max_tokens=3, temperature=0)
     assert plain.usage.prompt_tokens == 4
+
+
+def test_loragate_generate_fills_in_the_middle_too(fim_model, capsys):
+    from loragate.gateway.cli import main
+
+    want = hf_middle(fim_model, [500, 10, 11, 501, 20, 502], [2, *QWEN_STYLE.values()], 6)
+    assert want
+    assert main(["generate", "--model", str(fim_model), "--dtype", "float32", "--quiet", "--prompt", "t10 t11",
+                 "--suffix", "t20", "--max-tokens", "6"]) == 0
+    tok = AutoTokenizer.from_pretrained(fim_model)
+    assert capsys.readouterr().out == tok.decode(want) + "\n"
 
 
 @pytest.mark.parametrize("body, message", [
