@@ -36,7 +36,7 @@ class LoraBatch:
 class BatchMetadata:
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
-    attention: AttentionMetadata
+    attention: AttentionMetadata  # the first group of layers' (engine/kv_layout.py)
     # Rows of the hidden states whose logits the sampled requests need, request by request:
     # one row each, or 1 + k rows for a request verifying k speculative tokens.
     logits_indices: torch.Tensor  # [sum(num_logits)] int64
@@ -47,6 +47,11 @@ class BatchMetadata:
     # Prompt positions whose logprobs were asked for: (request, first hidden row, its
     # position, count); position p's row predicts prompt token p + 1.
     prompt_logprob_rows: list[tuple[Request, int, int, int]] = field(default_factory=list)
+    # Every group's, where the layers' K/V are in more than one group (windowed layers).
+    group_attention: list[AttentionMetadata] | None = None
+
+    def attention_of(self, group: int) -> AttentionMetadata:
+        return self.attention if self.group_attention is None else self.group_attention[group]
 
     def to(self, device: torch.device) -> BatchMetadata:
         """The step's index tensors on the model's device (they are built on the host). The
@@ -57,14 +62,17 @@ class BatchMetadata:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
-        a = self.attention
-        attention = dataclasses.replace(
-            a, slot_mapping=move(a.slot_mapping), query_start=move(a.query_start), query_len=move(a.query_len),
-            context_len=move(a.context_len), block_table=move(a.block_table),
-            prefill_spans=[dataclasses.replace(s, context_slots=move(s.context_slots)) for s in a.prefill_spans])
+        def move_attention(a: AttentionMetadata) -> AttentionMetadata:
+            return dataclasses.replace(
+                a, slot_mapping=move(a.slot_mapping), query_start=move(a.query_start), query_len=move(a.query_len),
+                context_len=move(a.context_len), block_table=move(a.block_table),
+                prefill_spans=[dataclasses.replace(s, context_slots=move(s.context_slots)) for s in a.prefill_spans])
+
+        groups = None if self.group_attention is None else [move_attention(a) for a in self.group_attention]
         lora = self.lora and dataclasses.replace(self.lora, row_term_slots=move(self.lora.row_term_slots))
         return dataclasses.replace(self, input_ids=move(self.input_ids), positions=move(self.positions),
-                                   logits_indices=move(self.logits_indices), attention=attention, lora=lora)
+                                   logits_indices=move(self.logits_indices), lora=lora, group_attention=groups,
+                                   attention=groups[0] if groups else move_attention(self.attention))
 
 
 def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_native_kernels: bool = True,
@@ -77,12 +85,10 @@ def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_nativ
         scheduled = sorted(scheduled, key=lambda item: item[0].lora_slot)
     input_ids: list[int] = []
     positions: list[int] = []
-    slot_mapping: list[int] = []
     logits_indices: list[int] = []
     sampled: list[Request] = []
     num_logits: list[int] = []
-    short: list[tuple[int, int, int, list[int]]] = []  # (token_start, num_new, context_len, blocks)
-    spans: list[PrefillSpan] = []
+    chunks: list[tuple[Request, int, int, int]] = []  # (request, token_start, start, end)
     prompt_rows: list[tuple[Request, int, int, int]] = []
     for req, num_new in scheduled:
         start = req.num_computed_tokens
@@ -93,13 +99,7 @@ def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_nativ
             tokens = tokens + req.spec_token_ids
         input_ids.extend(tokens[start:end])
         positions.extend(range(start, end))
-        blocks = req.block_ids
-        slot_mapping.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, end))
-        if num_new <= MAX_SHORT_QUERY:
-            short.append((token_start, num_new, end, blocks))
-        else:
-            slots = None if start == 0 else _context_slots(blocks, end, block_size)
-            spans.append(PrefillSpan(token_start, token_start + num_new, slots))
+        chunks.append((req, token_start, start, end))
         if req.needs_prompt_logprobs:  # positions not yet reported (a recompute repeats none)
             first = max(start, len(req.prompt_logprobs))
             count = min(end, req.num_prompt_tokens - 1) - first
@@ -110,15 +110,9 @@ def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_nativ
             logits_indices.extend(range(token_start + num_new - n, token_start + num_new))
             sampled.append(req)
             num_logits.append(n)
-    attention = AttentionMetadata(slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64), block_size=block_size,
-                                  prefill_spans=spans, use_native=use_native_kernels)
-    if short:
-        max_blocks = max(-(-ctx // block_size) for _, _, ctx, _ in short)
-        attention.query_start = torch.tensor([s for s, _, _, _ in short], dtype=torch.int64)
-        attention.query_len = torch.tensor([n for _, n, _, _ in short], dtype=torch.int64)
-        attention.context_len = torch.tensor([c for _, _, c, _ in short], dtype=torch.int64)
-        attention.block_table = torch.tensor(
-            [b[: -(-c // block_size)] + [0] * (max_blocks - -(-c // block_size)) for _, _, c, b in short], dtype=torch.int64)
+    num_groups = max((len(req.block_tables) for req, _ in scheduled), default=1)
+    groups = [_attention(chunks, g, block_size, use_native_kernels) for g in range(max(num_groups, 1))]
+    attention = groups[0]
     lora = _lora_batch(scheduled, lora_pool) if uses_lora else None
     return BatchMetadata(
         lora=lora,
@@ -130,7 +124,35 @@ def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_nativ
         num_logits=num_logits,
         use_native_kernels=use_native_kernels,
         prompt_logprob_rows=prompt_rows,
+        group_attention=groups if len(groups) > 1 else None,
     )
+
+
+def _attention(chunks: list[tuple[Request, int, int, int]], group: int, block_size: int,
+               use_native_kernels: bool) -> AttentionMetadata:
+    """One group of layers' attention over its block tables: where the new tokens' K/V go, and
+    the short queries' and prefill chunks' contexts."""
+    slot_mapping: list[int] = []
+    short: list[tuple[int, int, int, list[int]]] = []  # (token_start, num_new, context_len, blocks)
+    spans: list[PrefillSpan] = []
+    for req, token_start, start, end in chunks:
+        blocks = req.block_tables[group] if req.block_tables else []
+        slot_mapping.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, end))
+        if end - start <= MAX_SHORT_QUERY:
+            short.append((token_start, end - start, end, blocks))
+        else:
+            slots = None if start == 0 else _context_slots(blocks, end, block_size)
+            spans.append(PrefillSpan(token_start, token_start + end - start, slots))
+    attention = AttentionMetadata(slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64), block_size=block_size,
+                                  prefill_spans=spans, use_native=use_native_kernels)
+    if short:
+        max_blocks = max(-(-ctx // block_size) for _, _, ctx, _ in short)
+        attention.query_start = torch.tensor([s for s, _, _, _ in short], dtype=torch.int64)
+        attention.query_len = torch.tensor([n for _, n, _, _ in short], dtype=torch.int64)
+        attention.context_len = torch.tensor([c for _, _, c, _ in short], dtype=torch.int64)
+        attention.block_table = torch.tensor(
+            [b[: -(-c // block_size)] + [0] * (max_blocks - -(-c // block_size)) for _, _, c, b in short], dtype=torch.int64)
+    return attention
 
 
 def _lora_batch(scheduled: list[tuple[Request, int]], pool) -> LoraBatch:

@@ -14,8 +14,9 @@ attention reads). Padded rows read and write only a scratch KV block that the en
 hands out (the runner allocates one block more than the cache manager knows of).
 
 A step's inputs go in through one static int64 tensor, copied from pinned host memory in one
-transfer. Per row, it holds the token, position, cache slot, context length, LoRA slot and
-row of the row-term tables, then the block table. Attention and LoRA take forms that never read back to the host
+transfer. Per row, it holds the token, position, context length, LoRA slot and row of the
+row-term tables, then per group of layers (engine/kv_layout.py) its cache slot, then per
+group its block table. Attention and LoRA take forms that never read back to the host
 (kernels/attention.decode_metadata, kernels/lora.add_lora_rows). Graphs are keyed by rows,
 blocks, LoRA rank and targeted modules, and captured the first time a step needs one. They
 share one memory pool, since only one replays at a time.
@@ -53,8 +54,8 @@ MAX_ROW_CONTEXT = 1 << 19
 # Captured graphs kept (least recently used dropped first): each holds its own launch list,
 # while the activations live in the shared pool.
 MAX_GRAPHS = 128
-TOKEN, POSITION, SLOT, CONTEXT, LORA_SLOT, TERM_SLOT = range(6)
-COLUMNS = 6  # then the block table
+TOKEN, POSITION, CONTEXT, LORA_SLOT, TERM_SLOT = range(5)
+COLUMNS = 5  # then each group's cache slot, then each group's block table
 
 
 def _next_power_of_two(n: int) -> int:
@@ -103,6 +104,7 @@ class DecodeGraphs:
                  capture: bool = True):
         self.model, self.kv_caches, self.block_size, self.lora_pool = model, kv_caches, block_size, lora_pool
         self.scratch_block = scratch_block
+        self.num_groups = max(group for _, _, group in kv_caches) + 1
         self.identity_row = lora_pool.num_slots if lora_pool is not None else 0  # of the row-term tables
         self.sizes = [s for s in ROW_SIZES if s < max_rows] + [next((s for s in ROW_SIZES if s >= max_rows),
                                                                     ROW_SIZES[-1])]
@@ -142,7 +144,6 @@ class DecodeGraphs:
         host[n:] = g.padding  # rows a larger earlier step filled
         host[:n, TOKEN] = batch.input_ids
         host[:n, POSITION] = batch.positions
-        host[:n, SLOT] = a.slot_mapping
         host[:n, CONTEXT] = batch.positions + 1  # a row sees its request's cache up to itself
         # Every token is in the short batch, whose requests are packed in token order.
         plan = None if lora is None else lora.plan
@@ -152,20 +153,26 @@ class DecodeGraphs:
         terms = (torch.tensor(self.lora_pool.slot_row_terms + [False])[slots] if lora is not None and lora.row_terms
                  else torch.zeros(n, dtype=torch.bool))
         host[:n, TERM_SLOT] = torch.where(terms, slots, self.identity_row)
-        host[:n, COLUMNS:COLUMNS + width] = a.block_table.repeat_interleave(a.query_len, dim=0)
-        host[:n, COLUMNS + width:] = 0  # past the context: masked
+        groups, blocks = self.num_groups, key[1]
+        for group in range(groups):
+            ga = batch.attention_of(group)
+            host[:n, COLUMNS + group] = ga.slot_mapping
+            first = COLUMNS + groups + group * blocks
+            host[:n, first:first + width] = ga.block_table.repeat_interleave(a.query_len, dim=0)
+            host[:n, first + width:first + blocks] = 0  # past the context: masked
         g.ints.copy_(host)  # blocking: the next step rewrites `host`, and this copy is tiny
         self.num_replayed += 1
         return g.replay()[:n]
 
     def _padding(self, blocks: int) -> torch.Tensor:
         """A padded row: one token at position 0 in the scratch block, no adapter."""
-        row = torch.zeros(COLUMNS + blocks, dtype=torch.int64)
-        row[SLOT] = self.scratch_block * self.block_size
+        groups = self.num_groups
+        row = torch.zeros(COLUMNS + groups * (1 + blocks), dtype=torch.int64)
         row[CONTEXT] = 1
         row[LORA_SLOT] = -1
         row[TERM_SLOT] = self.identity_row
-        row[COLUMNS] = self.scratch_block
+        row[COLUMNS:COLUMNS + groups] = self.scratch_block * self.block_size
+        row[COLUMNS + groups::blocks] = self.scratch_block  # each table's first entry
         return row
 
     def _capture(self, key: tuple) -> _Graph | None:
@@ -178,12 +185,16 @@ class DecodeGraphs:
         ints = host.to(self.kv_caches[0][0].device)
 
         def step() -> torch.Tensor:
-            attention = decode_metadata(ints[:, SLOT], ints[:, CONTEXT], ints[:, COLUMNS:], self.block_size)
+            groups, tables = self.num_groups, COLUMNS + self.num_groups
+            attention = [decode_metadata(ints[:, COLUMNS + g], ints[:, CONTEXT],
+                                         ints[:, tables + g * blocks:tables + (g + 1) * blocks], self.block_size)
+                         for g in range(groups)]
             lora = None if lora_key is None else LoraBatch(
                 None, self.lora_pool, lora_key[0], lora_key[1], row_slots=ints[:, LORA_SLOT],
                 row_term_slots=None if lora_key[2] is None else ints[:, TERM_SLOT])
-            batch = BatchMetadata(ints[:, TOKEN], ints[:, POSITION], attention, torch.empty(0, dtype=torch.int64),
-                                  [], [], use_native_kernels=False, lora=lora)
+            batch = BatchMetadata(ints[:, TOKEN], ints[:, POSITION], attention[0], torch.empty(0, dtype=torch.int64),
+                                  [], [], use_native_kernels=False, lora=lora,
+                                  group_attention=attention if groups > 1 else None)
             return self.model(batch.input_ids, batch.positions, self.kv_caches, batch)
 
         t0 = time.perf_counter()

@@ -4,9 +4,11 @@ Only block ids live here; the K/V tensors themselves belong to the model runner.
 block is content-addressed by a chained hash of (cache salt, every token id up to the block
 end), so a later request with the same prefix (and the same adapter) reuses it. Blocks whose
 reference count drops to zero stay cached until the allocator needs them, oldest first.
-Where every layer attends over a sliding window, a request gives back the blocks its next
-queries can no longer see (release_before): its context then costs about a window of blocks,
-however long it grows.
+Layers with a sliding window have block tables of their own (engine/kv_layout.py): a
+request gives back their blocks that its next queries can no longer see (release_before), so
+there its context costs about a window of blocks, however long it grows. Each group's block
+of a given content is cached under its own key, and a prefix hit needs every block for the
+full-attention groups but, for the windowed ones, only those the window still covers.
 """
 
 from __future__ import annotations
@@ -15,15 +17,19 @@ import hashlib
 from array import array
 from collections import OrderedDict
 
+from .kv_layout import KVLayout, kv_layout
 from .request import Request
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 layout: KVLayout | None = None):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.layout = layout or kv_layout((), 1, 1)
+        self.windowed = [w is not None for w in self.layout.group_windows]
         # What a released block's table entry becomes: the runner's scratch block (one past the
         # blocks handed out), a valid address that attention never weighs in, beyond any window.
         self.released_block = num_blocks
@@ -31,6 +37,7 @@ class KVCacheManager:
         self.ref_counts = [0] * num_blocks
         # Blocks with no reference, in eviction order (least recently freed first).
         self.free_blocks: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        # Keyed by block hash, and for groups past the first by hash + group number.
         self.cached_block_by_hash: dict[bytes, int] = {}
         self.hash_of_block: dict[int, bytes] = {}
         # Prompt logprobs of a cached block's tokens (top-k count, one entry per token, None
@@ -50,8 +57,25 @@ class KVCacheManager:
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
+    @property
+    def window(self) -> int | None:
+        return self.layout.window
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def _tables(self, request: Request) -> list[list[int]]:
+        if not request.block_tables:
+            request.block_tables = [[] for _ in self.windowed]
+        return request.block_tables
+
+    @staticmethod
+    def _key(h: bytes, group: int) -> bytes:
+        return h if group == 0 else h + bytes((group,))
+
+    def _first_seen_block(self, num_computed: int) -> int:
+        """The first block the window of a query at position num_computed reaches."""
+        return max(num_computed - self.window + 1, 0) // self.block_size if self.window is not None else 0
 
     # -- prefix caching -------------------------------------------------------------------
 
@@ -79,25 +103,50 @@ class KVCacheManager:
         """Attach cached blocks for the longest cached prefix; returns the number of tokens hit.
 
         At least one token is always left to compute: the last one produces the logits.
+        Windowed groups need only the blocks the next query's window reaches (the others are
+        attached as given back), unless the prompt is scored: scoring reuses every block.
         """
         assert not request.block_ids, "prefix matching is for requests holding no blocks"
         if not self.enable_prefix_caching:
             return 0
-        hits: list[int] = []
-        for h in self._matchable_hashes(request):
-            block = self.cached_block_by_hash.get(h)
-            if block is None:
-                break
-            hits.append(block)
+        hashes = self._matchable_hashes(request)
+        cached = self.cached_block_by_hash
+        every_block = request.needs_prompt_logprobs or self.window is None
+        n = len(hashes)
+        for g, windowed in enumerate(self.windowed):
+            if every_block or not windowed:
+                n = next((i for i in range(n) if self._key(hashes[i], g) not in cached), n)
         if request.needs_prompt_logprobs:
-            hits = hits[:self._reuse_prompt_logprobs(request, len(hits))]
-        for block in hits:
-            self._ref(block)
-        request.block_ids = hits
-        num_hit = len(hits) * self.block_size
+            n = self._reuse_prompt_logprobs(request, n)
+        n = self._windows_cached(hashes, n)
+        first_seen = self._first_seen_block(n * self.block_size)
+        for g, table in enumerate(self._tables(request)):
+            for i in range(n):
+                if self.windowed[g] and i < first_seen:
+                    table.append(self.released_block)
+                else:
+                    table.append(cached[self._key(hashes[i], g)])
+                    self._ref(table[-1])
+        request.num_released_blocks = first_seen if any(self.windowed) else 0
+        num_hit = n * self.block_size
         self.num_prefix_queries_tokens += request.num_tokens
         self.num_prefix_hit_tokens += num_hit
         return num_hit
+
+    def _windows_cached(self, hashes: list[bytes], n: int) -> int:
+        """The longest hit up to n blocks whose windowed groups hold every block its window
+        reaches: back off while the last block some windowed group lacks is within it."""
+        windowed = [g for g, w in enumerate(self.windowed) if w]
+        if not windowed:
+            return n
+        missing, last_missing = [-1], -1  # missing[i]: the last block before i that some group lacks
+        for i in range(n):
+            if not all(self._key(hashes[i], g) in self.cached_block_by_hash for g in windowed):
+                last_missing = i
+            missing.append(last_missing)
+        while n > 0 and missing[n] >= self._first_seen_block(n * self.block_size):
+            n -= 1
+        return n
 
     def next_uncached_block(self, request: Request) -> bytes | None:
         """The hash of the first block of the request's matchable prefix not in the cache
@@ -137,15 +186,15 @@ class KVCacheManager:
             return
         self._extend_hashes(request, request.num_computed_tokens)
         num_full = request.num_computed_tokens // self.block_size
-        scored = request.sampling_params.prompt_logprobs is not None
-        for i in range(request.num_released_blocks, num_full):  # released ones were registered before
-            block = request.block_ids[i]
-            h = request.block_hashes[i]
-            if block not in self.hash_of_block and h not in self.cached_block_by_hash:
-                self.cached_block_by_hash[h] = block  # else an identical block is cached; ours stays private
-                self.hash_of_block[block] = h
-            if scored:
-                self._keep_prompt_logprobs(request, i, h)
+        for g, table in enumerate(request.block_tables):
+            for i in range(request.num_released_blocks if self.windowed[g] else 0, num_full):  # released: registered before
+                block, key = table[i], self._key(request.block_hashes[i], g)
+                if block not in self.hash_of_block and key not in self.cached_block_by_hash:
+                    self.cached_block_by_hash[key] = block  # else an identical block is cached; ours stays private
+                    self.hash_of_block[block] = key
+        if request.sampling_params.prompt_logprobs is not None:
+            for i in range(request.num_released_blocks if self.windowed[0] else 0, num_full):
+                self._keep_prompt_logprobs(request, i, request.block_hashes[i])
 
     def _keep_prompt_logprobs(self, request: Request, i: int, h: bytes) -> None:
         k, bs = request.sampling_params.prompt_logprobs, self.block_size
@@ -175,12 +224,13 @@ class KVCacheManager:
         return block
 
     def allocate(self, request: Request, num_new_tokens: int) -> bool:
-        """Grow the request's block table to hold `num_new_tokens` more tokens; False if full."""
-        needed = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
-        if needed > self.num_free_blocks:
+        """Grow the request's block tables to hold `num_new_tokens` more tokens; False if full."""
+        tables = self._tables(request)
+        needed = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(tables[0])
+        if needed * len(tables) > self.num_free_blocks:
             return False
-        for _ in range(needed):
-            request.block_ids.append(self._take_free_block())
+        for table in tables:
+            table.extend(self._take_free_block() for _ in range(needed))
         return True
 
     def _unref(self, block: int) -> None:
@@ -193,35 +243,37 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Drop the request's references. Tail blocks go first in the eviction order: they are
         the least likely to be shared by a later request."""
-        for block in reversed(request.block_ids):
-            self._unref(block)
-        request.block_ids = []
+        for table in request.block_tables:
+            for block in reversed(table):
+                self._unref(block)
+        request.block_tables = []
         request.num_released_blocks = 0
 
     def truncate(self, request: Request, num_tokens: int) -> None:
         """Release blocks beyond the first `num_tokens` tokens (speculative rollback)."""
         keep = self.blocks_needed(num_tokens)
-        for block in reversed(request.block_ids[keep:]):
-            self._unref(block)
-        del request.block_ids[keep:]
+        for table in request.block_tables:
+            for block in reversed(table[keep:]):
+                self._unref(block)
+            del table[keep:]
         del request.block_hashes[num_tokens // self.block_size:]
         request.num_released_blocks = min(request.num_released_blocks, keep)
 
+    def release_out_of_window(self, request: Request) -> None:
+        """Give back the windowed groups' blocks that the request's next queries (from its
+        next position on) cannot see."""
+        if self.window is not None:
+            self.release_before(request, request.num_computed_tokens - self.window + 1)
+
     def release_before(self, request: Request, position: int) -> None:
-        """Give back the request's blocks that hold only positions before `position`: with a
-        sliding window on every layer, those its next queries cannot see. A cached one stays
-        in the prefix cache until the allocator needs it, like any freed block."""
-        end = min(max(position, 0) // self.block_size, len(request.block_ids))
-        for i in range(request.num_released_blocks, end):
-            self._unref(request.block_ids[i])
-            request.block_ids[i] = self.released_block
+        """Give back the windowed groups' blocks that hold only positions before `position`.
+        A cached one stays in the prefix cache until the allocator needs it, like any freed
+        block."""
+        tables = request.block_tables
+        end = min(max(position, 0) // self.block_size, len(tables[0]) if tables else 0)
+        for g, table in enumerate(tables):
+            if self.windowed[g]:
+                for i in range(request.num_released_blocks, end):
+                    self._unref(table[i])
+                    table[i] = self.released_block
         request.num_released_blocks = max(request.num_released_blocks, end)
-
-
-def context_limit_of_cache(num_blocks: int, block_size: int, window: int | None, step_tokens: int) -> int | None:
-    """The longest context one request can reach with the cache to itself, so that it is never
-    preempted forever. With a window on every layer it holds at most a window and a step's
-    tokens (up to step_tokens) of blocks at a time: no limit (None) once those fit."""
-    if window is not None and num_blocks >= -(-(window + step_tokens) // block_size) + 1:
-        return None
-    return num_blocks * block_size

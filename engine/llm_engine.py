@@ -15,7 +15,8 @@ import torch
 from .config import EngineConfig, physical_cores
 from .detokenizer import IncrementalDetokenizer
 from .errors import AdapterNotFoundError, InvalidRequestError, ModelConfigError
-from .kv_cache import KVCacheManager, context_limit_of_cache
+from .kv_cache import KVCacheManager
+from .kv_layout import context_limit_of_cache, kv_layout, window_note
 from .logits_processors import adjuster_for
 from .own_proposals import ngram_ends, prediction_token_ids, propose_own_tokens
 from .model_runner import ModelRunner
@@ -77,27 +78,28 @@ class LLMEngine:
                 with torch.cuda.device(self.device):
                     lora_cuda.warm_up(self.device, config.torch_dtype)
         # Sized last, so that a share of free memory counts what the model and slots took.
-        bytes_per_block = ModelRunner.bytes_per_block(self.model, config.block_size)
+        layout = kv_layout(self.model.config.layer_windows, self.model.config.num_layers, max_len)
+        bytes_per_block = ModelRunner.bytes_per_block(self.model, config.block_size, layout)
         kv_bytes = config.kv_cache_bytes(self.device)
         num_blocks = kv_bytes // bytes_per_block
-        if num_blocks < 2:
-            raise ModelConfigError(f"kv_cache_memory {config.kv_cache_memory} ({kv_bytes} B) holds fewer than 2 "
-                                   f"blocks of {bytes_per_block} B")
-        window, step = self.model.config.window_of_every_layer, config.max_num_batched_tokens
+        if num_blocks < 2 * layout.num_groups:
+            raise ModelConfigError(f"kv_cache_memory {config.kv_cache_memory} ({kv_bytes} B) holds fewer than "
+                                   f"{2 * layout.num_groups} blocks of {bytes_per_block} B")
+        step = config.max_num_batched_tokens
         self.max_model_len = min(max_len,
-                                 context_limit_of_cache(num_blocks, config.block_size, window, step) or max_len)
+                                 context_limit_of_cache(num_blocks, config.block_size, layout, step) or max_len)
         for note in (capped, longrope_note(hf_config, max_len, self.max_model_len)):  # the cache's cap is known here
             if note and progress:
                 print(f"loragate: {note}", file=sys.stderr)
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, layout)
         # Adapters may be added or removed from any thread (AsyncEngine callers) while the
         # loop thread reads them: entries are replaced whole under this lock.
         self.adapters: dict[str, tuple[int, object]] = {}  # name -> (version, LoraWeights)
         self._adapter_versions: dict[str, int] = {}
         self._adapter_lock = threading.Lock()
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.lora_pool, window)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.lora_pool)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.lora_pool,
-                                  cuda_graph_rows=config.cuda_graph_rows)
+                                  cuda_graph_rows=config.cuda_graph_rows, layout=layout)
         self.eos_token_ids = _eos_ids(self.tokenizer, hf_config, self.model_dir)
         self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size, self.eos_token_ids)
         from .spec import build_speculator
@@ -118,9 +120,9 @@ class LLMEngine:
                      else f"{self.device}: {torch.cuda.get_device_name(self.device)}")
             print(f"loragate: {self.model_name} ({config.dtype}, {where}) loaded in "
                   f"{time.perf_counter() - t0:.1f}s; KV cache {num_blocks} blocks x {config.block_size} tokens "
-                  f"= {num_blocks * config.block_size} tokens ({num_blocks * bytes_per_block / 2**20:.0f} MiB); "
-                  f"max_model_len {self.max_model_len}" + (f"; blocks behind every layer's {window}-token window "
-                  "are given back" if window else ""), file=sys.stderr)
+                  f"= {num_blocks // layout.num_groups * config.block_size} tokens of every layer "
+                  f"({num_blocks * bytes_per_block / 2**20:.0f} MiB); max_model_len {self.max_model_len}"
+                  + window_note(layout), file=sys.stderr)
 
     def use_proposer(self, proposer) -> None:
         """Speculate with another Proposer (engine/spec/proposer.py), e.g. a drafter that

@@ -15,6 +15,7 @@ from loragate.kernels.spec_sampling import accept_greedy, accept_sampled, sampli
 from .batch import BatchMetadata, build_batch
 from .cuda_graphs import DecodeGraphs
 from .host_memory import zeros_on_huge_pages
+from .kv_layout import KVLayout, kv_layout
 from .logits_processors import adjust_logits
 from .models.llama import LlamaForCausalLM
 from .request import Request
@@ -39,19 +40,23 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, lora_pool=None,
-                 cuda_graph_rows: int = 0):
+                 cuda_graph_rows: int = 0, layout: KVLayout | None = None):
         """cuda_graph_rows: on CUDA, steps of short queries (decode, speculative verification)
-        with up to this many tokens replay CUDA graphs (engine/cuda_graphs.py); 0: none do."""
+        with up to this many tokens replay CUDA graphs (engine/cuda_graphs.py); 0: none do.
+        layout: how the layers share the cache's blocks (default: every layer in one group)."""
         self.model = model
         self.lora_pool = lora_pool
         self.block_size = block_size
         c = model.config
-        # One block more than the cache manager hands out: a captured step's padded rows use it.
-        shape = (c.num_layers, 2, num_blocks + 1, c.num_kv_heads, block_size, c.head_dim)
+        layout = layout or kv_layout((), c.num_layers, 1)
+        # A block holds layers_per_page layers; each layer uses its slot in every block, at the
+        # block ids of its group's table. One block more than the cache manager hands out: a
+        # captured step's padded rows and the tables' given-back entries use it.
+        shape = (layout.layers_per_page, 2, num_blocks + 1, c.num_kv_heads, block_size, c.head_dim)
         self.device = model.device
         self.kv_cache = (zeros_on_huge_pages(shape, model.dtype) if self.device.type == "cpu"
                          else torch.zeros(shape, dtype=model.dtype, device=self.device))
-        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.num_layers)]
+        self.kv_caches = [(self.kv_cache[slot, 0], self.kv_cache[slot, 1], group) for group, slot in layout.layer_places]
         self.expose_hidden_states = False
         self.graphs = None
         # A sparse-expert step's shapes depend on its routing, which a captured graph cannot follow.
@@ -59,9 +64,9 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.kv_caches, block_size, num_blocks, cuda_graph_rows, lora_pool)
 
     @staticmethod
-    def bytes_per_block(model: LlamaForCausalLM, block_size: int) -> int:
+    def bytes_per_block(model: LlamaForCausalLM, block_size: int, layout: KVLayout) -> int:
         c = model.config
-        return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * model.dtype.itemsize
+        return 2 * layout.layers_per_page * block_size * c.num_kv_heads * c.head_dim * model.dtype.itemsize
 
     def forward(self, scheduled: list[tuple[Request, int]]) -> tuple[BatchMetadata, torch.Tensor]:
         """Build the step's batch (on the host, moved to the model's device) and run the model

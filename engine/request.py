@@ -51,9 +51,10 @@ class Request:
     num_computed_tokens: int = 0
     # Of those, how many came from the prefix cache on the first admission (usage's cached tokens).
     num_cached_tokens: int = 0
-    block_ids: list[int] = field(default_factory=list)
-    # Leading blocks given back because no query of this request will see them again (a model
-    # whose every layer has a sliding window): their block_ids are KVCacheManager.released_block.
+    # One block table per group of layers (engine/kv_layout.py); empty while it holds none.
+    block_tables: list[list[int]] = field(default_factory=list)
+    # Leading blocks of the windowed groups' tables given back because no query of this
+    # request will see them again: those entries are KVCacheManager.released_block.
     num_released_blocks: int = 0
     # Chained hashes of this request's full blocks, in order (prefix-cache keys).
     block_hashes: list[bytes] = field(default_factory=list)
@@ -91,6 +92,11 @@ class Request:
         self.generator = torch.Generator()
         seed = self.sampling_params.seed
         self.generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+
+    @property
+    def block_ids(self) -> list[int]:
+        """The first group's block table (the only one, but for models with windowed layers)."""
+        return self.block_tables[0] if self.block_tables else []
 
     @property
     def num_prompt_tokens(self) -> int:

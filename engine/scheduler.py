@@ -33,12 +33,8 @@ MAX_PASSED_OVER = 8
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, lora_pool=None,
-                 window: int | None = None):
-        """window: the model's sliding window where every layer has one (the largest): blocks
-        before a request's next queries' window are given back."""
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, lora_pool=None):
         self.kv = kv
-        self.window = window
         self.lora_pool = lora_pool
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -102,7 +98,7 @@ class Scheduler:
                 req.num_computed_tokens = self.kv.match_prefix(req)
                 if req.first_scheduled_time is None:  # a re-admission's hits are its own earlier work
                     req.num_cached_tokens = req.num_computed_tokens
-                self._release_out_of_window(req)
+                self.kv.release_out_of_window(req)
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.kv.allocate(req, num_new):
                 self.kv.free(req)  # give back the prefix hits until it can run
@@ -268,13 +264,7 @@ class Scheduler:
                 req.logprobs.extend(logprobs)
         for req, _ in scheduled:
             self.kv.cache_full_blocks(req)
-            self._release_out_of_window(req)
-
-    def _release_out_of_window(self, req: Request) -> None:
-        """The next query is at num_computed_tokens (verified proposals come after it) and sees
-        the positions after it minus the window."""
-        if self.window is not None:
-            self.kv.release_before(req, req.num_computed_tokens - self.window + 1)
+            self.kv.release_out_of_window(req)
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         """End a request (stopped, length, aborted) and free its blocks. Idempotent."""

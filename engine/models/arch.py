@@ -130,13 +130,6 @@ class ModelArchConfig:
         return self.layer_windows[layer] if self.layer_windows else None
 
     @property
-    def window_of_every_layer(self) -> int | None:
-        """The largest window where every layer has one (Mistral 7B v0.1, Phi-3-mini-4k): no
-        query sees further back. None where some layer attends over everything."""
-        windows = self.layer_windows
-        return max(windows) if windows and None not in windows else None
-
-    @property
     def is_gemma3(self) -> bool:
         return self.model_type == "gemma3_text"
 

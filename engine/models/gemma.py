@@ -92,7 +92,7 @@ class GemmaDecoderLayer(nn.Module):
         self.scale = c.attention_scale
         self.window = c.window(index)
 
-    def forward(self, x, pending, rope, k_cache, v_cache, batch) -> torch.Tensor:
+    def forward(self, x, pending, rope, k_cache, v_cache, batch, attention) -> torch.Tensor:
         """As llama.DecoderLayer.forward: x is the residual stream, updated in place; pending
         (the previous layer's output) is added to it first; returns this layer's output."""
         c, native = self.c, batch.use_native_kernels
@@ -102,8 +102,8 @@ class GemmaDecoderLayer(nn.Module):
             layer_ops.rms_norm_heads(qkv, self.q_norm.multiplier, self.k_norm.multiplier, c.num_heads,
                                      c.num_kv_heads, c.head_dim, self.q_norm.eps, native)
         q, k, v = layer_ops.rope_write_kv(qkv, batch.positions, rope[0], rope[1], c.num_heads, c.num_kv_heads,
-                                          c.head_dim, batch.attention.slot_mapping, k_cache, v_cache, native)
-        attn = paged_attention(q, k, v, k_cache, v_cache, batch.attention, self.scale, self.window,
+                                          c.head_dim, attention.slot_mapping, k_cache, v_cache, native)
+        attn = paged_attention(q, k, v, k_cache, v_cache, attention, self.scale, self.window,
                                c.attention_softcap)
         attn = self.post_attention_layernorm.forward(self.o_proj.forward(attn.view(T, -1), batch), None, native)
         h = self.pre_feedforward_layernorm.forward(x, attn, native)

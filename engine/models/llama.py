@@ -79,7 +79,7 @@ class DecoderLayer(nn.Module):
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype)
             self.NORMS = self.NORMS | self.QK_NORMS
 
-    def forward(self, x, pending, rope, k_cache, v_cache, batch) -> torch.Tensor:
+    def forward(self, x, pending, rope, k_cache, v_cache, batch, attention) -> torch.Tensor:
         """x: the residual stream [T, hidden], updated in place; pending: the previous layer's
         output not yet added to it (the add is fused into this layer's first norm).
         Returns this layer's MLP output, pending for the next layer."""
@@ -92,8 +92,8 @@ class DecoderLayer(nn.Module):
             layer_ops.rms_norm_heads(qkv, self.q_norm.weight, self.k_norm.weight, c.num_heads, c.num_kv_heads,
                                      c.head_dim, self.q_norm.eps, native)
         q, k, v = layer_ops.rope_write_kv(qkv, batch.positions, rope[0], rope[1], c.num_heads, c.num_kv_heads,
-                                          c.head_dim, batch.attention.slot_mapping, k_cache, v_cache, native)
-        attn = paged_attention(q, k, v, k_cache, v_cache, batch.attention, self.scale, self.window)
+                                          c.head_dim, attention.slot_mapping, k_cache, v_cache, native)
+        attn = paged_attention(q, k, v, k_cache, v_cache, attention, self.scale, self.window)
         attn = self.o_proj.forward(attn.view(T, -1), batch)
         h = self.post_attention_layernorm.forward(x, attn if c.residual_scale is None else attn.mul_(c.residual_scale),
                                                   native)
@@ -155,7 +155,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head_packed = pack_weight(head)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, batch) -> torch.Tensor:
-        """input_ids, positions: [num_tokens]; kv_caches: per layer (k_cache, v_cache).
+        """input_ids, positions: [num_tokens]; kv_caches: per layer (k_cache, v_cache, its group
+        of layers in the cache, engine/kv_layout.py).
         Returns final hidden states [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
         if self.config.embedding_scale is not None:  # Granite (a Python float, as transformers multiplies)
@@ -167,9 +168,9 @@ class LlamaForCausalLM(nn.Module):
         full, nope = (self.rope_cos, self.rope_sin), (self.nope, self.nope)
         local = (self.rope_local_cos, self.rope_local_sin) if self.local_rope else full
         pending = None
-        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
+        for i, (layer, (k_cache, v_cache, group)) in enumerate(zip(self.layers, kv_caches)):
             rope = nope if i in self.config.nope_layers else full if layer.window is None else local
-            pending = layer.forward(x, pending, rope, k_cache, v_cache, batch)
+            pending = layer.forward(x, pending, rope, k_cache, v_cache, batch, batch.attention_of(group))
         return self.norm(x, pending, batch.use_native_kernels)
 
     def compute_logits(self, hidden: torch.Tensor, fp32: bool = True) -> torch.Tensor:

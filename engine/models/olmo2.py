@@ -60,7 +60,7 @@ class Olmo2DecoderLayer(nn.Module):
         self.scale = c.head_dim ** -0.5
         self.window = c.window(index)
 
-    def forward(self, x, pending, rope, k_cache, v_cache, batch) -> torch.Tensor:
+    def forward(self, x, pending, rope, k_cache, v_cache, batch, attention) -> torch.Tensor:
         """As llama.DecoderLayer.forward: x is the residual stream, updated in place; pending
         (the previous layer's output, already normed) is added to it first; returns this
         layer's output."""
@@ -72,8 +72,8 @@ class Olmo2DecoderLayer(nn.Module):
         self.q_norm.normalize_in_place(qkv[:, :q], native)
         self.k_norm.normalize_in_place(qkv[:, q:q + c.num_kv_heads * c.head_dim], native)
         q_heads, k, v = layer_ops.rope_write_kv(qkv, batch.positions, rope[0], rope[1], c.num_heads, c.num_kv_heads,
-                                                c.head_dim, batch.attention.slot_mapping, k_cache, v_cache, native)
-        attn = paged_attention(q_heads, k, v, k_cache, v_cache, batch.attention, self.scale, self.window)
+                                                c.head_dim, attention.slot_mapping, k_cache, v_cache, native)
+        attn = paged_attention(q_heads, k, v, k_cache, v_cache, attention, self.scale, self.window)
         x.add_(self.post_attention_layernorm.forward(self.o_proj.forward(attn.view(T, -1), batch), None, native))
         mlp = self.down_proj.forward(layer_ops.silu_mul(self.gate_up_proj.forward(x, batch), native), batch)
         return self.post_feedforward_layernorm.forward(mlp, None, native)

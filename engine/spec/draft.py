@@ -27,6 +27,7 @@ from loragate.kernels.spec_sampling import sampling_probs
 
 from ..errors import ModelConfigError
 from ..kv_cache import KVCacheManager
+from ..kv_layout import context_limit_of_cache, kv_layout
 from ..model_runner import ModelRunner
 from ..models.loader import load_model
 from ..request import Request
@@ -56,9 +57,12 @@ class DraftModelProposer:
         self.model, _ = load_model(model_dir, dtype, max_model_len, int4=int4, device=device)
         self.rows = self.model.config.vocab_size  # ids the draft can embed and propose
         self.head = DraftHead(self.model, head_size, int4, target_vocab or self.rows)
-        self.runner = ModelRunner(self.model, num_blocks, block_size, cuda_graph_rows=cuda_graph_rows)
-        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=True)
-        self.window = self.model.config.window_of_every_layer  # blocks behind it are given back (kv_cache.py)
+        c = self.model.config
+        layout = kv_layout(c.layer_windows, c.num_layers, max_model_len)  # windowed layers give back blocks
+        self.runner = ModelRunner(self.model, num_blocks, block_size, cuda_graph_rows=cuda_graph_rows, layout=layout)
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=True, layout=layout)
+        # The longest context the draft's cache can ever hold (None: any)
+        self.context_limit = context_limit_of_cache(num_blocks, block_size, layout, max_tokens_per_forward)
         self.max_tokens_per_forward = max_tokens_per_forward
         self.shadows: dict[str, Request] = {}
         self._synced: dict[str, int] = {}  # request id -> target length at the last sync
@@ -89,7 +93,7 @@ class DraftModelProposer:
                 break
             num_new = min(behind, budget)
             if not self.kv.allocate(shadow, num_new):  # draft cache full: this one does not speculate now
-                if self.window is not None or self.kv.blocks_needed(shadow.num_tokens) <= self.kv.num_blocks:
+                if self.context_limit is None or shadow.num_tokens <= self.context_limit:
                     self.forget(set(self.shadows) - {req.request_id})  # room for it next time
                 continue  # (a context the whole cache cannot hold is never drafted for; the others keep theirs)
             budget -= num_new
@@ -147,7 +151,7 @@ class DraftModelProposer:
         if shadow is None:
             shadow = Request(req.request_id, list(target), SamplingParams(max_tokens=1))
             shadow.num_computed_tokens = self.kv.match_prefix(shadow)
-            self._release_out_of_window(shadow)
+            self.kv.release_out_of_window(shadow)
             self.shadows[req.request_id] = shadow
             self._synced[req.request_id] = len(target)
             self.head.add_tokens(req.request_id, target)
@@ -156,17 +160,13 @@ class DraftModelProposer:
         valid = self._valid_prefix(target, shadow)
         self.kv.truncate(shadow, valid)
         shadow.num_computed_tokens = valid
-        self._release_out_of_window(shadow)
+        # Here, where the shadow was cut back to what the target accepted: its next query is at
+        # num_computed_tokens (not so after a round, whose drafts may yet be rolled back).
+        self.kv.release_out_of_window(shadow)
         shadow.prompt_token_ids = list(target)
         shadow.output_token_ids = []
         self._synced[req.request_id] = len(target)
         return shadow
-
-    def _release_out_of_window(self, shadow: Request) -> None:
-        """Here, where the shadow was cut back to what the target accepted: its next query is
-        at num_computed_tokens (not so after a round, whose drafts may yet be rolled back)."""
-        if self.window is not None:
-            self.kv.release_before(shadow, shadow.num_computed_tokens - self.window + 1)
 
     def _forward(self, step: list[tuple[int, Request, int]]) -> torch.Tensor:
         """One draft forward; returns the logits at each shadow's newest computed position."""

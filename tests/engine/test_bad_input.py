@@ -167,7 +167,7 @@ def test_kv_cache_memory_as_a_share_of_free_memory(tiny_llama, monkeypatch):
     monkeypatch.setattr(engine_config, "free_memory", lambda device: events.append(f"free {device.type}") or 3 << 30)
     engine = LLMEngine(EngineConfig(model=str(tiny_llama), dtype="float32", kv_cache_memory="1%"), progress=False)
     assert events == ["slots", f"free {engine.device.type}"]
-    per_block = ModelRunner.bytes_per_block(engine.model, 16)
+    per_block = ModelRunner.bytes_per_block(engine.model, 16, engine.kv.layout)
     assert engine.kv.num_blocks == int(0.01 * (3 << 30)) // per_block
     monkeypatch.undo()
     assert engine_config.free_memory(engine.device) > 0  # read for real (MemAvailable or the GPU's)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from loragate.engine.kv_cache import KVCacheManager
+from loragate.engine.kv_layout import context_limit_of_cache, kv_layout
 from loragate.engine.request import Request
 from loragate.engine.sampling_params import SamplingParams
 
@@ -77,7 +78,7 @@ def test_release_before_gives_back_leading_blocks_that_stay_cached():
     """A request on a model whose every layer has a sliding window gives back the blocks its
     next queries cannot see: their entries become the released marker, their references go,
     and a full one stays in the prefix cache like any freed block."""
-    kv = KVCacheManager(num_blocks=8, block_size=4)
+    kv = KVCacheManager(num_blocks=8, block_size=4, layout=kv_layout((8, 8), 2, 100))
     a = req(range(14))
     kv.allocate(a, 14)
     a.num_computed_tokens = 14
@@ -100,8 +101,54 @@ def test_release_before_gives_back_leading_blocks_that_stay_cached():
 
 
 def test_the_cache_limits_the_context_unless_every_layer_has_a_window_that_fits():
-    from loragate.engine.kv_cache import context_limit_of_cache
+    plain, windowed = kv_layout((), 2, 2048), kv_layout((20, 20), 2, 2048)
+    assert context_limit_of_cache(10, 16, plain, 64) == 160
+    assert context_limit_of_cache(10, 16, windowed, 64) is None  # a window and a step: at most 7 blocks
+    assert context_limit_of_cache(5, 16, windowed, 64) == 80
+    # One full-attention and one windowed group: the full one holds the context, the windowed
+    # one at most 7 blocks; short of 2 x 7, both hold everything.
+    hybrid = kv_layout((None, 20), 2, 2048)
+    assert context_limit_of_cache(20, 16, hybrid, 64) == 13 * 16
+    assert context_limit_of_cache(12, 16, hybrid, 64) == 6 * 16
 
-    assert context_limit_of_cache(10, 16, None, 64) == 160
-    assert context_limit_of_cache(10, 16, 20, 64) is None  # a window and a step: at most 7 blocks
-    assert context_limit_of_cache(5, 16, 20, 64) == 80
+
+def test_layers_are_grouped_so_each_group_is_all_windowed_or_all_full():
+    gemma3 = tuple(None if (i + 1) % 6 == 0 else 512 for i in range(18))  # Gemma 3 270M: 15 local, 3 global
+    layout = kv_layout(gemma3, 18, 32768)
+    assert layout.layers_per_page == 3 and layout.group_windows == (None, 512, 512, 512, 512, 512)
+    assert [layout.layer_places[i] for i in (5, 11, 17)] == [(0, 0), (0, 1), (0, 2)]
+    assert layout.layer_places[:6] == ((1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (0, 0))
+    assert len(set(layout.layer_places)) == 18  # no two layers share a group's slot
+    # A window as long as the context gives nothing back: one group, as without windows.
+    assert kv_layout(gemma3, 18, 512) == kv_layout((), 18, 512)
+    assert kv_layout((None, 4, None, 4, 4), 5, 100).group_windows == (None, 4, 4)  # 2 per page: 3 windowed in 2
+    assert kv_layout((20, 30), 2, 100).group_windows == (30,)  # every layer windowed: one group, the largest
+
+
+def test_windowed_groups_give_back_and_prefix_hits_need_only_their_window():
+    """One full-attention and one windowed group (window 6, blocks of 4): allocation takes a
+    block per group; release and hits treat the windowed group's early blocks as gone."""
+    kv = KVCacheManager(num_blocks=12, block_size=4, layout=kv_layout((None, 6), 2, 100))
+    a = req(range(17))
+    assert kv.allocate(a, 16) and [len(t) for t in a.block_tables] == [4, 4] and kv.num_free_blocks == 4
+    a.num_computed_tokens = 16
+    kv.cache_full_blocks(a)
+    kv.release_out_of_window(a)  # the next query (position 16) sees 11..16: blocks 0-1 of the windowed group go
+    full, local = a.block_tables
+    assert a.num_released_blocks == 2 and local[:2] == [kv.released_block] * 2 and kv.released_block not in full
+    assert kv.num_free_blocks == 6
+    assert not kv.allocate(req(range(100), rid="big"), 28)  # 7 blocks x 2 groups > 6 free
+    # The windowed group's released blocks are evicted first (oldest freed); a hit still works.
+    filler = req(range(500, 512), rid="filler")
+    assert kv.allocate(filler, 12)  # takes all 6 free, the windowed group's blocks 0 and 1 last
+    assert kv.num_evictions == 2
+    b = req(range(17), rid="b")
+    assert kv.match_prefix(b) == 16  # blocks 0-3 for the full group; 2-3 (positions 11..15) windowed
+    assert b.block_tables[0] == full and b.block_tables[1] == [kv.released_block] * 2 + local[2:]
+    assert b.num_released_blocks == 2
+    # A scored prompt reuses every block's K/V, so it needs the windowed group's early ones too.
+    scored = Request("s", list(range(17)), SamplingParams(prompt_logprobs=0))
+    assert kv.match_prefix(scored) == 0
+    for r in (a, b, filler, scored):
+        kv.free(r)
+    assert kv.num_free_blocks == 12 and all(c == 0 for c in kv.ref_counts)

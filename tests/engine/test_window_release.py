@@ -1,9 +1,12 @@
-"""A model whose every layer attends over a sliding window (tiny_phi3: 20 positions, like
-Phi-3-mini-4k's 2047 or Mistral 7B v0.1's 4096) gives back the KV blocks behind the window:
-a request's context can outgrow the whole cache, and the answers stay transformers'."""
+"""Layers that attend over a sliding window give back the KV blocks behind it. Where every
+layer has one (tiny_phi3: 20 positions, like Phi-3-mini-4k's 2047 or Mistral 7B v0.1's 4096),
+a request's context can outgrow the whole cache; where some do (tiny_gemma3: two windowed
+layers of 12 around a full-attention one, like Gemma 3's five to one), it costs the
+full-attention layers' share of the cache. The answers stay transformers'."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -16,12 +19,13 @@ WINDOW = 20
 
 
 def held_blocks(kv, req) -> list[int]:
-    return [b for b in req.block_ids if b != kv.released_block]
+    return [b for table in req.block_tables for b in table if b != kv.released_block]
 
 
-def run_checking_the_cache(llm: LLM, prompts, max_tokens: int) -> list[list[int]]:
+def run_checking_the_cache(llm: LLM, prompts, max_tokens: int, window: int = WINDOW) -> list[list[int]]:
     """Greedy outputs, stepping the engine and checking after every step that each request
-    holds no block wholly behind its window and that the reference counts add up."""
+    holds no windowed group's block wholly behind its window, every full-attention group's
+    block, and that the reference counts add up."""
     engine = llm.engine
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     reqs = [engine.add_request(p, params) for p in prompts]
@@ -30,8 +34,11 @@ def run_checking_the_cache(llm: LLM, prompts, max_tokens: int) -> list[list[int]
         engine.step()
         refs = [0] * kv.num_blocks
         for r in engine.scheduler.running:
-            first_seen = r.num_computed_tokens - WINDOW + 1
-            assert r.num_released_blocks == max(first_seen, 0) // kv.block_size
+            released = max(r.num_computed_tokens - window + 1, 0) // kv.block_size
+            assert r.num_released_blocks == released
+            for table, group_window in zip(r.block_tables, kv.layout.group_windows):
+                gone = released if group_window is not None else 0
+                assert table[:gone] == [kv.released_block] * gone and kv.released_block not in table[gone:]
             for b in held_blocks(kv, r):
                 refs[b] += 1
         assert refs == kv.ref_counts
@@ -75,18 +82,24 @@ def test_a_windowed_draft_gives_back_its_blocks_too(tiny_phi3):
     prompt = random_prompts([400], 500, seed=5)[0]
     out = run_checking_the_cache(llm, [prompt], 30)[0]
     draft = llm.engine.speculator.proposer
-    assert draft.window == WINDOW and llm.engine.speculator.stats.num_accepted > 0
+    assert draft.kv.window == WINDOW and llm.engine.speculator.stats.num_accepted > 0
     plain = LLM(str(tiny_phi3), dtype="float32", progress=False)
     assert out == plain.generate([prompt], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0].token_ids
 
 
-def test_cuda_graphs_padded_form_reads_past_given_back_blocks(tiny_phi3):
+@pytest.mark.parametrize("graphs", ["eager", pytest.param("captured", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU"))])
+@pytest.mark.parametrize("model", ["tiny_phi3", "tiny_gemma3"])
+def test_cuda_graphs_read_past_given_back_blocks(model, graphs, request):
     """A CUDA graph's decode step gathers each row's whole padded context, given-back blocks'
     entries (the scratch block) included, and masks what the window hides: the same answers
-    as the regular path (here the padded form runs eagerly, on any machine)."""
+    as the regular path. On the CPU the graphs' padded form runs eagerly; on a GPU they are
+    captured. tiny_gemma3 has a slot column and a block table per group of layers."""
     from .test_cuda_graphs import PARAMS, assert_same, engine_pair
 
-    plain, padded, steps = engine_pair(tiny_phi3, {}, max_loras=0, max_num_batched_tokens=256)
+    device = "cuda" if graphs == "captured" else "cpu"
+    plain, padded, steps = engine_pair(request.getfixturevalue(model), {}, graphs, device=device, max_loras=0,
+                                       max_num_batched_tokens=256)
     prompts = random_prompts([100, 60, 37], 500, seed=8)
     results = []
     for engine in (plain, padded):
@@ -97,5 +110,26 @@ def test_cuda_graphs_padded_form_reads_past_given_back_blocks(tiny_phi3):
             most_released = max([most_released] + [r.num_released_blocks for r in engine.scheduler.running])
         assert most_released >= 6  # the 100-token prompt's first blocks, once it decodes past them
         results.append([(r.output_token_ids, [lp for lp, _ in r.logprobs], []) for r in reqs])
-    assert_same(results[1], results[0])
-    assert steps, "no decode step took the graphs' padded form"
+    assert_same(results[1], results[0], atol=1e-5 if device == "cpu" else 1e-4)
+    assert steps, "no decode step took the graphs"
+
+
+def test_a_hybrid_models_windowed_layers_give_back_their_blocks(tiny_gemma3):
+    """tiny_gemma3's layers form three groups of one (engine/kv_layout.py): the full-attention
+    one keeps every block, the two windowed ones about a window and a step's. 40 blocks hold a
+    430-token context: 27 full-attention blocks and at most 4 + 4 windowed ones, where keeping
+    every layer's K/V would take 81."""
+    page = 2 * 16 * 2 * 32 * 4  # K and V x 1 layer x 16 tokens x 2 KV heads x head_dim 32 x fp32
+    llm = LLM(str(tiny_gemma3), dtype="float32", progress=False, kv_cache_memory=40 * page, max_num_batched_tokens=32)
+    kv = llm.engine.kv
+    assert kv.layout.group_windows == (None, 12, 12) and kv.num_blocks == 40
+    assert llm.engine.max_model_len == (40 - 2 * 4) * 16  # the full-attention group's share
+    hf = AutoModelForCausalLM.from_pretrained(tiny_gemma3, dtype=torch.float32)
+    prompts = random_prompts([400], hf.config.vocab_size, seed=6)
+    out = run_checking_the_cache(llm, prompts, 30, window=12)[0]
+    assert out == hf_greedy(hf, prompts[0], 30)
+    # A second request with the same prompt hits the whole cached prefix: every full-attention
+    # block, and the windowed groups' last blocks (their earlier ones were given back, and
+    # may be gone).
+    again = llm.generate(prompts, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
+    assert again.num_cached_tokens == 399 // 16 * 16 and again.token_ids == out  # one token left to compute
