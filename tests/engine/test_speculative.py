@@ -279,6 +279,19 @@ def _prompt_with_useful_ngram_guesses(model_dir, top_k):
     raise AssertionError("no prompt found")
 
 
+def assert_first_two_tokens_follow(joint: dict, outs) -> None:
+    """Chi-square of the outputs' first two tokens against the exact joint distribution of
+    plain sampling (16 pairs: df 15, p = 0.001; seeds are fixed, so it is deterministic)."""
+    counts: dict = {}
+    for o in outs:
+        key = tuple(o.token_ids[:2])
+        assert key in joint, f"{key} has probability 0 under the target"
+        counts[key] = counts.get(key, 0) + 1
+    n = len(outs)
+    chi2 = sum((counts.get(k, 0) - n * p) ** 2 / (n * p) for k, p in joint.items())
+    assert len(joint) == 16 and chi2 < 37.70, chi2
+
+
 @pytest.mark.parametrize("mode", ["draft", "ngram"])
 def test_sampled_tokens_follow_the_targets_distribution(tiny_llama, draft_dir, mode):
     """Chi-square of the first two tokens over 2000 seeds: the second is the first one that
@@ -289,13 +302,7 @@ def test_sampled_tokens_follow_the_targets_distribution(tiny_llama, draft_dir, m
     llm = spec_llm(tiny_llama, mode, draft_dir if mode == "draft" else None, **extra)
     outs = llm.generate([prompt] * n, [SamplingParams(max_tokens=3, temperature=1.0, top_k=top_k, seed=s,
                                                       ignore_eos=True) for s in range(n)])
-    counts: dict = {}
-    for o in outs:
-        key = tuple(o.token_ids[:2])
-        assert key in joint, f"{key} has probability 0 under the target"
-        counts[key] = counts.get(key, 0) + 1
-    chi2 = sum((counts.get(k, 0) - n * p) ** 2 / (n * p) for k, p in joint.items())
-    assert len(joint) == 16 and chi2 < 37.70  # df 15, p = 0.001; seeds are fixed, so it is deterministic
+    assert_first_two_tokens_follow(joint, outs)
     stats = llm.engine.speculator.stats
     assert stats.num_proposed > 200 and 0 < stats.num_accepted < stats.num_proposed
 
