@@ -161,6 +161,12 @@ GATEWAY_HELP = {
     "max_waiting_requests": "with this many queued, tenants over their share of the queue are answered 429 "
                             "with Retry-After",
     "max_tenant_requests": "inference requests one tenant may have open at once; more are answered 429 (0: no limit)",
+    "tenant_requests_per_minute": "interactive requests one tenant may make per minute, a token bucket holding a "
+                                  "minute's worth; more are answered 429 with Retry-After (0: no limit; batch "
+                                  "lines are exempt)",
+    "tenant_tokens_per_minute": "prompt and output tokens one tenant's interactive requests may use per minute; "
+                                "once used up, its next requests are answered 429 until the bucket refills "
+                                "(0: no limit)",
     "max_adapters_per_tenant": "adapters one tenant may store; uploading another is answered 403 (0: no limit)",
     "max_upload_size": "largest adapter upload, e.g. 512MiB",
     "served_model_name": "name clients use for the base model (default: the model's name)",

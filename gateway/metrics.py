@@ -1,7 +1,7 @@
 """Prometheus metrics for /metrics: HTTP requests by route and status, latency histograms
 (time to first token, inter-token, end to end, queue time), finished requests by reason,
 token counts by tenant and adapter (usage metering), and engine gauges read at scrape time
-(running/waiting requests, open requests per tenant, preemptions,
+(running/waiting requests, open requests per tenant, rate-limited requests, preemptions,
 KV-cache use, prefix-cache hit rate, adapter pool, CUDA graphs).
 
 Adapter labels are bounded: the first MAX_ADAPTER_LABELS adapters seen get their own label,
@@ -76,6 +76,11 @@ class _EngineCollector:
         for tenant, count in sorted(self.state.tenant_in_flight.items()):
             per_tenant.add_metric([tenant], count)
         yield per_tenant
+        limited = GaugeMetricFamily("loragate_rate_limited_requests", "requests refused (429) for a tenant's rate "
+                                    "limit, by tenant and limit (requests, tokens), since start", labels=["tenant", "limit"])
+        for (tenant, kind), count in sorted(self.state.rate_limits.refused.items()):
+            limited.add_metric([tenant, kind], count)
+        yield limited
         yield gauge("loragate_requests_waiting", "requests waiting for the engine", engine.num_waiting)
         c = GaugeMetricFamily("loragate_preemptions", "running requests preempted for KV blocks (recomputed "
                               "later), since start")

@@ -38,8 +38,8 @@ def principal_of(request: Request):
 class Choice:
     """Accumulates one engine request's outputs, and records its latencies."""
 
-    def __init__(self, index: int, prompt_index: int, prompt_len: int, metrics, labels: tuple[str, str]):
-        self.index, self.prompt_index, self.prompt_len = index, prompt_index, prompt_len
+    def __init__(self, index: int, prompt_index: int, prompt_len: int, metrics, labels: tuple[str, str], charge=None):
+        self.index, self.prompt_index, self.prompt_len, self.charge = index, prompt_index, prompt_len, charge
         self.text, self.tokens, self.logprobs, self.finish_reason = "", [], [], None
         self.prompt_logprobs = None  # with echo + logprobs: the prompt tokens' entries
         self.cached_tokens = 0  # of the prompt, served from the prefix cache
@@ -60,6 +60,8 @@ class Choice:
         new = list(zip(out.new_token_ids, out.new_logprobs)) if out.new_logprobs else []
         self.tokens += out.new_token_ids
         self.logprobs += new
+        if self.charge is not None:
+            self.charge(len(out.new_token_ids))
         if out.finished:
             self.finish_reason = "length" if out.finish_reason == "length" else "stop"
             self.metrics.e2e.observe(t - self.start)
@@ -78,8 +80,10 @@ async def _start(state, principal, gen, prompts_ids: list[list[int]], model: str
     try:
         for pi, ids in enumerate(prompts_ids):
             state.metrics.prompt_tokens.labels(*labels).inc(len(ids))
+            if gen.charge is not None:
+                gen.charge(len(ids))
             for ci, params in enumerate(gen.sampling_params(len(ids), engine.engine.max_model_len)):
-                choices.append(Choice(pi * gen.n + ci, pi, len(ids), state.metrics, labels))
+                choices.append(Choice(pi * gen.n + ci, pi, len(ids), state.metrics, labels, gen.charge))
                 streams.append(await engine.add_request(ids, params, adapter=adapter, tenant=principal.tenant))
     except BaseException:
         for stream in streams:  # a later prompt was refused: the queued ones must not run on
@@ -236,6 +240,7 @@ async def _generate(request: Request, *, chat: bool):
     body = await json_body(request)
     gen = parse_common(body, chat=chat)
     slot = state.open_tenant_request(principal.tenant)
+    gen.charge = slot.charge
     if not gen.stream:
         try:
             answer = collect_answer(state, principal, body, gen, chat=chat)

@@ -45,6 +45,7 @@ class GenerationRequest:
     prompt_texts: list[str] | None = None  # with echo: each prompt as sent, set when they are tokenised
     tools: ToolPlan | None = None  # chat: function calling
     suffix: str | None = None  # completions: the text after the gap to fill (engine/fill_in_middle.py)
+    charge: object = None  # interactive requests: takes their tokens from the tenant's rate limit (TenantSlot.charge)
 
     @property
     def prompt_only(self) -> bool:

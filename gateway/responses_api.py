@@ -205,6 +205,7 @@ async def responses(request: Request):
     body = await json_body(request)
     chat, gen, store = await _parse(state, principal, body)
     slot = state.open_tenant_request(principal.tenant)
+    gen.charge = slot.charge
     if not gen.stream:
         try:
             return JSONResponse(await until_disconnect(request, _respond(state, principal, body, chat, gen, store)))

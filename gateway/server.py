@@ -7,6 +7,7 @@ import os
 import sys
 
 from .auth import KeyStore
+from .rate_limits import TenantRateLimits
 from .settings import GatewaySettings
 from .state import ServerState
 
@@ -118,7 +119,9 @@ def serve(engine_config, settings: GatewaySettings) -> int:
     # (first run only) happens here too, with its progress on the terminal.
     model_dir = resolve_model(engine_config.model)
     state = ServerState(keys=keys, max_waiting=settings.max_waiting_requests,
-                        max_tenant_requests=settings.max_tenant_requests)
+                        max_tenant_requests=settings.max_tenant_requests,
+                        rate_limits=TenantRateLimits(settings.tenant_requests_per_minute,
+                                                     settings.tenant_tokens_per_minute))
     app = build_app(state, make_loader(engine_config, settings))
     app.state.settings = settings
     base = f"http://{settings.host}:{settings.port}"

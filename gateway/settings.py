@@ -23,6 +23,10 @@ class GatewaySettings:
     max_waiting_requests: int = 256
     max_tenant_requests: int = 0  # most inference requests one tenant may have open at once (0: no limit)
     max_adapters_per_tenant: int = 0  # most adapters one tenant may store (0: no limit)
+    # Per tenant, interactive requests and their tokens (prompt and output) per minute (0: no
+    # limit); gateway/rate_limits.py.
+    tenant_requests_per_minute: int = 0
+    tenant_tokens_per_minute: int = 0
     max_upload_size: int | str = "2GiB"
     served_model_name: str | None = None  # the name clients use for the base model
     strict_base_model: bool = False  # refuse adapters whose base_model_name_or_path differs
@@ -61,7 +65,8 @@ class GatewaySettings:
             raise ModelConfigError(f"port must be in 1..65535, got {self.port}")
         if self.max_waiting_requests < 1:
             raise ModelConfigError("max_waiting_requests must be >= 1")
-        for name in ("max_tenant_requests", "max_adapters_per_tenant"):
+        for name in ("max_tenant_requests", "max_adapters_per_tenant", "tenant_requests_per_minute",
+                     "tenant_tokens_per_minute"):
             if getattr(self, name) < 0:
                 raise ModelConfigError(f"{name} must be >= 0 (0: no limit)")
         self.max_upload_size = parse_bytes(self.max_upload_size, "max_upload_size")

@@ -12,16 +12,21 @@ from loragate.engine.errors import AdapterNotFoundError
 
 from .auth import KeyStore, Principal
 from .errors import APIError
+from .rate_limits import TenantRateLimits
 
 log = logging.getLogger("loragate.gateway")
 
 
 class TenantSlot:
     """Held while a tenant's request is open; released once, explicitly or (a response that
-    never started streaming) when dropped."""
+    never started streaming) when dropped. Its tokens go to the tenant's rate limit (charge)."""
 
-    def __init__(self, counts: dict, tenant: str):
+    def __init__(self, counts: dict, tenant: str, rate_limits: TenantRateLimits):
         self.counts, self.tenant, self.open = counts, tenant, True
+        self.rate_limits = rate_limits
+
+    def charge(self, tokens: int) -> None:
+        self.rate_limits.take(self.tenant, "tokens", tokens)
 
     def release(self) -> None:
         if self.open:
@@ -40,6 +45,7 @@ class ServerState:
     max_waiting: int = 256
     max_tenant_requests: int = 0  # 0: no per-tenant limit
     tenant_in_flight: dict = field(default_factory=dict)  # tenant -> open inference requests
+    rate_limits: TenantRateLimits = field(default_factory=TenantRateLimits)  # none by default
     tenant_uploads: dict = field(default_factory=dict)  # tenant -> asyncio.Lock held while it uploads an adapter
     engine: object | None = None  # AsyncEngine, set once the model is loaded
     registry: object | None = None  # adapters.registry.AdapterRegistry
@@ -81,13 +87,15 @@ class ServerState:
 
     def open_tenant_request(self, tenant: str) -> TenantSlot:
         """One open inference request of `tenant`: a 429 beyond max_tenant_requests, so one
-        tenant's flood queues at its own door instead of ahead of everyone else's requests."""
+        tenant's flood queues at its own door instead of ahead of everyone else's requests,
+        and beyond its rate limits (rate_limits.py)."""
         open_now = self.tenant_in_flight.get(tenant, 0)
         if self.max_tenant_requests and open_now >= self.max_tenant_requests:
             raise APIError(429, f"tenant {tenant!r} has {open_now} requests open, its limit; retry when one finishes",
                            "rate_limit_error", code="tenant_limit", headers={"Retry-After": "1"})
+        self.rate_limits.admit(tenant)
         self.tenant_in_flight[tenant] = open_now + 1
-        return TenantSlot(self.tenant_in_flight, tenant)
+        return TenantSlot(self.tenant_in_flight, tenant, self.rate_limits)
 
     async def resolve_model(self, principal: Principal, model: str) -> str | None:
         """None for the base model, else the engine's name for the caller's adapter."""

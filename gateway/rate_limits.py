@@ -1,0 +1,59 @@
+"""Per-tenant rate limits: requests and tokens per minute (OpenAI's RPM and TPM).
+
+Each limit is a bucket per tenant that holds up to a minute's allowance and refills
+continuously (the limit / 60 every second). An interactive request (chat, completions,
+responses) is admitted while the tenant's buckets hold a request and a token: it takes the request, and
+its tokens are taken as they are counted, the prompt's when it is queued and the output's as
+it is generated. So a request the limit admitted is never cut short by it; the token bucket
+goes below zero by what the latest requests used, and the tenant's next requests wait (429
+with Retry-After) until it is back above zero. Over a span of t minutes a tenant uses at
+most (t + 1) x the limit, plus what its open requests generate (max_tenant_requests bounds those).
+
+Batch lines are exempt: they run in the engine's spare capacity, behind interactive traffic
+(batch_runner.py), as OpenAI keeps batch limits apart from a key's rate limits. Limits hold
+per server process: behind a router each engine keeps its own buckets.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from .errors import APIError
+
+KINDS = ("requests", "tokens")
+
+
+class TenantRateLimits:
+    def __init__(self, requests_per_minute: int = 0, tokens_per_minute: int = 0, clock=time.monotonic):
+        self.limits = {"requests": requests_per_minute, "tokens": tokens_per_minute}  # 0: no limit
+        self.clock = clock
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}  # (tenant, kind) -> (level, when)
+        self.refused: dict[tuple[str, str], int] = {}  # (tenant, kind) -> requests refused (/metrics)
+
+    def _level(self, tenant: str, kind: str) -> float:
+        limit, now = self.limits[kind], self.clock()
+        level, when = self._buckets.get((tenant, kind), (limit, now))
+        level = min(limit, level + (now - when) * limit / 60)
+        self._buckets[tenant, kind] = (level, now)
+        return level
+
+    def admit(self, tenant: str) -> None:
+        """Take one request from `tenant`'s allowance, or raise a 429 saying when to retry."""
+        for kind in KINDS:
+            limit = self.limits[kind]
+            level = self._level(tenant, kind) if limit else 0.0
+            if limit and level < 1:
+                self.refused[tenant, kind] = self.refused.get((tenant, kind), 0) + 1
+                wait = (1 - level) * 60 / limit
+                raise APIError(429, f"tenant {tenant!r} is over its limit of {limit} {kind} per minute; "
+                               f"retry in {wait:.1f} s", "rate_limit_error", code="rate_limit_exceeded",
+                               headers={"Retry-After": str(math.ceil(wait)), "retry-after-ms": str(math.ceil(wait * 1000)),
+                                        f"x-ratelimit-limit-{kind}": str(limit),
+                                        f"x-ratelimit-remaining-{kind}": str(max(0, math.floor(level)))})
+        self.take(tenant, "requests", 1)
+
+    def take(self, tenant: str, kind: str, amount: int) -> None:
+        if self.limits[kind] and amount:
+            level = self._level(tenant, kind)
+            self._buckets[tenant, kind] = (level - amount, self._buckets[tenant, kind][1])
