@@ -47,6 +47,9 @@ class BatchMetadata:
     # Prompt positions whose logprobs were asked for: (request, first hidden row, its
     # position, count); position p's row predicts prompt token p + 1.
     prompt_logprob_rows: list[tuple[Request, int, int, int]] = field(default_factory=list)
+    # Prompt positions of requests that want an embedding (engine/pooling.py): (request,
+    # first hidden row, its position, count).
+    pooling_rows: list[tuple[Request, int, int, int]] = field(default_factory=list)
     # Every group's, where the layers' K/V are in more than one group (windowed layers).
     group_attention: list[AttentionMetadata] | None = None
 
@@ -90,6 +93,7 @@ def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_nativ
     num_logits: list[int] = []
     chunks: list[tuple[Request, int, int, int]] = []  # (request, token_start, start, end)
     prompt_rows: list[tuple[Request, int, int, int]] = []
+    pooling_rows: list[tuple[Request, int, int, int]] = []
     for req, num_new in scheduled:
         start = req.num_computed_tokens
         end = start + num_new
@@ -100,6 +104,8 @@ def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_nativ
         input_ids.extend(tokens[start:end])
         positions.extend(range(start, end))
         chunks.append((req, token_start, start, end))
+        if req.sampling_params.pooling and start < req.num_prompt_tokens:
+            pooling_rows.append((req, token_start, start, min(end, req.num_prompt_tokens) - start))
         if req.needs_prompt_logprobs:  # positions not yet reported (a recompute repeats none)
             first = max(start, len(req.prompt_logprobs))
             count = min(end, req.num_prompt_tokens - 1) - first
@@ -124,6 +130,7 @@ def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_nativ
         num_logits=num_logits,
         use_native_kernels=use_native_kernels,
         prompt_logprob_rows=prompt_rows,
+        pooling_rows=pooling_rows,
         group_attention=groups if len(groups) > 1 else None,
     )
 

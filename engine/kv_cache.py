@@ -107,7 +107,7 @@ class KVCacheManager:
         attached as given back), unless the prompt is scored: scoring reuses every block.
         """
         assert not request.block_ids, "prefix matching is for requests holding no blocks"
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not request.takes_prefix_hits:
             return 0
         hashes = self._matchable_hashes(request)
         cached = self.cached_block_by_hash

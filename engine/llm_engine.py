@@ -7,7 +7,6 @@ import itertools
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +17,8 @@ from .errors import AdapterNotFoundError, InvalidRequestError, ModelConfigError
 from .kv_cache import KVCacheManager
 from .kv_layout import context_limit_of_cache, kv_layout, window_note
 from .logits_processors import adjuster_for
+from .outputs import RequestOutput
+from .pooling import add_part, embedding_of
 from .own_proposals import ngram_ends, prediction_token_ids, propose_own_tokens
 from .model_runner import ModelRunner
 from .models.slot_rows import SlotRowTerms
@@ -28,28 +29,6 @@ from .request import Request, RequestStatus
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .structured_output import GrammarCompiler
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]  # all output tokens so far
-    new_token_ids: list[int]  # tokens added by this step
-    text: str  # all output text so far (stop string excluded)
-    delta_text: str  # text that became final in this step
-    finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort"
-    stop_reason: str | int | None = None  # the stop string or stop token that ended it
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    new_logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
-    # With SamplingParams.prompt_logprobs: (logprob, {token: logprob}) of prompt tokens 1.. (complete
-    # from the first output on, since a request samples only once its whole prompt has run).
-    prompt_logprobs: list[tuple[float, dict[int, float]]] | None = None
-    queue_seconds: float = 0.0  # from arrival to first admission into the running batch
-    num_preemptions: int = 0
-    num_prediction_tokens: int = 0  # SamplingParams.prediction's, and of those the output took as proposed:
-    num_accepted_prediction_tokens: int = 0
-
 
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, *, progress: bool = True):
@@ -253,6 +232,8 @@ class LLMEngine:
         step_seconds = time.perf_counter() - t0
         for request_id, entries in (out.prompt_logprobs or {}).items():
             self.scheduler.requests[request_id].prompt_logprobs.extend(entries)
+        for request_id, (position, part) in (out.pooled or {}).items():
+            add_part(self.scheduler.requests[request_id], position, part)
         # Cut each request's new tokens at its first stop (speculation may emit several).
         statuses = [self._cut_at_stop(req, i, out) for i, req in enumerate(out.requests)]
         # The engine's own proposals are not the speculator's: its statistics skip them.
@@ -285,7 +266,8 @@ class LLMEngine:
                 prompt_logprobs=req.prompt_logprobs if req.sampling_params.prompt_logprobs is not None else None,
                 queue_seconds=req.first_scheduled_time - req.arrival_time, num_preemptions=req.num_preemptions,
                 num_prediction_tokens=len(req.prediction_token_ids or ()),
-                num_accepted_prediction_tokens=req.num_accepted_prediction_tokens))
+                num_accepted_prediction_tokens=req.num_accepted_prediction_tokens,
+                embedding=embedding_of(req) if req.is_finished else None))
         if self.speculator is not None:
             self.speculator.after_step(scheduled, out, proposed, step_seconds)
             self.speculator.propose(self.scheduler.running)

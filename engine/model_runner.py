@@ -18,6 +18,7 @@ from .host_memory import zeros_on_huge_pages
 from .kv_layout import KVLayout, kv_layout
 from .logits_processors import adjust_logits
 from .models.llama import LlamaForCausalLM
+from .pooling import pooled_parts
 from .request import Request
 
 
@@ -36,6 +37,8 @@ class StepOutput:
     hidden_states: dict[str, torch.Tensor] | None = None
     # Per request asking for them: the logprobs of the prompt tokens this step reached, in order.
     prompt_logprobs: dict[str, list[tuple[float, dict[int, float]]]] | None = None
+    # Per request wanting an embedding: (first prompt position, part), engine/pooling.py.
+    pooled: dict[str, tuple[int, torch.Tensor]] | None = None
 
 
 class ModelRunner:
@@ -92,13 +95,14 @@ class ModelRunner:
         batch, hidden = self.forward(scheduled)
         num_tokens = int(batch.input_ids.shape[0])
         prompt_logprobs = self._prompt_logprobs(batch, hidden) if batch.prompt_logprob_rows else None
+        pooled = pooled_parts(batch.pooling_rows, hidden) if batch.pooling_rows else None
         if not batch.sampled_requests:
-            return StepOutput([], [], [], [], num_tokens, prompt_logprobs=prompt_logprobs)
+            return StepOutput([], [], [], [], num_tokens, prompt_logprobs=prompt_logprobs, pooled=pooled)
         rows = hidden.index_select(0, batch.logits_indices)
         # Sampling runs on the host, whatever the device: per-request seeded generators, logits
         # processors and grammar masks are host-side, and [requests, vocab] is a small copy.
         out = self.sample(batch, self.model.compute_logits(rows, fp32=False).cpu(), num_tokens)
-        out.prompt_logprobs = prompt_logprobs
+        out.prompt_logprobs, out.pooled = prompt_logprobs, pooled
         if self.expose_hidden_states:
             ends = torch.tensor(batch.num_logits).cumsum(0).tolist()
             out.hidden_states = {r.request_id: rows[end - n:end]

@@ -86,6 +86,8 @@ class Request:
     logits_adjuster: object = field(default=None, repr=False)
     # Structured output (engine/structured_output.GrammarConstraint); None: unconstrained.
     grammar: object = field(default=None, repr=False)
+    # SamplingParams.pooling: the prompt's pooled hidden states so far (engine/pooling.py).
+    pooled: torch.Tensor | None = field(default=None, repr=False)
     generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -113,6 +115,12 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def takes_prefix_hits(self) -> bool:
+        """Whether cached blocks may stand in for computing its prompt: not where a mean of
+        every prompt position's hidden state is wanted (the cache keeps only K and V)."""
+        return self.sampling_params.pooling != "mean"
 
     @property
     def needs_prompt_logprobs(self) -> bool:

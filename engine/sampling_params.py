@@ -42,6 +42,10 @@ class SamplingParams:
     # be much like (a file with a small edit). Its tokens are verified as proposals, so the
     # output is what it would be without it, only sooner (engine/own_proposals.py).
     prediction: str | list[int] | None = None
+    # An embedding of the prompt instead of text (engine/pooling.py): "last" (the last prompt
+    # token's final hidden state) or "mean" (over every prompt token). The request runs as a
+    # one-token generation whose token is dropped; RequestOutput.embedding holds the vector.
+    pooling: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -89,6 +93,8 @@ class SamplingParams:
                 isinstance(self.prediction, list)
                 and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.prediction))):
             raise InvalidRequestError("prediction must be text or a list of token ids", "prediction")
+        if self.pooling not in (None, "last", "mean"):
+            raise InvalidRequestError(f"pooling must be 'last' or 'mean', got {self.pooling!r}", "pooling")
         if self.grammar is not None and not isinstance(self.grammar, str):
             raise InvalidRequestError("grammar must be a string (an llguidance grammar)", "response_format")
         if self.grammar is not None and self.min_tokens:

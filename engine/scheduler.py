@@ -152,7 +152,7 @@ class Scheduler:
                 in_flight.setdefault(h, req)
 
     def _waits_for_shared_prefix(self, req: Request, in_flight: dict[bytes, Request]) -> bool:
-        if not in_flight or req.block_ids or not self.share_prefills:
+        if not in_flight or req.block_ids or not self.share_prefills or not req.takes_prefix_hits:
             return False
         h = self.kv.next_uncached_block(req)
         owner = in_flight.get(h) if h is not None else None

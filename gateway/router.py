@@ -292,6 +292,7 @@ def build_router_app(settings, *, client: httpx.AsyncClient | None = None,
         Route("/v1/completions", inference, methods=["POST"]),
         Route("/v1/chat/completions", inference, methods=["POST"]),
         Route("/v1/responses", inference, methods=["POST"]),
+        Route("/v1/embeddings", inference, methods=["POST"]),
         Route("/v1/{path:path}", forward, methods=_ALL_METHODS),
         *(Route(path, forward, methods=_ALL_METHODS) for path in ("/tokenize", "/detokenize", "/tokenizer_info")),
     ]

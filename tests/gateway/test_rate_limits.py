@@ -14,15 +14,8 @@ from loragate.engine.errors import ModelConfigError
 
 from .conftest import RunningServer
 from .test_batches import content_lines, line, run_batch
+from .test_key_shares import Clock
 from .test_overload_metrics import samples
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_requests_per_minute_refill_continuously_and_tenants_are_apart():

@@ -117,6 +117,8 @@ def test_requests_for_one_adapter_stick_to_its_engine(engines):
             for form in (model, f"base:{model}"):  # both spellings name one adapter
                 r = client.post("/v1/completions", json={"model": form, "prompt": "x"}, headers=AUTH)
                 assert r.status_code == 200 and r.headers[REPLICA_HEADER] == url and r.json()["engine"] == url
+            r = client.post("/v1/embeddings", json={"model": model, "input": "x"}, headers=AUTH)
+            assert r.headers[REPLICA_HEADER] == url and r.json()["path"] == "/v1/embeddings"
         # The tenant is part of the key: another caller's same-named adapter is another key.
         assert affinity_key("Bearer key-a", "m") != affinity_key("Bearer key-b", "m")
         sent = engines.inference_calls()[0]

@@ -1,0 +1,129 @@
+"""OpenAI's `POST /v1/embeddings`: one vector per input, from the base model or one of the
+caller's adapters (so tenants can serve their embedding fine-tunes as LoRA adapters on one
+shared base, batched with everything else the engine runs).
+
+A vector is the prompt's final hidden states pooled (engine/pooling.py): the last token's
+(decoder embedding models such as Qwen3-Embedding), or the mean over the tokens where the
+model's sentence-transformers config (`1_Pooling/config.json`) says so. It is L2-normalized,
+as OpenAI's are; `dimensions` keeps the first N components and normalizes again (Matryoshka
+models are trained for that cut). `encoding_format` "base64" sends float32 little-endian bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+import struct
+from functools import lru_cache
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from loragate.engine import InvalidRequestError, SamplingParams
+
+from .errors import APIError
+from .openai_api import json_body, principal_of, until_disconnect
+
+MAX_INPUTS = 2048  # OpenAI's limit per request
+
+
+@lru_cache(maxsize=8)
+def pooling_of(model_dir: Path) -> str:
+    """"mean" or "last", from a sentence-transformers pooling config if the model has one
+    (else "last"); a pooling this server cannot do is a 400 naming it."""
+    config = model_dir / "1_Pooling" / "config.json"
+    if not config.is_file():
+        return "last"
+    modes = {k.removeprefix("pooling_mode_") for k, v in json.loads(config.read_text()).items()
+             if k.startswith("pooling_mode_") and v is True}
+    for mode, pooling in (("lasttoken", "last"), ("mean_tokens", "mean")):
+        if modes == {mode}:
+            return pooling
+    raise APIError(400, f"this model's pooling ({', '.join(sorted(modes)) or 'none'}) is not supported: "
+                   "last token or mean only", param="model")
+
+
+def _inputs(body: dict) -> list[str | list[int]]:
+    value = body.get("input")
+    if isinstance(value, str) or (isinstance(value, list) and value and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in value)):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(
+            (isinstance(v, str) or isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v))
+            and v for v in value):
+        raise APIError(400, "'input' must be a non-empty string, a list of them, token ids, or a list of those",
+                       param="input")
+    if len(value) > MAX_INPUTS:
+        raise APIError(400, f"'input' holds {len(value)} items; at most {MAX_INPUTS}", param="input")
+    return value
+
+
+def _vector(values: list[float], dimensions: int | None, encoding: str):
+    values = values[:dimensions] if dimensions else values
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    values = [v / norm for v in values]
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode() if encoding == "base64" else values
+
+
+async def embed(state, principal, body: dict, charge=None) -> dict:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise APIError(400, "'model' is required: the base model's name or an adapter's name", param="model")
+    inputs = _inputs(body)
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise APIError(400, "'encoding_format' must be 'float' or 'base64'", param="encoding_format")
+    engine = state.require_engine()
+    width = engine.engine.model.config.hidden_size
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool)
+                                   or not 1 <= dimensions <= width):
+        raise APIError(400, f"'dimensions' must be an integer in [1, {width}]", param="dimensions")
+    params = SamplingParams(max_tokens=1, temperature=0, pooling=pooling_of(engine.engine.model_dir))
+    adapter = await state.resolve_model(principal, model)
+    state.check_capacity(principal.tenant)
+    try:
+        prompts = [engine.engine.tokenize(text) for text in inputs]
+        streams = [await engine.add_request(ids, params, adapter=adapter, tenant=principal.tenant) for ids in prompts]
+    except InvalidRequestError as e:  # the engine says "prompt"; here it is the input
+        raise APIError(400, str(e), param="input") from None
+    tokens = sum(map(len, prompts))
+    state.metrics.prompt_tokens.labels(principal.tenant, state.metrics.adapter_label(adapter)).inc(tokens)
+    if charge is not None:
+        charge(tokens)
+
+    async def final(stream):
+        out = None
+        async for out in stream:
+            pass
+        return out.embedding
+
+    try:
+        vectors = await asyncio.gather(*(final(s) for s in streams))
+    finally:
+        for stream in streams:  # a failure or a client gone: the others must not run on
+            stream.close()
+    return {"object": "list", "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "data": [{"object": "embedding", "index": i, "embedding": _vector(v, dimensions, encoding)}
+                     for i, v in enumerate(vectors)]}
+
+
+async def embeddings(request: Request):
+    state = request.app.state.server
+    principal = principal_of(request)
+    state.require_engine()
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", param="body")
+    slot = state.open_tenant_request(principal.tenant)
+    try:
+        return JSONResponse(await until_disconnect(request, embed(state, principal, body, slot.charge)))
+    finally:
+        slot.release()
+
+
+routes = [Route("/v1/embeddings", embeddings, methods=["POST"])]

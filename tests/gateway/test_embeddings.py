@@ -1,0 +1,128 @@
+"""/v1/embeddings through the official `openai` client: last-token and mean pooling of the
+final hidden states against transformers' last_hidden_state (and peft's, with an adapter),
+normalization, `dimensions`, base64, bad input, tenants, and the engine's chunked prefill."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import struct
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM
+
+from loragate.engine import LLM, SamplingParams
+from loragate.gateway.embeddings_api import pooling_of
+
+from ..engine.test_model_vs_hf import random_prompts
+from .conftest import _module_server
+
+
+def hf_embedding(model, ids: list[int], pooling: str) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), output_hidden_states=True)
+    states = out.hidden_states[-1][0] if hasattr(out, "hidden_states") and out.hidden_states else out.last_hidden_state[0]
+    vector = states[-1] if pooling == "last" else states.mean(0)
+    return vector / vector.norm()
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_the_engine_pools_hf_last_hidden_state_across_prefill_chunks(tiny_qwen3, pooling):
+    """32-token chunks: a 90-token prompt's mean adds three chunks' parts; prefix hits are
+    taken only for last-token pooling (a mean needs every position's state)."""
+    llm = LLM(str(tiny_qwen3), dtype="float32", progress=False, max_num_batched_tokens=32)
+    hf = AutoModel.from_pretrained(tiny_qwen3, dtype=torch.float32)
+    prompts = random_prompts([90, 7, 50], 500, seed=3)
+    for attempt in range(2):  # the second time, the prompts' blocks are cached
+        outs = llm.generate(prompts, SamplingParams(max_tokens=1, pooling=pooling))
+        for prompt, out in zip(prompts, outs):
+            got = torch.tensor(out.embedding)
+            torch.testing.assert_close(got / got.norm(), hf_embedding(hf, prompt, pooling), atol=2e-5, rtol=0)
+            assert out.num_cached_tokens == (0 if attempt == 0 or pooling == "mean" else (len(prompt) - 1) // 16 * 16)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, tmp_path_factory, monkeypatch_module):
+    yield from _module_server(tiny_llama, tmp_path_factory, monkeypatch_module)
+
+
+def test_embeddings_with_the_official_client(server, tiny_llama):
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="key-a", max_retries=0)
+    texts = ["t5 t6 t7 t8", "t9 t10"]
+    got = c.embeddings.create(model="tiny", input=texts)
+    tok = server.state.engine.tokenizer
+    hf = AutoModel.from_pretrained(tiny_llama, dtype=torch.float32)
+    for i, text in enumerate(texts):
+        want = hf_embedding(hf, tok.encode(text), "last")
+        assert got.data[i].index == i
+        torch.testing.assert_close(torch.tensor(got.data[i].embedding), want, atol=2e-5, rtol=0)
+    assert got.usage.prompt_tokens == got.usage.total_tokens == sum(len(tok.encode(t)) for t in texts)
+    ids = c.embeddings.create(model="tiny", input=[tok.encode(texts[0])])  # token ids
+    assert ids.data[0].embedding == pytest.approx(got.data[0].embedding, abs=1e-6)  # batched otherwise: fp32 rounding
+    cut = c.embeddings.create(model="tiny", input=texts[0], dimensions=8).data[0].embedding
+    full = torch.tensor(got.data[0].embedding[:8])
+    torch.testing.assert_close(torch.tensor(cut), full / full.norm(), atol=1e-6, rtol=0)
+    raw = httpx.post(server.url + "/v1/embeddings", headers=server.headers(),
+                     json={"model": "tiny", "input": texts[1], "encoding_format": "base64"}).json()
+    packed = base64.b64decode(raw["data"][0]["embedding"])
+    assert list(struct.unpack(f"<{len(packed) // 4}f", packed)) == pytest.approx(got.data[1].embedding, abs=1e-6)
+
+
+def test_an_adapter_embeds_as_peft_does(server, tiny_llama, tmp_path, save_lora):
+    from peft import PeftModel
+
+    path = save_lora(tiny_llama, tmp_path / "emb", 0.3, seed=5, r=8, lora_alpha=16, target_modules="all-linear")
+    files = {f.name: (f.name, f.read_bytes()) for f in path.iterdir() if f.is_file()}
+    r = httpx.post(server.url + "/v1/adapters", headers=server.headers(), data={"name": "emb"},
+                   files=[("files", v) for v in files.values()], timeout=60)
+    assert r.status_code in (200, 201), r.text
+    text = "t5 t6 t7 t8 t9"
+    got = httpx.post(server.url + "/v1/embeddings", headers=server.headers(),
+                     json={"model": "emb", "input": text}).json()["data"][0]["embedding"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, path).eval()
+    want = hf_embedding(peft, server.state.engine.tokenizer.encode(text), "last")
+    torch.testing.assert_close(torch.tensor(got), want, atol=2e-5, rtol=0)
+    other = httpx.post(server.url + "/v1/embeddings", headers=server.headers("key-b"),
+                       json={"model": "emb", "input": text})
+    assert other.status_code == 404  # another tenant's adapter
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": "t5"}, "model"),
+    ({"model": "tiny", "input": ""}, "input"),
+    ({"model": "tiny", "input": []}, "input"),
+    ({"model": "tiny", "input": ["t5", 7]}, "input"),
+    ({"model": "tiny", "input": ["t5"] * 2049}, "input"),
+    ({"model": "tiny", "input": [[10 ** 7]]}, "input"),
+    ({"model": "tiny", "input": " ".join(["t5"] * 2048)}, "input"),  # past the context
+    ({"model": "tiny", "input": "t5", "dimensions": 0}, "dimensions"),
+    ({"model": "tiny", "input": "t5", "dimensions": 65}, "dimensions"),
+    ({"model": "tiny", "input": "t5", "encoding_format": "int8"}, "encoding_format"),
+])
+def test_bad_embedding_requests_are_400s(server, body, param):
+    r = httpx.post(server.url + "/v1/embeddings", headers=server.headers(), json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert server.state.engine.num_waiting == 0 and server.state.tenant_in_flight == {}
+
+
+def test_the_pooling_follows_a_sentence_transformers_config(tiny_llama, tmp_path):
+    from loragate.gateway.errors import APIError
+
+    for modes, want in (({"pooling_mode_mean_tokens": True}, "mean"), ({"pooling_mode_lasttoken": True}, "last"),
+                        ({"pooling_mode_cls_token": True}, None)):
+        model = tmp_path / want.__repr__()
+        shutil.copytree(tiny_llama, model)
+        (model / "1_Pooling").mkdir()
+        (model / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64, **modes}))
+        if want is None:
+            with pytest.raises(APIError, match=r"pooling \(cls_token\) is not supported"):
+                pooling_of(model)
+        else:
+            assert pooling_of(model) == want
+    assert pooling_of(tiny_llama) == "last"
