@@ -13,7 +13,8 @@ The alternative, a count of interactive requests in flight kept by the handlers,
 batches back whenever anyone is being served, even with the engine far from full.
 
 Exactly the interactive answer: a line runs through openai_api.complete (responses_api.respond
-for /v1/responses batches), the code behind the HTTP handlers, as its batch's tenant.
+for /v1/responses batches, embeddings_api.embed for /v1/embeddings), the code behind the HTTP
+handlers, as its batch's tenant.
 Errors: 429/503 (engine busy, loading or stopped) leave the line pending and the runner
 backs off; any other error is the line's result.
 
@@ -35,11 +36,13 @@ import sqlite3
 import time
 
 from .auth import Principal
-from .batch_input import CHAT_ENDPOINT, RESPONSES_ENDPOINT, BatchInputError, error_line, output_line, read_input
+from .batch_input import (CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, RESPONSES_ENDPOINT, BatchInputError, error_line,
+                          output_line, read_input)
 from .batch_lease import RunnerLease
 from .batch_store import (CANCELLING, FINALIZING, IN_PROGRESS, LINE_CANCELLED, LINE_EXPIRED, LINE_FAILED,
                           ORPHAN_MIN_AGE_S, SUCCEEDED, VALIDATING, BatchRecord, BatchStore, PendingLine)
 from .errors import APIError, to_api_error
+from .embeddings_api import embed
 from .openai_api import complete
 from .responses_api import respond
 
@@ -224,6 +227,8 @@ class BatchRunner:
             body, principal = json.loads(line.body), Principal(batch.tenant)
             if batch.endpoint == RESPONSES_ENDPOINT:
                 response = await respond(self.state, principal, body)
+            elif batch.endpoint == EMBEDDINGS_ENDPOINT:
+                response = await embed(self.state, principal, body)
             else:
                 response = await complete(self.state, principal, body, chat=batch.endpoint == CHAT_ENDPOINT)
         except asyncio.CancelledError:

@@ -123,6 +123,22 @@ def test_a_responses_batch_equals_interactive_responses(server):
     assert error["response"]["body"]["error"]["param"] == "conversation"
 
 
+def test_an_embeddings_batch_equals_interactive_embeddings(server):
+    bodies = {f"e{i}": {"model": "tiny", "input": [f"t{10 + i} t{40 + i}", "t5"]} for i in range(3)}
+    bodies["bad"] = {"model": "tiny", "input": "t5", "dimensions": 0}
+    batch = run_batch(server, [line(cid, body, "/v1/embeddings") for cid, body in bodies.items()], "/v1/embeddings")
+    assert batch["status"] == "completed" and batch["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
+    outputs = {o["custom_id"]: o["response"]["body"] for o in content_lines(server, batch["output_file_id"])}
+    for cid, body in bodies.items():
+        if cid != "bad":
+            want = httpx.post(server.url + "/v1/embeddings", json=body, headers=server.headers(), timeout=30).json()
+            assert outputs[cid]["usage"] == want["usage"] and len(outputs[cid]["data"]) == 2
+            for got, expected in zip(outputs[cid]["data"], want["data"]):
+                assert got["embedding"] == pytest.approx(expected["embedding"], abs=1e-6)
+    [error] = content_lines(server, batch["error_file_id"])
+    assert error["custom_id"] == "bad" and error["response"]["body"]["error"]["param"] == "dimensions"
+
+
 def test_bad_lines_go_to_the_error_file_and_the_others_run(server):
     good = {"model": "tiny", "prompt": "t5 t6", "max_tokens": 5, "temperature": 0}
     hot = dict(good, temperature=5)
@@ -237,7 +253,7 @@ def test_bad_batch_requests_in_openai_shape(server, case):
     status, param, r = {
         "unknown_file": lambda: (404, "input_file_id", create(server, "file-nope")),
         "output_file_as_input": lambda: (400, "input_file_id", create(server, good)),
-        "endpoint": lambda: (400, "endpoint", create(server, good, endpoint="/v1/embeddings")),
+        "endpoint": lambda: (400, "endpoint", create(server, good, endpoint="/v1/moderations")),
         "window": lambda: (400, "completion_window", create(server, good, completion_window="1h")),
         "metadata": lambda: (400, "metadata", create(server, good, metadata={"k": 1})),
         "no_file_id": lambda: (400, "input_file_id", create(server, "")),
