@@ -121,7 +121,8 @@ async def embeddings(request: Request):
         raise APIError(400, "the request body must be a JSON object", param="body")
     slot = state.open_tenant_request(principal.tenant)
     try:
-        return JSONResponse(await until_disconnect(request, embed(state, principal, body, slot.charge)))
+        return JSONResponse(await until_disconnect(request, embed(state, principal, body, slot.charge)),
+                            headers=slot.headers)
     finally:
         slot.release()
 

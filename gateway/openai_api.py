@@ -244,7 +244,7 @@ async def _generate(request: Request, *, chat: bool):
     if not gen.stream:
         try:
             answer = collect_answer(state, principal, body, gen, chat=chat)
-            return JSONResponse(await until_disconnect(request, answer))
+            return JSONResponse(await until_disconnect(request, answer), headers=slot.headers)
         finally:
             slot.release()
     try:
@@ -266,7 +266,7 @@ async def _generate(request: Request, *, chat: bool):
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **slot.headers})
 
 
 async def stream_chunks(state, gen, prompts, choices, streams, *, chat: bool):

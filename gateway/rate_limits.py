@@ -49,9 +49,18 @@ class TenantRateLimits:
                 raise APIError(429, f"tenant {tenant!r} is over its limit of {limit} {kind} per minute; "
                                f"retry in {wait:.1f} s", "rate_limit_error", code="rate_limit_exceeded",
                                headers={"Retry-After": str(math.ceil(wait)), "retry-after-ms": str(math.ceil(wait * 1000)),
-                                        f"x-ratelimit-limit-{kind}": str(limit),
-                                        f"x-ratelimit-remaining-{kind}": str(max(0, math.floor(level)))})
+                                        **self.headers(tenant)})
         self.take(tenant, "requests", 1)
+
+    def headers(self, tenant: str) -> dict[str, str]:
+        """OpenAI's x-ratelimit-limit-* and x-ratelimit-remaining-* for each limit that is set,
+        as a response reports them (what is left after its admission)."""
+        out = {}
+        for kind in KINDS:
+            if self.limits[kind]:
+                out[f"x-ratelimit-limit-{kind}"] = str(self.limits[kind])
+                out[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(self._level(tenant, kind))))
+        return out
 
     def take(self, tenant: str, kind: str, amount: int) -> None:
         if self.limits[kind] and amount:

@@ -208,7 +208,8 @@ async def responses(request: Request):
     gen.charge = slot.charge
     if not gen.stream:
         try:
-            return JSONResponse(await until_disconnect(request, _respond(state, principal, body, chat, gen, store)))
+            return JSONResponse(await until_disconnect(request, _respond(state, principal, body, chat, gen, store)),
+                                headers=slot.headers)
         finally:
             slot.release()
     gen.include_usage = True  # the usage goes into response.completed
@@ -236,7 +237,7 @@ async def responses(request: Request):
             slot.release()
 
     return StreamingResponse(sse(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **slot.headers})
 
 
 routes = [Route("/v1/responses", responses, methods=["POST"]),

@@ -28,6 +28,11 @@ class TenantSlot:
     def charge(self, tokens: int) -> None:
         self.rate_limits.take(self.tenant, "tokens", tokens)
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """The tenant's rate limits and what is left of them, for the response's headers."""
+        return self.rate_limits.headers(self.tenant)
+
     def release(self) -> None:
         if self.open:
             self.open = False

@@ -68,17 +68,22 @@ def test_a_tenant_over_its_tokens_is_answered_429_until_the_bucket_refills(tiny_
     s.state.rate_limits = TenantRateLimits(tokens_per_minute=60, clock=clock)
     try:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="key-a", max_retries=0)
+        first = httpx.post(s.url + "/v1/completions", headers=s.headers(),
+                           json={"model": "tiny", "prompt": "t5", "max_tokens": 2, "ignore_eos": True})
+        assert first.headers["x-ratelimit-limit-tokens"] == "60"
+        assert first.headers["x-ratelimit-remaining-tokens"] == "57"  # what is left after it: 1 + 2 taken
+        assert "x-ratelimit-limit-requests" not in first.headers  # no request limit set
         # 4 prompt tokens + 40 generated (streamed: charged as they come), then a chat of 3 + 20.
         stream = client.completions.create(model="tiny", prompt="t5 t6 t7 t8", max_tokens=40, temperature=0,
                                            extra_body={"ignore_eos": True}, stream=True)
         assert sum(1 for _ in stream)
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "t5"}], max_tokens=20,
                                        extra_body={"ignore_eos": True})
-        assert s.state.rate_limits._level("tenant-a", "tokens") == 60 - 4 - 40 - 3 - 20
+        assert s.state.rate_limits._level("tenant-a", "tokens") == 57 - 4 - 40 - 3 - 20
         with pytest.raises(openai.RateLimitError) as e:
             client.completions.create(model="tiny", prompt="t5", max_tokens=2)
         headers = e.value.response.headers
-        assert headers["x-ratelimit-limit-tokens"] == "60" and headers["Retry-After"] == "8"
+        assert headers["x-ratelimit-limit-tokens"] == "60" and headers["Retry-After"] == "11"
         assert e.value.body["code"] == "rate_limit_exceeded"
         r = httpx.post(s.url + "/v1/responses", headers=s.headers(), json={"model": "tiny", "input": "t5"})
         assert r.status_code == 429
@@ -88,10 +93,10 @@ def test_a_tenant_over_its_tokens_is_answered_429_until_the_bucket_refills(tiny_
         batch = run_batch(s, [line("q", {"model": "tiny", "prompt": "t5 t6", "max_tokens": 30, "ignore_eos": True})])
         assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 1
         assert content_lines(s, batch["output_file_id"])[0]["response"]["body"]["usage"]["total_tokens"] == 32
-        assert s.state.rate_limits._level("tenant-a", "tokens") == -7
+        assert s.state.rate_limits._level("tenant-a", "tokens") == -10
         scraped = samples(httpx.get(s.url + "/metrics").text)
         assert scraped[("loragate_rate_limited_requests", (("limit", "tokens"), ("tenant", "tenant-a")))] == 2
-        clock.now += 8  # refilled to 1 token
+        clock.now += 11  # refilled to 1 token
         assert client.completions.create(model="tiny", prompt="t5", max_tokens=2).choices
     finally:
         s.stop()
