@@ -116,15 +116,14 @@ def build_batch(scheduled: list[tuple[Request, int]], block_size: int, use_nativ
             logits_indices.extend(range(token_start + num_new - n, token_start + num_new))
             sampled.append(req)
             num_logits.append(n)
-    num_groups = max((len(req.block_tables) for req, _ in scheduled), default=1)
-    groups = [_attention(chunks, g, block_size, use_native_kernels) for g in range(max(num_groups, 1))]
-    attention = groups[0]
+    num_groups = max([1] + [len(req.block_tables) for req, _ in scheduled])
+    groups = [_attention(chunks, g, block_size, use_native_kernels) for g in range(num_groups)]
     lora = _lora_batch(scheduled, lora_pool) if uses_lora else None
     return BatchMetadata(
         lora=lora,
         input_ids=torch.tensor(input_ids, dtype=torch.int64),
         positions=torch.tensor(positions, dtype=torch.int64),
-        attention=attention,
+        attention=groups[0],
         logits_indices=torch.tensor(logits_indices, dtype=torch.int64),
         sampled_requests=sampled,
         num_logits=num_logits,
