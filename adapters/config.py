@@ -27,6 +27,9 @@ LLAMA_LINEARS: dict[str, str] = {
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
 }
 FUSED_LINEARS: dict[str, str] = {"qkv_proj": "self_attn", "o_proj": "self_attn", "gate_up_proj": "mlp", "down_proj": "mlp"}
+# StarCoder2's: its MLP has no gate, and other names.
+PLAIN_MLP_LINEARS: dict[str, str] = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+                                     "o_proj": "self_attn", "c_fc": "mlp", "c_proj": "mlp"}
 MAX_CONFIG_BYTES = 1 << 20  # real configs are ~2 KB; a bigger one is not a config
 
 # Training-time or bookkeeping keys: they do not change what the adapter computes.

@@ -1,5 +1,5 @@
 """Shared fixtures: tiny random Llama / Qwen2 / Qwen3 / Phi-3 / Granite / SmolLM3 / Gemma 2 / Gemma 3
-/ OLMo 2 / OLMo 3 / Mixtral / Qwen3-MoE checkpoints written in HF format, and the real bundled model (prepared once into LORAGATE_HOME)."""
+/ OLMo 2 / OLMo 3 / Mixtral / Qwen3-MoE / StarCoder2 checkpoints written in HF format, and the real bundled model (prepared once into LORAGATE_HOME)."""
 
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ def _write_tiny(path, arch: str):
                               Olmo3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
                               SmolLM3Config, SmolLM3ForCausalLM,
                               LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast,
-                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Starcoder2Config,
+                              Starcoder2ForCausalLM)
 
     torch.manual_seed({"llama": 0, "qwen2": 1, "gemma3": 2, "qwen3": 3, "gemma3-multimodal": 4, "phi3": 5,
                        "gemma2": 6, "granite": 7, "smollm3": 8, "mixtral": 9, "qwen3-moe": 10,
-                       "olmo2": 11, "olmo3": 12}[arch])
+                       "olmo2": 11, "olmo3": 12, "starcoder2": 13}[arch])
     common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=arch != "llama")
@@ -70,6 +71,9 @@ def _write_tiny(path, arch: str):
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
             rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                              "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}}))
+    elif arch == "starcoder2":  # LayerNorms with biases, a plain GELU MLP, biases everywhere, a 20-token window
+        model = Starcoder2ForCausalLM(Starcoder2Config(**common, use_bias=True, norm_epsilon=1e-5, sliding_window=20,
+                                                       hidden_act="gelu_pytorch_tanh"))
     elif arch == "mixtral":  # 4 experts, 2 per token
         model = MixtralForCausalLM(MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2))
     elif arch == "qwen3-moe":  # 6 experts of 48, 2 per token, weights as the router gives them
@@ -113,6 +117,8 @@ def _write_tiny(path, arch: str):
                 p.normal_(0, 0.3)  # norm weights (zero in a fresh model: 1 + weight scales)
             elif arch in ("qwen3", "olmo2", "olmo3") and p.dim() == 1:
                 p.normal_(1, 0.3)  # norm weights (one in a fresh model)
+            elif arch == "starcoder2" and p.dim() == 1:  # LayerNorm weights and biases, projection biases
+                p.normal_(1 if "norm" in name and name.endswith("weight") else 0, 0.1)
     model.save_pretrained(path)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"t{i}": i for i in range(3, TINY_VOCAB)}
     tok = Tokenizer(models.WordLevel({k: v for k, v in vocab.items()}, unk_token="<unk>"))
@@ -134,13 +140,13 @@ def _tiny_fixture(arch: str):
 
 # The fixtures tiny_llama, tiny_qwen2, ..., tiny_gemma3_multimodal, tiny_qwen3_moe.
 TINY_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "granite", "smollm3", "olmo2", "olmo3", "gemma2", "gemma3",
-              "gemma3-multimodal", "mixtral", "qwen3-moe")
+              "gemma3-multimodal", "mixtral", "qwen3-moe", "starcoder2")
 for _arch in TINY_ARCHS:
     globals()[f"tiny_{_arch.replace('-', '_')}"] = _tiny_fixture(_arch)
 
 
 @pytest.fixture(scope="session", params=["llama", "qwen2", "qwen3", "phi3", "granite", "smollm3", "olmo2", "gemma2",
-                                         "gemma3"])
+                                         "gemma3", "starcoder2"])
 def tiny_model(request):
     return request.getfixturevalue(f"tiny_{request.param}")
 
@@ -165,14 +171,16 @@ def _save_random_lora(base_dir, out_dir, b_std: float, seed: int | None = None, 
     """A LoRA adapter saved by peft itself on `base_dir`, with random non-zero B (peft
     initialises B to zero, which would make every adapter a no-op) and, for DoRA, random
     magnitudes. Returns out_dir. Module names are Llama's; on a Phi-3 base they become the
-    fused modules that contain them (q_proj -> qkv_proj, up_proj -> gate_up_proj)."""
+    fused modules that contain them (q_proj -> qkv_proj, up_proj -> gate_up_proj), on a
+    StarCoder2 base its MLP's (gate_proj, up_proj -> c_fc, down_proj -> c_proj)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if seed is not None:
         torch.manual_seed(seed)
-    if AutoConfig.from_pretrained(base_dir).model_type == "phi3":
-        lora_kwargs = _on_phi3(lora_kwargs)
+    model_type = AutoConfig.from_pretrained(base_dir).model_type
+    if model_type in MODULE_RENAMES:
+        lora_kwargs = _renamed(lora_kwargs, MODULE_RENAMES[model_type])
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
                            LoraConfig(**lora_kwargs))
     with torch.no_grad():
@@ -185,9 +193,18 @@ def _save_random_lora(base_dir, out_dir, b_std: float, seed: int | None = None, 
     return out_dir
 
 
-def _on_phi3(lora_kwargs: dict) -> dict:
+# Llama's module names -> a family's: Phi-3's fused modules that contain them, StarCoder2's MLP.
+MODULE_RENAMES = {
+    "phi3": ((r"\b[qkv]_proj\b", "qkv_proj"), (r"\b(?:gate|up)_proj\b", "gate_up_proj")),
+    "starcoder2": ((r"\b(?:gate|up)_proj\b", "c_fc"), (r"\bdown_proj\b", "c_proj")),
+}
+
+
+def _renamed(lora_kwargs: dict, renames) -> dict:
     def rename(name: str) -> str:
-        return re.sub(r"\b(?:gate|up)_proj\b", "gate_up_proj", re.sub(r"\b[qkv]_proj\b", "qkv_proj", name))
+        for pattern, new in renames:
+            name = re.sub(pattern, new, name)
+        return name
 
     out = dict(lora_kwargs)
     targets = out.get("target_modules")

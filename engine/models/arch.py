@@ -7,12 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import cached_property
 
-from loragate.adapters.config import FUSED_LINEARS, LLAMA_LINEARS
+from loragate.adapters.config import FUSED_LINEARS, LLAMA_LINEARS, PLAIN_MLP_LINEARS
 
 from ..errors import ModelConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "granite", "smollm3", "mixtral", "qwen3_moe",
-                         "olmo2", "olmo3", "gemma2", "gemma3_text")
+                         "olmo2", "olmo3", "gemma2", "gemma3_text", "starcoder2")
 # Where the decoder layers' modules live in a checkpoint and in peft's module names: plain
 # causal LMs, and Gemma 3's multimodal checkpoints (saved by transformers 4 and named by 5).
 TEXT_MODULE_PREFIXES = ("model.",)
@@ -85,6 +85,7 @@ class ModelArchConfig:
     skipped_prefixes: tuple[str, ...] = ()
     foreign_modules: tuple[str, ...] = ()  # linear modules' names in what is skipped
     fused_linears: bool = False  # Phi-3: q/k/v and gate/up are one checkpoint (and peft) module each
+    plain_mlp: bool = False  # StarCoder2: c_proj(gelu(c_fc(x))), no gate (starcoder2.py)
     # Sparse experts in place of the MLP (moe.py); 0: a dense MLP.
     num_experts: int = 0
     experts_per_token: int = 0
@@ -101,7 +102,11 @@ class ModelArchConfig:
         """The layers' targetable linears by checkpoint name, each projection's in output order."""
         q, kv, h, i = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.hidden_size, \
             self.intermediate_size
-        if self.fused_linears:
+        if self.plain_mlp:
+            shapes = {"q_proj": ("qkv_proj", h, q), "k_proj": ("qkv_proj", h, kv), "v_proj": ("qkv_proj", h, kv),
+                      "o_proj": ("o_proj", q, h), "c_fc": ("up_proj", h, i), "c_proj": ("down_proj", i, h)}
+            parents = PLAIN_MLP_LINEARS
+        elif self.fused_linears:
             shapes = {"qkv_proj": ("qkv_proj", h, q + 2 * kv), "o_proj": ("o_proj", q, h),
                       "gate_up_proj": ("gate_up_proj", h, 2 * i), "down_proj": ("down_proj", i, h)}
             parents = FUSED_LINEARS
@@ -152,6 +157,10 @@ class ModelArchConfig:
             from .gemma import gemma_arch
 
             return gemma_arch(cls, hf)
+        if hf.model_type == "starcoder2":
+            from .starcoder2 import starcoder2_arch
+
+            return starcoder2_arch(cls, hf)
         if getattr(hf, "hidden_act", "silu") != "silu":
             raise ModelConfigError(f"hidden_act {hf.hidden_act!r} is not supported (only silu)")
         is_phi3 = hf.model_type == "phi3"
@@ -212,7 +221,8 @@ def projection_biases(c: ModelArchConfig) -> dict[str, bool]:
     """A decoder layer's projections, and whether each has a bias (sparse-expert models have
     no MLP projections)."""
     attention = {"qkv_proj": c.qkv_bias, "o_proj": c.o_bias}
-    return attention if c.is_moe else attention | {"gate_up_proj": c.mlp_bias, "down_proj": c.mlp_bias}
+    up = "up_proj" if c.plain_mlp else "gate_up_proj"
+    return attention if c.is_moe else attention | {up: c.mlp_bias, "down_proj": c.mlp_bias}
 
 
 def text_config(hf):
@@ -242,7 +252,7 @@ def common_fields(hf) -> dict:
         num_heads=hf.num_attention_heads,
         num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
         head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
-        rms_norm_eps=hf.rms_norm_eps,
+        rms_norm_eps=hf.norm_epsilon if hf.model_type == "starcoder2" else hf.rms_norm_eps,
         max_position_embeddings=hf.max_position_embeddings,
         tie_word_embeddings=bool(hf.tie_word_embeddings),
     )

@@ -13,6 +13,7 @@ from .gemma import GemmaForCausalLM
 from .arch import ModelArchConfig, projection_biases, text_config
 from .llama import LlamaForCausalLM
 from .olmo2 import Olmo2ForCausalLM
+from .starcoder2 import Starcoder2ForCausalLM
 
 
 def load_hf_config(model_dir: Path):
@@ -46,12 +47,17 @@ def _language_model_name(name: str, prefixes: tuple[str, ...]) -> str:
     return name
 
 
+def _num_norm_tensors(norm) -> int:
+    return 1 + (getattr(norm, "bias", None) is not None)
+
+
 def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, int4: bool = False,
                device: torch.device | str = "cpu") -> tuple[LlamaForCausalLM, object]:
     model_dir = Path(model_dir)
     hf_config = load_hf_config(model_dir)
     arch = ModelArchConfig.from_hf(hf_config)
-    model_class = GemmaForCausalLM if arch.is_gemma else Olmo2ForCausalLM if arch.is_olmo else LlamaForCausalLM
+    model_class = (GemmaForCausalLM if arch.is_gemma else Olmo2ForCausalLM if arch.is_olmo
+                   else Starcoder2ForCausalLM if arch.plain_mlp else LlamaForCausalLM)
     model = model_class(arch, text_config(hf_config), dtype, max_positions)
     layers = model.layers
     # Checkpoint module ("self_attn.q_proj") -> (our projection, its slice).
@@ -63,8 +69,8 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, int4: bo
         name = _language_model_name(name, arch.module_prefixes)
         if name == "embed_tokens.weight":
             target = model.embed_tokens.weight
-        elif name == "norm.weight":
-            target = model.norm.weight
+        elif name in ("norm.weight", "norm.bias") and getattr(model.norm, name[5:], None) is not None:
+            target = getattr(model.norm, name[5:])  # a LayerNorm (StarCoder2) has a bias
         elif name == "lm_head.weight":
             if model.lm_head is None:
                 continue  # tied: the embedding serves as the head
@@ -74,8 +80,8 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, int4: bo
             layer = layers[int(idx)]
             module, _, kind = rest.rpartition(".")
             expert = layer.moe.checkpoint_tensor(module) if getattr(layer, "moe", None) is not None else None
-            if module in layer.NORMS and kind == "weight":
-                target = getattr(layer, layer.NORMS[module]).weight
+            if module in layer.NORMS and getattr(getattr(layer, layer.NORMS[module]), kind, None) is not None:
+                target = getattr(getattr(layer, layer.NORMS[module]), kind)
             elif expert is not None and kind == "weight":
                 target = expert
             elif module in linears and kind in ("weight", "bias"):
@@ -97,9 +103,10 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, int4: bo
         target.copy_(tensor)
         loaded.add(name)
     biases = projection_biases(arch)
-    per_layer = len(layers[0].NORMS) + sum(1 + biases.get(m.projection, False) for m in arch.linear_modules.values())
+    per_layer = sum(_num_norm_tensors(getattr(layers[0], attr)) for attr in layers[0].NORMS.values())
+    per_layer += sum(1 + biases.get(m.projection, False) for m in arch.linear_modules.values())
     per_layer += layers[0].moe.num_checkpoint_tensors if arch.is_moe else 0
-    expected = 2 + arch.num_layers * per_layer + (0 if arch.tie_word_embeddings else 1)
+    expected = 1 + _num_norm_tensors(model.norm) + arch.num_layers * per_layer + (0 if arch.tie_word_embeddings else 1)
     if len(loaded) != expected:
         raise ModelConfigError(f"checkpoint in {model_dir} holds {len(loaded)} of the {expected} tensors the model needs")
     if torch.device(device).type != "cpu":  # read on the host, then moved once

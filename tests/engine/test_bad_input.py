@@ -109,6 +109,23 @@ def test_sliding_windows_follow_the_config_and_unsupported_variants_are_refused(
             ModelArchConfig.from_hf(config)
 
 
+def test_starcoder2_reads_its_names_and_refuses_other_activations():
+    from transformers import Starcoder2Config
+
+    from loragate.engine.models.arch import ModelArchConfig
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, sliding_window=4096, norm_epsilon=1e-5)
+    arch = ModelArchConfig.from_hf(Starcoder2Config(**small))
+    assert arch.plain_mlp and arch.qkv_bias and arch.o_bias and arch.mlp_bias and arch.rms_norm_eps == 1e-5
+    assert arch.layer_windows == (4096, 4096)
+    assert {n: (m.parent, m.projection) for n, m in arch.linear_modules.items() if m.parent == "mlp"} == {
+        "c_fc": ("mlp", "up_proj"), "c_proj": ("mlp", "down_proj")}
+    assert not ModelArchConfig.from_hf(Starcoder2Config(**small, use_bias=False)).mlp_bias
+    with pytest.raises(ModelConfigError, match="hidden_act 'relu' is not supported"):
+        ModelArchConfig.from_hf(Starcoder2Config(**small, hidden_act="relu"))
+
+
 def test_phi3_rope_variants_and_what_other_families_refuse():
     """LongRoPE and partial rotary dims, as transformers implements them for Phi-3 only; a
     LongRoPE model has max_position_embeddings positions, and serves original_max_position_embeddings
