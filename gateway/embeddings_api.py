@@ -38,8 +38,11 @@ def pooling_of(model_dir: Path) -> str:
     config = model_dir / "1_Pooling" / "config.json"
     if not config.is_file():
         return "last"
-    modes = {k.removeprefix("pooling_mode_") for k, v in json.loads(config.read_text()).items()
-             if k.startswith("pooling_mode_") and v is True}
+    try:
+        modes = {k.removeprefix("pooling_mode_") for k, v in json.loads(config.read_text()).items()
+                 if k.startswith("pooling_mode_") and v is True}
+    except (OSError, ValueError, AttributeError) as e:  # unreadable, not JSON, not an object
+        raise APIError(500, f"cannot read the model's {config}: {e}", "server_error") from None
     for mode, pooling in (("lasttoken", "last"), ("mean_tokens", "mean")):
         if modes == {mode}:
             return pooling
@@ -47,14 +50,15 @@ def pooling_of(model_dir: Path) -> str:
                    "last token or mean only", param="model")
 
 
+def _is_token_ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
 def _inputs(body: dict) -> list[str | list[int]]:
     value = body.get("input")
-    if isinstance(value, str) or (isinstance(value, list) and value and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in value)):
+    if isinstance(value, str) or _is_token_ids(value):
         value = [value]
-    if not isinstance(value, list) or not value or not all(
-            (isinstance(v, str) or isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v))
-            and v for v in value):
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v or _is_token_ids(v) for v in value):
         raise APIError(400, "'input' must be a non-empty string, a list of them, token ids, or a list of those",
                        param="input")
     if len(value) > MAX_INPUTS:

@@ -42,8 +42,10 @@ class TenantRateLimits:
         """Take one request from `tenant`'s allowance, or raise a 429 saying when to retry."""
         for kind in KINDS:
             limit = self.limits[kind]
-            level = self._level(tenant, kind) if limit else 0.0
-            if limit and level < 1:
+            if not limit:
+                continue
+            level = self._level(tenant, kind)
+            if level < 1:
                 self.refused[tenant, kind] = self.refused.get((tenant, kind), 0) + 1
                 wait = (1 - level) * 60 / limit
                 raise APIError(429, f"tenant {tenant!r} is over its limit of {limit} {kind} per minute; "
