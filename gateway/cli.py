@@ -167,6 +167,8 @@ GATEWAY_HELP = {
     "tenant_tokens_per_minute": "prompt and output tokens one tenant's interactive requests may use per minute; "
                                 "once used up, its next requests are answered 429 until the bucket refills "
                                 "(0: no limit)",
+    "tenant_rate_limits_file": "JSON file of tenants' own limits where they differ from the two above, e.g. "
+                               "{\"tenant-a\": {\"requests_per_minute\": 600, \"tokens_per_minute\": 200000}}",
     "max_adapters_per_tenant": "adapters one tenant may store; uploading another is answered 403 (0: no limit)",
     "max_upload_size": "largest adapter upload, e.g. 512MiB",
     "served_model_name": "name clients use for the base model (default: the model's name)",

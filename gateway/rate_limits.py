@@ -16,8 +16,11 @@ per server process: behind a router each engine keeps its own buckets.
 
 from __future__ import annotations
 
+import json
 import math
 import time
+
+from loragate.engine.errors import ModelConfigError
 
 from .errors import APIError
 
@@ -25,14 +28,21 @@ KINDS = ("requests", "tokens")
 
 
 class TenantRateLimits:
-    def __init__(self, requests_per_minute: int = 0, tokens_per_minute: int = 0, clock=time.monotonic):
-        self.limits = {"requests": requests_per_minute, "tokens": tokens_per_minute}  # 0: no limit
+    def __init__(self, requests_per_minute: int = 0, tokens_per_minute: int = 0, clock=time.monotonic,
+                 per_tenant: dict[str, dict[str, int]] | None = None):
+        """per_tenant: tenant -> {"requests": n, "tokens": n}, its own limits where they differ
+        from everyone's (a paid plan, an internal batch tenant); 0: no limit."""
+        self.default_limits = {"requests": requests_per_minute, "tokens": tokens_per_minute}  # 0: no limit
+        self.per_tenant = per_tenant or {}
         self.clock = clock
         self._buckets: dict[tuple[str, str], tuple[float, float]] = {}  # (tenant, kind) -> (level, when)
         self.refused: dict[tuple[str, str], int] = {}  # (tenant, kind) -> requests refused (/metrics)
 
+    def limit(self, tenant: str, kind: str) -> int:
+        return self.per_tenant.get(tenant, {}).get(kind, self.default_limits[kind])
+
     def _level(self, tenant: str, kind: str) -> float:
-        limit, now = self.limits[kind], self.clock()
+        limit, now = self.limit(tenant, kind), self.clock()
         level, when = self._buckets.get((tenant, kind), (limit, now))
         level = min(limit, level + (now - when) * limit / 60)
         self._buckets[tenant, kind] = (level, now)
@@ -41,7 +51,7 @@ class TenantRateLimits:
     def admit(self, tenant: str) -> None:
         """Take one request from `tenant`'s allowance, or raise a 429 saying when to retry."""
         for kind in KINDS:
-            limit = self.limits[kind]
+            limit = self.limit(tenant, kind)
             if not limit:
                 continue
             level = self._level(tenant, kind)
@@ -59,12 +69,33 @@ class TenantRateLimits:
         as a response reports them (what is left after its admission)."""
         out = {}
         for kind in KINDS:
-            if self.limits[kind]:
-                out[f"x-ratelimit-limit-{kind}"] = str(self.limits[kind])
+            if limit := self.limit(tenant, kind):
+                out[f"x-ratelimit-limit-{kind}"] = str(limit)
                 out[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(self._level(tenant, kind))))
         return out
 
     def take(self, tenant: str, kind: str, amount: int) -> None:
-        if self.limits[kind] and amount:
+        if self.limit(tenant, kind) and amount:
             level = self._level(tenant, kind)
             self._buckets[tenant, kind] = (level - amount, self._buckets[tenant, kind][1])
+
+
+def load_tenant_limits(path: str) -> dict[str, dict[str, int]]:
+    """A JSON file of per-tenant limits, {"tenant-a": {"requests_per_minute": 600,
+    "tokens_per_minute": 200000}, ...}, either key optional -> TenantRateLimits.per_tenant."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelConfigError(f"tenant rate limits {path}: {e}") from None
+    if not isinstance(entries, dict):
+        raise ModelConfigError(f"tenant rate limits {path}: must be a JSON object of tenant -> limits")
+    out = {}
+    for tenant, limits in entries.items():
+        keys = {f"{kind}_per_minute": kind for kind in KINDS}
+        if not isinstance(limits, dict) or not limits or set(limits) - set(keys) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in limits.values()):
+            raise ModelConfigError(f"tenant rate limits {path}: {tenant!r} needs requests_per_minute and/or "
+                                   f"tokens_per_minute, integers >= 0 (0: no limit), got {limits!r}")
+        out[tenant] = {keys[k]: v for k, v in limits.items()}
+    return out

@@ -110,6 +110,7 @@ def serve(engine_config, settings: GatewaySettings) -> int:
         keys = KeyStore.from_sources(settings.api_keys_file, settings.api_keys, settings.admin_key)
     except (ValueError, OSError) as e:
         raise ModelConfigError(f"API keys: {e}") from e
+    per_tenant = settings.tenant_limits()  # read now: a bad file fails before the model loads
     if keys.is_open:
         print("loragate: no API keys configured: the server is open and every caller is tenant "
               "'default' (set LORAGATE_API_KEYS or --api-keys-file to require keys)", file=sys.stderr)
@@ -121,7 +122,7 @@ def serve(engine_config, settings: GatewaySettings) -> int:
     state = ServerState(keys=keys, max_waiting=settings.max_waiting_requests,
                         max_tenant_requests=settings.max_tenant_requests,
                         rate_limits=TenantRateLimits(settings.tenant_requests_per_minute,
-                                                     settings.tenant_tokens_per_minute))
+                                                     settings.tenant_tokens_per_minute, per_tenant=per_tenant))
     app = build_app(state, make_loader(engine_config, settings))
     app.state.settings = settings
     base = f"http://{settings.host}:{settings.port}"

@@ -27,6 +27,7 @@ class GatewaySettings:
     # limit); gateway/rate_limits.py.
     tenant_requests_per_minute: int = 0
     tenant_tokens_per_minute: int = 0
+    tenant_rate_limits_file: str | None = None  # JSON: tenant -> its own limits (rate_limits.load_tenant_limits)
     max_upload_size: int | str = "2GiB"
     served_model_name: str | None = None  # the name clients use for the base model
     strict_base_model: bool = False  # refuse adapters whose base_model_name_or_path differs
@@ -79,6 +80,12 @@ class GatewaySettings:
             raise ModelConfigError("response_retention_days must be >= 0 (0: responses are not stored)")
         self._check_router_settings()
         self._check_adapter_store_settings()
+
+    def tenant_limits(self) -> dict[str, dict[str, int]]:
+        """tenant_rate_limits_file read and checked (a ModelConfigError names what is wrong)."""
+        from .rate_limits import load_tenant_limits
+
+        return load_tenant_limits(self.tenant_rate_limits_file) if self.tenant_rate_limits_file else {}
 
     def _check_adapter_store_settings(self) -> None:
         if self.adapter_store not in ("local", "s3"):

@@ -74,6 +74,7 @@ def test_generate_reads_stdin(tiny_llama, capsys, monkeypatch):
     (["generate", "--prompt", "x", "--repetition-penalty", "0"], "repetition_penalty must be"),
     (["generate", "--prompt", "x", "--suffix", "y"], "'--suffix' needs a model trained to fill in the middle"),
     (["models", "prepare", "nope"], "unknown model 'nope'"),
+    (["serve", "--tenant-rate-limits-file", "/no/such.json"], "tenant rate limits /no/such.json"),
 ])
 def test_errors_are_one_line_with_exit_code_2(argv, message, capsys):
     assert main(argv) == 2

@@ -3,6 +3,8 @@ that say when to retry, tokens charged as they are counted, batch lines exempt."
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -59,6 +61,31 @@ def test_tokens_are_taken_as_counted_and_the_debt_delays_the_next_request():
     for name in ("tenant_requests_per_minute", "tenant_tokens_per_minute"):
         with pytest.raises(ModelConfigError, match=f"{name} must be >= 0"):
             GatewaySettings(**{name: -1})
+
+
+def test_a_tenants_own_limits_replace_the_defaults(tmp_path):
+    path = tmp_path / "limits.json"
+    path.write_text(json.dumps({"paid": {"requests_per_minute": 0, "tokens_per_minute": 500},
+                                "trial": {"requests_per_minute": 1}}))
+    per_tenant = GatewaySettings(tenant_rate_limits_file=str(path)).tenant_limits()
+    assert per_tenant == {"paid": {"requests": 0, "tokens": 500}, "trial": {"requests": 1}}
+    limits = TenantRateLimits(requests_per_minute=2, tokens_per_minute=100, clock=Clock(), per_tenant=per_tenant)
+    for _ in range(5):
+        limits.admit("paid")  # no request limit of its own
+    assert limits.headers("paid") == {"x-ratelimit-limit-tokens": "500", "x-ratelimit-remaining-tokens": "500"}
+    limits.admit("trial")
+    with pytest.raises(APIError, match="limit of 1 requests per minute"):
+        limits.admit("trial")
+    assert limits.headers("trial")["x-ratelimit-limit-tokens"] == "100"  # the default where it sets none
+    limits.admit("anyone")
+    limits.admit("anyone")
+    with pytest.raises(APIError, match="limit of 2 requests per minute"):
+        limits.admit("anyone")
+    for content, message in (("[1]", "must be a JSON object"), ('{"a": {"tokens_per_minute": -1}}', "integers >= 0"),
+                             ('{"a": {"tpm": 5}}', "needs requests_per_minute"), ("{", "Expecting")):
+        path.write_text(content)
+        with pytest.raises(ModelConfigError, match=message):
+            GatewaySettings(tenant_rate_limits_file=str(path)).tenant_limits()
 
 
 def test_a_tenant_over_its_tokens_is_answered_429_until_the_bucket_refills(tiny_llama, tmp_path, monkeypatch):
