@@ -44,6 +44,11 @@ VALUE_SETS: dict[str, tuple[dict, dict[str, int]]] = {
                                "existingSecretKeys": {"accessKeyId": "id", "secretAccessKey": "secret"}}}},
                            _BASE_KINDS),
     "pdb-servicemonitor": (MONITORED_VALUES, {**_BASE_KINDS, "PodDisruptionBudget": 2, "ServiceMonitor": 1, "Service": 3}),
+    # Everyone's limits, and two tenants' own in a mounted file.
+    "rate-limits": ({"rateLimits": {"requestsPerMinute": 120, "tokensPerMinute": 50000, "tenants": {
+                        "team-a": {"requests_per_minute": 600, "tokens_per_minute": 200000},
+                        "trial": {"tokens_per_minute": 5000}}}},
+                    {**_BASE_KINDS, "ConfigMap": 3}),
     "open-loadbalancer": ({"auth": {"enabled": False}, "router": {"service": {"type": "LoadBalancer"}},
                            "model": {"servedName": "assistant"}},
                           {**_BASE_KINDS, "Secret": 0}),
@@ -262,3 +267,21 @@ def test_notes_say_how_to_reach_the_api(rendered):
     assert ("OPEN" in rendered.notes) == (rendered.values.get("auth", {}).get("enabled") is False)
     served = rendered.values.get("model", {}).get("servedName") or "smollm2-135m-instruct"  # the image's model
     assert f'"model": "{served}"' in rendered.notes
+
+
+def test_tenants_rate_limits_are_the_file_the_server_reads(render, tmp_path):
+    from loragate.gateway.rate_limits import load_tenant_limits
+
+    rendered = render(VALUE_SETS["rate-limits"][0])
+    env = rendered.env("engine")
+    assert (env["LORAGATE_TENANT_REQUESTS_PER_MINUTE"], env["LORAGATE_TENANT_TOKENS_PER_MINUTE"]) == ("120", "50000")
+    mount = next(m for m in rendered.container("engine")["volumeMounts"] if m["name"] == "rate-limits")
+    volume = next(v for v in rendered.workload("engine")["spec"]["template"]["spec"]["volumes"] if v["name"] == "rate-limits")
+    path = env["LORAGATE_TENANT_RATE_LIMITS_FILE"]
+    assert path.startswith(mount["mountPath"] + "/")
+    config_map = next(c for c in rendered.all("ConfigMap") if c["metadata"]["name"] == volume["configMap"]["name"])
+    local = tmp_path / "limits.json"
+    local.write_text(config_map["data"][path.rsplit("/", 1)[1]])
+    assert load_tenant_limits(str(local)) == {"team-a": {"requests": 600, "tokens": 200000}, "trial": {"tokens": 5000}}
+    plain = render({})
+    assert not any(n.startswith("LORAGATE_TENANT_") for n in plain.env("engine"))

@@ -11,6 +11,8 @@ SCHEMA_VIOLATIONS = {
     "negative replicas": ({"engine": {"replicas": -1}}, "/engine/replicas"),
     "no routers": ({"router": {"replicas": 0}}, "/router/replicas"),
     "unknown top-level key": ({"replicaCount": 3}, "'replicaCount' not allowed"),
+    "negative rate limit": ({"rateLimits": {"tokensPerMinute": -5}}, "/rateLimits/tokensPerMinute"),
+    "a tenant's unknown limit": ({"rateLimits": {"tenants": {"a": {"tpm": 5}}}}, "'tpm' not allowed"),
     "unknown engine key": ({"engine": {"gpus": 1}}, "'gpus' not allowed"),
     "unknown s3 key": ({"adapterStore": {"type": "s3", "s3": {"bucket": "b-1", "bucketName": "x"}}}, "'bucketName'"),
     "s3 without bucket": ({"adapterStore": {"type": "s3"}}, "/adapterStore/s3/bucket"),

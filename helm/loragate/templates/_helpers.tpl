@@ -196,3 +196,7 @@ failureThreshold: {{ .probe.failureThreshold }}
 - name: tmp
   emptyDir: {}
 {{- end -}}
+
+{{/* Tenants' own rate limits (rateLimits.tenants): a ConfigMap mounted into the engines. */}}
+{{- define "loragate.rateLimitsDir" -}}/etc/loragate/rate-limits{{- end -}}
+{{- define "loragate.rateLimitsFile" -}}{{ include "loragate.rateLimitsDir" . }}/tenant-rate-limits.json{{- end -}}
