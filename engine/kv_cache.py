@@ -128,6 +128,7 @@ class KVCacheManager:
                     table.append(cached[self._key(hashes[i], g)])
                     self._ref(table[-1])
         request.num_released_blocks = first_seen if any(self.windowed) else 0
+        request.num_registered_blocks = n  # cached already
         num_hit = n * self.block_size
         self.num_prefix_queries_tokens += request.num_tokens
         self.num_prefix_hit_tokens += num_hit
@@ -186,12 +187,16 @@ class KVCacheManager:
             return
         self._extend_hashes(request, request.num_computed_tokens)
         num_full = request.num_computed_tokens // self.block_size
+        # Each block once, when it fills (a decode step adds at most one): rescanning every full
+        # block each step cost 37 us per request at 8k tokens, a tenth of a small model's GPU step.
+        first = max(request.num_registered_blocks, request.num_released_blocks)
         for g, table in enumerate(request.block_tables):
-            for i in range(request.num_released_blocks if self.windowed[g] else 0, num_full):  # released: registered before
+            for i in range(first if self.windowed[g] else request.num_registered_blocks, num_full):
                 block, key = table[i], self._key(request.block_hashes[i], g)
                 if block not in self.hash_of_block and key not in self.cached_block_by_hash:
                     self.cached_block_by_hash[key] = block  # else an identical block is cached; ours stays private
                     self.hash_of_block[block] = key
+        request.num_registered_blocks = max(request.num_registered_blocks, num_full)
         if request.sampling_params.prompt_logprobs is not None:
             for i in range(request.num_released_blocks if self.windowed[0] else 0, num_full):
                 self._keep_prompt_logprobs(request, i, request.block_hashes[i])
@@ -247,7 +252,7 @@ class KVCacheManager:
             for block in reversed(table):
                 self._unref(block)
         request.block_tables = []
-        request.num_released_blocks = 0
+        request.num_released_blocks = request.num_registered_blocks = 0
 
     def truncate(self, request: Request, num_tokens: int) -> None:
         """Release blocks beyond the first `num_tokens` tokens (speculative rollback)."""
@@ -258,6 +263,7 @@ class KVCacheManager:
             del table[keep:]
         del request.block_hashes[num_tokens // self.block_size:]
         request.num_released_blocks = min(request.num_released_blocks, keep)
+        request.num_registered_blocks = min(request.num_registered_blocks, num_tokens // self.block_size)
 
     def release_out_of_window(self, request: Request) -> None:
         """Give back the windowed groups' blocks that the request's next queries (from its

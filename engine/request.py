@@ -56,6 +56,8 @@ class Request:
     # Leading blocks of the windowed groups' tables given back because no query of this
     # request will see them again: those entries are KVCacheManager.released_block.
     num_released_blocks: int = 0
+    # Leading full blocks already offered to the prefix cache (KVCacheManager.cache_full_blocks).
+    num_registered_blocks: int = 0
     # Chained hashes of this request's full blocks, in order (prefix-cache keys).
     block_hashes: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0
