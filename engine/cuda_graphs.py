@@ -153,16 +153,19 @@ class DecodeGraphs:
         terms = (torch.tensor(self.lora_pool.slot_row_terms + [False])[slots] if lora is not None and lora.row_terms
                  else torch.zeros(n, dtype=torch.bool))
         host[:n, TERM_SLOT] = torch.where(terms, slots, self.identity_row)
-        groups, blocks = self.num_groups, key[1]
-        for group in range(groups):
-            ga = batch.attention_of(group)
+        for group in range(self.num_groups):
+            ga, table = batch.attention_of(group), self._table(group, key[1])
             host[:n, COLUMNS + group] = ga.slot_mapping
-            first = COLUMNS + groups + group * blocks
-            host[:n, first:first + width] = ga.block_table.repeat_interleave(a.query_len, dim=0)
-            host[:n, first + width:first + blocks] = 0  # past the context: masked
+            host[:n, table.start:table.start + width] = ga.block_table.repeat_interleave(a.query_len, dim=0)
+            host[:n, table.start + width:table.stop] = 0  # past the context: masked
         g.ints.copy_(host)  # blocking: the next step rewrites `host`, and this copy is tiny
         self.num_replayed += 1
         return g.replay()[:n]
+
+    def _table(self, group: int, blocks: int) -> slice:
+        """The columns of a group's block table in a row of a graph with `blocks` blocks."""
+        first = COLUMNS + self.num_groups + group * blocks
+        return slice(first, first + blocks)
 
     def _padding(self, blocks: int) -> torch.Tensor:
         """A padded row: one token at position 0 in the scratch block, no adapter."""
@@ -172,7 +175,8 @@ class DecodeGraphs:
         row[LORA_SLOT] = -1
         row[TERM_SLOT] = self.identity_row
         row[COLUMNS:COLUMNS + groups] = self.scratch_block * self.block_size
-        row[COLUMNS + groups::blocks] = self.scratch_block  # each table's first entry
+        for group in range(groups):
+            row[self._table(group, blocks).start] = self.scratch_block  # each table's first entry
         return row
 
     def _capture(self, key: tuple) -> _Graph | None:
@@ -185,10 +189,9 @@ class DecodeGraphs:
         ints = host.to(self.kv_caches[0][0].device)
 
         def step() -> torch.Tensor:
-            groups, tables = self.num_groups, COLUMNS + self.num_groups
-            attention = [decode_metadata(ints[:, COLUMNS + g], ints[:, CONTEXT],
-                                         ints[:, tables + g * blocks:tables + (g + 1) * blocks], self.block_size)
-                         for g in range(groups)]
+            groups = self.num_groups
+            attention = [decode_metadata(ints[:, COLUMNS + g], ints[:, CONTEXT], ints[:, self._table(g, blocks)],
+                                         self.block_size) for g in range(groups)]
             lora = None if lora_key is None else LoraBatch(
                 None, self.lora_pool, lora_key[0], lora_key[1], row_slots=ints[:, LORA_SLOT],
                 row_term_slots=None if lora_key[2] is None else ints[:, TERM_SLOT])
