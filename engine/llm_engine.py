@@ -19,6 +19,7 @@ from .kv_layout import context_limit_of_cache, kv_layout, window_note
 from .logits_processors import adjuster_for
 from .outputs import RequestOutput
 from .pooling import add_part, embedding_of
+from .reasoning import CLOSED, GrammarAfterReasoning, reasoning_start, think_markers
 from .own_proposals import ngram_ends, prediction_token_ids, propose_own_tokens
 from .model_runner import ModelRunner
 from .models.slot_rows import SlotRowTerms
@@ -81,6 +82,7 @@ class LLMEngine:
                                   cuda_graph_rows=config.cuda_graph_rows, layout=layout)
         self.eos_token_ids = _eos_ids(self.tokenizer, hf_config, self.model_dir)
         self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size, self.eos_token_ids)
+        self.think_markers = think_markers(self.tokenizer)  # a reasoning model's <think> and </think>, or None
         from .spec import build_speculator
 
         self.speculator = build_speculator(config, self)
@@ -188,6 +190,10 @@ class LLMEngine:
         req.prediction_ngram_ends = prediction and ngram_ends(prediction)  # here, off the step loop (67 ms at 8k tokens)
         if params.grammar is not None:
             req.grammar = self.grammars.constraint(params.grammar)
+            start = reasoning_start(ids, self.think_markers, self.tokenizer) if params.reasoning and self.think_markers \
+                else CLOSED
+            if start != CLOSED:  # the format applies after the reasoning
+                req.grammar = GrammarAfterReasoning(req.grammar, self.think_markers, start)
         if adapter is not None:
             entry = self.adapters.get(adapter)
             if entry is None:

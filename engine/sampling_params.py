@@ -46,6 +46,9 @@ class SamplingParams:
     # token's final hidden state) or "mean" (over every prompt token). The request runs as a
     # one-token generation whose token is dropped; RequestOutput.embedding holds the vector.
     pooling: str | None = None
+    # The output may open with a reasoning section (`<think> ... </think>`, engine/reasoning.py):
+    # a grammar then applies to what follows it. No effect on a model without the markers.
+    reasoning: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

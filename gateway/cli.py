@@ -173,6 +173,10 @@ GATEWAY_HELP = {
     "max_upload_size": "largest adapter upload, e.g. 512MiB",
     "served_model_name": "name clients use for the base model (default: the model's name)",
     "strict_base_model": "refuse adapters whose base_model_name_or_path names another model",
+    "reasoning_parser": "chat answers of reasoning models (Qwen3, DeepSeek-R1, ...): the <think> ... </think> "
+                        "section goes to the message's 'reasoning' and 'reasoning_content', the rest to 'content'. "
+                        "auto: for models whose chat template writes those markers; think: always (the model must "
+                        "have them); none: the text as generated",
     "adapter_store": "where adapters are stored: local ($LORAGATE_HOME/adapters) or s3 (a bucket shared by "
                      "every engine; credentials and region from the standard AWS_* variables)",
     "s3_bucket": "s3 store: bucket name (must exist; checked at start-up)",

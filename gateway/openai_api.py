@@ -17,8 +17,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from loragate.engine.fill_in_middle import require_fim_format
+from loragate.engine.reasoning import reasoning_start, reasoning_token_count
 
+from .choices import Choice, pump
 from .errors import APIError, not_found, to_api_error
+from .reasoning import ReasoningSplit, with_reasoning
 from .protocol import (chat_logprobs, chat_messages, completion_logprobs, completion_prompts, echo_logprobs, parse_common,
                        usage)
 from .tool_calls import StreamedCalls, check_template
@@ -35,42 +38,6 @@ def principal_of(request: Request):
     return request.app.state.server.keys.authenticate(request.headers.get("authorization"))
 
 
-class Choice:
-    """Accumulates one engine request's outputs, and records its latencies."""
-
-    def __init__(self, index: int, prompt_index: int, prompt_len: int, metrics, labels: tuple[str, str], charge=None):
-        self.index, self.prompt_index, self.prompt_len, self.charge = index, prompt_index, prompt_len, charge
-        self.text, self.tokens, self.logprobs, self.finish_reason = "", [], [], None
-        self.prompt_logprobs = None  # with echo + logprobs: the prompt tokens' entries
-        self.cached_tokens = 0  # of the prompt, served from the prefix cache
-        self.prediction = (0, 0)  # (accepted, rejected) tokens of a predicted output
-        self.metrics, self.labels = metrics, labels  # (tenant, adapter) of the token counters
-        self.start = self.last = time.monotonic()
-
-    def add(self, out) -> list:
-        t = time.monotonic()
-        (self.metrics.itl if self.tokens else self.metrics.ttft).observe(t - self.last)
-        self.last = t
-        self.cached_tokens = out.num_cached_tokens
-        accepted = out.num_accepted_prediction_tokens
-        self.prediction = (accepted, max(out.num_prediction_tokens - accepted, 0))
-        if out.prompt_logprobs is not None and self.prompt_logprobs is None:
-            self.prompt_logprobs = out.prompt_logprobs
-        self.text += out.delta_text
-        new = list(zip(out.new_token_ids, out.new_logprobs)) if out.new_logprobs else []
-        self.tokens += out.new_token_ids
-        self.logprobs += new
-        if self.charge is not None:
-            self.charge(len(out.new_token_ids))
-        if out.finished:
-            self.finish_reason = "length" if out.finish_reason == "length" else "stop"
-            self.metrics.e2e.observe(t - self.start)
-            self.metrics.queue.observe(out.queue_seconds)
-            self.metrics.finished.labels(self.finish_reason).inc()
-            self.metrics.generation_tokens.labels(*self.labels).inc(len(self.tokens))
-        return new
-
-
 async def _start(state, principal, gen, prompts_ids: list[list[int]], model: str):
     engine = state.require_engine()
     adapter = await state.resolve_model(principal, model)
@@ -83,44 +50,14 @@ async def _start(state, principal, gen, prompts_ids: list[list[int]], model: str
             if gen.charge is not None:
                 gen.charge(len(ids))
             for ci, params in enumerate(gen.sampling_params(len(ids), engine.engine.max_model_len)):
-                choices.append(Choice(pi * gen.n + ci, pi, len(ids), state.metrics, labels, gen.charge))
+                split = ReasoningSplit(*gen.reasoning) if gen.reasoning else None
+                choices.append(Choice(pi * gen.n + ci, pi, len(ids), state.metrics, labels, gen.charge, split))
                 streams.append(await engine.add_request(ids, params, adapter=adapter, tenant=principal.tenant))
     except BaseException:
         for stream in streams:  # a later prompt was refused: the queued ones must not run on
             stream.close()
         raise
     return choices, streams
-
-
-async def _pump(streams):
-    """Yield (choice position, output) from all streams as they arrive; cancelling the
-    consumer cancels every stream (and so aborts its engine request)."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i, stream):
-        try:
-            async for out in stream:
-                await queue.put((i, out))
-        except Exception as e:  # noqa: BLE001 - reported to the client as an error event
-            await queue.put((i, e))
-        finally:
-            await queue.put((i, None))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def until_disconnect(request: Request, coro):
@@ -148,7 +85,11 @@ async def submit_choices(state, principal, body: dict, gen, *, chat: bool):
         if gen.tools is not None:
             check_template(gen.tools, tok.chat_template)
         prompts = [tok.apply_chat_template(chat_messages(body), tools=gen.tools.shown if gen.tools else None,
-                                           add_generation_prompt=True, tokenize=True, return_dict=False)]
+                                           add_generation_prompt=True, tokenize=True, return_dict=False,
+                                           **gen.template_kwargs)]
+        if state.think_markers is not None:  # a reasoning model: where its output starts decides the split
+            gen.reasoning = (state.think_markers, reasoning_start(prompts[0], state.think_markers, tok))
+            gen.sampling["reasoning"] = True
     else:
         texts = completion_prompts(body)
         if gen.suffix is not None:
@@ -176,14 +117,16 @@ async def collect_answer(state, principal, body: dict, gen, *, chat: bool) -> di
     created = int(time.time())
     kind = "chat.completion" if chat else "text_completion"
     tok = state.engine.tokenizer
-    async for i, out in _pump(streams):
+    async for i, out in pump(streams):
         choices[i].add(out)
     out_choices = []
     for c in choices:
         if chat:
             logprobs = chat_logprobs(tok, c.logprobs) if gen.logprobs is not None else None
-            message, finish_reason = ({"role": "assistant", "content": c.text}, c.finish_reason) if gen.tools is None \
-                else gen.tools.message(c.text, c.finish_reason)
+            message, finish_reason = ({"role": "assistant", "content": c.content}, c.finish_reason) if gen.tools is None \
+                else gen.tools.message(c.content, c.finish_reason)
+            if c.split is not None:
+                message = with_reasoning(message, c.split.reasoning, gen.include_reasoning)
             out_choices.append({"index": c.index, "message": message, "logprobs": logprobs,
                                 "finish_reason": finish_reason})
         else:
@@ -197,7 +140,9 @@ def _usage(gen, prompts, choices: list[Choice]) -> dict:
     """Each prompt counts once (n choices share it): its cached tokens are its least cached choice's."""
     cached = sum(min(c.cached_tokens for c in choices if c.prompt_index == i) for i in range(len(prompts)))
     prediction = tuple(map(sum, zip(*(c.prediction for c in choices)))) if gen.sampling.get("prediction") else None
-    return usage(sum(len(p) for p in prompts), sum(_generated(gen, c) for c in choices), cached, prediction)
+    markers, start = gen.reasoning or (None, None)
+    reasoning = sum(reasoning_token_count(c.tokens, start, markers) for c in choices) if markers else None
+    return usage(sum(len(p) for p in prompts), sum(_generated(gen, c) for c in choices), cached, prediction, reasoning)
 
 
 def _generated(gen, c: Choice) -> int:
@@ -282,12 +227,16 @@ async def stream_chunks(state, gen, prompts, choices, streams, *, chat: bool):
 
     def chunk(c: Choice, delta_text: str, new, first: bool) -> dict | None:
         if chat:
-            delta, finish_reason = {"content": delta_text}, c.finish_reason
+            reasoning, delta_text = c.delta
+            reasoning = reasoning if gen.include_reasoning else ""
+            delta, finish_reason = {"content": delta_text} if delta_text or not reasoning else {}, c.finish_reason
             if calls is not None:  # tool calls: what the text turns into decides what is sent
-                delta, finish_reason = (calls[c.index].final(c.text, c.finish_reason) if c.finish_reason
-                                        else (calls[c.index].delta(c.text), None))
-                if delta is None and not (first or finish_reason or new):
+                delta, finish_reason = (calls[c.index].final(c.content, c.finish_reason) if c.finish_reason
+                                        else (calls[c.index].delta(c.content), None))
+                if delta is None and not (first or finish_reason or new or reasoning):
                     return None
+            if reasoning:
+                delta = with_reasoning(delta or {}, reasoning, True)
             delta = {"role": "assistant", **(delta or {})} if first else (delta or {})
             choice = {"index": c.index, "delta": delta, "finish_reason": finish_reason,
                       "logprobs": chat_logprobs(tok, new) if gen.logprobs is not None else None}
@@ -299,12 +248,12 @@ async def stream_chunks(state, gen, prompts, choices, streams, *, chat: bool):
                 "choices": [choice]}
 
     started = set()
-    async with contextlib.aclosing(_pump(streams)) as outputs:
+    async with contextlib.aclosing(pump(streams)) as outputs:
         async for i, out in outputs:
             c = choices[i]
             new = c.add(out)
-            if out.delta_text or out.finished or new or i not in started:
-                piece = chunk(c, out.delta_text, new, i not in started)
+            if any(c.delta) or out.finished or new or i not in started:
+                piece = chunk(c, c.delta[1], new, i not in started)
                 if piece is not None:
                     yield piece
                     started.add(i)

@@ -5,12 +5,13 @@ that would otherwise be silently ignored (best_of, audio output, ...)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loragate.engine import SamplingParams
 from loragate.engine.errors import InvalidRequestError
 
 from .output_format import output_grammar
+from .reasoning import template_kwargs
 from .tool_calls import ToolPlan, parse_tool_plan, template_message
 
 MAX_N = 16
@@ -46,6 +47,9 @@ class GenerationRequest:
     tools: ToolPlan | None = None  # chat: function calling
     suffix: str | None = None  # completions: the text after the gap to fill (engine/fill_in_middle.py)
     charge: object = None  # interactive requests: takes their tokens from the tenant's rate limit (TenantSlot.charge)
+    template_kwargs: dict = field(default_factory=dict)  # chat: chat_template_kwargs, the template's extra variables
+    include_reasoning: bool = True  # chat on a reasoning model: the answer carries its reasoning
+    reasoning: tuple | None = None  # ... (ThinkMarkers, where the output starts), set once the prompt is built
 
     @property
     def prompt_only(self) -> bool:
@@ -117,7 +121,8 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
     SamplingParams(max_tokens=max(1, sampling["min_tokens"]) if not max_tokens else max_tokens,
                    logprobs=logprobs, **sampling)
     return GenerationRequest(model, n, stream, bool(options.get("include_usage")), logprobs, max_tokens, seed, sampling,
-                             echo, tools=tools, suffix=suffix)
+                             echo, tools=tools, suffix=suffix, template_kwargs=template_kwargs(body) if chat else {},
+                             include_reasoning=_get(body, "include_reasoning", bool, True))
 
 
 def _refuse_unsupported(body: dict, chat: bool) -> None:
@@ -187,8 +192,9 @@ def chat_messages(body: dict) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
             raise _bad(f"messages[{i}] needs a role of system, user, assistant or tool", "messages")
+        reasoning = m.get("reasoning_content") or m.get("reasoning")  # an earlier answer's (gateway/reasoning.py)
         if m["role"] == "assistant" and m.get("tool_calls"):  # an earlier turn's calls
-            out.append(template_message(m))
+            out.append(template_message(m) | ({"reasoning_content": reasoning} if isinstance(reasoning, str) else {}))
             continue
         content = m.get("content")
         if isinstance(content, list):  # content parts: only text can be served
@@ -200,20 +206,27 @@ def chat_messages(body: dict) -> list[dict]:
         message = {"role": "system" if m["role"] == "developer" else m["role"], "content": content}
         if m["role"] == "tool":
             message["tool_call_id"] = m.get("tool_call_id")
+        if m["role"] == "assistant" and isinstance(reasoning, str):  # templates that keep it (Qwen3's) show it
+            message["reasoning_content"] = reasoning
         out.append(message)
     return out
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
-          prediction: tuple[int, int] | None = None) -> dict:
+          prediction: tuple[int, int] | None = None, reasoning_tokens: int | None = None) -> dict:
     """OpenAI's usage object; cached_tokens: prompt tokens served from the prefix cache;
-    prediction: (accepted, rejected) tokens of a predicted output, when one was given."""
+    prediction: (accepted, rejected) tokens of a predicted output, when one was given;
+    reasoning_tokens: of the completion's, a reasoning model's section's."""
     out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
            "total_tokens": prompt_tokens + completion_tokens,
            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    details = {}
     if prediction is not None:
-        out["completion_tokens_details"] = {"accepted_prediction_tokens": prediction[0],
-                                            "rejected_prediction_tokens": prediction[1]}
+        details = {"accepted_prediction_tokens": prediction[0], "rejected_prediction_tokens": prediction[1]}
+    if reasoning_tokens is not None:
+        details["reasoning_tokens"] = reasoning_tokens
+    if details:
+        out["completion_tokens_details"] = details
     return out
 
 

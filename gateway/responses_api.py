@@ -189,6 +189,8 @@ async def _respond(state, principal, body: dict, chat: dict, gen, store: bool) -
     choice = completion["choices"][0]
     message = choice["message"]
     calls = message.get("tool_calls") or []
+    if message.get("reasoning"):
+        builder.output.append(builder.reasoning_item(message["reasoning"]))
     if message.get("content") or not calls:  # an empty answer is an empty message, as when streamed
         logprobs = (choice.get("logprobs") or {}).get("content")
         builder.output.append(builder.message_item(message.get("content") or "", logprobs=logprobs))

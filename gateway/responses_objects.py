@@ -24,6 +24,12 @@ class ResponseBuilder:
                 "content": [self.text_part(text, logprobs)] if status == "completed" else []}
 
     @staticmethod
+    def reasoning_item(text: str, status: str = "completed") -> dict:
+        """A reasoning model's section before its answer (gateway/reasoning.py), as gpt-oss's."""
+        return {"type": "reasoning", "id": "rs_" + uuid.uuid4().hex, "status": status, "summary": [],
+                "content": [{"type": "reasoning_text", "text": text}]}
+
+    @staticmethod
     def text_part(text: str, logprobs: list | None = None) -> dict:
         """logprobs: chat's per-token entries (token, logprob, bytes, top_logprobs), the same shape."""
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
@@ -54,7 +60,9 @@ class ResponseBuilder:
 
 def _usage(chat_usage: dict) -> dict:
     return {"input_tokens": chat_usage["prompt_tokens"], "input_tokens_details": chat_usage["prompt_tokens_details"],
-            "output_tokens": chat_usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": chat_usage["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": (chat_usage.get("completion_tokens_details") or {})
+                                      .get("reasoning_tokens", 0)},
             "total_tokens": chat_usage["total_tokens"]}
 
 
@@ -75,6 +83,7 @@ class StreamedResponse:
         self.builder = builder
         self.sequence = 0
         self.message: dict | None = None  # the message item, once text streams
+        self.reasoning: dict | None = None  # the reasoning item, once a reasoning model's section streams
         self.text = ""  # its text so far
         self.logprobs: list = []  # its tokens' logprobs so far (with include: [LOGPROBS])
         self.unsent = 0  # of those, how many no delta has carried yet
@@ -101,6 +110,8 @@ class StreamedResponse:
         entries = (choice.get("logprobs") or {}).get("content") or []
         self.logprobs += entries
         self.unsent += len(entries)
+        if delta.get("reasoning"):
+            yield from self._reasoning(delta["reasoning"])
         if delta.get("content"):
             yield from self._text(delta["content"])
         for call in delta.get("tool_calls") or []:
@@ -125,6 +136,15 @@ class StreamedResponse:
         yield self.sse("response.output_text.delta", item_id=self.message["id"], output_index=self._index(self.message),
                        content_index=0, delta=piece, logprobs=logprobs)
 
+    def _reasoning(self, piece: str):
+        if self.reasoning is None:
+            self.reasoning = self.builder.reasoning_item("", status="in_progress")
+            self.builder.output.append(self.reasoning)
+            yield self.sse("response.output_item.added", output_index=self._index(self.reasoning), item=self.reasoning)
+        self.reasoning["content"][0]["text"] += piece
+        yield self.sse("response.reasoning_text.delta", item_id=self.reasoning["id"],
+                       output_index=self._index(self.reasoning), content_index=0, delta=piece)
+
     def _call(self, call: dict):
         item = self.calls.get(call["index"])
         if item is None:  # a call's first piece names it
@@ -140,7 +160,7 @@ class StreamedResponse:
                            output_index=self._index(item), delta=piece)
 
     def _close_items(self):
-        if not self.builder.output:  # nothing was generated: still one (empty) message
+        if self.message is None and not self.calls:  # no answer was generated: still one (empty) message
             yield from self._text("")
         for item in list(self.builder.output):
             index = self._index(item)
@@ -151,6 +171,10 @@ class StreamedResponse:
                 yield self.sse("response.content_part.done", item_id=item["id"], output_index=index,
                                content_index=0, part=part)
                 item["content"], item["status"] = [part], "completed"
+            elif item["type"] == "reasoning":
+                yield self.sse("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
+                               text=item["content"][0]["text"])
+                item["status"] = "completed"
             else:
                 yield self.sse("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                                arguments=item["arguments"])

@@ -43,7 +43,7 @@ def _text_of(content, where: str) -> str:
     raise refuse(f"{where}.content must be a string or a list of text parts", "input")
 
 
-_ITEM_ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_"}
+_ITEM_ID_PREFIX = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "reasoning": "rs_"}
 
 
 def input_items(body: dict) -> list[dict]:
@@ -99,9 +99,9 @@ def input_messages(body: dict) -> list[dict]:
                 raise refuse(f"{where}: a function_call_output needs a string call_id", "input")
             messages.append({"role": "tool", "tool_call_id": item["call_id"],
                              "content": _text_of(output, where) if not isinstance(output, str) else output})
-        else:
+        elif kind != "reasoning":  # an earlier answer's reasoning, passed back: not shown to the model again
             raise refuse(f"{where}: items of type {kind!r} are not supported (message, function_call, "
-                       "function_call_output)", "input")
+                       "function_call_output, reasoning)", "input")
     return messages
 
 

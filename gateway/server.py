@@ -40,6 +40,8 @@ def make_loader(engine_config, settings: GatewaySettings):
         from loragate.engine import AsyncEngine
         from loragate.engine.models.prepare import CATALOG
 
+        from .reasoning import reasoning_markers
+
         engine = AsyncEngine(engine_config)
         inner = engine.engine
         entry = CATALOG.get(engine_config.model)
@@ -57,6 +59,7 @@ def make_loader(engine_config, settings: GatewaySettings):
             registry.listeners.append(state.on_adapter_change)
             state.engine_adapters = HostLru(64, engine_config.max_cpu_lora_memory, keep_newest=True)
             state.registry = registry
+        state.think_markers = reasoning_markers(settings.reasoning_parser, inner.tokenizer)
         state.engine = engine  # last: from here on the server is ready
         log.warning("ready: model %r", name)
         inner.grammars.warm()  # after ready: the first structured-output request need not build it

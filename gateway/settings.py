@@ -11,6 +11,7 @@ from loragate.engine.errors import ModelConfigError
 
 ROLES = ("all", "engine", "router")
 ROUTE_POLICIES = ("affinity", "round_robin")
+REASONING_PARSERS = ("auto", "think", "none")  # gateway/reasoning.py
 
 
 @dataclass
@@ -31,6 +32,9 @@ class GatewaySettings:
     max_upload_size: int | str = "2GiB"
     served_model_name: str | None = None  # the name clients use for the base model
     strict_base_model: bool = False  # refuse adapters whose base_model_name_or_path differs
+    # Chat answers of reasoning models split into reasoning and content (gateway/reasoning.py):
+    # auto (models whose chat template writes <think> ... </think>), think (required), none.
+    reasoning_parser: str = "auto"
     # Adapter store: "local" (LORAGATE_HOME/adapters) or "s3", a bucket every engine shares,
     # read through a bounded local cache (LORAGATE_HOME/adapter-cache); adapters/s3_store.py.
     adapter_store: str = "local"
@@ -78,6 +82,9 @@ class GatewaySettings:
                                                                "response_store_max_bytes_per_tenant")
         if self.response_retention_days < 0:
             raise ModelConfigError("response_retention_days must be >= 0 (0: responses are not stored)")
+        if self.reasoning_parser not in REASONING_PARSERS:
+            raise ModelConfigError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
+                                   f"got {self.reasoning_parser!r}")
         self._check_router_settings()
         self._check_adapter_store_settings()
 

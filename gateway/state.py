@@ -55,6 +55,7 @@ class ServerState:
     engine: object | None = None  # AsyncEngine, set once the model is loaded
     registry: object | None = None  # adapters.registry.AdapterRegistry
     model_name: str = ""
+    think_markers: object | None = None  # engine.reasoning.ThinkMarkers: chat answers split into reasoning and content
     base_names: set[str] = field(default_factory=set)
     load_error: str | None = None
     metrics: object | None = None  # gateway.metrics.Metrics, set by build_app

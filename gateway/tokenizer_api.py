@@ -12,6 +12,7 @@ from starlette.routing import Route
 from .errors import APIError
 from .openai_api import json_body, principal_of
 from .protocol import chat_messages
+from .reasoning import template_kwargs
 
 
 async def _engine_and_body(request: Request):
@@ -34,7 +35,7 @@ async def tokenize(request: Request):
         if not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no chat template", param="messages")
         tokens = tok.apply_chat_template(chat_messages(body), add_generation_prompt=body.get("add_generation_prompt", True)
-                                         is True, tokenize=True, return_dict=False)
+                                         is True, tokenize=True, return_dict=False, **template_kwargs(body))
     elif isinstance(body.get("prompt"), str):
         tokens = tok.encode(body["prompt"], add_special_tokens=special)
     else:

@@ -152,6 +152,15 @@ def tiny_model(request):
 
 
 @pytest.fixture(scope="session")
+def tiny_thinker(tiny_llama, tmp_path_factory):
+    """tests/thinker.py's reasoning model: (its directory, where its greedy answer closes the section)."""
+    from .thinker import write_thinker
+
+    path = tmp_path_factory.mktemp("tiny-thinker")
+    return path, write_thinker(tiny_llama, path)
+
+
+@pytest.fixture(scope="session")
 def real_model_dir():
     from loragate.engine.models.prepare import DEFAULT_MODEL, resolve_model
 

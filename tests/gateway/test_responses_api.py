@@ -129,7 +129,7 @@ def test_input_items_become_the_conversation(server):
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"tools": [{"type": "web_search"}]}, "tools"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]}, "input"),
-    ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
+    ({"input": [{"type": "web_search_call", "status": "completed"}]}, "input"),
     ({"input": []}, "input"),
     ({"text": {"format": {"type": "xml"}}}, "text"),
     ({"max_output_tokens": 0}, "max_tokens"),

@@ -1,0 +1,86 @@
+"""One choice of a completion as its engine request's outputs arrive (Choice), and the
+outputs of several requests merged into one stream (pump)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from .reasoning import ReasoningSplit
+
+
+class Choice:
+    """Accumulates one engine request's outputs, and records its latencies."""
+
+    def __init__(self, index: int, prompt_index: int, prompt_len: int, metrics, labels: tuple[str, str], charge=None,
+                 split: ReasoningSplit | None = None):
+        self.index, self.prompt_index, self.prompt_len, self.charge = index, prompt_index, prompt_len, charge
+        self.split = split  # a reasoning model's chat answer: its text split into reasoning and content
+        self.delta = ("", "")  # the (reasoning, content) text the last output placed
+        self.text, self.tokens, self.logprobs, self.finish_reason = "", [], [], None
+        self.prompt_logprobs = None  # with echo + logprobs: the prompt tokens' entries
+        self.cached_tokens = 0  # of the prompt, served from the prefix cache
+        self.prediction = (0, 0)  # (accepted, rejected) tokens of a predicted output
+        self.metrics, self.labels = metrics, labels  # (tenant, adapter) of the token counters
+        self.start = self.last = time.monotonic()
+
+    def add(self, out) -> list:
+        t = time.monotonic()
+        (self.metrics.itl if self.tokens else self.metrics.ttft).observe(t - self.last)
+        self.last = t
+        self.cached_tokens = out.num_cached_tokens
+        accepted = out.num_accepted_prediction_tokens
+        self.prediction = (accepted, max(out.num_prediction_tokens - accepted, 0))
+        if out.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = out.prompt_logprobs
+        self.text += out.delta_text
+        self.delta = self.split.feed(out.delta_text, out.finished) if self.split else ("", out.delta_text)
+        new = list(zip(out.new_token_ids, out.new_logprobs)) if out.new_logprobs else []
+        self.tokens += out.new_token_ids
+        self.logprobs += new
+        if self.charge is not None:
+            self.charge(len(out.new_token_ids))
+        if out.finished:
+            self.finish_reason = "length" if out.finish_reason == "length" else "stop"
+            self.metrics.e2e.observe(t - self.start)
+            self.metrics.queue.observe(out.queue_seconds)
+            self.metrics.finished.labels(self.finish_reason).inc()
+            self.metrics.generation_tokens.labels(*self.labels).inc(len(self.tokens))
+        return new
+
+    @property
+    def content(self) -> str:
+        """The answer's text (without a reasoning section)."""
+        return self.split.content if self.split else self.text
+
+
+
+async def pump(streams):
+    """Yield (choice position, output) from all streams as they arrive; cancelling the
+    consumer cancels every stream (and so aborts its engine request)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        except Exception as e:  # noqa: BLE001 - reported to the client as an error event
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
