@@ -81,9 +81,9 @@ def router_counter(url: str, name: str) -> float:
 class Fleet:
     """Two engines and a router with one routing policy; stopped on exit."""
 
-    def __init__(self, args, model_dir: Path, env: dict, policy: str):
+    def __init__(self, args, model_dir: Path, env: dict, policy: str, router_flags: tuple[str, ...] = ()):
         self.engine_urls, self.procs = [], []
-        for _ in range(2):
+        for _ in range(getattr(args, "engines", 2)):
             port = free_port()
             self.engine_urls.append(f"http://127.0.0.1:{port}")
             self.procs.append(serve(["--role", "engine", "--model", str(model_dir), "--dtype", args.dtype,
@@ -94,9 +94,9 @@ class Fleet:
         max_load = args.max_engine_load or math.ceil(args.clients * 2 / 3)  # room for popularity skew before spilling
         self.procs.append(serve(["--role", "router", "--engine-urls", ",".join(self.engine_urls), "--port", str(port),
                                  "--route-policy", policy, "--max-engine-load", str(max_load),
-                                 "--health-interval", "1"], env))
+                                 "--health-interval", "1", *router_flags], env))
         try:
-            wait_ready(self.url, self.procs, 2)
+            wait_ready(self.url, self.procs, len(self.engine_urls))
         except BaseException:
             self.__exit__()  # no orphaned servers when start-up fails
             raise

@@ -194,6 +194,10 @@ GATEWAY_HELP = {
     "health_interval": "router: seconds between GET /readyz checks of each engine",
     "max_engine_load": "router: most requests open on one engine; beyond it, its adapters spill to their next engine",
     "route_policy": "router: affinity (rendezvous hashing on the adapter) or round_robin (a baseline)",
+    "prefix_routing": "router: where an adapter has several engines (the base model, a hot adapter), send a "
+                      "request to the one that last ran the start of its prompt (a conversation's earlier turns: "
+                      "its prefix cache), unless that one has a quarter of max_engine_load more requests open "
+                      "than the least loaded",
     "engine_timeout": "router: seconds to wait for an engine's next response bytes",
     "batch_max_concurrency": "batch API: engine requests batch lines may have in flight at once "
                              "(interactive requests go first)",

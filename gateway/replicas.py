@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from .key_shares import KeyShares
+from .prefix_index import PrefixIndex
 from .rendezvous import choose_bounded, preference_order
 
 log = logging.getLogger("loragate.router")
@@ -32,11 +33,17 @@ class Replica:
 class Choice:
     replica: Replica
     is_spill: bool  # outside the adapter's engines (its first k preferences), which were at max_engine_load
+    for_prefix: bool = False  # where the prompt's start ran last, rather than the least loaded of the adapter's engines
 
 
 class ReplicaPool:
-    def __init__(self, metrics_factory=None, *, policy: str = "affinity", max_load: int = 32):
+    def __init__(self, metrics_factory=None, *, policy: str = "affinity", max_load: int = 32,
+                 prefix_routing: bool = True):
         self.policy, self.max_load = policy, max_load
+        # Among a hot adapter's engines, a request goes where its prompt's start was last run
+        # (its prefix cache) while that engine has at most this many more open than the least loaded.
+        self.prefixes = PrefixIndex() if prefix_routing else None
+        self.prefix_slack = max(2, max_load // 4)
         self._replicas: dict[str, Replica] = {}
         self._round_robin = itertools.count()
         self.shares = KeyShares()
@@ -98,8 +105,9 @@ class ReplicaPool:
 
     # -- choice ----------------------------------------------------------------------------
 
-    def choose(self, key: str, exclude: set[str] = frozenset()) -> Choice | None:
-        """The engine for a request whose affinity key is `key`; None when none is healthy."""
+    def choose(self, key: str, exclude: set[str] = frozenset(), prefix: list[bytes] = ()) -> Choice | None:
+        """The engine for a request whose affinity key is `key` and whose prompt's chain hashes
+        (prefix_index.py) are `prefix`; None when none is healthy."""
         candidates = [r for r in self.healthy() if r.url not in exclude]
         if not candidates:
             return None
@@ -115,9 +123,18 @@ class ReplicaPool:
         k = self.shares.engines_for(key, len(order)) if not exclude else 1
         own = order[:k]
         url = min(own, key=load)  # min keeps the first of equals: preference order
+        prefix = prefix if self.prefixes is not None else ()
+        cached = self.prefixes.best(prefix, set(own)) if prefix and len(own) > 1 else None
+        # where the prompt's start is cached, unless that engine is well behind the least loaded
+        if cached is not None and load(cached) <= load(url) + self.prefix_slack:
+            url = cached
+        else:
+            cached = None
         if load(url) >= self.max_load:
-            url = choose_bounded(order, load, self.max_load)
-        return Choice(by_url[url], url not in own)
+            url, cached = choose_bounded(order, load, self.max_load), None
+        if prefix:
+            self.prefixes.record(prefix, url)
+        return Choice(by_url[url], url not in own, cached is not None)
 
     def first_healthy(self, exclude: set[str] = frozenset()) -> Replica | None:
         return next((r for r in self.healthy() if r.url not in exclude), None)

@@ -4,8 +4,11 @@ Inference (/v1/chat/completions, /v1/completions, /v1/responses, streamed or not
 adapter affinity: the key is the request's `model` plus a hash of the caller's Authorization
 header (two tenants' same-named adapters are different adapters), ranked over the healthy
 engines by rendezvous hashing (gateway/rendezvous.py), so one adapter's weights stay hot in the slots of
-one engine instead of being loaded everywhere. An engine with `max_engine_load` requests open
-spills its adapters' new requests to their next engine (spills are counted).
+one engine instead of being loaded everywhere. A hot adapter (the base model, say) gets several
+engines; among them a request goes where the start of its prompt last ran, so a
+conversation's turns find their history in one engine's prefix cache (gateway/prefix_index.py;
+`--prefix-routing`). An engine with `max_engine_load` requests open spills its adapters' new
+requests to their next engine (spills are counted).
 
 Everything else under /v1 (/v1/models, /v1/adapters*, /v1/files*, /v1/batches*) goes to the
 first healthy engine in URL order. Not hashed: every router of a fleet picks the same engine,
@@ -44,6 +47,7 @@ from .errors import APIError, error_response
 from .openai_api import until_disconnect
 from .proxy import (ENGINE_GONE, EndCutResponses, Lease, LeasedStream, buffered_response, is_event_stream,
                     read_body, read_bounded_body, relay_events, relay_raw, request_headers, response_headers)
+from .prefix_index import chain_hashes, prompt_pieces
 from .replicas import ReplicaPool
 from .router_metrics import RouterMetrics
 
@@ -62,20 +66,24 @@ def affinity_key(authorization: str | None, model: str) -> str:
     return f"{tenant}/{model.rpartition(':')[2]}"
 
 
-def requested_model(body: bytes) -> str:
-    """The body's `model`, or '' when there is none: the engine validates and answers 400."""
+def routing_inputs(body: bytes) -> tuple[str, list[str]]:
+    """The body's `model` ('' when there is none: the engine validates and answers 400) and its
+    prompt's text pieces (prefix_index.prompt_pieces)."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return ""
-    model = data.get("model") if isinstance(data, dict) else None
-    return model if isinstance(model, str) else ""
+        return "", []
+    if not isinstance(data, dict):
+        return "", []
+    model = data.get("model")
+    return (model if isinstance(model, str) else ""), prompt_pieces(data)
 
 
 class Router:
     def __init__(self, settings, discovery: EngineDiscovery, client: httpx.AsyncClient | None = None):
         self.settings, self.discovery = settings, discovery
-        self.pool = ReplicaPool(RouterMetrics, policy=settings.route_policy, max_load=settings.max_engine_load)
+        self.pool = ReplicaPool(RouterMetrics, policy=settings.route_policy, max_load=settings.max_engine_load,
+                                prefix_routing=settings.prefix_routing)
         self.metrics: RouterMetrics = self.pool.metrics
         self._own_client = client is None
         self.client = client
@@ -155,13 +163,15 @@ class Router:
         self.metrics.requests.labels(replica.url, str(lease.upstream.status_code)).inc()
         return lease.upstream
 
-    async def relay_inference(self, path: str, headers, body: bytes, key: str) -> Response:
+    async def relay_inference(self, path: str, headers, body: bytes, key: str, prefix: list[bytes] = ()) -> Response:
         tried: set[str] = set()
         retry_reason = None
         for _attempt in range(2):
-            choice = self.pool.choose(key, tried)
+            choice = self.pool.choose(key, tried, prefix)
             if choice is None:
                 break
+            if choice.for_prefix:
+                self.metrics.prefix_routed.inc()
             if retry_reason is not None:
                 self.metrics.retries.labels(retry_reason).inc()
             if choice.is_spill:
@@ -234,12 +244,14 @@ class Router:
 async def inference(request: Request) -> Response:
     router: Router = request.app.state.router
     body = await read_bounded_body(request, MAX_INFERENCE_BODY)  # held in memory to be re-sent on a retry
-    key = affinity_key(request.headers.get("authorization"), requested_model(body))
+    model, pieces = routing_inputs(body)
+    key = affinity_key(request.headers.get("authorization"), model)
+    prefix = chain_hashes(key, pieces) if router.pool.prefixes is not None else []
     # identity: SSE events are split on their text; Content-Length: httpx sets it for the bytes.
     headers = request_headers(request, drop=frozenset({"content-length", "accept-encoding"}))
     headers.append(("accept-encoding", "identity"))
     # A client that leaves while a non-streamed answer is computed closes the engine request too.
-    return await until_disconnect(request, router.relay_inference(request.url.path, headers, body, key))
+    return await until_disconnect(request, router.relay_inference(request.url.path, headers, body, key, prefix))
 
 
 async def forward(request: Request) -> Response:

@@ -19,6 +19,9 @@ class RouterMetrics:
                                  "check or connection error), by engine", ["replica"], registry=r)
         self.spills = Counter("loragate_router_spills", "requests sent past their adapter's preferred engine "
                               "because it was at max_engine_load", registry=r)
+        self.prefix_routed = Counter("loragate_router_prefix_routed", "requests sent to the engine that last ran "
+                                     "the start of their prompt (its prefix cache) rather than the least loaded "
+                                     "of their adapter's engines", registry=r)
         self.unavailable = Counter("loragate_router_unavailable", "requests answered 503 because no engine "
                                    "could take them", registry=r)
         self.stream_cuts = Counter("loragate_router_stream_cuts", "streams whose engine went away mid-way "

@@ -63,6 +63,7 @@ class GatewaySettings:
     # engine. The engine's max_num_seqs default: requests beyond it would only queue there.
     max_engine_load: int = 32
     route_policy: str = "affinity"  # router: affinity | round_robin (a baseline for bench/router.py)
+    prefix_routing: bool = True  # router: among a hot adapter's engines, follow the prompt's cached start
     engine_timeout: float = 600.0  # router: seconds to wait for an engine's next response bytes
 
     def __post_init__(self) -> None:
