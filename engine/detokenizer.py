@@ -9,11 +9,13 @@ from __future__ import annotations
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: list[str], min_tokens: int = 0):
+    def __init__(self, tokenizer, params):
         self.tokenizer = tokenizer
-        self.stop = stop
-        self.min_tokens = min_tokens  # stop strings in the text of the first min_tokens tokens do not count
-        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.stop = params.stop
+        self.min_tokens = params.min_tokens  # stop strings in the text of the first min_tokens tokens do not count
+        self.keep_stop = params.include_stop_str_in_output  # the text ends with the stop string that ended it
+        self.skip_special = params.skip_special_tokens
+        self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.token_ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
@@ -25,8 +27,9 @@ class IncrementalDetokenizer:
         """Append tokens; sets `matched_stop` (and truncates `text`) when a stop string appears."""
         for token in new_ids:
             self.token_ids.append(token)
-            prefix = self.tokenizer.decode(self.token_ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-            full = self.tokenizer.decode(self.token_ids[self.prefix_offset:], skip_special_tokens=True)
+            prefix = self.tokenizer.decode(self.token_ids[self.prefix_offset:self.read_offset],
+                                           skip_special_tokens=self.skip_special)
+            full = self.tokenizer.decode(self.token_ids[self.prefix_offset:], skip_special_tokens=self.skip_special)
             if len(full) > len(prefix) and not full.endswith("\ufffd"):
                 new_text = full[len(prefix):]
                 self.prefix_offset = self.read_offset
@@ -42,7 +45,7 @@ class IncrementalDetokenizer:
         for s in self.stop:
             at = self.text.find(s, start)
             if at != -1:
-                self.text = self.text[:at]
+                self.text = self.text[:at + (len(s) if self.keep_stop else 0)]
                 self.matched_stop = s
                 return True
         return False

@@ -177,7 +177,8 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt is {len(ids)} tokens; this model's context is {self.max_model_len} tokens "
                 "including at least one generated token", "prompt")
-        for name, token_ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+        for name, token_ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids),
+                                ("allowed_token_ids", params.allowed_token_ids or ())):
             if any(t >= vocab for t in token_ids):
                 raise InvalidRequestError(f"{name} token ids must be in [0, {vocab})", name)
         prediction = prediction_token_ids(params.prediction, self.tokenizer, vocab, self.max_model_len)
@@ -185,7 +186,7 @@ class LLMEngine:
         if tenant is not None:
             cache_salt = f"tenant:{tenant}|{cache_salt}"
         req = Request(request_id, ids, params, cache_salt=cache_salt, tenant=tenant)
-        req.logits_adjuster = adjuster_for(params, ids, self.eos_token_ids)
+        req.logits_adjuster = adjuster_for(params, ids, self.eos_token_ids, self.tokenizer)
         req.prediction_token_ids = prediction
         req.prediction_ngram_ends = prediction and ngram_ends(prediction)  # here, off the step loop (67 ms at 8k tokens)
         if params.grammar is not None:
@@ -205,8 +206,7 @@ class LLMEngine:
 
     def enqueue(self, req: Request) -> None:
         self.scheduler.add(req)
-        self._detokenizers[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.sampling_params.stop,
-                                                                    req.sampling_params.min_tokens)
+        self._detokenizers[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.sampling_params)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, cache_salt: str = "", adapter: str | None = None,

@@ -35,6 +35,14 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     min_tokens: int = 0
+    # vLLM's: sample only among these token ids (None: all); never generate these words (a
+    # single-token word is banned outright, a longer one's last token after the rest of it,
+    # as HF's bad_words_ids does).
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] = field(default_factory=list)
+    # The text: with the stop string that ended it, and with special tokens decoded.
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     # Structured output: an llguidance grammar the output must match, e.g. from
     # structured_output.grammar_from_json_schema(schema); the request ends when it is complete.
     grammar: str | None = None
@@ -87,6 +95,15 @@ class SamplingParams:
                 raise InvalidRequestError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}", "logit_bias")
             if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not -100.0 <= bias <= 100.0:
                 raise InvalidRequestError(f"logit_bias values must be numbers in [-100, 100], got {bias!r}", "logit_bias")
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+            if not self.allowed_token_ids or any(not isinstance(t, int) or isinstance(t, bool) or t < 0
+                                                 for t in self.allowed_token_ids):
+                raise InvalidRequestError("allowed_token_ids must be a non-empty list of token ids (integers >= 0)",
+                                          "allowed_token_ids")
+        self.bad_words = list(self.bad_words)
+        if any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            raise InvalidRequestError("bad_words must be non-empty strings", "bad_words")
         if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0:
             raise InvalidRequestError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}", "min_tokens")
         if self.min_tokens > self.max_tokens:
@@ -100,6 +117,9 @@ class SamplingParams:
             raise InvalidRequestError(f"pooling must be 'last' or 'mean', got {self.pooling!r}", "pooling")
         if self.grammar is not None and not isinstance(self.grammar, str):
             raise InvalidRequestError("grammar must be a string (an llguidance grammar)", "response_format")
+        if self.grammar is not None and (self.allowed_token_ids is not None or self.bad_words):
+            raise InvalidRequestError("allowed_token_ids and bad_words cannot be combined with a structured output "
+                                      "format: the format decides which tokens may come", "allowed_token_ids")
         if self.grammar is not None and self.min_tokens:
             raise InvalidRequestError("min_tokens cannot be combined with a structured output format: the format "
                                       "decides where the output ends", "min_tokens")
@@ -108,7 +128,7 @@ class SamplingParams:
     def adjusts_logits(self) -> bool:
         """Whether sampling must adjust this request's logits first (a slower path)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias or self.min_tokens)
+                    or self.logit_bias or self.min_tokens or self.allowed_token_ids is not None or self.bad_words)
 
     @property
     def is_greedy(self) -> bool:

@@ -27,6 +27,7 @@ from loragate.engine import InvalidRequestError, SamplingParams
 
 from .errors import APIError
 from .openai_api import json_body, principal_of, until_disconnect
+from .protocol import truncated, truncation
 
 MAX_INPUTS = 2048  # OpenAI's limit per request
 
@@ -78,6 +79,7 @@ async def embed(state, principal, body: dict, charge=None) -> dict:
     if not isinstance(model, str) or not model:
         raise APIError(400, "'model' is required: the base model's name or an adapter's name", param="model")
     inputs = _inputs(body)
+    keep = truncation(body)
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
         raise APIError(400, "'encoding_format' must be 'float' or 'base64'", param="encoding_format")
@@ -91,7 +93,7 @@ async def embed(state, principal, body: dict, charge=None) -> dict:
     adapter = await state.resolve_model(principal, model)
     state.check_capacity(principal.tenant)
     try:
-        prompts = [engine.engine.tokenize(text) for text in inputs]
+        prompts = truncated([engine.engine.tokenize(text) for text in inputs], keep, engine.engine.max_model_len)
         streams = [await engine.add_request(ids, params, adapter=adapter, tenant=principal.tenant) for ids in prompts]
     except InvalidRequestError as e:  # the engine says "prompt"; here it is the input
         raise APIError(400, str(e), param="input") from None

@@ -23,7 +23,7 @@ from .choices import Choice, pump
 from .errors import APIError, not_found, to_api_error
 from .reasoning import ReasoningSplit, with_reasoning
 from .protocol import (chat_logprobs, chat_messages, completion_logprobs, completion_prompts, echo_logprobs, parse_common,
-                       usage)
+                       truncated, usage)
 from .tool_calls import StreamedCalls, check_template
 
 
@@ -85,8 +85,7 @@ async def submit_choices(state, principal, body: dict, gen, *, chat: bool):
         if gen.tools is not None:
             check_template(gen.tools, tok.chat_template)
         prompts = [tok.apply_chat_template(chat_messages(body), tools=gen.tools.shown if gen.tools else None,
-                                           add_generation_prompt=True, tokenize=True, return_dict=False,
-                                           **gen.template_kwargs)]
+                                           tokenize=True, return_dict=False, **gen.template_kwargs)]
         if state.think_markers is not None:  # a reasoning model: where its output starts decides the split
             gen.reasoning = (state.think_markers, reasoning_start(prompts[0], state.think_markers, tok))
             gen.sampling["reasoning"] = True
@@ -97,6 +96,7 @@ async def submit_choices(state, principal, body: dict, gen, *, chat: bool):
         prompts = [engine.engine.tokenize(p) for p in texts]
         if gen.echo:  # what echo repeats: the prompt as sent (token ids decoded)
             gen.prompt_texts = [p if isinstance(p, str) else tok.decode(p) for p in texts]
+    prompts = truncated(prompts, gen.truncate_prompt_tokens, engine.engine.max_model_len)
     choices, streams = await _start(state, principal, gen, prompts, gen.model)
     return prompts, choices, streams
 

@@ -47,7 +47,8 @@ class GenerationRequest:
     tools: ToolPlan | None = None  # chat: function calling
     suffix: str | None = None  # completions: the text after the gap to fill (engine/fill_in_middle.py)
     charge: object = None  # interactive requests: takes their tokens from the tenant's rate limit (TenantSlot.charge)
-    template_kwargs: dict = field(default_factory=dict)  # chat: chat_template_kwargs, the template's extra variables
+    template_kwargs: dict = field(default_factory=dict)  # chat: the template's arguments besides messages and tools
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: what the context allows)
     include_reasoning: bool = True  # chat on a reasoning model: the answer carries its reasoning
     reasoning: tuple | None = None  # ... (ThinkMarkers, where the output starts), set once the prompt is built
 
@@ -93,8 +94,9 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
     if not isinstance(options, dict):
         raise _bad("'stream_options' must be an object", "stream_options")
     seed = _get(body, "seed", int, None)
-    # top_k, min_p, ignore_eos, repetition_penalty, min_tokens, stop_token_ids and speculative (false:
-    # opt out of speculative decoding) are extensions, as in vLLM: absent from OpenAI's API.
+    # top_k, min_p, ignore_eos, repetition_penalty, min_tokens, stop_token_ids, allowed_token_ids,
+    # bad_words, include_stop_str_in_output, skip_special_tokens and speculative (false: opt out of
+    # speculative decoding) are extensions, as in vLLM: absent from OpenAI's API.
     sampling = dict(temperature=_get(body, "temperature", float, 1.0), top_p=_get(body, "top_p", float, 1.0),
                     stop=stop, top_k=_get(body, "top_k", int, 0), min_p=_get(body, "min_p", float, 0.0),
                     ignore_eos=_get(body, "ignore_eos", bool, False),
@@ -104,7 +106,10 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
                     repetition_penalty=_get(body, "repetition_penalty", float, 1.0),
                     logit_bias=_logit_bias(body), min_tokens=_get(body, "min_tokens", int, 0),
                     stop_token_ids=_get(body, "stop_token_ids", list, []), grammar=output_grammar(body),
-                    prediction=_prediction(body))
+                    prediction=_prediction(body), allowed_token_ids=_get(body, "allowed_token_ids", list, None),
+                    bad_words=_get(body, "bad_words", list, []),
+                    include_stop_str_in_output=_get(body, "include_stop_str_in_output", bool, False),
+                    skip_special_tokens=_get(body, "skip_special_tokens", bool, True))
     call_grammar = tools.grammar() if tools is not None else None
     if call_grammar is not None:
         if sampling["grammar"] is not None:
@@ -121,8 +126,43 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
     SamplingParams(max_tokens=max(1, sampling["min_tokens"]) if not max_tokens else max_tokens,
                    logprobs=logprobs, **sampling)
     return GenerationRequest(model, n, stream, bool(options.get("include_usage")), logprobs, max_tokens, seed, sampling,
-                             echo, tools=tools, suffix=suffix, template_kwargs=template_kwargs(body) if chat else {},
-                             include_reasoning=_get(body, "include_reasoning", bool, True))
+                             echo, tools=tools, suffix=suffix, include_reasoning=_get(body, "include_reasoning", bool, True),
+                             template_kwargs=_template_options(body) if chat else {},
+                             truncate_prompt_tokens=truncation(body))
+
+
+def _template_options(body: dict) -> dict:
+    """The chat template's arguments beyond the messages and tools: vLLM's
+    add_generation_prompt and continue_final_message (the answer goes on from a final
+    assistant message: a prefill), and chat_template_kwargs."""
+    add = _get(body, "add_generation_prompt", bool, True)
+    go_on = _get(body, "continue_final_message", bool, False)
+    if add and go_on:
+        raise _bad("'continue_final_message' needs 'add_generation_prompt': false", "continue_final_message")
+    messages = body.get("messages")
+    if go_on and not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
+                      and messages[-1].get("role") == "assistant"):
+        raise _bad("'continue_final_message' needs an assistant message last: the answer it goes on from",
+                   "continue_final_message")
+    return {**template_kwargs(body), "add_generation_prompt": add, "continue_final_message": go_on}
+
+
+def truncated(prompts: list[list[int]], k: int | None, max_model_len: int) -> list[list[int]]:
+    """Each prompt's last k tokens (k -1: as many as the context holds with one to generate)."""
+    if k is None:
+        return prompts
+    keep = k if k > 0 else max_model_len - 1
+    return [p[-keep:] for p in prompts]
+
+
+def truncation(body: dict) -> int | None:
+    """vLLM's truncate_prompt_tokens: keep the prompt's last k tokens (-1: as many as the
+    context allows)."""
+    k = _get(body, "truncate_prompt_tokens", int, None)
+    if k is not None and k < 1 and k != -1:
+        raise _bad("'truncate_prompt_tokens' must be at least 1, or -1 (as many as the context allows)",
+                   "truncate_prompt_tokens")
+    return k
 
 
 def _refuse_unsupported(body: dict, chat: bool) -> None:

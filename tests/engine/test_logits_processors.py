@@ -1,5 +1,5 @@
-"""Penalties, logit_bias and min_tokens against Hugging Face transformers' generate on the same
-weights (its own logits processors where it has them, OpenAI's penalty rule written out
+"""Penalties, logit_bias, allowed_token_ids, bad_words and min_tokens against Hugging Face
+transformers' generate on the same weights (its own logits processors where it has them, OpenAI's penalty rule written out
 where it has not), in mixed batches, and lossless under speculative decoding."""
 
 from __future__ import annotations
@@ -68,6 +68,35 @@ def test_penalties_and_bias_match_hf_in_one_mixed_batch(llm, hf):
     assert [o.token_ids != u.token_ids for o, u in zip(outs, unadjusted)] == [True] * 4 + [False]
 
 
+def test_allowed_tokens_and_bad_words_match_hf(llm, hf):
+    prompts = random_prompts([8, 20, 14], hf.config.vocab_size, seed=9)
+    free = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=N, temperature=0, min_tokens=N))]
+    allowed = sorted(set(free[0][1::2]) | {40, 41, 42})  # some of its own choices, and three others
+    pair = free[1][4:6]  # a two-token word: its second token is banned right after its first
+    single = free[2][1]
+    params = [SamplingParams(max_tokens=N, temperature=0, min_tokens=N, allowed_token_ids=allowed),
+              SamplingParams(max_tokens=N, temperature=0, min_tokens=N, bad_words=[f"t{pair[0]} t{pair[1]}"]),
+              SamplingParams(max_tokens=N, temperature=0, min_tokens=N, bad_words=[f"t{single}"])]
+    outs = [o.token_ids for o in llm.generate(prompts, params)]  # one batch
+    assert outs[0] == hf_generate(hf, prompts[0], N, prefix_allowed_tokens_fn=lambda batch, ids: allowed)
+    assert set(outs[0]) <= set(allowed)
+    assert outs[1] == hf_generate(hf, prompts[1], N, bad_words_ids=[pair])
+    assert outs[2] == hf_generate(hf, prompts[2], N, bad_words_ids=[[single]]) and single not in outs[2]
+    assert all(o != f for o, f in zip(outs, free))  # each changed the output
+
+
+def test_stop_strings_kept_and_special_tokens_shown_on_request(llm):
+    tok = llm.tokenizer
+    for keep in (False, True):
+        detok = IncrementalDetokenizer(tok, SamplingParams(stop=["t9"], include_stop_str_in_output=keep))
+        detok.add_tokens([7, 8, 9, 10])
+        assert detok.matched_stop == "t9" and detok.text.endswith("t9") == keep and detok.text.startswith("t7")
+    for skip in (True, False):
+        detok = IncrementalDetokenizer(tok, SamplingParams(skip_special_tokens=skip))
+        detok.add_tokens([7, 2, 8])  # 2: </s>
+        assert ("</s>" in detok.text) != skip
+
+
 def test_min_tokens_holds_back_eos_and_stop_tokens_like_hf(llm, hf):
     prompt = random_prompts([10], hf.config.vocab_size, seed=7)[0]
     free = llm.generate([prompt], SamplingParams(max_tokens=N, temperature=0, ignore_eos=True))[0].token_ids
@@ -87,7 +116,7 @@ def test_min_tokens_ignores_stop_strings_in_its_first_tokens(llm):
                                                       min_tokens=3))[0]
     assert free.token_ids[0] not in free.token_ids[3:]  # so nothing after min_tokens stops it
     assert held.token_ids == free.token_ids and held.finish_reason == "length"
-    detok = IncrementalDetokenizer(tok, ["t9"], min_tokens=2)
+    detok = IncrementalDetokenizer(tok, SamplingParams(max_tokens=4, stop=["t9"], min_tokens=2))
     detok.add_tokens([9, 9])
     assert detok.matched_stop is None
     detok.add_tokens([9])
@@ -100,10 +129,13 @@ def test_adjusted_requests_stay_lossless_under_speculation(tiny_llama, llm, mode
                **({"draft_model": str(tiny_llama)} if mode == "draft" else {}))
     controller = spec.engine.speculator.controller
     controller.plan = lambda reqs, limits, batch_size: [min(lim, controller.max_k) for lim in limits]
-    prompts = [[1] + [7, 8, 9, 10] * 6, [1] + [20, 21] * 10, [1, 5, 6, 7, 8, 5, 6, 7, 8]]
+    prompts = [[1] + [7, 8, 9, 10] * 6, [1] + [20, 21] * 10, [1, 5, 6, 7, 8, 5, 6, 7, 8], [1] + [7, 8, 9, 10] * 6,
+               [1] + [20, 21] * 10]
     params = [SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, repetition_penalty=1.3),
               SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, frequency_penalty=0.5, logit_bias={20: 3}),
-              SamplingParams(max_tokens=N, temperature=0, stop_token_ids=[8], min_tokens=5, presence_penalty=-0.5)]
+              SamplingParams(max_tokens=N, temperature=0, stop_token_ids=[8], min_tokens=5, presence_penalty=-0.5),
+              SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, bad_words=["t8 t9", "t21"]),
+              SamplingParams(max_tokens=N, temperature=0, ignore_eos=True, allowed_token_ids=[5, 6, 7, 8, 9, 10])]
     want = [o.token_ids for o in llm.generate(prompts, params)]
     assert [o.token_ids for o in spec.generate(prompts, params)] == want
     assert spec.engine.speculator.stats.mean_accepted_length > 1  # proposals were verified and taken
@@ -125,6 +157,10 @@ def test_sampling_never_draws_a_token_biased_away(llm):
     (dict(logit_bias={-1: 1}), "logit_bias"),
     (dict(min_tokens=20, max_tokens=10), "min_tokens"),
     (dict(stop_token_ids=["x"]), "stop_token_ids"),
+    (dict(allowed_token_ids=[]), "allowed_token_ids"),
+    (dict(allowed_token_ids=[True]), "allowed_token_ids"),
+    (dict(bad_words=[" "]), "bad_words"),
+    (dict(bad_words=["x"], grammar='start: "a"'), "allowed_token_ids"),
 ])
 def test_bad_adjustments_are_refused(fields, param):
     with pytest.raises(InvalidRequestError) as e:
@@ -133,6 +169,6 @@ def test_bad_adjustments_are_refused(fields, param):
 
 
 def test_token_ids_beyond_the_vocabulary_are_refused(llm):
-    for fields in (dict(logit_bias={512: 1.0}), dict(stop_token_ids=[600])):
+    for fields in (dict(logit_bias={512: 1.0}), dict(stop_token_ids=[600]), dict(allowed_token_ids=[5, 512])):
         with pytest.raises(InvalidRequestError, match=r"\[0, 512\)"):
             llm.engine.make_request([1, 2, 3], SamplingParams(**fields))

@@ -1,0 +1,111 @@
+"""vLLM's request extensions over HTTP with the official client on the tiny model: an assistant
+prefill (continue_final_message), truncate_prompt_tokens (completions, chat, embeddings),
+allowed_token_ids, bad_words, include_stop_str_in_output and skip_special_tokens. Each
+answer is checked against the same model asked without the extension, so each can fail."""
+
+from __future__ import annotations
+
+import shutil
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from .conftest import _module_server
+
+PROMPT = [1] + list(range(40, 70))  # 31 token ids
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="key-a", max_retries=0)
+
+
+def ids_of(text: str) -> list[int]:
+    """The tiny vocabulary's words "t<id>" back to ids."""
+    return [int(w[1:]) for w in text.split() if w.startswith("t")]
+
+
+def complete(server, prompt, max_tokens=8, **extra):
+    return client(server).completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                             extra_body=extra)
+
+
+@pytest.fixture(scope="module")
+def turn_server(tiny_llama, tmp_path_factory, monkeypatch_module):
+    """The tiny model with a chat template that ends every message with t6, as real ones end turns."""
+    path = tmp_path_factory.mktemp("tiny-turns")
+    shutil.copytree(tiny_llama, path, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = ("{% for m in messages %}{{ 't3' if m['role'] == 'user' else 't4' }} {{ m['content'] }} t6 "
+                         "{% endfor %}{% if add_generation_prompt %}t5{% endif %}")
+    tok.save_pretrained(path)
+    yield from _module_server(path, tmp_path_factory, monkeypatch_module)
+
+
+def test_continue_final_message_goes_on_from_the_assistants_prefill(turn_server):
+    server = turn_server
+    tok = server.state.engine.tokenizer
+    messages = [{"role": "user", "content": "t10 t11"}, {"role": "assistant", "content": "t12 t13"}]
+    got = client(server).chat.completions.create(
+        model="tiny", messages=messages, max_tokens=6, temperature=0,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    ids = tok.apply_chat_template(messages, continue_final_message=True, add_generation_prompt=False, tokenize=True,
+                                  return_dict=False)
+    assert ids[-3:] == [4, 12, 13]  # the prompt ends inside the assistant's message, not after its t6
+    want = complete(server, ids, max_tokens=6)
+    assert got.usage.prompt_tokens == len(ids) and got.choices[0].message.content == want.choices[0].text.strip()
+    for extra, param in (({"continue_final_message": True}, "continue_final_message"),
+                         ({"continue_final_message": True, "add_generation_prompt": False,
+                           "messages": [{"role": "user", "content": "t1"}]}, "continue_final_message")):
+        body = {"model": "tiny", "messages": messages, **extra}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, headers=server.headers())
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end(server):
+    got = complete(server, PROMPT, truncate_prompt_tokens=10)
+    assert got.usage.prompt_tokens == 10 and got.choices[0].text == complete(server, PROMPT[-10:]).choices[0].text
+    assert complete(server, PROMPT, truncate_prompt_tokens=-1).usage.prompt_tokens == len(PROMPT)  # all fit
+    chat = client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "t9 " * 40}],
+                                                  max_tokens=2, extra_body={"truncate_prompt_tokens": 5})
+    assert chat.usage.prompt_tokens == 5
+    e = client(server).embeddings
+    cut = e.create(model="tiny", input=[PROMPT], extra_body={"truncate_prompt_tokens": 7})
+    assert cut.usage.prompt_tokens == 7 and cut.data[0].embedding == e.create(model="tiny", input=[PROMPT[-7:]]).data[0].embedding
+    for value in (0, -2, "5"):
+        r = httpx.post(server.url + "/v1/completions", headers=server.headers(),
+                       json={"model": "tiny", "prompt": "t5", "truncate_prompt_tokens": value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
+def test_allowed_tokens_and_bad_words_change_the_answer_as_asked(server):
+    free = ids_of(complete(server, PROMPT, ignore_eos=True).choices[0].text)
+    allowed = [50, 51, 52, free[3]]
+    only = ids_of(complete(server, PROMPT, ignore_eos=True, allowed_token_ids=allowed).choices[0].text)
+    assert len(only) == 8 and set(only) <= set(allowed) and only != free
+    banned = free[1]
+    without = ids_of(complete(server, PROMPT, ignore_eos=True, bad_words=[f"t{banned}"]).choices[0].text)
+    assert without[:1] == free[:1] and banned not in without
+    r = httpx.post(server.url + "/v1/completions", headers=server.headers(),
+                   json={"model": "tiny", "prompt": "t5", "allowed_token_ids": [9999]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "allowed_token_ids"
+
+
+def test_stop_strings_kept_and_special_tokens_shown_on_request(server):
+    free = complete(server, PROMPT, ignore_eos=True).choices[0].text.split()
+    stop = free[2]
+    kept = complete(server, PROMPT, ignore_eos=True, stop=[stop], include_stop_str_in_output=True).choices[0]
+    cut = complete(server, PROMPT, ignore_eos=True, stop=[stop]).choices[0]
+    assert kept.text.split() == free[:3] and cut.text.split() == free[:2]
+    eos = {"allowed_token_ids": [2], "ignore_eos": True}  # only </s>, the tokenizer's special end token
+    assert complete(server, PROMPT, **eos).choices[0].text == ""
+    assert complete(server, PROMPT, **eos, skip_special_tokens=False).choices[0].text.split() == ["</s>"] * 8
+
+
+@pytest.mark.parametrize("field, value", [("bad_words", "t5"), ("allowed_token_ids", []),
+                                          ("include_stop_str_in_output", "yes")])
+def test_bad_extension_values_are_400s(server, field, value):
+    r = httpx.post(server.url + "/v1/completions", headers=server.headers(),
+                   json={"model": "tiny", "prompt": "t5", field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field
