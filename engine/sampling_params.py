@@ -54,6 +54,9 @@ class SamplingParams:
     # token's final hidden state) or "mean" (over every prompt token). The request runs as a
     # one-token generation whose token is dropped; RequestOutput.embedding holds the vector.
     pooling: str | None = None
+    # Scheduling (vLLM's convention): a lower value is admitted first, and when the KV cache is
+    # full a request preempts a running one with a higher value rather than waiting for it.
+    priority: int = 0
     # The output may open with a reasoning section (`<think> ... </think>`, engine/reasoning.py):
     # a grammar then applies to what follows it. No effect on a model without the markers.
     reasoning: bool = False
@@ -113,6 +116,8 @@ class SamplingParams:
                 isinstance(self.prediction, list)
                 and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.prediction))):
             raise InvalidRequestError("prediction must be text or a list of token ids", "prediction")
+        if not isinstance(self.priority, int) or isinstance(self.priority, bool):
+            raise InvalidRequestError(f"priority must be an integer, got {self.priority!r}", "priority")
         if self.pooling not in (None, "last", "mean"):
             raise InvalidRequestError(f"pooling must be 'last' or 'mean', got {self.pooling!r}", "pooling")
         if self.grammar is not None and not isinstance(self.grammar, str):

@@ -3,8 +3,11 @@ free). Each step it gives running requests their next tokens first (decode befor
 prefill, FCFS), then admits waiting requests into what is left of the token budget, with
 long prompts split into chunks. Tenants take turns at admission (the one with the fewest
 requests running goes next; FCFS within a tenant), so one tenant's burst does not queue
-ahead of everyone else's requests. When KV blocks run out, the most recently admitted running
-request (of the tenant with the most running) is preempted: its blocks are freed and it is
+ahead of everyone else's requests. Priorities (SamplingParams.priority, lower first) come
+before all of that: a more urgent waiting request is admitted first, and one that finds the
+KV cache full preempts the least urgent running request instead of waiting. When KV blocks
+run out, the least urgent, most recently admitted running request (of the tenant with the
+most running) is preempted: its blocks are freed and it is
 recomputed later (prefix caching usually makes the recompute cheap). A waiting request whose next prompt block a running
 prefill is computing waits for it rather than computing the shared prefix again.
 
@@ -73,6 +76,9 @@ class Scheduler:
                     num_new = min(base, budget)
                     continue
                 victim = self._victim(i)
+                if self.running.index(victim) < i:  # scheduled already this step: it gives its tokens back
+                    i -= 1
+                    budget += self._unschedule(victim, scheduled)
                 self.running.remove(victim)
                 self._preempt(victim)
                 preempted = True
@@ -100,6 +106,11 @@ class Scheduler:
                     req.num_cached_tokens = req.num_computed_tokens
                 self.kv.release_out_of_window(req)
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate(req, num_new) and (victim := self._less_urgent(req)) is not None:
+                budget += self._unschedule(victim, scheduled)  # a less urgent request makes room
+                num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+                self.running.remove(victim)
+                self._preempt(victim)
             if not self.kv.allocate(req, num_new):
                 self.kv.free(req)  # give back the prefix hits until it can run
                 req.num_computed_tokens = 0
@@ -122,12 +133,30 @@ class Scheduler:
         return scheduled
 
     def _victim(self, i: int) -> Request:
-        """Whom to preempt for running[i]: among it and those after it (not yet scheduled this
-        step), the most recently admitted request of the tenant with the most running. Plain
-        LIFO would pick the request tenant turns admitted last, often a light tenant's, and
-        preempt it again each time it is readmitted."""
+        """Whom to preempt for running[i]: the least urgent (highest priority value) running
+        request, and among those, of it and those after it (not yet scheduled this step), the
+        most recently admitted request of the tenant with the most running. Plain LIFO would
+        pick the request tenant turns admitted last, often a light tenant's, and preempt it
+        again each time it is readmitted."""
         counts = Counter(r.tenant for r in self.running)
-        return max(reversed(self.running[i:]), key=lambda r: counts[r.tenant])
+        victim = max(reversed(self.running[i:]), key=lambda r: (_priority(r), counts[r.tenant]))
+        earlier = max(reversed(self.running[:i]), key=_priority, default=None)
+        return earlier if earlier is not None and _priority(earlier) > _priority(victim) else victim
+
+    def _less_urgent(self, req: Request) -> Request | None:
+        """The running request a waiting `req` may preempt for room: the least urgent, the
+        latest admitted of those, if it is less urgent than `req`."""
+        victim = max(reversed(self.running), key=_priority, default=None)
+        return victim if victim is not None and _priority(victim) > _priority(req) else None
+
+    @staticmethod
+    def _unschedule(req: Request, scheduled: list[tuple[Request, int]]) -> int:
+        """Take `req` out of this step's schedule; returns the tokens it had."""
+        for k, (r, num_new) in enumerate(scheduled):
+            if r is req:
+                del scheduled[k]
+                return num_new
+        return 0
 
     # -- shared prefixes ------------------------------------------------------------------
     # Requests that arrive together with one long shared prefix (a system prompt, an eval's
@@ -189,13 +218,20 @@ class Scheduler:
             self._drain_for = starving
 
     def _admission_order(self):
-        """Waiting requests, those that need no adapter load first, each group in tenant turns.
-        A generator: admission usually stops after a few, so a long queue is not sorted."""
+        """Waiting requests, most urgent first; within a priority, those that need no adapter
+        load first, each group in tenant turns. A generator: admission usually stops after a
+        few, so a long queue is not sorted."""
+        waiting = list(self.waiting)  # as it was: requests preempted for room meanwhile wait for the next step
+        levels = sorted({_priority(r) for r in waiting})
+        for level in levels:
+            yield from self._adapters_first([r for r in waiting if _priority(r) == level] if len(levels) > 1 else waiting)
+
+    def _adapters_first(self, waiting: list[Request]):
         if self.lora_pool is None:
-            yield from self._tenant_turns(list(self.waiting))
+            yield from self._tenant_turns(waiting)
             return
         now, later = [], []
-        for req in self.waiting:
+        for req in waiting:
             needs_load = req.lora_key is not None and not self.lora_pool.is_loaded(req.lora_key)
             (later if needs_load and req.num_passed_over < MAX_PASSED_OVER else now).append(req)
         yield from self._tenant_turns(now)
@@ -281,6 +317,10 @@ class Scheduler:
         self.kv.free(req)
         self._unpin_adapter(req)
         self.requests.pop(req.request_id, None)
+
+
+def _priority(req: Request) -> int:
+    return req.sampling_params.priority
 
 
 def _trim_spec(req: Request, keep: int) -> None:

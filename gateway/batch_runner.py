@@ -8,7 +8,9 @@ Priority. Batch lines are background work, so the runner
   Requests wait there when the engine is at capacity, so while an interactive request waits
   no batch line joins the queue: it waits at most for the few lines already in the engine,
   which finish (aborting them would waste their work). Under light interactive load the
-  batch uses the engine's spare capacity; under saturation it stops until the queue drains.
+  batch uses the engine's spare capacity; under saturation it stops until the queue drains;
+- runs chat and completions lines at scheduling priority BATCH_PRIORITY or less urgent, so
+  an interactive request that finds the KV cache full preempts a batch line for room.
 The alternative, a count of interactive requests in flight kept by the handlers, would hold
 batches back whenever anyone is being served, even with the engine far from full.
 
@@ -54,6 +56,7 @@ NOT_READY_POLL_S = 0.5  # the model is still loading
 LEASE_POLL_S = 2.0  # another process runs the batches: see whether it still does
 MAX_BACKOFF_S = 30.0
 RETRY_STATUSES = (429, 503)  # the engine's state, not the request's fault
+BATCH_PRIORITY = 1  # a chat or completions line's least scheduling urgency: interactive requests' default is 0
 
 
 def validate_batch(store: BatchStore, batch: BatchRecord, max_lines: int) -> None:
@@ -230,6 +233,9 @@ class BatchRunner:
             elif batch.endpoint == EMBEDDINGS_ENDPOINT:
                 response = await embed(self.state, principal, body)
             else:
+                if isinstance(body, dict) and isinstance(body.get("priority", 0), int):
+                    # behind interactive requests in the engine too: they preempt a batch line for room
+                    body["priority"] = max(body.get("priority", 0), BATCH_PRIORITY)
                 response = await complete(self.state, principal, body, chat=batch.endpoint == CHAT_ENDPOINT)
         except asyncio.CancelledError:
             raise

@@ -169,6 +169,9 @@ GATEWAY_HELP = {
                                 "(0: no limit)",
     "tenant_rate_limits_file": "JSON file of tenants' own limits where they differ from the two above, e.g. "
                                "{\"tenant-a\": {\"requests_per_minute\": 600, \"tokens_per_minute\": 200000}}",
+    "tenant_priorities": "each tenant's most urgent scheduling priority, e.g. 'gold=-1,free=1' (lower runs first, "
+                         "and preempts less urgent requests when the KV cache is full; tenants not named: 0); a "
+                         "request's 'priority' can only make it less urgent than its tenant's",
     "max_adapters_per_tenant": "adapters one tenant may store; uploading another is answered 403 (0: no limit)",
     "max_upload_size": "largest adapter upload, e.g. 512MiB",
     "served_model_name": "name clients use for the base model (default: the model's name)",

@@ -44,6 +44,7 @@ async def _start(state, principal, gen, prompts_ids: list[list[int]], model: str
     state.check_capacity(principal.tenant)
     choices, streams = [], []
     labels = (principal.tenant, state.metrics.adapter_label(adapter))
+    gen.sampling["priority"] = state.priority_of(principal.tenant, gen.sampling["priority"])
     try:
         for pi, ids in enumerate(prompts_ids):
             state.metrics.prompt_tokens.labels(*labels).inc(len(ids))

@@ -95,8 +95,8 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
         raise _bad("'stream_options' must be an object", "stream_options")
     seed = _get(body, "seed", int, None)
     # top_k, min_p, ignore_eos, repetition_penalty, min_tokens, stop_token_ids, allowed_token_ids,
-    # bad_words, include_stop_str_in_output, skip_special_tokens and speculative (false: opt out of
-    # speculative decoding) are extensions, as in vLLM: absent from OpenAI's API.
+    # bad_words, include_stop_str_in_output, skip_special_tokens, priority and speculative (false: opt
+    # out of speculative decoding) are extensions, as in vLLM: absent from OpenAI's API.
     sampling = dict(temperature=_get(body, "temperature", float, 1.0), top_p=_get(body, "top_p", float, 1.0),
                     stop=stop, top_k=_get(body, "top_k", int, 0), min_p=_get(body, "min_p", float, 0.0),
                     ignore_eos=_get(body, "ignore_eos", bool, False),
@@ -109,7 +109,8 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
                     prediction=_prediction(body), allowed_token_ids=_get(body, "allowed_token_ids", list, None),
                     bad_words=_get(body, "bad_words", list, []),
                     include_stop_str_in_output=_get(body, "include_stop_str_in_output", bool, False),
-                    skip_special_tokens=_get(body, "skip_special_tokens", bool, True))
+                    skip_special_tokens=_get(body, "skip_special_tokens", bool, True),
+                    priority=_get(body, "priority", int, 0))
     call_grammar = tools.grammar() if tools is not None else None
     if call_grammar is not None:
         if sampling["grammar"] is not None:

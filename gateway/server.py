@@ -125,7 +125,8 @@ def serve(engine_config, settings: GatewaySettings) -> int:
     state = ServerState(keys=keys, max_waiting=settings.max_waiting_requests,
                         max_tenant_requests=settings.max_tenant_requests,
                         rate_limits=TenantRateLimits(settings.tenant_requests_per_minute,
-                                                     settings.tenant_tokens_per_minute, per_tenant=per_tenant))
+                                                     settings.tenant_tokens_per_minute, per_tenant=per_tenant),
+                        tenant_priorities=settings.tenant_priority_map())
     app = build_app(state, make_loader(engine_config, settings))
     app.state.settings = settings
     base = f"http://{settings.host}:{settings.port}"

@@ -29,6 +29,9 @@ class GatewaySettings:
     tenant_requests_per_minute: int = 0
     tenant_tokens_per_minute: int = 0
     tenant_rate_limits_file: str | None = None  # JSON: tenant -> its own limits (rate_limits.load_tenant_limits)
+    # "tenant=-1,other=2": each tenant's most urgent priority (lower runs first; others: 0). A
+    # request's own `priority` can only make it less urgent than its tenant's.
+    tenant_priorities: str | None = None
     max_upload_size: int | str = "2GiB"
     served_model_name: str | None = None  # the name clients use for the base model
     strict_base_model: bool = False  # refuse adapters whose base_model_name_or_path differs
@@ -86,8 +89,19 @@ class GatewaySettings:
         if self.reasoning_parser not in REASONING_PARSERS:
             raise ModelConfigError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
                                    f"got {self.reasoning_parser!r}")
+        self.tenant_priority_map()
         self._check_router_settings()
         self._check_adapter_store_settings()
+
+    def tenant_priority_map(self) -> dict[str, int]:
+        """tenant_priorities parsed (a ModelConfigError names what is wrong)."""
+        out = {}
+        for item in filter(None, (self.tenant_priorities or "").split(",")):
+            tenant, sep, value = item.strip().partition("=")
+            if not sep or not tenant or not re.fullmatch(r"-?\d+", value.strip()):
+                raise ModelConfigError(f"tenant_priorities: {item.strip()!r} is not 'tenant=integer'")
+            out[tenant] = int(value)
+        return out
 
     def tenant_limits(self) -> dict[str, dict[str, int]]:
         """tenant_rate_limits_file read and checked (a ModelConfigError names what is wrong)."""

@@ -51,6 +51,7 @@ class ServerState:
     max_tenant_requests: int = 0  # 0: no per-tenant limit
     tenant_in_flight: dict = field(default_factory=dict)  # tenant -> open inference requests
     rate_limits: TenantRateLimits = field(default_factory=TenantRateLimits)  # none by default
+    tenant_priorities: dict = field(default_factory=dict)  # tenant -> its most urgent priority (others: 0)
     tenant_uploads: dict = field(default_factory=dict)  # tenant -> asyncio.Lock held while it uploads an adapter
     engine: object | None = None  # AsyncEngine, set once the model is loaded
     registry: object | None = None  # adapters.registry.AdapterRegistry
@@ -102,6 +103,10 @@ class ServerState:
         self.rate_limits.admit(tenant)
         self.tenant_in_flight[tenant] = open_now + 1
         return TenantSlot(self.tenant_in_flight, tenant, self.rate_limits)
+
+    def priority_of(self, tenant: str, asked: int) -> int:
+        """A request's scheduling priority: as asked, but never more urgent (lower) than its tenant's."""
+        return max(self.tenant_priorities.get(tenant, 0), asked)
 
     async def resolve_model(self, principal: Principal, model: str) -> str | None:
         """None for the base model, else the engine's name for the caller's adapter."""

@@ -109,3 +109,45 @@ def test_bad_extension_values_are_400s(server, field, value):
     r = httpx.post(server.url + "/v1/completions", headers=server.headers(),
                    json={"model": "tiny", "prompt": "t5", field: value})
     assert r.status_code == 400 and r.json()["error"]["param"] == field
+
+
+@pytest.fixture
+def priorities(server, monkeypatch):
+    """The scheduling priority of each request the engine is given, in order."""
+    seen = []
+    engine = server.state.engine
+    add = engine.add_request
+
+    async def recording(prompt, params=None, *args, **kwargs):
+        seen.append(params.priority)
+        return await add(prompt, params, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "add_request", recording)
+    monkeypatch.setattr(server.state, "tenant_priorities", {"tenant-a": 2})
+    return seen
+
+
+def test_a_request_can_be_less_urgent_than_its_tenant_never_more(server, priorities):
+    for key, asked in (("key-a", -5), ("key-a", 7), ("key-a", None), ("key-b", -3), ("key-b", 4)):
+        body = {"model": "tiny", "prompt": "t5", "max_tokens": 1, **({"priority": asked} if asked is not None else {})}
+        r = httpx.post(server.url + "/v1/completions", headers=server.headers(key), json=body)
+        assert r.status_code == 200, r.text
+    assert priorities == [2, 7, 2, 0, 4]  # tenant-a's floor is 2; tenant-b has none (0)
+    from .test_batches import line, run_batch
+
+    batch = run_batch(server, [line("x", {"model": "tiny", "prompt": "t5", "max_tokens": 1, "priority": -1})],
+                      key="key-b")
+    assert batch["request_counts"]["completed"] == 1 and priorities[-1] == 1  # a batch line: behind interactive ones
+    r = httpx.post(server.url + "/v1/completions", headers=server.headers(),
+                   json={"model": "tiny", "prompt": "t5", "priority": "high"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
+
+
+def test_tenant_priorities_setting():
+    from loragate.engine.errors import ModelConfigError
+    from loragate.gateway.settings import GatewaySettings
+
+    assert GatewaySettings(tenant_priorities="gold=-1, free=2").tenant_priority_map() == {"gold": -1, "free": 2}
+    for bad in ("gold", "gold=x", "=1"):
+        with pytest.raises(ModelConfigError, match="tenant_priorities"):
+            GatewaySettings(tenant_priorities=bad)
