@@ -5,9 +5,13 @@ messages with `tool_calls` out.
   the output is constrained to the call's JSON (the function's parameters schema; for
   required, a list of calls to any of the tools), so it always parses. Works with any model.
 - `"auto"` (the default when tools are given): the model decides, so it must know how to
-  call them: its chat template has to describe the tools in the Hermes format (Qwen2.5 and
-  others: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`), and the calls are
-  parsed out of its text afterwards.
+  call them: its chat template has to show it the tools with a call format, and the calls are
+  parsed out of its text afterwards. Formats: Hermes (Qwen2.5, Qwen3, SmolLM3 and others:
+  `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`), and JSON calls at the start
+  of the answer: Llama 3.x's (`<|python_tag|>{"name": ..., "parameters": {...}}`, several
+  separated by `;`), Mistral's (`[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`), and
+  Granite's and Phi-4-mini's (`<|tool_call|>[...]`). Their markers are special tokens,
+  usually dropped from the text: the JSON is what is read.
 - `"none"`: the tools are not shown to the model.
 """
 
@@ -24,6 +28,10 @@ from loragate.engine.structured_output import grammar_from_json_schema
 TAG = "<tool_call>"
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _DECODER = json.JSONDecoder()
+# What opens JSON calls at an answer's start where the decoder keeps special tokens (Llama 3.x,
+# Mistral, Granite / Phi-4-mini); and what in a chat template shows a model can call tools.
+CALL_MARKERS = ("<|python_tag|>", "[TOOL_CALLS]", "<|tool_call|>")
+_TEMPLATE_FORMATS = (TAG, *CALL_MARKERS, '"parameters"')
 
 
 def _bad(message: str, param: str = "tools") -> InvalidRequestError:
@@ -95,27 +103,41 @@ class ToolPlan:
             call = _loads(block)
             if not self._is_call(call):
                 return None, text  # not a call this request can answer: leave the text alone
-            calls.append((call["name"], json.dumps(call["arguments"])))
+            calls.append((call["name"], json.dumps(_arguments(call))))
         return calls, _HERMES_CALL.sub("", text).strip()
 
     def _bare_calls(self, text: str) -> tuple[list[tuple[str, str]] | None, str]:
-        """Untagged calls: the JSON objects at the start of the text, one after another, that
-        name a tool with object arguments; the rest of the text stays content."""
-        calls, rest = [], text.lstrip()
-        while rest.startswith("{"):
+        """Untagged calls: at the start of the text (after a call marker, if kept), JSON call
+        objects or lists of them, one after another (separated by space, ';' or ','), each
+        naming a tool with object arguments; the rest of the text stays content."""
+        calls, rest = [], _after_marker(text.lstrip())
+        while rest.startswith(("{", "[")):
             try:
-                call, end = _DECODER.raw_decode(rest)
+                value, end = _DECODER.raw_decode(rest)
             except json.JSONDecodeError:
                 break
-            if not self._is_call(call):
+            found = value if isinstance(value, list) else [value]
+            if not found or not all(self._is_call(call) for call in found):
                 break
-            calls.append((call["name"], json.dumps(call["arguments"])))
-            rest = rest[end:].lstrip()
+            calls += [(call["name"], json.dumps(_arguments(call))) for call in found]
+            rest = _after_marker(rest[end:].lstrip().lstrip(";,").lstrip().removeprefix("<|/tool_call|>").lstrip())
         return (calls, rest.strip()) if calls else (None, text)
 
     def _is_call(self, obj) -> bool:
-        return (isinstance(obj, dict) and isinstance(obj.get("arguments"), dict)
+        return (isinstance(obj, dict) and isinstance(_arguments(obj), dict)
                 and obj.get("name") in {t["function"]["name"] for t in self.tools})
+
+
+def _arguments(call: dict):
+    """A call's arguments: "arguments", or Llama 3.x's "parameters"."""
+    return call.get("arguments", call.get("parameters"))
+
+
+def _after_marker(text: str) -> str:
+    for marker in CALL_MARKERS:
+        if text.startswith(marker):
+            return text[len(marker):].lstrip()
+    return text
 
 
 def _loads(text: str):
@@ -166,11 +188,13 @@ def parse_tool_plan(body: dict) -> ToolPlan | None:
 
 
 def check_template(plan: ToolPlan, chat_template: str | None) -> None:
-    """'auto' needs a template that tells the model the tools and the Hermes call format."""
-    if plan.mode == "auto" and not (chat_template and "tools" in chat_template and "<tool_call>" in chat_template):
-        raise _bad("tool_choice 'auto' needs a model whose chat template describes tools in the Hermes format "
-                   "(<tool_call>...</tool_call>, e.g. Qwen2.5); this one does not. Use tool_choice 'required' or a "
-                   "named function: those constrain the output to a call and work with any model", "tool_choice")
+    """'auto' needs a template that shows the model the tools and a call format."""
+    if plan.mode == "auto" and not (chat_template and "tools" in chat_template
+                                    and any(f in chat_template for f in _TEMPLATE_FORMATS)):
+        raise _bad("tool_choice 'auto' needs a model whose chat template describes tools with a call format "
+                   "(Hermes <tool_call>, as Qwen2.5's; Llama 3.x's, Mistral's, Granite's JSON calls); this one does "
+                   "not. Use tool_choice 'required' or a named function: those constrain the output to a call and "
+                   "work with any model", "tool_choice")
 
 
 def template_message(message: dict) -> dict:
@@ -191,7 +215,7 @@ class StreamedCalls:
     """One streamed choice's deltas under a tool plan.
 
     - auto: text streams as content as it comes, except what could begin a `<tool_call>`
-      tag, and from a tag on (or from a leading `{`, a bare call) nothing: the calls are
+      tag, and from a tag on (or from a leading `{` or `[` or call marker: JSON calls) nothing: the calls are
       told apart at the end, where the rest of the content and the calls follow.
     - named: the output is the call's arguments, so they stream as its `arguments` pieces.
     - required: a list of calls, sent whole at the end.
@@ -219,8 +243,9 @@ class StreamedCalls:
             return None
         if self.sent == 0 and not text.strip():
             return None  # leading whitespace: a bare call may still follow
-        if self.sent == 0 and text.lstrip().startswith("{"):
-            self.holding = True  # perhaps a bare call
+        head = text.lstrip()
+        if self.sent == 0 and (head.startswith(("{", "[")) or any(m.startswith(head[:len(m)]) for m in CALL_MARKERS)):
+            self.holding = True  # perhaps a bare call, or a call marker
             return None
         at = text.find(TAG)
         if at >= 0:

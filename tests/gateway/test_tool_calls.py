@@ -95,6 +95,36 @@ def stream(plan, text, finish_reason="stop", step=3):
     return [d for d in deltas + [last] if d], reason
 
 
+@pytest.mark.parametrize("family, text", [
+    ("llama 3.x", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo"}}; '
+                  '{"name": "add", "parameters": {"a": 1, "b": 2}}'),
+    ("llama 3.x, marker dropped", '{"name": "get_weather", "parameters": {"city": "Oslo"}};'
+                                  '{"name": "add", "parameters": {"a": 1, "b": 2}}'),
+    ("mistral", '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}, '
+                '{"name": "add", "arguments": {"a": 1, "b": 2}}]'),
+    ("mistral, marker dropped", '[{"name": "get_weather", "arguments": {"city": "Oslo"}}, '
+                                '{"name": "add", "arguments": {"a": 1, "b": 2}}]'),
+    ("granite / phi-4-mini", '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Oslo"}}, '
+                             '{"name": "add", "arguments": {"a": 1, "b": 2}}]<|/tool_call|>'),
+])
+def test_other_families_json_calls_are_parsed(family, text):
+    auto = ToolPlan([WEATHER, ADD], "auto")
+    message, finish = auto.message(text, "stop")
+    assert finish == "tool_calls" and message["content"] is None, family
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == \
+        [("get_weather", {"city": "Oslo"}), ("add", {"a": 1, "b": 2})]
+    deltas, reason = stream(auto, text)  # held from the first character: nothing streams as content
+    assert reason == "tool_calls" and len(deltas) == 1 and "content" not in deltas[0]
+    assert [c["function"]["name"] for c in deltas[0]["tool_calls"]] == ["get_weather", "add"]
+    for not_calls in ('[1, 2, 3] are numbers', '[{"name": "rm", "arguments": {}}]', '[TOOL_CALLS] oops'):
+        assert auto.message(not_calls, "stop") == ({"role": "assistant", "content": not_calls}, "stop")
+        streamed, _ = stream(auto, not_calls)
+        assert "".join(d.get("content", "") for d in streamed) == not_calls
+    llama_like = '{% if tools %}Respond in the format {"name": function name, "parameters": ...}{% endif %}'
+    check_template(auto, llama_like)
+    check_template(auto, "{% if tools %}[AVAILABLE_TOOLS]{{ tools }}[/AVAILABLE_TOOLS]{% endif %}[TOOL_CALLS]")
+
+
 def test_streamed_text_flows_and_calls_come_at_the_end():
     auto = ToolPlan([WEATHER], "auto")
     plain = "Sure <b>bold</b> and a < sign, no call <tool_ here."
