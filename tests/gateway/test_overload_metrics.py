@@ -163,8 +163,16 @@ def test_a_full_queue_refuses_the_tenant_that_fills_it_not_the_others(tiny_llama
     try:
         async def main():
             async with httpx.AsyncClient(timeout=60) as h:
-                flood = [asyncio.create_task(h.post(s.url + "/v1/completions", json=body, headers=s.headers()))
-                         for _ in range(12)]
+                def send():
+                    return asyncio.create_task(h.post(s.url + "/v1/completions", json=body, headers=s.headers()))
+
+                # Two first, running before the rest arrive: sent at once, the first three would
+                # all pass the queue check before the engine took any, and only one would wait.
+                flood = [send(), send()]
+                while len(engine.scheduler.running) < 2:
+                    assert not all(t.done() for t in flood), [t.result() for t in flood]
+                    await asyncio.sleep(0.01)
+                flood += [send() for _ in range(10)]
                 while s.state.engine.num_waiting < 3:
                     # A flood that finished (or failed) without ever queueing 3 would leave this
                     # loop waiting forever; the assertions below then say what came back.
@@ -176,7 +184,7 @@ def test_a_full_queue_refuses_the_tenant_that_fills_it_not_the_others(tiny_llama
         other, flood = asyncio.run(main())
         assert other.status_code == 200 and other.json()["usage"]["completion_tokens"] == 40
         codes = [r.status_code for r in flood]
-        assert codes.count(429) > 0 and codes.count(200) >= 3, codes
+        assert codes.count(429) > 0 and codes.count(200) >= 5, codes  # two ran, three waited
     finally:
         s.stop()
 
