@@ -134,7 +134,7 @@ async def collect_answer(state, principal, body: dict, gen, *, chat: bool) -> di
             text, logprobs = _completion_piece(gen, tok, prompts, c, c.text, c.logprobs, True, 0)
             out_choices.append({"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason})
     return {"id": rid, "object": kind, "created": created, "model": gen.model, "choices": out_choices,
-            "usage": _usage(gen, prompts, choices)}
+            "usage": _usage(gen, prompts, choices), "service_tier": gen.service_tier}
 
 
 def _usage(gen, prompts, choices: list[Choice]) -> dict:
@@ -246,7 +246,7 @@ async def stream_chunks(state, gen, prompts, choices, streams, *, chat: bool):
                                                len(c.text) - len(delta_text))
             choice = {"index": c.index, "text": text, "finish_reason": c.finish_reason, "logprobs": logprobs}
         return {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created, "model": gen.model,
-                "choices": [choice]}
+                "choices": [choice], "service_tier": gen.service_tier}
 
     started = set()
     async with contextlib.aclosing(pump(streams)) as outputs:

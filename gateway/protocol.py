@@ -49,6 +49,7 @@ class GenerationRequest:
     charge: object = None  # interactive requests: takes their tokens from the tenant's rate limit (TenantSlot.charge)
     template_kwargs: dict = field(default_factory=dict)  # chat: the template's arguments besides messages and tools
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: what the context allows)
+    service_tier: str = "default"  # OpenAI's: "flex" runs at a less urgent priority
     include_reasoning: bool = True  # chat on a reasoning model: the answer carries its reasoning
     reasoning: tuple | None = None  # ... (ThinkMarkers, where the output starts), set once the prompt is built
 
@@ -111,6 +112,9 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
                     include_stop_str_in_output=_get(body, "include_stop_str_in_output", bool, False),
                     skip_special_tokens=_get(body, "skip_special_tokens", bool, True),
                     priority=_get(body, "priority", int, 0))
+    tier = _service_tier(body)
+    if tier == "flex":  # OpenAI's slower, cheaper tier: behind requests of the default one
+        sampling["priority"] = max(sampling["priority"], 1)
     call_grammar = tools.grammar() if tools is not None else None
     if call_grammar is not None:
         if sampling["grammar"] is not None:
@@ -129,7 +133,16 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
     return GenerationRequest(model, n, stream, bool(options.get("include_usage")), logprobs, max_tokens, seed, sampling,
                              echo, tools=tools, suffix=suffix, include_reasoning=_get(body, "include_reasoning", bool, True),
                              template_kwargs=_template_options(body) if chat else {},
-                             truncate_prompt_tokens=truncation(body))
+                             truncate_prompt_tokens=truncation(body), service_tier=tier)
+
+
+def _service_tier(body: dict) -> str:
+    """The tier a request runs in: "flex" (less urgent) or "default" ("auto" and "priority"
+    too: a request cannot make itself more urgent than its tenant; see --tenant-priorities)."""
+    tier = body.get("service_tier")
+    if tier not in (None, "auto", "default", "flex", "priority"):
+        raise _bad("'service_tier' must be 'auto', 'default', 'flex' or 'priority'", "service_tier")
+    return "flex" if tier == "flex" else "default"
 
 
 def _template_options(body: dict) -> dict:

@@ -151,3 +151,17 @@ def test_tenant_priorities_setting():
     for bad in ("gold", "gold=x", "=1"):
         with pytest.raises(ModelConfigError, match="tenant_priorities"):
             GatewaySettings(tenant_priorities=bad)
+
+
+def test_the_flex_service_tier_runs_less_urgently(server, priorities):
+    c = client(server)
+    for tier, want in (("flex", 2), ("priority", 2), ("auto", 2)):  # tenant-a's level is 2: flex (1) is above it
+        got = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "t5"}], max_tokens=1,
+                                        service_tier=tier)
+        assert got.service_tier == ("flex" if tier == "flex" else "default") and priorities[-1] == want
+    got = httpx.post(server.url + "/v1/completions", headers=server.headers("key-b"),
+                     json={"model": "tiny", "prompt": "t5", "max_tokens": 1, "service_tier": "flex"})
+    assert got.json()["service_tier"] == "flex" and priorities[-1] == 1  # tenant-b: 0, flex makes it 1
+    r = httpx.post(server.url + "/v1/completions", headers=server.headers(),
+                   json={"model": "tiny", "prompt": "t5", "service_tier": "scale"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "service_tier"
