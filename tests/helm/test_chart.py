@@ -49,6 +49,9 @@ VALUE_SETS: dict[str, tuple[dict, dict[str, int]]] = {
                         "team-a": {"requests_per_minute": 600, "tokens_per_minute": 200000},
                         "trial": {"tokens_per_minute": 5000}}}},
                     {**_BASE_KINDS, "ConfigMap": 3}),
+    # Tenants' scheduling priorities, reasoning split off, prefix routing off.
+    "priorities": ({"tenantPriorities": {"gold": -1, "free": 2}, "model": {"reasoningParser": "none"},
+                    "router": {"prefixRouting": False}}, _BASE_KINDS),
     "open-loadbalancer": ({"auth": {"enabled": False}, "router": {"service": {"type": "LoadBalancer"}},
                            "model": {"servedName": "assistant"}},
                           {**_BASE_KINDS, "Secret": 0}),
@@ -267,6 +270,21 @@ def test_notes_say_how_to_reach_the_api(rendered):
     assert ("OPEN" in rendered.notes) == (rendered.values.get("auth", {}).get("enabled") is False)
     served = rendered.values.get("model", {}).get("servedName") or "smollm2-135m-instruct"  # the image's model
     assert f'"model": "{served}"' in rendered.notes
+
+
+def test_priorities_reasoning_and_prefix_routing_reach_the_servers_settings(render):
+    from loragate.gateway.settings import GatewaySettings
+
+    rendered = render(VALUE_SETS["priorities"][0])
+    engine, router = rendered.env("engine"), rendered.env("router")
+    settings = GatewaySettings(tenant_priorities=engine["LORAGATE_TENANT_PRIORITIES"],
+                               reasoning_parser=engine["LORAGATE_REASONING_PARSER"])
+    assert settings.tenant_priority_map() == {"gold": -1, "free": 2} and settings.reasoning_parser == "none"
+    assert router["LORAGATE_PREFIX_ROUTING"] == "false"
+    plain = render({})
+    assert "LORAGATE_TENANT_PRIORITIES" not in plain.env("engine")
+    assert (plain.env("engine")["LORAGATE_REASONING_PARSER"], plain.env("router")["LORAGATE_PREFIX_ROUTING"]) == \
+        ("auto", "true")
 
 
 def test_tenants_rate_limits_are_the_file_the_server_reads(render, tmp_path):
