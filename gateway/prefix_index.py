@@ -8,7 +8,11 @@ chain: the hash of chunk i covers the tenant's adapter key and every chunk up to
 hashes mean equal prompt starts. A conversation's next request repeats the previous one's
 messages and appends the answer and a new question: its chain starts with the previous
 request's, whose engine the index remembers. Only the latest engine per chain hash is kept,
-least recently used ones leave beyond MAX_ENTRIES."""
+least recently used ones leave beyond MAX_ENTRIES.
+
+A Responses API request that goes on from a stored response (previous_response_id) sends
+only its new input; its chain is the previous response's id, which the router recorded for
+the engine that answered it."""
 
 from __future__ import annotations
 
@@ -35,6 +39,25 @@ def prompt_pieces(body: dict) -> list[str]:
             # one message or item per piece; json.dumps is stable for the same message
             pieces += [v if isinstance(v, str) else json.dumps(v, sort_keys=True) for v in value]
     return pieces
+
+
+def response_hashes(key: str, response_id: str) -> list[bytes]:
+    """The chain of a Responses API conversation that goes on from `response_id`
+    (previous_response_id): the engine that produced that response holds its prefix."""
+    return chain_hashes(key, ["response:" + response_id[:CHUNK_CHARS - 9]])
+
+
+def response_id_of(body: bytes) -> str | None:
+    """The id in a response object (POST /v1/responses' answer), or in a response.created
+    event's data (its stream's first event)."""
+    text = body.split(b"data: ", 1)[1] if body.startswith(b"event: ") else body
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    data = data.get("response", data) if isinstance(data, dict) else None
+    value = data.get("id") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def chain_hashes(key: str, pieces: list[str]) -> list[bytes]:

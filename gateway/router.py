@@ -47,7 +47,7 @@ from .errors import APIError, error_response
 from .openai_api import until_disconnect
 from .proxy import (ENGINE_GONE, EndCutResponses, Lease, LeasedStream, buffered_response, is_event_stream,
                     read_body, read_bounded_body, relay_events, relay_raw, request_headers, response_headers)
-from .prefix_index import chain_hashes, prompt_pieces
+from .prefix_index import chain_hashes, prompt_pieces, response_hashes, response_id_of
 from .replicas import ReplicaPool
 from .router_metrics import RouterMetrics
 
@@ -66,17 +66,22 @@ def affinity_key(authorization: str | None, model: str) -> str:
     return f"{tenant}/{model.rpartition(':')[2]}"
 
 
-def routing_inputs(body: bytes) -> tuple[str, list[str]]:
-    """The body's `model` ('' when there is none: the engine validates and answers 400) and its
-    prompt's text pieces (prefix_index.prompt_pieces)."""
+def routing_inputs(body: bytes, authorization: str | None, prefixes: bool = True) -> tuple[str, list[bytes]]:
+    """The body's affinity key (its `model` '' when there is none: the engine validates and
+    answers 400) and, with `prefixes`, its prompt's chain hashes (prefix_index.py)."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return "", []
-    if not isinstance(data, dict):
-        return "", []
+        data = None
+    data = data if isinstance(data, dict) else {}
     model = data.get("model")
-    return (model if isinstance(model, str) else ""), prompt_pieces(data)
+    key = affinity_key(authorization, model if isinstance(model, str) else "")
+    previous = data.get("previous_response_id")
+    if not prefixes:
+        return key, []
+    if isinstance(previous, str) and previous:
+        return key, response_hashes(key, previous)
+    return key, chain_hashes(key, prompt_pieces(data))
 
 
 class Router:
@@ -190,15 +195,36 @@ class Router:
                         self.pool.eject(choice.replica, "answered 503")
                     retry_reason = str(upstream.status_code)
                     continue
+                remember = path == "/v1/responses" and upstream.status_code == 200 and self.pool.prefixes is not None
                 if upstream.status_code == 200 and is_event_stream(upstream):
                     handed_over = True
-                    return LeasedStream(relay_events(lease, self._on_cut(choice.replica)), lease, 200,
+                    events = relay_events(lease, self._on_cut(choice.replica))
+                    if remember:
+                        events = self._remember_response(events, key, choice.replica.url)
+                    return LeasedStream(events, lease, 200,
                                         response_headers(upstream, choice.replica.url, keep_length=False))
-                return buffered_response(await read_body(lease, self._on_cut(choice.replica)), lease, upstream)
+                answer = await read_body(lease, self._on_cut(choice.replica))
+                if remember:
+                    self._note_response(response_id_of(answer), key, choice.replica.url)
+                return buffered_response(answer, lease, upstream)
             finally:
                 if not handed_over:
                     await lease.close()
         raise self.no_engine()
+
+    def _note_response(self, response_id: str | None, key: str, url: str) -> None:
+        """A response's engine holds its conversation: a request going on from it goes there."""
+        if response_id:
+            self.pool.prefixes.record(response_hashes(key, response_id), url)
+
+    async def _remember_response(self, events, key: str, url: str):
+        """Relay a Responses stream, noting its id from its first event (response.created)."""
+        first = True
+        async for event in events:
+            if first:
+                self._note_response(response_id_of(event.strip()), key, url)
+                first = False
+            yield event
 
     async def forward_one(self, request: Request) -> Response:
         has_body = int(request.headers.get("content-length") or 0) > 0 or "transfer-encoding" in request.headers
@@ -244,9 +270,7 @@ class Router:
 async def inference(request: Request) -> Response:
     router: Router = request.app.state.router
     body = await read_bounded_body(request, MAX_INFERENCE_BODY)  # held in memory to be re-sent on a retry
-    model, pieces = routing_inputs(body)
-    key = affinity_key(request.headers.get("authorization"), model)
-    prefix = chain_hashes(key, pieces) if router.pool.prefixes is not None else []
+    key, prefix = routing_inputs(body, request.headers.get("authorization"), router.pool.prefixes is not None)
     # identity: SSE events are split on their text; Content-Length: httpx sets it for the bytes.
     headers = request_headers(request, drop=frozenset({"content-length", "accept-encoding"}))
     headers.append(("accept-encoding", "identity"))

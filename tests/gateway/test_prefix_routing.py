@@ -4,11 +4,13 @@ pool, and through the router app over fake engines."""
 
 from __future__ import annotations
 
+import json
+
 from loragate.gateway.prefix_index import CHUNK_CHARS, PrefixIndex, chain_hashes, prompt_pieces
 from loragate.gateway.proxy import REPLICA_HEADER
 from loragate.gateway.replicas import ReplicaPool
 
-from .test_router_proxy import AUTH, E1, E2, FakeEngines, make_client, metric
+from .test_router_proxy import AUTH, E1, E2, FakeEngines, make_client, metric, preferred
 
 SYSTEM = {"role": "system", "content": "You are terse. " * 30}
 
@@ -94,3 +96,25 @@ def test_the_router_sends_each_turn_where_the_conversation_ran(monkeypatch):
                                 headers=AUTH)
                 assert r.status_code == 200 and r.headers[REPLICA_HEADER] == home
         assert metric(client, "loragate_router_prefix_routed_total") == 4
+
+
+def test_a_responses_conversation_goes_back_to_the_engine_of_its_previous_response(monkeypatch):
+    monkeypatch.setattr("loragate.gateway.key_shares.MIN_REQUESTS", 0)
+    engines = FakeEngines()
+    with make_client(engines) as client:
+        replica = {r.url: r for r in client.app.state.router.pool.all()}
+        busy, home = preferred("base")  # with equal loads the first would take every request
+        for stream in (False, True):
+            replica[busy].in_flight += 1  # the first turn lands on the other engine
+            r = client.post("/v1/responses", json={"model": "base", "input": f"hi from {home}", "stream": stream},
+                            headers=AUTH)
+            replica[busy].in_flight -= 1
+            assert r.headers[REPLICA_HEADER] == home
+            first = r.json()["id"] if not stream else next(
+                json.loads(line[6:])["response"]["id"] for line in r.text.splitlines()
+                if line.startswith("data: ") and "response.created" in line)
+            for _ in range(2):  # loads equal again: only the previous response decides
+                r = client.post("/v1/responses", headers=AUTH,
+                                json={"model": "base", "input": "and then?", "previous_response_id": first})
+                assert r.headers[REPLICA_HEADER] == home
+                first = r.json()["id"]

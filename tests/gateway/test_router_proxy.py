@@ -61,10 +61,12 @@ class FakeEngines:
                                   stream=ChunkStream([b'{"id": "cmpl-1", "cho'], cut))
         inference = "completions" in request.url.path or request.url.path == "/v1/responses"
         is_stream = inference and json.loads(body).get("stream") is True
+        response_id = f"resp_{len(self.calls)}_{base[7:9]}"  # a response object's id names its engine
         if not is_stream:
-            return json_response(200, {"engine": base, "path": request.url.path})
+            return json_response(200, {"engine": base, "path": request.url.path, "id": response_id})
         if request.url.path == "/v1/responses":  # event-typed SSE, ending with response.completed
-            events = [b'event: response.created\ndata: {"sequence_number": 0}\n\nevent: response.output_text',
+            created = json.dumps({"type": "response.created", "sequence_number": 0, "response": {"id": response_id}})
+            events = [b"event: response.created\ndata: " + created.encode() + b"\n\nevent: response.output_text",
                       b'.delta\ndata: {"sequence_number": 1}\n\n']
             end = [] if mode != "ok" else [b'event: response.completed\ndata: {"sequence_number": 2}\n\n']
             return httpx.Response(200, headers={"content-type": "text/event-stream"},
@@ -195,8 +197,9 @@ def test_a_responses_stream_is_relayed_and_a_cut_one_ends_with_its_error_event(e
         engines.mode[E1] = mode
         r = client.post("/v1/responses", json={"model": model, "input": "x", "stream": True}, headers=AUTH)
         events = _events(r)
-        assert events[:2] == ['event: response.created\ndata: {"sequence_number": 0}',
-                              'event: response.output_text.delta\ndata: {"sequence_number": 1}']
+        created = json.loads(events[0].split("\ndata: ")[1])
+        assert events[0].startswith("event: response.created\n") and created["sequence_number"] == 0
+        assert events[1] == 'event: response.output_text.delta\ndata: {"sequence_number": 1}'
         assert len(events) == 3  # no [DONE]: the Responses stream ends with its final event
         if mode == "ok":
             assert events[2].startswith("event: response.completed")
