@@ -20,34 +20,19 @@ from __future__ import annotations
 import argparse
 import inspect
 import statistics
-import time
+import sys
+from pathlib import Path
 
-from loragate.engine import EngineConfig, LLMEngine, SamplingParams
+sys.path.insert(0, str(Path(__file__).parent))
+from tenant_fairness import timed_arrivals  # noqa: E402
+
+from loragate.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 
 
 def run(bulk_priority: int, bulk, app, every: float, kv: str, app_tenant: str):
     engine = LLMEngine(EngineConfig(kv_cache_memory=kv), progress=False)
-    arrivals = [(0.5 + i * every, f"app{i}", prompt) for i, prompt in enumerate(app[0])]
-    sent = {f"bulk{i}": 0.0 for i in range(len(bulk[0]))}
-    t0 = time.perf_counter()
-    for i, (prompt, params) in enumerate(zip(*bulk)):
-        engine.add_request(prompt, SamplingParams(**{**params.__dict__, "priority": bulk_priority}),
-                           request_id=f"bulk{i}", tenant="acme")
-    first, done, tokens = {}, {}, {}
-    while engine.has_unfinished or arrivals:
-        now = time.perf_counter() - t0
-        while arrivals and arrivals[0][0] <= now:
-            at, rid, prompt = arrivals.pop(0)
-            sent[rid] = at
-            engine.add_request(prompt, app[1], request_id=rid, tenant=app_tenant)
-        if not engine.has_unfinished:
-            time.sleep(max(0.0, arrivals[0][0] - now))
-            continue
-        for out in engine.step():
-            t = time.perf_counter() - t0
-            first.setdefault(out.request_id, t - sent[out.request_id])
-            if out.finished:
-                done[out.request_id], tokens[out.request_id] = t - sent[out.request_id], out.token_ids
+    bulk = (bulk[0], [SamplingParams(**{**p.__dict__, "priority": bulk_priority}) for p in bulk[1]])
+    first, done, tokens, _ = timed_arrivals(engine, bulk, app, every, "acme", app_tenant)
     return first, done, tokens, engine.scheduler.num_preemptions, engine.kv.num_blocks
 
 

@@ -25,18 +25,25 @@ from loragate.engine import EngineConfig, LLMEngine, SamplingParams
 def run(fair: bool, bulk, app, every: float, dtype: str):
     engine = LLMEngine(EngineConfig(dtype=dtype), progress=False)
     engine.scheduler.fair_tenants = fair
+    return timed_arrivals(engine, bulk, app, every, "bulk", "app")
+
+
+def timed_arrivals(engine, bulk, app, every: float, bulk_tenant: str, app_tenant: str):
+    """The bulk requests (prompts, params) at once, then the app's prompts one every `every`
+    seconds from 0.5 s, on the clock; returns each request's time to first token, latency and
+    tokens, and when the last one finished."""
     arrivals = [(0.5 + i * every, f"app{i}", prompt) for i, prompt in enumerate(app[0])]
     t0 = time.perf_counter()
     sent = {f"bulk{i}": 0.0 for i in range(len(bulk[0]))}
     for i, (prompt, params) in enumerate(zip(*bulk)):
-        engine.add_request(prompt, params, request_id=f"bulk{i}", tenant="bulk")
+        engine.add_request(prompt, params, request_id=f"bulk{i}", tenant=bulk_tenant)
     first, done, tokens = {}, {}, {}
     while engine.has_unfinished or arrivals:
         now = time.perf_counter() - t0
         while arrivals and arrivals[0][0] <= now:
             at, rid, prompt = arrivals.pop(0)
             sent[rid] = at
-            engine.add_request(prompt, app[1], request_id=rid, tenant="app")
+            engine.add_request(prompt, app[1], request_id=rid, tenant=app_tenant)
         if not engine.has_unfinished:
             time.sleep(max(0.0, arrivals[0][0] - now))
             continue
