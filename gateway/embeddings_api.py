@@ -125,10 +125,10 @@ async def embeddings(request: Request):
     body = await json_body(request)
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", param="body")
-    slot = state.open_tenant_request(principal.tenant)
+    slot = state.open_tenant_request(principal.tenant, request.headers)
     try:
         return JSONResponse(await until_disconnect(request, embed(state, principal, body, slot.charge)),
-                            headers=slot.headers)
+                            headers=slot.response_headers())
     finally:
         slot.release()
 

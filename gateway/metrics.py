@@ -76,11 +76,7 @@ class _EngineCollector:
         for tenant, count in sorted(self.state.tenant_in_flight.items()):
             per_tenant.add_metric([tenant], count)
         yield per_tenant
-        limited = GaugeMetricFamily("loragate_rate_limited_requests", "requests refused (429) for a tenant's rate "
-                                    "limit, by tenant and limit (requests, tokens), since start", labels=["tenant", "limit"])
-        for (tenant, kind), count in sorted(self.state.rate_limits.refused.items()):
-            limited.add_metric([tenant, kind], count)
-        yield limited
+        yield self.state.rate_limits.refused_metric()
         yield gauge("loragate_requests_waiting", "requests waiting for the engine", engine.num_waiting)
         c = GaugeMetricFamily("loragate_preemptions", "running requests preempted for KV blocks (recomputed "
                               "later), since start")

@@ -185,12 +185,12 @@ async def _generate(request: Request, *, chat: bool):
     state.require_engine()
     body = await json_body(request)
     gen = parse_common(body, chat=chat)
-    slot = state.open_tenant_request(principal.tenant)
+    slot = state.open_tenant_request(principal.tenant, request.headers)
     gen.charge = slot.charge
     if not gen.stream:
         try:
             answer = collect_answer(state, principal, body, gen, chat=chat)
-            return JSONResponse(await until_disconnect(request, answer), headers=slot.headers)
+            return JSONResponse(await until_disconnect(request, answer), headers=slot.response_headers())
         finally:
             slot.release()
     try:
@@ -211,8 +211,9 @@ async def _generate(request: Request, *, chat: bool):
             slot.release()
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **slot.headers})
+    return StreamingResponse(slot.reported(events()), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                      **slot.response_headers()})
 
 
 async def stream_chunks(state, gen, prompts, choices, streams, *, chat: bool):

@@ -16,6 +16,7 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from .charges import CHARGE_HEADER, split_charge
 from .errors import APIError
 
 log = logging.getLogger("loragate.router")
@@ -24,7 +25,8 @@ REPLICA_HEADER = "x-loragate-replica"  # which engine answered: for clients, tes
 # Hop-by-hop headers describe one connection, not the message (RFC 9110 section 7.6.1).
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
                          "te", "trailer", "transfer-encoding", "upgrade", "host"})
-_SET_BY_SERVER = frozenset({"date", "server"})  # the router's own server adds these
+# The router's own server adds date and server; a charge report is for the router alone.
+_SET_BY_SERVER = frozenset({"date", "server", CHARGE_HEADER})
 # Failures that mean the engine is gone or unreachable: it is ejected at once.
 ENGINE_GONE = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout)
 
@@ -124,11 +126,12 @@ _FINAL_EVENTS = frozenset({b"data: [DONE]", b"event: response.completed", b"even
                            b"event: response.failed", b"event: error"})
 
 
-async def relay_events(lease: Lease, on_cut):
+async def relay_events(lease: Lease, on_cut, on_charge=None):
     """Yield the engine's SSE events whole (never a partial event, so an error event appended
     after a cut stays parseable); if the stream stops before its final event, end it with an
     error event (and [DONE] where that ends a stream). `on_cut(reason, exc)` ejects the engine
-    and counts the cut."""
+    and counts the cut; `on_charge(tokens)` gets the engine's charge reports (gateway/charges.py),
+    which are not relayed."""
     pending, is_done, num_events, responses = b"", False, 0, False
     error: Exception | None = None
     try:
@@ -136,6 +139,9 @@ async def relay_events(lease: Lease, on_cut):
             pending += chunk
             *events, pending = pending.split(b"\n\n")  # loragate engines end every event with \n\n
             for event in events:
+                tokens, event = split_charge(event)
+                if tokens and on_charge is not None:
+                    on_charge(tokens)
                 first_line = event.strip().split(b"\n", 1)[0]
                 is_done, num_events = first_line in _FINAL_EVENTS, num_events + 1
                 responses = responses or first_line.startswith(b"event: ")
@@ -180,9 +186,9 @@ async def relay_raw(lease: Lease, on_cut):
         await lease.close()
 
 
-def buffered_response(body: bytes, lease: Lease, upstream: httpx.Response) -> Response:
+def buffered_response(body: bytes, upstream: httpx.Response, headers: list[tuple[bytes, bytes]]) -> Response:
     response = Response(body, status_code=upstream.status_code)  # sets Content-Length for this body
-    response.raw_headers += response_headers(upstream, lease.replica.url, keep_length=False)
+    response.raw_headers += headers
     return response
 
 

@@ -74,6 +74,16 @@ class TenantRateLimits:
                 out[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(self._level(tenant, kind))))
         return out
 
+    def refused_metric(self):
+        """The Prometheus gauge family of self.refused, for a collector (engine or router)."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily("loragate_rate_limited_requests", "requests refused (429) for a tenant's rate "
+                                   "limit, by tenant and limit (requests, tokens), since start", labels=["tenant", "limit"])
+        for (tenant, kind), count in sorted(self.refused.items()):
+            family.add_metric([tenant, kind], count)
+        return family
+
     def take(self, tenant: str, kind: str, amount: int) -> None:
         if self.limit(tenant, kind) and amount:
             level = self._level(tenant, kind)

@@ -206,12 +206,12 @@ async def responses(request: Request):
     state.require_engine()
     body = await json_body(request)
     chat, gen, store = await _parse(state, principal, body)
-    slot = state.open_tenant_request(principal.tenant)
+    slot = state.open_tenant_request(principal.tenant, request.headers)
     gen.charge = slot.charge
     if not gen.stream:
         try:
             return JSONResponse(await until_disconnect(request, _respond(state, principal, body, chat, gen, store)),
-                                headers=slot.headers)
+                                headers=slot.response_headers())
         finally:
             slot.release()
     gen.include_usage = True  # the usage goes into response.completed
@@ -238,8 +238,9 @@ async def responses(request: Request):
         finally:
             slot.release()
 
-    return StreamingResponse(sse(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **slot.headers})
+    return StreamingResponse(slot.reported(sse()), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                      **slot.response_headers()})
 
 
 routes = [Route("/v1/responses", responses, methods=["POST"]),

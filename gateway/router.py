@@ -15,8 +15,9 @@ first healthy engine in URL order. Not hashed: every router of a fleet picks the
 so adapter writes have one writer (the shared store sees no concurrent puts of one name) and
 a batch or file is read back from the engine that created it; if that engine fails the next
 one takes over, reading the same shared store. Request bodies are streamed (uploads can be
-large) with their Content-Length. The router authenticates nobody: it passes Authorization
-through and engines answer 401 themselves.
+large) with their Content-Length. The router passes Authorization through and engines answer
+401 themselves. Given tenants' rate limits (and their keys), the router keeps those for the
+whole fleet, with the tokens each engine reports (gateway/router_limits.py).
 
 Failures: a request that fails before any byte reached the client (connection error, or a
 429/5xx answer) is retried once on another engine; a connection error ejects its engine at
@@ -28,8 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
+import functools
 import logging
 import math
 
@@ -42,14 +42,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .charges import CHARGE_HEADER
 from .discovery import EngineDiscovery, resolve_addresses
 from .errors import APIError, error_response
 from .openai_api import until_disconnect
 from .proxy import (ENGINE_GONE, EndCutResponses, Lease, LeasedStream, buffered_response, is_event_stream,
                     read_body, read_bounded_body, relay_events, relay_raw, request_headers, response_headers)
-from .prefix_index import chain_hashes, prompt_pieces, response_hashes, response_id_of
+from .prefix_index import response_hashes, response_id_of
 from .replicas import ReplicaPool
+from .router_limits import FleetRateLimits
 from .router_metrics import RouterMetrics
+from .routing_inputs import routing_inputs
 
 log = logging.getLogger("loragate.router")
 
@@ -59,37 +62,14 @@ _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 MAX_INFERENCE_BODY = 32 << 20
 
 
-def affinity_key(authorization: str | None, model: str) -> str:
-    """Tenant-scoped adapter identity. 'base:adapter' and 'adapter' name the same adapter
-    (adapter names cannot contain ':'), so both forms share a key."""
-    tenant = hashlib.sha256((authorization or "").encode()).hexdigest()[:16]
-    return f"{tenant}/{model.rpartition(':')[2]}"
-
-
-def routing_inputs(body: bytes, authorization: str | None, prefixes: bool = True) -> tuple[str, list[bytes]]:
-    """The body's affinity key (its `model` '' when there is none: the engine validates and
-    answers 400) and, with `prefixes`, its prompt's chain hashes (prefix_index.py)."""
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        data = None
-    data = data if isinstance(data, dict) else {}
-    model = data.get("model")
-    key = affinity_key(authorization, model if isinstance(model, str) else "")
-    previous = data.get("previous_response_id")
-    if not prefixes:
-        return key, []
-    if isinstance(previous, str) and previous:
-        return key, response_hashes(key, previous)
-    return key, chain_hashes(key, prompt_pieces(data))
-
-
 class Router:
     def __init__(self, settings, discovery: EngineDiscovery, client: httpx.AsyncClient | None = None):
         self.settings, self.discovery = settings, discovery
         self.pool = ReplicaPool(RouterMetrics, policy=settings.route_policy, max_load=settings.max_engine_load,
                                 prefix_routing=settings.prefix_routing)
         self.metrics: RouterMetrics = self.pool.metrics
+        self.limits = FleetRateLimits.from_settings(settings)  # None: no rate limits here
+        self.metrics.watch_rate_limits(self.limits)
         self._own_client = client is None
         self.client = client
         self._tasks: list[asyncio.Task] = []
@@ -168,7 +148,11 @@ class Router:
         self.metrics.requests.labels(replica.url, str(lease.upstream.status_code)).inc()
         return lease.upstream
 
-    async def relay_inference(self, path: str, headers, body: bytes, key: str, prefix: list[bytes] = ()) -> Response:
+    async def relay_inference(self, path: str, headers, body: bytes, key: str, prefix: list[bytes] = (),
+                              tenant: str | None = None) -> Response:
+        """`tenant`: whose rate limits (router_limits.py) the engine's charge reports go to."""
+        if tenant is not None:
+            headers = [*headers, (CHARGE_HEADER, "1")]
         tried: set[str] = set()
         retry_reason = None
         for _attempt in range(2):
@@ -196,17 +180,20 @@ class Router:
                     retry_reason = str(upstream.status_code)
                     continue
                 remember = path == "/v1/responses" and upstream.status_code == 200 and self.pool.prefixes is not None
+                raw_headers = response_headers(upstream, choice.replica.url, keep_length=False)
+                if tenant is not None:
+                    raw_headers = self.limits.response_headers(tenant, upstream, raw_headers)
                 if upstream.status_code == 200 and is_event_stream(upstream):
                     handed_over = True
-                    events = relay_events(lease, self._on_cut(choice.replica))
+                    on_charge = functools.partial(self.limits.charge, tenant) if tenant is not None else None
+                    events = relay_events(lease, self._on_cut(choice.replica), on_charge)
                     if remember:
                         events = self._remember_response(events, key, choice.replica.url)
-                    return LeasedStream(events, lease, 200,
-                                        response_headers(upstream, choice.replica.url, keep_length=False))
+                    return LeasedStream(events, lease, 200, raw_headers)
                 answer = await read_body(lease, self._on_cut(choice.replica))
                 if remember:
                     self._note_response(response_id_of(answer), key, choice.replica.url)
-                return buffered_response(answer, lease, upstream)
+                return buffered_response(answer, upstream, raw_headers)
             finally:
                 if not handed_over:
                     await lease.close()
@@ -270,12 +257,16 @@ class Router:
 async def inference(request: Request) -> Response:
     router: Router = request.app.state.router
     body = await read_bounded_body(request, MAX_INFERENCE_BODY)  # held in memory to be re-sent on a retry
-    key, prefix = routing_inputs(body, request.headers.get("authorization"), router.pool.prefixes is not None)
+    authorization = request.headers.get("authorization")
+    tenant = router.limits.admit(authorization) if router.limits is not None else None
+    key, prefix = routing_inputs(body, authorization, router.pool.prefixes is not None)
     # identity: SSE events are split on their text; Content-Length: httpx sets it for the bytes.
-    headers = request_headers(request, drop=frozenset({"content-length", "accept-encoding"}))
+    # A charge report is the router's to ask for (relay_inference), not the client's.
+    headers = request_headers(request, drop=frozenset({"content-length", "accept-encoding", CHARGE_HEADER}))
     headers.append(("accept-encoding", "identity"))
     # A client that leaves while a non-streamed answer is computed closes the engine request too.
-    return await until_disconnect(request, router.relay_inference(request.url.path, headers, body, key, prefix))
+    return await until_disconnect(request, router.relay_inference(request.url.path, headers, body, key, prefix,
+                                                                  tenant))
 
 
 async def forward(request: Request) -> Response:

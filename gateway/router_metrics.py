@@ -28,6 +28,11 @@ class RouterMetrics:
                                    "(ended with an error event)", ["replica"], registry=r)
         r.register(_ReplicaCollector(pool))
 
+    def watch_rate_limits(self, limits) -> None:
+        """Export the requests the router's rate limits (router_limits.py) refused, if it keeps any."""
+        if limits is not None:
+            self.registry.register(_RateLimitCollector(limits.limits))
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -46,3 +51,11 @@ class _ReplicaCollector:
             in_flight.add_metric([replica.url], replica.in_flight)
         yield healthy
         yield in_flight
+
+
+class _RateLimitCollector:
+    def __init__(self, limits):
+        self.limits = limits
+
+    def collect(self):
+        yield self.limits.refused_metric()

@@ -4,6 +4,7 @@ registry, and how a request's `model` turns into an engine adapter."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -11,6 +12,7 @@ from loragate.adapters.host_lru import DEFAULT_MAX_BYTES, HostLru
 from loragate.engine.errors import AdapterNotFoundError
 
 from .auth import KeyStore, Principal
+from .charges import CHARGE_HEADER, charge_comment
 from .errors import APIError
 from .rate_limits import TenantRateLimits
 
@@ -19,19 +21,40 @@ log = logging.getLogger("loragate.gateway")
 
 class TenantSlot:
     """Held while a tenant's request is open; released once, explicitly or (a response that
-    never started streaming) when dropped. Its tokens go to the tenant's rate limit (charge)."""
+    never started streaming) when dropped. Its tokens go to the tenant's rate limit (charge)
+    and, when a router asked (`report`), to the router too (gateway/charges.py)."""
 
-    def __init__(self, counts: dict, tenant: str, rate_limits: TenantRateLimits):
+    def __init__(self, counts: dict, tenant: str, rate_limits: TenantRateLimits, report: bool = False):
         self.counts, self.tenant, self.open = counts, tenant, True
-        self.rate_limits = rate_limits
+        self.rate_limits, self.report = rate_limits, report
+        self._unreported = 0
 
     def charge(self, tokens: int) -> None:
         self.rate_limits.take(self.tenant, "tokens", tokens)
+        self._unreported += tokens
 
-    @property
-    def headers(self) -> dict[str, str]:
-        """The tenant's rate limits and what is left of them, for the response's headers."""
-        return self.rate_limits.headers(self.tenant)
+    def _take_unreported(self) -> int:
+        tokens, self._unreported = self._unreported, 0
+        return tokens
+
+    def response_headers(self) -> dict[str, str]:
+        """The tenant's rate limits and what is left of them, and the tokens charged so far
+        when reporting: for the response's headers, built once."""
+        headers = self.rate_limits.headers(self.tenant)
+        if self.report:
+            headers[CHARGE_HEADER] = str(self._take_unreported())
+        return headers
+
+    def reported(self, events):
+        """A stream's SSE events, each led by a report of the tokens charged since the last
+        when reporting."""
+        return self._reporting(events) if self.report else events
+
+    async def _reporting(self, events):
+        async with contextlib.aclosing(events) as events:
+            async for event in events:
+                tokens = self._take_unreported()
+                yield charge_comment(tokens) + event if tokens else event
 
     def release(self) -> None:
         if self.open:
@@ -92,17 +115,19 @@ class ServerState:
             raise APIError(429, f"too many requests waiting ({self.max_waiting}); retry shortly", "rate_limit_error",
                            code="overloaded", headers={"Retry-After": "1"})
 
-    def open_tenant_request(self, tenant: str) -> TenantSlot:
+    def open_tenant_request(self, tenant: str, headers=None) -> TenantSlot:
         """One open inference request of `tenant`: a 429 beyond max_tenant_requests, so one
         tenant's flood queues at its own door instead of ahead of everyone else's requests,
-        and beyond its rate limits (rate_limits.py)."""
+        and beyond its rate limits (rate_limits.py). `headers`: the request's (a router asks
+        for the tokens charged in them, gateway/charges.py)."""
         open_now = self.tenant_in_flight.get(tenant, 0)
         if self.max_tenant_requests and open_now >= self.max_tenant_requests:
             raise APIError(429, f"tenant {tenant!r} has {open_now} requests open, its limit; retry when one finishes",
                            "rate_limit_error", code="tenant_limit", headers={"Retry-After": "1"})
         self.rate_limits.admit(tenant)
         self.tenant_in_flight[tenant] = open_now + 1
-        return TenantSlot(self.tenant_in_flight, tenant, self.rate_limits)
+        report = headers is not None and headers.get(CHARGE_HEADER) == "1"
+        return TenantSlot(self.tenant_in_flight, tenant, self.rate_limits, report)
 
     def priority_of(self, tenant: str, asked: int) -> int:
         """A request's scheduling priority: as asked, but never more urgent (lower) than its tenant's."""

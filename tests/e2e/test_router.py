@@ -20,7 +20,7 @@ import pytest
 
 from loragate.gateway.proxy import REPLICA_HEADER
 from loragate.gateway.rendezvous import preference_order
-from loragate.gateway.router import affinity_key
+from loragate.gateway.routing_inputs import affinity_key
 
 from .conftest import ServeProcess, stop_all, wait_until
 

@@ -10,9 +10,11 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
+from loragate.gateway.charges import CHARGE_HEADER
 from loragate.gateway.proxy import REPLICA_HEADER
 from loragate.gateway.rendezvous import preference_order
-from loragate.gateway.router import affinity_key, build_router_app
+from loragate.gateway.router import build_router_app
+from loragate.gateway.routing_inputs import affinity_key
 from loragate.gateway.settings import GatewaySettings
 
 E1, E2 = "http://e1:8000", "http://e2:8000"
@@ -268,6 +270,16 @@ def test_an_oversized_inference_body_is_a_413(engines, monkeypatch):
         r = client.post("/v1/completions", json={"model": "m", "prompt": "x" * 2000}, headers=AUTH)
         assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
         assert engines.calls == []
+
+
+def test_only_a_router_keeping_rate_limits_asks_engines_for_charge_reports(engines):
+    body = {"model": "m", "prompt": "x"}
+    with make_client(engines) as client:  # no limits: a client's own ask is not passed on either
+        client.post("/v1/completions", json=body, headers={**AUTH, CHARGE_HEADER: "1"})
+        assert CHARGE_HEADER not in engines.calls[-1][3]
+    with make_client(engines, tenant_requests_per_minute=5) as client:
+        client.post("/v1/completions", json=body, headers=AUTH)
+        assert engines.calls[-1][3][CHARGE_HEADER] == "1"
 
 
 def test_forwarded_paths_keep_their_escapes_and_headers_are_not_doubled(engines):
