@@ -11,7 +11,7 @@ most (t + 1) x the limit, plus what its open requests generate (max_tenant_reque
 
 Batch lines are exempt: they run in the engine's spare capacity, behind interactive traffic
 (batch_runner.py), as OpenAI keeps batch limits apart from a key's rate limits. Limits hold
-per server process: behind a router each engine keeps its own buckets.
+per server process: behind a router, the router keeps them for the fleet (router_limits.py).
 """
 
 from __future__ import annotations

@@ -184,7 +184,9 @@ def test_s3_settings_only_with_an_s3_store(rendered):
     store = rendered.values.get("adapterStore", {})
     engine_env, router_env = rendered.env("engine"), rendered.env("router")
     s3_names = {n for n in engine_env if n.startswith(("LORAGATE_S3_", "AWS_"))}
-    assert not {n for n in router_env if n.startswith(("LORAGATE_S3_", "AWS_", "LORAGATE_ADMIN", "LORAGATE_API"))}
+    assert not {n for n in router_env if n.startswith(("LORAGATE_S3_", "AWS_"))}
+    keeps_limits = bool(rendered.values.get("rateLimits"))  # the router reads the keys only then
+    assert bool({n for n in router_env if n.startswith(("LORAGATE_ADMIN", "LORAGATE_API"))}) == keeps_limits
     if store.get("type") != "s3":
         assert engine_env["LORAGATE_ADAPTER_STORE"] == "local" and not s3_names
         assert rendered.all("PersistentVolumeClaim") or rendered.values["persistence"]["existingClaim"]
@@ -287,19 +289,28 @@ def test_priorities_reasoning_and_prefix_routing_reach_the_servers_settings(rend
         ("auto", "true")
 
 
-def test_tenants_rate_limits_are_the_file_the_server_reads(render, tmp_path):
+def test_rate_limits_go_to_the_router_with_the_keys_and_the_tenants_file_it_reads(render, tmp_path):
+    """The router keeps the fleet's rate limits (gateway/router_limits.py): it gets them, the
+    keys file to tell tenants apart, and the tenants' own limits as a file; engines get none."""
     from loragate.gateway.rate_limits import load_tenant_limits
 
     rendered = render(VALUE_SETS["rate-limits"][0])
-    env = rendered.env("engine")
+    env = rendered.env("router")
     assert (env["LORAGATE_TENANT_REQUESTS_PER_MINUTE"], env["LORAGATE_TENANT_TOKENS_PER_MINUTE"]) == ("120", "50000")
-    mount = next(m for m in rendered.container("engine")["volumeMounts"] if m["name"] == "rate-limits")
-    volume = next(v for v in rendered.workload("engine")["spec"]["template"]["spec"]["volumes"] if v["name"] == "rate-limits")
+    assert not any(n.startswith("LORAGATE_TENANT_") for n in rendered.env("engine"))
+    assert env["LORAGATE_API_KEYS_FILE"] == rendered.env("engine")["LORAGATE_API_KEYS_FILE"]
+    assert env["LORAGATE_ADMIN_KEY"] == rendered.env("engine")["LORAGATE_ADMIN_KEY"]  # a secretKeyRef
+    mounts = {m["name"]: m["mountPath"] for m in rendered.container("router")["volumeMounts"]}
+    assert env["LORAGATE_API_KEYS_FILE"].startswith(mounts["auth"] + "/")
+    assert "checksum/secrets" in rendered.workload("router")["spec"]["template"]["metadata"]["annotations"]
+    mount = next(m for m in rendered.container("router")["volumeMounts"] if m["name"] == "rate-limits")
+    volume = next(v for v in rendered.workload("router")["spec"]["template"]["spec"]["volumes"] if v["name"] == "rate-limits")
     path = env["LORAGATE_TENANT_RATE_LIMITS_FILE"]
     assert path.startswith(mount["mountPath"] + "/")
     config_map = next(c for c in rendered.all("ConfigMap") if c["metadata"]["name"] == volume["configMap"]["name"])
     local = tmp_path / "limits.json"
     local.write_text(config_map["data"][path.rsplit("/", 1)[1]])
     assert load_tenant_limits(str(local)) == {"team-a": {"requests": 600, "tokens": 200000}, "trial": {"tokens": 5000}}
-    plain = render({})
-    assert not any(n.startswith("LORAGATE_TENANT_") for n in plain.env("engine"))
+    plain = render({})  # no limits: the router needs no keys
+    assert not any(n.startswith(("LORAGATE_TENANT_", "LORAGATE_API_KEYS", "LORAGATE_ADMIN")) for n in plain.env("router"))
+    assert "auth" not in {m["name"] for m in plain.container("router")["volumeMounts"]}

@@ -197,6 +197,10 @@ failureThreshold: {{ .probe.failureThreshold }}
   emptyDir: {}
 {{- end -}}
 
-{{/* Tenants' own rate limits (rateLimits.tenants): a ConfigMap mounted into the engines. */}}
+{{/* Rate limits are kept by the router, for the whole fleet (gateway/router_limits.py); tenants'
+own (rateLimits.tenants) are a ConfigMap mounted into the router. "true" when any is set. */}}
+{{- define "loragate.rateLimited" -}}
+{{- with .Values.rateLimits }}{{ if or .requestsPerMinute .tokensPerMinute .tenants }}true{{ end }}{{ end -}}
+{{- end -}}
 {{- define "loragate.rateLimitsDir" -}}/etc/loragate/rate-limits{{- end -}}
 {{- define "loragate.rateLimitsFile" -}}{{ include "loragate.rateLimitsDir" . }}/tenant-rate-limits.json{{- end -}}

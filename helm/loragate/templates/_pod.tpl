@@ -4,10 +4,16 @@ Pod pieces of the engine StatefulSet and the router Deployment. "loragate.podCom
 */}}
 
 {{/*
-Environment from Secrets, engines only: engines authenticate callers (the router passes the
-Authorization header through) and read the S3 store.
+Environment from Secrets. Engines authenticate callers (the router passes the Authorization
+header through) and read the S3 store; a router keeping rate limits needs the keys to know
+whose requests it counts ("loragate.authEnv" alone).
 */}}
 {{- define "loragate.secretEnv" -}}
+{{ include "loragate.authEnv" . }}
+{{ include "loragate.s3Env" . }}
+{{- end -}}
+
+{{- define "loragate.authEnv" -}}
 {{- if .Values.auth.enabled }}
 {{- if include "loragate.apiKeysKey" . }}
 - name: LORAGATE_API_KEYS_FILE
@@ -21,6 +27,9 @@ Authorization header through) and read the S3 store.
       key: {{ . }}
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{- define "loragate.s3Env" -}}
 {{- if and (eq .Values.adapterStore.type "s3") (include "loragate.hasS3Credentials" .) }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
@@ -94,6 +103,8 @@ topologySpreadConstraints:
 checksum/config: {{ include (print .ctx.Template.BasePath "/configmap.yaml") .ctx | sha256sum }}
 {{- if eq .component "engine" }}
 checksum/secrets: {{ toJson (list .ctx.Values.auth .ctx.Values.adapterStore.s3) | sha256sum }}
+{{- else if include "loragate.rateLimited" .ctx }}
+checksum/secrets: {{ toJson .ctx.Values.auth | sha256sum }}
 {{- end }}
 {{- with $values.podAnnotations }}
 {{ toYaml . }}
