@@ -37,7 +37,7 @@ from .errors import AdapterError, AdapterNotFound
 from .s3_client import S3Client, StoreUnavailableError
 # The local store's rules and formats, so both stores accept and describe the same adapters.
 from .store import (_NAME, _VERSION_DIR, META_FILE, StoredAdapter, _from_meta, allowed_file_name, check_name,
-                    checked_upload_dir, copy_upload_files)
+                    checked_upload_dir, copy_upload_files, files_digest)
 
 __all__ = ["S3AdapterStore", "StoreUnavailableError"]
 
@@ -74,7 +74,7 @@ class S3AdapterStore:
         try:
             # Stricter names than the local store's: they become S3 keys, then local paths again.
             files = copy_upload_files(src, staged, self.max_total_bytes, _safe_file_name)
-            digest = hashlib.sha256("".join(f"{h}  {n}\n" for n, h, _ in files).encode()).hexdigest()
+            digest = files_digest(files)
             version = self._allocate_version(tenant, name)
             prefix = self._version_prefix(tenant, name, version)
             for file, _, _ in files:

@@ -92,7 +92,7 @@ class LocalAdapterStore:
         tmp = Path(tempfile.mkdtemp(prefix="put-", dir=self.root / _TMP))
         try:
             files = copy_upload_files(src, tmp, self.max_total_bytes)  # the slow part, outside the lock
-            digest = hashlib.sha256("".join(f"{h}  {n}\n" for n, h, _ in files).encode()).hexdigest()
+            digest = files_digest(files)
             with self._lock:
                 version = self._next_version(tenant, name)
                 meta = {"tenant": tenant, "name": name, "version": version, "sha256": digest, "created": time.time(),
@@ -186,6 +186,12 @@ def checked_upload_dir(tenant: str, name: str, src_dir: str | Path) -> Path:
     if not src.is_dir():
         raise AdapterError("missing_file", f"upload directory {str(src)!r} does not exist")
     return src
+
+
+def files_digest(files: list[tuple[str, str, int]]) -> str:
+    """An adapter version's sha256: over `sha256sum`-style lines of its (name, sha256, size)
+    files, sorted by name."""
+    return hashlib.sha256("".join(f"{h}  {n}\n" for n, h, _ in sorted(files)).encode()).hexdigest()
 
 
 def allowed_file_name(name: str) -> bool:

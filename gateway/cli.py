@@ -175,6 +175,9 @@ GATEWAY_HELP = {
     "max_adapters_per_tenant": "adapters one tenant may store; uploading another is answered 403 (0: no limit)",
     "max_upload_size": "largest adapter upload, e.g. 512MiB",
     "served_model_name": "name clients use for the base model (default: the model's name)",
+    "lora_modules": "adapters to store at start-up from directories on this machine, '[tenant/]name=path,...' "
+                    "(vLLM's --lora-modules): each a PEFT output directory, validated as an upload; the tenant "
+                    "is required with API keys; a restart with the same files adds no version",
     "strict_base_model": "refuse adapters whose base_model_name_or_path names another model",
     "reasoning_parser": "chat answers of reasoning models (Qwen3, DeepSeek-R1, ...): the <think> ... </think> "
                         "section goes to the message's 'reasoning' and 'reasoning_content', the rest to 'content'. "

@@ -36,10 +36,12 @@ def make_loader(engine_config, settings: GatewaySettings):
     def load(state: ServerState) -> None:
         from loragate.adapters.host_lru import HostLru
         from loragate.adapters.loader import DEFAULT_MAX_ADAPTER_BYTES
+        from loragate.adapters.preload import preload
         from loragate.adapters.registry import AdapterRegistry
         from loragate.engine import AsyncEngine
         from loragate.engine.models.prepare import CATALOG
 
+        from .auth import OPEN_TENANT
         from .reasoning import reasoning_markers
 
         engine = AsyncEngine(engine_config)
@@ -56,6 +58,11 @@ def make_loader(engine_config, settings: GatewaySettings):
                                        max_cached_bytes=engine_config.max_cpu_lora_memory,
                                        # what may be uploaded may be loaded (and what is stored still loads)
                                        max_bytes=max(settings.max_upload_size, DEFAULT_MAX_ADAPTER_BYTES))
+            try:
+                preload(registry, settings.preloaded_adapters(), OPEN_TENANT)
+            except BaseException:
+                engine.shutdown()  # the server stays up, unready, saying why: without a running engine
+                raise
             registry.listeners.append(state.on_adapter_change)
             state.engine_adapters = HostLru(64, engine_config.max_cpu_lora_memory, keep_newest=True)
             state.registry = registry
@@ -68,7 +75,7 @@ def make_loader(engine_config, settings: GatewaySettings):
 
 
 def serve_router(settings: GatewaySettings) -> int:
-    """role=router: no model, no keys (engines authenticate); see gateway/router.py."""
+    """role=router: no model; keys only to keep rate limits (engines authenticate); see gateway/router.py."""
     import uvicorn
 
     from .router import build_router_app
@@ -114,6 +121,10 @@ def serve(engine_config, settings: GatewaySettings) -> int:
     except (ValueError, OSError) as e:
         raise ModelConfigError(f"API keys: {e}") from e
     per_tenant = settings.tenant_limits()  # read now: a bad file fails before the model loads
+    if settings.lora_modules and engine_config.max_loras < 1:
+        raise ModelConfigError("lora_modules: adapters need LoRA slots: set --max-loras 1 or more")
+    if not keys.is_open and any(m.tenant is None for m in settings.preloaded_adapters()):
+        raise ModelConfigError("lora_modules: with API keys configured, name each adapter's tenant: tenant/name=path")
     if keys.is_open:
         print("loragate: no API keys configured: the server is open and every caller is tenant "
               "'default' (set LORAGATE_API_KEYS or --api-keys-file to require keys)", file=sys.stderr)

@@ -34,6 +34,9 @@ class GatewaySettings:
     tenant_priorities: str | None = None
     max_upload_size: int | str = "2GiB"
     served_model_name: str | None = None  # the name clients use for the base model
+    # "[tenant/]name=path,...": adapters stored at start-up from directories on the server
+    # (vLLM's --lora-modules; adapters/preload.py)
+    lora_modules: str | None = None
     strict_base_model: bool = False  # refuse adapters whose base_model_name_or_path differs
     # Chat answers of reasoning models split into reasoning and content (gateway/reasoning.py):
     # auto (models whose chat template writes <think> ... </think>), think (required), none.
@@ -90,6 +93,7 @@ class GatewaySettings:
             raise ModelConfigError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
                                    f"got {self.reasoning_parser!r}")
         self.tenant_priority_map()
+        self.preloaded_adapters()
         self._check_router_settings()
         self._check_adapter_store_settings()
 
@@ -102,6 +106,15 @@ class GatewaySettings:
                 raise ModelConfigError(f"tenant_priorities: {item.strip()!r} is not 'tenant=integer'")
             out[tenant] = int(value)
         return out
+
+    def preloaded_adapters(self):
+        """lora_modules parsed and their directories checked (a ModelConfigError names what is wrong)."""
+        from loragate.adapters.preload import parse_lora_modules
+
+        try:
+            return parse_lora_modules(self.lora_modules)
+        except ValueError as e:
+            raise ModelConfigError(f"lora_modules: {e}") from None
 
     def tenant_limits(self) -> dict[str, dict[str, int]]:
         """tenant_rate_limits_file read and checked (a ModelConfigError names what is wrong)."""

@@ -1,0 +1,85 @@
+"""Adapters registered at start-up from directories on the server (vLLM's `--lora-modules`),
+so a deployment can ship its adapters with it instead of uploading them after every start.
+
+Each entry is `[tenant/]name=path`: a PEFT output directory holding adapter_config.json and
+adapter_model.safetensors (its other files, such as training_args.bin or a README, are left
+out). It goes through the same validation as an upload. An adapter already stored under that
+tenant and name with the same two files is left as it is, so restarts add no versions; other
+bytes there become its next version, as a re-upload would."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AdapterError, AdapterNotFound
+from .loader import CONFIG_FILE, WEIGHTS_FILE
+from .store import check_name, files_digest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    tenant: str | None  # None: the open server's single tenant
+    name: str
+    path: Path
+
+
+def parse_lora_modules(spec: str | None) -> list[LoraModule]:
+    """'sql=/adapters/sql,team-a/chat=/adapters/chat' -> LoraModules, each checked: ValueError
+    names what is wrong."""
+    modules, seen = [], set()
+    for item in filter(None, (part.strip() for part in (spec or "").split(","))):
+        key, sep, path = item.partition("=")
+        if not sep or not key or not path:
+            raise ValueError(f"{item!r} is not '[tenant/]name=path'")
+        tenant, _, name = key.rpartition("/")
+        try:
+            check_name("adapter", name)
+            if tenant:
+                check_name("tenant", tenant)
+        except AdapterError as e:
+            raise ValueError(f"{item!r}: {e.message}") from None
+        directory = Path(path)
+        missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (directory / f).is_file()]
+        if missing:
+            raise ValueError(f"{item!r}: {directory} has no {' or '.join(missing)} (a PEFT adapter directory)")
+        if (tenant, name) in seen:
+            raise ValueError(f"{key!r} is named twice")
+        seen.add((tenant, name))
+        modules.append(LoraModule(tenant or None, name, directory))
+    return modules
+
+
+def preload(registry, modules: list[LoraModule], open_tenant: str) -> None:
+    """Register each module unless the store already holds the same files under its name."""
+    for module in modules:
+        tenant = module.tenant or open_tenant
+        with tempfile.TemporaryDirectory(prefix="loragate-preload-") as tmp:
+            # Copied, so the bytes validated are the bytes stored, whatever happens to the source.
+            for f in (CONFIG_FILE, WEIGHTS_FILE):
+                shutil.copyfile(module.path / f, Path(tmp) / f)
+            digest = files_digest([(f, _sha256(Path(tmp) / f), 0) for f in sorted((CONFIG_FILE, WEIGHTS_FILE))])
+            try:
+                current = registry.get(tenant, module.name)
+            except AdapterNotFound:
+                current = None
+            if current is not None and current.sha256 == digest:
+                log.warning("adapter %s/%s from %s: already stored (version %d)", tenant, module.name, module.path,
+                            current.version)
+                continue
+            try:
+                info = registry.register(tenant, module.name, tmp)
+            except AdapterError as e:
+                raise AdapterError(e.code, f"--lora-modules {module.name}={module.path}: {e.message}") from None
+            log.warning("adapter %s/%s from %s: stored as version %d", tenant, module.name, module.path, info.version)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
