@@ -31,8 +31,8 @@ class LoraModule:
 
 
 def parse_lora_modules(spec: str | None) -> list[LoraModule]:
-    """'sql=/adapters/sql,team-a/chat=/adapters/chat' -> LoraModules, each checked: ValueError
-    names what is wrong."""
+    """'sql=/adapters/sql,team-a/chat=/adapters/chat' -> LoraModules: ValueError names what is
+    wrong (check_directories looks at the paths, on the machine that serves)."""
     modules, seen = [], set()
     for item in filter(None, (part.strip() for part in (spec or "").split(","))):
         key, sep, path = item.partition("=")
@@ -45,15 +45,19 @@ def parse_lora_modules(spec: str | None) -> list[LoraModule]:
                 check_name("tenant", tenant)
         except AdapterError as e:
             raise ValueError(f"{item!r}: {e.message}") from None
-        directory = Path(path)
-        missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (directory / f).is_file()]
-        if missing:
-            raise ValueError(f"{item!r}: {directory} has no {' or '.join(missing)} (a PEFT adapter directory)")
         if (tenant, name) in seen:
             raise ValueError(f"{key!r} is named twice")
         seen.add((tenant, name))
-        modules.append(LoraModule(tenant or None, name, directory))
+        modules.append(LoraModule(tenant or None, name, Path(path)))
     return modules
+
+
+def check_directories(modules: list[LoraModule]) -> None:
+    """ValueError for a module whose directory lacks a PEFT adapter's two files."""
+    for m in modules:
+        missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (m.path / f).is_file()]
+        if missing:
+            raise ValueError(f"{m.name}={m.path}: {m.path} has no {' or '.join(missing)} (a PEFT adapter directory)")
 
 
 def preload(registry, modules: list[LoraModule], open_tenant: str) -> None:

@@ -109,9 +109,10 @@ def _example_call(base: str, model: str, model_dir) -> str:
 def serve(engine_config, settings: GatewaySettings) -> int:
     import uvicorn
 
-    from .app import build_app
-
+    from loragate.adapters.preload import check_directories
     from loragate.engine.errors import ModelConfigError
+
+    from .app import build_app
 
     if settings.role == "router":  # no model to resolve or load
         return serve_router(settings)
@@ -123,6 +124,10 @@ def serve(engine_config, settings: GatewaySettings) -> int:
     per_tenant = settings.tenant_limits()  # read now: a bad file fails before the model loads
     if settings.lora_modules and engine_config.max_loras < 1:
         raise ModelConfigError("lora_modules: adapters need LoRA slots: set --max-loras 1 or more")
+    try:
+        check_directories(settings.preloaded_adapters())
+    except ValueError as e:
+        raise ModelConfigError(f"lora_modules: {e}") from None
     if not keys.is_open and any(m.tenant is None for m in settings.preloaded_adapters()):
         raise ModelConfigError("lora_modules: with API keys configured, name each adapter's tenant: tenant/name=path")
     if keys.is_open:

@@ -15,6 +15,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from loragate.engine.errors import ModelConfigError
+from loragate.gateway.cli import main
 from loragate.gateway.server import make_loader
 from loragate.gateway.settings import GatewaySettings
 
@@ -97,14 +98,24 @@ def test_an_invalid_preloaded_adapter_keeps_the_server_unready_and_says_why(tiny
 @pytest.mark.parametrize("spec, message", [
     ("sql", "is not '\\[tenant/\\]name=path'"),
     ("=/x", "is not"),
-    ("team a/sql={dir}", "tenant name"),
-    ("sql={dir}/missing", "has no adapter_config.json or adapter_model.safetensors"),
-    ("t/sql={dir},t/sql={dir}", "'t/sql' is named twice"),
+    ("team a/sql=/x", "tenant name"),
+    ("t/sql=/x,t/sql=/y", "'t/sql' is named twice"),
 ])
-def test_bad_lora_modules_are_refused_with_one_line(spec, message, tmp_path):
+def test_malformed_lora_modules_are_bad_settings(spec, message):
+    with pytest.raises(ModelConfigError, match=message):
+        GatewaySettings(lora_modules=spec)
+    assert [(m.tenant, m.name) for m in GatewaySettings(lora_modules="sql=/x, t/b=/y").preloaded_adapters()] == \
+        [(None, "sql"), ("t", "b")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lora-modules", "sql={dir}/missing"], "has no adapter_config.json or adapter_model.safetensors"),
+    (["--lora-modules", "sql={dir}", "--max-loras", "0"], "adapters need LoRA slots"),
+    (["--lora-modules", "sql={dir}", "--api-keys", "k=team"], "name each adapter's tenant"),
+])
+def test_serve_stops_with_one_line_before_loading_anything(argv, message, tmp_path, capsys):
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
-    with pytest.raises(ModelConfigError, match=message):
-        GatewaySettings(lora_modules=spec.format(dir=tmp_path))
-    assert [(m.tenant, m.name) for m in GatewaySettings(lora_modules=f"sql={tmp_path}, t/b={tmp_path}")
-            .preloaded_adapters()] == [(None, "sql"), ("t", "b")]
+    assert main(["serve", *(a.format(dir=tmp_path) for a in argv)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loragate: error: lora_modules: ") and message in err and "Traceback" not in err

@@ -52,6 +52,11 @@ VALUE_SETS: dict[str, tuple[dict, dict[str, int]]] = {
     # Tenants' scheduling priorities, reasoning split off, prefix routing off.
     "priorities": ({"tenantPriorities": {"gold": -1, "free": 2}, "model": {"reasoningParser": "none"},
                     "router": {"prefixRouting": False}}, _BASE_KINDS),
+    # Adapters shipped with the deployment: a read-only claim mounted for --lora-modules.
+    "preloaded-adapters": ({"engine": {
+        "config": {"LORAGATE_LORA_MODULES": "team-a/sql=/adapters/sql"},
+        "extraVolumes": [{"name": "adapters", "persistentVolumeClaim": {"claimName": "team-adapters", "readOnly": True}}],
+        "extraVolumeMounts": [{"name": "adapters", "mountPath": "/adapters", "readOnly": True}]}}, _BASE_KINDS),
     "open-loadbalancer": ({"auth": {"enabled": False}, "router": {"service": {"type": "LoadBalancer"}},
                            "model": {"servedName": "assistant"}},
                           {**_BASE_KINDS, "Secret": 0}),
@@ -167,7 +172,10 @@ def test_references_resolve(rendered):
                 refs += [(volume["secret"]["secretName"], item["key"]) for item in volume["secret"]["items"]]
             if "persistentVolumeClaim" in volume:
                 claim = volume["persistentVolumeClaim"]["claimName"]
-                assert claim in rendered.names("PersistentVolumeClaim") | {values.get("persistence", {}).get("existingClaim")}
+                existing = {values.get("persistence", {}).get("existingClaim")} | {  # and the user's own volumes'
+                    v["persistentVolumeClaim"]["claimName"] for v in values.get("engine", {}).get("extraVolumes", [])
+                    if "persistentVolumeClaim" in v}
+                assert claim in rendered.names("PersistentVolumeClaim") | existing
         for name, key in refs:
             if name in existing_secrets:
                 assert name not in rendered.names("Secret")
@@ -287,6 +295,16 @@ def test_priorities_reasoning_and_prefix_routing_reach_the_servers_settings(rend
     assert "LORAGATE_TENANT_PRIORITIES" not in plain.env("engine")
     assert (plain.env("engine")["LORAGATE_REASONING_PARSER"], plain.env("router")["LORAGATE_PREFIX_ROUTING"]) == \
         ("auto", "true")
+
+
+def test_extra_volumes_carry_adapters_for_lora_modules(render):
+    rendered = render(VALUE_SETS["preloaded-adapters"][0])
+    path = rendered.env("engine")["LORAGATE_LORA_MODULES"].split("=", 1)[1]
+    mounts = {m["name"]: m for m in rendered.container("engine")["volumeMounts"]}
+    assert path.startswith(mounts["adapters"]["mountPath"] + "/") and mounts["adapters"]["readOnly"]
+    volumes = {v["name"]: v for v in rendered.workload("engine")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["adapters"]["persistentVolumeClaim"]["claimName"] == "team-adapters"
+    assert "adapters" not in {m["name"] for m in render({}).container("engine")["volumeMounts"]}
 
 
 def test_rate_limits_go_to_the_router_with_the_keys_and_the_tenants_file_it_reads(render, tmp_path):

@@ -14,6 +14,7 @@ SCHEMA_VIOLATIONS = {
     "negative rate limit": ({"rateLimits": {"tokensPerMinute": -5}}, "/rateLimits/tokensPerMinute"),
     "a tenant's unknown limit": ({"rateLimits": {"tenants": {"a": {"tpm": 5}}}}, "'tpm' not allowed"),
     "unknown engine key": ({"engine": {"gpus": 1}}, "'gpus' not allowed"),
+    "a volume mount without its path": ({"engine": {"extraVolumeMounts": [{"name": "adapters"}]}}, "'mountPath'"),
     "a tenant's priority as a word": ({"tenantPriorities": {"gold": "high"}}, "/tenantPriorities/gold"),
     "unknown reasoning parser": ({"model": {"reasoningParser": "deepseek"}}, "/model/reasoningParser"),
     "prefix routing as a string": ({"router": {"prefixRouting": "yes"}}, "/router/prefixRouting"),
