@@ -5,6 +5,7 @@ report each request's tokens to it (gateway/charges.py)."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -52,6 +53,28 @@ def test_an_engine_reports_the_tokens_it_charges_only_when_asked(engines):
     answer = httpx.post(url + "/v1/embeddings", headers={**engines[0].headers(), CHARGE_HEADER: "1"},
                         json={"model": "tiny", "input": "t5 t6 t7"})
     assert int(answer.headers[CHARGE_HEADER]) == answer.json()["usage"]["total_tokens"] == 3
+
+
+def test_a_reported_stream_the_client_leaves_is_aborted_and_charged_for_what_ran(engines):
+    server = engines[1]
+    engine = server.state.engine.engine
+    generated = engine.num_generated_tokens_total
+    body = {"model": "tiny", "prompt": "t3 t4", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    charged = 0
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30,
+                      headers={**server.headers(), CHARGE_HEADER: "1"}) as r:
+        charged += int(r.headers[CHARGE_HEADER])
+        for line in r.iter_lines():
+            if line.startswith(": loragate-charge "):
+                charged += int(line.rsplit(" ", 1)[1])
+            if charged >= 20:
+                break  # hang up mid-stream
+    for _ in range(200):
+        if not engine.has_unfinished:
+            break
+        time.sleep(0.05)
+    assert not engine.has_unfinished and engine.num_generated_tokens_total - generated < 2000
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
 def test_the_router_keeps_a_tenants_limits_over_every_engine(engines, tmp_path):
