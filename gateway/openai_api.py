@@ -226,6 +226,7 @@ async def stream_chunks(state, gen, prompts, choices, streams, *, chat: bool):
     kind = "chat.completion" if chat else "text_completion"
 
     calls = {c.index: StreamedCalls(gen.tools) for c in choices} if gen.tools and gen.tools.mode != "none" else None
+    num_prompt_tokens = sum(len(p) for p in prompts)
 
     def chunk(c: Choice, delta_text: str, new, first: bool) -> dict | None:
         if chat:
@@ -246,8 +247,13 @@ async def stream_chunks(state, gen, prompts, choices, streams, *, chat: bool):
             text, logprobs = _completion_piece(gen, tok, prompts, c, delta_text, new, first,
                                                len(c.text) - len(delta_text))
             choice = {"index": c.index, "text": text, "finish_reason": c.finish_reason, "logprobs": logprobs}
-        return {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created, "model": gen.model,
-                "choices": [choice], "service_tier": gen.service_tier}
+        piece = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created, "model": gen.model,
+                 "choices": [choice], "service_tier": gen.service_tier}
+        if gen.continuous_usage:  # the counts so far; their details come with the final usage chunk
+            generated = sum(_generated(gen, c) for c in choices)
+            piece["usage"] = {"prompt_tokens": num_prompt_tokens, "completion_tokens": generated,
+                              "total_tokens": num_prompt_tokens + generated}
+        return piece
 
     started = set()
     async with contextlib.aclosing(pump(streams)) as outputs:

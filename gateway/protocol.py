@@ -52,6 +52,7 @@ class GenerationRequest:
     service_tier: str = "default"  # OpenAI's: "flex" runs at a less urgent priority
     include_reasoning: bool = True  # chat on a reasoning model: the answer carries its reasoning
     reasoning: tuple | None = None  # ... (ThinkMarkers, where the output starts), set once the prompt is built
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats (vLLM's): counts so far on every chunk
 
     @property
     def prompt_only(self) -> bool:
@@ -133,7 +134,8 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
     return GenerationRequest(model, n, stream, bool(options.get("include_usage")), logprobs, max_tokens, seed, sampling,
                              echo, tools=tools, suffix=suffix, include_reasoning=_get(body, "include_reasoning", bool, True),
                              template_kwargs=_template_options(body) if chat else {},
-                             truncate_prompt_tokens=truncation(body), service_tier=tier)
+                             truncate_prompt_tokens=truncation(body), service_tier=tier,
+                             continuous_usage=bool(options.get("continuous_usage_stats")))
 
 
 def _service_tier(body: dict) -> str:

@@ -103,6 +103,22 @@ def test_stop_strings_kept_and_special_tokens_shown_on_request(server):
     assert complete(server, PROMPT, **eos, skip_special_tokens=False).choices[0].text.split() == ["</s>"] * 8
 
 
+def test_continuous_usage_stats_count_on_every_chunk(server):
+    stream = client(server).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "t5 t6"}], max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    final = chunks[-1].usage
+    running = [c.usage for c in chunks[:-1]]
+    assert all(u.prompt_tokens == final.prompt_tokens for u in running)
+    counts = [u.completion_tokens for u in running]
+    assert counts == sorted(counts) and counts[-1] == final.completion_tokens == 12
+    assert all(u.total_tokens == u.prompt_tokens + u.completion_tokens for u in running)
+    plain = client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "t5"}],
+                                                   max_tokens=3, stream=True)
+    assert all(c.usage is None for c in plain)
+
+
 @pytest.mark.parametrize("field, value", [("bad_words", "t5"), ("allowed_token_ids", []),
                                           ("include_stop_str_in_output", "yes")])
 def test_bad_extension_values_are_400s(server, field, value):
