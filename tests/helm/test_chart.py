@@ -276,6 +276,7 @@ def test_disruption_budgets_and_service_monitor_select_the_right_objects(render)
 
 def test_notes_say_how_to_reach_the_api(rendered):
     assert f"svc/{rendered.fullname}-router" in rendered.notes or "loadBalancer" in rendered.notes
+    assert ("up to 2 times its limits" in rendered.notes) == bool(rendered.values.get("rateLimits"))
     assert "/readyz" in rendered.notes and "/metrics" in rendered.notes
     assert ("OPEN" in rendered.notes) == (rendered.values.get("auth", {}).get("enabled") is False)
     served = rendered.values.get("model", {}).get("servedName") or "smollm2-135m-instruct"  # the image's model
