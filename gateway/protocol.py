@@ -95,6 +95,8 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise _bad("'stream_options' must be an object", "stream_options")
+    if options and not stream:  # as OpenAI and vLLM answer: it would silently do nothing
+        raise _bad("'stream_options' is only allowed with 'stream': true", "stream_options")
     seed = _get(body, "seed", int, None)
     # top_k, min_p, ignore_eos, repetition_penalty, min_tokens, stop_token_ids, allowed_token_ids,
     # bad_words, include_stop_str_in_output, skip_special_tokens, priority and speculative (false: opt

@@ -120,7 +120,8 @@ def test_continuous_usage_stats_count_on_every_chunk(server):
 
 
 @pytest.mark.parametrize("field, value", [("bad_words", "t5"), ("allowed_token_ids", []),
-                                          ("include_stop_str_in_output", "yes")])
+                                          ("include_stop_str_in_output", "yes"),
+                                          ("stream_options", {"include_usage": True})])  # without stream
 def test_bad_extension_values_are_400s(server, field, value):
     r = httpx.post(server.url + "/v1/completions", headers=server.headers(),
                    json={"model": "tiny", "prompt": "t5", field: value})
