@@ -279,14 +279,16 @@ async def chat_completions(request: Request):
 
 
 def _models(request: Request) -> list[dict]:
-    """The base model and the caller's adapters, as OpenAI model objects."""
+    """The base model and the caller's adapters, as OpenAI model objects, with the context
+    length (vLLM's max_model_len, which clients read to size prompts) once the model is loaded."""
     state = request.app.state.server
     principal = principal_of(request)
-    data = [{"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "loragate"}]
+    context = {"max_model_len": state.engine.engine.max_model_len} if state.engine is not None else {}
+    data = [{"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "loragate", **context}]
     if state.registry is not None:
         for info in state.registry.list(principal.tenant):
             data.append({"id": info.name, "object": "model", "created": int(info.created), "owned_by": info.tenant,
-                         "parent": state.model_name})
+                         "parent": state.model_name, **context})
     return data
 
 

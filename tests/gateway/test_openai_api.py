@@ -218,6 +218,7 @@ def test_min_p_reaches_the_sampler(server):
 def test_models_list_shows_the_base_model_and_one_can_be_retrieved(server):
     ids = [m.id for m in client(server).models.list().data]
     assert "tiny" in ids
+    assert client(server).models.retrieve("tiny").max_model_len == server.state.engine.engine.max_model_len > 0
     assert client(server).models.retrieve("tiny").id == "tiny"
     with pytest.raises(openai.NotFoundError) as e:
         client(server).models.retrieve("nope")
