@@ -28,8 +28,10 @@ async def healthz(request: Request):
 
 async def readyz(request: Request):
     state: ServerState = request.app.state.server
-    state.require_engine()
-    return JSONResponse({"status": "ready", "model": state.model_name})
+    engine = state.require_engine()
+    # What the engine holds: routers in front of it (gateway/replicas.py) weigh it with their own counts.
+    load = {"running": len(engine.engine.scheduler.running), "waiting": engine.num_waiting}
+    return JSONResponse({"status": "ready", "model": state.model_name, "load": load})
 
 
 async def metrics(request: Request):

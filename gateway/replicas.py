@@ -26,7 +26,24 @@ class Replica:
     url: str
     is_healthy: bool = False
     in_flight: int = 0  # requests the router has open on it (response not yet fully relayed)
+    # Requests running and waiting in the engine at its last health check: other routers' too.
+    reported_load: int = 0
     last_error: str | None = None
+
+    @property
+    def load(self) -> int:
+        """Open requests as far as this router knows: its own, or what the engine last
+        reported if more (several routers share engines: Helm runs two)."""
+        return max(self.in_flight, self.reported_load)
+
+
+def _reported_load(response) -> int:
+    """running + waiting from an engine's /readyz (0 from one that does not say)."""
+    try:
+        load = response.json().get("load") or {}
+        return sum(v for v in (load.get("running"), load.get("waiting")) if isinstance(v, int) and v >= 0)
+    except (ValueError, AttributeError):
+        return 0
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,7 @@ class ReplicaPool:
             if response.status_code == 200:
                 if replica.url in self._replicas:  # not dropped while the check was in flight
                     self.admit(replica)
+                    replica.reported_load = _reported_load(response)
                 return
             reason = f"health check answered {response.status_code}"
         self.eject(replica, reason)
@@ -117,7 +135,7 @@ class ReplicaPool:
         # The preference order is over every healthy engine, excluded ones included, so a retry
         # goes to the key's second choice, where it would have spilled anyway.
         order = [u for u in preference_order(key, [r.url for r in self.healthy()]) if u in by_url]
-        load = lambda u: by_url[u].in_flight  # noqa: E731
+        load = lambda u: by_url[u].load  # noqa: E731
         # A hot key spreads over its first k engines, least loaded first (see key_shares.py);
         # a retry (exclude given) is not a new request for the shares.
         k = self.shares.engines_for(key, len(order)) if not exclude else 1

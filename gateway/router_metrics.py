@@ -46,11 +46,15 @@ class _ReplicaCollector:
                                     labels=["replica"])
         in_flight = GaugeMetricFamily("loragate_router_replica_in_flight", "requests the router has open on the "
                                       "engine", labels=["replica"])
+        engine_load = GaugeMetricFamily("loragate_router_replica_engine_load", "requests running and waiting in "
+                                        "the engine at its last health check (every router's)", labels=["replica"])
         for replica in self.pool.all():
             healthy.add_metric([replica.url], 1.0 if replica.is_healthy else 0.0)
             in_flight.add_metric([replica.url], replica.in_flight)
+            engine_load.add_metric([replica.url], replica.reported_load)
         yield healthy
         yield in_flight
+        yield engine_load
 
 
 class _RateLimitCollector:

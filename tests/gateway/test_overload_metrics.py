@@ -27,11 +27,25 @@ def test_overload_gets_429_and_metrics_match(tiny_llama, tmp_path, monkeypatch):
         async def one(h):
             return await h.post(s.url + "/v1/completions", json=body, headers=s.headers())
 
+        loads = []  # what /readyz says the engine holds, for the routers in front of it
+
+        async def watch(h, done: asyncio.Event):
+            while not done.is_set():
+                loads.append((await h.get(s.url + "/readyz")).json()["load"])
+                await asyncio.sleep(0.02)
+
         async def main():
             async with httpx.AsyncClient(timeout=60) as h:
-                return await asyncio.gather(*(one(h) for _ in range(30)))
+                done = asyncio.Event()
+                watcher = asyncio.create_task(watch(h, done))
+                responses = await asyncio.gather(*(one(h) for _ in range(30)))
+                done.set()
+                await watcher
+                return responses
 
         responses = asyncio.run(main())
+        assert max(x["running"] for x in loads) == 2 and max(x["waiting"] for x in loads) > 0
+        assert httpx.get(s.url + "/readyz").json()["load"] == {"running": 0, "waiting": 0}
         codes = [r.status_code for r in responses]
         ok, busy = codes.count(200), codes.count(429)
         assert ok + busy == 30 and busy > 0 and ok >= 3, codes

@@ -43,6 +43,7 @@ def json_response(status: int, obj) -> httpx.Response:
 class FakeEngines:
     def __init__(self):
         self.mode = {E1: "ok", E2: "ok"}
+        self.engine_load = {E1: 0, E2: 0}  # requests running in each, as its /readyz says
         self.calls: list[tuple[str, str, str, dict, bytes]] = []
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
@@ -51,7 +52,8 @@ class FakeEngines:
         if mode == "down":
             raise httpx.ConnectError("connection refused", request=request)
         if request.url.path == "/readyz":
-            return json_response(503 if mode == "not_ready" else 200, {})
+            return json_response(503 if mode == "not_ready" else 200,
+                                 {"load": {"running": self.engine_load[base], "waiting": 0}})
         body = await request.aread()
         self.calls.append((base, request.method, str(request.url.raw_path, "ascii"), dict(request.headers), body))
         cut = httpx.RemoteProtocolError("peer closed connection", request=request)
@@ -127,6 +129,21 @@ def test_requests_for_one_adapter_stick_to_its_engine(engines):
         assert affinity_key("Bearer key-a", "m") != affinity_key("Bearer key-b", "m")
         sent = engines.inference_calls()[0]
         assert sent[3]["authorization"] == "Bearer key-a" and sent[3]["accept-encoding"] == "identity"
+
+
+def test_an_engine_busy_with_other_routers_requests_spills_like_one_busy_with_ours(engines):
+    """Routers sharing engines see each other's load in the engines' /readyz."""
+    model = model_preferring(E1)
+    engines.engine_load[E1] = 40  # another router's requests
+    with make_client(engines, max_engine_load=8) as client:
+        assert client.post("/v1/completions", json={"model": model, "prompt": "x"}, headers=AUTH).headers[
+            REPLICA_HEADER] == E2
+        assert metric(client, "loragate_router_spills_total") == 1
+        assert metric(client, 'loragate_router_replica_engine_load{replica="http://e1:8000"}') == 40
+    engines.engine_load[E1] = 3
+    with make_client(engines, max_engine_load=8) as client:
+        assert client.post("/v1/completions", json={"model": model, "prompt": "x"}, headers=AUTH).headers[
+            REPLICA_HEADER] == E1
 
 
 def test_connection_error_ejects_and_retries_on_the_other_engine(engines):
