@@ -2,9 +2,10 @@
 
 Semantics: dense_linear(x [..., in], pack_weight(W [out, in]), b [out] | None) equals
 F.linear(x, W, b). On CPU with bf16 the weight is packed once at load: in AMX tile order for
-the native kernel (kernels/csrc/amx_gemm.c) where the CPU has AMX and the shape fits, else in
-oneDNN's blocked layout, which runs a single-token decode about 1.5x faster than F.linear on
-the plain layout (that re-packs the weight on every call). fp32 and non-CPU tensors keep the
+the native kernels where the shape fits and the CPU has AMX (kernels/csrc/amx_gemm.c) or
+AVX-512 BF16 (kernels/csrc/avx512_bf16_gemm.c, decode sizes only), else in oneDNN's blocked
+layout, which runs a single-token decode about 1.5x faster than F.linear on the plain layout
+(that re-packs the weight on every call). fp32 and non-CPU tensors keep the
 plain layout, where F.linear is already as fast.
 
 Int4Weight is the weight-only 4-bit form used where a model's outputs are only proposals (the
@@ -36,36 +37,44 @@ def int4_available(device: torch.device | str = "cpu") -> bool:
     return torch.device(device).type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
-def pack_weight(weight: torch.Tensor, int4: bool = False) -> torch.Tensor | AmxWeight | Int4Weight:
+def pack_weight(weight: torch.Tensor, int4: bool = False) -> torch.Tensor | TiledWeight | Int4Weight:
     """Return the weight in the layout dense_linear runs fastest with (maybe the same tensor);
     int4: quantized where the kernel exists and the shape allows it."""
     if int4 and int4_available(weight.device) and weight.shape[0] % 16 == 0 and weight.shape[1] % GROUP_SIZE == 0:
         return Int4Weight(weight)
-    if AmxWeight.fits(weight) and native.amx_available():
-        return AmxWeight(weight)
+    if TiledWeight.fits(weight) and native.tiled_gemm_kernel() is not None:
+        return TiledWeight(weight)
     if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and _mkldnn_linear_available():
         return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
     return weight
 
 
-class AmxWeight:
+class TiledWeight:
     """A bf16 weight [out, in] in the tile order of kernels/csrc/amx_gemm.c: [out/16, in/32,
     16, 16, 2], for each block of 16 outputs and 32 inputs the pairs of inputs AMX multiplies
-    together. Measured against oneDNN's packed layout on this CPU (weights streamed from
-    memory, bf16): SmolLM2's 576x576 projection 29 vs 51 us at one row, 31 vs 52 us at 16;
-    its 3072x576 gate/up 123 vs 159 us. At prefill sizes oneDNN is faster (a 1000-token prefill
-    step's projections: 130 vs 160 ms), so calls of MAX_ROWS rows or more take a oneDNN-packed
-    copy: on such CPUs a bf16 weight is held twice."""
+    together; kernels/csrc/avx512_bf16_gemm.c reads the same layout a 64-byte row at a time.
+    Measured against oneDNN's packed layout (weights streamed from memory, bf16), with AMX:
+    SmolLM2's 576x576 projection 29 vs 51 us at one row, 31 vs 52 us at 16; its 3072x576
+    gate/up 123 vs 159 us. With AVX-512 BF16 (AMD EPYC, 2 threads): 576x576 20 vs 40 us at
+    one row, 42 vs 54 us at 16; 3072x576 128 vs 198 us at one row, 246 vs 308 us at 16; at 64
+    rows oneDNN is faster (724 vs 1027 us). At prefill sizes oneDNN is faster with AMX too (a
+    1000-token prefill step's projections: 130 vs 160 ms), so calls of the kernel's MAX_ROWS
+    rows or more take a oneDNN-packed copy: on such CPUs a bf16 weight is held twice."""
 
     BLOCK_OUT, BLOCK_IN = 16, 32
-    MAX_ROWS = 128
+    MAX_ROWS = {"amx": 128, "avx512_bf16": 65}  # per kernel: calls of fewer rows run it
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, kernel: str | None = None):
+        """kernel: "amx" or "avx512_bf16" (native.tiled_gemm_kernel(): the CPU's, by default)."""
         if not self.fits(weight):
-            raise ValueError(f"AMX packing needs a bf16 CPU weight with out % {self.BLOCK_OUT} == 0 and "
+            raise ValueError(f"tile packing needs a bf16 CPU weight with out % {self.BLOCK_OUT} == 0 and "
                              f"in % {self.BLOCK_IN} == 0, got {tuple(weight.shape)} {weight.dtype}")
         n, k = weight.shape
+        self.kernel = kernel or native.tiled_gemm_kernel()
+        if self.kernel not in self.MAX_ROWS:
+            raise ValueError("no native kernel runs tile-packed weights on this CPU (it has neither AMX nor AVX-512 BF16)")
         self.out_features, self.in_features = n, k
+        self.max_rows = self.MAX_ROWS[self.kernel]
         self.tiles = weight.detach().reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
         self.large = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1) if _mkldnn_linear_available() else None
 
@@ -76,9 +85,9 @@ class AmxWeight:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.dtype != torch.bfloat16:
-            raise TypeError(f"an AMX-packed weight multiplies bf16 activations, got {x.dtype}")
+            raise TypeError(f"a tile-packed weight multiplies bf16 activations, got {x.dtype}")
         rows = x.numel() // x.shape[-1]
-        if rows >= self.MAX_ROWS and self.large is not None:
+        if rows >= self.max_rows and self.large is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.large, bias, "none", [], "")
         x2 = x.reshape(rows, x.shape[-1])
         if x2.stride(-1) != 1 or (rows > 1 and x2.stride(0) < x2.shape[1]):
@@ -86,7 +95,7 @@ class AmxWeight:
         y = torch.empty(rows, self.out_features, dtype=x.dtype)
         if rows:
             b = None if bias is None else bias.to(torch.bfloat16).contiguous()
-            native.amx_gemm(x2, self.tiles, self.out_features, b, y)
+            native.tiled_gemm(self.kernel, x2, self.tiles, self.out_features, b, y)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -114,9 +123,9 @@ class Int4Weight:
         self.dense = pack_weight(((q - 8) * scale + offset).reshape(out_features, in_features).to(weight.dtype))
 
 
-def dense_linear(x: torch.Tensor, packed: torch.Tensor | AmxWeight | Int4Weight,
+def dense_linear(x: torch.Tensor, packed: torch.Tensor | TiledWeight | Int4Weight,
                  bias: torch.Tensor | None) -> torch.Tensor:
-    if isinstance(packed, AmxWeight):
+    if isinstance(packed, TiledWeight):
         return packed.linear(x, bias)
     if isinstance(packed, Int4Weight):
         rows = x.numel() // x.shape[-1]
@@ -131,14 +140,14 @@ def dense_linear(x: torch.Tensor, packed: torch.Tensor | AmxWeight | Int4Weight,
     return F.linear(x, packed, bias)
 
 
-def row_norms_sq(packed: torch.Tensor | AmxWeight | Int4Weight, in_features: int) -> torch.Tensor:
+def row_norms_sq(packed: torch.Tensor | TiledWeight | Int4Weight, in_features: int) -> torch.Tensor:
     """||W[o]||^2 for every output row o of a packed weight, fp32 (DoRA needs them). Read from
     the layout where it can be (plain, AMX tiles: one pass); oneDNN's blocked layout is opaque,
     so there the rows come out of the projection itself, a block of unit inputs at a time
     (exact: one product per output, accumulated in fp32)."""
     if isinstance(packed, Int4Weight):
         return row_norms_sq(packed.dense, in_features)
-    if isinstance(packed, AmxWeight):  # tiles [out/16, in/32, 16 inputs, 16 outputs, 2 inputs]
+    if isinstance(packed, TiledWeight):  # tiles [out/16, in/32, 16 inputs, 16 outputs, 2 inputs]
         t = packed.tiles.view(packed.tiles.shape[0], -1, 32)  # the last axis holds (output, input pair)
         sums = torch.linalg.vector_norm(t, dim=1, dtype=torch.float32).square()  # faster than over (1, 2, 4)
         return sums.view(-1, 16, 2).sum(-1).reshape(-1)

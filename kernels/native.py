@@ -21,7 +21,7 @@ import torch
 log = logging.getLogger("loragate.kernels")
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / "paged_attention.c", _CSRC / "pointwise.c", _CSRC / "lora.c", _CSRC / "lora_amx.c",
-            _CSRC / "amx_gemm.c"]
+            _CSRC / "amx_gemm.c", _CSRC / "avx512_bf16_gemm.c"]
 # -fno-strict-aliasing: the kernels reinterpret fp32 rows as uint32 bits to convert bf16.
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-strict-aliasing", "-fopenmp",
           "-shared", "-fPIC"]
@@ -90,6 +90,8 @@ def library() -> ctypes.CDLL | None:
             "apply_token_bitmask": [ptr, i64, i64, i64, ptr, i64],
             "amx_init": [],
             "amx_gemm_bf16": [ptr, i64, i64, i32, ptr, i32, ptr, ptr, i64, i32],
+            "avx512_bf16_available": [],
+            "avx512_bf16_gemm": [ptr, i64, i64, i32, ptr, i32, ptr, ptr, i64, i32],
         }
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
@@ -179,12 +181,23 @@ def amx_available() -> bool:
     return _amx
 
 
-def amx_gemm(x: torch.Tensor, tiles: torch.Tensor, out_features: int, bias: torch.Tensor | None,
-             y: torch.Tensor) -> None:
-    """y [M, N] = x [M, K] @ W.T (+ bias), bf16; tiles: W in the layout of csrc/amx_gemm.c."""
-    _check(library().amx_gemm_bf16(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], tiles.data_ptr(), out_features,
-                                   None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0),
-                                   torch.get_num_threads()), "amx_gemm")
+def tiled_gemm_kernel() -> str | None:
+    """Which native GEMM runs bf16 weights packed in AMX tile order (kernels/dense.py,
+    TiledWeight): "amx", else "avx512_bf16" (AVX-512 BF16's dot product, as on AMD Zen 4),
+    else None."""
+    if amx_available():
+        return "amx"
+    lib = library()
+    return "avx512_bf16" if lib is not None and lib.avx512_bf16_available() == 0 else None
+
+
+def tiled_gemm(kernel: str, x: torch.Tensor, tiles: torch.Tensor, out_features: int, bias: torch.Tensor | None,
+               y: torch.Tensor) -> None:
+    """y [M, N] = x [M, K] @ W.T (+ bias), bf16; tiles: W in the layout of csrc/amx_gemm.c,
+    which csrc/avx512_bf16_gemm.c reads too."""
+    fn = library().amx_gemm_bf16 if kernel == "amx" else library().avx512_bf16_gemm
+    _check(fn(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], tiles.data_ptr(), out_features,
+              None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0), torch.get_num_threads()), kernel)
 
 
 def usable(*tensors: torch.Tensor) -> bool:

@@ -1,5 +1,6 @@
-"""kernels.dense: pack_weight + dense_linear equal F.linear (bf16 through the AMX kernel's tile
-layout and through oneDNN's packed layout where each is available, fp32 through the plain one)."""
+"""kernels.dense: pack_weight + dense_linear equal F.linear (bf16 through the native kernels of
+the AMX tile layout, AMX's and AVX-512 BF16's, and through oneDNN's packed layout where each is
+available, fp32 through the plain one)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import torch.nn.functional as F
 from loragate.kernels import dense
 
 ROWS = (1, 2, 16, 300)
-# The AMX kernel works in chunks of 32 rows inside blocks of 256: edges on both sides (from
-# AmxWeight.MAX_ROWS rows on, the oneDNN copy takes over).
-AMX_ROWS = (1, 3, 16, 17, 31, 32, 33, 255, 256, 300, 600)
+# The AMX kernel works in chunks of 32 rows inside blocks of 256, the AVX-512 BF16 one in
+# chunks of 8: edges on all sides (from the kernel's TiledWeight.MAX_ROWS rows on, the oneDNN
+# copy takes over).
+TILED_ROWS = (1, 3, 7, 8, 9, 16, 17, 31, 32, 33, 255, 256, 300, 600)
 IN_FEATURES, OUT_FEATURES = 576, 1536
 
 
@@ -45,7 +47,7 @@ def check_bf16_linear(packed, x, w, b):
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("with_bias", (False, True))
 def test_bf16_onednn_packed_linear(rows, with_bias, monkeypatch):
-    monkeypatch.setattr(dense.native, "amx_available", lambda: False)
+    monkeypatch.setattr(dense.native, "tiled_gemm_kernel", lambda: None)
     x, w, b = make(torch.bfloat16, rows, with_bias, seed=rows)
     w_before = w.clone()
     packed = dense.pack_weight(w)
@@ -56,29 +58,35 @@ def test_bf16_onednn_packed_linear(rows, with_bias, monkeypatch):
 
 
 needs_amx = pytest.mark.skipif(not dense.native.amx_available(), reason="no AMX on this CPU (or native kernels off)")
+needs_avx512_bf16 = pytest.mark.skipif(dense.native.library() is None or dense.native.library().avx512_bf16_available(),
+                                       reason="no AVX-512 BF16 on this CPU (or native kernels off)")
+TILED_KERNELS = (pytest.param("amx", marks=needs_amx), pytest.param("avx512_bf16", marks=needs_avx512_bf16))
+needs_tiled = pytest.mark.skipif(dense.native.tiled_gemm_kernel() is None, reason="no native tile-layout GEMM here")
 needs_int4 = pytest.mark.skipif(not dense.int4_available(), reason="torch has no CPU int4 weight-only kernel")
 needs_onednn = pytest.mark.skipif(not dense._mkldnn_linear_available(), reason="no oneDNN packed layout")
 
 
-@needs_amx
-@pytest.mark.parametrize("rows", AMX_ROWS)
+@pytest.mark.parametrize("kernel", TILED_KERNELS)
+@pytest.mark.parametrize("rows", TILED_ROWS)
 @pytest.mark.parametrize("with_bias", (False, True))
 @pytest.mark.parametrize("shape", ((1536, 576), (48, 64), (16, 1536)))  # (out, in): two-block pairs, an odd block
-def test_bf16_amx_linear(rows, with_bias, shape):
+def test_bf16_tiled_linear(kernel, rows, with_bias, shape):
     x, w, b = make(torch.bfloat16, rows, with_bias, seed=rows, in_features=shape[1], out_features=shape[0])
     w_before = w.clone()
-    packed = dense.pack_weight(w)
-    assert isinstance(packed, dense.AmxWeight)
+    packed = dense.TiledWeight(w, kernel)
+    if kernel == dense.native.tiled_gemm_kernel():
+        assert isinstance(dense.pack_weight(w), dense.TiledWeight)  # the CPU's own kernel is the one packed for
     check_bf16_linear(packed, x, w, b)
-    packed.large = None  # the AMX kernel at every size, as where oneDNN is missing
+    packed.large = None  # the native kernel at every size, as where oneDNN is missing
     check_bf16_linear(packed, x, w, b)
     assert torch.equal(w, w_before)
 
 
-@needs_amx
-def test_amx_strided_and_batched_activations():
+@pytest.mark.parametrize("kernel", TILED_KERNELS)
+def test_tiled_strided_and_batched_activations(kernel):
     x, w, b = make(torch.bfloat16, 40, True, seed=7)
-    packed = dense.AmxWeight(w)
+    packed = dense.TiledWeight(w, kernel)
+    packed.large = None  # 40 rows: the native kernel, not the oneDNN copy
     wide = torch.cat([x, x], dim=1)[:, :IN_FEATURES]  # rows with a stride larger than their width
     torch.testing.assert_close(dense.dense_linear(wide, packed, b), dense.dense_linear(x, packed, b), atol=0, rtol=0)
     batched = dense.dense_linear(x.view(4, 10, IN_FEATURES), packed, b)
@@ -86,13 +94,13 @@ def test_amx_strided_and_batched_activations():
     assert dense.dense_linear(x[:0], packed, b).shape == (0, OUT_FEATURES)
 
 
-def test_amx_refuses_shapes_and_dtypes_it_cannot_run():
+def test_tiles_refuse_shapes_and_dtypes_they_cannot_run():
     for w in (torch.zeros(24, 64, dtype=torch.bfloat16), torch.zeros(32, 48, dtype=torch.bfloat16),
               torch.zeros(32, 64)):
-        assert not dense.AmxWeight.fits(w)
-        with pytest.raises(ValueError, match="AMX packing needs"):
-            dense.AmxWeight(w)
-        assert not isinstance(dense.pack_weight(w), dense.AmxWeight)
+        assert not dense.TiledWeight.fits(w)
+        with pytest.raises(ValueError, match="tile packing needs"):
+            dense.TiledWeight(w)
+        assert not isinstance(dense.pack_weight(w), dense.TiledWeight)
 
 
 @pytest.mark.parametrize("rows", ROWS)
@@ -179,7 +187,7 @@ def test_int4_falls_back_to_the_dense_layout_when_the_shape_does_not_allow_it(in
     torch.testing.assert_close(dense.dense_linear(x, packed, None), F.linear(x, w), atol=2e-2, rtol=1.6e-2)
 
 
-@pytest.mark.parametrize("layout", ["plain fp32", pytest.param("amx", marks=needs_amx),
+@pytest.mark.parametrize("layout", ["plain fp32", pytest.param("tiled", marks=needs_tiled),
                                     pytest.param("onednn", marks=needs_onednn), pytest.param("int4", marks=needs_int4)])
 def test_row_norms_come_out_of_every_packed_layout(layout):
     """DoRA needs ||W||^2 per output row after the plain weight is gone."""
@@ -191,6 +199,6 @@ def test_row_norms_come_out_of_every_packed_layout(layout):
         w = dense.dense_linear(torch.eye(IN_FEATURES, dtype=torch.bfloat16), packed, None).T  # the weight it holds
     else:
         packed = dense.pack_weight(w)
-    assert layout != "amx" or isinstance(packed, dense.AmxWeight)
+    assert layout != "tiled" or isinstance(packed, dense.TiledWeight)
     torch.testing.assert_close(dense.row_norms_sq(packed, IN_FEATURES), w.double().square().sum(1).float(),
                                rtol=1e-5, atol=0)
