@@ -55,14 +55,16 @@ class TiledWeight:
     together; kernels/csrc/avx512_bf16_gemm.c reads the same layout a 64-byte row at a time.
     Measured against oneDNN's packed layout (weights streamed from memory, bf16), with AMX:
     SmolLM2's 576x576 projection 29 vs 51 us at one row, 31 vs 52 us at 16; its 3072x576
-    gate/up 123 vs 159 us. With AVX-512 BF16 (AMD EPYC, 2 threads): 576x576 20 vs 40 us at
-    one row, 42 vs 54 us at 16; 3072x576 128 vs 198 us at one row, 246 vs 308 us at 16; at 64
-    rows oneDNN is faster (724 vs 1027 us). At prefill sizes oneDNN is faster with AMX too (a
-    1000-token prefill step's projections: 130 vs 160 ms), so calls of the kernel's MAX_ROWS
-    rows or more take a oneDNN-packed copy: on such CPUs a bf16 weight is held twice."""
+    gate/up 123 vs 159 us. At prefill sizes oneDNN is faster there (a 1000-token prefill
+    step's projections: 130 vs 160 ms), so with AMX calls of MAX_ROWS rows or more take a
+    oneDNN-packed copy, and a bf16 weight is held twice. With AVX-512 BF16 (AMD EPYC, 2
+    threads; bench/dense_gemm.py) the kernel takes 0.6-0.9x oneDNN's time at decode sizes and
+    0.96-1.04x at prefill sizes (256 and 1024 rows; the 49152-row head 1.09x at 1024), so it
+    runs every call and the weight is held once."""
 
     BLOCK_OUT, BLOCK_IN = 16, 32
-    MAX_ROWS = {"amx": 128, "avx512_bf16": 65}  # per kernel: calls of fewer rows run it
+    KERNELS = ("amx", "avx512_bf16")
+    MAX_ROWS = 128  # AMX: calls of more rows take the oneDNN copy
 
     def __init__(self, weight: torch.Tensor, kernel: str | None = None):
         """kernel: "amx" or "avx512_bf16" (native.tiled_gemm_kernel(): the CPU's, by default)."""
@@ -71,12 +73,12 @@ class TiledWeight:
                              f"in % {self.BLOCK_IN} == 0, got {tuple(weight.shape)} {weight.dtype}")
         n, k = weight.shape
         self.kernel = kernel or native.tiled_gemm_kernel()
-        if self.kernel not in self.MAX_ROWS:
+        if self.kernel not in self.KERNELS:
             raise ValueError("no native kernel runs tile-packed weights on this CPU (it has neither AMX nor AVX-512 BF16)")
         self.out_features, self.in_features = n, k
-        self.max_rows = self.MAX_ROWS[self.kernel]
         self.tiles = weight.detach().reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
-        self.large = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1) if _mkldnn_linear_available() else None
+        self.large = (torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
+                      if self.kernel == "amx" and _mkldnn_linear_available() else None)
 
     @classmethod
     def fits(cls, weight: torch.Tensor) -> bool:
@@ -87,7 +89,7 @@ class TiledWeight:
         if x.dtype != torch.bfloat16:
             raise TypeError(f"a tile-packed weight multiplies bf16 activations, got {x.dtype}")
         rows = x.numel() // x.shape[-1]
-        if rows >= self.max_rows and self.large is not None:
+        if rows >= self.MAX_ROWS and self.large is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.large, bias, "none", [], "")
         x2 = x.reshape(rows, x.shape[-1])
         if x2.stride(-1) != 1 or (rows > 1 and x2.stride(0) < x2.shape[1]):

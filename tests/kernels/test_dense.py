@@ -12,8 +12,8 @@ from loragate.kernels import dense
 
 ROWS = (1, 2, 16, 300)
 # The AMX kernel works in chunks of 32 rows inside blocks of 256, the AVX-512 BF16 one in
-# chunks of 8: edges on all sides (from the kernel's TiledWeight.MAX_ROWS rows on, the oneDNN
-# copy takes over).
+# chunks of 8: edges on all sides (with AMX, from TiledWeight.MAX_ROWS rows on the oneDNN copy
+# takes over).
 TILED_ROWS = (1, 3, 7, 8, 9, 16, 17, 31, 32, 33, 255, 256, 300, 600)
 IN_FEATURES, OUT_FEATURES = 576, 1536
 
@@ -76,6 +76,8 @@ def test_bf16_tiled_linear(kernel, rows, with_bias, shape):
     packed = dense.TiledWeight(w, kernel)
     if kernel == dense.native.tiled_gemm_kernel():
         assert isinstance(dense.pack_weight(w), dense.TiledWeight)  # the CPU's own kernel is the one packed for
+    # AMX keeps a oneDNN copy for prefill sizes; the AVX-512 BF16 kernel runs every size itself.
+    assert (packed.large is not None) == (kernel == "amx" and dense._mkldnn_linear_available())
     check_bf16_linear(packed, x, w, b)
     packed.large = None  # the native kernel at every size, as where oneDNN is missing
     check_bf16_linear(packed, x, w, b)
