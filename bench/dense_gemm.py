@@ -16,23 +16,18 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from loragate.engine import EngineConfig, LLMEngine, SamplingParams
-from loragate.engine.models.prepare import DEFAULT_MODEL
-from loragate.kernels import dense, native
+sys.path.insert(0, str(Path(__file__).parent))
+from moe import best_ms  # noqa: E402
 
-
-def time_calls(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from loragate.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from loragate.engine.models.prepare import DEFAULT_MODEL  # noqa: E402
+from loragate.kernels import dense, native  # noqa: E402
 
 
 def projections(engine: LLMEngine, kernel: str, repeats: int) -> None:
@@ -53,9 +48,9 @@ def projections(engine: LLMEngine, kernel: str, repeats: int) -> None:
         del weights
         for rows in (1, 4, 16, 64):
             x = torch.randn(rows, inp, dtype=torch.bfloat16)
-            a = time_calls(lambda: [dense.dense_linear(x, w, None) for w in onednn], repeats) / copies
-            b = time_calls(lambda: [dense.dense_linear(x, w, None) for w in tiled], repeats) / copies
-            print(f"| {name} ({out} x {inp}) | {rows} | {a * 1e6:.1f} | {b * 1e6:.1f} | {a / b:.2f}x |")
+            a = best_ms(lambda: [dense.dense_linear(x, w, None) for w in onednn], repeats) / copies
+            b = best_ms(lambda: [dense.dense_linear(x, w, None) for w in tiled], repeats) / copies
+            print(f"| {name} ({out} x {inp}) | {rows} | {a * 1e3:.1f} | {b * 1e3:.1f} | {a / b:.2f}x |")
 
 
 def decode_steps(model: str, repeats: int) -> None:
