@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tenant_fairness import timed_arrivals  # noqa: E402
+from tenant_fairness import compare, timed_arrivals  # noqa: E402
 
 from loragate.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 
@@ -76,17 +76,9 @@ def main() -> None:
         print(f"  {label:<19} app TTFT p50 {statistics.median(app_ttft):.2f} s, max {max(app_ttft):.2f} s; "
               f"app latency p50 {statistics.median(app_e2e):.2f} s; background done in {bulk_end:.2f} s; "
               f"{preemptions} preemptions")
-    (e_first, e_done, e_tok, *_), (p_first, p_done, p_tok, *_) = results[0], results[1]
-
-    def app_median(d):
-        return statistics.median(d[k] for k in d if k.startswith("app"))
-
-    same = sum(e_tok[k] == p_tok[k] for k in e_tok)
-    bulk_ratio = max(p_done[k] for k in p_done if k.startswith("bulk")) / max(
-        e_done[k] for k in e_done if k.startswith("bulk"))
-    print(f"  priority vs equal: app TTFT p50 {app_median(e_first) / app_median(p_first):.1f}x lower, app latency "
-          f"p50 {app_median(e_done) / app_median(p_done):.1f}x lower; the background took {bulk_ratio:.2f}x as long; "
-          f"{same} of {len(e_tok)} outputs identical")
+    ttft, latency, bulk_time, same, total = compare(results[0], results[1])
+    print(f"  priority vs equal: app TTFT p50 {ttft:.1f}x lower, app latency p50 {latency:.1f}x lower; the "
+          f"background took {bulk_time:.2f}x as long; {same} of {total} outputs identical")
 
 
 if __name__ == "__main__":
