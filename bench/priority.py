@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tenant_fairness import compare, timed_arrivals  # noqa: E402
+from tenant_fairness import app_and_bulk, compare, timed_arrivals  # noqa: E402
 
 from loragate.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 
@@ -69,12 +68,10 @@ def main() -> None:
                   f"requests, one every {args.every} s from 0.5 s, "
                   f"{args.app_tokens} tokens each; SmolLM2-135M bf16, KV cache {args.kv_cache_memory} ({blocks} "
                   f"blocks of 16 tokens)")
-        app_ttft = [first[k] for k in first if k.startswith("app")]
-        app_e2e = [done[k] for k in done if k.startswith("app")]
-        bulk_end = max(done[k] for k in done if k.startswith("bulk"))
+        ttft, ttft_max, e2e, bulk_end = app_and_bulk(first, done)
         label = "background at 1" if bulk_priority else "equal priorities"
-        print(f"  {label:<19} app TTFT p50 {statistics.median(app_ttft):.2f} s, max {max(app_ttft):.2f} s; "
-              f"app latency p50 {statistics.median(app_e2e):.2f} s; background done in {bulk_end:.2f} s; "
+        print(f"  {label:<19} app TTFT p50 {ttft:.2f} s, max {ttft_max:.2f} s; "
+              f"app latency p50 {e2e:.2f} s; background done in {bulk_end:.2f} s; "
               f"{preemptions} preemptions")
     ttft, latency, bulk_time, same, total = compare(results[0], results[1])
     print(f"  priority vs equal: app TTFT p50 {ttft:.1f}x lower, app latency p50 {latency:.1f}x lower; the "

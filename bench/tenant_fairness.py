@@ -55,20 +55,20 @@ def timed_arrivals(engine, bulk, app, every: float, bulk_tenant: str, app_tenant
     return first, done, tokens, time.perf_counter() - t0
 
 
+def app_and_bulk(first, done) -> tuple[float, float, float, float]:
+    """One run's app TTFT p50 and max, app latency p50, and when its bulk work was done."""
+    app_ttft = [first[k] for k in first if k.startswith("app")]
+    return (statistics.median(app_ttft), max(app_ttft), statistics.median(done[k] for k in done if k.startswith("app")),
+            max(done[k] for k in done if k.startswith("bulk")))
+
+
 def compare(base, new) -> tuple[float, float, float, int, int]:
     """Two runs' (first, done, tokens, ...) side by side: how many times lower the app's TTFT
     p50 and latency p50 are in `new`, how long its bulk work took relative to `base`, and
     how many outputs are identical of how many."""
-    (b_first, b_done, b_tok, *_), (n_first, n_done, n_tok, *_) = base, new
-
-    def app_median(d):
-        return statistics.median(d[k] for k in d if k.startswith("app"))
-
-    def bulk_end(d):
-        return max(d[k] for k in d if k.startswith("bulk"))
-
-    return (app_median(b_first) / app_median(n_first), app_median(b_done) / app_median(n_done),
-            bulk_end(n_done) / bulk_end(b_done), sum(b_tok[k] == n_tok[k] for k in b_tok), len(b_tok))
+    (b_ttft, _, b_e2e, b_end), (n_ttft, _, n_e2e, n_end) = app_and_bulk(*base[:2]), app_and_bulk(*new[:2])
+    b_tok, n_tok = base[2], new[2]
+    return b_ttft / n_ttft, b_e2e / n_e2e, n_end / b_end, sum(b_tok[k] == n_tok[k] for k in b_tok), len(b_tok)
 
 
 def main() -> None:
@@ -100,12 +100,10 @@ def main() -> None:
     results = {}
     for fair in (False, True):
         first, done, tokens, end = results[fair] = run(fair, bulk, app, args.every, args.dtype)
-        app_ttft = [first[k] for k in first if k.startswith("app")]
-        app_e2e = [done[k] for k in done if k.startswith("app")]
-        bulk_end = max(done[k] for k in done if k.startswith("bulk"))
+        ttft, ttft_max, e2e, bulk_end = app_and_bulk(first, done)
         label = "tenant turns" if fair else "FCFS"
-        print(f"  {label:<13} app TTFT p50 {statistics.median(app_ttft):.2f} s, max {max(app_ttft):.2f} s; "
-              f"app latency p50 {statistics.median(app_e2e):.2f} s; bulk done in {bulk_end:.2f} s "
+        print(f"  {label:<13} app TTFT p50 {ttft:.2f} s, max {ttft_max:.2f} s; "
+              f"app latency p50 {e2e:.2f} s; bulk done in {bulk_end:.2f} s "
               f"({bulk_tokens / bulk_end:.1f} tok/s); all done in {end:.2f} s")
     ttft, latency, bulk_time, same, total = compare(results[False], results[True])
     print(f"  turns vs FCFS: app TTFT p50 {ttft:.1f}x lower, app latency p50 {latency:.1f}x lower, "
