@@ -4,8 +4,9 @@ so a deployment can ship its adapters with it instead of uploading them after ev
 Each entry is `[tenant/]name=path`: a PEFT output directory holding adapter_config.json and
 adapter_model.safetensors (its other files, such as training_args.bin or a README, are left
 out). It goes through the same validation as an upload. An adapter already stored under that
-tenant and name with the same two files is left as it is, so restarts add no versions; other
-bytes there become its next version, as a re-upload would."""
+tenant and name with the same two files is left as it is, so restarts add no versions, nor do
+engines starting together on one local store (on S3 both may store it: identical versions);
+other bytes there become its next version, as a re-upload would."""
 
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def preload(registry, modules: list[LoraModule], open_tenant: str) -> None:
                             current.version)
                 continue
             try:
-                info = registry.register(tenant, module.name, tmp)
+                # reuse_same: another engine on this store may have stored them since the check above
+                info = registry.register(tenant, module.name, tmp, reuse_same=True)
             except AdapterError as e:
                 raise AdapterError(e.code, f"--lora-modules {module.name}={module.path}: {e.message}") from None
             log.warning("adapter %s/%s from %s: stored as version %d", tenant, module.name, module.path, info.version)

@@ -109,7 +109,8 @@ class AdapterRegistry(StoreSync):
 
     # -- writes ----------------------------------------------------------------------------
 
-    def register(self, tenant: str, name: str, src_dir: str | Path) -> AdapterInfo:
+    def register(self, tenant: str, name: str, src_dir: str | Path, *, reuse_same: bool = False) -> AdapterInfo:
+        """Validate and store src_dir as the adapter's next version (reuse_same: see AdapterStore.put)."""
         check_name("tenant", tenant)  # cheap checks first: refuse before reading any weights
         check_name("adapter", name)
         src = Path(src_dir)
@@ -119,7 +120,7 @@ class AdapterRegistry(StoreSync):
         # src_dir must not change until this returns (it is the caller's private upload dir).
         weights = load_adapter(src, self.arch, self.max_lora_rank, **self._load_kwargs)
         with self._write_lock(tenant, name):
-            stored = self.store.put(tenant, name, src)
+            stored = self.store.put(tenant, name, src, reuse_same=reuse_same)
             info = _info(stored, weights.rank, {m for _, m in weights.modules}, AdapterState.READY, None,
                          weights.config.use_dora)
             with self._lock:

@@ -66,7 +66,7 @@ class S3AdapterStore:
 
     # -- writes ----------------------------------------------------------------------------
 
-    def put(self, tenant: str, name: str, src_dir: str | Path) -> StoredAdapter:
+    def put(self, tenant: str, name: str, src_dir: str | Path, *, reuse_same: bool = False) -> StoredAdapter:
         src = checked_upload_dir(tenant, name, src_dir)
         # Staged on the cache's filesystem: what is hashed is what is uploaded, and afterwards
         # the staged copy becomes this server's cache entry (no download of its own upload).
@@ -75,6 +75,10 @@ class S3AdapterStore:
             # Stricter names than the local store's: they become S3 keys, then local paths again.
             files = copy_upload_files(src, staged, self.max_total_bytes, _safe_file_name)
             digest = files_digest(files)
+            if reuse_same and (latest := self._latest_or_none(tenant, name)) is not None and latest.sha256 == digest:
+                # Checked, not locked: servers putting the same new files at once may both store them.
+                shutil.rmtree(staged, ignore_errors=True)
+                return latest
             version = self._allocate_version(tenant, name)
             prefix = self._version_prefix(tenant, name, version)
             for file, _, _ in files:
@@ -187,6 +191,12 @@ class S3AdapterStore:
             what = f"version {version} of adapter {name!r}" if has_versions else f"adapter {name!r}"
             raise AdapterNotFound(f"{what} does not exist")
         return found
+
+    def _latest_or_none(self, tenant: str, name: str) -> StoredAdapter | None:
+        try:
+            return self._find(tenant, name, None)[0]
+        except AdapterNotFound:
+            return None
 
     def _adapter_prefix(self, tenant: str, name: str) -> str:
         return f"{self._base}{tenant}/{name}/"

@@ -5,12 +5,15 @@ A version appears by one os.rename of a fully written, fsynced temp dir, so a re
 restart after a crash) sees a version whole or not at all. Versions only grow, even across
 delete: the engine's prefix cache and the slot pool key adapters by (name, version), so a
 re-uploaded name must never come back under a version number that was already served.
-One process writes a root (the lock is a threading.Lock); start-up clears crash leftovers.
+Processes may share a root (a fleet's engines on one volume): a version is chosen and
+published, and a name deleted, under an flock on `root/.lock` (and a threading.Lock for this
+process's threads). Start-up clears crash leftovers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -34,7 +37,7 @@ __all__ = ["AdapterStore", "LocalAdapterStore", "StoredAdapter", "AdapterNotFoun
 log = logging.getLogger(__name__)
 META_FILE = "meta.json"
 # Dot-names cannot be tenants or adapters (see _NAME), so these never collide with them.
-_TMP, _TRASH, _SEQ = ".tmp", ".trash", ".seq"
+_TMP, _TRASH, _SEQ, _LOCK = ".tmp", ".trash", ".seq", ".lock"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _VERSION_DIR = re.compile(r"v([1-9][0-9]{0,8})")
 _CHUNK = 1 << 20
@@ -54,7 +57,9 @@ class StoredAdapter:
 
 @runtime_checkable
 class AdapterStore(Protocol):
-    def put(self, tenant: str, name: str, src_dir: str | Path) -> StoredAdapter: ...
+    def put(self, tenant: str, name: str, src_dir: str | Path, *, reuse_same: bool = False) -> StoredAdapter:
+        """Store src_dir's files as the next version; with reuse_same, the latest version
+        instead when it holds the same files (no new version)."""
     def get(self, tenant: str, name: str, version: int | None = None) -> StoredAdapter: ...
     def list(self, tenant: str) -> list[StoredAdapter]: ...
     def list_all(self) -> list[StoredAdapter]: ...
@@ -87,13 +92,17 @@ class LocalAdapterStore:
 
     # -- writes ----------------------------------------------------------------------------
 
-    def put(self, tenant: str, name: str, src_dir: str | Path) -> StoredAdapter:
+    def put(self, tenant: str, name: str, src_dir: str | Path, *, reuse_same: bool = False) -> StoredAdapter:
         src = checked_upload_dir(tenant, name, src_dir)
         tmp = Path(tempfile.mkdtemp(prefix="put-", dir=self.root / _TMP))
         try:
             files = copy_upload_files(src, tmp, self.max_total_bytes)  # the slow part, outside the lock
             digest = files_digest(files)
-            with self._lock:
+            with self._exclusive():
+                latest = self._latest(tenant, name) if reuse_same else None
+                if latest is not None and latest.sha256 == digest:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return latest
                 version = self._next_version(tenant, name)
                 meta = {"tenant": tenant, "name": name, "version": version, "sha256": digest, "created": time.time(),
                         "files": [{"name": n, "sha256": h, "size": s} for n, h, s in files]}
@@ -119,7 +128,7 @@ class LocalAdapterStore:
         check_name("tenant", tenant)
         check_name("adapter", name)
         path = self.root / tenant / name
-        with self._lock:
+        with self._exclusive():
             versions = _versions(path)
             if not versions:
                 raise AdapterNotFound(f"adapter {name!r} does not exist")
@@ -168,6 +177,18 @@ class LocalAdapterStore:
         return [a for tenant in _child_names(self.root) for a in self.list(tenant)]
 
     # -- internals -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """Held while a version is chosen and published or a name deleted: across this
+        process's threads and every other process writing the root."""
+        with self._lock, open(self.root / _LOCK, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes
+            yield
+
+    def _latest(self, tenant: str, name: str) -> StoredAdapter | None:
+        versions = _versions(self.root / tenant / name)
+        return _load(self.root / tenant / name / f"v{versions[-1]}") if versions else None
 
     def _next_version(self, tenant: str, name: str) -> int:
         versions = _versions(self.root / tenant / name)

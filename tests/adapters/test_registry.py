@@ -18,7 +18,8 @@ from peft import LoraConfig as PeftLoraConfig
 from loragate.adapters import registry as registry_mod
 from loragate.adapters.errors import AdapterError, AdapterNotFound
 from .conftest import edit_config, edit_weights, poison
-from loragate.adapters.loader import WEIGHTS_FILE, load_adapter
+from loragate.adapters.loader import CONFIG_FILE, WEIGHTS_FILE, load_adapter
+from loragate.adapters.preload import parse_lora_modules, preload
 from loragate.adapters.registry import AdapterInfo, AdapterRegistry, AdapterState
 from loragate.adapters.store import LocalAdapterStore
 
@@ -411,3 +412,22 @@ def test_weights_cache_is_bounded_in_bytes_too(make, good, tmp_path):
         reg.register("t", name, good)
     assert sorted(k for k, e in reg._entries.items() if e.weights is not None) == [("t", "b"), ("t", "c")]
     assert reg.weights("t", "a")[1].rank == 4  # read back from the store
+
+
+def test_preload_racing_another_engine_on_the_store_adds_no_version(make, good, good2, tmp_path, monkeypatch):
+    """Engines starting together with the same --lora-modules: the files another engine
+    stored after this one looked are reused, not stored again; other files still are."""
+    reg, other = make(), make()
+    module = tmp_path / "module"  # what preload stores of a PEFT directory: its two files
+    module.mkdir()
+    for f in (CONFIG_FILE, WEIGHTS_FILE):
+        shutil.copyfile(good / f, module / f)
+
+    def get_after_the_other_engine_stored(tenant, name):
+        other.register(tenant, name, module)
+        raise AdapterNotFound(f"adapter {name!r} does not exist")
+    monkeypatch.setattr(reg, "get", get_after_the_other_engine_stored)
+    preload(reg, parse_lora_modules(f"t/a={good}"), "t")
+    assert [a.version for a in LocalAdapterStore(tmp_path / "root").list_all()] == [1]
+    assert reg.register("t", "a", good2, reuse_same=True).version == 2
+    assert reg.register("t", "a", good2, reuse_same=True).version == 2

@@ -110,6 +110,16 @@ def test_versions_grow_and_never_repeat_across_delete_and_restart(make, tmp_path
     assert s.s3.get_bytes(f"{PREFIX}/.seq/t/a") == b"4"
 
 
+def test_reuse_same_returns_the_latest_version_when_its_files_are_the_same(make, tmp_path):
+    s, other = make(), make("other-server")
+    v1 = s.put("t", "a", upload(tmp_path, b"one"))
+    same = other.put("t", "a", upload(tmp_path, b"one"), reuse_same=True)  # stored by another server: not again
+    assert (same.version, same.sha256) == (v1.version, v1.sha256)
+    assert other.put("t", "a", upload(tmp_path, b"two"), reuse_same=True).version == 2
+    assert s.put("t", "a", upload(tmp_path, b"one"), reuse_same=True).version == 3  # the latest is compared
+    assert keys(s, "t/a/v4") == [] and len(list((tmp_path / "other-server").rglob("*.safetensors"))) == 1
+
+
 def test_concurrent_puts_from_two_servers_get_distinct_versions(make, tmp_path):
     servers = [make("server-a"), make("server-b")]
     srcs = [upload(tmp_path, bytes([i]) * 1000, name=f"src{i}") for i in range(8)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import threading
 import time
@@ -177,3 +178,46 @@ def test_concurrent_puts_get_distinct_versions(tmp_path):
         t.join()
     assert errors == [] and sorted(results) == list(range(1, 9))
     assert len({s.get("t", "a", v).sha256 for v in range(1, 9)}) == 8
+
+
+def _put_from_process(root: str, src: str, start, reuse_same: bool, results) -> None:
+    start.wait()
+    try:
+        results.put(LocalAdapterStore(root).put("t", "a", src, reuse_same=reuse_same).version)
+    except Exception as e:  # surfaced by the asserts in the test
+        results.put(repr(e))
+
+
+def _race(tmp_path: Path, srcs: list[Path], reuse_same: bool) -> list:
+    """Each src put by its own process (a fleet's engines on one volume), all at once."""
+    ctx = multiprocessing.get_context("fork")
+    start, results = ctx.Barrier(len(srcs)), ctx.Queue()
+    procs = [ctx.Process(target=_put_from_process, args=(str(tmp_path / "root"), str(src), start, reuse_same, results))
+             for src in srcs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    return sorted((results.get(timeout=5) for _ in procs), key=str)
+
+
+def test_processes_sharing_a_root_get_distinct_versions(tmp_path):
+    LocalAdapterStore(tmp_path / "root")
+    srcs = [upload(tmp_path, bytes([i]) * 100_000, name=f"src{i}") for i in range(6)]
+    assert _race(tmp_path, srcs, reuse_same=False) == list(range(1, 7))
+    s = LocalAdapterStore(tmp_path / "root")
+    assert len({s.get("t", "a", v).sha256 for v in range(1, 7)}) == 6
+
+
+def test_reuse_same_stores_identical_files_once_across_processes(tmp_path):
+    """Engines starting together with the same --lora-modules store the adapter once."""
+    LocalAdapterStore(tmp_path / "root")
+    srcs = [upload(tmp_path, b"same" * 25_000, name=f"src{i}") for i in range(6)]
+    assert _race(tmp_path, srcs, reuse_same=True) == [1] * 6
+    s = LocalAdapterStore(tmp_path / "root")
+    assert [a.version for a in s.list("t")] == [1] and list((tmp_path / "root" / ".tmp").iterdir()) == []
+    # Other bytes are a new version; the same bytes again are not, nor without reuse_same are they kept.
+    assert s.put("t", "a", upload(tmp_path, b"other", name="other"), reuse_same=True).version == 2
+    assert s.put("t", "a", srcs[0], reuse_same=True).version == 3
+    assert s.put("t", "a", srcs[0], reuse_same=True).version == 3
+    assert s.put("t", "a", srcs[0]).version == 4
