@@ -21,7 +21,7 @@ import torch
 log = logging.getLogger("loragate.kernels")
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / "paged_attention.c", _CSRC / "pointwise.c", _CSRC / "lora.c", _CSRC / "lora_amx.c",
-            _CSRC / "amx_gemm.c", _CSRC / "avx512_bf16_gemm.c"]
+            _CSRC / "amx_gemm.c", _CSRC / "avx512_bf16_gemm.c", _CSRC / "decoder_layers.c"]
 # -fno-strict-aliasing: the kernels reinterpret fp32 rows as uint32 bits to convert bf16.
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-strict-aliasing", "-fopenmp",
           "-shared", "-fPIC"]
@@ -92,6 +92,7 @@ def library() -> ctypes.CDLL | None:
             "amx_gemm_bf16": [ptr, i64, i64, i32, ptr, i32, ptr, ptr, i64, i32],
             "avx512_bf16_available": [],
             "avx512_bf16_gemm": [ptr, i64, i64, i32, ptr, i32, ptr, ptr, i64, i32],
+            "decoder_layers": [ptr, i64, ptr],
         }
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)

@@ -13,6 +13,7 @@ from torch import nn
 
 from loragate.kernels import layer_ops
 from loragate.kernels.attention import paged_attention
+from loragate.kernels.decoder_layers import FusedLayers
 from loragate.kernels.dense import dense_linear, pack_weight
 
 from .arch import LONGROPE, ModelArchConfig, projection_biases, rope_layer_types
@@ -111,6 +112,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = c
         self.dtype = dtype
+        self.fused_layers: FusedLayers | None = None
         # Given its (uninitialised) weight, Embedding skips its random init: 0.9 s for Gemma's 262k rows.
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size,
                                          _weight=torch.empty(c.vocab_size, c.hidden_size, dtype=dtype))
@@ -153,6 +155,7 @@ class LlamaForCausalLM(nn.Module):
                 module.pack(int4)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head
         self.lm_head_packed = pack_weight(head)
+        self.fused_layers = None  # built on the first step, from the packed weights
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, batch) -> torch.Tensor:
         """input_ids, positions: [num_tokens]; kv_caches: per layer (k_cache, v_cache, its group
@@ -165,6 +168,11 @@ class LlamaForCausalLM(nn.Module):
 
     def run_layers(self, x: torch.Tensor, kv_caches, batch) -> torch.Tensor:
         """The decoder layers over the embedded tokens x (updated in place), then the final norm."""
+        if self.fused_layers is None:
+            self.fused_layers = FusedLayers(self)
+        pending = self.fused_layers.run(x, kv_caches, batch)  # one native call where the step allows it
+        if pending is not None:
+            return self.norm(x, pending, batch.use_native_kernels)
         full, nope = (self.rope_cos, self.rope_sin), (self.nope, self.nope)
         local = (self.rope_local_cos, self.rope_local_sin) if self.local_rope else full
         pending = None
