@@ -100,7 +100,7 @@ class FusedLayers:
         self.model, self.kernel, self.ok = model, None, False
         self._specs: dict = {}
         if not (all(type(layer) is DecoderLayer and layer.moe is None for layer in model.layers)
-                and model.dtype == torch.bfloat16 and native.library() is not None):
+                and model.dtype == torch.bfloat16 and model.device.type == "cpu" and native.library() is not None):
             return
         projections = [getattr(layer, n) for layer in model.layers for n in _PROJECTIONS]
         kernels = {p.packed.kernel if isinstance(p.packed, TiledWeight) else None for p in projections}

@@ -68,3 +68,13 @@ def test_dora_steps_take_the_python_path(tiny_llama, tmp_path, save_lora, monkey
     fused, calls = generate(tiny_llama, adapters, True, monkeypatch)
     python, _ = generate(tiny_llama, adapters, False, monkeypatch)
     assert calls == 0 and fused == python
+
+
+@pytest.mark.parametrize("arch, dtype, ok", [("llama", "bfloat16", True), ("llama", "float32", False),
+                                             ("gemma3", "bfloat16", False), ("mixtral", "bfloat16", False),
+                                             ("olmo2", "bfloat16", False), ("granite", "bfloat16", False)])
+def test_which_models_can_run_in_one_call(arch, dtype, ok, request):
+    """Other layer types (their own norms, experts, scaled residuals) and fp32 keep the per-kernel path."""
+    engine = LLMEngine(EngineConfig(model=str(request.getfixturevalue(f"tiny_{arch}")), dtype=dtype, device="cpu",
+                                    max_loras=0), progress=False)
+    assert decoder_layers.FusedLayers(engine.model).ok is ok
