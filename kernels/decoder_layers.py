@@ -37,7 +37,7 @@ class _AttentionGroup(ctypes.Structure):
 class _Layer(ctypes.Structure):
     _fields_ = [("input_norm", _p), ("post_norm", _p), ("q_norm", _p), ("k_norm", _p), ("rope_cos", _p),
                 ("rope_sin", _p), ("k_cache", _p), ("v_cache", _p), ("rope_dim", _i64), ("window", _i64),
-                ("group", _i64), ("norm_eps", _f32), ("qk_norm_eps", _f32), ("scale", _f32), ("softcap", _f32),
+                ("group", _i64), ("cache_block_size", _i64), ("norm_eps", _f32), ("qk_norm_eps", _f32), ("scale", _f32), ("softcap", _f32),
                 ("qkv", _Projection), ("o", _Projection), ("gate_up", _Projection), ("down", _Projection)]
 
 
@@ -72,6 +72,7 @@ class _Specs:
                 spec.qk_norm_eps = layer.q_norm.eps
             spec.rope_cos, spec.rope_sin, spec.rope_dim = cos.data_ptr(), sin.data_ptr(), cos.shape[1]
             spec.k_cache, spec.v_cache, spec.group = k_cache.data_ptr(), v_cache.data_ptr(), group
+            spec.cache_block_size = k_cache.shape[2]
             spec.window, spec.norm_eps, spec.scale = layer.window or 0, layer.input_layernorm.eps, layer.scale
             for name, field in zip(_PROJECTIONS, ("qkv", "o", "gate_up", "down")):
                 self._fill(getattr(spec, field), getattr(layer, name), lora)
@@ -142,8 +143,6 @@ class FusedLayers:
                     (m := getattr(layer, n).lora_modules(lora.pool, lora.modules)).modules
                     and not (m.native_ok and m.dtype == torch.bfloat16)
                     for layer in self.model.layers for n in _PROJECTIONS):
-                return None
-            if any(k.shape[2] != v.shape[2] for k, v, _ in kv_caches):
                 return None
             specs = self._specs[key] = _Specs(self.model, kv_caches, lora)
             specs.keep.append(kv_caches)  # its id is the key: keep it from being reused

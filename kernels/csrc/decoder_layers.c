@@ -58,6 +58,7 @@ struct layer_spec {
     const void *rope_cos, *rope_sin;
     void *k_cache, *v_cache;
     int64_t rope_dim, window, group; /* window 0: none; group: its attention_group */
+    int64_t cache_block_size;        /* the caches' (RoPE's K/V write reads it, as in Python) */
     float norm_eps, qk_norm_eps, scale, softcap;
     struct projection qkv, o, gate_up, down;
 };
@@ -104,7 +105,7 @@ int decoder_layers(const struct layer_spec *layers, int64_t num_layers, const st
             || (L->q_norm && rms_norm_heads(s->qkv, qkv_width, T, heads, kv, d, L->q_norm, L->k_norm, L->qk_norm_eps,
                                             1, 0, t))
             || rope_write_kv(s->qkv, qkv_width, T, s->positions, L->rope_cos, L->rope_sin, heads, kv, d,
-                             (int)L->rope_dim, g->slot_mapping, L->k_cache, L->v_cache, (int)g->block_size, 1, t)
+                             (int)L->rope_dim, g->slot_mapping, L->k_cache, L->v_cache, (int)L->cache_block_size, 1, t)
             || paged_attention(s->qkv, qkv_width, L->k_cache, L->v_cache, s->attn, (int64_t)heads * d,
                                (int)g->requests, g->query_start, g->query_len, g->context_len, g->block_table,
                                g->max_blocks, heads, kv, d, (int)g->block_size, L->scale, 1, t, (int)L->window,
