@@ -68,6 +68,9 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids)
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
+        # torch seeds a generator with 64 bits; the API's seeds are int64, plus the choice index
+        if self.seed is not None and not (isinstance(self.seed, int) and -2**63 <= self.seed < 2**64):
+            raise InvalidRequestError(f"seed must be a 64-bit integer, got {self.seed!r}", "seed")
         if not 0.0 <= self.temperature <= 100.0:
             raise InvalidRequestError(f"temperature must be in [0, 100], got {self.temperature}", "temperature")
         if not 0.0 < self.top_p <= 1.0:

@@ -9,6 +9,7 @@ import logging
 import threading
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware import Middleware
@@ -52,7 +53,8 @@ def _handled_types() -> tuple[type[Exception], ...]:
     from .uploads import UploadError
 
     # Registered one by one so Starlette answers them without treating them as crashes.
-    return (APIError, InvalidRequestError, AdapterError, AdapterNotFound, UploadError, Exception)
+    return (APIError, HTTPException, InvalidRequestError, AdapterError, AdapterNotFound, UploadError, RecursionError,
+            Exception)
 
 
 def build_app(state: ServerState, load=None) -> Starlette:

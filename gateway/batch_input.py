@@ -123,7 +123,7 @@ def read_input(src: BinaryIO, endpoint: str, max_lines: int) -> Iterator[tuple[i
             raise BatchInputError("too_many_lines", f"the input file has more than {max_lines} requests")
         try:
             entry = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             yield line_no, None, None, LINE_FAILED, error_line(None, "invalid_json",
                                                                f"line {line_no} is not valid JSON: {e}", line_no)
             continue

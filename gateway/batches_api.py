@@ -78,7 +78,7 @@ async def create_batch(request: Request):
     if endpoint not in ENDPOINTS:
         raise APIError(400, f"'endpoint' must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}", param="endpoint")
     window = body.get("completion_window")
-    if window not in COMPLETION_WINDOWS:
+    if not isinstance(window, str) or window not in COMPLETION_WINDOWS:
         raise APIError(400, f"'completion_window' must be one of {', '.join(COMPLETION_WINDOWS)}, got {window!r}",
                        param="completion_window")
     metadata = _metadata(body.get("metadata"))

@@ -53,7 +53,7 @@ def response_id_of(body: bytes) -> str | None:
     text = body.split(b"data: ", 1)[1] if body.startswith(b"event: ") else body
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None
     data = data.get("response", data) if isinstance(data, dict) else None
     value = data.get("id") if isinstance(data, dict) else None

@@ -132,7 +132,7 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
     sampling["prompt_logprobs"] = logprobs if echo else None
     # validates now, before any tokenising
     SamplingParams(max_tokens=max(1, sampling["min_tokens"]) if not max_tokens else max_tokens,
-                   logprobs=logprobs, **sampling)
+                   logprobs=logprobs, seed=seed, **sampling)
     return GenerationRequest(model, n, stream, bool(options.get("include_usage")), logprobs, max_tokens, seed, sampling,
                              echo, tools=tools, suffix=suffix, include_reasoning=_get(body, "include_reasoning", bool, True),
                              template_kwargs=_template_options(body) if chat else {},

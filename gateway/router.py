@@ -290,9 +290,6 @@ async def metrics(request: Request) -> Response:
 
 
 async def _handle(request: Request, exc: Exception) -> Response:
-    if isinstance(exc, HTTPException):  # unknown path or method: OpenAI's shape too
-        exc = APIError(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404
-                       else "invalid_request_error", headers=dict(exc.headers or {}))
     response = error_response(exc)
     if response.status_code >= 500 and not isinstance(exc, APIError):
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)

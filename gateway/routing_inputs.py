@@ -22,7 +22,7 @@ def routing_inputs(body: bytes, authorization: str | None, prefixes: bool = True
     answers 400) and, with `prefixes`, its prompt's chain hashes (prefix_index.py)."""
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         data = None
     data = data if isinstance(data, dict) else {}
     model = data.get("model")

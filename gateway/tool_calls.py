@@ -73,17 +73,10 @@ class ToolPlan:
 
     def message(self, text: str, finish_reason: str) -> tuple[dict, str]:
         """The assistant message for a choice's text, and its finish_reason."""
-        calls, rest = None, ""
-        if self.mode == "named":
-            calls = [(self.name, text)] if _is_json_object(text) else None
-        elif self.mode == "required":
-            parsed = _loads(text)
-            if isinstance(parsed, list) and all(isinstance(c, dict) and {"name", "arguments"} <= c.keys() for c in parsed):
-                calls = [(c["name"], json.dumps(c["arguments"])) for c in parsed]
-        elif self.mode == "auto":
-            calls, rest = self._hermes_calls(text)
-            if calls and not self.parallel:
-                calls = calls[:1]
+        try:
+            calls, rest = self._calls(text)
+        except RecursionError:  # JSON nested past the parser's limit: the model's text, not calls
+            calls, rest = None, ""
         if not calls or finish_reason != "stop":  # cut short, or no call: the text as it is
             return {"role": "assistant", "content": text}, finish_reason
         tool_calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
@@ -91,6 +84,20 @@ class ToolPlan:
         content = rest or None  # auto: the text around the calls
         return ({"role": "assistant", "content": content, "tool_calls": tool_calls},
                 "stop" if self.mode == "named" else "tool_calls")
+
+    def _calls(self, text: str) -> tuple[list[tuple[str, str]] | None, str]:
+        """The (name, arguments) calls in the text, and the text around them (auto)."""
+        if self.mode == "named":
+            return ([(self.name, text)] if _is_json_object(text) else None), ""
+        if self.mode == "required":
+            parsed = _loads(text)
+            if isinstance(parsed, list) and all(isinstance(c, dict) and {"name", "arguments"} <= c.keys() for c in parsed):
+                return [(c["name"], json.dumps(c["arguments"])) for c in parsed], ""
+            return None, ""
+        if self.mode == "auto":
+            calls, rest = self._hermes_calls(text)
+            return (calls[:1] if calls and not self.parallel else calls), rest
+        return None, ""
 
     def _hermes_calls(self, text: str) -> tuple[list[tuple[str, str]] | None, str]:
         """Calls in <tool_call> blocks, or (small models drop the tags) the call JSON objects a

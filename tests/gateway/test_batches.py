@@ -145,6 +145,7 @@ def test_bad_lines_go_to_the_error_file_and_the_others_run(server):
     entries = [
         line("a", good),
         "{not json",
+        "[" * 3000,  # nested past the JSON parser's limit
         {"method": "POST", "url": COMPLETIONS, "body": good},  # no custom_id
         line("a", good),  # duplicate
         line("b", good, url=CHAT),
@@ -157,20 +158,20 @@ def test_bad_lines_go_to_the_error_file_and_the_others_run(server):
     ]
     batch = run_batch(server, entries)
     assert batch["status"] == "completed"
-    assert batch["request_counts"] == {"total": 10, "completed": 2, "failed": 8}
+    assert batch["request_counts"] == {"total": 11, "completed": 2, "failed": 9}
     outputs = content_lines(server, batch["output_file_id"])
     assert [o["custom_id"] for o in outputs] == ["a", "g"]
     interactive = httpx.post(server.url + COMPLETIONS, json=good, headers=server.headers()).json()
     assert_same_answer(outputs[0]["response"]["body"], interactive, chat=False)
     errors = content_lines(server, batch["error_file_id"])
     codes = [(e["custom_id"], e["error"] and e["error"]["code"]) for e in errors]
-    assert codes == [(None, "invalid_json"), (None, "missing_custom_id"), ("a", "duplicate_custom_id"),
-                     ("b", "invalid_url"), ("c", "invalid_method"), ("d", "streaming_unsupported"),
+    assert codes == [(None, "invalid_json"), (None, "invalid_json"), (None, "missing_custom_id"),
+                     ("a", "duplicate_custom_id"), ("b", "invalid_url"), ("c", "invalid_method"), ("d", "streaming_unsupported"),
                      ("e", None), ("f", None)]
-    assert errors[0]["error"]["line"] == 2 and "line 1" in errors[2]["error"]["message"]
-    assert all(e["error"]["message"] for e in errors[:6])
+    assert errors[0]["error"]["line"] == 2 and "line 1" in errors[3]["error"]["message"]
+    assert all(e["error"]["message"] for e in errors[:7])
     # A request the endpoint refuses: its own status and error body, word for word.
-    for entry, body in ((errors[6], hot), (errors[7], dict(good, model="nope"))):
+    for entry, body in ((errors[7], hot), (errors[8], dict(good, model="nope"))):
         want = httpx.post(server.url + COMPLETIONS, json=body, headers=server.headers())
         assert entry["response"]["status_code"] == want.status_code and want.status_code in (400, 404)
         assert entry["response"]["body"] == want.json()
@@ -244,8 +245,8 @@ def test_list_pagination_and_file_deletion(server):
     assert get(server, f"/v1/batches/{ids[0]}").json()["status"] == "completed"  # its results stay
 
 
-@pytest.mark.parametrize("case", ["unknown_file", "output_file_as_input", "endpoint", "window", "metadata",
-                                  "no_file_id", "not_json"])
+@pytest.mark.parametrize("case", ["unknown_file", "output_file_as_input", "endpoint", "window", "window_not_text",
+                                  "metadata", "no_file_id", "not_json"])
 def test_bad_batch_requests_in_openai_shape(server, case):
     good = upload(server, jsonl([line("x", {"model": "tiny", "prompt": "t5", "max_tokens": 1})])).json()["id"]
     if case == "output_file_as_input":
@@ -255,6 +256,7 @@ def test_bad_batch_requests_in_openai_shape(server, case):
         "output_file_as_input": lambda: (400, "input_file_id", create(server, good)),
         "endpoint": lambda: (400, "endpoint", create(server, good, endpoint="/v1/moderations")),
         "window": lambda: (400, "completion_window", create(server, good, completion_window="1h")),
+        "window_not_text": lambda: (400, "completion_window", create(server, good, completion_window=["24h"])),
         "metadata": lambda: (400, "metadata", create(server, good, metadata={"k": 1})),
         "no_file_id": lambda: (400, "input_file_id", create(server, "")),
         "not_json": lambda: (400, "body", httpx.post(server.url + "/v1/batches", content=b"{", headers=server.headers())),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import httpx
 import openai
@@ -244,6 +245,7 @@ def test_models_list_shows_the_base_model_and_one_can_be_retrieved(server):
     ({"model": "tiny", "prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
     ({"model": "tiny", "prompt": "x", "suffix": "end"}, "suffix"),
     ({"model": "tiny", "prompt": "x", "best_of": 3}, "best_of"),
+    ({"model": "tiny", "prompt": "x", "seed": 2**64}, "seed"),
     ({"model": "tiny", "prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"model": "tiny", "prompt": "x", "tool_choice": "required"}, "tool_choice"),
     ({"model": "tiny", "prompt": "x", "response_format": {"type": "xml"}}, "response_format"),
@@ -270,6 +272,41 @@ def test_unknown_model_is_404_and_missing_key_is_401(server):
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers=server.headers())
     assert r.status_code == 400
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings",
+                                  "/tokenize", "/v1/batches"])
+def test_json_nested_past_the_parsers_limit_is_400(server, path, caplog):
+    uvicorn_log = logging.getLogger("uvicorn.error")  # where an exception Starlette re-raises is logged
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        r = httpx.post(server.url + path, content=b'{"a":' * 3000, headers=server.headers())
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+    assert r.status_code == 400, r.text
+    assert "nests too deeply" in r.json()["error"]["message"]
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]  # a bad request, no crash
+
+
+def test_json_deep_enough_to_walk_past_the_limit_is_400(server):
+    deep = "x"
+    for _ in range(900):  # parses (the decoder allows ~1000 levels), but checking the tool's schema recurses deeper
+        deep = [deep]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "a": {"enum": [deep]}}}}}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "tools": [tool],
+            "tool_choice": "required"}
+    r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps(body), headers=server.headers())
+    assert r.status_code == 400, r.text
+    assert "nests too deeply" in r.json()["error"]["message"]
+
+
+def test_unknown_paths_and_methods_answer_in_openai_shape(server):
+    r = httpx.get(server.url + "/v1/nope", headers=server.headers())
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = httpx.delete(server.url + "/v1/completions", headers=server.headers())
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+    assert "POST" in r.headers["allow"]
 
 
 def test_aborted_streams_free_every_kv_block(server):

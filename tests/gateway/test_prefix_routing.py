@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 
-from loragate.gateway.prefix_index import CHUNK_CHARS, PrefixIndex, chain_hashes, prompt_pieces
+from loragate.gateway.prefix_index import CHUNK_CHARS, PrefixIndex, chain_hashes, prompt_pieces, response_id_of
+from loragate.gateway.routing_inputs import affinity_key, routing_inputs
 from loragate.gateway.proxy import REPLICA_HEADER
 from loragate.gateway.replicas import ReplicaPool
 
@@ -34,6 +35,12 @@ def test_chain_hashes_share_exactly_the_common_start():
     assert len(chain_hashes("k", ["x" * (CHUNK_CHARS * 2 + 1)])) == 3
     assert prompt_pieces({"instructions": "be brief", "input": [{"role": "user", "content": "hi"}]})[0] == "be brief"
     assert prompt_pieces({"prompt": "hello"}) == ["hello"] and prompt_pieces({"prompt": [1, 2]}) == ["1", "2"]
+
+
+def test_bodies_the_router_cannot_read_route_without_a_key_or_prompt():
+    for body in (b"{not json", b"\xff", b"[1]", b'{"model": ' * 3000):  # the last nests past the parser's limit
+        assert routing_inputs(body, AUTH["Authorization"]) == (affinity_key(AUTH["Authorization"], ""), [])
+    assert response_id_of(b'{"id": ' * 3000) is None
 
 
 def test_the_index_needs_two_chunks_or_half_the_prompt_and_forgets_the_oldest():

@@ -72,7 +72,8 @@ def test_calls_are_parsed_from_the_text():
     assert [c["function"]["name"] for c in deltas[0]["tool_calls"]] == ["add", "get_weather"]
     for text in ('Use {"name": "add", "arguments": {}}', '{"name": "add", "arguments": 5}', '{"name": "add"'):
         assert auto.message(text, "stop") == ({"role": "assistant", "content": text}, "stop")  # not calls
-    for text in ("Just text.", '<tool_call>{"name": "rm", "arguments": {}}</tool_call>', "<tool_call>{oops</tool_call>"):
+    for text in ("Just text.", '<tool_call>{"name": "rm", "arguments": {}}</tool_call>', "<tool_call>{oops</tool_call>",
+                 "[" * 5000 + "]" * 5000):  # nested past the JSON parser's limit: text, not a crash
         assert auto.message(text, "stop") == ({"role": "assistant", "content": text}, "stop")
     cut = '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>'
     assert auto.message(cut, "length") == ({"role": "assistant", "content": cut}, "length")
