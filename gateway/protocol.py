@@ -251,14 +251,17 @@ def chat_messages(body: dict) -> list[dict]:
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
             raise _bad(f"messages[{i}] needs a role of system, user, assistant or tool", "messages")
         reasoning = m.get("reasoning_content") or m.get("reasoning")  # an earlier answer's (gateway/reasoning.py)
-        if m["role"] == "assistant" and m.get("tool_calls"):  # an earlier turn's calls
-            out.append(template_message(m) | ({"reasoning_content": reasoning} if isinstance(reasoning, str) else {}))
-            continue
         content = m.get("content")
         if isinstance(content, list):  # content parts: only text can be served
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise _bad(f"messages[{i}]: only text content parts are supported", "messages")
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text", ""), str)
+                       for p in content):
+                raise _bad(f"messages[{i}]: only text content parts (a string 'text' each) are supported", "messages")
             content = "".join(p.get("text", "") for p in content)
+        if m["role"] == "assistant" and m.get("tool_calls") and (content is None or isinstance(content, str)):
+            # an earlier turn's calls (its content may be null)
+            out.append(template_message(m, content or "")
+                       | ({"reasoning_content": reasoning} if isinstance(reasoning, str) else {}))
+            continue
         if not isinstance(content, str):
             raise _bad(f"messages[{i}].content must be a string or text parts", "messages")
         message = {"role": "system" if m["role"] == "developer" else m["role"], "content": content}

@@ -187,7 +187,8 @@ def parse_tool_plan(body: dict) -> ToolPlan | None:
         raise _bad("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
     if choice is None or choice in ("auto", "none", "required"):
         return ToolPlan(tools, choice or "auto", parallel=parallel)
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not (isinstance(choice, dict) and choice.get("type") == "function" and name in names):
         raise _bad("'tool_choice' must be 'none', 'auto', 'required' or "
                    "{\"type\": \"function\", \"function\": {\"name\": <one of the tools>}}", "tool_choice")
@@ -204,10 +205,12 @@ def check_template(plan: ToolPlan, chat_template: str | None) -> None:
                    "work with any model", "tool_choice")
 
 
-def template_message(message: dict) -> dict:
+def template_message(message: dict, content: str) -> dict:
     """An assistant message's tool_calls as chat templates read them: arguments as an object."""
+    if not isinstance(message["tool_calls"], list):
+        raise _bad("an assistant message's tool_calls must be a list", "messages")
     calls = []
-    for call in message.get("tool_calls") or []:
+    for call in message["tool_calls"]:
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise _bad("tool_calls entries need function.name and function.arguments", "messages")
@@ -215,7 +218,7 @@ def template_message(message: dict) -> dict:
         if not isinstance(arguments, dict):
             raise _bad("tool_calls[].function.arguments must be a JSON object (as a string)", "messages")
         calls.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": arguments}})
-    return {"role": "assistant", "content": message.get("content") or "", "tool_calls": calls}
+    return {"role": "assistant", "content": content, "tool_calls": calls}
 
 
 class StreamedCalls:

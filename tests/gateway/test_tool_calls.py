@@ -27,6 +27,7 @@ HERMES_TEMPLATE = "{% if tools %}{{ tools | tojson }}{% endif %} reply with <too
     ({"tools": [WEATHER, WEATHER]}, "tools"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "add"}}}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": "get_weather"}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"tools": [WEATHER], "parallel_tool_calls": "no"}, "parallel_tool_calls"),
@@ -158,6 +159,26 @@ def test_earlier_calls_and_tool_results_reach_the_template():
     assert messages[2] == {"role": "tool", "content": "-3 C, snow", "tool_call_id": "call_1"}
     with pytest.raises(InvalidRequestError):
         chat_messages({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}]})
+    text_parts = chat_messages({"messages": [{"role": "assistant", "content": [{"type": "text", "text": "On it."}],
+                                              "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}]})
+    assert text_parts[0]["content"] == "On it."
+
+
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "user", "content": [{"type": "text", "text": 5}]},
+    {"role": "user", "content": [{"type": "text", "text": ["a"]}]},
+    {"role": "assistant", "content": 5, "tool_calls": [CALL]},
+    {"role": "assistant", "content": {"a": 1}, "tool_calls": [CALL]},
+    {"role": "assistant", "content": None, "tool_calls": True},
+    {"role": "assistant", "content": None, "tool_calls": {"a": 1}},
+])
+def test_malformed_messages_are_refused(message):
+    with pytest.raises(InvalidRequestError) as e:
+        chat_messages({"messages": [message]})
+    assert e.value.param == "messages"
 
 
 @pytest.fixture
