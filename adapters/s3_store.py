@@ -6,6 +6,8 @@ Layout under `<prefix>/`:
     <tenant>/<name>/v<N>/meta.json    written LAST: a version exists once its meta.json does
     .seq/<tenant>/<name>              the highest version number ever allocated, kept across
                                       delete so a re-upload never reuses a served version
+    .claims/<tenant>/<name>/<sha256>  while one server stores files that others want stored
+                                      too (put's reuse_same), so they wait and use its version
 
 Readers ignore versions without meta.json, so a put that dies midway leaves nothing visible;
 a put that fails deletes what it wrote, and `sweep_incomplete` removes what a crash left.
@@ -43,6 +45,9 @@ __all__ = ["S3AdapterStore", "StoreUnavailableError"]
 
 log = logging.getLogger(__name__)
 _SEQ = ".seq"
+_CLAIMS = ".claims"
+CLAIM_WAIT_S = 120.0  # longest a server waits for another's upload of the same files
+CLAIM_POLL_S = 0.5
 _CHUNK = 1 << 20
 _MAX_REMEMBERED_METAS = 4096
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -70,15 +75,17 @@ class S3AdapterStore:
         src = checked_upload_dir(tenant, name, src_dir)
         # Staged on the cache's filesystem: what is hashed is what is uploaded, and afterwards
         # the staged copy becomes this server's cache entry (no download of its own upload).
-        staged, written = self.cache.staging_dir(), []
+        staged, written, claim = self.cache.staging_dir(), [], None
         try:
             # Stricter names than the local store's: they become S3 keys, then local paths again.
             files = copy_upload_files(src, staged, self.max_total_bytes, _safe_file_name)
             digest = files_digest(files)
-            if reuse_same and (latest := self._latest_or_none(tenant, name)) is not None and latest.sha256 == digest:
-                # Checked, not locked: servers putting the same new files at once may both store them.
-                shutil.rmtree(staged, ignore_errors=True)
-                return latest
+            if reuse_same:
+                same = self._same_or_claim(tenant, name, digest)
+                if same is not None:
+                    shutil.rmtree(staged, ignore_errors=True)
+                    return same
+                claim = self._claim_key(tenant, name, digest)
             version = self._allocate_version(tenant, name)
             prefix = self._version_prefix(tenant, name, version)
             for file, _, _ in files:
@@ -99,7 +106,11 @@ class S3AdapterStore:
             shutil.rmtree(staged, ignore_errors=True)
             for key in reversed(written):  # meta.json first: a version is never visible half-deleted
                 self.s3.delete_quietly(key)
+            if claim is not None:  # another server may store these files now
+                self._release(claim)
             raise
+        if claim is not None:
+            self._release(claim)
         self._remember(tenant, name, version, meta)
         try:
             return self.cache.publish(staged, tenant, name, version)
@@ -192,6 +203,39 @@ class S3AdapterStore:
             raise AdapterNotFound(f"{what} does not exist")
         return found
 
+    def _same_or_claim(self, tenant: str, name: str, digest: str) -> StoredAdapter | None:
+        """For put(reuse_same): the latest version if it holds these files, else None once this
+        server holds the claim to store them. Servers putting the same new files at once (engines
+        starting together with one --lora-modules) agree on one writer this way: the first to
+        create the claim object uploads, the others wait for its version and use it. A claim
+        older than CLAIM_WAIT_S is taken over (its server died or stalls), as is one that
+        outlasts the wait; a service without conditional writes lets every server claim."""
+        claim, deadline = self._claim_key(tenant, name, digest), time.monotonic() + CLAIM_WAIT_S
+        while True:
+            latest = self._latest_or_none(tenant, name)
+            if latest is not None and latest.sha256 == digest:
+                return latest
+            if self.s3.put(claim, str(time.time()).encode(), if_none_match=True):
+                # Re-read: a claimant may have published and let go since the check above.
+                latest = self._latest_or_none(tenant, name)
+                if latest is not None and latest.sha256 == digest:
+                    self._release(claim)
+                    return latest
+                return None
+            held_since = _float_or_none(self.s3.get_bytes(claim, 64))
+            if time.monotonic() >= deadline or (held_since is not None and time.time() - held_since > CLAIM_WAIT_S):
+                log.warning("taking over the upload of %s/%s from a server that claimed it and did not finish",
+                            tenant, name)
+                self.s3.put(claim, str(time.time()).encode())
+                return None
+            time.sleep(CLAIM_POLL_S)
+
+    def _release(self, claim: str) -> None:
+        try:
+            self.s3.delete(claim)
+        except StoreUnavailableError as e:  # others take it over once it is CLAIM_WAIT_S old
+            log.warning("could not remove the upload claim s3://%s/%s: %s", self.s3.bucket, claim, e)
+
     def _latest_or_none(self, tenant: str, name: str) -> StoredAdapter | None:
         try:
             return self._find(tenant, name, None)[0]
@@ -278,6 +322,9 @@ class S3AdapterStore:
     def _seq_key(self, tenant: str, name: str) -> str:
         return f"{self._base}{_SEQ}/{tenant}/{name}"
 
+    def _claim_key(self, tenant: str, name: str, digest: str) -> str:
+        return f"{self._base}{_CLAIMS}/{tenant}/{name}/{digest}"
+
     def _allocate_version(self, tenant: str, name: str) -> int:
         """One more than both the sequence object and the highest stored version (the
         sequence may be missing for adapters copied in by hand)."""
@@ -288,6 +335,13 @@ class S3AdapterStore:
 
     def _raise_seq_to(self, tenant: str, name: str, version: int) -> None:
         self.s3.update_counter(self._seq_key(tenant, name), lambda current: None if current >= version else version)
+
+
+def _float_or_none(raw: bytes | None) -> float | None:
+    try:
+        return float(raw) if raw is not None else None
+    except ValueError:
+        return None
 
 
 def _check(tenant: str, name: str, version) -> None:

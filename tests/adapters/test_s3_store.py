@@ -26,6 +26,7 @@ pytest.importorskip("boto3", reason="the S3 store needs boto3: pip install 'lora
 pytest.importorskip("moto", reason="these tests need moto_server: pip install 'moto[s3,server]'")
 
 from loragate.adapters.s3_client import StoreUnavailableError
+from loragate.adapters import s3_store
 from loragate.adapters.s3_store import S3AdapterStore
 from loragate.adapters.store_factory import make_adapter_store
 
@@ -118,6 +119,65 @@ def test_reuse_same_returns_the_latest_version_when_its_files_are_the_same(make,
     assert other.put("t", "a", upload(tmp_path, b"two"), reuse_same=True).version == 2
     assert s.put("t", "a", upload(tmp_path, b"one"), reuse_same=True).version == 3  # the latest is compared
     assert keys(s, "t/a/v4") == [] and len(list((tmp_path / "other-server").rglob("*.safetensors"))) == 1
+
+
+def test_servers_putting_the_same_files_at_once_store_one_version(make, tmp_path):
+    """Engines starting together with one --lora-modules: one uploads, the others use its version."""
+    servers = [make(f"server-{i}") for i in range(6)]
+    srcs = [upload(tmp_path, b"same", name=f"src{i}") for i in range(6)]
+    results, errors = [], []
+
+    def put(i):
+        try:
+            results.append(servers[i].put("t", "a", srcs[i], reuse_same=True).version)
+        except Exception as e:  # surfaced by the assert below
+            errors.append(e)
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and results == [1] * 6
+    assert keys(servers[0], ".claims") == [] and keys(servers[0], "t/a/v2") == []
+
+
+def test_a_claim_is_waited_for_until_its_version_appears(make, tmp_path, monkeypatch):
+    claimant, waiter = make("claimant"), make("waiter")
+    digest = claimant.put("t", "probe", upload(tmp_path, b"same", name="probe")).sha256  # the files' digest
+    claim = waiter._claim_key("t", "a", digest)
+    assert claimant.s3.put(claim, str(time.time()).encode(), if_none_match=True)
+    polls = []
+
+    def publish_on_second_poll(seconds):
+        polls.append(seconds)
+        if len(polls) == 2:  # the claimant finishes while the waiter waits
+            claimant.put("t", "a", upload(tmp_path, b"same", name="late"))
+            claimant.s3.delete(claim)
+    monkeypatch.setattr(s3_store.time, "sleep", publish_on_second_poll)
+    got = waiter.put("t", "a", upload(tmp_path, b"same", name="mine"), reuse_same=True)
+    assert got.version == 1 and len(polls) == 2 and keys(waiter, "t/a/v2") == []
+
+
+def test_a_stale_or_outlasting_claim_is_taken_over_and_a_failed_put_lets_go(make, tmp_path, monkeypatch):
+    s = make()
+    digest = s.put("t", "probe", upload(tmp_path, b"same", name="probe")).sha256
+    claim = s._claim_key("t", "a", digest)
+    s.s3.put(claim, str(time.time() - s3_store.CLAIM_WAIT_S - 1).encode())  # its server died long ago
+    monkeypatch.setattr(s3_store.time, "sleep", lambda _: pytest.fail("a stale claim is not waited for"))
+    assert s.put("t", "a", upload(tmp_path, b"same", name="one"), reuse_same=True).version == 1
+    assert keys(s, ".claims") == []
+
+    s.s3.put(s._claim_key("t", "b", digest), str(time.time()).encode())  # held, and never finished
+    monkeypatch.setattr(s3_store, "CLAIM_WAIT_S", 0.0)
+    assert s.put("t", "b", upload(tmp_path, b"same", name="two"), reuse_same=True).version == 1
+    assert keys(s, ".claims") == []
+
+    def broken_upload(src, key):
+        raise StoreUnavailableError("the bucket went away")
+    monkeypatch.setattr(s.s3, "upload", broken_upload)
+    with pytest.raises(StoreUnavailableError):
+        s.put("t", "c", upload(tmp_path, b"same", name="three"), reuse_same=True)
+    assert keys(s, ".claims") == [] and keys(s, "t/c") == []
 
 
 def test_concurrent_puts_from_two_servers_get_distinct_versions(make, tmp_path):
