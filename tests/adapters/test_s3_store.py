@@ -121,23 +121,30 @@ def test_reuse_same_returns_the_latest_version_when_its_files_are_the_same(make,
     assert keys(s, "t/a/v4") == [] and len(list((tmp_path / "other-server").rglob("*.safetensors"))) == 1
 
 
-def test_servers_putting_the_same_files_at_once_store_one_version(make, tmp_path):
-    """Engines starting together with one --lora-modules: one uploads, the others use its version."""
-    servers = [make(f"server-{i}") for i in range(6)]
-    srcs = [upload(tmp_path, b"same", name=f"src{i}") for i in range(6)]
-    results, errors = [], []
+def at_once(call, n: int) -> list:
+    """call(0) .. call(n - 1) on n threads started together; their results, or the first error."""
+    results, errors = [None] * n, []
 
-    def put(i):
+    def run(i):
         try:
-            results.append(servers[i].put("t", "a", srcs[i], reuse_same=True).version)
-        except Exception as e:  # surfaced by the assert below
+            results[i] = call(i)
+        except Exception as e:  # raised below, in the test's thread
             errors.append(e)
-    threads = [threading.Thread(target=put, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert errors == [] and results == [1] * 6
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_servers_putting_the_same_files_at_once_store_one_version(make, tmp_path):
+    """Engines starting together with one --lora-modules: one uploads, the others use its version."""
+    servers = [make(f"server-{i}") for i in range(6)]
+    srcs = [upload(tmp_path, b"same", name=f"src{i}") for i in range(6)]
+    assert at_once(lambda i: servers[i].put("t", "a", srcs[i], reuse_same=True).version, 6) == [1] * 6
     assert keys(servers[0], ".claims") == [] and keys(servers[0], "t/a/v2") == []
 
 
@@ -183,19 +190,8 @@ def test_a_stale_or_outlasting_claim_is_taken_over_and_a_failed_put_lets_go(make
 def test_concurrent_puts_from_two_servers_get_distinct_versions(make, tmp_path):
     servers = [make("server-a"), make("server-b")]
     srcs = [upload(tmp_path, bytes([i]) * 1000, name=f"src{i}") for i in range(8)]
-    results, errors = [], []
-
-    def put(i):
-        try:
-            results.append((servers[i % 2].put("t", "a", srcs[i]).version, i))
-        except Exception as e:  # surfaced by the assert below
-            errors.append(e)
-    threads = [threading.Thread(target=put, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == [] and sorted(v for v, _ in results) == list(range(1, 9))
+    results = at_once(lambda i: (servers[i % 2].put("t", "a", srcs[i]).version, i), 8)
+    assert sorted(v for v, _ in results) == list(range(1, 9))
     reader = make("reader")
     for version, i in results:  # each version holds the bytes of the put that got it
         got = reader.get("t", "a", version)
