@@ -5,8 +5,8 @@ Each entry is `[tenant/]name=path`: a PEFT output directory holding adapter_conf
 adapter_model.safetensors (its other files, such as training_args.bin or a README, are left
 out). It goes through the same validation as an upload. An adapter already stored under that
 tenant and name with the same two files is left as it is, so restarts add no versions, nor do
-engines starting together on one local store (on S3 both may store it: identical versions);
-other bytes there become its next version, as a re-upload would."""
+engines starting together on one store; other bytes there become its next version, as a
+re-upload would."""
 
 from __future__ import annotations
 
@@ -64,26 +64,32 @@ def check_directories(modules: list[LoraModule]) -> None:
 def preload(registry, modules: list[LoraModule], open_tenant: str) -> None:
     """Register each module unless the store already holds the same files under its name."""
     for module in modules:
-        tenant = module.tenant or open_tenant
-        with tempfile.TemporaryDirectory(prefix="loragate-preload-") as tmp:
-            # Copied, so the bytes validated are the bytes stored, whatever happens to the source.
-            for f in (CONFIG_FILE, WEIGHTS_FILE):
-                shutil.copyfile(module.path / f, Path(tmp) / f)
-            digest = files_digest([(f, _sha256(Path(tmp) / f), 0) for f in sorted((CONFIG_FILE, WEIGHTS_FILE))])
-            try:
-                current = registry.get(tenant, module.name)
-            except AdapterNotFound:
-                current = None
-            if current is not None and current.sha256 == digest:
-                log.warning("adapter %s/%s from %s: already stored (version %d)", tenant, module.name, module.path,
-                            current.version)
-                continue
-            try:
-                # reuse_same: another engine on this store may have stored them since the check above
-                info = registry.register(tenant, module.name, tmp, reuse_same=True)
-            except AdapterError as e:
-                raise AdapterError(e.code, f"--lora-modules {module.name}={module.path}: {e.message}") from None
-            log.warning("adapter %s/%s from %s: stored as version %d", tenant, module.name, module.path, info.version)
+        try:
+            store_module(registry, module, module.tenant or open_tenant)
+        except AdapterError as e:
+            raise AdapterError(e.code, f"--lora-modules {module.name}={module.path}: {e.message}") from None
+
+
+def store_module(registry, module: LoraModule, tenant: str):
+    """The module's two files as the tenant's adapter `module.name`: its current version if
+    that holds the same files, else a new one (also POST /v1/load_lora_adapter's way in)."""
+    with tempfile.TemporaryDirectory(prefix="loragate-preload-") as tmp:
+        # Copied, so the bytes validated are the bytes stored, whatever happens to the source.
+        for f in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copyfile(module.path / f, Path(tmp) / f)
+        digest = files_digest([(f, _sha256(Path(tmp) / f), 0) for f in sorted((CONFIG_FILE, WEIGHTS_FILE))])
+        try:
+            current = registry.get(tenant, module.name)
+        except AdapterNotFound:
+            current = None
+        if current is not None and current.sha256 == digest:
+            log.warning("adapter %s/%s from %s: already stored (version %d)", tenant, module.name, module.path,
+                        current.version)
+            return current
+        # reuse_same: another engine on this store may have stored them since the check above
+        info = registry.register(tenant, module.name, tmp, reuse_same=True)
+        log.warning("adapter %s/%s from %s: stored as version %d", tenant, module.name, module.path, info.version)
+        return info
 
 
 def _sha256(path: Path) -> str:

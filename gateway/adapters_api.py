@@ -24,7 +24,7 @@ from .uploads import UploadLimits, read_upload_form, save_upload_files
 CHUNK = 1 << 20
 
 
-def _registry(request: Request):
+def registry_of(request: Request):
     state = request.app.state.server
     if state.registry is None:
         state.require_engine()  # the registry comes with the model: same 503 while loading
@@ -46,13 +46,22 @@ def info_json(info) -> dict:
             "error": info.error, "created": int(info.created)}
 
 
+def check_quota(request: Request, tenant: str, stored: list) -> None:
+    """403 when the tenant already stores as many adapters as it may (adding one more)."""
+    limit = request.app.state.settings.max_adapters_per_tenant
+    if limit and len(stored) >= limit:
+        raise APIError(403, f"tenant {tenant!r} has {len(stored)} adapters, its limit; delete one "
+                       "(DELETE /v1/adapters/{name}) or replace one (PUT) instead", "permission_error",
+                       param="name", code="adapter_quota")
+
+
 async def _chunks(upload: UploadFile):
     while chunk := await upload.read(CHUNK):
         yield chunk
 
 
 async def _receive_and_register(request: Request, name: str | None, *, replace: bool):
-    registry = _registry(request)
+    registry = registry_of(request)
     principal = principal_of(request)
     settings = request.app.state.settings
     limits = UploadLimits(max_total_bytes=settings.max_upload_size)
@@ -74,11 +83,8 @@ async def _receive_and_register(request: Request, name: str | None, *, replace: 
             if not replace and exists:
                 raise APIError(409, f"adapter {name!r} already exists; PUT /v1/adapters/{name} uploads a new version",
                                param="name", code="adapter_exists")
-            limit = settings.max_adapters_per_tenant
-            if not replace and limit and len(stored) >= limit:
-                raise APIError(403, f"tenant {tenant!r} has {len(stored)} adapters, its limit; delete one "
-                               "(DELETE /v1/adapters/{name}) or replace one (PUT) instead", "permission_error",
-                               param="name", code="adapter_quota")
+            if not replace:
+                check_quota(request, tenant, stored)
             await save_upload_files(files, tmp, limits)
             info = await asyncio.to_thread(registry.register, tenant, name, tmp)
         return JSONResponse(info_json(info), status_code=200 if replace else 201)
@@ -96,7 +102,7 @@ async def replace(request: Request):
 
 
 async def list_adapters(request: Request):
-    registry = _registry(request)
+    registry = registry_of(request)
     principal = principal_of(request)
     if principal.is_admin and not request.query_params.get("tenant"):
         infos = registry.list_all()
@@ -106,13 +112,13 @@ async def list_adapters(request: Request):
 
 
 async def get_adapter(request: Request):
-    registry = _registry(request)
+    registry = registry_of(request)
     principal = principal_of(request)
     return JSONResponse(info_json(registry.get(_tenant(request, principal), request.path_params["name"])))
 
 
 async def delete_adapter(request: Request):
-    registry = _registry(request)
+    registry = registry_of(request)
     principal = principal_of(request)
     name = request.path_params["name"]
     await asyncio.to_thread(registry.delete, _tenant(request, principal), name)

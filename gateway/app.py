@@ -61,6 +61,7 @@ def build_app(state: ServerState, load=None) -> Starlette:
     """`load()` (run in a thread at start-up) sets state.engine and state.registry; tests may
     instead fill the state and pass none."""
     from .adapters_api import routes as adapter_routes
+    from .runtime_lora_api import routes as runtime_lora_routes
     from .embeddings_api import routes as embedding_routes
     from .responses_api import response_store_service, routes as responses_routes
     from .tokenizer_api import routes as tokenizer_routes
@@ -95,6 +96,7 @@ def build_app(state: ServerState, load=None) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         *adapter_routes,
+        *runtime_lora_routes,
         *embedding_routes,
         *responses_routes,
         *tokenizer_routes,

@@ -178,6 +178,10 @@ GATEWAY_HELP = {
     "lora_modules": "adapters to store at start-up from directories on this machine, '[tenant/]name=path,...' "
                     "(vLLM's --lora-modules): each a PEFT output directory, validated as an upload; the tenant "
                     "is required with API keys; a restart with the same files adds no version",
+    "allow_runtime_lora_updating": "vLLM's runtime LoRA API: POST /v1/load_lora_adapter {\"lora_name\": "
+                                   "\"[tenant/]name\", \"lora_path\": \"/dir\"} stores a PEFT directory on this "
+                                   "machine as an adapter (validated as an upload), /v1/unload_lora_adapter "
+                                   "{\"lora_name\"} deletes it; with API keys only the admin key may call them",
     "strict_base_model": "refuse adapters whose base_model_name_or_path names another model",
     "reasoning_parser": "chat answers of reasoning models (Qwen3, DeepSeek-R1, ...): the <think> ... </think> "
                         "section goes to the message's 'reasoning' and 'reasoning_content', the rest to 'content'. "

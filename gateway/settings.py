@@ -37,6 +37,9 @@ class GatewaySettings:
     # "[tenant/]name=path,...": adapters stored at start-up from directories on the server
     # (vLLM's --lora-modules; adapters/preload.py)
     lora_modules: str | None = None
+    # vLLM's runtime LoRA API (POST /v1/load_lora_adapter, /v1/unload_lora_adapter): it reads
+    # directories on the server, so it is off unless asked for (gateway/runtime_lora_api.py).
+    allow_runtime_lora_updating: bool = False
     strict_base_model: bool = False  # refuse adapters whose base_model_name_or_path differs
     # Chat answers of reasoning models split into reasoning and content (gateway/reasoning.py):
     # auto (models whose chat template writes <think> ... </think>), think (required), none.
