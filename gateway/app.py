@@ -24,6 +24,11 @@ log = logging.getLogger("loragate.gateway")
 
 
 async def healthz(request: Request):
+    """Liveness: 200 while the process serves, 503 once its engine stopped after an internal
+    error, so an orchestrator restarts it (readiness alone would only take it out of rotation)."""
+    engine = request.app.state.server.engine
+    if engine is not None and engine.error is not None:
+        return JSONResponse({"status": "engine_dead", "error": str(engine.error)}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -89,6 +94,7 @@ def build_app(state: ServerState, load=None) -> Starlette:
 
     routes = [
         Route("/healthz", healthz),
+        Route("/health", healthz),  # vLLM's name for it, for probes written against vLLM
         Route("/readyz", readyz),
         Route("/metrics", metrics),
         Route("/v1/models", list_models),

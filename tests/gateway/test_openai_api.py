@@ -337,9 +337,15 @@ def test_aborted_streams_free_every_kv_block(server):
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
-def test_health_and_readiness(server):
+def test_health_and_readiness(server, monkeypatch):
     assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}  # vLLM's path
     assert httpx.get(server.url + "/readyz").status_code == 200
+    monkeypatch.setattr(server.state.engine, "error", RuntimeError("boom"))  # the engine loop died
+    for path in ("/healthz", "/health"):  # liveness fails, so the orchestrator restarts the server
+        r = httpx.get(server.url + path)
+        assert r.status_code == 503 and r.json() == {"status": "engine_dead", "error": "boom"}
+    assert httpx.get(server.url + "/readyz").status_code == 503
 
 
 def test_sse_ends_with_done(server):
