@@ -34,7 +34,7 @@ def to_api_error(exc: Exception) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, HTTPException):  # Starlette's own: an unknown path or method
-        return APIError(exc.status_code, f"{exc.detail}", "not_found_error" if exc.status_code == 404
+        return APIError(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404
                         else "invalid_request_error", headers=dict(exc.headers or {}))
     if isinstance(exc, RecursionError):  # JSON nested past Python's limit, in parsing or walking it
         return APIError(400, "the request nests too deeply (more than about 900 levels of JSON)")
