@@ -217,7 +217,11 @@ class S3AdapterStore:
                 return latest
             if self.s3.put(claim, str(time.time()).encode(), if_none_match=True):
                 # Re-read: a claimant may have published and let go since the check above.
-                latest = self._latest_or_none(tenant, name)
+                try:
+                    latest = self._latest_or_none(tenant, name)
+                except BaseException:
+                    self._release(claim)
+                    raise
                 if latest is not None and latest.sha256 == digest:
                     self._release(claim)
                     return latest

@@ -311,6 +311,7 @@ def build_router_app(settings, *, client: httpx.AsyncClient | None = None,
 
     routes = [
         Route("/healthz", healthz),
+        Route("/health", healthz),  # vLLM's name for it
         Route("/readyz", readyz),
         Route("/metrics", metrics),
         Route("/v1/completions", inference, methods=["POST"]),

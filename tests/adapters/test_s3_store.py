@@ -186,6 +186,17 @@ def test_a_stale_or_outlasting_claim_is_taken_over_and_a_failed_put_lets_go(make
         s.put("t", "c", upload(tmp_path, b"same", name="three"), reuse_same=True)
     assert keys(s, ".claims") == [] and keys(s, "t/c") == []
 
+    lookups = []
+
+    def latest_then_fail(tenant, name):  # the bucket goes away just after the claim is made
+        lookups.append(name)
+        if len(lookups) > 1:
+            raise StoreUnavailableError("the bucket went away")
+    monkeypatch.setattr(s, "_latest_or_none", latest_then_fail)
+    with pytest.raises(StoreUnavailableError):
+        s.put("t", "d", upload(tmp_path, b"same", name="four"), reuse_same=True)
+    assert lookups == ["d", "d"] and keys(s, ".claims") == []
+
 
 def test_concurrent_puts_from_two_servers_get_distinct_versions(make, tmp_path):
     servers = [make("server-a"), make("server-b")]

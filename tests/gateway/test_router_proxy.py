@@ -310,7 +310,7 @@ def test_unknown_paths_answer_in_openai_shape(engines):
     with make_client(engines) as client:
         r = client.get("/nope")
         assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
-        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/healthz").json() == {"status": "ok"} == client.get("/health").json()
 
 
 @pytest.mark.parametrize("argv, message", [
