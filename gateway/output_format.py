@@ -14,15 +14,28 @@ def _bad(message: str, param: str) -> InvalidRequestError:
     return InvalidRequestError(message, param)
 
 
+# vLLM's names for structured_outputs' fields before v0.10.2 (guided_json, ...), which many
+# clients still send: silently ignoring them would answer unconstrained.
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
 def output_grammar(body: dict) -> str | None:
     """The grammar the output must match (None: free text): OpenAI's response_format, or
-    vLLM's structured_outputs extension (one of json, regex, choice, grammar)."""
+    vLLM's structured_outputs extension (one of json, regex, choice, grammar; or its earlier
+    guided_* fields). vLLM's guided_decoding_backend only picks its grammar library: ignored."""
     fmt = body.get("response_format") or {"type": "text"}
     extension = body.get("structured_outputs")
     if not isinstance(fmt, dict):
         raise _bad("'response_format' must be an object", "response_format")
     if extension is not None and not isinstance(extension, dict):
         raise _bad("'structured_outputs' must be an object", "structured_outputs")
+    if body.get("guided_whitespace_pattern") is not None:
+        raise _bad("'guided_whitespace_pattern' is not supported", "guided_whitespace_pattern")
+    guided = {field: body[name] for name, field in _GUIDED.items() if body.get(name) is not None}
+    if guided:
+        if extension is not None:
+            raise _bad("give 'structured_outputs' or the guided_* fields, not both", "structured_outputs")
+        extension = guided
     if extension is not None:
         if fmt.get("type") != "text":
             raise _bad("give 'response_format' or 'structured_outputs', not both", "structured_outputs")

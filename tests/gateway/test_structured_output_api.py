@@ -81,6 +81,19 @@ def test_vllm_structured_outputs_choice_regex_and_grammar(client):
     assert json.loads(ask({"json": json.dumps(SCHEMA)}, "Tell me about Rome.").message.content)["city"]
 
 
+def test_vllms_earlier_guided_fields_constrain_the_same_way(client):
+    def ask(extra, content="Is the sky blue? Answer briefly."):
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                              max_tokens=40, temperature=0, extra_body=extra).choices[0].message.content
+
+    assert ask({"guided_choice": ["yes", "no"], "guided_decoding_backend": "xgrammar"}) in ("yes", "no")
+    assert re.fullmatch(r"[0-9]{4}", ask({"guided_regex": r"[0-9]{4}"}, "In which year did Apollo 11 land?"))
+    jsonschema.validate(json.loads(ask({"guided_json": SCHEMA}, "Tell me about Rome.")), SCHEMA)
+    lark = 'start: "The answer is " NUMBER "."\nNUMBER: /[0-9]+/'
+    assert ask({"guided_grammar": lark}, "What is 6 times 7?") == ask({"structured_outputs": {"grammar": lark}},
+                                                                       "What is 6 times 7?")
+
+
 @pytest.mark.parametrize("extra", [
     {"structured_outputs": {"choice": ["a"], "regex": "b"}},
     {"structured_outputs": {"choice": []}},
@@ -88,6 +101,10 @@ def test_vllm_structured_outputs_choice_regex_and_grammar(client):
     {"structured_outputs": {"grammar": "start: foo ("}},
     {"structured_outputs": {"json": "{not json"}},
     {"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}},
+    {"structured_outputs": {"choice": ["a"]}, "guided_regex": "b"},
+    {"guided_choice": ["a"], "guided_regex": "b"},
+    {"guided_choice": []},
+    {"guided_json": {"type": "object"}, "guided_whitespace_pattern": " ?"},
 ])
 def test_bad_structured_outputs_are_400(client, extra):
     with pytest.raises(openai.BadRequestError):
