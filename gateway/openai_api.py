@@ -94,7 +94,8 @@ async def submit_choices(state, principal, body: dict, gen, *, chat: bool):
         texts = completion_prompts(body)
         if gen.suffix is not None:
             texts = _fill_in_middle(tok, gen, texts)
-        prompts = [engine.engine.tokenize(p) for p in texts]
+        prompts = [tok.encode(p, add_special_tokens=gen.add_special_tokens) if isinstance(p, str) else list(p)
+                   for p in texts]
         if gen.echo:  # what echo repeats: the prompt as sent (token ids decoded)
             gen.prompt_texts = [p if isinstance(p, str) else tok.decode(p) for p in texts]
     prompts = truncated(prompts, gen.truncate_prompt_tokens, engine.engine.max_model_len)

@@ -53,6 +53,7 @@ class GenerationRequest:
     include_reasoning: bool = True  # chat on a reasoning model: the answer carries its reasoning
     reasoning: tuple | None = None  # ... (ThinkMarkers, where the output starts), set once the prompt is built
     continuous_usage: bool = False  # stream_options.continuous_usage_stats (vLLM's): counts so far on every chunk
+    add_special_tokens: bool = True  # completions (vLLM's): the tokenizer's BOS and such around a text prompt
 
     @property
     def prompt_only(self) -> bool:
@@ -137,7 +138,8 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
                              echo, tools=tools, suffix=suffix, include_reasoning=_get(body, "include_reasoning", bool, True),
                              template_kwargs=_template_options(body) if chat else {},
                              truncate_prompt_tokens=truncation(body), service_tier=tier,
-                             continuous_usage=bool(options.get("continuous_usage_stats")))
+                             continuous_usage=bool(options.get("continuous_usage_stats")),
+                             add_special_tokens=_get(body, "add_special_tokens", bool, not chat))
 
 
 def _service_tier(body: dict) -> str:
@@ -193,6 +195,14 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
         raise _bad("only text output is supported", "modalities")
     if chat and body.get("echo"):
         raise _bad("'echo' is for /v1/completions", "echo")
+    if body.get("use_beam_search"):
+        raise _bad("beam search is not supported", "use_beam_search")
+    if chat and body.get("chat_template") is not None:  # as vLLM refuses it by default (--trust-request-chat-template)
+        raise _bad("per-request chat templates are not accepted; the model's own is used", "chat_template")
+    if chat and body.get("documents"):
+        raise _bad("'documents' are not passed to chat templates here; put them in the messages", "documents")
+    if chat and body.get("add_special_tokens"):  # the template writes the special tokens itself
+        raise _bad("'add_special_tokens' is for /v1/completions", "add_special_tokens")
     if not chat:
         if body.get("best_of") not in (None, 1, body.get("n", 1)):
             raise _bad("'best_of' is not supported; use 'n'", "best_of")

@@ -246,6 +246,7 @@ def test_models_list_shows_the_base_model_and_one_can_be_retrieved(server):
     ({"model": "tiny", "prompt": "x", "suffix": "end"}, "suffix"),
     ({"model": "tiny", "prompt": "x", "best_of": 3}, "best_of"),
     ({"model": "tiny", "prompt": "x", "seed": 2**64}, "seed"),
+    ({"model": "tiny", "prompt": "x", "use_beam_search": True}, "use_beam_search"),
     ({"model": "tiny", "prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"model": "tiny", "prompt": "x", "tool_choice": "required"}, "tool_choice"),
     ({"model": "tiny", "prompt": "x", "response_format": {"type": "xml"}}, "response_format"),
@@ -262,6 +263,45 @@ def test_bad_requests_are_400_in_openai_shape(server, body, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"] and err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"chat_template": "{{ messages }}"}, "chat_template"),  # vLLM too refuses these by default
+    ({"documents": [{"title": "a", "text": "b"}]}, "documents"),
+    ({"add_special_tokens": True}, "add_special_tokens"),
+    ({"use_beam_search": True}, "use_beam_search"),
+])
+def test_chat_options_that_would_be_ignored_are_400(server, extra, param):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "t6"}], "max_tokens": 1, **extra}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, headers=server.headers())
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_completions_add_special_tokens_as_vllm(tiny_llama, tmp_path, monkeypatch):
+    """A tokenizer that writes BOS before a text: add_special_tokens false leaves it out."""
+    import shutil
+
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from .conftest import RunningServer
+
+    model = shutil.copytree(tiny_llama, tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save_pretrained(model)
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
+    s = RunningServer(model, None)
+    try:
+        def prompt_tokens(**extra):
+            body = {"model": "tiny", "prompt": "t5 t6", "max_tokens": 1, **extra}
+            r = httpx.post(s.url + "/v1/completions", json=body, headers=s.headers())
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["prompt_tokens"]
+        assert prompt_tokens() == prompt_tokens(add_special_tokens=True) == 3
+        assert prompt_tokens(add_special_tokens=False) == 2
+    finally:
+        s.stop()
 
 
 def test_unknown_model_is_404_and_missing_key_is_401(server):
