@@ -56,7 +56,10 @@ def parse_lora_modules(spec: str | None) -> list[LoraModule]:
 def check_directories(modules: list[LoraModule]) -> None:
     """ValueError for a module whose directory lacks a PEFT adapter's two files."""
     for m in modules:
-        missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (m.path / f).is_file()]
+        try:
+            missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (m.path / f).is_file()]
+        except OSError as e:  # a name too long for the filesystem, a directory we may not read
+            raise ValueError(f"{m.name}={m.path}: cannot read it: {e.strerror}") from None
         if missing:
             raise ValueError(f"{m.name}={m.path}: {m.path} has no {' or '.join(missing)} (a PEFT adapter directory)")
 

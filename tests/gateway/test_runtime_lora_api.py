@@ -68,6 +68,7 @@ def test_load_serve_replace_and_unload(enabled, adapters):
     (ADMIN, {"lora_path": "ADAPTER"}, 400, "lora_name"),
     (ADMIN, {"lora_name": "tenant-a/x"}, 400, "lora_path"),
     (ADMIN, {"lora_name": "tenant-a/x", "lora_path": "/nonexistent"}, 400, "lora_path"),
+    (ADMIN, {"lora_name": "tenant-a/x", "lora_path": "/" + "x" * 5000}, 400, "lora_path"),  # too long a name
     (ADMIN, {"lora_name": "tenant-a/x", "lora_path": "ADAPTER", "load_inplace": "yes"}, 400, "load_inplace"),
     (ADMIN, ["tenant-a/x"], 400, "body"),
 ])
