@@ -79,7 +79,10 @@ def store_module(registry, module: LoraModule, tenant: str):
     with tempfile.TemporaryDirectory(prefix="loragate-preload-") as tmp:
         # Copied, so the bytes validated are the bytes stored, whatever happens to the source.
         for f in (CONFIG_FILE, WEIGHTS_FILE):
-            shutil.copyfile(module.path / f, Path(tmp) / f)
+            try:
+                shutil.copyfile(module.path / f, Path(tmp) / f)
+            except OSError as e:  # e.g. not readable by the server's user
+                raise AdapterError("missing_file", f"cannot read {module.path / f}: {e.strerror}") from None
         digest = files_digest([(f, _sha256(Path(tmp) / f), 0) for f in sorted((CONFIG_FILE, WEIGHTS_FILE))])
         try:
             current = registry.get(tenant, module.name)

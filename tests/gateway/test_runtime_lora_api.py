@@ -88,6 +88,16 @@ def test_a_directory_that_is_not_a_valid_adapter_stores_nothing(enabled, adapter
     assert httpx.get(enabled.url + "/v1/adapters/broken", headers=enabled.headers()).status_code == 404
 
 
+def test_an_unreadable_file_is_refused(enabled, adapters, monkeypatch):
+    import shutil
+
+    def unreadable(src, dst):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(shutil, "copyfile", unreadable)
+    r = post(enabled, "/v1/load_lora_adapter", {"lora_name": "tenant-a/locked", "lora_path": str(adapters[0])})
+    assert r.status_code == 422 and "Permission denied" in r.json()["error"]["message"], r.text
+
+
 def test_the_quota_applies_and_an_open_server_needs_no_tenant(enabled, adapters, monkeypatch):
     monkeypatch.setattr(enabled.app.state.settings, "max_adapters_per_tenant", 1)
     def load(name, adapter):
