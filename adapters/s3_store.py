@@ -36,6 +36,7 @@ from pathlib import Path
 
 from .adapter_cache import AdapterCache
 from .errors import AdapterError, AdapterNotFound
+from .s3_claims import release, same_or_claim
 from .s3_client import S3Client, StoreUnavailableError
 # The local store's rules and formats, so both stores accept and describe the same adapters.
 from .store import (_NAME, _VERSION_DIR, META_FILE, StoredAdapter, _from_meta, allowed_file_name, check_name,
@@ -46,8 +47,6 @@ __all__ = ["S3AdapterStore", "StoreUnavailableError"]
 log = logging.getLogger(__name__)
 _SEQ = ".seq"
 _CLAIMS = ".claims"
-CLAIM_WAIT_S = 120.0  # longest a server waits for another's upload of the same files
-CLAIM_POLL_S = 0.5
 _CHUNK = 1 << 20
 _MAX_REMEMBERED_METAS = 4096
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -80,12 +79,13 @@ class S3AdapterStore:
             # Stricter names than the local store's: they become S3 keys, then local paths again.
             files = copy_upload_files(src, staged, self.max_total_bytes, _safe_file_name)
             digest = files_digest(files)
-            if reuse_same:
-                same = self._same_or_claim(tenant, name, digest)
+            if reuse_same:  # s3_claims.py: servers putting these files at once store them once
+                key = self._claim_key(tenant, name, digest)
+                same = same_or_claim(self.s3, key, lambda: self._latest_if_same(tenant, name, digest))
                 if same is not None:
                     shutil.rmtree(staged, ignore_errors=True)
                     return same
-                claim = self._claim_key(tenant, name, digest)
+                claim = key
             version = self._allocate_version(tenant, name)
             prefix = self._version_prefix(tenant, name, version)
             for file, _, _ in files:
@@ -107,10 +107,10 @@ class S3AdapterStore:
             for key in reversed(written):  # meta.json first: a version is never visible half-deleted
                 self.s3.delete_quietly(key)
             if claim is not None:  # another server may store these files now
-                self._release(claim)
+                release(self.s3, claim)
             raise
         if claim is not None:
-            self._release(claim)
+            release(self.s3, claim)
         self._remember(tenant, name, version, meta)
         try:
             return self.cache.publish(staged, tenant, name, version)
@@ -203,48 +203,13 @@ class S3AdapterStore:
             raise AdapterNotFound(f"{what} does not exist")
         return found
 
-    def _same_or_claim(self, tenant: str, name: str, digest: str) -> StoredAdapter | None:
-        """For put(reuse_same): the latest version if it holds these files, else None once this
-        server holds the claim to store them. Servers putting the same new files at once (engines
-        starting together with one --lora-modules) agree on one writer this way: the first to
-        create the claim object uploads, the others wait for its version and use it. A claim
-        older than CLAIM_WAIT_S is taken over (its server died or stalls), as is one that
-        outlasts the wait; a service without conditional writes lets every server claim."""
-        claim, deadline = self._claim_key(tenant, name, digest), time.monotonic() + CLAIM_WAIT_S
-        while True:
-            latest = self._latest_or_none(tenant, name)
-            if latest is not None and latest.sha256 == digest:
-                return latest
-            if self.s3.put(claim, str(time.time()).encode(), if_none_match=True):
-                # Re-read: a claimant may have published and let go since the check above.
-                try:
-                    latest = self._latest_or_none(tenant, name)
-                except BaseException:
-                    self._release(claim)
-                    raise
-                if latest is not None and latest.sha256 == digest:
-                    self._release(claim)
-                    return latest
-                return None
-            held_since = _float_or_none(self.s3.get_bytes(claim, 64))
-            if time.monotonic() >= deadline or (held_since is not None and time.time() - held_since > CLAIM_WAIT_S):
-                log.warning("taking over the upload of %s/%s from a server that claimed it and did not finish",
-                            tenant, name)
-                self.s3.put(claim, str(time.time()).encode())
-                return None
-            time.sleep(CLAIM_POLL_S)
-
-    def _release(self, claim: str) -> None:
+    def _latest_if_same(self, tenant: str, name: str, digest: str) -> StoredAdapter | None:
+        """The latest version if it holds the files with this digest, else None."""
         try:
-            self.s3.delete(claim)
-        except StoreUnavailableError as e:  # others take it over once it is CLAIM_WAIT_S old
-            log.warning("could not remove the upload claim s3://%s/%s: %s", self.s3.bucket, claim, e)
-
-    def _latest_or_none(self, tenant: str, name: str) -> StoredAdapter | None:
-        try:
-            return self._find(tenant, name, None)[0]
+            latest = self._find(tenant, name, None)[0]
         except AdapterNotFound:
             return None
+        return latest if latest.sha256 == digest else None
 
     def _adapter_prefix(self, tenant: str, name: str) -> str:
         return f"{self._base}{tenant}/{name}/"
@@ -339,13 +304,6 @@ class S3AdapterStore:
 
     def _raise_seq_to(self, tenant: str, name: str, version: int) -> None:
         self.s3.update_counter(self._seq_key(tenant, name), lambda current: None if current >= version else version)
-
-
-def _float_or_none(raw: bytes | None) -> float | None:
-    try:
-        return float(raw) if raw is not None else None
-    except ValueError:
-        return None
 
 
 def _check(tenant: str, name: str, version) -> None:

@@ -26,7 +26,7 @@ pytest.importorskip("boto3", reason="the S3 store needs boto3: pip install 'lora
 pytest.importorskip("moto", reason="these tests need moto_server: pip install 'moto[s3,server]'")
 
 from loragate.adapters.s3_client import StoreUnavailableError
-from loragate.adapters import s3_store
+from loragate.adapters import s3_claims
 from loragate.adapters.s3_store import S3AdapterStore
 from loragate.adapters.store_factory import make_adapter_store
 
@@ -160,7 +160,7 @@ def test_a_claim_is_waited_for_until_its_version_appears(make, tmp_path, monkeyp
         if len(polls) == 2:  # the claimant finishes while the waiter waits
             claimant.put("t", "a", upload(tmp_path, b"same", name="late"))
             claimant.s3.delete(claim)
-    monkeypatch.setattr(s3_store.time, "sleep", publish_on_second_poll)
+    monkeypatch.setattr(s3_claims.time, "sleep", publish_on_second_poll)
     got = waiter.put("t", "a", upload(tmp_path, b"same", name="mine"), reuse_same=True)
     assert got.version == 1 and len(polls) == 2 and keys(waiter, "t/a/v2") == []
 
@@ -169,13 +169,13 @@ def test_a_stale_or_outlasting_claim_is_taken_over_and_a_failed_put_lets_go(make
     s = make()
     digest = s.put("t", "probe", upload(tmp_path, b"same", name="probe")).sha256
     claim = s._claim_key("t", "a", digest)
-    s.s3.put(claim, str(time.time() - s3_store.CLAIM_WAIT_S - 1).encode())  # its server died long ago
-    monkeypatch.setattr(s3_store.time, "sleep", lambda _: pytest.fail("a stale claim is not waited for"))
+    s.s3.put(claim, str(time.time() - s3_claims.CLAIM_WAIT_S - 1).encode())  # its server died long ago
+    monkeypatch.setattr(s3_claims.time, "sleep", lambda _: pytest.fail("a stale claim is not waited for"))
     assert s.put("t", "a", upload(tmp_path, b"same", name="one"), reuse_same=True).version == 1
     assert keys(s, ".claims") == []
 
     s.s3.put(s._claim_key("t", "b", digest), str(time.time()).encode())  # held, and never finished
-    monkeypatch.setattr(s3_store, "CLAIM_WAIT_S", 0.0)
+    monkeypatch.setattr(s3_claims, "CLAIM_WAIT_S", 0.0)
     assert s.put("t", "b", upload(tmp_path, b"same", name="two"), reuse_same=True).version == 1
     assert keys(s, ".claims") == []
 
@@ -188,11 +188,11 @@ def test_a_stale_or_outlasting_claim_is_taken_over_and_a_failed_put_lets_go(make
 
     lookups = []
 
-    def latest_then_fail(tenant, name):  # the bucket goes away just after the claim is made
+    def latest_then_fail(tenant, name, digest):  # the bucket goes away just after the claim is made
         lookups.append(name)
         if len(lookups) > 1:
             raise StoreUnavailableError("the bucket went away")
-    monkeypatch.setattr(s, "_latest_or_none", latest_then_fail)
+    monkeypatch.setattr(s, "_latest_if_same", latest_then_fail)
     with pytest.raises(StoreUnavailableError):
         s.put("t", "d", upload(tmp_path, b"same", name="four"), reuse_same=True)
     assert lookups == ["d", "d"] and keys(s, ".claims") == []
