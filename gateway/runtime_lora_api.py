@@ -18,7 +18,8 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from loragate.adapters.errors import AdapterError, AdapterNotFound
-from loragate.adapters.preload import LoraModule, check_directories, parse_lora_modules, store_module
+from loragate.adapters.preload import LoraModule, check_directories, store_module
+from loragate.adapters.store import check_name
 
 from .adapters_api import check_quota, registry_of
 from .errors import APIError, not_found
@@ -35,18 +36,21 @@ def _target(request: Request, body: dict) -> tuple[str, str]:
     lora_name = body.get("lora_name")
     if not isinstance(lora_name, str) or not lora_name:
         raise APIError(400, "'lora_name' is required: the adapter's name, '[tenant/]name'", param="lora_name")
+    tenant, _, name = lora_name.rpartition("/")
     try:
-        (module,) = parse_lora_modules(f"{lora_name}=.")
-    except ValueError as e:
-        raise APIError(400, f"'lora_name': {e}", param="lora_name") from None
+        check_name("adapter", name)
+        if tenant:
+            check_name("tenant", tenant)
+    except AdapterError as e:
+        raise APIError(400, f"'lora_name': {e.message}", param="lora_name") from None
     if state.keys.is_open:
-        return principal.tenant, module.name
+        return principal.tenant, name
     if not principal.is_admin:
         raise APIError(403, "with API keys only the admin key may load adapters from server paths; tenants upload "
                        "theirs with POST /v1/adapters", "permission_error")
-    if module.tenant is None:
+    if not tenant:
         raise APIError(400, "'lora_name' must name the tenant, 'tenant/name'", param="lora_name")
-    return module.tenant, module.name
+    return tenant, name
 
 
 async def load_lora_adapter(request: Request):

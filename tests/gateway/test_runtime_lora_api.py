@@ -65,6 +65,7 @@ def test_load_serve_replace_and_unload(enabled, adapters):
     ("key-a", {"lora_name": "tenant-a/x", "lora_path": "ADAPTER"}, 403, None),  # a tenant could take another's dir
     (ADMIN, {"lora_name": "x", "lora_path": "ADAPTER"}, 400, "lora_name"),  # which tenant?
     (ADMIN, {"lora_name": "tenant-a/bad name", "lora_path": "ADAPTER"}, 400, "lora_name"),
+    (ADMIN, {"lora_name": "tenant-a/x=y", "lora_path": "ADAPTER"}, 400, "lora_name"),
     (ADMIN, {"lora_path": "ADAPTER"}, 400, "lora_name"),
     (ADMIN, {"lora_name": "tenant-a/x"}, 400, "lora_path"),
     (ADMIN, {"lora_name": "tenant-a/x", "lora_path": "/nonexistent"}, 400, "lora_path"),
