@@ -39,18 +39,24 @@ def parse_lora_modules(spec: str | None) -> list[LoraModule]:
         key, sep, path = item.partition("=")
         if not sep or not key or not path:
             raise ValueError(f"{item!r} is not '[tenant/]name=path'")
-        tenant, _, name = key.rpartition("/")
         try:
-            check_name("adapter", name)
-            if tenant:
-                check_name("tenant", tenant)
+            tenant, name = split_adapter_key(key)
         except AdapterError as e:
             raise ValueError(f"{item!r}: {e.message}") from None
         if (tenant, name) in seen:
             raise ValueError(f"{key!r} is named twice")
         seen.add((tenant, name))
-        modules.append(LoraModule(tenant or None, name, Path(path)))
+        modules.append(LoraModule(tenant, name, Path(path)))
     return modules
+
+
+def split_adapter_key(key: str) -> tuple[str | None, str]:
+    """'[tenant/]name' -> (tenant or None, name), both checked (AdapterError names a bad one)."""
+    tenant, _, name = key.rpartition("/")
+    check_name("adapter", name)
+    if tenant:
+        check_name("tenant", tenant)
+    return tenant or None, name
 
 
 def check_directories(modules: list[LoraModule]) -> None:

@@ -18,8 +18,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from loragate.adapters.errors import AdapterError, AdapterNotFound
-from loragate.adapters.preload import LoraModule, check_directories, store_module
-from loragate.adapters.store import check_name
+from loragate.adapters.preload import LoraModule, check_directories, split_adapter_key, store_module
 
 from .adapters_api import check_quota, registry_of
 from .errors import APIError, not_found
@@ -36,11 +35,8 @@ def _target(request: Request, body: dict) -> tuple[str, str]:
     lora_name = body.get("lora_name")
     if not isinstance(lora_name, str) or not lora_name:
         raise APIError(400, "'lora_name' is required: the adapter's name, '[tenant/]name'", param="lora_name")
-    tenant, _, name = lora_name.rpartition("/")
     try:
-        check_name("adapter", name)
-        if tenant:
-            check_name("tenant", tenant)
+        tenant, name = split_adapter_key(lora_name)
     except AdapterError as e:
         raise APIError(400, f"'lora_name': {e.message}", param="lora_name") from None
     if state.keys.is_open:
