@@ -177,6 +177,11 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt is {len(ids)} tokens; this model's context is {self.max_model_len} tokens "
                 "including at least one generated token", "prompt")
+        if len(ids) + params.max_tokens > self.max_model_len:  # vLLM's and OpenAI's 400, not a silent cut at the limit
+            raise InvalidRequestError(
+                f"this model's context is {self.max_model_len} tokens, but the request needs "
+                f"{len(ids) + params.max_tokens} ({len(ids)} in the prompt, max_tokens {params.max_tokens} "
+                "in the completion): lower max_tokens or shorten the prompt", "max_tokens")
         for name, token_ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids),
                                 ("allowed_token_ids", params.allowed_token_ids or ())):
             if any(t >= vocab for t in token_ids):

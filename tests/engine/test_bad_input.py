@@ -49,8 +49,11 @@ def test_bad_prompts_are_refused_and_the_engine_keeps_serving(engine, prompt, fr
     assert len(outs[-1].token_ids) == 3
 
 
-def test_generation_stops_at_the_context_limit(engine):
-    req = engine.add_request(list(range(3, 123)), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+def test_max_tokens_past_the_context_is_refused_and_up_to_it_runs(engine):
+    with pytest.raises(InvalidRequestError, match="context is 128 tokens.*129 .120 in the prompt") as e:
+        engine.add_request(list(range(3, 123)), SamplingParams(max_tokens=9, temperature=0, ignore_eos=True))
+    assert e.value.param == "max_tokens" and not engine.has_unfinished
+    req = engine.add_request(list(range(3, 123)), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     outs = []
     while engine.has_unfinished:
         outs += engine.step()

@@ -247,6 +247,7 @@ def test_models_list_shows_the_base_model_and_one_can_be_retrieved(server):
     ({"model": "tiny", "prompt": "x", "best_of": 3}, "best_of"),
     ({"model": "tiny", "prompt": "x", "seed": 2**64}, "seed"),
     ({"model": "tiny", "prompt": "x", "use_beam_search": True}, "use_beam_search"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 2**63}, "max_tokens"),  # past the context: not a run to its end
     ({"model": "tiny", "prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"model": "tiny", "prompt": "x", "tool_choice": "required"}, "tool_choice"),
     ({"model": "tiny", "prompt": "x", "response_format": {"type": "xml"}}, "response_format"),
