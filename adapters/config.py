@@ -30,6 +30,11 @@ FUSED_LINEARS: dict[str, str] = {"qkv_proj": "self_attn", "o_proj": "self_attn",
 # StarCoder2's: its MLP has no gate, and other names.
 PLAIN_MLP_LINEARS: dict[str, str] = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
                                      "o_proj": "self_attn", "c_fc": "mlp", "c_proj": "mlp"}
+# The model's vocabulary modules, outside the decoder layers (keyed as layer VOCAB_LAYER):
+# peft adapts the input embedding with an embedding LoRA (lora_embedding_A/B) and the output
+# head with a linear one. Unsloth's continued-pretraining recipes target both.
+VOCAB_LAYER = -1
+VOCAB_MODULES = ("embed_tokens", "lm_head")
 MAX_CONFIG_BYTES = 1 << 20  # real configs are ~2 KB; a bigger one is not a config
 
 # Training-time or bookkeeping keys: they do not change what the adapter computes.
@@ -145,13 +150,15 @@ class LoraConfig:
 
     @property
     def linear_names(self) -> str:
-        return ", ".join(name for name, _ in self.linears)
+        return ", ".join(name for name, _ in self.linears) + " in each layer, and embed_tokens and lm_head"
 
     def parent_of(self, name: str) -> str | None:
         return next((parent for n, parent in self.linears + self.parameters if n == name), None)
 
     def paths(self, layer: int, name: str) -> tuple[str, ...]:
         """The full names peft may have matched this module under."""
+        if layer == VOCAB_LAYER:
+            return ("lm_head",) if name == "lm_head" else tuple(f"{prefix}{name}" for prefix in self.module_prefixes)
         return tuple(f"{prefix}layers.{layer}.{self.parent_of(name)}.{name}" for prefix in self.module_prefixes)
 
     @classmethod
@@ -272,12 +279,14 @@ class LoraConfig:
             raise AdapterError("unknown_target_module", f"layers_to_transform names layer {self.layers_to_transform[-1]}, "
                                f"but the base model has {num_layers} layers (0..{num_layers - 1})")
         paths = {p: (i, m) for i in range(num_layers) for m, _ in self.linears for p in self.paths(i, m)}
+        paths |= {p: (VOCAB_LAYER, m) for m in VOCAB_MODULES for p in self.paths(VOCAB_LAYER, m)}
         found: set[tuple[int, str]] = set()
         if not self.target_modules:  # only target_parameters
             pass
         elif isinstance(self.target_modules, str):
             everything = self.target_modules.lower() == "all-linear"  # peft: every linear but the LM head
-            found = {t for p, t in paths.items() if everything or re.fullmatch(self.target_modules, p)}
+            found = {t for p, t in paths.items() if (everything and t[0] != VOCAB_LAYER)
+                     or re.fullmatch(self.target_modules, p)}
         else:
             unknown = [e for e in self.target_modules if not any(p == e or p.endswith("." + e) for p in paths)
                        and e.rsplit(".", 1)[-1] not in self.foreign_modules]
@@ -285,7 +294,7 @@ class LoraConfig:
                 also = (f", and through target_parameters {', '.join(n for n, _ in self.parameters)}"
                         if self.parameters else "")
                 raise AdapterError("unknown_target_module", f"target_modules {unknown} match no module of the base model; "
-                                   f"LoRA can target {self.linear_names} in layers 0..{num_layers - 1}{also}")
+                                   f"LoRA can target {self.linear_names} (layers 0..{num_layers - 1}){also}")
             for p, t in paths.items():
                 if p in self.target_modules:  # an exact full name ignores layers_to_transform, as in peft
                     found.add(t)
@@ -293,6 +302,9 @@ class LoraConfig:
                     found.add(t)
         found = {t for t in found if not any(self._excluded(p) for p in self.paths(*t))}
         found |= parameter_targets(self, num_layers)
+        if (self.use_dora or self.lora_bias) and any(layer == VOCAB_LAYER for layer, _ in found):
+            raise AdapterError("unsupported_adapter", "adapter_config.json: use_dora or lora_bias on embed_tokens or "
+                                                      "lm_head is not supported")
         if not found:
             raise AdapterError("unknown_target_module", f"target_modules={self.target_modules!r} (with layers_to_transform="
                                f"{self.layers_to_transform}, layers_pattern={self.layers_pattern}) selects no module; "

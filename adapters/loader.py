@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import LoraConfig
+from .config import VOCAB_LAYER, VOCAB_MODULES, LoraConfig
 from .errors import AdapterError
 from .moe_adapters import normalized_key, parse_per_expert_key, stacked_pair
 
@@ -34,8 +34,12 @@ _LORA_KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_A|lora_B)(?:\.[\w-]+)?\.wei
 _BIAS_KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_B)(?:\.[\w-]+)?\.bias")
 # DoRA's per-output-row magnitude: "...q_proj.lora_magnitude_vector" as peft saves it.
 _MAGNITUDE_KEY = re.compile(r"(?P<path>.+)\.(?P<kind>lora_magnitude_vector)(?:\.[\w-]+)?(?:\.weight)?")
-_KEY_HINTS = (("lora_embedding", "an embedding LoRA"), ("base_layer", "a copy of a base weight"),
-              (".bias", "a bias"))
+# An embedding LoRA (embed_tokens): "...embed_tokens.lora_embedding_A", no ".weight".
+_EMBEDDING_KEY = re.compile(r"(?P<path>.+)\.lora_embedding_(?P<kind>A|B)(?:\.[\w-]+)?")
+# peft saves the base embedding and head beside their LoRA (save_embedding_layers="auto"), and
+# loads them over the base model's: "...lm_head.base_layer.weight".
+_BASE_COPY_KEY = re.compile(r"(?P<path>.+)\.base_layer\.weight")
+_KEY_HINTS = (("base_layer", "a copy of a base weight"), (".bias", "a bias"))
 
 
 def _module_path_regex(prefixes: tuple[str, ...]) -> re.Pattern:
@@ -46,8 +50,10 @@ def _module_path_regex(prefixes: tuple[str, ...]) -> re.Pattern:
 
 
 def module_shapes(arch: ModelArchConfig) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each LoRA-targetable linear module of the base model."""
-    return {name: (m.fan_in, m.fan_out) for name, m in arch.linear_modules.items()}
+    """(in_features, out_features) of each LoRA-targetable linear module of the base model, and
+    of its vocabulary modules (an embedding's A is [r, vocab], like a linear's [r, in])."""
+    return {name: (m.fan_in, m.fan_out) for name, m in arch.linear_modules.items()} | {
+        "embed_tokens": (arch.vocab_size, arch.hidden_size), "lm_head": (arch.hidden_size, arch.vocab_size)}
 
 
 @dataclass
@@ -64,6 +70,9 @@ class LoraWeights:
     # DoRA: magnitude / ||W + BA|| per output row, which depends on the base weights: computed
     # once by the engine that serves the adapter (engine/models/slot_rows.py).
     dora_scales: dict[tuple[int, str], torch.Tensor] | None = field(default=None, repr=False)
+    # The base embedding or head peft saved beside their LoRA ("embed_tokens"/"lm_head" -> [vocab,
+    # hidden]), as in the file: the engine checks them against its own, then drops them.
+    base_copies: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def has_row_terms(self) -> bool:
@@ -73,7 +82,7 @@ class LoraWeights:
     @property
     def num_bytes(self) -> int:
         tensors = [t for pair in self.modules.values() for t in pair]
-        tensors += list(self.magnitudes.values()) + list(self.lora_biases.values())
+        tensors += list(self.magnitudes.values()) + list(self.lora_biases.values()) + list(self.base_copies.values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -101,13 +110,13 @@ def load_adapter(adapter_dir: str | Path, arch: ModelArchConfig, max_lora_rank: 
     if size > max_bytes:
         raise AdapterError("too_large", f"{WEIGHTS_FILE} is {size} bytes; the limit is {max_bytes}")
     try:
-        modules, magnitudes, biases = _read_weights(path, config, targets, module_shapes(arch), arch)
+        modules, magnitudes, biases, base_copies = _read_weights(path, config, targets, module_shapes(arch), arch)
     except AdapterError:
         raise
     except Exception as e:  # safetensors raises its own error types, OSError, or ValueError on bad files
         raise AdapterError("invalid_weights", f"{WEIGHTS_FILE} is not a valid safetensors file ({e})") from e
     return LoraWeights(rank=config.max_rank, config=config, modules=modules, magnitudes=magnitudes,
-                       lora_biases=biases)
+                       lora_biases=biases, base_copies=base_copies)
 
 
 def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
@@ -115,6 +124,7 @@ def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
     from safetensors import safe_open
 
     found: dict[tuple[int, str, str], str] = {}  # (layer, module, "lora_A"/"lora_B") -> key
+    base_copies: dict[str, str] = {}  # "embed_tokens"/"lm_head" -> key of peft's copy of the base weight
     # transformers 4's experts (moe_adapters.py): (layer, parameter) -> {(expert, part, kind): key}
     per_expert: dict[tuple[int, str], dict[tuple[int, int, str], str]] = {}
     module_path_re = _module_path_regex(arch.module_prefixes)
@@ -133,6 +143,11 @@ def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
                                        "adapter_config.json does not target it")
                 per_expert.setdefault((layer, name), {})[(e, part, kind)] = key
                 continue
+            copy = _BASE_COPY_KEY.fullmatch(key)
+            vocab = copy and _vocab_module(copy["path"], config)
+            if vocab:
+                base_copies[vocab] = key
+                continue
             target, kind = _parse_key(name_key, targets, arch.num_layers, config, module_path_re)
             if (*target, kind) in found:
                 raise AdapterError("invalid_weights", f"{key!r} and {found[(*target, kind)]!r} both hold {kind} of "
@@ -149,6 +164,9 @@ def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
                     raise AdapterError("invalid_weights", f"{WEIGHTS_FILE} has no {kind} for {config.paths(layer, name)[0]}, "
                                        "which adapter_config.json targets")
         modules, magnitudes, biases = {}, {}, {}
+        copies = {name: _tensor(f, key, (arch.vocab_size, arch.hidden_size), None,
+                                f"the base model's vocab_size={arch.vocab_size}, hidden_size={arch.hidden_size}")
+                  for name, key in base_copies.items()}
         for layer, name in sorted(targets):
             r = config.rank_of(layer, name)
             if (layer, name) in per_expert:
@@ -178,7 +196,7 @@ def _read_weights(path: Path, config: LoraConfig, targets: set[tuple[int, str]],
     tensors = [t.view(-1) for pair in modules.values() for t in pair] + list(magnitudes.values()) + list(biases.values())
     if tensors and not torch.isfinite(torch.cat(tensors).sum()):
         _raise_non_finite(path, found, modules, config)
-    return modules, magnitudes, biases
+    return modules, magnitudes, biases, copies
 
 
 def _parameter_pair(f, key_a: str, key_b: str, r: int, p) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +233,12 @@ def _raise_non_finite(path: Path, found: dict, modules: dict, config: LoraConfig
 
 def _parse_key(key: str, targets: set[tuple[int, str]], num_layers: int, config: LoraConfig,
                module_path_re: re.Pattern) -> tuple[tuple[int, str], str]:
+    embedding = _EMBEDDING_KEY.fullmatch(key)
+    if embedding is not None and _vocab_module(embedding["path"], config) == "embed_tokens":
+        return _vocab_target(key, "embed_tokens", targets, config), f"lora_{embedding['kind']}"
     m = _LORA_KEY.fullmatch(key) or _MAGNITUDE_KEY.fullmatch(key)
+    if m is not None and m["kind"] in ("lora_A", "lora_B") and _vocab_module(m["path"], config) == "lm_head":
+        return _vocab_target(key, "lm_head", targets, config), m["kind"]
     bias = _BIAS_KEY.fullmatch(key) if m is None else None
     if m is not None and m["kind"] == "lora_magnitude_vector" and not config.use_dora:
         raise AdapterError("invalid_weights", f"key {key!r} is a DoRA magnitude vector, but adapter_config.json "
@@ -236,7 +259,7 @@ def _parse_key(key: str, targets: set[tuple[int, str]], num_layers: int, config:
     name = None if p is None else _target_name(int(p["layer"]), p["parent"], p["module"], depth, config, targets)
     if name is None:
         raise AdapterError("unknown_target_module", f"key {key!r} adapts {m['path']!r}, which is not a LoRA target of "
-                           f"the base model; targets are {config.linear_names} in each layer")
+                           f"the base model; targets are {config.linear_names}")
     layer = int(p["layer"])
     if (layer, name) not in targets:
         why = (f"the base model has only {num_layers} layers" if layer >= num_layers
@@ -244,6 +267,19 @@ def _parse_key(key: str, targets: set[tuple[int, str]], num_layers: int, config:
                     f"layers_to_transform={config.layers_to_transform})")
         raise AdapterError("invalid_weights", f"key {key!r} is for {config.paths(layer, name)[0]}, but {why}")
     return (layer, name), m["kind"] if bias is None else "lora_B.bias"
+
+
+def _vocab_module(path: str, config: LoraConfig) -> str | None:
+    """"embed_tokens" or "lm_head" where a key's module path names one, else None."""
+    path = path.removeprefix("base_model.model.")
+    return next((name for name in VOCAB_MODULES if path in config.paths(VOCAB_LAYER, name)), None)
+
+
+def _vocab_target(key: str, name: str, targets: set[tuple[int, str]], config: LoraConfig) -> tuple[int, str]:
+    if (VOCAB_LAYER, name) not in targets:
+        raise AdapterError("invalid_weights", f"key {key!r} is for {name}, but adapter_config.json does not target it "
+                           f"(target_modules={config.target_modules!r})")
+    return VOCAB_LAYER, name
 
 
 def _target_name(layer: int, parent: str, module: str, depth: int, config: LoraConfig,

@@ -2,7 +2,9 @@
 
 For every decoder layer and every LoRA-targetable module the pool holds
 A [num_slots, max_rank, in] and B [num_slots, out, max_rank] (scaling folded into B, zeros
-beyond an adapter's rank or for modules it does not target); a MoE block's experts and router
+beyond an adapter's rank or for modules it does not target); the vocabulary modules
+(embed_tokens: A [slots, R, vocab]; lm_head), once per model, not per layer, made when the
+first adapter adapting them is added; a MoE block's experts and router
 (target_parameters) get an A/B pair per expert, made when the first adapter adapting them is
 added (make_stacks). Loading an adapter is a copy_ into a free slot; the base weights are
 never touched. Slots used by running requests are
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import VOCAB_LAYER, VOCAB_MODULES
 from .errors import AdapterError
 from .host_lru import DEFAULT_MAX_BYTES, HostLru
 from .loader import module_shapes
@@ -44,7 +47,7 @@ class LoraSlotPool:
             raise ValueError("num_slots and max_rank must be >= 1")
         self.num_slots, self.max_rank, self.dtype = num_slots, max_rank, dtype
         self.num_layers = arch.num_layers
-        self.a: dict[str, torch.Tensor] = {}  # module -> [layers, slots, max_rank, in]
+        self.a: dict[str, torch.Tensor] = {}  # module -> [layers (1: a vocabulary module), slots, max_rank, in]
         self.b: dict[str, torch.Tensor] = {}  # module -> [layers, slots, out, max_rank]
         # module -> (experts, in, out); experts None for a linear. A MoE block's parameters
         # (arch.lora_parameters) hold a pair per expert: a [layers, slots, experts, max_rank, in].
@@ -137,10 +140,10 @@ class LoraSlotPool:
         with self._lock:
             for name in sorted({name for _, name in weights.modules} - self.a.keys()):
                 experts, fan_in, fan_out = self._shapes[name]
-                size = self.num_layers * self.num_slots * (experts or 1) * self.max_rank * (fan_in + fan_out) * \
+                size = self._layers(name) * self.num_slots * (experts or 1) * self.max_rank * (fan_in + fan_out) * \
                     self.dtype.itemsize
                 no_memory = (f"no memory for the slots of {name} ({size / 2**30:.1f} GiB: {self.num_slots} slots x "
-                             f"rank {self.max_rank} x {self.num_layers} layers)")
+                             f"rank {self.max_rank} x {self._layers(name)} layers)")
                 # A host allocation succeeds lazily and the kernel kills the process when the
                 # pages are first written: the slots must fit in what the host has now.
                 available = _host_available() if torch.device(self._device).type == "cpu" else None
@@ -155,9 +158,12 @@ class LoraSlotPool:
     def _make_stacks(self, name: str) -> None:
         if name not in self.a:
             experts, fan_in, fan_out = self._shapes[name]
-            outer = (self.num_layers, self.num_slots) + ((experts,) if experts else ())
+            outer = (self._layers(name), self.num_slots) + ((experts,) if experts else ())
             self.a[name] = torch.zeros(*outer, self.max_rank, fan_in, dtype=self.dtype, device=self._device)
             self.b[name] = torch.zeros(*outer, fan_out, self.max_rank, dtype=self.dtype, device=self._device)
+
+    def _layers(self, name: str) -> int:
+        return 1 if name in VOCAB_MODULES else self.num_layers
 
     def _write(self, slot: int, weights) -> None:
         if weights.rank > self.max_rank:
@@ -178,6 +184,7 @@ class LoraSlotPool:
             self._make_stacks(name)
         layers = {name: set() for name in targeted}
         for (layer, name), (a, b) in weights.modules.items():
+            layer = 0 if layer == VOCAB_LAYER else layer  # a vocabulary module's stacks have one layer
             mr = a.shape[-2]  # this module's rank (rank_pattern), at most r: zeros pad it to r
             self.a[name][layer, slot, ..., :mr, :].copy_(a)
             self.b[name][layer, slot, ..., :mr].copy_(b)
@@ -186,7 +193,7 @@ class LoraSlotPool:
                 self.b[name][layer, slot, ..., mr:r].zero_()
             layers[name].add(layer)
         for name, done in layers.items():  # layers_to_transform: untouched layers stay zero
-            for layer in set(range(self.num_layers)) - done:
+            for layer in set(range(self._layers(name))) - done:
                 self.a[name][layer, slot].zero_()
                 self.b[name][layer, slot].zero_()
         self.slot_row_terms[slot] = weights.has_row_terms

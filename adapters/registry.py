@@ -86,8 +86,12 @@ class AdapterRegistry(StoreSync):
     def __init__(self, store: AdapterStore, arch, max_lora_rank: int, *, base_model_name: str | None = None,
                  strict_base_model: bool = False, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
                  on_change: Listener | None = None, max_cached_weights: int = 64,
-                 max_cached_bytes: int = DEFAULT_MAX_BYTES, refresh_interval: float | None = 2.0):
+                 max_cached_bytes: int = DEFAULT_MAX_BYTES, refresh_interval: float | None = 2.0,
+                 check_weights: Callable[[LoraWeights], None] | None = None):
+        """check_weights: the engine's checks of an upload against the base model's weights, which
+        the registry does not have (raises AdapterError)."""
         self.store, self.arch, self.max_lora_rank = store, arch, max_lora_rank
+        self._check_weights = check_weights
         self.base_model_name, self.strict_base_model = base_model_name, strict_base_model
         self._load_kwargs = dict(base_model_name=base_model_name, strict_base_model=strict_base_model,
                                  max_bytes=max_bytes)
@@ -119,6 +123,8 @@ class AdapterRegistry(StoreSync):
                 raise AdapterError("missing_file", f"{f} is a symbolic link; upload the file itself")
         # src_dir must not change until this returns (it is the caller's private upload dir).
         weights = load_adapter(src, self.arch, self.max_lora_rank, **self._load_kwargs)
+        if self._check_weights is not None:
+            self._check_weights(weights)
         with self._write_lock(tenant, name):
             stored = self.store.put(tenant, name, src, reuse_same=reuse_same)
             info = _info(stored, weights.rank, {m for _, m in weights.modules}, AdapterState.READY, None,

@@ -126,6 +126,8 @@ class DecodeGraphs:
             return None
         if lora is None:
             return rows, blocks, None
+        if "embed_tokens" in lora.modules:  # its LoRA runs per adapter segment, which a graph does not have
+            return None
         # With row terms, the tables that exist now: one made later needs a new graph.
         terms = self.lora_pool.row_tables_made if lora.row_terms else None
         return rows, blocks, (min(_next_power_of_two(lora.rank), self.lora_pool.max_rank), lora.modules, terms)

@@ -23,6 +23,7 @@ from .reasoning import CLOSED, GrammarAfterReasoning, reasoning_start, think_mar
 from .own_proposals import ngram_ends, prediction_token_ids, propose_own_tokens
 from .model_runner import ModelRunner
 from .models.slot_rows import SlotRowTerms
+from .models.vocab_lora import check_base_copies
 from .models.arch import context_limit, longrope_note, text_config
 from .models.loader import load_hf_config, load_model
 from .models.prepare import resolve_model
@@ -133,6 +134,7 @@ class LLMEngine:
         per row: 3.8 s on Qwen2.5-1.5B) and a MoE model's expert slots (pool.py). Done in the
         caller's thread (the gateway's: a worker), so no step stalls; it only reads the base."""
         if self.lora_pool is not None:
+            check_base_copies(self.model, weights)
             self.row_terms.prepare(weights)
             self.lora_pool.make_stacks(weights)
 

@@ -18,6 +18,7 @@ from .host_memory import zeros_on_huge_pages
 from .kv_layout import KVLayout, kv_layout
 from .logits_processors import adjust_logits
 from .models.llama import LlamaForCausalLM
+from .models.vocab_lora import head_row_slots
 from .pooling import pooled_parts
 from .request import Request
 
@@ -101,7 +102,9 @@ class ModelRunner:
         rows = hidden.index_select(0, batch.logits_indices)
         # Sampling runs on the host, whatever the device: per-request seeded generators, logits
         # processors and grammar masks are host-side, and [requests, vocab] is a small copy.
-        out = self.sample(batch, self.model.compute_logits(rows, fp32=False).cpu(), num_tokens)
+        logits = self.model.compute_logits(rows, fp32=False, lora=batch.lora,
+                                           row_slots=head_row_slots(batch, batch.logits_indices))
+        out = self.sample(batch, logits.cpu(), num_tokens)
         out.prompt_logprobs, out.pooled = prompt_logprobs, pooled
         if self.expose_hidden_states:
             ends = torch.tensor(batch.num_logits).cumsum(0).tolist()
@@ -120,7 +123,8 @@ class ModelRunner:
             entries = out[req.request_id] = []
             for i in range(0, count, self.PROMPT_LOGITS_CHUNK):
                 n = min(self.PROMPT_LOGITS_CHUNK, count - i)
-                logits = self.model.compute_logits(hidden[row + i:row + i + n]).cpu()
+                logits = self.model.compute_logits(hidden[row + i:row + i + n], lora=batch.lora,
+                                                   row_slots=[req.lora_slot] * n).cpu()
                 chosen, top_vals, top_ids = logprobs_of(logits, targets[i:i + n], k)
                 entries.extend((lp, dict(zip(ids, vals)))
                                for lp, ids, vals in zip(chosen.tolist(), top_ids.tolist(), top_vals.tolist()))

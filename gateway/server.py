@@ -34,12 +34,15 @@ def make_loader(engine_config, settings: GatewaySettings):
     store = make_adapter_store(settings) if engine_config.max_loras > 0 else None
 
     def load(state: ServerState) -> None:
+        from functools import partial
+
         from loragate.adapters.host_lru import HostLru
         from loragate.adapters.loader import DEFAULT_MAX_ADAPTER_BYTES
         from loragate.adapters.preload import preload
         from loragate.adapters.registry import AdapterRegistry
         from loragate.engine import AsyncEngine
         from loragate.engine.models.prepare import CATALOG
+        from loragate.engine.models.vocab_lora import check_base_copies
 
         from .auth import OPEN_TENANT
         from .reasoning import reasoning_markers
@@ -57,7 +60,8 @@ def make_loader(engine_config, settings: GatewaySettings):
                                        refresh_interval=settings.adapter_refresh_interval,
                                        max_cached_bytes=engine_config.max_cpu_lora_memory,
                                        # what may be uploaded may be loaded (and what is stored still loads)
-                                       max_bytes=max(settings.max_upload_size, DEFAULT_MAX_ADAPTER_BYTES))
+                                       max_bytes=max(settings.max_upload_size, DEFAULT_MAX_ADAPTER_BYTES),
+                                       check_weights=partial(check_base_copies, inner.model))
             try:
                 preload(registry, settings.preloaded_adapters(), OPEN_TENANT)
             except BaseException:

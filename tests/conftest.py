@@ -194,7 +194,7 @@ def _save_random_lora(base_dir, out_dir, b_std: float, seed: int | None = None, 
                            LoraConfig(**lora_kwargs))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "lora_embedding_A" in name:  # peft zeroes an embedding LoRA's A instead of B
                 p.normal_(0, b_std)
             elif "lora_magnitude_vector" in name:  # DoRA: peft starts it at ||W||, a no-op rescale
                 p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))

@@ -24,6 +24,7 @@ from ..errors import ModelConfigError
 from .linear import Projection
 from .arch import LAYER_TYPES, SUPPORTED_ROPE_TYPES, check_rope, common_fields, layer_windows, projection_biases
 from .llama import LlamaForCausalLM
+from .vocab_lora import add_embedding_lora
 
 def gemma_arch(cls, hf):
     """ModelArchConfig for a Gemma2Config or Gemma3TextConfig; refuses what this decoder does not compute."""
@@ -121,4 +122,6 @@ class GemmaForCausalLM(LlamaForCausalLM):
         self.register_buffer("embedding_scale", torch.tensor(c.embedding_scale).to(dtype), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, batch) -> torch.Tensor:
-        return self.run_layers(self.embed_tokens(input_ids) * self.embedding_scale, kv_caches, batch)
+        x = self.embed_tokens(input_ids) * self.embedding_scale
+        add_embedding_lora(x, input_ids, batch, self.embedding_scale)  # peft scales it as the module scales
+        return self.run_layers(x, kv_caches, batch)

@@ -19,6 +19,7 @@ from loragate.kernels.dense import dense_linear, pack_weight
 from .arch import LONGROPE, ModelArchConfig, projection_biases, rope_layer_types
 from .linear import Projection
 from .moe import SparseMoE
+from .vocab_lora import add_embedding_lora, add_head_lora
 
 
 def rope_tables(hf_config, max_positions: int, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,6 +163,7 @@ class LlamaForCausalLM(nn.Module):
         of layers in the cache, engine/kv_layout.py).
         Returns final hidden states [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
+        add_embedding_lora(x, input_ids, batch)
         if self.config.embedding_scale is not None:  # Granite (a Python float, as transformers multiplies)
             x.mul_(self.config.embedding_scale)
         return self.run_layers(x, kv_caches, batch)
@@ -181,10 +183,15 @@ class LlamaForCausalLM(nn.Module):
             pending = layer.forward(x, pending, rope, k_cache, v_cache, batch, batch.attention_of(group))
         return self.norm(x, pending, batch.use_native_kernels)
 
-    def compute_logits(self, hidden: torch.Tensor, fp32: bool = True) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, fp32: bool = True, lora=None,
+                       row_slots: list[int] | None = None) -> torch.Tensor:
         """hidden [n, hidden] -> logits [n, vocab], fp32 or (fp32=False) in the model's dtype
-        for the sampler, which converts only the rows it needs in fp32."""
-        logits = self.final_logits(dense_linear(hidden, self.lm_head_packed, None))
+        for the sampler, which converts only the rows it needs in fp32. lora: the step's
+        LoraBatch, with each row's slot (-1: none), for adapters of the head."""
+        logits = dense_linear(hidden, self.lm_head_packed, None)
+        if row_slots is not None:
+            add_head_lora(logits, hidden, row_slots, lora)
+        logits = self.final_logits(logits)
         return logits.float() if fp32 else logits
 
     def final_logits(self, logits: torch.Tensor) -> torch.Tensor:

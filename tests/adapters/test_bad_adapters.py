@@ -21,6 +21,7 @@ from loragate.adapters.loader import WEIGHTS_FILE, load_adapter
 
 GOOD = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+EMBED = "base_model.model.model.embed_tokens"
 MAX_RANK = 8
 
 
@@ -118,7 +119,9 @@ CASES = {
             "unsupported_adapter", "'IA3'"),
     "prefix_tuning": (PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), {},
                       "unsupported_adapter", "'PREFIX_TUNING'"),
-    "embedding_target": ({"target_modules": ["q_proj", "embed_tokens"]}, {}, "unknown_target_module", "embed_tokens"),
+    "embedding_for_another_vocabulary": (lambda d: (edit_config(d, target_modules=[*GOOD["target_modules"], "embed_tokens"]), edit_weights(
+        d, lambda t: t.update({f"{EMBED}.lora_embedding_A": torch.zeros(4, 77), f"{EMBED}.lora_embedding_B": torch.zeros(
+            64, 4)}))), {}, "shape_mismatch", "lora_embedding_A' has shape [4, 77]"),
     "gpt2_style_target": (lambda d: edit_config(d, target_modules=["c_attn"]), {}, "unknown_target_module", "c_attn"),
     "regex_selects_nothing": (lambda d: edit_config(d, target_modules=r".*\.attn\.c_proj"), {},
                               "unknown_target_module", "selects no module"),
@@ -133,8 +136,9 @@ CASES = {
     "untargeted_module_key": (lambda d: edit_weights(d, _set(Q0.replace("q_proj", "k_proj") + ".lora_A.weight",
                                                              torch.zeros(4, 64))), {},
                               "invalid_weights", "does not target it"),
-    "lm_head_key": (lambda d: edit_weights(d, _set("base_model.model.lm_head.lora_A.weight", torch.zeros(4, 64))), {},
-                    "unknown_target_module", "'base_model.model.lm_head'"),
+    "lm_head_key_not_targeted": (lambda d: edit_weights(d, _set("base_model.model.lm_head.lora_A.weight",
+                                                                torch.zeros(4, 64))), {},
+                                 "invalid_weights", "is for lm_head, but adapter_config.json does not target it"),
     "missing_lora_b": (lambda d: edit_weights(d, lambda t: t.pop(f"{Q0}.lora_B.weight")), {},
                        "invalid_weights", "no lora_B for model.layers.0.self_attn.q_proj"),
     "two_adapters_in_one_file": (lambda d: edit_weights(d, lambda t: t.__setitem__(

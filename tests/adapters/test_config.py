@@ -172,3 +172,16 @@ def test_check_rank_and_base_model():
         cfg.check_base_model("org/other", strict=True)
     assert e.value.code == "base_model_mismatch"
     LoraConfig.from_dict(base()).check_base_model("org/other", strict=True)  # no name recorded: nothing to compare
+
+
+@pytest.mark.parametrize("changes, vocab_targets", [
+    (dict(target_modules=["q_proj", "embed_tokens", "lm_head"]), {"embed_tokens", "lm_head"}),
+    # peft 0.21 on a Llama: an exact full name ignores layers_to_transform, a suffix match needs a layer
+    (dict(target_modules=["q_proj", "embed_tokens", "lm_head"], layers_to_transform=[0]), {"lm_head"}),
+    (dict(target_modules="all-linear"), set()),  # every linear but the output layer
+    (dict(target_modules=r".*(q_proj|lm_head)"), {"lm_head"}),
+    (dict(target_modules=["q_proj", "embed_tokens"], exclude_modules=["embed_tokens"]), set()),
+])
+def test_vocabulary_targets_as_peft_selects_them(changes, vocab_targets):
+    targets = LoraConfig.from_dict(base(**changes)).targets(2)
+    assert {name for layer, name in targets if layer == -1} == vocab_targets

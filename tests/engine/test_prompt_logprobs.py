@@ -83,9 +83,10 @@ def test_a_cached_prefix_is_recomputed_for_prompt_logprobs(tiny_llama):
     assert all(alts == {} for _, alts in scored.prompt_logprobs)
 
 
-def test_prompt_logprobs_under_an_adapter_match_peft(tiny_llama, tmp_path, save_lora):
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj", "down_proj"], ["lm_head", "embed_tokens"]])
+def test_prompt_logprobs_under_an_adapter_match_peft(tiny_llama, tmp_path, save_lora, targets):
     adapter = save_lora(tiny_llama, tmp_path / "a", 0.2, seed=1, r=8, lora_alpha=16, lora_dropout=0.0,
-                        target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+                        target_modules=targets, task_type="CAUSAL_LM")
     llm = LLM(str(tiny_llama), dtype="float32", progress=False, max_loras=2)
     llm.add_adapter("a", adapter)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)

@@ -70,13 +70,16 @@ def adapters(tiny_llama, tmp_path_factory, save_lora):
     return {"attn": save_lora(tiny_llama, root / "attn", 0.3, seed=1, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                               lora_bias=True),
             "mlp": save_lora(tiny_llama, root / "mlp", 0.3, seed=2, r=4, lora_alpha=8, target_modules=["gate_proj", "down_proj"],
-                             use_dora=True)}
+                             use_dora=True),
+            # the vocabulary modules: the head's LoRA on every verified row (engine/models/vocab_lora.py)
+            "vocab": save_lora(tiny_llama, root / "vocab", 0.3, seed=3, r=4, lora_alpha=8,
+                               target_modules=["embed_tokens", "lm_head"])}
 
 
 def run(llm: LLM, prompts, params, adapters=None):
     for name, path in (adapters or {}).items():
         llm.add_adapter(name, path)
-    names = [None, "attn", "mlp"] if adapters else [None]
+    names = [None, *adapters] if adapters else [None]
     return llm.generate(prompts, params, adapters=[names[i % len(names)] for i in range(len(prompts))])
 
 

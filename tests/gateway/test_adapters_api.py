@@ -64,6 +64,31 @@ def test_upload_then_inference_matches_peft(server, peft_adapter, tiny_llama):
     assert "sql" in [m["id"] for m in models["data"]]
 
 
+def test_a_vocabulary_adapter_uploads_and_answers_as_peft_does(server, tiny_llama, tmp_path, save_lora):
+    """embed_tokens and lm_head targets (engine/models/vocab_lora.py); peft saves a copy of the
+    base embedding and head beside them, which the upload checks against the base model."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_lora(tiny_llama, tmp_path / "vocab", 0.3, seed=5, r=4, lora_alpha=8,
+                     target_modules=["embed_tokens", "lm_head", "q_proj"])
+    r = upload(server, "vocab", files_of(path))
+    assert r.status_code == 201, r.text
+    assert r.json()["target_modules"] == ["embed_tokens", "lm_head", "q_proj"]
+    ids = server.state.engine.engine.tokenize("t5 t6 t7")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    ref = PeftModel.from_pretrained(base, path).generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8,
+                                                         do_sample=False)[0, len(ids):]
+    out = complete(server, "vocab").json()["choices"][0]["text"]
+    assert out == server.state.engine.tokenizer.decode(ref.tolist(), skip_special_tokens=True)
+    assert out != complete(server, "tiny").json()["choices"][0]["text"]
+    tensors = load_file(path / "adapter_model.safetensors")
+    tensors["base_model.model.lm_head.base_layer.weight"][3] += 1.0  # a head trained with the adapter
+    save_file(tensors, path / "adapter_model.safetensors")
+    r = upload(server, "trained-head", files_of(path))
+    assert r.status_code == 422 and "lm_head" in r.json()["error"]["message"], r.text
+    assert httpx.get(server.url + "/v1/adapters/trained-head", headers=server.headers()).status_code == 404
+
+
 def test_a_dora_adapter_uploads_and_answers_as_peft_does(server, tiny_llama, tmp_path, save_lora, monkeypatch):
     """...and its DoRA scales are computed in a worker thread, not in the engine's loop, where
     every running request would wait for them."""
