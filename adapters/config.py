@@ -41,7 +41,7 @@ MAX_CONFIG_BYTES = 1 << 20  # real configs are ~2 KB; a bigger one is not a conf
 _IGNORED_KEYS = frozenset({
     "task_type", "auto_mapping", "peft_version", "revision", "inference_mode", "lora_dropout",
     "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_core",
-    "qalora_group_size", "runtime_config", "ensure_weight_tying",
+    "qalora_group_size", "runtime_config",
 })
 # Keys that change the forward pass when set (truthy); we do not implement them (yet).
 _UNSUPPORTED_IF_SET = {
@@ -62,6 +62,7 @@ _HANDLED_KEYS = frozenset({
     "peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules",
     "layers_to_transform", "layers_pattern", "fan_in_fan_out", "bias", "base_model_name_or_path",
     "init_lora_weights", "use_dora", "rank_pattern", "alpha_pattern", "lora_bias", "target_parameters",
+    "ensure_weight_tying",
 })
 # These inits rewrite the base weights during training; unless the adapter was converted on
 # save (path_initial_model_for_weight_conversion, which records init_lora_weights=true), it
@@ -140,11 +141,17 @@ class LoraConfig:
     target_parameters: tuple[str, ...] = ()
     parameters: tuple[tuple[str, str], ...] = ()
     per_expert: bool = False  # converted from transformers 4's per-expert linears (moe_adapters.py)
+    # peft's ensure_weight_tying: on a model whose head is its embedding, adapting either adapts
+    # both, with one LoRA pair between them (peft saves it under both names). tied_vocab: that
+    # applies on this base model (set by on_model).
+    ensure_weight_tying: bool = False
+    tied_vocab: bool = False
 
     def on_model(self, arch) -> "LoraConfig":
         """This config as it applies to the base model `arch` (a ModelArchConfig)."""
         return on_stacked_experts(replace(
             self, module_prefixes=arch.module_prefixes, foreign_modules=frozenset(arch.foreign_modules),
+            tied_vocab=self.ensure_weight_tying and arch.tie_word_embeddings,
             linears=tuple((name, m.parent) for name, m in arch.linear_modules.items()),
             parameters=tuple((name, p.parent) for name, p in arch.lora_parameters.items())), arch)
 
@@ -212,7 +219,7 @@ class LoraConfig:
         alpha = d.get("lora_alpha", 8)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise _invalid(f"lora_alpha must be a finite number, got {alpha!r}")
-        for key in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
+        for key in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias", "ensure_weight_tying"):
             if not isinstance(d.get(key, False), bool):
                 raise _invalid(f"{key} must be true or false, got {d[key]!r}")
         if d.get("use_dora") and d.get("lora_bias"):
@@ -257,6 +264,7 @@ class LoraConfig:
                    layers_pattern=tuple(pattern) if pattern else None,
                    fan_in_fan_out=d.get("fan_in_fan_out", False), base_model_name_or_path=base,
                    use_dora=d.get("use_dora", False), lora_bias=d.get("lora_bias", False), rank_pattern=rank_pattern,
+                   ensure_weight_tying=d.get("ensure_weight_tying", False),
                    alpha_pattern=tuple((k, float(v)) for k, v in alpha_pattern))
 
     @property
@@ -302,6 +310,8 @@ class LoraConfig:
                     found.add(t)
         found = {t for t in found if not any(self._excluded(p) for p in self.paths(*t))}
         found |= parameter_targets(self, num_layers)
+        if self.tied_vocab and any(layer == VOCAB_LAYER for layer, _ in found):
+            found |= {(VOCAB_LAYER, name) for name in VOCAB_MODULES}
         if (self.use_dora or self.lora_bias) and any(layer == VOCAB_LAYER for layer, _ in found):
             raise AdapterError("unsupported_adapter", "adapter_config.json: use_dora or lora_bias on embed_tokens or "
                                                       "lm_head is not supported")

@@ -25,6 +25,16 @@ def test_vocab_adapters_in_a_mixed_batch_match_peft(tiny_model, tmp_path, save_l
     check_mixed_batch(tiny_model, dirs, vocab=500)
 
 
+@pytest.mark.parametrize("targets", [["embed_tokens", "lm_head", "v_proj"], ["lm_head"]])
+def test_adapters_with_tied_vocab_loras_match_peft(tiny_qwen2, tmp_path, save_lora, targets):
+    """ensure_weight_tying: on a tied model, adapting the embedding or the head adapts both, with
+    one pair between them (A of one is B of the other, transposed); peft saves both, and
+    rewrites target_modules to name only the embedding."""
+    dirs = {"tied": save_lora(tiny_qwen2, tmp_path / "tied", 0.3, seed=7, r=4, lora_alpha=8,
+                              target_modules=targets, ensure_weight_tying=True)}
+    check_mixed_batch(tiny_qwen2, dirs, vocab=500)
+
+
 def test_vocab_adapters_change_what_they_adapt(tiny_llama, tmp_path, save_lora):
     """The check above would pass if the vocabulary LoRAs were skipped and peft's were no-ops:
     each must move its adapter's logits away from the base model's."""
