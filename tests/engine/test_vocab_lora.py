@@ -25,6 +25,13 @@ def test_vocab_adapters_in_a_mixed_batch_match_peft(tiny_model, tmp_path, save_l
     check_mixed_batch(tiny_model, dirs, vocab=500)
 
 
+def test_vocab_adapters_of_a_gemma3_multimodal_model_match_peft(tiny_gemma3_multimodal, tmp_path, save_lora):
+    """Its embedding is model.language_model.embed_tokens; its head is still lm_head."""
+    dirs = {name: save_lora(tiny_gemma3_multimodal, tmp_path / name, 0.3, seed=70 + i, r=r, lora_alpha=2 * r,
+                            target_modules=t) for i, (name, r, t) in enumerate(RECIPES[:3])}
+    check_mixed_batch(tiny_gemma3_multimodal, dirs, vocab=500)
+
+
 @pytest.mark.parametrize("targets", [["embed_tokens", "lm_head", "v_proj"], ["lm_head"]])
 def test_adapters_with_tied_vocab_loras_match_peft(tiny_qwen2, tmp_path, save_lora, targets):
     """ensure_weight_tying: on a tied model, adapting the embedding or the head adapts both, with
