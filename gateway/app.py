@@ -70,6 +70,7 @@ def build_app(state: ServerState, load=None) -> Starlette:
     from .embeddings_api import routes as embedding_routes
     from .responses_api import response_store_service, routes as responses_routes
     from .tokenizer_api import routes as tokenizer_routes
+    from .version_api import routes as version_routes
     from .batch_runner import batch_service
     from .batches_api import routes as batch_routes
     from .files_api import routes as file_routes
@@ -97,6 +98,7 @@ def build_app(state: ServerState, load=None) -> Starlette:
         Route("/health", healthz),  # vLLM's name for it, for probes written against vLLM
         Route("/readyz", readyz),
         Route("/metrics", metrics),
+        *version_routes,
         Route("/v1/models", list_models),
         Route("/v1/models/{model}", get_model),
         Route("/v1/completions", completions, methods=["POST"]),

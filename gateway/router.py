@@ -53,6 +53,7 @@ from .replicas import ReplicaPool
 from .router_limits import FleetRateLimits
 from .router_metrics import RouterMetrics
 from .routing_inputs import routing_inputs
+from .version_api import routes as version_routes
 
 log = logging.getLogger("loragate.router")
 
@@ -314,6 +315,7 @@ def build_router_app(settings, *, client: httpx.AsyncClient | None = None,
         Route("/health", healthz),  # vLLM's name for it
         Route("/readyz", readyz),
         Route("/metrics", metrics),
+        *version_routes,
         Route("/v1/completions", inference, methods=["POST"]),
         Route("/v1/chat/completions", inference, methods=["POST"]),
         Route("/v1/responses", inference, methods=["POST"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import logging
 
@@ -381,6 +382,7 @@ def test_aborted_streams_free_every_kv_block(server):
 def test_health_and_readiness(server, monkeypatch):
     assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}  # vLLM's path
+    assert httpx.get(server.url + "/version").json() == {"version": importlib.metadata.version("loragate")}  # vLLM's
     assert httpx.get(server.url + "/readyz").status_code == 200
     monkeypatch.setattr(server.state.engine, "error", RuntimeError("boom"))  # the engine loop died
     for path in ("/healthz", "/health"):  # liveness fails, so the orchestrator restarts the server

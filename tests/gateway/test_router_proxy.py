@@ -3,6 +3,7 @@ ejection and re-admission, cut streams and bodies, forwarding, and the 503 with 
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import time
 
@@ -311,6 +312,9 @@ def test_unknown_paths_answer_in_openai_shape(engines):
         r = client.get("/nope")
         assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
         assert client.get("/healthz").json() == {"status": "ok"} == client.get("/health").json()
+        n = len(engines.calls)
+        assert client.get("/version").json() == {"version": importlib.metadata.version("loragate")}  # its own
+        assert len(engines.calls) == n
 
 
 @pytest.mark.parametrize("argv, message", [
