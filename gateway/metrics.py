@@ -2,7 +2,8 @@
 (time to first token, inter-token, end to end, queue time), finished requests by reason,
 token counts by tenant and adapter (usage metering), and engine gauges read at scrape time
 (running/waiting requests, open requests per tenant, rate-limited requests, preemptions,
-KV-cache use, prefix-cache hit rate, adapter pool, CUDA graphs).
+KV-cache use, prefix-cache hit rate, adapter pool, CUDA graphs), and the ones that have
+vLLM's names under them too (vllm_metrics.py).
 
 Adapter labels are bounded: the first MAX_ADAPTER_LABELS adapters seen get their own label,
 the rest share "other", so a tenant with thousands of adapters cannot explode cardinality.
@@ -15,6 +16,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+
+from .vllm_metrics import VllmCompatCollector
 
 MAX_ADAPTER_LABELS = 32
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -39,6 +42,7 @@ class Metrics:
         self._labels: set[str] = set()
         self._lock = threading.Lock()
         r.register(_EngineCollector(state))
+        r.register(VllmCompatCollector(state))
 
     def adapter_label(self, adapter_key: str | None) -> str:
         if adapter_key is None:

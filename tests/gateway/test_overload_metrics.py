@@ -226,3 +226,55 @@ def test_cuda_graph_metrics_count_replayed_steps(tiny_llama, tmp_path, monkeypat
         assert m[("loragate_cuda_graph_captures", ())] == m[("loragate_cuda_graphs_held", ())] == 2
     finally:
         s.stop()
+
+
+def test_vllm_named_gauges_for_the_inference_gateways_endpoint_picker(tiny_llama, tmp_path, monkeypatch, save_lora):
+    """The names the Gateway API Inference Extension reads by default (gateway/vllm_metrics.py):
+    one request runs on tenant-a's adapter `sql`, one on tenant-b's `chat` waits for the only
+    running place; lora_requests_info lists them by the names requests use."""
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
+    s = RunningServer(tiny_llama, None, max_num_seqs=1)
+    engine = s.state.engine.engine
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: time.sleep(0.01) or step())
+    try:
+        for key, name in (("key-a", "sql"), ("key-b", "chat")):
+            d = save_lora(tiny_llama, tmp_path / name, 0.3, seed=len(name), r=4, lora_alpha=8, target_modules=["q_proj"])
+            files = [("file", (p.name, p.read_bytes())) for p in sorted(d.iterdir())]
+            assert httpx.post(s.url + "/v1/adapters", data={"name": name}, files=files, headers=s.headers(key),
+                              timeout=30).status_code == 201
+
+        def body(model):
+            return {"model": model, "prompt": "t5 t6", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+
+        async def main():
+            async with httpx.AsyncClient(timeout=60) as h:
+                async with h.stream("POST", s.url + "/v1/completions", json=body("sql"), headers=s.headers()) as a:
+                    a_lines = a.aiter_lines()
+                    await anext(a_lines)
+                    async with h.stream("POST", s.url + "/v1/completions", json=body("chat"),
+                                        headers=s.headers("key-b")) as b:
+                        for _ in range(100):  # until the second one queued
+                            if engine.scheduler.waiting:
+                                break
+                            await asyncio.sleep(0.02)
+                        return samples((await h.get(s.url + "/metrics")).text)
+
+        busy = asyncio.run(main())
+        model = (("model_name", "tiny"),)
+        assert busy[("vllm:num_requests_running", model)] == 1 and busy[("vllm:num_requests_waiting", model)] == 1
+        assert 0 < busy[("vllm:kv_cache_usage_perc", model)] == busy[("vllm:gpu_cache_usage_perc", model)] < 1
+        info = [(dict(labels), value) for (name, labels), value in busy.items() if name == "vllm:lora_requests_info"]
+        assert len(info) == 1 and abs(info[0][1] - time.time()) < 60
+        assert info[0][0] == {"max_lora": "4", "running_lora_adapters": "sql", "waiting_lora_adapters": "chat"}
+        config = next(dict(labels) for (name, labels), _ in busy.items() if name == "vllm:cache_config_info")
+        assert config["block_size"] == str(engine.kv.block_size)
+        for _ in range(200):  # the streams were dropped: both requests end
+            if not engine.has_unfinished:
+                break
+            time.sleep(0.05)
+        idle = samples(httpx.get(s.url + "/metrics").text)
+        info = [dict(labels) for (name, labels), _ in idle.items() if name == "vllm:lora_requests_info"]
+        assert info == [{"max_lora": "4", "running_lora_adapters": "", "waiting_lora_adapters": ""}]
+    finally:
+        s.stop()
