@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import VOCAB_LAYER, VOCAB_MODULES, LoraConfig
+from .config import LoraConfig
 from .errors import AdapterError
+from .module_names import VOCAB_LAYER, VOCAB_MODULES
 from .moe_adapters import normalized_key, parse_per_expert_key, stacked_pair
 
 if TYPE_CHECKING:

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import VOCAB_LAYER, VOCAB_MODULES
 from .errors import AdapterError
 from .host_lru import DEFAULT_MAX_BYTES, HostLru
 from .loader import module_shapes
+from .module_names import VOCAB_LAYER, VOCAB_MODULES
 
 
 @dataclass

@@ -17,7 +17,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from .vllm_metrics import VllmCompatCollector
+from .vllm_metrics import vllm_gauges
 
 MAX_ADAPTER_LABELS = 32
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -42,7 +42,6 @@ class Metrics:
         self._labels: set[str] = set()
         self._lock = threading.Lock()
         r.register(_EngineCollector(state))
-        r.register(VllmCompatCollector(state))
 
     def adapter_label(self, adapter_key: str | None) -> str:
         if adapter_key is None:
@@ -132,6 +131,7 @@ class _EngineCollector:
             yield gauge("loragate_spec_acceptance_ratio", "accepted / proposed speculative tokens", st.acceptance_rate)
             yield gauge("loragate_spec_mean_accepted_length", "tokens emitted per verification step of a request",
                         st.mean_accepted_length)
+        yield from vllm_gauges(self.state, engine)
 
 
 class RequestCounter:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import cached_property
 
-from loragate.adapters.config import FUSED_LINEARS, LLAMA_LINEARS, PLAIN_MLP_LINEARS
+from loragate.adapters.module_names import FUSED_LINEARS, LLAMA_LINEARS, PLAIN_MLP_LINEARS
 
 from ..errors import ModelConfigError
 
