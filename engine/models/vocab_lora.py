@@ -68,7 +68,7 @@ def check_base_copies(model, weights) -> None:
            "lm_head": model.embed_tokens.weight if model.lm_head is None else model.lm_head}
     for name, copy in sorted(weights.base_copies.items()):
         base = own[name].to(copy.device)
-        if copy.shape == base.shape and torch.equal(copy.to(base.dtype), base):  # the usual case: 40 ms, not 300
+        if copy.shape == base.shape and torch.equal(copy.to(base.dtype), base):  # the usual case, and 6x faster
             continue
         if copy.shape != base.shape or not torch.allclose(copy.float(), base.float(), rtol=2 ** -7, atol=1e-6):
             raise AdapterError("unsupported_adapter", f"the adapter's copy of {name} (peft's {name}.base_layer) differs "
