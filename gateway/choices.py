@@ -40,12 +40,14 @@ class Choice:
         self.logprobs += new
         if self.charge is not None:
             self.charge(len(out.new_token_ids))
+        # metered as generated, like the rate limit's charge: a stream the client drops midway
+        # still used (and was sent) the tokens before it
+        self.metrics.generation_tokens.labels(*self.labels).inc(len(out.new_token_ids))
         if out.finished:
             self.finish_reason = "length" if out.finish_reason == "length" else "stop"
             self.metrics.e2e.observe(t - self.start)
             self.metrics.queue.observe(out.queue_seconds)
             self.metrics.finished.labels(self.finish_reason).inc()
-            self.metrics.generation_tokens.labels(*self.labels).inc(len(self.tokens))
         return new
 
     @property

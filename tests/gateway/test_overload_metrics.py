@@ -276,5 +276,9 @@ def test_vllm_named_gauges_for_the_inference_gateways_endpoint_picker(tiny_llama
         idle = samples(httpx.get(s.url + "/metrics").text)
         info = [dict(labels) for (name, labels), _ in idle.items() if name == "vllm:lora_requests_info"]
         assert info == [{"max_lora": "4", "running_lora_adapters": "", "waiting_lora_adapters": ""}]
+        # the streams the client dropped are metered up to where they stopped, not left out
+        metered = {dict(labels)["tenant"]: value for (name, labels), value in idle.items()
+                   if name == "loragate_generation_tokens_total"}
+        assert metered.get("tenant-a", 0) >= 1, metered
     finally:
         s.stop()
