@@ -94,6 +94,7 @@ class LLMEngine:
         self.num_generated_tokens_total = 0
         self.num_forced_accepted = 0  # grammar-forced tokens taken without a step of their own
         self.num_prediction_accepted = 0  # predicted output tokens taken as proposed
+        self.num_aborted = 0  # requests ended before they finished (their client gone, say)
         # Requests whose proposals this step are the engine's own (own_proposals.py): grammar-forced, predicted
         self._forced: set[str] = set()
         self._predicted: set[str] = set()
@@ -228,6 +229,7 @@ class LLMEngine:
             return False
         self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
         self._detokenizers.pop(request_id, None)
+        self.num_aborted += 1
         return True
 
     @property

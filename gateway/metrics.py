@@ -113,7 +113,9 @@ class _EngineCollector:
                 ("jump_forward_tokens", "grammar-forced tokens verified as proposals instead of decoded one step each",
                  inner.num_forced_accepted),
                 ("predicted_tokens_accepted", "tokens of predicted outputs (OpenAI's prediction) taken as proposed",
-                 inner.num_prediction_accepted)):
+                 inner.num_prediction_accepted),
+                ("requests_aborted", "engine requests ended before they finished: the client hung up, or a request "
+                 "beside it was refused", inner.num_aborted)):
             c = GaugeMetricFamily(f"loragate_{name}", f"{doc}, since start")
             c.add_metric([], value)
             yield c

@@ -280,5 +280,6 @@ def test_vllm_named_gauges_for_the_inference_gateways_endpoint_picker(tiny_llama
         metered = {dict(labels)["tenant"]: value for (name, labels), value in idle.items()
                    if name == "loragate_generation_tokens_total"}
         assert metered.get("tenant-a", 0) >= 1, metered
+        assert idle[("loragate_requests_aborted", ())] == 2  # neither reached its 1000 tokens
     finally:
         s.stop()
