@@ -142,7 +142,10 @@ class LoraConfig:
 
     @property
     def linear_names(self) -> str:
-        return ", ".join(name for name, _ in self.linears) + " in each layer, and embed_tokens and lm_head"
+        return ", ".join(name for name, _ in self.linears)
+
+    def target_names(self, num_layers: int) -> str:
+        return f"{self.linear_names} in layers 0..{num_layers - 1}, and embed_tokens and lm_head"
 
     def parent_of(self, name: str) -> str | None:
         return next((parent for n, parent in self.linears + self.parameters if n == name), None)
@@ -287,7 +290,7 @@ class LoraConfig:
                 also = (f", and through target_parameters {', '.join(n for n, _ in self.parameters)}"
                         if self.parameters else "")
                 raise AdapterError("unknown_target_module", f"target_modules {unknown} match no module of the base model; "
-                                   f"LoRA can target {self.linear_names} (layers 0..{num_layers - 1}){also}")
+                                   f"LoRA can target {self.target_names(num_layers)}{also}")
             for p, t in paths.items():
                 if p in self.target_modules:  # an exact full name ignores layers_to_transform, as in peft
                     found.add(t)
@@ -303,7 +306,7 @@ class LoraConfig:
         if not found:
             raise AdapterError("unknown_target_module", f"target_modules={self.target_modules!r} (with layers_to_transform="
                                f"{self.layers_to_transform}, layers_pattern={self.layers_pattern}) selects no module; "
-                               f"LoRA can target {self.linear_names}")
+                               f"LoRA can target {self.target_names(num_layers)}")
         return found
 
     def is_parameter(self, name: str) -> bool:

@@ -260,7 +260,7 @@ def _parse_key(key: str, targets: set[tuple[int, str]], num_layers: int, config:
     name = None if p is None else _target_name(int(p["layer"]), p["parent"], p["module"], depth, config, targets)
     if name is None:
         raise AdapterError("unknown_target_module", f"key {key!r} adapts {m['path']!r}, which is not a LoRA target of "
-                           f"the base model; targets are {config.linear_names}")
+                           f"the base model; targets are {config.target_names(num_layers)}")
     layer = int(p["layer"])
     if (layer, name) not in targets:
         why = (f"the base model has only {num_layers} layers" if layer >= num_layers
