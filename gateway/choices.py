@@ -23,11 +23,16 @@ class Choice:
         self.prediction = (0, 0)  # (accepted, rejected) tokens of a predicted output
         self.metrics, self.labels = metrics, labels  # (tenant, adapter) of the token counters
         self.start = self.last = time.monotonic()
+        self.first = None  # when the first output arrived
 
     def add(self, out) -> list:
         t = time.monotonic()
-        (self.metrics.itl if self.tokens else self.metrics.ttft).observe(t - self.last)
+        # metered as generated, like the rate limit's charge: a stream the client drops midway
+        # still used (and was sent) the tokens before it
+        self.metrics.output(self.labels, t - self.last, self.first is None, len(out.new_token_ids))
         self.last = t
+        if self.first is None:
+            self.first = t
         self.cached_tokens = out.num_cached_tokens
         accepted = out.num_accepted_prediction_tokens
         self.prediction = (accepted, max(out.num_prediction_tokens - accepted, 0))
@@ -40,14 +45,10 @@ class Choice:
         self.logprobs += new
         if self.charge is not None:
             self.charge(len(out.new_token_ids))
-        # metered as generated, like the rate limit's charge: a stream the client drops midway
-        # still used (and was sent) the tokens before it
-        self.metrics.generation_tokens.labels(*self.labels).inc(len(out.new_token_ids))
         if out.finished:
             self.finish_reason = "length" if out.finish_reason == "length" else "stop"
-            self.metrics.e2e.observe(t - self.start)
-            self.metrics.queue.observe(out.queue_seconds)
-            self.metrics.finished.labels(self.finish_reason).inc()
+            self.metrics.finish(self.finish_reason, t - self.start, out.queue_seconds, self.first - self.start,
+                                self.prompt_len, len(self.tokens))
         return new
 
     @property

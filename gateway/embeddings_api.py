@@ -98,7 +98,7 @@ async def embed(state, principal, body: dict, charge=None) -> dict:
     except InvalidRequestError as e:  # the engine says "prompt"; here it is the input
         raise APIError(400, str(e), param="input") from None
     tokens = sum(map(len, prompts))
-    state.metrics.prompt_tokens.labels(principal.tenant, state.metrics.adapter_label(adapter)).inc(tokens)
+    state.metrics.prompt((principal.tenant, state.metrics.adapter_label(adapter)), tokens)
     if charge is not None:
         charge(tokens)
 

@@ -3,7 +3,7 @@
 token counts by tenant and adapter (usage metering), and engine gauges read at scrape time
 (running/waiting requests, open requests per tenant, rate-limited requests, preemptions,
 KV-cache use, prefix-cache hit rate, adapter pool, CUDA graphs), and the ones that have
-vLLM's names under them too (vllm_metrics.py).
+vLLM's names under them too, with vLLM's request metrics (vllm_metrics.py).
 
 Adapter labels are bounded: the first MAX_ADAPTER_LABELS adapters seen get their own label,
 the rest share "other", so a tenant with thousands of adapters cannot explode cardinality.
@@ -11,13 +11,14 @@ Tenants are those of the configured keys (one, "default", on an open server)."""
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from .vllm_metrics import vllm_gauges
+from .vllm_metrics import VllmRequestMetrics, vllm_engine_metrics
 
 MAX_ADAPTER_LABELS = 32
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -39,9 +40,32 @@ class Metrics:
         self.prompt_tokens = Counter("loragate_prompt_tokens", "prompt tokens", ["tenant", "adapter"], registry=r)
         self.generation_tokens = Counter("loragate_generation_tokens", "generated tokens", ["tenant", "adapter"],
                                          registry=r)
+        self.vllm = VllmRequestMetrics(r, LATENCY_BUCKETS)
+        self.finish_counts: collections.Counter[str] = collections.Counter()  # by reason, for vllm:request_success
         self._labels: set[str] = set()
         self._lock = threading.Lock()
         r.register(_EngineCollector(state))
+
+    # Each event feeds loragate's metric and vLLM's of the same meaning (vllm_metrics.py).
+    def prompt(self, labels: tuple[str, str], tokens: int) -> None:
+        self.prompt_tokens.labels(*labels).inc(tokens)
+        self.vllm.prompt_tokens.labels(self.state.model_name).inc(tokens)
+
+    def output(self, labels: tuple[str, str], seconds: float, first: bool, tokens: int) -> None:
+        """One output of a request: `tokens` new tokens, `seconds` after the previous one (or
+        after the request began, for its first)."""
+        model = self.state.model_name
+        (self.ttft if first else self.itl).observe(seconds)
+        (self.vllm.ttft if first else self.vllm.itl).labels(model).observe(seconds)
+        self.generation_tokens.labels(*labels).inc(tokens)
+        self.vllm.generation_tokens.labels(model).inc(tokens)
+
+    def finish(self, reason: str, e2e: float, queue: float, ttft: float, prompt_len: int, gen_len: int) -> None:
+        self.e2e.observe(e2e)
+        self.queue.observe(queue)
+        self.finished.labels(reason).inc()
+        self.finish_counts[reason] += 1
+        self.vllm.finished(self.state.model_name, e2e, queue, ttft, prompt_len, gen_len)
 
     def adapter_label(self, adapter_key: str | None) -> str:
         if adapter_key is None:
@@ -133,7 +157,7 @@ class _EngineCollector:
             yield gauge("loragate_spec_acceptance_ratio", "accepted / proposed speculative tokens", st.acceptance_rate)
             yield gauge("loragate_spec_mean_accepted_length", "tokens emitted per verification step of a request",
                         st.mean_accepted_length)
-        yield from vllm_gauges(self.state, engine)
+        yield from vllm_engine_metrics(self.state, engine)
 
 
 class RequestCounter:

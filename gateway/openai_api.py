@@ -47,7 +47,7 @@ async def _start(state, principal, gen, prompts_ids: list[list[int]], model: str
     gen.sampling["priority"] = state.priority_of(principal.tenant, gen.sampling["priority"])
     try:
         for pi, ids in enumerate(prompts_ids):
-            state.metrics.prompt_tokens.labels(*labels).inc(len(ids))
+            state.metrics.prompt(labels, len(ids))
             if gen.charge is not None:
                 gen.charge(len(ids))
             for ci, params in enumerate(gen.sampling_params(len(ids), engine.engine.max_model_len)):

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import RunningServer
@@ -281,5 +282,68 @@ def test_vllm_named_gauges_for_the_inference_gateways_endpoint_picker(tiny_llama
                    if name == "loragate_generation_tokens_total"}
         assert metered.get("tenant-a", 0) >= 1, metered
         assert idle[("loragate_requests_aborted", ())] == 2  # neither reached its 1000 tokens
+    finally:
+        s.stop()
+
+
+def test_vllm_named_request_metrics_agree_with_the_responses(tiny_llama, tmp_path, monkeypatch):
+    """vLLM's token counters, finished requests by reason and request histograms (what vLLM's
+    Grafana dashboard and autoscalers read) count what the responses say was served."""
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
+    s = RunningServer(tiny_llama, None, enable_prefix_caching=True)
+    try:
+        prompt = " ".join(f"t{i}" for i in range(5, 45))  # over two KV blocks: later requests find them cached
+        greedy = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        first = httpx.post(s.url + "/v1/completions", json=greedy, headers=s.headers(), timeout=60).json()
+        text = first["choices"][0]["text"]
+        stop_at = text.split()[1]  # the second word ends the next one with reason "stop"
+        usages, reasons = [first["usage"]], ["length"]
+        for extra in ({"n": 2}, {"stop": [stop_at]}, {}):
+            r = httpx.post(s.url + "/v1/completions", json=greedy | extra, headers=s.headers(), timeout=60).json()
+            usages.append(r["usage"])
+            reasons += [c["finish_reason"] for c in r["choices"]]
+        assert reasons.count("stop") == 1 and reasons.count("length") == 4, reasons
+
+        async def drop_a_stream():
+            body = {"model": "tiny", "prompt": "t9", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+            async with httpx.AsyncClient(timeout=60) as h:
+                async with h.stream("POST", s.url + "/v1/completions", json=body, headers=s.headers()) as r:
+                    await anext(r.aiter_lines())
+
+        asyncio.run(drop_a_stream())
+        engine = s.state.engine.engine
+        for _ in range(200):
+            if not engine.has_unfinished:
+                break
+            time.sleep(0.05)
+        m = samples(httpx.get(s.url + "/metrics").text)
+        model = (("model_name", "tiny"),)
+
+        def by_reason(reason):
+            return m[("vllm:request_success_total", (("finished_reason", reason), ("model_name", "tiny")))]
+
+        assert (by_reason("stop"), by_reason("length"), by_reason("abort")) == (1, 4, 1)
+        finished_tokens = sum(u["completion_tokens"] for u in usages)
+        dropped = m[("vllm:generation_tokens_total", model)] - finished_tokens
+        assert dropped >= 1  # the dropped stream's tokens, metered as they were made
+        assert m[("vllm:generation_tokens_total", model)] == sum(
+            v for (name, _), v in m.items() if name == "loragate_generation_tokens_total")
+        prompt_len = usages[0]["prompt_tokens"]  # one prompt per request, n=2's included
+        assert m[("vllm:prompt_tokens_total", model)] == 4 * prompt_len + len(engine.tokenize("t9"))
+        assert m[("vllm:request_generation_tokens_count", model)] == 5
+        assert m[("vllm:request_generation_tokens_sum", model)] == finished_tokens
+        # n=2 is one prompt and two engine requests: each finished one counts its prompt
+        assert m[("vllm:request_prompt_tokens_sum", model)] == 5 * prompt_len
+        assert m[("vllm:time_to_first_token_seconds_count", model)] == 6  # the dropped one had its first
+        assert m[("vllm:inter_token_latency_seconds_count", model)] == m[("loragate_inter_token_latency_seconds_count", ())]
+        e2e = m[("vllm:e2e_request_latency_seconds_sum", model)]
+        assert e2e == pytest.approx(m[("loragate_e2e_request_latency_seconds_sum", ())])
+        parts = sum(m[(f"vllm:request_{p}_time_seconds_sum", model)] for p in ("queue", "prefill", "decode"))
+        assert parts == pytest.approx(e2e, rel=1e-6)
+        assert m[("vllm:request_inference_time_seconds_sum", model)] <= e2e
+        queries, hits = m[("vllm:prefix_cache_queries_total", model)], m[("vllm:prefix_cache_hits_total", model)]
+        assert queries > hits > 0  # the same prompt five times: its blocks were found again
+        assert hits / queries == pytest.approx(m[("loragate_prefix_cache_hit_ratio", ())])
+        assert m[("vllm:num_preemptions_total", model)] == m[("loragate_preemptions", ())] == 0
     finally:
         s.stop()
