@@ -169,6 +169,9 @@ GATEWAY_HELP = {
                                 "(0: no limit)",
     "tenant_rate_limits_file": "JSON file of tenants' own limits where they differ from the two above, e.g. "
                                "{\"tenant-a\": {\"requests_per_minute\": 600, \"tokens_per_minute\": 200000}}",
+    "rate_limit_redis_url": "router: keep tenants' rate limits in this Redis (redis://host:6379/0, rediss://, "
+                            "unix://), so every router replica draws on one allowance; if it cannot be reached, "
+                            "each router uses its own buckets meanwhile (pip install 'loragate[redis]')",
     "tenant_priorities": "each tenant's most urgent scheduling priority, e.g. 'gold=-1,free=1' (lower runs first, "
                          "and preempts less urgent requests when the KV cache is full; tenants not named: 0); a "
                          "request's 'priority' can only make it less urgent than its tenant's",

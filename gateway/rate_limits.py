@@ -50,28 +50,34 @@ class TenantRateLimits:
 
     def admit(self, tenant: str) -> None:
         """Take one request from `tenant`'s allowance, or raise a 429 saying when to retry."""
-        for kind in KINDS:
-            limit = self.limit(tenant, kind)
-            if not limit:
-                continue
-            level = self._level(tenant, kind)
+        self.refuse_if_empty(tenant, self.levels(tenant))
+        self.take(tenant, "requests", 1)
+
+    def levels(self, tenant: str) -> dict[str, float]:
+        """The level of each limit that is set for `tenant`, refilled to now."""
+        return {kind: self._level(tenant, kind) for kind in KINDS if self.limit(tenant, kind)}
+
+    def refuse_if_empty(self, tenant: str, levels: dict[str, float]) -> None:
+        """A 429 saying when to retry if a bucket (`levels`, as levels() gives them) holds less
+        than one request or token."""
+        for kind, level in levels.items():
             if level < 1:
+                limit = self.limit(tenant, kind)
                 self.refused[tenant, kind] = self.refused.get((tenant, kind), 0) + 1
                 wait = (1 - level) * 60 / limit
                 raise APIError(429, f"tenant {tenant!r} is over its limit of {limit} {kind} per minute; "
                                f"retry in {wait:.1f} s", "rate_limit_error", code="rate_limit_exceeded",
                                headers={"Retry-After": str(math.ceil(wait)), "retry-after-ms": str(math.ceil(wait * 1000)),
-                                        **self.headers(tenant)})
-        self.take(tenant, "requests", 1)
+                                        **self.headers(tenant, levels)})
 
-    def headers(self, tenant: str) -> dict[str, str]:
+    def headers(self, tenant: str, levels: dict[str, float] | None = None) -> dict[str, str]:
         """OpenAI's x-ratelimit-limit-* and x-ratelimit-remaining-* for each limit that is set,
-        as a response reports them (what is left after its admission)."""
+        as a response reports them (what is left after its admission); `levels`: the buckets'
+        (default: this process's)."""
         out = {}
-        for kind in KINDS:
-            if limit := self.limit(tenant, kind):
-                out[f"x-ratelimit-limit-{kind}"] = str(limit)
-                out[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(self._level(tenant, kind))))
+        for kind, level in (self.levels(tenant) if levels is None else levels).items():
+            out[f"x-ratelimit-limit-{kind}"] = str(self.limit(tenant, kind))
+            out[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(level)))
         return out
 
     def refused_metric(self):

@@ -96,6 +96,8 @@ class Router:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._own_client and self.client is not None:
             await self.client.aclose()
+        if self.limits is not None:
+            await self.limits.close()
 
     async def refresh_members(self) -> None:
         urls = await asyncio.to_thread(self.discovery.discover)  # DNS lookups block
@@ -183,7 +185,7 @@ class Router:
                 remember = path == "/v1/responses" and upstream.status_code == 200 and self.pool.prefixes is not None
                 raw_headers = response_headers(upstream, choice.replica.url, keep_length=False)
                 if tenant is not None:
-                    raw_headers = self.limits.response_headers(tenant, upstream, raw_headers)
+                    raw_headers = await self.limits.response_headers(tenant, upstream, raw_headers)
                 if upstream.status_code == 200 and is_event_stream(upstream):
                     handed_over = True
                     on_charge = functools.partial(self.limits.charge, tenant) if tenant is not None else None
@@ -259,7 +261,7 @@ async def inference(request: Request) -> Response:
     router: Router = request.app.state.router
     body = await read_bounded_body(request, MAX_INFERENCE_BODY)  # held in memory to be re-sent on a retry
     authorization = request.headers.get("authorization")
-    tenant = router.limits.admit(authorization) if router.limits is not None else None
+    tenant = await router.limits.admit(authorization) if router.limits is not None else None
     key, prefix = routing_inputs(body, authorization, router.pool.prefixes is not None)
     # identity: SSE events are split on their text; Content-Length: httpx sets it for the bytes.
     # A charge report is the router's to ask for (relay_inference), not the client's.

@@ -9,21 +9,35 @@ router does not know is not limited here: the engine answers it 401. The engines
 a router need no limits of their own.
 
 With several routers (Helm's router.replicas), each keeps its own buckets, so a tenant gets
-up to that many times its limits: still a fixed factor, not one that grows with the engines."""
+up to that many times its limits, unless they share them in Redis (--rate-limit-redis-url;
+shared_buckets.py). A Redis that cannot be reached or answers an error is not a reason to
+refuse requests: the router then uses its own buckets for that call, logs it (once a minute
+at most) and counts it in loragate_router_rate_limit_store_errors."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
+import time
 
 from loragate.engine.errors import ModelConfigError
 
 from .auth import KeyStore
 from .charges import CHARGE_HEADER
 from .errors import APIError
-from .rate_limits import TenantRateLimits
+from .rate_limits import KINDS, TenantRateLimits
+from .shared_buckets import RedisBuckets
+
+log = logging.getLogger("loragate.router")
 
 
 class FleetRateLimits:
-    def __init__(self, keys: KeyStore, limits: TenantRateLimits):
-        self.keys, self.limits = keys, limits
+    def __init__(self, keys: KeyStore, limits: TenantRateLimits, shared: RedisBuckets | None = None):
+        """shared: the buckets every router uses (None: this router's own, `limits`)."""
+        self.keys, self.limits, self.shared = keys, limits, shared
+        self.store_errors = 0  # calls to `shared` that failed and fell back to `limits`
+        self._last_warning = -1e9
+        self._charges: set[asyncio.Task] = set()  # charges on their way to `shared`
 
     @classmethod
     def from_settings(cls, settings) -> FleetRateLimits | None:
@@ -35,26 +49,64 @@ class FleetRateLimits:
             keys = KeyStore.from_sources(settings.api_keys_file, settings.api_keys, settings.admin_key)
         except (ValueError, OSError) as e:
             raise ModelConfigError(f"API keys: {e}") from e
+        shared = RedisBuckets(settings.rate_limit_redis_url) if settings.rate_limit_redis_url else None
         return cls(keys, TenantRateLimits(settings.tenant_requests_per_minute, settings.tenant_tokens_per_minute,
-                                          per_tenant=per_tenant))
+                                          per_tenant=per_tenant), shared)
 
-    def admit(self, authorization: str | None) -> str | None:
+    async def admit(self, authorization: str | None) -> str | None:
         """The caller's tenant, its request taken from its allowance (a 429 beyond it), or
         None for a caller without a valid key."""
         try:
             tenant = self.keys.authenticate(authorization).tenant
         except APIError:
             return None
-        self.limits.admit(tenant)
+        result = await self._shared(tenant, {"requests": 1}, check=True)
+        if result is None:
+            self.limits.admit(tenant)
+        elif not result[0]:
+            self.limits.refuse_if_empty(tenant, result[1])
         return tenant
 
     def charge(self, tenant: str, tokens: int) -> None:
-        self.limits.take(tenant, "tokens", tokens)
+        """Take `tokens` from the tenant's allowance (a stream's report: not awaited)."""
+        if self.shared is None:
+            self.limits.take(tenant, "tokens", tokens)
+        elif tokens:
+            task = asyncio.get_running_loop().create_task(self._shared(tenant, {"tokens": tokens}, check=False))
+            self._charges.add(task)
+            task.add_done_callback(self._charges.discard)
 
-    def response_headers(self, tenant: str, upstream, raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    async def response_headers(self, tenant: str, upstream,
+                               raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """`raw`, the engine's response headers for the client, with the engine's rate-limit
         headers replaced by the router's, which are the ones that hold; the charge the engine
         reported in its headers is taken first."""
-        self.charge(tenant, int(upstream.headers.get(CHARGE_HEADER) or 0))
+        tokens = int(upstream.headers.get(CHARGE_HEADER) or 0)
+        result = await self._shared(tenant, {"tokens": tokens}, check=False)
+        levels = None if result is None else result[1]
         out = [(k, v) for k, v in raw if not k.lower().startswith(b"x-ratelimit-")]
-        return out + [(k.encode(), v.encode()) for k, v in self.limits.headers(tenant).items()]
+        return out + [(k.encode(), v.encode()) for k, v in self.limits.headers(tenant, levels).items()]
+
+    async def _shared(self, tenant: str, takes: dict[str, int], check: bool) -> tuple[bool, dict] | None:
+        """`shared.apply`; None where there is no shared store or it failed, after taking
+        `takes` from this router's own buckets instead (an admission's request is left to
+        the caller, which checks first)."""
+        if self.shared is not None:
+            try:
+                return await self.shared.apply(tenant, {kind: self.limits.limit(tenant, kind) for kind in KINDS},
+                                               takes, check)
+            except Exception as e:  # noqa: BLE001 - any failure of the store: fall back, never refuse for it
+                self.store_errors += 1
+                if time.monotonic() - self._last_warning > 60:
+                    self._last_warning = time.monotonic()
+                    log.warning("rate-limit store unreachable (%s: %s); using this router's own buckets until it "
+                                "answers", type(e).__name__, e)
+        if not check:
+            for kind, amount in takes.items():
+                self.limits.take(tenant, kind, amount)
+        return None
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._charges, return_exceptions=True)
+        if self.shared is not None:
+            await self.shared.close()

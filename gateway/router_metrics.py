@@ -31,7 +31,7 @@ class RouterMetrics:
     def watch_rate_limits(self, limits) -> None:
         """Export the requests the router's rate limits (router_limits.py) refused, if it keeps any."""
         if limits is not None:
-            self.registry.register(_RateLimitCollector(limits.limits))
+            self.registry.register(_RateLimitCollector(limits))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -62,4 +62,10 @@ class _RateLimitCollector:
         self.limits = limits
 
     def collect(self):
-        yield self.limits.refused_metric()
+        yield self.limits.limits.refused_metric()
+        if self.limits.shared is not None:
+            errors = GaugeMetricFamily("loragate_router_rate_limit_store_errors", "calls to the shared rate-limit "
+                                       "store (Redis) that failed, answered from this router's own buckets instead, "
+                                       "since start")
+            errors.add_metric([], self.limits.store_errors)
+            yield errors

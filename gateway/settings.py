@@ -29,6 +29,8 @@ class GatewaySettings:
     tenant_requests_per_minute: int = 0
     tenant_tokens_per_minute: int = 0
     tenant_rate_limits_file: str | None = None  # JSON: tenant -> its own limits (rate_limits.load_tenant_limits)
+    # router: keep the buckets in this Redis, shared by every router replica (shared_buckets.py)
+    rate_limit_redis_url: str | None = None
     # "tenant=-1,other=2": each tenant's most urgent priority (lower runs first; others: 0). A
     # request's own `priority` can only make it less urgent than its tenant's.
     tenant_priorities: str | None = None
@@ -157,3 +159,11 @@ class GatewaySettings:
                 raise ModelConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.max_engine_load < 1:
             raise ModelConfigError(f"max_engine_load must be >= 1, got {self.max_engine_load}")
+        if self.rate_limit_redis_url:
+            if self.role != "router":
+                raise ModelConfigError("rate_limit_redis_url is for role 'router', which keeps the fleet's rate "
+                                       "limits; an engine or a single server keeps its own")
+            if not re.fullmatch(r"(rediss?|unix)://\S+", self.rate_limit_redis_url):
+                # not echoed: it may hold a password
+                raise ModelConfigError("rate_limit_redis_url must look like redis://[:password@]host:port/db, "
+                                       "rediss://... (TLS) or unix:///path")

@@ -49,6 +49,9 @@ VALUE_SETS: dict[str, tuple[dict, dict[str, int]]] = {
                         "team-a": {"requests_per_minute": 600, "tokens_per_minute": 200000},
                         "trial": {"tokens_per_minute": 5000}}}},
                     {**_BASE_KINDS, "ConfigMap": 3}),
+    # The routers share their buckets in a Redis: its URL (with a password) from a Secret.
+    "rate-limits-redis": ({"rateLimits": {"tokensPerMinute": 50000, "redis": {
+                              "existingSecret": "redis-auth", "existingSecretKey": "rate-limit-url"}}}, _BASE_KINDS),
     # Tenants' scheduling priorities, reasoning split off, prefix routing off.
     "priorities": ({"tenantPriorities": {"gold": -1, "free": 2}, "model": {"reasoningParser": "none"},
                     "router": {"prefixRouting": False}}, _BASE_KINDS),
@@ -161,7 +164,8 @@ def test_references_resolve(rendered):
     (with the key it reads) or is the existing one the values name."""
     values = rendered.values
     existing_secrets = {values.get("auth", {}).get("existingSecret"),
-                        values.get("adapterStore", {}).get("s3", {}).get("existingSecret")} - {None, ""}
+                        values.get("adapterStore", {}).get("s3", {}).get("existingSecret"),
+                        values.get("rateLimits", {}).get("redis", {}).get("existingSecret")} - {None, ""}
     for workload, template in _pod_specs(rendered):
         spec = template["spec"]
         assert spec["serviceAccountName"] in rendered.names("ServiceAccount")
@@ -276,7 +280,9 @@ def test_disruption_budgets_and_service_monitor_select_the_right_objects(render)
 
 def test_notes_say_how_to_reach_the_api(rendered):
     assert f"svc/{rendered.fullname}-router" in rendered.notes or "loadBalancer" in rendered.notes
-    assert ("up to 2 times its limits" in rendered.notes) == bool(rendered.values.get("rateLimits"))
+    limits = rendered.values.get("rateLimits", {})
+    assert ("up to 2 times its limits" in rendered.notes) == bool(limits and not limits.get("redis"))
+    assert ("share\n   their buckets in Redis" in rendered.notes) == bool(limits.get("redis"))
     assert "/readyz" in rendered.notes and "/metrics" in rendered.notes
     assert ("OPEN" in rendered.notes) == (rendered.values.get("auth", {}).get("enabled") is False)
     served = rendered.values.get("model", {}).get("servedName") or "smollm2-135m-instruct"  # the image's model
@@ -330,6 +336,14 @@ def test_rate_limits_go_to_the_router_with_the_keys_and_the_tenants_file_it_read
     local = tmp_path / "limits.json"
     local.write_text(config_map["data"][path.rsplit("/", 1)[1]])
     assert load_tenant_limits(str(local)) == {"team-a": {"requests": 600, "tokens": 200000}, "trial": {"tokens": 5000}}
+    assert "LORAGATE_RATE_LIMIT_REDIS_URL" not in env  # each router keeps its own buckets
+    shared = render(VALUE_SETS["rate-limits-redis"][0]).env("router")["LORAGATE_RATE_LIMIT_REDIS_URL"]
+    assert shared == {"secretKeyRef": {"name": "redis-auth", "key": "rate-limit-url"}}
+    url = render({"rateLimits": {"requestsPerMinute": 60, "redis": {"url": "redis://redis-master.redis:6379/0"}}})
+    assert url.env("router")["LORAGATE_RATE_LIMIT_REDIS_URL"] == "redis://redis-master.redis:6379/0"
+    assert "LORAGATE_RATE_LIMIT_REDIS_URL" not in url.env("engine")
+    unused = render({"rateLimits": {"redis": {"url": "redis://redis-master.redis:6379/0"}}})  # no limits to share
+    assert "LORAGATE_RATE_LIMIT_REDIS_URL" not in unused.env("router")
     plain = render({})  # no limits: the router needs no keys
     assert not any(n.startswith(("LORAGATE_TENANT_", "LORAGATE_API_KEYS", "LORAGATE_ADMIN")) for n in plain.env("router"))
     assert "auth" not in {m["name"] for m in plain.container("router")["volumeMounts"]}

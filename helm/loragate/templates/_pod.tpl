@@ -29,6 +29,19 @@ whose requests it counts ("loragate.authEnv" alone).
 {{- end }}
 {{- end -}}
 
+{{- /* The router's rate-limit Redis URL from a Secret (rateLimits.redis.existingSecret). */}}
+{{- define "loragate.redisEnv" -}}
+{{- with .Values.rateLimits.redis }}
+{{- if .existingSecret }}
+- name: LORAGATE_RATE_LIMIT_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret }}
+      key: {{ .existingSecretKey }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
 {{- define "loragate.s3Env" -}}
 {{- if and (eq .Values.adapterStore.type "s3") (include "loragate.hasS3Credentials" .) }}
 - name: AWS_ACCESS_KEY_ID
