@@ -16,6 +16,7 @@ from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .auth import keys_file_watched
 from .errors import APIError, error_response
 from .openai_api import chat_completions, completions, get_model, list_models
 from .state import ServerState
@@ -88,7 +89,7 @@ def build_app(state: ServerState, load=None) -> Starlette:
             thread = threading.Thread(target=run, name="loragate-load", daemon=True)
             thread.start()
         # The batch runner waits for the engine itself, and stops before it.
-        async with batch_service(app, state), response_store_service(app, state):
+        async with batch_service(app, state), response_store_service(app, state), keys_file_watched(state.keys):
             yield
         if state.engine is not None:
             await asyncio.to_thread(state.engine.shutdown)

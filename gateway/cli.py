@@ -155,7 +155,8 @@ def cmd_generate(args) -> int:
 GATEWAY_HELP = {
     "host": "address to listen on",
     "port": "TCP port",
-    "api_keys_file": "file of '<key> <tenant>' lines; keys map callers to tenants",
+    "api_keys_file": "file of '<key> <tenant>' lines; keys map callers to tenants. Read again every 5 s, so keys "
+                     "are added and revoked without a restart (a file that does not parse leaves the keys as they were)",
     "api_keys": "keys as 'key=tenant,key2=tenant2'",
     "admin_key": "key that manages every tenant's adapters",
     "max_waiting_requests": "with this many queued, tenants over their share of the queue are answered 429 "

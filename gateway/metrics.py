@@ -45,6 +45,7 @@ class Metrics:
         self._labels: set[str] = set()
         self._lock = threading.Lock()
         r.register(_EngineCollector(state))
+        r.register(KeysCollector(state.keys))
 
     # Each event feeds loragate's metric and vLLM's of the same meaning (vllm_metrics.py).
     def prompt(self, labels: tuple[str, str], tokens: int) -> None:
@@ -158,6 +159,23 @@ class _EngineCollector:
             yield gauge("loragate_spec_mean_accepted_length", "tokens emitted per verification step of a request",
                         st.mean_accepted_length)
         yield from vllm_engine_metrics(self.state, engine)
+
+
+class KeysCollector:
+    """The API keys read from a keys file (auth.py: reloaded while serving), on engines and routers."""
+
+    def __init__(self, keys):
+        self.keys = keys
+
+    def collect(self):
+        if self.keys is None or self.keys.keys_file is None:
+            return
+        for name, doc, value in (("api_keys", "API keys that authenticate, the admin key included", self.keys.num_keys),
+                                 ("api_keys_reload_errors", "reloads of the keys file that failed (the keys in use "
+                                  "stayed), since start", self.keys.reload_errors)):
+            g = GaugeMetricFamily(f"loragate_{name}", doc)
+            g.add_metric([], value)
+            yield g
 
 
 class RequestCounter:

@@ -42,6 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .auth import watch_keys_file
 from .charges import CHARGE_HEADER
 from .discovery import EngineDiscovery, resolve_addresses
 from .errors import APIError, error_response
@@ -86,6 +87,8 @@ class Router:
                                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         await self.refresh_members()
         self._tasks.append(asyncio.create_task(self._every(self.settings.health_interval, self.check_health)))
+        if self.limits is not None and self.limits.keys.keys_file is not None:  # tenants added or revoked
+            self._tasks.append(asyncio.create_task(watch_keys_file(self.limits.keys)))
         if self.discovery.dns_target is not None:
             self._tasks.append(asyncio.create_task(self._every(self.settings.discovery_interval,
                                                                self.refresh_members)))

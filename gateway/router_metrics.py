@@ -7,6 +7,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from .metrics import KeysCollector
+
 
 class RouterMetrics:
     def __init__(self, pool):
@@ -32,6 +34,7 @@ class RouterMetrics:
         """Export the requests the router's rate limits (router_limits.py) refused, if it keeps any."""
         if limits is not None:
             self.registry.register(_RateLimitCollector(limits))
+            self.registry.register(KeysCollector(limits.keys))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

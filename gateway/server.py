@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from .auth import KeyStore
+from .auth import KEYS_RELOAD_SECONDS, KeyStore
 from .rate_limits import TenantRateLimits
 from .settings import GatewaySettings
 from .state import ServerState
@@ -137,6 +137,9 @@ def serve(engine_config, settings: GatewaySettings) -> int:
     if keys.is_open:
         print("loragate: no API keys configured: the server is open and every caller is tenant "
               "'default' (set LORAGATE_API_KEYS or --api-keys-file to require keys)", file=sys.stderr)
+    elif not keys.num_keys:
+        print(f"loragate: {settings.api_keys_file} holds no API keys yet: every request is refused (401) until "
+              f"keys are added to it (it is read again every {KEYS_RELOAD_SECONDS:g} s)", file=sys.stderr)
     from loragate.engine.models.prepare import resolve_model
 
     # Fail now, with one line, for a model that cannot exist; preparing a catalog model

@@ -29,7 +29,7 @@ def free_port() -> int:
 
 class RunningServer:
     def __init__(self, model_dir, home, max_waiting=256, max_num_seqs=32, load_async=False, max_upload=2 << 30,
-                 loader_factory=make_loader, max_tenant_requests=0, **engine_fields):
+                 loader_factory=make_loader, max_tenant_requests=0, keys=None, **engine_fields):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         settings = GatewaySettings(port=self.port, max_waiting_requests=max_waiting, served_model_name="tiny",
@@ -40,7 +40,7 @@ class RunningServer:
         engine_fields.setdefault("kv_cache_memory", "64MiB")
         config = EngineConfig(model=str(model_dir), dtype="float32", max_loras=4, max_num_seqs=max_num_seqs,
                               **engine_fields)
-        self.state = ServerState(keys=KeyStore(KEYS, ADMIN), max_waiting=max_waiting,
+        self.state = ServerState(keys=keys or KeyStore(KEYS, ADMIN), max_waiting=max_waiting,
                                  max_tenant_requests=max_tenant_requests)
         loader = loader_factory(config, settings)
         if not load_async:

@@ -347,3 +347,17 @@ def test_rate_limits_go_to_the_router_with_the_keys_and_the_tenants_file_it_read
     plain = render({})  # no limits: the router needs no keys
     assert not any(n.startswith(("LORAGATE_TENANT_", "LORAGATE_API_KEYS", "LORAGATE_ADMIN")) for n in plain.env("router"))
     assert "auth" not in {m["name"] for m in plain.container("router")["volumeMounts"]}
+
+
+def test_adding_a_key_restarts_no_pod_but_a_new_admin_key_does(render):
+    """Servers read the mounted keys file again while they run (gateway/auth.py), so new
+    auth.apiKeys only change the Secret; the admin key is an environment variable."""
+    def checksums(auth):
+        rendered = render({"auth": auth, "rateLimits": {"requestsPerMinute": 60}})
+        return [rendered.workload(c)["spec"]["template"]["metadata"]["annotations"]["checksum/secrets"]
+                for c in ("engine", "router")]
+
+    one = {"apiKeys": [{"key": "sk-team-a-0123456789", "tenant": "team-a"}], "adminKey": "sk-admin-0123456789"}
+    two = {**one, "apiKeys": [*one["apiKeys"], {"key": "sk-team-b-0123456789", "tenant": "team-b"}]}
+    assert checksums(one) == checksums(two)
+    assert all(a != b for a, b in zip(checksums(one), checksums({**one, "adminKey": "sk-admin-other-123456"})))

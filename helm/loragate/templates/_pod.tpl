@@ -110,14 +110,17 @@ topologySpreadConstraints:
 {{- end }}
 {{- end -}}
 
-{{/* Annotations that roll the pods when their configuration changes. */}}
+{{/* Annotations that roll the pods when their configuration changes. Not auth.apiKeys: the
+servers read the mounted keys file again while they run, so adding or revoking a key restarts
+nothing (the admin key is a variable: changing it does). */}}
 {{- define "loragate.podAnnotations" -}}
 {{- $values := index .ctx.Values .component -}}
+{{- $auth := omit .ctx.Values.auth "apiKeys" -}}
 checksum/config: {{ include (print .ctx.Template.BasePath "/configmap.yaml") .ctx | sha256sum }}
 {{- if eq .component "engine" }}
-checksum/secrets: {{ toJson (list .ctx.Values.auth .ctx.Values.adapterStore.s3) | sha256sum }}
+checksum/secrets: {{ toJson (list $auth .ctx.Values.adapterStore.s3) | sha256sum }}
 {{- else if include "loragate.rateLimited" .ctx }}
-checksum/secrets: {{ toJson .ctx.Values.auth | sha256sum }}
+checksum/secrets: {{ toJson $auth | sha256sum }}
 {{- end }}
 {{- with $values.podAnnotations }}
 {{ toYaml . }}

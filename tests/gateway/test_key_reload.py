@@ -1,0 +1,106 @@
+"""API keys read again from their file while serving (gateway/auth.py): keys are added and
+revoked without a restart, a file that does not parse leaves the keys in use, and a server
+given a keys file never becomes open."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from loragate.gateway import auth
+from loragate.gateway.auth import KeyStore
+from loragate.gateway.errors import APIError
+
+from .conftest import RunningServer
+from .test_overload_metrics import samples
+
+
+def tenant_of(store: KeyStore, key: str) -> str | None:
+    try:
+        return store.authenticate(f"Bearer {key}").tenant
+    except APIError:
+        return None
+
+
+def test_reload_adds_and_revokes_keys_and_keeps_them_through_a_bad_file(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("sk-a tenant-a\nsk-b tenant-b\n")
+    store = KeyStore.from_sources(str(path), "sk-env=tenant-e", "sk-admin")
+    assert store.reload() is False  # unchanged
+    path.write_text("sk-b tenant-b  # sk-a revoked\nsk-c tenant-c\n")
+    assert store.reload() is True
+    assert [tenant_of(store, k) for k in ("sk-a", "sk-b", "sk-c", "sk-env", "sk-admin")] == [
+        None, "tenant-b", "tenant-c", "tenant-e", "admin"]  # the variable's keys and the admin key stay
+    for bad in ("sk-d tenant d\n", "sk-d ../escape\n"):
+        path.write_text(bad)
+        with pytest.raises(ValueError):
+            store.reload()
+        assert tenant_of(store, "sk-c") == "tenant-c" and tenant_of(store, "sk-d") is None
+    path.unlink()
+    with pytest.raises(OSError):
+        store.reload()
+    path.write_text("")  # every key revoked: closed, not open
+    assert store.reload() is True
+    assert not store.is_open and tenant_of(store, "sk-b") is None and tenant_of(store, "anything") is None
+    assert tenant_of(store, "sk-admin") == "admin"
+
+
+def test_a_running_server_takes_new_keys_and_drops_revoked_ones(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(auth, "KEYS_RELOAD_SECONDS", 0.05)
+    path = tmp_path / "keys"
+    path.write_text("sk-a tenant-a\n")
+    s = RunningServer(tiny_llama, None, keys=KeyStore.from_sources(str(path), None, None))
+
+    def status(key):
+        return httpx.get(s.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
+
+    def eventually(check):
+        for _ in range(100):
+            if check():
+                return True
+            time.sleep(0.05)
+        return False
+
+    try:
+        assert (status("sk-a"), status("sk-c")) == (200, 401)
+        path.write_text("sk-c tenant-c\n")  # sk-a leaked: revoked, sk-c issued
+        assert eventually(lambda: (status("sk-a"), status("sk-c")) == (401, 200))
+        path.write_text("sk-c tenant c\n")  # a typo: the keys in use stay
+        assert eventually(lambda: samples(httpx.get(s.url + "/metrics").text).get(
+            ("loragate_api_keys_reload_errors", ()), 0) >= 1)
+        assert status("sk-c") == 200
+        assert samples(httpx.get(s.url + "/metrics").text)[("loragate_api_keys", ())] == 1
+    finally:
+        s.stop()
+
+
+def test_a_router_keeps_limits_for_a_tenant_added_while_it_runs(tiny_llama, tmp_path, monkeypatch):
+    """The router reads the same keys file to know whose requests it limits."""
+    from starlette.testclient import TestClient
+
+    from loragate.gateway.router import build_router_app
+    from loragate.gateway.settings import GatewaySettings
+
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(auth, "KEYS_RELOAD_SECONDS", 0.05)
+    path = tmp_path / "keys"
+    path.write_text("sk-a tenant-a\n")
+    engine = RunningServer(tiny_llama, None, keys=KeyStore.from_sources(str(path), None, None))
+    settings = GatewaySettings(role="router", engine_urls=engine.url, api_keys_file=str(path),
+                               tenant_requests_per_minute=1, health_interval=60.0)
+    body = {"model": "tiny", "prompt": "t5", "max_tokens": 1}
+    try:
+        with TestClient(build_router_app(settings)) as router:
+            path.write_text("sk-a tenant-a\nsk-new tenant-new\n")
+            new = {"Authorization": "Bearer sk-new"}
+            for _ in range(100):
+                if router.post("/v1/completions", headers=new, json=body).status_code == 200:
+                    break
+                time.sleep(0.05)
+            refused = router.post("/v1/completions", headers=new, json=body)
+            assert refused.status_code == 429 and "tenant 'tenant-new'" in refused.json()["error"]["message"]
+    finally:
+        engine.stop()
