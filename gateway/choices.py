@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from . import tracing
 from .reasoning import ReasoningSplit
 
 
@@ -24,12 +25,15 @@ class Choice:
         self.metrics, self.labels = metrics, labels  # (tenant, adapter) of the token counters
         self.start = self.last = time.monotonic()
         self.first = None  # when the first output arrived
+        self.trace = tracing.current()  # the request's span, where requests are traced
 
     def add(self, out) -> list:
         t = time.monotonic()
         # metered as generated, like the rate limit's charge: a stream the client drops midway
         # still used (and was sent) the tokens before it
         self.metrics.output(self.labels, t - self.last, self.first is None, len(out.new_token_ids))
+        if self.trace is not None:
+            self.trace.output(len(out.new_token_ids))
         self.last = t
         if self.first is None:
             self.first = t
@@ -49,6 +53,8 @@ class Choice:
             self.finish_reason = "length" if out.finish_reason == "length" else "stop"
             self.metrics.finish(self.finish_reason, t - self.start, out.queue_seconds, self.first - self.start,
                                 self.prompt_len, len(self.tokens))
+            if self.trace is not None:
+                self.trace.finished(self.finish_reason, out.queue_seconds)
         return new
 
     @property

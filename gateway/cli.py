@@ -213,6 +213,10 @@ GATEWAY_HELP = {
                       "its prefix cache), unless that one has a quarter of max_engine_load more requests open "
                       "than the least loaded",
     "engine_timeout": "router: seconds to wait for an engine's next response bytes",
+    "otlp_traces_endpoint": "send OpenTelemetry traces of inference requests (a span each: tokens, latencies, "
+                            "tenant, adapter; the router's span is the engine's parent) over OTLP/HTTP to this URL, "
+                            "e.g. http://otel-collector:4318/v1/traces; the OTEL_* variables apply "
+                            "(pip install 'loragate[tracing]')",
     "batch_max_concurrency": "batch API: engine requests batch lines may have in flight at once "
                              "(interactive requests go first)",
     "batch_max_lines": "batch API: most request lines in one input file",

@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from loragate.engine import InvalidRequestError, SamplingParams
 
+from . import tracing
 from .errors import APIError
 from .openai_api import json_body, principal_of, until_disconnect
 from .protocol import truncated, truncation
@@ -99,6 +100,10 @@ async def embed(state, principal, body: dict, charge=None) -> dict:
         raise APIError(400, str(e), param="input") from None
     tokens = sum(map(len, prompts))
     state.metrics.prompt((principal.tenant, state.metrics.adapter_label(adapter)), tokens)
+    if (trace := tracing.current()) is not None:
+        trace.set(**{"gen_ai.request.model": model, "gen_ai.response.model": state.model_name,
+                     "loragate.tenant": principal.tenant, "loragate.adapter": state.metrics.adapter_label(adapter),
+                     "gen_ai.usage.prompt_tokens": tokens})
     if charge is not None:
         charge(tokens)
 

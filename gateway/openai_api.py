@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from loragate.engine.fill_in_middle import require_fim_format
 from loragate.engine.reasoning import reasoning_start, reasoning_token_count
 
+from . import tracing
 from .choices import Choice, pump
 from .errors import APIError, not_found, to_api_error
 from .reasoning import ReasoningSplit, with_reasoning
@@ -45,6 +46,13 @@ async def _start(state, principal, gen, prompts_ids: list[list[int]], model: str
     choices, streams = [], []
     labels = (principal.tenant, state.metrics.adapter_label(adapter))
     gen.sampling["priority"] = state.priority_of(principal.tenant, gen.sampling["priority"])
+    if (trace := tracing.current()) is not None:
+        trace.set(**{"gen_ai.request.model": model, "gen_ai.response.model": state.model_name,
+                     "loragate.tenant": principal.tenant, "loragate.adapter": labels[1],
+                     "gen_ai.request.n": gen.n, "gen_ai.request.max_tokens": gen.max_tokens,
+                     "gen_ai.request.temperature": gen.sampling["temperature"],
+                     "gen_ai.request.top_p": gen.sampling["top_p"],
+                     "gen_ai.usage.prompt_tokens": sum(map(len, prompts_ids))})
     try:
         for pi, ids in enumerate(prompts_ids):
             state.metrics.prompt(labels, len(ids))

@@ -54,6 +54,8 @@ from .replicas import ReplicaPool
 from .router_limits import FleetRateLimits
 from .router_metrics import RouterMetrics
 from .routing_inputs import routing_inputs
+from .tracing import Tracing, inject_context, tracing_of
+from .tracing import current as current_trace
 from .version_api import routes as version_routes
 
 log = logging.getLogger("loragate.router")
@@ -159,6 +161,8 @@ class Router:
         """`tenant`: whose rate limits (router_limits.py) the engine's charge reports go to."""
         if tenant is not None:
             headers = [*headers, (CHARGE_HEADER, "1")]
+        headers = inject_context(headers)  # the engine's span is a child of this one
+        trace = current_trace()
         tried: set[str] = set()
         retry_reason = None
         for _attempt in range(2):
@@ -173,6 +177,10 @@ class Router:
                 self.metrics.spills.inc()
             lease = Lease(self.pool, choice.replica)
             tried.add(choice.replica.url)
+            if trace is not None:
+                trace.set(**{"loragate.engine": choice.replica.url, "loragate.retries": len(tried) - 1,
+                             "loragate.spill": choice.is_spill, "loragate.prefix_routed": choice.for_prefix,
+                             "loragate.tenant": tenant})
             handed_over = False  # to the streaming response, which closes the lease when done
             try:
                 upstream = await self._send(lease, "POST", path, headers, body)
@@ -303,9 +311,11 @@ async def _handle(request: Request, exc: Exception) -> Response:
 
 
 def build_router_app(settings, *, client: httpx.AsyncClient | None = None,
-                     resolver=resolve_addresses) -> Starlette:
-    """The router app; `client` (e.g. over httpx.MockTransport) and `resolver` are for tests."""
+                     resolver=resolve_addresses, tracing: Tracing | None = None) -> Starlette:
+    """The router app; `client` (e.g. over httpx.MockTransport), `resolver` and `tracing` (an
+    exporter of its own) are for tests."""
     router = Router(settings, EngineDiscovery.from_settings(settings, resolver), client)
+    tracing = tracing or tracing_of(settings, "loragate-router")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -314,6 +324,8 @@ def build_router_app(settings, *, client: httpx.AsyncClient | None = None,
             yield
         finally:
             await router.stop()
+            if tracing is not None:
+                await asyncio.to_thread(tracing.shutdown)
 
     routes = [
         Route("/healthz", healthz),
@@ -328,7 +340,8 @@ def build_router_app(settings, *, client: httpx.AsyncClient | None = None,
         Route("/v1/{path:path}", forward, methods=_ALL_METHODS),
         *(Route(path, forward, methods=_ALL_METHODS) for path in ("/tokenize", "/detokenize", "/tokenizer_info")),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(EndCutResponses)],
+    middleware = [Middleware(tracing.middleware)] if tracing is not None else []  # the span covers all
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[*middleware, Middleware(EndCutResponses)],
                     exception_handlers={APIError: _handle, HTTPException: _handle, Exception: _handle})
     app.state.router = router
     return app

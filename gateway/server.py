@@ -10,6 +10,7 @@ from .auth import KEYS_RELOAD_SECONDS, KeyStore
 from .rate_limits import TenantRateLimits
 from .settings import GatewaySettings
 from .state import ServerState
+from .tracing import tracing_of
 
 log = logging.getLogger("loragate.gateway")
 
@@ -150,7 +151,7 @@ def serve(engine_config, settings: GatewaySettings) -> int:
                         rate_limits=TenantRateLimits(settings.tenant_requests_per_minute,
                                                      settings.tenant_tokens_per_minute, per_tenant=per_tenant),
                         tenant_priorities=settings.tenant_priority_map())
-    app = build_app(state, make_loader(engine_config, settings))
+    app = build_app(state, make_loader(engine_config, settings), tracing_of(settings, "loragate-engine"))
     app.state.settings = settings
     base = f"http://{settings.host}:{settings.port}"
     print(f"loragate: serving on {base} (model loads in the background; {base}/readyz says when it is up)\n"

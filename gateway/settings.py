@@ -76,6 +76,8 @@ class GatewaySettings:
     route_policy: str = "affinity"  # router: affinity | round_robin (a baseline for bench/router.py)
     prefix_routing: bool = True  # router: among a hot adapter's engines, follow the prompt's cached start
     engine_timeout: float = 600.0  # router: seconds to wait for an engine's next response bytes
+    # OpenTelemetry traces of inference requests, exported over OTLP/HTTP (gateway/tracing.py)
+    otlp_traces_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -97,6 +99,9 @@ class GatewaySettings:
         if self.reasoning_parser not in REASONING_PARSERS:
             raise ModelConfigError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
                                    f"got {self.reasoning_parser!r}")
+        if self.otlp_traces_endpoint and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.otlp_traces_endpoint):
+            raise ModelConfigError("otlp_traces_endpoint must be an OTLP/HTTP URL such as "
+                                   f"http://collector:4318/v1/traces, got {self.otlp_traces_endpoint!r}")
         self.tenant_priority_map()
         self.preloaded_adapters()
         self._check_router_settings()

@@ -29,7 +29,7 @@ def free_port() -> int:
 
 class RunningServer:
     def __init__(self, model_dir, home, max_waiting=256, max_num_seqs=32, load_async=False, max_upload=2 << 30,
-                 loader_factory=make_loader, max_tenant_requests=0, keys=None, **engine_fields):
+                 loader_factory=make_loader, max_tenant_requests=0, keys=None, tracing=None, **engine_fields):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         settings = GatewaySettings(port=self.port, max_waiting_requests=max_waiting, served_model_name="tiny",
@@ -45,7 +45,7 @@ class RunningServer:
         loader = loader_factory(config, settings)
         if not load_async:
             loader(self.state)
-        self.app = build_app(self.state, loader if load_async else None)
+        self.app = build_app(self.state, loader if load_async else None, tracing)
         self.app.state.settings = settings
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -52,6 +52,8 @@ VALUE_SETS: dict[str, tuple[dict, dict[str, int]]] = {
     # The routers share their buckets in a Redis: its URL (with a password) from a Secret.
     "rate-limits-redis": ({"rateLimits": {"tokensPerMinute": 50000, "redis": {
                               "existingSecret": "redis-auth", "existingSecretKey": "rate-limit-url"}}}, _BASE_KINDS),
+    # Traces from the router and the engines to an OpenTelemetry collector.
+    "tracing": ({"tracing": {"otlpEndpoint": "http://otel-collector.observability:4318/v1/traces"}}, _BASE_KINDS),
     # Tenants' scheduling priorities, reasoning split off, prefix routing off.
     "priorities": ({"tenantPriorities": {"gold": -1, "free": 2}, "model": {"reasoningParser": "none"},
                     "router": {"prefixRouting": False}}, _BASE_KINDS),
@@ -361,3 +363,11 @@ def test_adding_a_key_restarts_no_pod_but_a_new_admin_key_does(render):
     two = {**one, "apiKeys": [*one["apiKeys"], {"key": "sk-team-b-0123456789", "tenant": "team-b"}]}
     assert checksums(one) == checksums(two)
     assert all(a != b for a, b in zip(checksums(one), checksums({**one, "adminKey": "sk-admin-other-123456"})))
+
+
+def test_tracing_reaches_the_router_and_the_engines(render):
+    rendered = render(VALUE_SETS["tracing"][0])
+    for component in ("router", "engine"):
+        assert rendered.env(component)["LORAGATE_OTLP_TRACES_ENDPOINT"] == \
+            "http://otel-collector.observability:4318/v1/traces"
+    assert "LORAGATE_OTLP_TRACES_ENDPOINT" not in render({}).env("engine")

@@ -13,6 +13,7 @@ SCHEMA_VIOLATIONS = {
     "unknown top-level key": ({"replicaCount": 3}, "'replicaCount' not allowed"),
     "negative rate limit": ({"rateLimits": {"tokensPerMinute": -5}}, "/rateLimits/tokensPerMinute"),
     "a tenant's unknown limit": ({"rateLimits": {"tenants": {"a": {"tpm": 5}}}}, "'tpm' not allowed"),
+    "traces endpoint without scheme": ({"tracing": {"otlpEndpoint": "otel-collector:4318"}}, "/tracing/otlpEndpoint"),
     "redis url without scheme": ({"rateLimits": {"redis": {"url": "redis-master:6379"}}}, "/rateLimits/redis/url"),
     "redis url and its secret both": ({"rateLimits": {"redis": {"url": "redis://r:6379", "existingSecret": "r"}}},
                                       "/rateLimits/redis"),

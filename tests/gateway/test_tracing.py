@@ -1,0 +1,154 @@
+"""OpenTelemetry traces of inference requests (gateway/tracing.py): one span per request
+with the usage the response reports, the caller's traceparent as its parent, the router's
+span as the engine's parent, and spans exported over OTLP/HTTP to a collector."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import threading
+import time
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from loragate.gateway.router import build_router_app
+from loragate.gateway.settings import GatewaySettings
+
+from .conftest import RunningServer
+
+pytest.importorskip("opentelemetry.sdk", reason="OpenTelemetry is not installed (pip install -e '.[dev]')")
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
+
+from loragate.gateway.tracing import Tracing  # noqa: E402
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+
+
+def finished_spans(tracing: Tracing, exporter: InMemorySpanExporter) -> list:
+    tracing.provider.force_flush()
+    spans = list(exporter.get_finished_spans())
+    exporter.clear()
+    return spans
+
+
+@pytest.fixture
+def traced(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
+    exporter = InMemorySpanExporter()
+    tracing = Tracing(None, "loragate-engine", exporter=exporter)
+    s = RunningServer(tiny_llama, None, tracing=tracing)
+    yield s, tracing, exporter
+    s.stop()
+
+
+def test_a_span_per_request_carries_its_usage_and_the_callers_trace(traced):
+    s, tracing, exporter = traced
+    headers = {**s.headers(), "traceparent": TRACEPARENT}
+    body = {"model": "tiny", "prompt": "t5 t6 t7", "max_tokens": 7, "ignore_eos": True, "n": 2, "temperature": 0.5}
+    answer = httpx.post(s.url + "/v1/completions", json=body, headers=headers, timeout=60).json()
+    httpx.get(s.url + "/v1/models", headers=headers)  # not an inference request: no span
+    [span] = finished_spans(tracing, exporter)
+    a = span.attributes
+    assert span.name == "llm_request" and span.kind.name == "SERVER"
+    assert format(span.context.trace_id, "032x") == TRACE_ID and format(span.parent.span_id, "016x") == PARENT_ID
+    assert (a["gen_ai.usage.prompt_tokens"], a["gen_ai.usage.completion_tokens"]) == (
+        answer["usage"]["prompt_tokens"], answer["usage"]["completion_tokens"]) == (a["gen_ai.usage.prompt_tokens"], 14)
+    assert a["gen_ai.request.model"] == "tiny" and a["gen_ai.request.n"] == 2 and a["gen_ai.request.max_tokens"] == 7
+    assert a["gen_ai.request.temperature"] == 0.5 and a["loragate.tenant"] == "tenant-a"
+    assert a["loragate.adapter"] == "base" and a["http.response.status_code"] == 200
+    assert tuple(a["gen_ai.response.finish_reasons"]) == ("length", "length")
+    assert 0 < a["gen_ai.latency.time_to_first_token"] < a["gen_ai.latency.e2e"]
+    assert 0 <= a["gen_ai.latency.time_in_queue"] < a["gen_ai.latency.e2e"]
+    assert span.status.status_code.name == "UNSET"
+    assert span.resource.attributes["service.name"] == "loragate-engine"
+
+
+def test_streams_embeddings_refusals_and_dropped_streams_are_traced_too(traced):
+    s, tracing, exporter = traced
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "t5"}], "max_tokens": 5, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    text = httpx.post(s.url + "/v1/chat/completions", json=chat, headers=s.headers(), timeout=60).text
+    assert '"completion_tokens": 5' in text
+    embedded = httpx.post(s.url + "/v1/embeddings", json={"model": "tiny", "input": "t5 t6"}, headers=s.headers())
+    bad = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "t5", "temperature": 9},
+                     headers=s.headers())
+    assert bad.status_code == 400
+
+    async def drop():
+        body = {"model": "tiny", "prompt": "t5", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        async with httpx.AsyncClient(timeout=60) as h:
+            async with h.stream("POST", s.url + "/v1/completions", json=body, headers=s.headers()) as r:
+                await anext(r.aiter_lines())
+
+    asyncio.run(drop())
+    spans = []
+    for _ in range(100):  # the dropped stream's span ends once the server notices
+        spans += finished_spans(tracing, exporter)
+        if len(spans) == 4:
+            break
+        time.sleep(0.05)
+    streamed, embedding, refused, dropped = sorted(spans, key=lambda sp: sp.start_time)
+    assert streamed.attributes["gen_ai.usage.completion_tokens"] == 5
+    assert embedding.attributes["gen_ai.usage.prompt_tokens"] == embedded.json()["usage"]["prompt_tokens"]
+    assert "gen_ai.usage.completion_tokens" not in embedding.attributes  # it generates nothing
+    assert refused.attributes["http.response.status_code"] == 400 and refused.status.status_code.name == "UNSET"
+    assert 1 <= dropped.attributes["gen_ai.usage.completion_tokens"] < 1000
+    assert "gen_ai.response.finish_reasons" not in dropped.attributes  # it never finished
+
+
+def test_the_routers_span_is_the_engines_parent(traced):
+    s, engine_tracing, engine_spans = traced
+    router_spans = InMemorySpanExporter()
+    router_tracing = Tracing(None, "loragate-router", exporter=router_spans)
+    settings = GatewaySettings(role="router", engine_urls=s.url, health_interval=60.0)
+    with TestClient(build_router_app(settings, tracing=router_tracing)) as router:
+        r = router.post("/v1/completions", json={"model": "tiny", "prompt": "t5", "max_tokens": 3},
+                        headers={**s.headers(), "traceparent": TRACEPARENT})
+        assert r.status_code == 200
+    [route] = finished_spans(router_tracing, router_spans)
+    [served] = finished_spans(engine_tracing, engine_spans)
+    assert route.name == "router_request" and route.resource.attributes["service.name"] == "loragate-router"
+    assert format(route.parent.span_id, "016x") == PARENT_ID
+    assert served.context.trace_id == route.context.trace_id and served.parent.span_id == route.context.span_id
+    assert route.attributes["loragate.engine"] == s.url and route.attributes["loragate.retries"] == 0
+
+
+def test_spans_reach_an_otlp_http_collector(tiny_llama, tmp_path, monkeypatch):
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append((self.path, self.headers["Content-Type"],
+                             self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
+    endpoint = f"http://127.0.0.1:{collector.server_address[1]}/v1/traces"
+    s = RunningServer(tiny_llama, None, tracing=Tracing(endpoint, "loragate-engine"))
+    try:
+        assert httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "t5", "max_tokens": 2},
+                          headers=s.headers()).status_code == 200
+    finally:
+        s.stop()  # the server's shutdown exports what is pending
+        collector.shutdown()
+    assert [(path, kind) for path, kind, _ in received] == [("/v1/traces", "application/x-protobuf")]
+    request = ExportTraceServiceRequest.FromString(received[0][2])
+    [resource_spans] = request.resource_spans
+    service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}["service.name"]
+    [span] = [sp for scope in resource_spans.scope_spans for sp in scope.spans]
+    assert service == "loragate-engine" and span.name == "llm_request"
+    usage = {a.key: a.value.int_value for a in span.attributes if a.key.startswith("gen_ai.usage.")}
+    assert usage["gen_ai.usage.completion_tokens"] == 2 and usage["gen_ai.usage.prompt_tokens"] >= 1
