@@ -37,7 +37,10 @@ class FleetRateLimits:
         self.keys, self.limits, self.shared = keys, limits, shared
         self.store_errors = 0  # calls to `shared` that failed and fell back to `limits`
         self._last_warning = -1e9
-        self._charges: set[asyncio.Task] = set()  # charges on their way to `shared`
+        # Streams report tokens an event at a time: per tenant, one call to `shared` is in flight
+        # and what is reported meanwhile goes in the next, so Redis sees few calls, not one a token.
+        self._unsent: dict[str, int] = {}
+        self._senders: dict[str, asyncio.Task] = {}
 
     @classmethod
     def from_settings(cls, settings) -> FleetRateLimits | None:
@@ -72,9 +75,16 @@ class FleetRateLimits:
         if self.shared is None:
             self.limits.take(tenant, "tokens", tokens)
         elif tokens:
-            task = asyncio.get_running_loop().create_task(self._shared(tenant, {"tokens": tokens}, check=False))
-            self._charges.add(task)
-            task.add_done_callback(self._charges.discard)
+            self._unsent[tenant] = self._unsent.get(tenant, 0) + tokens
+            if tenant not in self._senders:
+                self._senders[tenant] = asyncio.get_running_loop().create_task(self._send_charges(tenant))
+
+    async def _send_charges(self, tenant: str) -> None:
+        try:
+            while tokens := self._unsent.pop(tenant, 0):
+                await self._shared(tenant, {"tokens": tokens}, check=False)
+        finally:
+            del self._senders[tenant]
 
     async def response_headers(self, tenant: str, upstream,
                                raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -107,6 +117,6 @@ class FleetRateLimits:
         return None
 
     async def close(self) -> None:
-        await asyncio.gather(*self._charges, return_exceptions=True)
+        await asyncio.gather(*self._senders.values(), return_exceptions=True)
         if self.shared is not None:
             await self.shared.close()

@@ -107,6 +107,29 @@ def test_a_charge_on_one_router_shows_on_the_other(redis_url):
     asyncio.run(main())
 
 
+def test_a_streams_many_small_charges_go_to_redis_together(redis_url):
+    async def main():
+        router = fleet(redis_url, tokens_per_minute=10_000)
+        calls = []
+        apply = router.shared.apply
+
+        async def counted(*args, **kwargs):
+            calls.append(args[2])
+            return await apply(*args, **kwargs)
+
+        router.shared.apply = counted
+        for _ in range(200):  # a stream's reports, one token each, faster than Redis answers
+            router.charge("tenant-a", 1)
+        await router.close()
+        assert sum(take["tokens"] for take in calls) == 200 and len(calls) <= 3, calls
+        checker = RedisBuckets(redis_url)
+        levels = await checker.apply("tenant-a", {"tokens": 10_000}, {}, False)
+        await checker.close()
+        assert 9_800 <= levels[1]["tokens"] < 9_810  # all 200 taken, a few seconds' refill at most
+
+    asyncio.run(main())
+
+
 def test_a_redis_that_lost_the_script_gets_it_again():
     """After a restart or SCRIPT FLUSH, Redis no longer knows the script by its hash."""
     async def main():
