@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -67,6 +68,28 @@ class RunningServer:
         self.thread.join(timeout=10)
         if self.state.engine is not None:
             self.state.engine.shutdown()
+
+
+def drop_a_stream(s: RunningServer, prompt: str = "t9") -> None:
+    """Open a 1000-token completion stream, read its first line and hang up; return once the
+    engine has ended every request."""
+    async def drop():
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        async with httpx.AsyncClient(timeout=60) as h:
+            async with h.stream("POST", s.url + "/v1/completions", json=body, headers=s.headers()) as r:
+                await anext(r.aiter_lines())
+
+    asyncio.run(drop())
+    wait_until_idle(s.state.engine.engine)
+
+
+def wait_until_idle(engine, seconds: float = 10.0) -> None:
+    """Return once `engine` has no request left (aborted ones end at its next step)."""
+    deadline = time.monotonic() + seconds
+    while engine.has_unfinished:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the engine still has requests after {seconds} s")
+        time.sleep(0.05)
 
 
 def _module_server(model_dir, tmp_path_factory, monkeypatch_module):

@@ -8,10 +8,13 @@ import time
 
 import httpx
 import pytest
+from starlette.testclient import TestClient
 
 from loragate.gateway import auth
 from loragate.gateway.auth import KeyStore
 from loragate.gateway.errors import APIError
+from loragate.gateway.router import build_router_app
+from loragate.gateway.settings import GatewaySettings
 
 from .conftest import RunningServer
 from .test_overload_metrics import samples
@@ -47,60 +50,51 @@ def test_reload_adds_and_revokes_keys_and_keeps_them_through_a_bad_file(tmp_path
     assert tenant_of(store, "sk-admin") == "admin"
 
 
-def test_a_running_server_takes_new_keys_and_drops_revoked_ones(tiny_llama, tmp_path, monkeypatch):
+@pytest.fixture
+def keyed(tiny_llama, tmp_path, monkeypatch):
+    """A server whose keys file holds sk-a for tenant-a, read again every 50 ms."""
     monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(auth, "KEYS_RELOAD_SECONDS", 0.05)
     path = tmp_path / "keys"
     path.write_text("sk-a tenant-a\n")
     s = RunningServer(tiny_llama, None, keys=KeyStore.from_sources(str(path), None, None))
+    yield s, path
+    s.stop()
+
+
+def eventually(check) -> bool:
+    for _ in range(100):
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_running_server_takes_new_keys_and_drops_revoked_ones(keyed):
+    s, path = keyed
 
     def status(key):
         return httpx.get(s.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
 
-    def eventually(check):
-        for _ in range(100):
-            if check():
-                return True
-            time.sleep(0.05)
-        return False
-
-    try:
-        assert (status("sk-a"), status("sk-c")) == (200, 401)
-        path.write_text("sk-c tenant-c\n")  # sk-a leaked: revoked, sk-c issued
-        assert eventually(lambda: (status("sk-a"), status("sk-c")) == (401, 200))
-        path.write_text("sk-c tenant c\n")  # a typo: the keys in use stay
-        assert eventually(lambda: samples(httpx.get(s.url + "/metrics").text).get(
-            ("loragate_api_keys_reload_errors", ()), 0) >= 1)
-        assert status("sk-c") == 200
-        assert samples(httpx.get(s.url + "/metrics").text)[("loragate_api_keys", ())] == 1
-    finally:
-        s.stop()
+    assert (status("sk-a"), status("sk-c")) == (200, 401)
+    path.write_text("sk-c tenant-c\n")  # sk-a leaked: revoked, sk-c issued
+    assert eventually(lambda: (status("sk-a"), status("sk-c")) == (401, 200))
+    path.write_text("sk-c tenant c\n")  # a typo: the keys in use stay
+    assert eventually(lambda: samples(httpx.get(s.url + "/metrics").text).get(
+        ("loragate_api_keys_reload_errors", ()), 0) >= 1)
+    assert status("sk-c") == 200
+    assert samples(httpx.get(s.url + "/metrics").text)[("loragate_api_keys", ())] == 1
 
 
-def test_a_router_keeps_limits_for_a_tenant_added_while_it_runs(tiny_llama, tmp_path, monkeypatch):
+def test_a_router_keeps_limits_for_a_tenant_added_while_it_runs(keyed):
     """The router reads the same keys file to know whose requests it limits."""
-    from starlette.testclient import TestClient
-
-    from loragate.gateway.router import build_router_app
-    from loragate.gateway.settings import GatewaySettings
-
-    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(auth, "KEYS_RELOAD_SECONDS", 0.05)
-    path = tmp_path / "keys"
-    path.write_text("sk-a tenant-a\n")
-    engine = RunningServer(tiny_llama, None, keys=KeyStore.from_sources(str(path), None, None))
-    settings = GatewaySettings(role="router", engine_urls=engine.url, api_keys_file=str(path),
+    s, path = keyed
+    settings = GatewaySettings(role="router", engine_urls=s.url, api_keys_file=str(path),
                                tenant_requests_per_minute=1, health_interval=60.0)
     body = {"model": "tiny", "prompt": "t5", "max_tokens": 1}
-    try:
-        with TestClient(build_router_app(settings)) as router:
-            path.write_text("sk-a tenant-a\nsk-new tenant-new\n")
-            new = {"Authorization": "Bearer sk-new"}
-            for _ in range(100):
-                if router.post("/v1/completions", headers=new, json=body).status_code == 200:
-                    break
-                time.sleep(0.05)
-            refused = router.post("/v1/completions", headers=new, json=body)
-            assert refused.status_code == 429 and "tenant 'tenant-new'" in refused.json()["error"]["message"]
-    finally:
-        engine.stop()
+    new = {"Authorization": "Bearer sk-new"}
+    with TestClient(build_router_app(settings)) as router:
+        path.write_text("sk-a tenant-a\nsk-new tenant-new\n")
+        assert eventually(lambda: router.post("/v1/completions", headers=new, json=body).status_code == 200)
+        refused = router.post("/v1/completions", headers=new, json=body)
+        assert refused.status_code == 429 and "tenant 'tenant-new'" in refused.json()["error"]["message"]

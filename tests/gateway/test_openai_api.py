@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 
+from .conftest import wait_until_idle
+
 
 def client(server, key="key-a"):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
@@ -370,12 +372,7 @@ def test_aborted_streams_free_every_kv_block(server):
 
     asyncio.run(main())
     engine = server.state.engine.engine
-    for _ in range(200):
-        if not engine.has_unfinished:
-            break
-        import time
-        time.sleep(0.05)
-    assert not engine.has_unfinished
+    wait_until_idle(engine)
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import RunningServer
+from .conftest import RunningServer, drop_a_stream
 
 
 def samples(text: str) -> dict:
@@ -304,18 +304,8 @@ def test_vllm_named_request_metrics_agree_with_the_responses(tiny_llama, tmp_pat
             reasons += [c["finish_reason"] for c in r["choices"]]
         assert reasons.count("stop") == 1 and reasons.count("length") == 4, reasons
 
-        async def drop_a_stream():
-            body = {"model": "tiny", "prompt": "t9", "max_tokens": 1000, "ignore_eos": True, "stream": True}
-            async with httpx.AsyncClient(timeout=60) as h:
-                async with h.stream("POST", s.url + "/v1/completions", json=body, headers=s.headers()) as r:
-                    await anext(r.aiter_lines())
-
-        asyncio.run(drop_a_stream())
+        drop_a_stream(s)
         engine = s.state.engine.engine
-        for _ in range(200):
-            if not engine.has_unfinished:
-                break
-            time.sleep(0.05)
         m = samples(httpx.get(s.url + "/metrics").text)
         model = (("model_name", "tiny"),)
 

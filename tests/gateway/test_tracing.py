@@ -4,7 +4,6 @@ span as the engine's parent, and spans exported over OTLP/HTTP to a collector.""
 
 from __future__ import annotations
 
-import asyncio
 import http.server
 import threading
 import time
@@ -16,7 +15,7 @@ from starlette.testclient import TestClient
 from loragate.gateway.router import build_router_app
 from loragate.gateway.settings import GatewaySettings
 
-from .conftest import RunningServer
+from .conftest import RunningServer, drop_a_stream
 
 pytest.importorskip("opentelemetry.sdk", reason="OpenTelemetry is not installed (pip install -e '.[dev]')")
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
@@ -77,14 +76,7 @@ def test_streams_embeddings_refusals_and_dropped_streams_are_traced_too(traced):
     bad = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "t5", "temperature": 9},
                      headers=s.headers())
     assert bad.status_code == 400
-
-    async def drop():
-        body = {"model": "tiny", "prompt": "t5", "max_tokens": 1000, "ignore_eos": True, "stream": True}
-        async with httpx.AsyncClient(timeout=60) as h:
-            async with h.stream("POST", s.url + "/v1/completions", json=body, headers=s.headers()) as r:
-                await anext(r.aiter_lines())
-
-    asyncio.run(drop())
+    drop_a_stream(s)
     spans = []
     for _ in range(100):  # the dropped stream's span ends once the server notices
         spans += finished_spans(tracing, exporter)
