@@ -103,7 +103,7 @@ def build_app(state: ServerState, load=None, tracing=None) -> Starlette:
         Route("/metrics", metrics),
         *version_routes,
         Route("/v1/models", list_models),
-        Route("/v1/models/{model}", get_model),
+        Route("/v1/models/{model:path}", get_model),  # a shared adapter's id has a '/'
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         *adapter_routes,

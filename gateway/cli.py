@@ -187,6 +187,9 @@ GATEWAY_HELP = {
                                    "machine as an adapter (validated as an upload), /v1/unload_lora_adapter "
                                    "{\"lora_name\"} deletes it; with API keys only the admin key may call them",
     "strict_base_model": "refuse adapters whose base_model_name_or_path names another model",
+    "shared_adapters_tenant": "a tenant whose adapters every tenant may use, as model '<tenant>/<name>' (e.g. "
+                              "'public/sql'; listed in everyone's /v1/models); only its own keys and the admin key "
+                              "upload, replace or delete them",
     "reasoning_parser": "chat answers of reasoning models (Qwen3, DeepSeek-R1, ...): the <think> ... </think> "
                         "section goes to the message's 'reasoning' and 'reasoning_content', the rest to 'content'. "
                         "auto: for models whose chat template writes those markers; think: always (the model must "

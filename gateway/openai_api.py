@@ -295,8 +295,12 @@ def _models(request: Request) -> list[dict]:
     context = {"max_model_len": state.engine.engine.max_model_len} if state.engine is not None else {}
     data = [{"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "loragate", **context}]
     if state.registry is not None:
-        for info in state.registry.list(principal.tenant):
-            data.append({"id": info.name, "object": "model", "created": int(info.created), "owned_by": info.tenant,
+        shared = state.shared_tenant
+        mine = [(info.name, info) for info in state.registry.list(principal.tenant)]
+        if shared is not None and shared != principal.tenant:
+            mine += [(f"{shared}/{info.name}", info) for info in state.registry.list(shared)]
+        for model_id, info in mine:
+            data.append({"id": model_id, "object": "model", "created": int(info.created), "owned_by": info.tenant,
                          "parent": state.model_name, **context})
     return data
 
@@ -306,7 +310,7 @@ async def list_models(request: Request):
 
 
 async def get_model(request: Request):
-    """GET /v1/models/{model}: the base model or one of the caller's adapters, else 404."""
+    """GET /v1/models/{model}: the base model, one of the caller's adapters or a shared one, else 404."""
     model = request.path_params["model"]
     for entry in _models(request):
         if entry["id"] == model:

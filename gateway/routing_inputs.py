@@ -12,9 +12,13 @@ from .prefix_index import chain_hashes, prompt_pieces, response_hashes
 
 def affinity_key(authorization: str | None, model: str) -> str:
     """Tenant-scoped adapter identity. 'base:adapter' and 'adapter' name the same adapter
-    (adapter names cannot contain ':'), so both forms share a key."""
+    (adapter names cannot contain ':'), so both forms share a key. A shared adapter,
+    '<tenant>/<name>' (adapter names cannot contain '/'), is one adapter whoever asks for it."""
+    model = model.rpartition(":")[2]
+    if "/" in model:
+        return f"shared:{model}"
     tenant = hashlib.sha256((authorization or "").encode()).hexdigest()[:16]
-    return f"{tenant}/{model.rpartition(':')[2]}"
+    return f"{tenant}/{model}"
 
 
 def routing_inputs(body: bytes, authorization: str | None, prefixes: bool = True) -> tuple[str, list[bytes]]:

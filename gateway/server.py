@@ -150,7 +150,8 @@ def serve(engine_config, settings: GatewaySettings) -> int:
                         max_tenant_requests=settings.max_tenant_requests,
                         rate_limits=TenantRateLimits(settings.tenant_requests_per_minute,
                                                      settings.tenant_tokens_per_minute, per_tenant=per_tenant),
-                        tenant_priorities=settings.tenant_priority_map())
+                        tenant_priorities=settings.tenant_priority_map(),
+                        shared_tenant=settings.shared_adapters_tenant)
     app = build_app(state, make_loader(engine_config, settings), tracing_of(settings, "loragate-engine"))
     app.state.settings = settings
     base = f"http://{settings.host}:{settings.port}"

@@ -43,6 +43,8 @@ class GatewaySettings:
     # directories on the server, so it is off unless asked for (gateway/runtime_lora_api.py).
     allow_runtime_lora_updating: bool = False
     strict_base_model: bool = False  # refuse adapters whose base_model_name_or_path differs
+    # A tenant whose adapters every tenant may use, as model "<tenant>/<name>" (None: none)
+    shared_adapters_tenant: str | None = None
     # Chat answers of reasoning models split into reasoning and content (gateway/reasoning.py):
     # auto (models whose chat template writes <think> ... </think>), think (required), none.
     reasoning_parser: str = "auto"
@@ -102,6 +104,10 @@ class GatewaySettings:
         if self.otlp_traces_endpoint and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.otlp_traces_endpoint):
             raise ModelConfigError("otlp_traces_endpoint must be an OTLP/HTTP URL such as "
                                    f"http://collector:4318/v1/traces, got {self.otlp_traces_endpoint!r}")
+        if self.shared_adapters_tenant is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}",
+                                                                        self.shared_adapters_tenant):
+            raise ModelConfigError(f"shared_adapters_tenant must be a tenant name (letters, digits, '.', '_', '-'), "
+                                   f"got {self.shared_adapters_tenant!r}")
         self.tenant_priority_map()
         self.preloaded_adapters()
         self._check_router_settings()

@@ -81,6 +81,8 @@ class ServerState:
     model_name: str = ""
     think_markers: object | None = None  # engine.reasoning.ThinkMarkers: chat answers split into reasoning and content
     base_names: set[str] = field(default_factory=set)
+    # Whose adapters every tenant may use, as "<shared_tenant>/<name>" (None: no one's).
+    shared_tenant: str | None = None
     load_error: str | None = None
     metrics: object | None = None  # gateway.metrics.Metrics, set by build_app
     response_store: object | None = None  # gateway.response_store.ResponseStore, while the app runs
@@ -143,9 +145,10 @@ class ServerState:
         if self.registry is None:
             raise AdapterNotFoundError(f"model {model!r} does not exist", "model")
         engine = self.engine.engine
+        tenant, name = self.owner_of(principal.tenant, model)
 
         def fetch():  # off the event loop: disk or S3, then the engine's own work on the adapter
-            info, weights = self.registry.weights(principal.tenant, model)
+            info, weights = self.registry.weights(tenant, name)
             if info.key not in engine.adapters:
                 engine.prepare_adapter_weights(weights)
             return info, weights
@@ -159,6 +162,16 @@ class ServerState:
         for old, _ in self.engine_adapters.put(info.key, None, weights.num_bytes):
             engine.remove_adapter(old)
         return info.key
+
+    def owner_of(self, tenant: str, model: str) -> tuple[str, str]:
+        """(tenant, adapter name) a caller of `tenant` means by `model`: its own adapter, or
+        "<shared tenant>/<name>", one every tenant may use (adapter names have no '/')."""
+        owner, sep, name = model.partition("/")
+        if not sep:
+            return tenant, model
+        if owner != self.shared_tenant:
+            raise AdapterNotFoundError(f"model {model!r} does not exist", "model")
+        return owner, name
 
     def on_adapter_change(self, info, adapter_id: str) -> None:
         """Registry listener: drop the engine's copies of replaced or deleted versions

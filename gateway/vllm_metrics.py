@@ -24,14 +24,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 LENGTH_BUCKETS = tuple(m * 10 ** e for e in range(6) for m in (1, 2, 5)) + (1_000_000,)
 
 
-def served_name(engine_key: str) -> str:
-    """'tenant/name@version' (the gateway's engine key for an adapter) -> 'name'."""
+def served_name(engine_key: str, shared_tenant: str | None = None) -> str:
+    """'tenant/name@version' (the gateway's engine key for an adapter) -> 'name', as its
+    tenant asks for it, or 'tenant/name' for the shared tenant's, as every tenant does."""
     name = engine_key.rsplit("@", 1)[0]
-    return name.split("/", 1)[1] if "/" in name else name
+    tenant, sep, short = name.partition("/")
+    return name if not sep or tenant == shared_tenant else short
 
 
-def _joined(requests) -> str:
-    return ",".join(sorted({served_name(r.adapter) for r in requests if r.adapter is not None}))
+def _joined(requests, shared_tenant: str | None) -> str:
+    return ",".join(sorted({served_name(r.adapter, shared_tenant) for r in requests if r.adapter is not None}))
 
 
 class VllmRequestMetrics:
@@ -102,8 +104,9 @@ def vllm_engine_metrics(state, engine):
     yield g
     if pool is not None:
         # list() of a deque or list copies it under the GIL: the engine thread cannot change it midway
-        lora = {"max_lora": str(pool.num_slots), "running_lora_adapters": _joined(list(scheduler.running)),
-                "waiting_lora_adapters": _joined(list(scheduler.waiting))}
+        shared = state.shared_tenant
+        lora = {"max_lora": str(pool.num_slots), "running_lora_adapters": _joined(list(scheduler.running), shared),
+                "waiting_lora_adapters": _joined(list(scheduler.waiting), shared)}
         g = GaugeMetricFamily("vllm:lora_requests_info", "adapters of running and waiting requests; the value "
                               "is when this was read", labels=list(lora))
         g.add_metric(list(lora.values()), time.time())
