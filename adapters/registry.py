@@ -22,6 +22,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +38,7 @@ __all__ = ["AdapterInfo", "AdapterRegistry", "AdapterState"]
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 _STRIPES = 64  # per-adapter write locks, striped so unknown names cannot grow a dict of locks
+MAX_PINNED = 8  # older versions requests name (name@N) whose weights are held: a canary or a rollback's few
 
 
 class AdapterState(str, enum.Enum):  # a str, so it serialises to JSON as "READY"
@@ -110,6 +112,9 @@ class AdapterRegistry(StoreSync):
         # Weights held in memory, least recently used first: a tenant with thousands of
         # adapters must not keep them all in RAM; an evicted one is read from disk again.
         self._cached = HostLru(max_cached_weights, max_cached_bytes, keep_newest=True)  # whose weights are held
+        # (tenant, name, version) -> (info, weights, when last checked against the store): older
+        # versions that requests pin, least recently used first
+        self._pinned: OrderedDict[tuple[str, str, int], tuple[AdapterInfo, LoraWeights, float]] = OrderedDict()
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -162,14 +167,18 @@ class AdapterRegistry(StoreSync):
         with self._lock:
             return sorted((e.info for e in self._entries.values()), key=lambda i: (i.tenant, i.name))
 
-    def weights(self, tenant: str, name: str) -> tuple[AdapterInfo, LoraWeights]:
-        """The latest version's info and weights, read from the store on first use."""
+    def weights(self, tenant: str, name: str, version: int | None = None) -> tuple[AdapterInfo, LoraWeights]:
+        """The latest version's info and weights, or those of `version` (an older one a request
+        pins), read from the store on first use."""
         self._sync(tenant, name)
         with self._lock:
-            entry = self._entry(tenant, name)
-            if entry.weights is not None:
+            entry = self._entry(tenant, name)  # a deleted adapter's versions are all gone
+            pinned = version is not None and version != entry.info.version
+            if not pinned and entry.weights is not None:
                 self._touch((tenant, name))
                 return entry.info, entry.weights
+        if pinned:
+            return self._pinned_version(tenant, name, version)
         with entry.load_lock:
             with self._lock:
                 if entry.weights is not None:  # another thread loaded it while we waited
@@ -204,6 +213,39 @@ class AdapterRegistry(StoreSync):
                 return entry.info, weights
 
     # -- internals -------------------------------------------------------------------------
+
+    def _pinned_version(self, tenant: str, name: str, version: int) -> tuple[AdapterInfo, LoraWeights]:
+        """An older version, checked against the store at most every refresh_interval (it may
+        have been deleted through another server) and otherwise held among MAX_PINNED."""
+        key, now = (tenant, name, version), time.monotonic()
+        with self._lock:
+            held = self._pinned.get(key)
+            if held is not None and now - held[2] < (self.refresh_interval or float("inf")):
+                self._pinned.move_to_end(key)
+                return held[0], held[1]
+        describe = getattr(self.store, "describe", self.store.get)
+        try:
+            stored = describe(tenant, name, version) if held is not None else self.store.get(tenant, name, version)
+        except AdapterNotFound:
+            with self._lock:
+                self._pinned.pop(key, None)
+            raise AdapterNotFound(f"version {version} of adapter {name!r} does not exist") from None
+        if held is None:
+            _check_sha256(stored)
+            weights = load_adapter(stored.path, self.arch, self.max_lora_rank, **self._load_kwargs)
+            held = (_info(stored, weights.rank, {m for _, m in weights.modules}, AdapterState.READY, None,
+                          weights.config.use_dora), weights)
+        with self._lock:
+            self._pinned[key] = (held[0], held[1], now)
+            self._pinned.move_to_end(key)
+            while len(self._pinned) > MAX_PINNED:
+                self._pinned.popitem(last=False)
+        return held[0], held[1]
+
+    def _drop_pinned(self, tenant: str, name: str) -> None:
+        """Forget the held older versions of a deleted adapter. Called with self._lock held."""
+        for key in [k for k in self._pinned if k[:2] == (tenant, name)]:
+            del self._pinned[key]
 
     def _touch(self, key: tuple[str, str]) -> None:
         """Mark key's weights most recently used; drop the least recently used beyond the cap.

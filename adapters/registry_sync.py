@@ -52,6 +52,7 @@ class StoreSync:
         with self._lock:
             self._entries.pop((tenant, name), None)
             self._cached.pop((tenant, name), None)
+            self._drop_pinned(tenant, name)
             _remember(self._deleted, (tenant, name), version)
         self._notify(None, f"{tenant}/{name}")
 
@@ -113,6 +114,7 @@ class StoreSync:
                         return
                     del self._entries[key]
                     self._cached.pop(key, None)
+                    self._drop_pinned(tenant, name)
                 elif (entry is not None and entry.info.version >= stored.version) or \
                         stored.version <= self._deleted.get(key, 0):
                     return

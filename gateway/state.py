@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from dataclasses import dataclass, field
 
 from loragate.adapters.host_lru import DEFAULT_MAX_BYTES, HostLru
@@ -145,10 +146,10 @@ class ServerState:
         if self.registry is None:
             raise AdapterNotFoundError(f"model {model!r} does not exist", "model")
         engine = self.engine.engine
-        tenant, name = self.owner_of(principal.tenant, model)
+        tenant, name, version = self.owner_of(principal.tenant, model)
 
         def fetch():  # off the event loop: disk or S3, then the engine's own work on the adapter
-            info, weights = self.registry.weights(tenant, name)
+            info, weights = self.registry.weights(tenant, name, version)
             if info.key not in engine.adapters:
                 engine.prepare_adapter_weights(weights)
             return info, weights
@@ -163,15 +164,17 @@ class ServerState:
             engine.remove_adapter(old)
         return info.key
 
-    def owner_of(self, tenant: str, model: str) -> tuple[str, str]:
-        """(tenant, adapter name) a caller of `tenant` means by `model`: its own adapter, or
-        "<shared tenant>/<name>", one every tenant may use (adapter names have no '/')."""
+    def owner_of(self, tenant: str, model: str) -> tuple[str, str, int | None]:
+        """(tenant, adapter name, version) a caller of `tenant` means by `model`: its own
+        adapter, or "<shared tenant>/<name>", one every tenant may use; "...@N" pins version N,
+        else the latest (adapter names have neither '/' nor '@')."""
+        model, at, version = model.partition("@")
         owner, sep, name = model.partition("/")
-        if not sep:
-            return tenant, model
-        if owner != self.shared_tenant:
-            raise AdapterNotFoundError(f"model {model!r} does not exist", "model")
-        return owner, name
+        if (at and not re.fullmatch(r"[1-9][0-9]{0,8}", version)) or (sep and owner != self.shared_tenant):
+            raise AdapterNotFoundError(f"model {model + at + version!r} does not exist", "model")
+        if sep:
+            tenant, model = owner, name
+        return tenant, model, int(version) if at else None
 
     def on_adapter_change(self, info, adapter_id: str) -> None:
         """Registry listener: drop the engine's copies of replaced or deleted versions
