@@ -157,6 +157,13 @@ class AdapterRegistry(StoreSync):
         with self._lock:
             return self._entry(tenant, name).info
 
+    def versions(self, tenant: str, name: str) -> list[StoredAdapter]:
+        """Every stored version of the tenant's adapter, oldest first; any request may pin one."""
+        self._sync(tenant, name)
+        with self._lock:
+            self._entry(tenant, name)  # another tenant's name: AdapterNotFound, as for every read
+        return self.store.versions(tenant, name)
+
     def list(self, tenant: str) -> list[AdapterInfo]:
         self._sync_listing(tenant)
         with self._lock:

@@ -179,6 +179,15 @@ class S3AdapterStore:
             raise AdapterNotFound(f"adapter {stored.name!r} does not exist")
         return data
 
+    def versions(self, tenant: str, name: str) -> list[StoredAdapter]:
+        """Every version's metadata, oldest first (nothing is downloaded)."""
+        _check(tenant, name, None)
+        found = [f[0] for f in (self._meta(tenant, name, v, listed=True) for v in self._versions(tenant, name))
+                 if f is not None]
+        if not found:
+            raise AdapterNotFound(f"adapter {name!r} does not exist")
+        return found
+
     def list(self, tenant: str) -> list[StoredAdapter]:
         """The latest version of each of the tenant's adapters, by name."""
         check_name("tenant", tenant)

@@ -61,6 +61,8 @@ class AdapterStore(Protocol):
         """Store src_dir's files as the next version; with reuse_same, the latest version
         instead when it holds the same files (no new version)."""
     def get(self, tenant: str, name: str, version: int | None = None) -> StoredAdapter: ...
+    def versions(self, tenant: str, name: str) -> list[StoredAdapter]:
+        """Every stored version of one adapter, oldest first (AdapterNotFound if none)."""
     def list(self, tenant: str) -> list[StoredAdapter]: ...
     def list_all(self) -> list[StoredAdapter]: ...
     def delete(self, tenant: str, name: str) -> None: ...
@@ -159,6 +161,15 @@ class LocalAdapterStore:
             raise AdapterNotFound(f"{what} does not exist")
         found = _load(path / f"v{version}")
         if found is None:  # deleted between listing and reading
+            raise AdapterNotFound(f"adapter {name!r} does not exist")
+        return found
+
+    def versions(self, tenant: str, name: str) -> list[StoredAdapter]:
+        check_name("tenant", tenant)
+        check_name("adapter", name)
+        path = self.root / tenant / name
+        found = [s for s in (_load(path / f"v{v}") for v in _versions(path)) if s is not None]
+        if not found:
             raise AdapterNotFound(f"adapter {name!r} does not exist")
         return found
 

@@ -1,6 +1,7 @@
 """Tenant-scoped adapter management: POST /v1/adapters (multipart: `name` and the adapter
 files, or one .tar.gz/.zip), GET /v1/adapters[/{name}], PUT /v1/adapters/{name} (a new
-version), DELETE /v1/adapters/{name}. Another tenant's adapter is 404 for every verb.
+version), DELETE /v1/adapters/{name}, GET /v1/adapters/{name}/versions (each a request may
+pin as "name@N"). Another tenant's adapter is 404 for every verb.
 
 An upload streams into a private temporary directory, is validated completely, and only
 then enters the store; a refused upload leaves nothing behind."""
@@ -117,6 +118,20 @@ async def get_adapter(request: Request):
     return JSONResponse(info_json(registry.get(_tenant(request, principal), request.path_params["name"])))
 
 
+async def list_versions(request: Request):
+    """GET /v1/adapters/{name}/versions: each stored version, oldest first, with the `model`
+    that pins it ("name@N")."""
+    registry = registry_of(request)
+    principal = principal_of(request)
+    name = request.path_params["name"]
+    tenant = _tenant(request, principal)
+    versions = await asyncio.to_thread(registry.versions, tenant, name)
+    latest = versions[-1].version
+    return JSONResponse({"object": "list", "data": [
+        {"object": "adapter.version", "name": name, "version": v.version, "model": f"{name}@{v.version}",
+         "sha256": v.sha256, "created": int(v.created), "latest": v.version == latest} for v in versions]})
+
+
 async def delete_adapter(request: Request):
     registry = registry_of(request)
     principal = principal_of(request)
@@ -131,4 +146,5 @@ routes = [
     Route("/v1/adapters/{name}", get_adapter, methods=["GET"]),
     Route("/v1/adapters/{name}", replace, methods=["PUT"]),
     Route("/v1/adapters/{name}", delete_adapter, methods=["DELETE"]),
+    Route("/v1/adapters/{name}/versions", list_versions, methods=["GET"]),
 ]

@@ -102,6 +102,8 @@ def test_versions_grow_and_never_repeat_across_delete_and_restart(make, tmp_path
     assert (v1.version, v2.version) == (1, 2) and v1.sha256 != v2.sha256
     assert s.get("t", "a").version == 2 and s.get("t", "a", version=1) == v1
     assert s.list("t") == [v2]
+    assert [v.version for v in s.versions("t", "a")] == [1, 2]  # each a request may pin
+    assert [v.sha256 for v in make("other-server").versions("t", "a")] == [v1.sha256, v2.sha256]
     with pytest.raises(AdapterNotFound, match="version 3"):
         s.get("t", "a", version=3)
     s.delete("t", "a")

@@ -64,10 +64,13 @@ def test_versions_increment_and_never_repeat(tmp_path):
     assert s.get("t", "a").version == 2
     assert s.get("t", "a", version=1) == v1
     assert s.list("t") == [v2]  # the latest version of each name
+    assert s.versions("t", "a") == [v1, v2]  # each a request may pin
     with pytest.raises(AdapterNotFound, match="version 3"):
         s.get("t", "a", version=3)
     s.delete("t", "a")
     assert not (tmp_path / "root" / "t").exists()
+    with pytest.raises(AdapterNotFound):
+        s.versions("t", "a")
     # A re-upload after delete must not reuse version 2: caches keyed by (name, version)
     # would serve the old adapter's KV blocks.
     assert s.put("t", "a", upload(tmp_path, b"three")).version == 3

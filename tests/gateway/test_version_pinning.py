@@ -51,6 +51,10 @@ def test_a_pinned_version_runs_as_it_did_beside_the_latest(versions):
         return [a.json()["choices"][0]["logprobs"]["tokens"] for a in answers]
 
     assert asyncio.run(mixed()) == [first, latest, first, latest]
+    listed = httpx.get(s.url + "/v1/adapters/sql/versions", headers=s.headers()).json()["data"]
+    assert [(v["version"], v["model"], v["latest"]) for v in listed] == [(1, "sql@1", False), (2, "sql@2", True)]
+    assert listed[1]["sha256"] == httpx.get(s.url + "/v1/adapters/sql", headers=s.headers()).json()["sha256"]
+    assert httpx.get(s.url + "/v1/adapters/sql/versions", headers=s.headers("key-b")).status_code == 404
     assert tokens(s, "sql@1", "key-b").status_code == 404  # another tenant's adapter, pinned or not
 
 
@@ -72,4 +76,6 @@ def test_deleting_an_adapter_removes_its_pinned_versions(versions):
     assert httpx.delete(s.url + "/v1/adapters/sql", headers=s.headers()).json()["deleted"] is True
     assert upload(s, one, "sql", "key-a").json()["version"] == 3  # versions only grow
     assert tokens(s, "sql@1").status_code == 404  # not served from what the registry held
+    assert [v["version"] for v in httpx.get(s.url + "/v1/adapters/sql/versions",
+                                             headers=s.headers()).json()["data"]] == [3]
     assert isinstance(tokens(s, "sql@3"), list)
