@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,8 @@ HPA_VALUES = {"engine": {"autoscaling": {"enabled": True, "minReplicas": 2, "max
               "persistence": {"accessModes": ["ReadWriteMany"], "storageClass": "nfs"}}
 MONITORED_VALUES = {"engine": {"podDisruptionBudget": {"enabled": True}, "service": {"enabled": True}},
                     "router": {"podDisruptionBudget": {"enabled": True, "maxUnavailable": "50%"}},
-                    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}}
+                    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                                "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "LLM"}}}}
 _BASE_KINDS = {"ConfigMap": 2, "Secret": 1, "PersistentVolumeClaim": 1, "StatefulSet": 1, "Deployment": 1,
                "Service": 2, "ServiceAccount": 1}
 
@@ -43,7 +45,8 @@ VALUE_SETS: dict[str, tuple[dict, dict[str, int]]] = {
                                "bucket": "team-adapters", "existingSecret": "aws",
                                "existingSecretKeys": {"accessKeyId": "id", "secretAccessKey": "secret"}}}},
                            _BASE_KINDS),
-    "pdb-servicemonitor": (MONITORED_VALUES, {**_BASE_KINDS, "PodDisruptionBudget": 2, "ServiceMonitor": 1, "Service": 3}),
+    "pdb-servicemonitor": (MONITORED_VALUES, {**_BASE_KINDS, "PodDisruptionBudget": 2, "ServiceMonitor": 1, "Service": 3,
+                                              "ConfigMap": 3}),
     # Everyone's limits, and two tenants' own in a mounted file.
     "rate-limits": ({"rateLimits": {"requestsPerMinute": 120, "tokensPerMinute": 50000, "tenants": {
                         "team-a": {"requests_per_minute": 600, "tokens_per_minute": 200000},
@@ -371,3 +374,18 @@ def test_tracing_reaches_the_router_and_the_engines(render):
         assert rendered.env(component)["LORAGATE_OTLP_TRACES_ENDPOINT"] == \
             "http://otel-collector.observability:4318/v1/traces"
     assert "LORAGATE_OTLP_TRACES_ENDPOINT" not in render({}).env("engine")
+
+
+def test_the_grafana_dashboard_is_a_configmap_for_grafanas_sidecar(render, chart_dir):
+    """The dashboard's own metric names are checked against running servers in
+    tests/gateway/test_grafana_dashboard.py."""
+    import json
+
+    rendered = render(MONITORED_VALUES)
+    board = rendered.one("ConfigMap", f"{rendered.fullname}-dashboard")
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert board["metadata"]["annotations"] == {"grafana_folder": "LLM"}
+    assert board["data"]["loragate.json"] == (Path(chart_dir) / "dashboards" / "loragate.json").read_text()
+    dashboard = json.loads(board["data"]["loragate.json"])
+    assert dashboard["uid"] == "loragate-overview" and len(dashboard["panels"]) > 10
+    assert f"{render({}).fullname}-dashboard" not in render({}).names("ConfigMap")  # off by default
