@@ -25,6 +25,7 @@ class Choice:
         self.metrics, self.labels = metrics, labels  # (tenant, adapter) of the token counters
         self.start = self.last = time.monotonic()
         self.first = None  # when the first output arrived
+        self.queue_seconds = None  # the engine's wait for the batch, once finished
         self.trace = tracing.current()  # the request's span, where requests are traced
 
     def add(self, out) -> list:
@@ -51,11 +52,24 @@ class Choice:
             self.charge(len(out.new_token_ids))
         if out.finished:
             self.finish_reason = "length" if out.finish_reason == "length" else "stop"
+            self.queue_seconds = out.queue_seconds
             self.metrics.finish(self.finish_reason, t - self.start, out.queue_seconds, self.first - self.start,
                                 self.prompt_len, len(self.tokens))
             if self.trace is not None:
                 self.trace.finished(self.finish_reason, out.queue_seconds)
         return new
+
+    def timing(self) -> dict | None:
+        """vLLM's per-request metrics (--enable-per-request-metrics), timed from when the
+        engine scheduled the request: None until it finished."""
+        if self.queue_seconds is None:
+            return None
+        scheduled, n = self.start + self.queue_seconds, len(self.tokens)
+        decode = self.last - self.first
+        return {"time_to_first_token_ms": max(self.first - scheduled, 0.0) * 1000,
+                "generation_time_ms": decode * 1000, "queue_time_ms": self.queue_seconds * 1000,
+                "mean_itl_ms": decode * 1000 / (n - 1) if n > 1 else None,
+                "tokens_per_second": n / (self.last - scheduled) if self.last > scheduled else None}
 
     @property
     def content(self) -> str:

@@ -216,6 +216,9 @@ GATEWAY_HELP = {
                       "its prefix cache), unless that one has a quarter of max_engine_load more requests open "
                       "than the least loaded",
     "engine_timeout": "router: seconds to wait for an engine's next response bytes",
+    "enable_per_request_metrics": "answers carry their own timings as vLLM's flag does: \"metrics\" with "
+                                  "time_to_first_token_ms, generation_time_ms, queue_time_ms, mean_itl_ms and "
+                                  "tokens_per_second (null for n > 1 or several prompts; a stream's usage chunk)",
     "otlp_traces_endpoint": "send OpenTelemetry traces of inference requests (a span each: tokens, latencies, "
                             "tenant, adapter; the router's span is the engine's parent) over OTLP/HTTP to this URL, "
                             "e.g. http://otel-collector:4318/v1/traces; the OTEL_* variables apply "

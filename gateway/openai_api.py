@@ -143,7 +143,15 @@ async def collect_answer(state, principal, body: dict, gen, *, chat: bool) -> di
             text, logprobs = _completion_piece(gen, tok, prompts, c, c.text, c.logprobs, True, 0)
             out_choices.append({"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason})
     return {"id": rid, "object": kind, "created": created, "model": gen.model, "choices": out_choices,
-            "usage": _usage(gen, prompts, choices), "service_tier": gen.service_tier}
+            "usage": _usage(gen, prompts, choices), "service_tier": gen.service_tier, **_metrics(state, choices)}
+
+
+def _metrics(state, choices: list[Choice]) -> dict:
+    """{"metrics": ...} with --enable-per-request-metrics (null unless the request was one
+    engine request: n > 1 or several prompts have no one timing, as in vLLM), else {}."""
+    if not state.per_request_metrics:
+        return {}
+    return {"metrics": choices[0].timing() if len(choices) == 1 else None}
 
 
 def _usage(gen, prompts, choices: list[Choice]) -> dict:
@@ -276,7 +284,7 @@ async def stream_chunks(state, gen, prompts, choices, streams, *, chat: bool):
                     started.add(i)
     if gen.include_usage:
         yield {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created, "model": gen.model,
-               "choices": [], "usage": _usage(gen, prompts, choices)}
+               "choices": [], "usage": _usage(gen, prompts, choices), **_metrics(state, choices)}
 
 
 async def completions(request: Request):

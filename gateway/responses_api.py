@@ -195,7 +195,8 @@ async def _respond(state, principal, body: dict, chat: dict, gen, store: bool) -
         logprobs = (choice.get("logprobs") or {}).get("content")
         builder.output.append(builder.message_item(message.get("content") or "", logprobs=logprobs))
     builder.output += [builder.call_item(call) for call in calls]
-    response = builder.response("completed", choice["finish_reason"], completion["usage"])
+    response = builder.response("completed", choice["finish_reason"], completion["usage"],
+                                {k: v for k, v in completion.items() if k == "metrics"})
     await _save(state, principal, body, chat, response)
     return response
 

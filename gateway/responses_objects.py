@@ -39,7 +39,9 @@ class ResponseBuilder:
         return {"type": "function_call", "id": "fc_" + uuid.uuid4().hex, "call_id": call["id"],
                 "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": status}
 
-    def response(self, status: str, finish_reason: str | None = None, usage: dict | None = None) -> dict:
+    def response(self, status: str, finish_reason: str | None = None, usage: dict | None = None,
+                 metrics: dict | None = None) -> dict:
+        """metrics: {"metrics": ...} of the chat answer it was made from, or {}."""
         body, cut = self.body, finish_reason == "length"
         text_format = (body.get("text") or {}).get("format") or {"type": "text"}
         return {
@@ -54,7 +56,7 @@ class ResponseBuilder:
             "tools": body.get("tools") or [], "text": {"format": text_format}, "truncation": "disabled",
             "previous_response_id": body.get("previous_response_id"), "reasoning": None, "store": self.stored,
             "background": False, "service_tier": "default", "user": body.get("user"),
-            "usage": _usage(usage) if usage is not None else None,
+            "usage": _usage(usage) if usage is not None else None, **(metrics or {}),
         }
 
 
@@ -103,7 +105,8 @@ class StreamedResponse:
     def from_chunk(self, chunk: dict):
         if not chunk["choices"]:  # the usage chunk: the last
             yield from self._close_items()
-            self.final = self.builder.response("completed", self.finish_reason, chunk["usage"])
+            self.final = self.builder.response("completed", self.finish_reason, chunk["usage"],
+                                               {k: v for k, v in chunk.items() if k == "metrics"})
             return
         choice = chunk["choices"][0]
         delta = choice["delta"]

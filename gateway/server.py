@@ -151,7 +151,8 @@ def serve(engine_config, settings: GatewaySettings) -> int:
                         rate_limits=TenantRateLimits(settings.tenant_requests_per_minute,
                                                      settings.tenant_tokens_per_minute, per_tenant=per_tenant),
                         tenant_priorities=settings.tenant_priority_map(),
-                        shared_tenant=settings.shared_adapters_tenant)
+                        shared_tenant=settings.shared_adapters_tenant,
+                        per_request_metrics=settings.enable_per_request_metrics)
     app = build_app(state, make_loader(engine_config, settings), tracing_of(settings, "loragate-engine"))
     app.state.settings = settings
     base = f"http://{settings.host}:{settings.port}"

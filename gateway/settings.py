@@ -78,6 +78,8 @@ class GatewaySettings:
     route_policy: str = "affinity"  # router: affinity | round_robin (a baseline for bench/router.py)
     prefix_routing: bool = True  # router: among a hot adapter's engines, follow the prompt's cached start
     engine_timeout: float = 600.0  # router: seconds to wait for an engine's next response bytes
+    # Answers carry their own timings in "metrics" (vLLM's --enable-per-request-metrics)
+    enable_per_request_metrics: bool = False
     # OpenTelemetry traces of inference requests, exported over OTLP/HTTP (gateway/tracing.py)
     otlp_traces_endpoint: str | None = None
 

@@ -84,6 +84,7 @@ class ServerState:
     base_names: set[str] = field(default_factory=set)
     # Whose adapters every tenant may use, as "<shared_tenant>/<name>" (None: no one's).
     shared_tenant: str | None = None
+    per_request_metrics: bool = False  # answers carry their own timings ("metrics"), as vLLM's flag
     load_error: str | None = None
     metrics: object | None = None  # gateway.metrics.Metrics, set by build_app
     response_store: object | None = None  # gateway.response_store.ResponseStore, while the app runs
