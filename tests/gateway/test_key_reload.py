@@ -93,8 +93,11 @@ def test_a_router_keeps_limits_for_a_tenant_added_while_it_runs(keyed):
                                tenant_requests_per_minute=1, health_interval=60.0)
     body = {"model": "tiny", "prompt": "t5", "max_tokens": 1}
     new = {"Authorization": "Bearer sk-new"}
-    with TestClient(build_router_app(settings)) as router:
+    app = build_router_app(settings)
+    with TestClient(app) as router:
         path.write_text("sk-a tenant-a\nsk-new tenant-new\n")
-        assert eventually(lambda: router.post("/v1/completions", headers=new, json=body).status_code == 200)
+        assert eventually(lambda: tenant_of(app.state.router.limits.keys, "sk-new") == "tenant-new")
+        assert eventually(lambda: tenant_of(s.state.keys, "sk-new") == "tenant-new")  # the engine's too
+        assert router.post("/v1/completions", headers=new, json=body).status_code == 200
         refused = router.post("/v1/completions", headers=new, json=body)
         assert refused.status_code == 429 and "tenant 'tenant-new'" in refused.json()["error"]["message"]

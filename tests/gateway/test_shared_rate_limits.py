@@ -101,7 +101,7 @@ def test_a_charge_on_one_router_shows_on_the_other(redis_url):
         with pytest.raises(APIError) as e:  # 100 - 40 - 70 < 1 token left
             await a.admit("Bearer key-a")
         assert "limit of 100 tokens per minute" in e.value.message
-        assert int(e.value.headers["Retry-After"]) == 7  # 11 tokens short at 100 a minute: 6.6 s
+        assert int(e.value.headers["Retry-After"]) in (6, 7)  # about 11 tokens short at 100 a minute: 6.6 s
         await a.close()
 
     asyncio.run(main())
@@ -125,7 +125,7 @@ def test_a_streams_many_small_charges_go_to_redis_together(redis_url):
         checker = RedisBuckets(redis_url)
         levels = await checker.apply("tenant-a", {"tokens": 10_000}, {}, False)
         await checker.close()
-        assert 9_800 <= levels[1]["tokens"] < 9_810  # all 200 taken, a few seconds' refill at most
+        assert 9_800 <= levels[1]["tokens"] < 9_850  # all 200 taken, less than 0.3 s of refill since
 
     asyncio.run(main())
 
