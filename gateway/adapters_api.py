@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from .audit import audited
 from .errors import APIError, not_found
 from .openai_api import principal_of
 from .uploads import UploadLimits, read_upload_form, save_upload_files
@@ -94,10 +95,12 @@ async def _receive_and_register(request: Request, name: str | None, *, replace: 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@audited("adapter.create")
 async def create(request: Request):
     return await _receive_and_register(request, None, replace=False)
 
 
+@audited("adapter.replace")
 async def replace(request: Request):
     return await _receive_and_register(request, request.path_params["name"], replace=True)
 
@@ -132,6 +135,7 @@ async def list_versions(request: Request):
          "sha256": v.sha256, "created": int(v.created), "latest": v.version == latest} for v in versions]})
 
 
+@audited("adapter.delete")
 async def delete_adapter(request: Request):
     registry = registry_of(request)
     principal = principal_of(request)

@@ -216,6 +216,9 @@ GATEWAY_HELP = {
                       "its prefix cache), unless that one has a quarter of max_engine_load more requests open "
                       "than the least loaded",
     "engine_timeout": "router: seconds to wait for an engine's next response bytes",
+    "audit_log": "append a JSON line for every adapter upload, replacement, delete and runtime load/unload "
+                 "(who, which adapter, version and sha256, from where, ok or refused and why) to this file "
+                 "(created mode 0600, each line fsynced), or '-' for stderr",
     "enable_per_request_metrics": "answers carry their own timings as vLLM's flag does: \"metrics\" with "
                                   "time_to_first_token_ms, generation_time_ms, queue_time_ms, mean_itl_ms and "
                                   "tokens_per_second (null for n > 1 or several prompts; a stream's usage chunk)",

@@ -21,6 +21,7 @@ from loragate.adapters.errors import AdapterError, AdapterNotFound
 from loragate.adapters.preload import LoraModule, check_directories, split_adapter_key, store_module
 
 from .adapters_api import check_quota, registry_of
+from .audit import audited
 from .errors import APIError, not_found
 from .openai_api import json_body, principal_of
 
@@ -49,6 +50,7 @@ def _target(request: Request, body: dict) -> tuple[str, str]:
     return tenant, name
 
 
+@audited("adapter.runtime_load")
 async def load_lora_adapter(request: Request):
     body = await json_body(request)
     if not isinstance(body, dict):
@@ -82,6 +84,7 @@ async def load_lora_adapter(request: Request):
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
+@audited("adapter.runtime_unload")
 async def unload_lora_adapter(request: Request):
     body = await json_body(request)
     if not isinstance(body, dict):

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 
+from .audit import AuditLog
 from .auth import KEYS_RELOAD_SECONDS, KeyStore
 from .rate_limits import TenantRateLimits
 from .settings import GatewaySettings
@@ -146,13 +147,17 @@ def serve(engine_config, settings: GatewaySettings) -> int:
     # Fail now, with one line, for a model that cannot exist; preparing a catalog model
     # (first run only) happens here too, with its progress on the terminal.
     model_dir = resolve_model(engine_config.model)
+    try:
+        audit = AuditLog(settings.audit_log) if settings.audit_log else None
+    except OSError as e:
+        raise ModelConfigError(f"audit_log {settings.audit_log}: {e.strerror}") from None
     state = ServerState(keys=keys, max_waiting=settings.max_waiting_requests,
                         max_tenant_requests=settings.max_tenant_requests,
                         rate_limits=TenantRateLimits(settings.tenant_requests_per_minute,
                                                      settings.tenant_tokens_per_minute, per_tenant=per_tenant),
                         tenant_priorities=settings.tenant_priority_map(),
                         shared_tenant=settings.shared_adapters_tenant,
-                        per_request_metrics=settings.enable_per_request_metrics)
+                        per_request_metrics=settings.enable_per_request_metrics, audit=audit)
     app = build_app(state, make_loader(engine_config, settings), tracing_of(settings, "loragate-engine"))
     app.state.settings = settings
     base = f"http://{settings.host}:{settings.port}"

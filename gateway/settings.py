@@ -78,6 +78,8 @@ class GatewaySettings:
     route_policy: str = "affinity"  # router: affinity | round_robin (a baseline for bench/router.py)
     prefix_routing: bool = True  # router: among a hot adapter's engines, follow the prompt's cached start
     engine_timeout: float = 600.0  # router: seconds to wait for an engine's next response bytes
+    # A file (or "-": stderr) where adapter management is recorded, a JSON line per call (gateway/audit.py)
+    audit_log: str | None = None
     # Answers carry their own timings in "metrics" (vLLM's --enable-per-request-metrics)
     enable_per_request_metrics: bool = False
     # OpenTelemetry traces of inference requests, exported over OTLP/HTTP (gateway/tracing.py)
