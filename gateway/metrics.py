@@ -55,11 +55,11 @@ class Metrics:
     def output(self, labels: tuple[str, str], seconds: float, first: bool, tokens: int) -> None:
         """One output of a request: `tokens` new tokens, `seconds` after the previous one (or
         after the request began, for its first)."""
-        model = self.state.model_name
+        ttft, itl, generated = self.vllm.per_token(self.state.model_name)
         (self.ttft if first else self.itl).observe(seconds)
-        (self.vllm.ttft if first else self.vllm.itl).labels(model).observe(seconds)
+        (ttft if first else itl).observe(seconds)
         self.generation_tokens.labels(*labels).inc(tokens)
-        self.vllm.generation_tokens.labels(model).inc(tokens)
+        generated.inc(tokens)
 
     def finish(self, reason: str, e2e: float, queue: float, ttft: float, prompt_len: int, gen_len: int) -> None:
         self.e2e.observe(e2e)
