@@ -101,9 +101,7 @@ async def embed(state, principal, body: dict, charge=None) -> dict:
     tokens = sum(map(len, prompts))
     state.metrics.prompt((principal.tenant, state.metrics.adapter_label(adapter)), tokens)
     if (trace := tracing.current()) is not None:
-        trace.set(**{"gen_ai.request.model": model, "gen_ai.response.model": state.model_name,
-                     "loragate.tenant": principal.tenant, "loragate.adapter": state.metrics.adapter_label(adapter),
-                     "gen_ai.usage.prompt_tokens": tokens})
+        trace.started(model, state.model_name, principal.tenant, state.metrics.adapter_label(adapter), tokens)
     if charge is not None:
         charge(tokens)
 

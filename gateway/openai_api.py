@@ -47,12 +47,8 @@ async def _start(state, principal, gen, prompts_ids: list[list[int]], model: str
     labels = (principal.tenant, state.metrics.adapter_label(adapter))
     gen.sampling["priority"] = state.priority_of(principal.tenant, gen.sampling["priority"])
     if (trace := tracing.current()) is not None:
-        trace.set(**{"gen_ai.request.model": model, "gen_ai.response.model": state.model_name,
-                     "loragate.tenant": principal.tenant, "loragate.adapter": labels[1],
-                     "gen_ai.request.n": gen.n, "gen_ai.request.max_tokens": gen.max_tokens,
-                     "gen_ai.request.temperature": gen.sampling["temperature"],
-                     "gen_ai.request.top_p": gen.sampling["top_p"],
-                     "gen_ai.usage.prompt_tokens": sum(map(len, prompts_ids))})
+        trace.started(model, state.model_name, principal.tenant, labels[1], sum(map(len, prompts_ids)), n=gen.n,
+                      max_tokens=gen.max_tokens, temperature=gen.sampling["temperature"], top_p=gen.sampling["top_p"])
     try:
         for pi, ids in enumerate(prompts_ids):
             state.metrics.prompt(labels, len(ids))

@@ -45,6 +45,13 @@ class RequestTrace:
     def set(self, **attributes) -> None:
         self.span.set_attributes({k: v for k, v in attributes.items() if v is not None})
 
+    def started(self, model: str, served_model: str, tenant: str, adapter: str, prompt_tokens: int,
+                **request) -> None:
+        """What the request asked for (`request`: gen_ai.request.* such as n, max_tokens)."""
+        self.set(**{"gen_ai.request.model": model, "gen_ai.response.model": served_model, "loragate.tenant": tenant,
+                    "loragate.adapter": adapter, "gen_ai.usage.prompt_tokens": prompt_tokens,
+                    **{f"gen_ai.request.{k}": v for k, v in request.items()}})
+
     def output(self, tokens: int) -> None:
         if self.first_token is None:
             self.first_token = time.monotonic() - self.start
