@@ -132,8 +132,7 @@ class AdapterRegistry(StoreSync):
             self._check_weights(weights)
         with self._write_lock(tenant, name):
             stored = self.store.put(tenant, name, src, reuse_same=reuse_same)
-            info = _info(stored, weights.rank, {m for _, m in weights.modules}, AdapterState.READY, None,
-                         weights.config.use_dora)
+            info = _ready_info(stored, weights)
             with self._lock:
                 self._entries[(tenant, name)] = _Entry(info, stored, weights)  # kept: first use reads no disk
                 self._touch((tenant, name))
@@ -195,8 +194,7 @@ class AdapterRegistry(StoreSync):
                 entry.info = replace(entry.info, state=AdapterState.LOADING)
             try:
                 stored = self.store.get(tenant, name, entry.info.version)  # a remote store downloads it (once)
-                _check_sha256(stored)
-                weights = load_adapter(stored.path, self.arch, self.max_lora_rank, **self._load_kwargs)
+                weights = self._load_stored(stored)
             except AdapterNotFound:  # deleted through another server: the next call asks the store
                 with self._lock:
                     entry.info, entry.checked_at = replace(entry.info, state=AdapterState.READY), float("-inf")
@@ -238,16 +236,19 @@ class AdapterRegistry(StoreSync):
                 self._pinned.pop(key, None)
             raise AdapterNotFound(f"version {version} of adapter {name!r} does not exist") from None
         if held is None:
-            _check_sha256(stored)
-            weights = load_adapter(stored.path, self.arch, self.max_lora_rank, **self._load_kwargs)
-            held = (_info(stored, weights.rank, {m for _, m in weights.modules}, AdapterState.READY, None,
-                          weights.config.use_dora), weights)
+            weights = self._load_stored(stored)
+            held = (_ready_info(stored, weights), weights)
         with self._lock:
             self._pinned[key] = (held[0], held[1], now)
             self._pinned.move_to_end(key)
             while len(self._pinned) > MAX_PINNED:
                 self._pinned.popitem(last=False)
         return held[0], held[1]
+
+    def _load_stored(self, stored: StoredAdapter) -> LoraWeights:
+        """A stored version's weights, its files first checked against the digest of its upload."""
+        _check_sha256(stored)
+        return load_adapter(stored.path, self.arch, self.max_lora_rank, **self._load_kwargs)
 
     def _drop_pinned(self, tenant: str, name: str) -> None:
         """Forget the held older versions of a deleted adapter. Called with self._lock held."""
@@ -302,6 +303,11 @@ def _info(stored: StoredAdapter, rank: int, modules, state: AdapterState, error:
     return AdapterInfo(tenant=stored.tenant, name=stored.name, version=stored.version, sha256=stored.sha256,
                        rank=rank, target_modules=tuple(sorted(modules)), state=state, error=error,
                        created=stored.created, dora=dora)
+
+
+def _ready_info(stored: StoredAdapter, weights: LoraWeights) -> AdapterInfo:
+    return _info(stored, weights.rank, {m for _, m in weights.modules}, AdapterState.READY, None,
+                 weights.config.use_dora)
 
 
 def _check_sha256(stored: StoredAdapter) -> None:

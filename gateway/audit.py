@@ -14,6 +14,7 @@ log).
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import functools
 import json
@@ -67,8 +68,6 @@ def audited(event: str):
 
 
 async def _record(log: AuditLog, request, event: str, response, error: APIError | None) -> None:
-    import asyncio
-
     state = request.app.state.server
     try:
         principal = state.keys.authenticate(request.headers.get("authorization"))
@@ -92,16 +91,18 @@ def _target(request, principal, response) -> dict:
     if response is not None and response.media_type == "application/json":
         answer = json.loads(response.body)
     tenant = answer.get("tenant")
-    form = getattr(request, "_form", None)  # an upload's fields, as the handler read them
-    name = answer.get("name") or request.path_params.get("name") or (form.get("name") if form else None)
+    form = getattr(request, "_form", None) or {}  # an upload's fields, as the handler read them
+    name = answer.get("name") or request.path_params.get("name") or form.get("name")
     name = name if isinstance(name, str) else None
     lora_name = _json_body(request).get("lora_name")  # the runtime API names "tenant/name"
     if isinstance(lora_name, str):
         owner, sep, short = lora_name.rpartition("/")
         tenant, name = (owner if sep else tenant), short
     if tenant is None and principal is not None:
-        wanted = request.query_params.get("tenant")
-        tenant = wanted if wanted and principal.is_admin else principal.tenant
+        from .adapters_api import _tenant  # it imports this module
+
+        form_tenant = form.get("tenant")
+        tenant = _tenant(request, principal, form_tenant if isinstance(form_tenant, str) else None)
     out = {"tenant": tenant, "adapter": name}
     if "version" in answer:
         out.update(version=answer["version"], sha256=answer.get("sha256"))

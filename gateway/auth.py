@@ -28,7 +28,7 @@ log = logging.getLogger("loragate.gateway")
 
 OPEN_TENANT = "default"
 KEYS_RELOAD_SECONDS = 5.0
-_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def _digest(key: str) -> bytes:
 
 def _entries(keys: dict[str, str], admin_key: str | None) -> list[tuple[bytes, Principal]]:
     for tenant in keys.values():
-        if not _TENANT.match(tenant):
+        if not TENANT_NAME.match(tenant):
             raise ValueError(f"invalid tenant name {tenant!r} in the API keys")
     entries = [(_digest(k), Principal(t)) for k, t in keys.items()]
     if admin_key:

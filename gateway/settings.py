@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from loragate.engine.config import parse_bytes
 from loragate.engine.errors import ModelConfigError
 
+from .auth import TENANT_NAME
+
 ROLES = ("all", "engine", "router")
 ROUTE_POLICIES = ("affinity", "round_robin")
 REASONING_PARSERS = ("auto", "think", "none")  # gateway/reasoning.py
@@ -108,8 +110,7 @@ class GatewaySettings:
         if self.otlp_traces_endpoint and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.otlp_traces_endpoint):
             raise ModelConfigError("otlp_traces_endpoint must be an OTLP/HTTP URL such as "
                                    f"http://collector:4318/v1/traces, got {self.otlp_traces_endpoint!r}")
-        if self.shared_adapters_tenant is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}",
-                                                                        self.shared_adapters_tenant):
+        if self.shared_adapters_tenant is not None and not TENANT_NAME.match(self.shared_adapters_tenant):
             raise ModelConfigError(f"shared_adapters_tenant must be a tenant name (letters, digits, '.', '_', '-'), "
                                    f"got {self.shared_adapters_tenant!r}")
         self.tenant_priority_map()
