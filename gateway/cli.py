@@ -223,8 +223,9 @@ GATEWAY_HELP = {
                                   "time_to_first_token_ms, generation_time_ms, queue_time_ms, mean_itl_ms and "
                                   "tokens_per_second (null for n > 1 or several prompts; a stream's usage chunk)",
     "otlp_traces_endpoint": "send OpenTelemetry traces of inference requests (a span each: tokens, latencies, "
-                            "tenant, adapter; the router's span is the engine's parent) over OTLP/HTTP to this URL, "
-                            "e.g. http://otel-collector:4318/v1/traces; the OTEL_* variables apply "
+                            "tenant, adapter; the router's span is the engine's parent) to this OTLP collector: "
+                            "http://otel-collector:4318/v1/traces over HTTP, grpc://otel-collector:4317 over gRPC "
+                            "(or OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=grpc); the OTEL_* variables apply "
                             "(pip install 'loragate[tracing]')",
     "batch_max_concurrency": "batch API: engine requests batch lines may have in flight at once "
                              "(interactive requests go first)",

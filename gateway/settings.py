@@ -84,7 +84,7 @@ class GatewaySettings:
     audit_log: str | None = None
     # Answers carry their own timings in "metrics" (vLLM's --enable-per-request-metrics)
     enable_per_request_metrics: bool = False
-    # OpenTelemetry traces of inference requests, exported over OTLP/HTTP (gateway/tracing.py)
+    # OpenTelemetry traces of inference requests, exported over OTLP/HTTP or gRPC (gateway/tracing.py)
     otlp_traces_endpoint: str | None = None
 
     def __post_init__(self) -> None:
@@ -107,9 +107,11 @@ class GatewaySettings:
         if self.reasoning_parser not in REASONING_PARSERS:
             raise ModelConfigError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
                                    f"got {self.reasoning_parser!r}")
-        if self.otlp_traces_endpoint and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.otlp_traces_endpoint):
-            raise ModelConfigError("otlp_traces_endpoint must be an OTLP/HTTP URL such as "
-                                   f"http://collector:4318/v1/traces, got {self.otlp_traces_endpoint!r}")
+        if self.otlp_traces_endpoint and not re.fullmatch(r"(https?://[^\s/]+(/\S*)?|grpc://[^\s/]+/?)",
+                                                          self.otlp_traces_endpoint):
+            raise ModelConfigError("otlp_traces_endpoint must be an OTLP collector's URL such as "
+                                   "http://collector:4318/v1/traces (OTLP/HTTP) or grpc://collector:4317 (OTLP/gRPC), "
+                                   f"got {self.otlp_traces_endpoint!r}")
         if self.shared_adapters_tenant is not None and not TENANT_NAME.match(self.shared_adapters_tenant):
             raise ModelConfigError(f"shared_adapters_tenant must be a tenant name (letters, digits, '.', '_', '-'), "
                                    f"got {self.shared_adapters_tenant!r}")

@@ -1,8 +1,8 @@
 """OpenTelemetry traces of inference requests (`--otlp-traces-endpoint`, as vLLM's flag).
 
 Each inference HTTP request (completions, chat, responses, embeddings) is one SERVER span,
-`llm_request` on engines and `router_request` on routers, exported over OTLP/HTTP in batches
-off the request path. A W3C `traceparent` header from the client makes it a child of the
+`llm_request` on engines and `router_request` on routers, exported over OTLP (HTTP or gRPC,
+span_exporter) in batches off the request path. A W3C `traceparent` header from the client makes it a child of the
 caller's span, and the router sends its own span's context on to the engine, so a trace shows
 client, router and engine as one tree. Attributes follow the GenAI semantic conventions as
 vLLM sets them (`gen_ai.request.*`, `gen_ai.usage.*`, `gen_ai.latency.*`) plus `loragate.*`
@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextvars
 import os
 import time
+import urllib.parse
 
 from loragate.engine.errors import ModelConfigError
 
+PROTOCOLS = ("grpc", "http/protobuf")  # the Python SDK has no http/json exporter
 INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings"})
 _current: contextvars.ContextVar[RequestTrace | None] = contextvars.ContextVar("loragate_request_trace", default=None)
 
@@ -80,8 +82,8 @@ class Tracing:
     """The tracer of one server (engine or router) and its exporter."""
 
     def __init__(self, endpoint: str | None, service: str, exporter=None):
-        """endpoint: an OTLP/HTTP traces URL (http://collector:4318/v1/traces); `exporter`
-        instead: any SpanExporter (tests)."""
+        """endpoint: an OTLP collector's URL (see span_exporter); `exporter` instead: any
+        SpanExporter (tests)."""
         try:
             from opentelemetry.sdk.resources import Resource
             from opentelemetry.sdk.trace import TracerProvider
@@ -90,9 +92,7 @@ class Tracing:
             raise ModelConfigError("otlp_traces_endpoint needs OpenTelemetry: pip install 'loragate[tracing]'") \
                 from None
         if exporter is None:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            exporter = OTLPSpanExporter(endpoint=endpoint)
+            exporter = span_exporter(endpoint)
         attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": service}
         self.provider = TracerProvider(resource=Resource.create(attributes))
         self.provider.add_span_processor(BatchSpanProcessor(exporter))
@@ -138,6 +138,44 @@ class _TracingMiddleware:
             context.detach(ctx_token)
             _current.reset(token)
             trace.close(status["code"])
+
+
+def otlp_protocol(endpoint: str) -> str:
+    """The OTLP transport for `endpoint`: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL (or
+    OTEL_EXPORTER_OTLP_PROTOCOL) where set, as vLLM reads it; else gRPC for a grpc:// URL and
+    HTTP for an http(s):// one. vLLM's default is gRPC whatever the scheme, OpenTelemetry's is
+    HTTP: the scheme settles it for both kinds of user without a variable."""
+    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+    if protocol is None:
+        return "grpc" if endpoint.startswith("grpc://") else "http/protobuf"
+    if protocol not in PROTOCOLS:
+        raise ModelConfigError(f"OTLP protocol {protocol!r} is not supported for traces: use one of "
+                               f"{', '.join(PROTOCOLS)} (OTEL_EXPORTER_OTLP_TRACES_PROTOCOL)")
+    if protocol == "http/protobuf" and endpoint.startswith("grpc://"):
+        raise ModelConfigError(f"otlp_traces_endpoint {endpoint} is a gRPC URL but the protocol is "
+                               "http/protobuf: give an http(s):// URL or unset OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+    return protocol
+
+
+def span_exporter(endpoint: str):
+    """An OTLP exporter for `endpoint`. Over HTTP a URL without a path gets the collector's
+    traces path, /v1/traces, which is the only one a collector answers on. Over gRPC the
+    exporter dials host:port with TLS for https:// and in the clear otherwise, unless
+    OTEL_EXPORTER_OTLP_TRACES_INSECURE says which (the SDK alone would use TLS for grpc://, so
+    a vLLM user's grpc://collector:4317 would fail its handshake against a plain collector)."""
+    try:
+        if otlp_protocol(endpoint) == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            insecure = None if os.environ.get("OTEL_EXPORTER_OTLP_TRACES_INSECURE") or \
+                os.environ.get("OTEL_EXPORTER_OTLP_INSECURE") else not endpoint.startswith("https://")
+            return OTLPSpanExporter(endpoint=endpoint, insecure=insecure)
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError as e:
+        raise ModelConfigError(f"otlp_traces_endpoint needs {e.name}: pip install 'loragate[tracing]'") from None
+    if urllib.parse.urlsplit(endpoint).path in ("", "/"):
+        endpoint = endpoint.rstrip("/") + "/v1/traces"
+    return OTLPSpanExporter(endpoint=endpoint)
 
 
 def inject_context(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:

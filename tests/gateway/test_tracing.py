@@ -1,6 +1,6 @@
 """OpenTelemetry traces of inference requests (gateway/tracing.py): one span per request
 with the usage the response reports, the caller's traceparent as its parent, the router's
-span as the engine's parent, and spans exported over OTLP/HTTP to a collector."""
+span as the engine's parent, and spans exported to a collector over OTLP/HTTP and OTLP/gRPC."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
+from loragate.engine.errors import ModelConfigError
 from loragate.gateway.router import build_router_app
 from loragate.gateway.settings import GatewaySettings
 
@@ -109,7 +110,28 @@ def test_the_routers_span_is_the_engines_parent(traced):
     assert route.attributes["loragate.engine"] == s.url and route.attributes["loragate.retries"] == 0
 
 
-def test_spans_reach_an_otlp_http_collector(tiny_llama, tmp_path, monkeypatch):
+def one_exported_span(request) -> None:
+    """`request` (an ExportTraceServiceRequest) holds the engine's one span of a 2-token completion."""
+    [resource_spans] = request.resource_spans
+    service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}["service.name"]
+    [span] = [sp for scope in resource_spans.scope_spans for sp in scope.spans]
+    assert service == "loragate-engine" and span.name == "llm_request"
+    usage = {a.key: a.value.int_value for a in span.attributes if a.key.startswith("gen_ai.usage.")}
+    assert usage["gen_ai.usage.completion_tokens"] == 2 and usage["gen_ai.usage.prompt_tokens"] >= 1
+
+
+def complete_once(tiny_llama, endpoint: str) -> None:
+    """A traced server sends one completion, then stops, and so exports what is pending."""
+    s = RunningServer(tiny_llama, None, tracing=Tracing(endpoint, "loragate-engine"))
+    try:
+        assert httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "t5", "max_tokens": 2},
+                          headers=s.headers()).status_code == 200
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("path", ["/v1/traces", ""])  # without a path: the collector's traces path
+def test_spans_reach_an_otlp_http_collector(tiny_llama, tmp_path, monkeypatch, path):
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
     received = []
@@ -128,19 +150,57 @@ def test_spans_reach_an_otlp_http_collector(tiny_llama, tmp_path, monkeypatch):
     collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
     threading.Thread(target=collector.serve_forever, daemon=True).start()
     monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
-    endpoint = f"http://127.0.0.1:{collector.server_address[1]}/v1/traces"
-    s = RunningServer(tiny_llama, None, tracing=Tracing(endpoint, "loragate-engine"))
     try:
-        assert httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "t5", "max_tokens": 2},
-                          headers=s.headers()).status_code == 200
+        complete_once(tiny_llama, f"http://127.0.0.1:{collector.server_address[1]}{path}")
     finally:
-        s.stop()  # the server's shutdown exports what is pending
         collector.shutdown()
     assert [(path, kind) for path, kind, _ in received] == [("/v1/traces", "application/x-protobuf")]
-    request = ExportTraceServiceRequest.FromString(received[0][2])
-    [resource_spans] = request.resource_spans
-    service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}["service.name"]
-    [span] = [sp for scope in resource_spans.scope_spans for sp in scope.spans]
-    assert service == "loragate-engine" and span.name == "llm_request"
-    usage = {a.key: a.value.int_value for a in span.attributes if a.key.startswith("gen_ai.usage.")}
-    assert usage["gen_ai.usage.completion_tokens"] == 2 and usage["gen_ai.usage.prompt_tokens"] >= 1
+    one_exported_span(ExportTraceServiceRequest.FromString(received[0][2]))
+
+
+@pytest.mark.parametrize("scheme, protocol", [("grpc", None), ("http", "grpc")])
+def test_spans_reach_an_otlp_grpc_collector(tiny_llama, tmp_path, monkeypatch, scheme, protocol):
+    """vLLM's two ways of naming a gRPC collector: a grpc:// URL, or any URL and
+    OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=grpc; both in the clear, as a collector in a cluster is."""
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.grpc", reason="pip install -e '.[dev]'")
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received = []
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):
+            received.append(request)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    collector = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), collector)
+    port = collector.add_insecure_port("127.0.0.1:0")
+    collector.start()
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
+    if protocol:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", protocol)
+    try:
+        complete_once(tiny_llama, f"{scheme}://127.0.0.1:{port}")
+    finally:
+        collector.stop(grace=None)
+    [request] = received
+    one_exported_span(request)
+
+
+@pytest.mark.parametrize("endpoint, protocol, error", [
+    ("http://collector:4318/v1/traces", "http/json", "'http/json' is not supported"),
+    ("grpc://collector:4317", "http/protobuf", "is a gRPC URL but the protocol is http/protobuf"),
+])
+def test_a_protocol_the_exporter_cannot_speak_is_refused_at_start(monkeypatch, endpoint, protocol, error):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", protocol)
+    with pytest.raises(ModelConfigError, match=error):
+        Tracing(endpoint, "loragate-engine")
+
+
+@pytest.mark.parametrize("endpoint", ["collector:4317", "ftp://collector/v1/traces", "grpc://collector:4317/v1/traces"])
+def test_a_url_that_names_no_otlp_collector_is_refused(endpoint):
+    with pytest.raises(ModelConfigError, match="otlp_traces_endpoint must be an OTLP collector's URL"):
+        GatewaySettings(otlp_traces_endpoint=endpoint)

@@ -57,6 +57,7 @@ VALUE_SETS: dict[str, tuple[dict, dict[str, int]]] = {
                               "existingSecret": "redis-auth", "existingSecretKey": "rate-limit-url"}}}, _BASE_KINDS),
     # Traces from the router and the engines to an OpenTelemetry collector.
     "tracing": ({"tracing": {"otlpEndpoint": "http://otel-collector.observability:4318/v1/traces"}}, _BASE_KINDS),
+    "tracing over gRPC": ({"tracing": {"otlpEndpoint": "grpc://otel-collector.observability:4317"}}, _BASE_KINDS),
     # Tenants' scheduling priorities, reasoning split off, prefix routing off.
     "priorities": ({"tenantPriorities": {"gold": -1, "free": 2}, "model": {"reasoningParser": "none"},
                     "router": {"prefixRouting": False}}, _BASE_KINDS),

@@ -14,6 +14,8 @@ SCHEMA_VIOLATIONS = {
     "negative rate limit": ({"rateLimits": {"tokensPerMinute": -5}}, "/rateLimits/tokensPerMinute"),
     "a tenant's unknown limit": ({"rateLimits": {"tenants": {"a": {"tpm": 5}}}}, "'tpm' not allowed"),
     "traces endpoint without scheme": ({"tracing": {"otlpEndpoint": "otel-collector:4318"}}, "/tracing/otlpEndpoint"),
+    "gRPC traces endpoint with a path": ({"tracing": {"otlpEndpoint": "grpc://otel-collector:4317/v1/traces"}},
+                                         "/tracing/otlpEndpoint"),
     "redis url without scheme": ({"rateLimits": {"redis": {"url": "redis-master:6379"}}}, "/rateLimits/redis/url"),
     "redis url and its secret both": ({"rateLimits": {"redis": {"url": "redis://r:6379", "existingSecret": "r"}}},
                                       "/rateLimits/redis"),
