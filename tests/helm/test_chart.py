@@ -61,6 +61,9 @@ VALUE_SETS: dict[str, tuple[dict, dict[str, int]]] = {
     # Tenants' scheduling priorities, reasoning split off, prefix routing off.
     "priorities": ({"tenantPriorities": {"gold": -1, "free": 2}, "model": {"reasoningParser": "none"},
                     "router": {"prefixRouting": False}}, _BASE_KINDS),
+    # Adapter management in the engines' logs, timings in answers, a tenant shared with all.
+    "audit-timings-shared": ({"auditLog": True, "perRequestMetrics": True, "sharedAdaptersTenant": "public"},
+                             _BASE_KINDS),
     # Adapters shipped with the deployment: a read-only claim mounted for --lora-modules.
     "preloaded-adapters": ({"engine": {
         "config": {"LORAGATE_LORA_MODULES": "team-a/sql=/adapters/sql"},
@@ -375,6 +378,20 @@ def test_tracing_reaches_the_router_and_the_engines(render):
         assert rendered.env(component)["LORAGATE_OTLP_TRACES_ENDPOINT"] == \
             "http://otel-collector.observability:4318/v1/traces"
     assert "LORAGATE_OTLP_TRACES_ENDPOINT" not in render({}).env("engine")
+
+
+def test_audit_log_timings_and_shared_tenant_reach_the_engines_settings(render):
+    from loragate.gateway.settings import GatewaySettings
+
+    rendered = render(VALUE_SETS["audit-timings-shared"][0])
+    engine = rendered.env("engine")
+    settings = GatewaySettings(audit_log=engine["LORAGATE_AUDIT_LOG"],
+                               enable_per_request_metrics=engine["LORAGATE_ENABLE_PER_REQUEST_METRICS"] == "true",
+                               shared_adapters_tenant=engine["LORAGATE_SHARED_ADAPTERS_TENANT"])
+    assert (settings.audit_log, settings.enable_per_request_metrics, settings.shared_adapters_tenant) == \
+        ("-", True, "public")
+    names = ("LORAGATE_AUDIT_LOG", "LORAGATE_ENABLE_PER_REQUEST_METRICS", "LORAGATE_SHARED_ADAPTERS_TENANT")
+    assert not set(names) & set(rendered.env("router")) and not set(names) & set(render({}).env("engine"))
 
 
 def test_the_grafana_dashboard_is_a_configmap_for_grafanas_sidecar(render, chart_dir):

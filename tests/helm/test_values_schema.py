@@ -21,6 +21,8 @@ SCHEMA_VIOLATIONS = {
                                       "/rateLimits/redis"),
     "unknown engine key": ({"engine": {"gpus": 1}}, "'gpus' not allowed"),
     "a volume mount without its path": ({"engine": {"extraVolumeMounts": [{"name": "adapters"}]}}, "'mountPath'"),
+    "audit log as a path": ({"auditLog": "/var/log/audit.jsonl"}, "/auditLog"),
+    "shared tenant with a slash": ({"sharedAdaptersTenant": "public/x"}, "/sharedAdaptersTenant"),
     "a tenant's priority as a word": ({"tenantPriorities": {"gold": "high"}}, "/tenantPriorities/gold"),
     "unknown reasoning parser": ({"model": {"reasoningParser": "deepseek"}}, "/model/reasoningParser"),
     "prefix routing as a string": ({"router": {"prefixRouting": "yes"}}, "/router/prefixRouting"),
