@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .audit import audited
+from .audit import acting_on, audited
 from .errors import APIError, not_found
 from .openai_api import principal_of
 from .uploads import UploadLimits, read_upload_form, save_upload_files
@@ -75,6 +75,7 @@ async def _receive_and_register(request: Request, name: str | None, *, replace: 
         if not isinstance(name, str) or not name:
             raise APIError(400, "the form needs a 'name' field naming the adapter", param="name")
         tenant = _tenant(request, principal, form.get("tenant") if isinstance(form.get("tenant"), str) else None)
+        acting_on(request, tenant, name)
         files = [(v.filename or "", _chunks(v)) for _, v in form.multi_items() if isinstance(v, UploadFile)]
         # One upload of a tenant at a time on this server, so two cannot both pass the quota.
         async with request.app.state.server.tenant_uploads.setdefault(tenant, asyncio.Lock()):

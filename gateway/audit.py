@@ -84,38 +84,25 @@ async def _record(log: AuditLog, request, event: str, response, error: APIError 
     await asyncio.to_thread(log.write, record)
 
 
+def acting_on(request, tenant: str, name: str) -> None:
+    """A handler says which adapter the call acts on once it knows (an upload's form, a
+    runtime call's lora_name), so a refusal after that point names it too."""
+    request.state.audit_target = (tenant, name)
+
+
 def _target(request, principal, response) -> dict:
-    """The tenant and adapter acted on (and the version stored): from the answer where it
-    says, else from the request as far as it got."""
+    """The tenant and adapter acted on, as the handler said (acting_on), else as far as the
+    URL and the key tell; and the version stored, from the answer."""
     answer = {}
     if response is not None and response.media_type == "application/json":
         answer = json.loads(response.body)
-    tenant = answer.get("tenant")
-    form = getattr(request, "_form", None) or {}  # an upload's fields, as the handler read them
-    name = answer.get("name") or request.path_params.get("name") or form.get("name")
-    name = name if isinstance(name, str) else None
-    lora_name = _json_body(request).get("lora_name")  # the runtime API names "tenant/name"
-    if isinstance(lora_name, str):
-        owner, sep, short = lora_name.rpartition("/")
-        tenant, name = (owner if sep else tenant), short
-    if tenant is None and principal is not None:
+    target = getattr(request.state, "audit_target", None)
+    if target is None and principal is not None:
         from .adapters_api import _tenant  # it imports this module
 
-        form_tenant = form.get("tenant")
-        tenant = _tenant(request, principal, form_tenant if isinstance(form_tenant, str) else None)
+        target = (_tenant(request, principal), request.path_params.get("name"))
+    tenant, name = target or (None, None)
     out = {"tenant": tenant, "adapter": name}
     if "version" in answer:
         out.update(version=answer["version"], sha256=answer.get("sha256"))
     return out
-
-
-def _json_body(request) -> dict:
-    """The request's JSON object if a handler read one (the runtime API's); never a multipart upload."""
-    body = getattr(request, "_body", None)
-    if not body or request.headers.get("content-type", "").startswith("multipart/"):
-        return {}
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return {}
-    return data if isinstance(data, dict) else {}

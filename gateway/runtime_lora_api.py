@@ -21,7 +21,7 @@ from loragate.adapters.errors import AdapterError, AdapterNotFound
 from loragate.adapters.preload import LoraModule, check_directories, split_adapter_key, store_module
 
 from .adapters_api import check_quota, registry_of
-from .audit import audited
+from .audit import acting_on, audited
 from .errors import APIError, not_found
 from .openai_api import json_body, principal_of
 
@@ -40,6 +40,7 @@ def _target(request: Request, body: dict) -> tuple[str, str]:
         tenant, name = split_adapter_key(lora_name)
     except AdapterError as e:
         raise APIError(400, f"'lora_name': {e.message}", param="lora_name") from None
+    acting_on(request, tenant or principal.tenant, name)
     if state.keys.is_open:
         return principal.tenant, name
     if not principal.is_admin:
