@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,9 +35,10 @@ from .module_names import VOCAB_LAYER, VOCAB_MODULES
 @dataclass
 class PoolStats:
     hits: int = 0
-    misses: int = 0
+    misses: int = 0  # slot loads: from the host cache, or the store (store_loads of them)
+    store_loads: int = 0
     evictions: int = 0
-    load_seconds: list[float] = field(default_factory=list)
+    load_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=100))  # the most recent loads'
 
 
 class LoraSlotPool:
@@ -86,7 +87,10 @@ class LoraSlotPool:
                 return None
             self.stats.misses += 1
             t0 = time.perf_counter()
-            weights = self.host_cache.pop(key, None) or load()
+            weights = self.host_cache.pop(key, None)
+            if weights is None:
+                self.stats.store_loads += 1
+                weights = load()
             self._write(slot, weights)
             self.host_cache.put(key, weights, weights.num_bytes)
             self.stats.load_seconds.append(time.perf_counter() - t0)

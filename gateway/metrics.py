@@ -121,7 +121,11 @@ class _EngineCollector:
                 c = GaugeMetricFamily(f"loragate_adapter_pool_{name}", f"adapter pool {name} since start")
                 c.add_metric([], value)
                 yield c
-            loads = s.load_seconds[-100:]
+            c = GaugeMetricFamily("loragate_adapter_pool_store_loads", "slot loads that read the adapter from the "
+                                  "store, not host memory (--max-cpu-loras, --max-cpu-lora-memory), since start")
+            c.add_metric([], s.store_loads)
+            yield c
+            loads = s.load_seconds
             yield gauge("loragate_adapter_load_seconds_recent_mean", "mean of the last 100 adapter loads",
                         sum(loads) / len(loads) if loads else 0.0)
         graphs = inner.runner.graphs

@@ -43,6 +43,9 @@ def test_lru_eviction_and_pinning(arch):
     assert torch.all(pool.a["q_proj"][0, sb, 4:] == 0)  # rank padding stays zero
     with pytest.raises(RuntimeError):
         pool.release(sa)  # "a" was released already
+    assert pool.stats.store_loads == 3  # a, b and c read once each
+    assert pool.acquire("b", lambda: pytest.fail("b is in host memory")) == sa  # evicts a; b from the host cache
+    assert (pool.stats.misses, pool.stats.store_loads) == (4, 3)
 
 
 def run(engine):
