@@ -1,7 +1,7 @@
 """Adapter-affinity routing vs round-robin over two engine replicas, side by side in one run.
 
     python bench/router.py [--requests 256] [--clients 32] [--max-tokens 32] [--zipf 1.0] [--session 1]
-                           [--repeats 1]
+                           [--max-cpu-loras N] [--repeats 1]
 
 Two `loragate serve --role engine` replicas (SmolLM2-135M-Instruct bf16, --max-loras 4 and
 --num-threads 1 each) share one LORAGATE_HOME, so one adapter store; 16 rank-16 peft adapters
@@ -11,7 +11,8 @@ with random B (q,k,v,o) are uploaded through a `--role router`. Then the same re
 closed-loop clients) runs through the router twice: --route-policy round_robin, then
 affinity, each on freshly started engines so neither inherits warm slots. Prints output
 tok/s for both and the ratio (target >= 1.3x), and adapter loads per replica (slot loads:
-each engine's loragate_adapter_pool_misses) for both and the ratio (target >= 3x fewer).
+each engine's loragate_adapter_pool_misses; of them, loragate_adapter_pool_store_loads read
+the store rather than host memory) for both and the ratio (target >= 3x fewer).
 """
 
 from __future__ import annotations
@@ -66,11 +67,16 @@ def wait_ready(url: str, procs, engines: int, timeout: float = 300) -> None:
     raise SystemExit("the fleet did not become ready")
 
 
-def pool_misses(url: str) -> int:
+def pool_counts(url: str) -> tuple[int, int]:
+    """(slot loads, those of them read from the store) an engine has made since start."""
+    values = {}
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith("loragate_adapter_pool_misses "):
-            return int(float(line.split()[1]))
-    raise SystemExit(f"{url}/metrics has no loragate_adapter_pool_misses")
+        name, _, value = line.partition(" ")
+        if name in ("loragate_adapter_pool_misses", "loragate_adapter_pool_store_loads"):
+            values[name] = int(float(value))
+    if len(values) != 2:
+        raise SystemExit(f"{url}/metrics lacks the adapter pool's counters")
+    return values["loragate_adapter_pool_misses"], values["loragate_adapter_pool_store_loads"]
 
 
 def router_counter(url: str, name: str) -> float:
@@ -88,7 +94,9 @@ class Fleet:
             self.engine_urls.append(f"http://127.0.0.1:{port}")
             self.procs.append(serve(["--role", "engine", "--model", str(model_dir), "--dtype", args.dtype,
                                      "--max-loras", "4", "--num-threads", "1", "--port", str(port),
-                                     "--max-num-seqs", str(args.clients)], env))
+                                     "--max-num-seqs", str(args.clients),
+                                     *(["--max-cpu-loras", str(args.max_cpu_loras)] if args.max_cpu_loras else [])],
+                                    env))
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         max_load = args.max_engine_load or math.ceil(args.clients * 2 / 3)  # room for popularity skew before spilling
@@ -146,11 +154,12 @@ def measure(args, model_dir, env, policy, jobs, adapter_dirs, upload: bool) -> d
                            timeout=120).raise_for_status()
         for url in fleet.engine_urls:  # warm-up on the base model: no slot loads before the count
             asyncio.run(run_mix(url, [(jobs[0][0], "base")] * 2, 2, 4))
-        before = [pool_misses(u) for u in fleet.engine_urls]
+        before = [pool_counts(u) for u in fleet.engine_urls]
         tokens, seconds = asyncio.run(run_mix(fleet.url, jobs, args.clients, args.max_tokens, args.session))
-        loads = [pool_misses(u) - b for u, b in zip(fleet.engine_urls, before)]
+        after = [pool_counts(u) for u in fleet.engine_urls]
         spills = router_counter(fleet.url, "loragate_router_spills_total")
-    return {"tok_s": tokens / seconds, "seconds": seconds, "loads": loads, "spills": spills}
+    return {"tok_s": tokens / seconds, "seconds": seconds, "loads": [a[0] - b[0] for a, b in zip(after, before)],
+            "store_loads": sum(a[1] - b[1] for a, b in zip(after, before)), "spills": spills}
 
 
 def main() -> None:
@@ -168,6 +177,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-engine-load", type=int, default=0,
                     help="the router's spill threshold per engine (default: 2/3 of the clients)")
+    ap.add_argument("--max-cpu-loras", type=int, default=0,
+                    help="adapters each engine keeps in host memory; fewer than --adapters models a fleet whose "
+                         "adapters do not all fit one engine, so slot loads that miss it read the store "
+                         "(default: the engine's default, 32)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="pairs of runs, each on new engine ports: the rendezvous split of the adapters over the "
                          "engines follows the ports, so one pair shows one split (default: %(default)s)")
@@ -191,7 +204,8 @@ def main() -> None:
     env = dict(os.environ, LORAGATE_HOME=str(tmp / "home"), LORAGATE_API_KEYS=f"{KEY}=bench",
                LORAGATE_SERVED_MODEL_NAME="base")
     print(f"{args.requests} requests, {args.clients} clients, {args.max_tokens} tokens each, {args.adapters} adapters "
-          f"(Zipf s={args.zipf:g}, sessions of {args.session}), 2 engines x --max-loras 4 --num-threads 1, "
+          f"(Zipf s={args.zipf:g}, sessions of {args.session}), 2 engines x --max-loras 4 --num-threads 1"
+          f"{f' --max-cpu-loras {args.max_cpu_loras}' if args.max_cpu_loras else ''}, "
           f"model {Path(model_dir).name} "
           f"{args.dtype}", flush=True)
     speedups, load_ratios = [], []
@@ -203,7 +217,8 @@ def main() -> None:
         rr, aff = results["round_robin"], results["affinity"]
         for policy, r in results.items():
             print(f"  {policy:<12} {r['tok_s']:7.1f} tok/s ({r['seconds']:.1f} s)   adapter loads per replica "
-                  f"{r['loads'][0]} + {r['loads'][1]} = {sum(r['loads'])}   spills {r['spills']:.0f}")
+                  f"{r['loads'][0]} + {r['loads'][1]} = {sum(r['loads'])} ({r['store_loads']} from the store)   "
+                  f"spills {r['spills']:.0f}")
         speedups.append(aff["tok_s"] / rr["tok_s"])
         load_ratios.append(sum(rr["loads"]) / max(1, sum(aff["loads"])))
         print(f"affinity vs round-robin: throughput {speedups[-1]:.2f}x (target >= 1.3x), "
