@@ -3,12 +3,15 @@ calls last_hidden_state) pooled into one vector per request (SamplingParams.pool
 
 - "last": the last prompt token's state, as decoder embedding models are trained
   (Qwen3-Embedding, E5-Mistral, gte-Qwen2).
-- "mean": the mean over every prompt token (sentence-transformers' usual pooling). A prefix
-  hit would skip positions whose states it needs, so such a request takes none.
+- "first": the first prompt token's state (vLLM's and sentence-transformers' CLS pooling).
+- "mean" / "max": the mean, or the element-wise maximum, over every prompt token
+  (sentence-transformers' mean_tokens and max_tokens).
 
-A prompt runs in chunks, so each step contributes its chunk's part (the runner's
-`pooled_parts`) and the engine adds them up on the request (`add_part`); a recompute after
-preemption starts the sum again. The request is a one-token generation: its token is dropped.
+Every pooling but "last" needs states of positions a prefix hit would skip (the cache keeps
+only K and V), so such a request takes none (Request.takes_prefix_hits). A prompt runs in
+chunks, so each step contributes its chunk's part (the runner's `pooled_parts`) and the
+engine combines them on the request (`add_part`); a recompute after preemption starts again
+from position 0. The request is a one-token generation: its token is dropped.
 """
 
 from __future__ import annotations
@@ -21,19 +24,28 @@ from .request import Request
 def pooled_parts(rows: list[tuple[Request, int, int, int]], hidden: torch.Tensor) -> dict[str, tuple[int, torch.Tensor]]:
     """rows: (request, first hidden row, first prompt position, count) of this step's prompt
     positions of pooling requests -> request id: (first position, its part, fp32 on the host):
-    for mean the sum of the chunk's states, for last the final state once the chunk has it."""
+    for mean the sum of the chunk's states, for max their maximum, for first and last the one
+    state once the chunk has it."""
     parts = {}
     for req, row, position, count in rows:
-        if req.sampling_params.pooling == "mean":
+        pooling = req.sampling_params.pooling
+        if pooling == "mean":
             parts[req.request_id] = (position, hidden[row:row + count].float().sum(0).cpu())
-        elif position + count == req.num_prompt_tokens:
+        elif pooling == "max":
+            parts[req.request_id] = (position, hidden[row:row + count].amax(0).to("cpu", torch.float32))
+        elif pooling == "first" and position == 0:
+            parts[req.request_id] = (position, hidden[row].to("cpu", torch.float32, copy=True))
+        elif pooling == "last" and position + count == req.num_prompt_tokens:
             parts[req.request_id] = (position, hidden[row + count - 1].to("cpu", torch.float32, copy=True))
     return parts
 
 
 def add_part(req: Request, position: int, part: torch.Tensor) -> None:
-    mean = req.sampling_params.pooling == "mean"
-    req.pooled = req.pooled + part if mean and position > 0 and req.pooled is not None else part
+    combine = _COMBINE.get(req.sampling_params.pooling)
+    req.pooled = combine(req.pooled, part) if combine and position > 0 and req.pooled is not None else part
+
+
+_COMBINE = {"mean": torch.add, "max": torch.maximum}  # one chunk's part with the earlier chunks'
 
 
 def embedding_of(req: Request) -> list[float] | None:

@@ -120,9 +120,10 @@ class Request:
 
     @property
     def takes_prefix_hits(self) -> bool:
-        """Whether cached blocks may stand in for computing its prompt: not where a mean of
-        every prompt position's hidden state is wanted (the cache keeps only K and V)."""
-        return self.sampling_params.pooling != "mean"
+        """Whether cached blocks may stand in for computing its prompt: not where an
+        embedding needs the hidden states of positions before the last (the cache keeps only
+        K and V)."""
+        return self.sampling_params.pooling in (None, "last")
 
     @property
     def needs_prompt_logprobs(self) -> bool:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidRequestError
 
+POOLINGS = ("last", "first", "mean", "max")  # SamplingParams.pooling (engine/pooling.py)
+
 
 @dataclass
 class SamplingParams:
@@ -51,8 +53,9 @@ class SamplingParams:
     # output is what it would be without it, only sooner (engine/own_proposals.py).
     prediction: str | list[int] | None = None
     # An embedding of the prompt instead of text (engine/pooling.py): "last" (the last prompt
-    # token's final hidden state) or "mean" (over every prompt token). The request runs as a
-    # one-token generation whose token is dropped; RequestOutput.embedding holds the vector.
+    # token's final hidden state), "first" (the first's: CLS pooling), or "mean" or "max" over
+    # every prompt token. The request runs as a one-token generation whose token is dropped;
+    # RequestOutput.embedding holds the vector.
     pooling: str | None = None
     # Scheduling (vLLM's convention): a lower value is admitted first, and when the KV cache is
     # full a request preempts a running one with a higher value rather than waiting for it.
@@ -121,8 +124,8 @@ class SamplingParams:
             raise InvalidRequestError("prediction must be text or a list of token ids", "prediction")
         if not isinstance(self.priority, int) or isinstance(self.priority, bool):
             raise InvalidRequestError(f"priority must be an integer, got {self.priority!r}", "priority")
-        if self.pooling not in (None, "last", "mean"):
-            raise InvalidRequestError(f"pooling must be 'last' or 'mean', got {self.pooling!r}", "pooling")
+        if self.pooling not in (None, *POOLINGS):
+            raise InvalidRequestError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}", "pooling")
         if self.grammar is not None and not isinstance(self.grammar, str):
             raise InvalidRequestError("grammar must be a string (an llguidance grammar)", "response_format")
         if self.grammar is not None and (self.allowed_token_ids is not None or self.bad_words):

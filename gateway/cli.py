@@ -190,6 +190,10 @@ GATEWAY_HELP = {
     "shared_adapters_tenant": "a tenant whose adapters every tenant may use, as model '<tenant>/<name>' (e.g. "
                               "'public/sql'; listed in everyone's /v1/models); only its own keys and the admin key "
                               "upload, replace or delete them",
+    "pooler_config": "how /v1/embeddings pools the prompt's final hidden states, as vLLM's JSON: "
+                     "{\"pooling_type\": \"LAST\" | \"CLS\" (the first token) | \"MEAN\" | \"MAX\", "
+                     "\"normalize\": true | false} (default: the model's sentence-transformers pooling config, "
+                     "else LAST; normalized; a request's own \"normalize\" wins)",
     "reasoning_parser": "chat answers of reasoning models (Qwen3, DeepSeek-R1, ...): the <think> ... </think> "
                         "section goes to the message's 'reasoning' and 'reasoning_content', the rest to 'content'. "
                         "auto: for models whose chat template writes those markers; think: always (the model must "

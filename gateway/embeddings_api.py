@@ -2,11 +2,13 @@
 caller's adapters (so tenants can serve their embedding fine-tunes as LoRA adapters on one
 shared base, batched with everything else the engine runs).
 
-A vector is the prompt's final hidden states pooled (engine/pooling.py): the last token's
-(decoder embedding models such as Qwen3-Embedding), or the mean over the tokens where the
-model's sentence-transformers config (`1_Pooling/config.json`) says so. It is L2-normalized,
-as OpenAI's are; `dimensions` keeps the first N components and normalizes again (Matryoshka
-models are trained for that cut). `encoding_format` "base64" sends float32 little-endian bytes.
+A vector is the prompt's final hidden states pooled (engine/pooling.py) as `--pooler-config`
+says, else as the model's sentence-transformers config (`1_Pooling/config.json`) does (the
+first token's, the mean or the maximum over the tokens), else the last token's (decoder
+embedding models such as Qwen3-Embedding). It is L2-normalized, as OpenAI's are, unless the
+config or the request's `normalize` (vLLM's) says false; `dimensions` keeps the first N
+components, then normalizes (Matryoshka models are trained for that cut). `encoding_format`
+"base64" sends float32 little-endian bytes.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ MAX_INPUTS = 2048  # OpenAI's limit per request
 
 @lru_cache(maxsize=8)
 def pooling_of(model_dir: Path) -> str:
-    """"mean" or "last", from a sentence-transformers pooling config if the model has one
-    (else "last"); a pooling this server cannot do is a 400 naming it."""
+    """The pooling a sentence-transformers config asks for, if the model has one (else "last");
+    one this server cannot do is a 400 naming it and --pooler-config."""
     config = model_dir / "1_Pooling" / "config.json"
     if not config.is_file():
         return "last"
@@ -45,11 +47,13 @@ def pooling_of(model_dir: Path) -> str:
                  if k.startswith("pooling_mode_") and v is True}
     except (OSError, ValueError, AttributeError) as e:  # unreadable, not JSON, not an object
         raise APIError(500, f"cannot read the model's {config}: {e}", "server_error") from None
-    for mode, pooling in (("lasttoken", "last"), ("mean_tokens", "mean")):
+    for mode, pooling in (("lasttoken", "last"), ("cls_token", "first"), ("mean_tokens", "mean"),
+                          ("max_tokens", "max")):
         if modes == {mode}:
             return pooling
-    raise APIError(400, f"this model's pooling ({', '.join(sorted(modes)) or 'none'}) is not supported: "
-                   "last token or mean only", param="model")
+    raise APIError(400, f"this model's pooling ({', '.join(sorted(modes)) or 'none'}) is not supported: one of "
+                   "lasttoken, cls_token, mean_tokens or max_tokens (or start the server with --pooler-config)",
+                   param="model")
 
 
 def _is_token_ids(value) -> bool:
@@ -68,10 +72,11 @@ def _inputs(body: dict) -> list[str | list[int]]:
     return value
 
 
-def _vector(values: list[float], dimensions: int | None, encoding: str):
+def _vector(values: list[float], dimensions: int | None, normalize: bool, encoding: str):
     values = values[:dimensions] if dimensions else values
-    norm = math.sqrt(sum(v * v for v in values)) or 1.0
-    values = [v / norm for v in values]
+    if normalize:
+        norm = math.sqrt(sum(v * v for v in values)) or 1.0
+        values = [v / norm for v in values]
     return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode() if encoding == "base64" else values
 
 
@@ -90,7 +95,11 @@ async def embed(state, principal, body: dict, charge=None) -> dict:
     if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool)
                                    or not 1 <= dimensions <= width):
         raise APIError(400, f"'dimensions' must be an integer in [1, {width}]", param="dimensions")
-    params = SamplingParams(max_tokens=1, temperature=0, pooling=pooling_of(engine.engine.model_dir))
+    pooling, normalize = state.pooler
+    normalize = normalize if body.get("normalize") is None else body["normalize"]
+    if not isinstance(normalize, bool):
+        raise APIError(400, "'normalize' must be true or false", param="normalize")
+    params = SamplingParams(max_tokens=1, temperature=0, pooling=pooling or pooling_of(engine.engine.model_dir))
     adapter = await state.resolve_model(principal, model)
     state.check_capacity(principal.tenant)
     try:
@@ -117,7 +126,7 @@ async def embed(state, principal, body: dict, charge=None) -> dict:
         for stream in streams:  # a failure or a client gone: the others must not run on
             stream.close()
     return {"object": "list", "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            "data": [{"object": "embedding", "index": i, "embedding": _vector(v, dimensions, encoding)}
+            "data": [{"object": "embedding", "index": i, "embedding": _vector(v, dimensions, normalize, encoding)}
                      for i, v in enumerate(vectors)]}
 
 

@@ -157,7 +157,8 @@ def serve(engine_config, settings: GatewaySettings) -> int:
                                                      settings.tenant_tokens_per_minute, per_tenant=per_tenant),
                         tenant_priorities=settings.tenant_priority_map(),
                         shared_tenant=settings.shared_adapters_tenant,
-                        per_request_metrics=settings.enable_per_request_metrics, audit=audit)
+                        per_request_metrics=settings.enable_per_request_metrics, pooler=settings.pooler(),
+                        audit=audit)
     app = build_app(state, make_loader(engine_config, settings), tracing_of(settings, "loragate-engine"))
     app.state.settings = settings
     base = f"http://{settings.host}:{settings.port}"

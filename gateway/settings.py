@@ -3,6 +3,7 @@ construction and settable from `loragate serve` flags and LORAGATE_* variables."
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -14,6 +15,9 @@ from .auth import TENANT_NAME
 ROLES = ("all", "engine", "router")
 ROUTE_POLICIES = ("affinity", "round_robin")
 REASONING_PARSERS = ("auto", "think", "none")  # gateway/reasoning.py
+# --pooler-config's pooling_type (vLLM's names; MAX as sentence-transformers' max_tokens) ->
+# SamplingParams.pooling (engine/pooling.py)
+POOLING_TYPES = {"LAST": "last", "CLS": "first", "MEAN": "mean", "MAX": "max"}
 
 
 @dataclass
@@ -47,6 +51,8 @@ class GatewaySettings:
     strict_base_model: bool = False  # refuse adapters whose base_model_name_or_path differs
     # A tenant whose adapters every tenant may use, as model "<tenant>/<name>" (None: none)
     shared_adapters_tenant: str | None = None
+    # How /v1/embeddings pools and normalizes, as vLLM's --pooler-config JSON (pooler() parses it)
+    pooler_config: str | None = None
     # Chat answers of reasoning models split into reasoning and content (gateway/reasoning.py):
     # auto (models whose chat template writes <think> ... </think>), think (required), none.
     reasoning_parser: str = "auto"
@@ -116,6 +122,7 @@ class GatewaySettings:
             raise ModelConfigError(f"shared_adapters_tenant must be a tenant name (letters, digits, '.', '_', '-'), "
                                    f"got {self.shared_adapters_tenant!r}")
         self.tenant_priority_map()
+        self.pooler()
         self.preloaded_adapters()
         self._check_router_settings()
         self._check_adapter_store_settings()
@@ -129,6 +136,30 @@ class GatewaySettings:
                 raise ModelConfigError(f"tenant_priorities: {item.strip()!r} is not 'tenant=integer'")
             out[tenant] = int(value)
         return out
+
+    def pooler(self) -> tuple[str | None, bool]:
+        """pooler_config parsed: (the pooling /v1/embeddings uses, None: the model's own;
+        whether vectors are L2-normalized by default). vLLM's sequence pooling types, and MAX."""
+        if not self.pooler_config:
+            return None, True
+        try:
+            config = json.loads(self.pooler_config)
+        except ValueError:
+            config = None
+        if not isinstance(config, dict):
+            raise ModelConfigError(f"pooler_config must be a JSON object such as "
+                                   f"'{{\"pooling_type\": \"MEAN\"}}', got {self.pooler_config!r}")
+        unknown = set(config) - {"pooling_type", "normalize"}
+        if unknown:
+            raise ModelConfigError(f"pooler_config: {', '.join(sorted(unknown))} not supported (pooling_type and "
+                                   "normalize are)")
+        pooling_type, normalize = config.get("pooling_type"), config.get("normalize", True)
+        if pooling_type is not None and pooling_type not in POOLING_TYPES:
+            raise ModelConfigError(f"pooler_config: pooling_type must be one of {', '.join(POOLING_TYPES)}, "
+                                   f"got {pooling_type!r}")
+        if not isinstance(normalize, bool):
+            raise ModelConfigError(f"pooler_config: normalize must be true or false, got {normalize!r}")
+        return POOLING_TYPES.get(pooling_type), normalize
 
     def preloaded_adapters(self):
         """lora_modules parsed and their directories checked (a ModelConfigError names what is wrong)."""

@@ -85,6 +85,9 @@ class ServerState:
     # Whose adapters every tenant may use, as "<shared_tenant>/<name>" (None: no one's).
     shared_tenant: str | None = None
     per_request_metrics: bool = False  # answers carry their own timings ("metrics"), as vLLM's flag
+    # /v1/embeddings: the pooling (None: the model's own) and whether vectors are normalized
+    # unless a request says (GatewaySettings.pooler)
+    pooler: tuple[str | None, bool] = (None, True)
     audit: object | None = None  # gateway.audit.AuditLog: adapter management is recorded there
     load_error: str | None = None
     metrics: object | None = None  # gateway.metrics.Metrics, set by build_app

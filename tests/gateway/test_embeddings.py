@@ -1,6 +1,7 @@
-"""/v1/embeddings through the official `openai` client: last-token and mean pooling of the
-final hidden states against transformers' last_hidden_state (and peft's, with an adapter),
-normalization, `dimensions`, base64, bad input, tenants, and the engine's chunked prefill."""
+"""/v1/embeddings through the official `openai` client: last-token, first-token, mean and max
+pooling of the final hidden states against transformers' last_hidden_state (and peft's, with
+an adapter), normalization and --pooler-config, `dimensions`, base64, bad input, tenants, and
+the engine's chunked prefill."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
 from loragate.engine import LLM, SamplingParams
+from loragate.engine.errors import ModelConfigError
 from loragate.gateway.embeddings_api import pooling_of
+from loragate.gateway.settings import GatewaySettings
 
 from ..engine.test_model_vs_hf import random_prompts
 from .conftest import _module_server
@@ -26,14 +29,15 @@ def hf_embedding(model, ids: list[int], pooling: str) -> torch.Tensor:
     with torch.no_grad():
         out = model(torch.tensor([ids]), output_hidden_states=True)
     states = out.hidden_states[-1][0] if hasattr(out, "hidden_states") and out.hidden_states else out.last_hidden_state[0]
-    vector = states[-1] if pooling == "last" else states.mean(0)
+    vector = {"last": lambda: states[-1], "first": lambda: states[0], "mean": lambda: states.mean(0),
+              "max": lambda: states.amax(0)}[pooling]()
     return vector / vector.norm()
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("pooling", ["last", "first", "mean", "max"])
 def test_the_engine_pools_hf_last_hidden_state_across_prefill_chunks(tiny_qwen3, pooling):
-    """32-token chunks: a 90-token prompt's mean adds three chunks' parts; prefix hits are
-    taken only for last-token pooling (a mean needs every position's state)."""
+    """32-token chunks: a 90-token prompt's mean or max combines three chunks' parts; prefix
+    hits are taken only for last-token pooling (the others need earlier positions' states)."""
     llm = LLM(str(tiny_qwen3), dtype="float32", progress=False, max_num_batched_tokens=32)
     hf = AutoModel.from_pretrained(tiny_qwen3, dtype=torch.float32)
     prompts = random_prompts([90, 7, 50], 500, seed=3)
@@ -42,7 +46,7 @@ def test_the_engine_pools_hf_last_hidden_state_across_prefill_chunks(tiny_qwen3,
         for prompt, out in zip(prompts, outs):
             got = torch.tensor(out.embedding)
             torch.testing.assert_close(got / got.norm(), hf_embedding(hf, prompt, pooling), atol=2e-5, rtol=0)
-            assert out.num_cached_tokens == (0 if attempt == 0 or pooling == "mean" else (len(prompt) - 1) // 16 * 16)
+            assert out.num_cached_tokens == (0 if attempt == 0 or pooling != "last" else (len(prompt) - 1) // 16 * 16)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +107,7 @@ def test_an_adapter_embeds_as_peft_does(server, tiny_llama, tmp_path, save_lora)
     ({"model": "tiny", "input": "t5", "dimensions": 0}, "dimensions"),
     ({"model": "tiny", "input": "t5", "dimensions": 65}, "dimensions"),
     ({"model": "tiny", "input": "t5", "encoding_format": "int8"}, "encoding_format"),
+    ({"model": "tiny", "input": "t5", "normalize": "yes"}, "normalize"),
 ])
 def test_bad_embedding_requests_are_400s(server, body, param):
     r = httpx.post(server.url + "/v1/embeddings", headers=server.headers(), json=body)
@@ -115,14 +120,47 @@ def test_the_pooling_follows_a_sentence_transformers_config(tiny_llama, tmp_path
     from loragate.gateway.errors import APIError
 
     for modes, want in (({"pooling_mode_mean_tokens": True}, "mean"), ({"pooling_mode_lasttoken": True}, "last"),
-                        ({"pooling_mode_cls_token": True}, None)):
+                        ({"pooling_mode_cls_token": True}, "first"), ({"pooling_mode_max_tokens": True}, "max"),
+                        ({"pooling_mode_mean_sqrt_len_tokens": True}, None)):
         model = tmp_path / want.__repr__()
         shutil.copytree(tiny_llama, model)
         (model / "1_Pooling").mkdir()
         (model / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64, **modes}))
         if want is None:
-            with pytest.raises(APIError, match=r"pooling \(cls_token\) is not supported"):
+            with pytest.raises(APIError, match=r"pooling \(mean_sqrt_len_tokens\) is not supported"):
                 pooling_of(model)
         else:
             assert pooling_of(model) == want
     assert pooling_of(tiny_llama) == "last"
+
+
+def test_the_pooler_config_and_a_requests_normalize_shape_the_vectors(server, tiny_llama, monkeypatch):
+    """--pooler-config (as GatewaySettings.pooler parses it) picks the pooling and turns
+    normalization off; a request's own `normalize` wins."""
+    pooler = GatewaySettings(pooler_config='{"pooling_type": "CLS", "normalize": false}').pooler()
+    assert pooler == ("first", False)
+    monkeypatch.setattr(server.state, "pooler", pooler)
+    ids = server.state.engine.tokenizer.encode("t5 t6 t7 t8")
+    with torch.no_grad():
+        first = AutoModel.from_pretrained(tiny_llama, dtype=torch.float32)(torch.tensor([ids])).last_hidden_state[0, 0]
+
+    def vector(**body):
+        r = httpx.post(server.url + "/v1/embeddings", headers=server.headers(), json={"model": "tiny", "input": ids, **body})
+        return torch.tensor(r.json()["data"][0]["embedding"])
+
+    torch.testing.assert_close(vector(), first, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(vector(normalize=True), first / first.norm(), atol=2e-5, rtol=0)
+    torch.testing.assert_close(vector(normalize=None), first, atol=1e-4, rtol=1e-4)  # null: the server's default
+
+
+@pytest.mark.parametrize("config, error", [
+    ("MEAN", "must be a JSON object"),
+    ('{"pooling_type": "ALL"}', "pooling_type must be one of LAST, CLS, MEAN, MAX"),
+    ('{"pooling_type": "MEAN", "dimensions": 8}', "dimensions not supported"),
+    ('{"normalize": "no"}', "normalize must be true or false"),
+])
+def test_a_pooler_config_the_server_cannot_follow_is_refused_at_start(config, error):
+    with pytest.raises(ModelConfigError, match=error):
+        GatewaySettings(pooler_config=config)
+    assert GatewaySettings(pooler_config='{"pooling_type": "MAX"}').pooler() == ("max", True)
+    assert GatewaySettings().pooler() == (None, True)
