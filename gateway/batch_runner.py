@@ -38,8 +38,8 @@ import sqlite3
 import time
 
 from .auth import Principal
-from .batch_input import (CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, RESPONSES_ENDPOINT, BatchInputError, error_line,
-                          output_line, read_input)
+from .batch_input import (CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, RERANK_ENDPOINT, RESPONSES_ENDPOINT, SCORE_ENDPOINT,
+                          BatchInputError, error_line, output_line, read_input)
 from .batch_lease import RunnerLease
 from .batch_store import (CANCELLING, FINALIZING, IN_PROGRESS, LINE_CANCELLED, LINE_EXPIRED, LINE_FAILED,
                           ORPHAN_MIN_AGE_S, SUCCEEDED, VALIDATING, BatchRecord, BatchStore, PendingLine)
@@ -47,6 +47,7 @@ from .errors import APIError, to_api_error
 from .embeddings_api import embed
 from .openai_api import complete
 from .responses_api import respond
+from .scores_api import rerank, score
 
 log = logging.getLogger("loragate.gateway")
 
@@ -56,6 +57,7 @@ NOT_READY_POLL_S = 0.5  # the model is still loading
 LEASE_POLL_S = 2.0  # another process runs the batches: see whether it still does
 MAX_BACKOFF_S = 30.0
 RETRY_STATUSES = (429, 503)  # the engine's state, not the request's fault
+POOLING_ENDPOINTS = {EMBEDDINGS_ENDPOINT: embed, SCORE_ENDPOINT: score, RERANK_ENDPOINT: rerank}
 BATCH_PRIORITY = 1  # a chat or completions line's least scheduling urgency: interactive requests' default is 0
 
 
@@ -230,8 +232,8 @@ class BatchRunner:
             body, principal = json.loads(line.body), Principal(batch.tenant)
             if batch.endpoint == RESPONSES_ENDPOINT:
                 response = await respond(self.state, principal, body)
-            elif batch.endpoint == EMBEDDINGS_ENDPOINT:
-                response = await embed(self.state, principal, body)
+            elif batch.endpoint in POOLING_ENDPOINTS:
+                response = await POOLING_ENDPOINTS[batch.endpoint](self.state, principal, body)
             else:
                 if isinstance(body, dict) and isinstance(body.get("priority", 0), int):
                     # behind interactive requests in the engine too: they preempt a batch line for room

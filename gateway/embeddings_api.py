@@ -130,19 +130,25 @@ async def embed(state, principal, body: dict, charge=None) -> dict:
                      for i, v in enumerate(vectors)]}
 
 
-async def embeddings(request: Request):
-    state = request.app.state.server
-    principal = principal_of(request)
-    state.require_engine()
-    body = await json_body(request)
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object", param="body")
-    slot = state.open_tenant_request(principal.tenant, request.headers)
-    try:
-        return JSONResponse(await until_disconnect(request, embed(state, principal, body, slot.charge)),
-                            headers=slot.response_headers())
-    finally:
-        slot.release()
+def pooling_endpoint(path: str, compute) -> Route:
+    """A POST route answering `await compute(state, principal, body, charge)` as JSON, counted
+    as one of the tenant's open requests and charged its tokens: /v1/embeddings, and the
+    score and rerank APIs built on it (gateway/scores_api.py)."""
+    async def handler(request: Request):
+        state = request.app.state.server
+        principal = principal_of(request)
+        state.require_engine()
+        body = await json_body(request)
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object", param="body")
+        slot = state.open_tenant_request(principal.tenant, request.headers)
+        try:
+            return JSONResponse(await until_disconnect(request, compute(state, principal, body, slot.charge)),
+                                headers=slot.response_headers())
+        finally:
+            slot.release()
+
+    return Route(path, handler, methods=["POST"])
 
 
-routes = [Route("/v1/embeddings", embeddings, methods=["POST"])]
+routes = [pooling_endpoint("/v1/embeddings", embed)]

@@ -139,6 +139,24 @@ def test_an_embeddings_batch_equals_interactive_embeddings(server):
     assert error["custom_id"] == "bad" and error["response"]["body"]["error"]["param"] == "dimensions"
 
 
+@pytest.mark.parametrize("endpoint, body, bad, scores", [
+    ("/v1/score", {"model": "tiny", "text_1": "t5 t6", "text_2": ["t5 t7", "t9 t10"]}, {"text_1": ["a", "b", "c"]},
+     lambda answer: [(d["index"], d["score"]) for d in answer["data"]]),
+    ("/v1/rerank", {"model": "tiny", "query": "t5 t6", "documents": ["t5 t7", "t9 t10"]}, {"query": ""},
+     lambda answer: [(r["index"], r["relevance_score"]) for r in answer["results"]]),
+])
+def test_score_and_rerank_batches_equal_interactive_calls(server, endpoint, body, bad, scores):
+    batch = run_batch(server, [line("ok", body, endpoint), line("bad", {**body, **bad}, endpoint)], endpoint)
+    assert batch["status"] == "completed" and batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
+    [output] = content_lines(server, batch["output_file_id"])
+    want = httpx.post(server.url + endpoint, json=body, headers=server.headers(), timeout=30).json()
+    assert output["custom_id"] == "ok" and output["response"]["body"]["usage"] == want["usage"]
+    (got_order, got), (want_order, wanted) = zip(*scores(output["response"]["body"])), zip(*scores(want))
+    assert got_order == want_order and got == pytest.approx(wanted, abs=1e-6)
+    [error] = content_lines(server, batch["error_file_id"])
+    assert error["custom_id"] == "bad" and error["response"]["status_code"] == 400
+
+
 def test_bad_lines_go_to_the_error_file_and_the_others_run(server):
     good = {"model": "tiny", "prompt": "t5 t6", "max_tokens": 5, "temperature": 0}
     hot = dict(good, temperature=5)
