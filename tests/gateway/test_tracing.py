@@ -67,13 +67,15 @@ def test_a_span_per_request_carries_its_usage_and_the_callers_trace(traced):
     assert span.resource.attributes["service.name"] == "loragate-engine"
 
 
-def test_streams_embeddings_refusals_and_dropped_streams_are_traced_too(traced):
+def test_streams_embeddings_reranks_refusals_and_dropped_streams_are_traced_too(traced):
     s, tracing, exporter = traced
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "t5"}], "max_tokens": 5, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     text = httpx.post(s.url + "/v1/chat/completions", json=chat, headers=s.headers(), timeout=60).text
     assert '"completion_tokens": 5' in text
     embedded = httpx.post(s.url + "/v1/embeddings", json={"model": "tiny", "input": "t5 t6"}, headers=s.headers())
+    reranked = httpx.post(s.url + "/rerank", json={"model": "tiny", "query": "t5", "documents": ["t6", "t7"]},
+                          headers=s.headers())
     bad = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "t5", "temperature": 9},
                      headers=s.headers())
     assert bad.status_code == 400
@@ -81,13 +83,15 @@ def test_streams_embeddings_refusals_and_dropped_streams_are_traced_too(traced):
     spans = []
     for _ in range(100):  # the dropped stream's span ends once the server notices
         spans += finished_spans(tracing, exporter)
-        if len(spans) == 4:
+        if len(spans) == 5:
             break
         time.sleep(0.05)
-    streamed, embedding, refused, dropped = sorted(spans, key=lambda sp: sp.start_time)
+    streamed, embedding, rerank, refused, dropped = sorted(spans, key=lambda sp: sp.start_time)
     assert streamed.attributes["gen_ai.usage.completion_tokens"] == 5
     assert embedding.attributes["gen_ai.usage.prompt_tokens"] == embedded.json()["usage"]["prompt_tokens"]
     assert "gen_ai.usage.completion_tokens" not in embedding.attributes  # it generates nothing
+    assert rerank.attributes["http.route"] == "/rerank"
+    assert rerank.attributes["gen_ai.usage.prompt_tokens"] == reranked.json()["usage"]["total_tokens"]
     assert refused.attributes["http.response.status_code"] == 400 and refused.status.status_code.name == "UNSET"
     assert 1 <= dropped.attributes["gen_ai.usage.completion_tokens"] < 1000
     assert "gen_ai.response.finish_reasons" not in dropped.attributes  # it never finished
