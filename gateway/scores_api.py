@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from .embeddings_api import embed, pooling_endpoint
+from .embeddings_api import MAX_INPUTS, embed, pooling_endpoint
 from .errors import APIError
 
 
@@ -30,9 +30,12 @@ def _texts(body: dict, name: str) -> list[str]:
     return value
 
 
-async def _scores(state, principal, body: dict, pairs: list[tuple[str, str]], charge) -> tuple[list[float], int]:
+async def _scores(state, principal, body: dict, pairs: list[tuple[str, str]], param: str,
+                  charge) -> tuple[list[float], int]:
     """Each pair's cosine similarity, and the prompt tokens embedded."""
     texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+    if len(texts) > MAX_INPUTS:
+        raise APIError(400, f"{len(texts)} distinct texts to embed; at most {MAX_INPUTS}", param=param)
     request = {"model": body.get("model"), "input": texts, "normalize": True}
     if "truncate_prompt_tokens" in body:
         request["truncate_prompt_tokens"] = body["truncate_prompt_tokens"]
@@ -49,7 +52,7 @@ async def score(state, principal, body: dict, charge=None) -> dict:
     elif len(firsts) != len(seconds):
         raise APIError(400, f"'text_1' has {len(firsts)} items and 'text_2' {len(seconds)}: give one text_1 "
                        "to score against every text_2, or lists of the same length to pair up", param="text_2")
-    scores, tokens = await _scores(state, principal, body, list(zip(firsts, seconds)), charge)
+    scores, tokens = await _scores(state, principal, body, list(zip(firsts, seconds)), "text_2", charge)
     return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": body["model"],
             "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
@@ -76,7 +79,7 @@ async def rerank(state, principal, body: dict, charge=None) -> dict:
     keep_text = body.get("return_documents", True)
     if not isinstance(keep_text, bool):
         raise APIError(400, "'return_documents' must be true or false", param="return_documents")
-    scores, tokens = await _scores(state, principal, body, [(query, d) for d in documents], charge)
+    scores, tokens = await _scores(state, principal, body, [(query, d) for d in documents], "documents", charge)
     ranked = sorted(range(len(documents)), key=lambda i: -scores[i])[:top_n or None]
     return {"id": f"rerank-{uuid.uuid4().hex}", "model": body["model"], "usage": {"total_tokens": tokens},
             "results": [{"index": i, "relevance_score": scores[i],

@@ -82,6 +82,7 @@ def test_rerank_orders_the_documents_by_score_and_keeps_top_n(server, cosine):
     ("/v1/rerank", {"query": "t5", "documents": [{"title": "t6"}]}, "documents"),
     ("/v1/rerank", {"query": "t5", "documents": ["t6"], "top_n": -1}, "top_n"),
     ("/v1/rerank", {"query": "t5", "documents": ["t6"], "return_documents": "yes"}, "return_documents"),
+    ("/v1/rerank", {"query": "t5", "documents": [f"t{i}" for i in range(10, 2058)]}, "documents"),  # 2,049 texts
 ])
 def test_bad_score_and_rerank_requests_are_400s(server, path, body, param):
     r = post(server, path, **body)
