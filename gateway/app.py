@@ -70,6 +70,7 @@ def build_app(state: ServerState, load=None, tracing=None) -> Starlette:
     from .runtime_lora_api import routes as runtime_lora_routes
     from .embeddings_api import routes as embedding_routes
     from .scores_api import routes as score_routes
+    from .sagemaker_api import routes as sagemaker_routes
     from .responses_api import response_store_service, routes as responses_routes
     from .tokenizer_api import routes as tokenizer_routes
     from .version_api import routes as version_routes
@@ -111,6 +112,7 @@ def build_app(state: ServerState, load=None, tracing=None) -> Starlette:
         *runtime_lora_routes,
         *embedding_routes,
         *score_routes,
+        *sagemaker_routes(readyz),
         *responses_routes,
         *tokenizer_routes,
         *file_routes,

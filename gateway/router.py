@@ -1,11 +1,11 @@
 """`loragate serve --role router`: no model; spreads the OpenAI API over engine replicas.
 
-Inference (/v1/chat/completions, /v1/completions, /v1/responses, streamed or not, and
-/v1/embeddings, score and rerank) goes by adapter affinity: the key is the request's `model`
-plus a hash of the caller's Authorization header (two tenants' same-named adapters are
-different adapters), ranked over the healthy engines by rendezvous hashing
-(gateway/rendezvous.py), so one adapter's weights stay hot in the slots of one engine instead
-of being loaded everywhere. A hot adapter (the base model, say) gets several
+Inference (/v1/chat/completions, /v1/completions, /v1/responses, streamed or not,
+/v1/embeddings, score, rerank and SageMaker's /invocations) goes by adapter affinity: the key
+is the request's `model` plus a hash of the caller's Authorization header (two tenants'
+same-named adapters are different adapters), ranked over the healthy engines by rendezvous
+hashing (gateway/rendezvous.py), so one adapter's weights stay hot in the slots of one engine
+instead of being loaded everywhere. A hot adapter (the base model, say) gets several
 engines; among them a request goes where the start of its prompt last ran, so a
 conversation's turns find their history in one engine's prefix cache (gateway/prefix_index.py;
 `--prefix-routing`). An engine with `max_engine_load` requests open spills its adapters' new
@@ -339,7 +339,8 @@ def build_router_app(settings, *, client: httpx.AsyncClient | None = None,
         Route("/v1/chat/completions", inference, methods=["POST"]),
         Route("/v1/responses", inference, methods=["POST"]),
         Route("/v1/embeddings", inference, methods=["POST"]),
-        *(Route(path, inference, methods=["POST"]) for path in SCORE_PATHS),
+        *(Route(path, inference, methods=["POST"]) for path in (*SCORE_PATHS, "/invocations")),
+        Route("/ping", readyz, methods=["GET", "POST"]),  # SageMaker's health check (gateway/sagemaker_api.py)
         Route("/v1/{path:path}", forward, methods=_ALL_METHODS),
         *(Route(path, forward, methods=_ALL_METHODS) for path in ("/tokenize", "/detokenize", "/tokenizer_info")),
     ]

@@ -24,7 +24,7 @@ from loragate.engine.errors import ModelConfigError
 
 PROTOCOLS = ("grpc", "http/protobuf")  # the Python SDK has no http/json exporter
 INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings",
-                             "/v1/score", "/score", "/v1/rerank", "/rerank", "/v2/rerank"})
+                             "/v1/score", "/score", "/v1/rerank", "/rerank", "/v2/rerank", "/invocations"})
 _current: contextvars.ContextVar[RequestTrace | None] = contextvars.ContextVar("loragate_request_trace", default=None)
 
 

@@ -134,6 +134,7 @@ def test_not_ready_is_503_until_the_model_loads(tiny_llama, tmp_path, monkeypatc
     try:
         r = httpx.get(s.url + "/readyz")
         assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert httpx.get(s.url + "/ping").status_code == 503  # SageMaker sends no traffic yet
         r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "t5"}, headers=s.headers())
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
         assert httpx.get(s.url + "/healthz").status_code == 200
@@ -142,7 +143,7 @@ def test_not_ready_is_503_until_the_model_loads(tiny_llama, tmp_path, monkeypatc
             if httpx.get(s.url + "/readyz").status_code == 200:
                 break
             time.sleep(0.05)
-        assert httpx.get(s.url + "/readyz").status_code == 200
+        assert httpx.get(s.url + "/readyz").status_code == httpx.get(s.url + "/ping").status_code == 200
     finally:
         s.stop()
 
