@@ -178,7 +178,8 @@ GATEWAY_HELP = {
                          "request's 'priority' can only make it less urgent than its tenant's",
     "max_adapters_per_tenant": "adapters one tenant may store; uploading another is answered 403 (0: no limit)",
     "max_upload_size": "largest adapter upload, e.g. 512MiB",
-    "served_model_name": "name clients use for the base model (default: the model's name)",
+    "served_model_name": "name clients use for the base model (default: the model's name); several, comma-"
+                         "separated, make the others aliases: 'assistant,gpt-4o-mini'",
     "lora_modules": "adapters to store at start-up from directories on this machine, '[tenant/]name=path,...' "
                     "(vLLM's --lora-modules): each a PEFT output directory, validated as an upload; the tenant "
                     "is required with API keys; a restart with the same files adds no version",

@@ -297,7 +297,8 @@ def _models(request: Request) -> list[dict]:
     state = request.app.state.server
     principal = principal_of(request)
     context = {"max_model_len": state.engine.engine.max_model_len} if state.engine is not None else {}
-    data = [{"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "loragate", **context}]
+    data = [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "loragate", **context}
+            for name in state.served_names or (state.model_name,)]
     if state.registry is not None:
         shared = state.shared_tenant
         mine = [(info.name, info) for info in state.registry.list(principal.tenant)]

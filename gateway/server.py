@@ -52,9 +52,9 @@ def make_loader(engine_config, settings: GatewaySettings):
         engine = AsyncEngine(engine_config)
         inner = engine.engine
         entry = CATALOG.get(engine_config.model)
-        name = settings.served_model_name or inner.model_name
-        state.model_name = name
-        state.base_names = {name, inner.model_name} | ({entry.hf_id} if entry else set())
+        names = settings.served_names() or [inner.model_name]
+        state.model_name, state.served_names = names[0], tuple(names)
+        state.base_names = {*names, inner.model_name} | ({entry.hf_id} if entry else set())
         if inner.lora_pool is not None and store is not None:
             registry = AdapterRegistry(store, inner.model.config, engine_config.max_lora_rank,
                                        base_model_name=entry.hf_id if entry else None,
@@ -74,7 +74,7 @@ def make_loader(engine_config, settings: GatewaySettings):
             state.registry = registry
         state.think_markers = reasoning_markers(settings.reasoning_parser, inner.tokenizer)
         state.engine = engine  # last: from here on the server is ready
-        log.warning("ready: model %r", name)
+        log.warning("ready: model %r", state.model_name)
         inner.grammars.warm()  # after ready: the first structured-output request need not build it
 
     return load
@@ -163,6 +163,6 @@ def serve(engine_config, settings: GatewaySettings) -> int:
     app.state.settings = settings
     base = f"http://{settings.host}:{settings.port}"
     print(f"loragate: serving on {base} (model loads in the background; {base}/readyz says when it is up)\n"
-          f"  {_example_call(base, settings.served_model_name or engine_config.model, model_dir)}", file=sys.stderr)
+          f"  {_example_call(base, (settings.served_names() or [engine_config.model])[0], model_dir)}", file=sys.stderr)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=os.environ.get("LORAGATE_LOG_LEVEL", "warning"))
     return 0

@@ -41,7 +41,9 @@ class GatewaySettings:
     # request's own `priority` can only make it less urgent than its tenant's.
     tenant_priorities: str | None = None
     max_upload_size: int | str = "2GiB"
-    served_model_name: str | None = None  # the name clients use for the base model
+    # The name(s) clients use for the base model, comma-separated: the first is its name, the
+    # others aliases (vLLM's --served-model-name takes several too); served_names() parses them
+    served_model_name: str | None = None
     # "[tenant/]name=path,...": adapters stored at start-up from directories on the server
     # (vLLM's --lora-modules; adapters/preload.py)
     lora_modules: str | None = None
@@ -122,6 +124,7 @@ class GatewaySettings:
             raise ModelConfigError(f"shared_adapters_tenant must be a tenant name (letters, digits, '.', '_', '-'), "
                                    f"got {self.shared_adapters_tenant!r}")
         self.tenant_priority_map()
+        self.served_names()
         self.pooler()
         self.preloaded_adapters()
         self._check_router_settings()
@@ -136,6 +139,17 @@ class GatewaySettings:
                 raise ModelConfigError(f"tenant_priorities: {item.strip()!r} is not 'tenant=integer'")
             out[tenant] = int(value)
         return out
+
+    def served_names(self) -> list[str]:
+        """served_model_name split at commas ([]: the model's own name)."""
+        names = [n.strip() for n in (self.served_model_name or "").split(",")] if self.served_model_name else []
+        for name in names:
+            if not name or ":" in name or any(c.isspace() for c in name):
+                raise ModelConfigError(f"served_model_name: {name!r} is not a model name (names are separated by "
+                                       "commas; none may be empty or hold ':', which separates base and adapter)")
+        if len(set(names)) != len(names):
+            raise ModelConfigError(f"served_model_name names one model twice: {self.served_model_name!r}")
+        return names
 
     def pooler(self) -> tuple[str | None, bool]:
         """pooler_config parsed: (the pooling /v1/embeddings uses, None: the model's own;

@@ -80,6 +80,7 @@ class ServerState:
     engine: object | None = None  # AsyncEngine, set once the model is loaded
     registry: object | None = None  # adapters.registry.AdapterRegistry
     model_name: str = ""
+    served_names: tuple[str, ...] = ()  # model_name and its aliases, as /v1/models lists them
     think_markers: object | None = None  # engine.reasoning.ThinkMarkers: chat answers split into reasoning and content
     base_names: set[str] = field(default_factory=set)
     # Whose adapters every tenant may use, as "<shared_tenant>/<name>" (None: no one's).

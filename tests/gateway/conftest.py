@@ -30,10 +30,11 @@ def free_port() -> int:
 
 class RunningServer:
     def __init__(self, model_dir, home, max_waiting=256, max_num_seqs=32, load_async=False, max_upload=2 << 30,
-                 loader_factory=make_loader, max_tenant_requests=0, keys=None, tracing=None, **engine_fields):
+                 loader_factory=make_loader, max_tenant_requests=0, keys=None, tracing=None, served="tiny",
+                 **engine_fields):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        settings = GatewaySettings(port=self.port, max_waiting_requests=max_waiting, served_model_name="tiny",
+        settings = GatewaySettings(port=self.port, max_waiting_requests=max_waiting, served_model_name=served,
                                    max_upload_size=max_upload)
         # A tiny model's KV is 512 bytes a token: 64 MiB holds 131k tokens. The default 1 GiB,
         # written at start, stayed resident per server until its module ended (the suite peaked

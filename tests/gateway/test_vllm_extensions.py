@@ -182,3 +182,29 @@ def test_the_flex_service_tier_runs_less_urgently(server, priorities):
     r = httpx.post(server.url + "/v1/completions", headers=server.headers(),
                    json={"model": "tiny", "prompt": "t5", "service_tier": "scale"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "service_tier"
+
+
+def test_served_model_name_aliases(tiny_llama, tmp_path, monkeypatch):
+    """vLLM's several --served-model-name: every name runs the base model and is listed; an
+    answer names the model it was asked for."""
+    from .conftest import RunningServer
+
+    monkeypatch.setenv("LORAGATE_HOME", str(tmp_path / "home"))
+    s = RunningServer(tiny_llama, None, served="tiny,gpt-4o-mini")
+    try:
+        listed = httpx.get(s.url + "/v1/models", headers=s.headers()).json()["data"]
+        assert [m["id"] for m in listed] == ["tiny", "gpt-4o-mini"]
+        body = {"prompt": "t5 t6", "max_tokens": 5, "temperature": 0}
+        answers = [httpx.post(s.url + "/v1/completions", json={"model": m, **body}, headers=s.headers()).json()
+                   for m in ("tiny", "gpt-4o-mini")]
+        assert [a["model"] for a in answers] == ["tiny", "gpt-4o-mini"]
+        assert answers[0]["choices"][0]["text"] == answers[1]["choices"][0]["text"]
+        assert httpx.get(s.url + "/v1/models/gpt-4o-mini", headers=s.headers()).status_code == 200
+    finally:
+        s.stop()
+    from loragate.engine.errors import ModelConfigError
+    from loragate.gateway.settings import GatewaySettings
+
+    for bad in ("tiny,,x", "tiny,tiny", "a:b", "two words"):
+        with pytest.raises(ModelConfigError, match="served_model_name"):
+            GatewaySettings(served_model_name=bad)

@@ -70,7 +70,7 @@ VALUE_SETS: dict[str, tuple[dict, dict[str, int]]] = {
         "extraVolumes": [{"name": "adapters", "persistentVolumeClaim": {"claimName": "team-adapters", "readOnly": True}}],
         "extraVolumeMounts": [{"name": "adapters", "mountPath": "/adapters", "readOnly": True}]}}, _BASE_KINDS),
     "open-loadbalancer": ({"auth": {"enabled": False}, "router": {"service": {"type": "LoadBalancer"}},
-                           "model": {"servedName": "assistant"}},
+                           "model": {"servedName": "assistant,gpt-4o-mini"}},
                           {**_BASE_KINDS, "Secret": 0}),
 }
 
@@ -295,6 +295,7 @@ def test_notes_say_how_to_reach_the_api(rendered):
     assert "/readyz" in rendered.notes and "/metrics" in rendered.notes
     assert ("OPEN" in rendered.notes) == (rendered.values.get("auth", {}).get("enabled") is False)
     served = rendered.values.get("model", {}).get("servedName") or "smollm2-135m-instruct"  # the image's model
+    served = served.split(",")[0]  # the others are aliases
     assert f'"model": "{served}"' in rendered.notes
 
 

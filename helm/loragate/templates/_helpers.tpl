@@ -38,9 +38,10 @@ Names. The full name is cut to 40 characters so that the longest derived name,
 {{- printf "%s.%s.svc.%s:%s" (include "loragate.engineHeadlessName" .) .Release.Namespace .Values.clusterDomain (include "loragate.containerPort" .) -}}
 {{- end -}}
 
-{{/* The base model's name in the API: a model directory is named after its last path element. */}}
+{{/* The base model's name in the API: the first of servedName's comma-separated names (the
+others are aliases), else the model directory's last path element. */}}
 {{- define "loragate.servedModel" -}}
-{{- .Values.model.servedName | default (base .Values.model.name) -}}
+{{- (splitList "," .Values.model.servedName | first | trim) | default (base .Values.model.name) -}}
 {{- end -}}
 
 {{- define "loragate.chart" -}}
