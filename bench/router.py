@@ -1,7 +1,7 @@
 """Adapter-affinity routing vs round-robin over two engine replicas, side by side in one run.
 
     python bench/router.py [--requests 256] [--clients 32] [--max-tokens 32] [--zipf 1.0] [--session 1]
-                           [--max-cpu-loras N] [--repeats 1]
+                           [--max-cpu-loras N] [--partition] [--repeats 1]
 
 Two `loragate serve --role engine` replicas (SmolLM2-135M-Instruct bf16, --max-loras 4 and
 --num-threads 1 each) share one LORAGATE_HOME, so one adapter store; 16 rank-16 peft adapters
@@ -12,7 +12,10 @@ closed-loop clients) runs through the router twice: --route-policy round_robin, 
 affinity, each on freshly started engines so neither inherits warm slots. Prints output
 tok/s for both and the ratio (target >= 1.3x), and adapter loads per replica (slot loads:
 each engine's loragate_adapter_pool_misses; of them, loragate_adapter_pool_store_loads read
-the store rather than host memory) for both and the ratio (target >= 3x fewer).
+the store rather than host memory) for both and the ratio (target >= 3x fewer). --partition
+adds the ceiling of any affinity router: the adapters split over the engines once, by their
+known share of the mix, so the engines' loads are equal and their adapter sets disjoint, with
+each request sent straight to its adapter's engine.
 """
 
 from __future__ import annotations
@@ -122,9 +125,11 @@ class Fleet:
                 p.kill()
 
 
-async def run_mix(url: str, jobs, clients: int, max_tokens: int, session: int = 1) -> tuple[int, float]:
+async def run_mix(url, jobs, clients: int, max_tokens: int, session: int = 1) -> tuple[int, float]:
     """Closed-loop clients take the jobs in order, `session` consecutive jobs at a time (a
-    session's jobs share one adapter), and send each when their previous answer is in."""
+    session's jobs share one adapter), and send each when their previous answer is in, to
+    `url` (or to url(model): the partition arm's engines)."""
+    url_of = url if callable(url) else lambda model: url
     queue = [jobs[i:i + session] for i in range(0, len(jobs), session)][::-1]
     tokens = 0
 
@@ -134,7 +139,7 @@ async def run_mix(url: str, jobs, clients: int, max_tokens: int, session: int = 
             for prompt, model in queue.pop():
                 body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                         "ignore_eos": True}
-                r = await h.post(url + "/v1/completions", json=body, headers=AUTH)
+                r = await h.post(url_of(model) + "/v1/completions", json=body, headers=AUTH)
                 if r.status_code != 200:
                     raise SystemExit(f"request for {model!r} answered {r.status_code}: {r.text}")
                 tokens += r.json()["usage"]["completion_tokens"]
@@ -145,8 +150,20 @@ async def run_mix(url: str, jobs, clients: int, max_tokens: int, session: int = 
         return tokens, time.perf_counter() - t0
 
 
-def measure(args, model_dir, env, policy, jobs, adapter_dirs, upload: bool) -> dict:
-    with Fleet(args, model_dir, env, policy) as fleet:
+def partition(weights: dict[str, float], engines: int) -> dict[str, int]:
+    """Adapters over engines by their share of the mix, each to the least loaded engine so
+    far, most popular first (longest-processing-time first): about equal load, disjoint sets."""
+    load, place = [0.0] * engines, {}
+    for name in sorted(weights, key=lambda n: -weights[n]):
+        place[name] = load.index(min(load))
+        load[place[name]] += weights[name]
+    return place
+
+
+def measure(args, model_dir, env, policy, jobs, adapter_dirs, upload: bool, place=None) -> dict:
+    """One arm on a new fleet. `place` (the partition arm): requests go straight to the
+    engine it names for their adapter, the router idle."""
+    with Fleet(args, model_dir, env, "round_robin" if place else policy) as fleet:
         if upload:
             for i, d in enumerate(adapter_dirs):
                 files = [("file", (p.name, p.read_bytes())) for p in sorted(d.iterdir()) if p.is_file()]
@@ -155,7 +172,8 @@ def measure(args, model_dir, env, policy, jobs, adapter_dirs, upload: bool) -> d
         for url in fleet.engine_urls:  # warm-up on the base model: no slot loads before the count
             asyncio.run(run_mix(url, [(jobs[0][0], "base")] * 2, 2, 4))
         before = [pool_counts(u) for u in fleet.engine_urls]
-        tokens, seconds = asyncio.run(run_mix(fleet.url, jobs, args.clients, args.max_tokens, args.session))
+        target = (lambda model: fleet.engine_urls[place[model]]) if place else fleet.url
+        tokens, seconds = asyncio.run(run_mix(target, jobs, args.clients, args.max_tokens, args.session))
         after = [pool_counts(u) for u in fleet.engine_urls]
         spills = router_counter(fleet.url, "loragate_router_spills_total")
     return {"tok_s": tokens / seconds, "seconds": seconds, "loads": [a[0] - b[0] for a, b in zip(after, before)],
@@ -181,6 +199,9 @@ def main() -> None:
                     help="adapters each engine keeps in host memory; fewer than --adapters models a fleet whose "
                          "adapters do not all fit one engine, so slot loads that miss it read the store "
                          "(default: the engine's default, 32)")
+    ap.add_argument("--partition", action="store_true",
+                    help="a third arm, the ceiling of any affinity router: the adapters split over the engines by "
+                         "their known share of the mix (equal load, disjoint sets), requests sent straight there")
     ap.add_argument("--repeats", type=int, default=1,
                     help="pairs of runs, each on new engine ports: the rendezvous split of the adapters over the "
                          "engines follows the ports, so one pair shows one split (default: %(default)s)")
@@ -214,6 +235,9 @@ def main() -> None:
         for policy in ("round_robin", "affinity"):  # the store is uploaded once, through the first fleet
             results[policy] = measure(args, model_dir, env, policy, jobs, adapter_dirs,
                                       upload=repeat == 0 and policy == "round_robin")
+        if args.partition:
+            results["partition"] = measure(args, model_dir, env, "partition", jobs, adapter_dirs, upload=False,
+                                           place=partition(dict(zip(names, weights)), 2))
         rr, aff = results["round_robin"], results["affinity"]
         for policy, r in results.items():
             print(f"  {policy:<12} {r['tok_s']:7.1f} tok/s ({r['seconds']:.1f} s)   adapter loads per replica "
@@ -223,6 +247,10 @@ def main() -> None:
         load_ratios.append(sum(rr["loads"]) / max(1, sum(aff["loads"])))
         print(f"affinity vs round-robin: throughput {speedups[-1]:.2f}x (target >= 1.3x), "
               f"adapter loads {load_ratios[-1]:.1f}x fewer (target >= 3x)", flush=True)
+        if args.partition:
+            part = results["partition"]
+            print(f"partition vs round-robin: throughput {part['tok_s'] / rr['tok_s']:.2f}x, adapter loads "
+                  f"{sum(rr['loads']) / max(1, sum(part['loads'])):.1f}x fewer", flush=True)
     if args.repeats > 1:
         print(f"over {args.repeats} engine-port splits: throughput {statistics.mean(speedups):.2f}x "
               f"({min(speedups):.2f}-{max(speedups):.2f}), adapter loads {statistics.mean(load_ratios):.1f}x fewer "
