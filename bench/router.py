@@ -88,7 +88,7 @@ def router_counter(url: str, name: str) -> float:
 
 
 class Fleet:
-    """Two engines and a router with one routing policy; stopped on exit."""
+    """args.engines engines (default 2) and a router with one routing policy; stopped on exit."""
 
     def __init__(self, args, model_dir: Path, env: dict, policy: str, router_flags: tuple[str, ...] = ()):
         self.engine_urls, self.procs = [], []
@@ -199,6 +199,7 @@ def main() -> None:
                     help="adapters each engine keeps in host memory; fewer than --adapters models a fleet whose "
                          "adapters do not all fit one engine, so slot loads that miss it read the store "
                          "(default: the engine's default, 32)")
+    ap.add_argument("--engines", type=int, default=2, help="engine replicas (default: %(default)s, the issue's)")
     ap.add_argument("--partition", action="store_true",
                     help="a third arm, the ceiling of any affinity router: the adapters split over the engines by "
                          "their known share of the mix (equal load, disjoint sets), requests sent straight there")
@@ -225,7 +226,7 @@ def main() -> None:
     env = dict(os.environ, LORAGATE_HOME=str(tmp / "home"), LORAGATE_API_KEYS=f"{KEY}=bench",
                LORAGATE_SERVED_MODEL_NAME="base")
     print(f"{args.requests} requests, {args.clients} clients, {args.max_tokens} tokens each, {args.adapters} adapters "
-          f"(Zipf s={args.zipf:g}, sessions of {args.session}), 2 engines x --max-loras 4 --num-threads 1"
+          f"(Zipf s={args.zipf:g}, sessions of {args.session}), {args.engines} engines x --max-loras 4 --num-threads 1"
           f"{f' --max-cpu-loras {args.max_cpu_loras}' if args.max_cpu_loras else ''}, "
           f"model {Path(model_dir).name} "
           f"{args.dtype}", flush=True)
@@ -237,11 +238,11 @@ def main() -> None:
                                       upload=repeat == 0 and policy == "round_robin")
         if args.partition:
             results["partition"] = measure(args, model_dir, env, "partition", jobs, adapter_dirs, upload=False,
-                                           place=partition(dict(zip(names, weights)), 2))
+                                           place=partition(dict(zip(names, weights)), args.engines))
         rr, aff = results["round_robin"], results["affinity"]
         for policy, r in results.items():
             print(f"  {policy:<12} {r['tok_s']:7.1f} tok/s ({r['seconds']:.1f} s)   adapter loads per replica "
-                  f"{r['loads'][0]} + {r['loads'][1]} = {sum(r['loads'])} ({r['store_loads']} from the store)   "
+                  f"{' + '.join(map(str, r['loads']))} = {sum(r['loads'])} ({r['store_loads']} from the store)   "
                   f"spills {r['spills']:.0f}")
         speedups.append(aff["tok_s"] / rr["tok_s"])
         load_ratios.append(sum(rr["loads"]) / max(1, sum(aff["loads"])))
