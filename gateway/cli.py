@@ -158,6 +158,8 @@ GATEWAY_HELP = {
     "api_keys_file": "file of '<key> <tenant>' lines; keys map callers to tenants. Read again every 5 s, so keys "
                      "are added and revoked without a restart (a file that does not parse leaves the keys as they were)",
     "api_keys": "keys as 'key=tenant,key2=tenant2'",
+    "api_key": "one key every request must carry, as vLLM's --api-key: its callers are tenant 'default' (combine "
+               "with --api-keys or --api-keys-file for other tenants)",
     "admin_key": "key that manages every tenant's adapters",
     "max_waiting_requests": "with this many queued, tenants over their share of the queue are answered 429 "
                             "with Retry-After",

@@ -49,7 +49,7 @@ class FleetRateLimits:
         if not (settings.tenant_requests_per_minute or settings.tenant_tokens_per_minute or per_tenant):
             return None
         try:
-            keys = KeyStore.from_sources(settings.api_keys_file, settings.api_keys, settings.admin_key)
+            keys = KeyStore.from_sources(settings.api_keys_file, settings.key_entries(), settings.admin_key)
         except (ValueError, OSError) as e:
             raise ModelConfigError(f"API keys: {e}") from e
         shared = RedisBuckets(settings.rate_limit_redis_url) if settings.rate_limit_redis_url else None

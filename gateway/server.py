@@ -124,7 +124,7 @@ def serve(engine_config, settings: GatewaySettings) -> int:
         return serve_router(settings)
 
     try:
-        keys = KeyStore.from_sources(settings.api_keys_file, settings.api_keys, settings.admin_key)
+        keys = KeyStore.from_sources(settings.api_keys_file, settings.key_entries(), settings.admin_key)
     except (ValueError, OSError) as e:
         raise ModelConfigError(f"API keys: {e}") from e
     per_tenant = settings.tenant_limits()  # read now: a bad file fails before the model loads
@@ -138,7 +138,7 @@ def serve(engine_config, settings: GatewaySettings) -> int:
         raise ModelConfigError("lora_modules: with API keys configured, name each adapter's tenant: tenant/name=path")
     if keys.is_open:
         print("loragate: no API keys configured: the server is open and every caller is tenant "
-              "'default' (set LORAGATE_API_KEYS or --api-keys-file to require keys)", file=sys.stderr)
+              "'default' (set --api-key, LORAGATE_API_KEYS or --api-keys-file to require keys)", file=sys.stderr)
     elif not keys.num_keys:
         print(f"loragate: {settings.api_keys_file} holds no API keys yet: every request is refused (401) until "
               f"keys are added to it (it is read again every {KEYS_RELOAD_SECONDS:g} s)", file=sys.stderr)

@@ -26,6 +26,7 @@ class GatewaySettings:
     port: int = 8000
     api_keys_file: str | None = None  # lines of "<key> <tenant>"
     api_keys: str | None = None  # "key=tenant,key2=tenant2"
+    api_key: str | None = None  # vLLM's --api-key: one key, the tenant "default"'s (as an open server's callers)
     admin_key: str | None = None
     max_waiting_requests: int = 256
     max_tenant_requests: int = 0  # most inference requests one tenant may have open at once (0: no limit)
@@ -123,6 +124,8 @@ class GatewaySettings:
         if self.shared_adapters_tenant is not None and not TENANT_NAME.match(self.shared_adapters_tenant):
             raise ModelConfigError(f"shared_adapters_tenant must be a tenant name (letters, digits, '.', '_', '-'), "
                                    f"got {self.shared_adapters_tenant!r}")
+        if self.api_key is not None and (not self.api_key or any(c.isspace() or c in ",=" for c in self.api_key)):
+            raise ModelConfigError("api_key must be one key without spaces, ',' or '='")
         self.tenant_priority_map()
         self.served_names()
         self.pooler()
@@ -139,6 +142,13 @@ class GatewaySettings:
                 raise ModelConfigError(f"tenant_priorities: {item.strip()!r} is not 'tenant=integer'")
             out[tenant] = int(value)
         return out
+
+    def key_entries(self) -> str | None:
+        """api_keys with api_key added as the default tenant's (KeyStore's "key=tenant" list)."""
+        from .auth import OPEN_TENANT
+
+        own = f"{self.api_key}={OPEN_TENANT}" if self.api_key else None
+        return ",".join(filter(None, (self.api_keys, own))) or None
 
     def served_names(self) -> list[str]:
         """served_model_name split at commas ([]: the model's own name)."""

@@ -10,8 +10,9 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
+from loragate.engine.errors import ModelConfigError
 from loragate.gateway import auth
-from loragate.gateway.auth import KeyStore
+from loragate.gateway.auth import OPEN_TENANT, KeyStore
 from loragate.gateway.errors import APIError
 from loragate.gateway.router import build_router_app
 from loragate.gateway.settings import GatewaySettings
@@ -101,3 +102,22 @@ def test_a_router_keeps_limits_for_a_tenant_added_while_it_runs(keyed):
         assert router.post("/v1/completions", headers=new, json=body).status_code == 200
         refused = router.post("/v1/completions", headers=new, json=body)
         assert refused.status_code == 429 and "tenant 'tenant-new'" in refused.json()["error"]["message"]
+
+
+def test_vllms_single_api_key_is_the_default_tenants():
+    """--api-key (vLLM's flag, alone or beside tenants' keys): its callers are tenant "default",
+    as an open server's are; other keys keep their tenants, and a missing key is refused."""
+    from loragate.gateway.cli import build_parser
+    from loragate.gateway.config_flags import dataclass_from_args
+
+    args = build_parser().parse_args(["serve", "--api-key", "sk-vllm", "--api-keys", "key-a=tenant-a"])
+    settings = dataclass_from_args(GatewaySettings, args)
+    keys = KeyStore.from_sources(None, settings.key_entries(), None)
+    assert keys.authenticate("Bearer sk-vllm").tenant == OPEN_TENANT
+    assert keys.authenticate("Bearer key-a").tenant == "tenant-a"
+    with pytest.raises(APIError) as refused:
+        keys.authenticate(None)
+    assert refused.value.status == 401
+    for bad in ("", "two words", "k=v"):
+        with pytest.raises(ModelConfigError, match="api_key"):
+            GatewaySettings(api_key=bad)
