@@ -55,8 +55,7 @@ from .replicas import ReplicaPool
 from .router_limits import FleetRateLimits
 from .router_metrics import RouterMetrics
 from .routing_inputs import routing_inputs
-from .scores_api import PATHS as SCORE_PATHS
-from .tracing import Tracing, inject_context, tracing_of
+from .tracing import INFERENCE_PATHS, Tracing, inject_context, tracing_of
 from .tracing import current as current_trace
 from .version_api import routes as version_routes
 
@@ -335,11 +334,7 @@ def build_router_app(settings, *, client: httpx.AsyncClient | None = None,
         Route("/readyz", readyz),
         Route("/metrics", metrics),
         *version_routes,
-        Route("/v1/completions", inference, methods=["POST"]),
-        Route("/v1/chat/completions", inference, methods=["POST"]),
-        Route("/v1/responses", inference, methods=["POST"]),
-        Route("/v1/embeddings", inference, methods=["POST"]),
-        *(Route(path, inference, methods=["POST"]) for path in (*SCORE_PATHS, "/invocations")),
+        *(Route(path, inference, methods=["POST"]) for path in sorted(INFERENCE_PATHS)),
         Route("/ping", readyz, methods=["GET", "POST"]),  # SageMaker's health check (gateway/sagemaker_api.py)
         Route("/v1/{path:path}", forward, methods=_ALL_METHODS),
         *(Route(path, forward, methods=_ALL_METHODS) for path in ("/tokenize", "/detokenize", "/tokenizer_info")),
