@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from loragate.engine import InvalidRequestError, SamplingParams
@@ -125,9 +125,16 @@ async def embed(state, principal, body: dict, charge=None) -> dict:
     finally:
         for stream in streams:  # a failure or a client gone: the others must not run on
             stream.close()
+    # Off the event loop: 2,048 vectors take a fifth of a second, which every stream would wait out.
+    data = await asyncio.to_thread(lambda: [{"object": "embedding", "index": i,
+                                             "embedding": _vector(v, dimensions, normalize, encoding)}
+                                            for i, v in enumerate(vectors)])
     return {"object": "list", "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            "data": [{"object": "embedding", "index": i, "embedding": _vector(v, dimensions, normalize, encoding)}
-                     for i, v in enumerate(vectors)]}
+            "data": data}
+
+
+def _json_bytes(answer: dict) -> bytes:
+    return json.dumps(answer, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()  # as JSONResponse
 
 
 def pooling_endpoint(path: str, compute) -> Route:
@@ -143,8 +150,10 @@ def pooling_endpoint(path: str, compute) -> Route:
             raise APIError(400, "the request body must be a JSON object", param="body")
         slot = state.open_tenant_request(principal.tenant, request.headers)
         try:
-            return JSONResponse(await until_disconnect(request, compute(state, principal, body, slot.charge)),
-                                headers=slot.response_headers())
+            answer = await until_disconnect(request, compute(state, principal, body, slot.charge))
+            # Rendered in a thread: 2,048 vectors are 23 MB of JSON, over half a second of the loop.
+            return Response(await asyncio.to_thread(_json_bytes, answer), media_type="application/json",
+                            headers=slot.response_headers())
         finally:
             slot.release()
 
