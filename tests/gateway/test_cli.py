@@ -124,3 +124,31 @@ def test_serve_banner_shows_a_call_the_model_answers(tiny_llama, tmp_path):
     (base / "chat_template.jinja").unlink(missing_ok=True)
     call = _example_call("http://h:1", "m", base)
     assert "/v1/completions" in call and '"prompt"' in call
+
+
+FREEZE_PROBE = """
+import gc, sys
+import uvicorn
+from loragate.engine import EngineConfig
+from loragate.gateway import app, server
+from loragate.gateway.settings import GatewaySettings
+built = []
+build_app = app.build_app
+app.build_app = lambda state, loader, tracing: built.append((state, loader)) or build_app(state, None, tracing)
+uvicorn.run = lambda *args, **kwargs: (built[0][1](built[0][0]), print("frozen", gc.get_freeze_count()))
+server.serve(EngineConfig(model=sys.argv[1], dtype="float32", kv_cache_memory="64MiB"), GatewaySettings())
+"""
+
+
+def test_serve_freezes_the_loaded_heap(tiny_llama, tmp_path):
+    """`loragate serve` moves what loading left (torch, transformers, the model) out of the
+    cyclic collector's scans; in a process of its own, as serve is (tests' servers do not)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LORAGATE_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", FREEZE_PROBE, str(tiny_llama)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split("frozen")[1]) > 50_000, out.stdout
