@@ -96,25 +96,43 @@ class AsyncEngine:
         """Validate and queue a request; iterate the result for its outputs. Raises
         InvalidRequestError at once for bad input. Closing the stream, dropping it, or the
         iterating task being cancelled aborts the request and frees its KV blocks."""
+        return (await self._queue([(prompt, params, request_id, cache_salt, adapter, tenant)]))[0]
+
+    async def add_requests(self, prompts: list[tuple[str | list[int], SamplingParams | None]],
+                           adapter: str | None = None, tenant: str | None = None) -> list["RequestStream"]:
+        """Several (prompt, params) requests at once, as add_request would queue each: all are
+        validated before any is queued (one bad prompt queues none), then handed to the engine
+        thread together. One lock and one wake-up instead of one per request: adding 2,048
+        embedding inputs one by one cost the event loop 0.4 s of GIL hand-offs with that thread."""
+        return await self._queue([(prompt, params, None, "", adapter, tenant) for prompt, params in prompts])
+
+    async def _queue(self, requests: list[tuple]) -> list["RequestStream"]:
         if self.error is not None:
             raise EngineDeadError(f"engine stopped: {self.error}")
-        queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         # Tokenise and validate here, not on the loop thread, so a step never waits for it
         # and this event loop never waits for a step; compiling an output grammar can take
         # a while (the first one builds the grammar tokenizer), so it runs in a worker thread.
-        args = (prompt, params, request_id, cache_salt, adapter, tenant)
-        if params is not None and params.grammar is not None:
-            req = await asyncio.to_thread(self.engine.make_request, *args)
+        def make():
+            return [self.engine.make_request(*args) for args in requests]
+        if any(args[1] is not None and args[1].grammar is not None for args in requests):
+            reqs = await asyncio.to_thread(make)
         else:
-            req = self.engine.make_request(*args)
+            reqs = make()
+        streams = []
         with self._lock:
-            if req.request_id in self._streams:
-                raise ValueError(f"request id {req.request_id!r} is already in use")
-            self._streams[req.request_id] = (loop, queue)
-            self._inbox.append(("add", req))
+            seen = set()
+            for req in reqs:
+                if req.request_id in self._streams or req.request_id in seen:
+                    raise ValueError(f"request id {req.request_id!r} is already in use")
+                seen.add(req.request_id)
+            for req in reqs:
+                queue: asyncio.Queue = asyncio.Queue()
+                self._streams[req.request_id] = (loop, queue)
+                self._inbox.append(("add", req))
+                streams.append(RequestStream(self, req.request_id, queue))
             self._wake.notify()
-        return RequestStream(self, req.request_id, queue)
+        return streams
 
     def abort(self, request_id: str) -> None:
         with self._lock:

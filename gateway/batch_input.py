@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from . import json_pieces
 from .batch_store import LINE_FAILED, PENDING
 from .errors import APIError
 
@@ -76,10 +77,11 @@ def _request_id() -> str:
 
 
 def output_line(custom_id: str | None, status_code: int, body: dict) -> str:
-    """A line of the output file (status 200) or of the error file (the endpoint's error)."""
-    return json.dumps({"id": _request_id(), "custom_id": custom_id,
-                       "response": {"status_code": status_code, "request_id": "req_" + uuid.uuid4().hex,
-                                    "body": body}, "error": None})
+    """A line of the output file (status 200) or of the error file (the endpoint's error); the
+    body, which may be 2,048 embeddings, in pieces (gateway/json_pieces.py)."""
+    head = json.dumps({"id": _request_id(), "custom_id": custom_id, "error": None,
+                       "response": {"status_code": status_code, "request_id": "req_" + uuid.uuid4().hex}})
+    return f'{head[:-2]}, "body": {json_pieces.in_pieces(body)}}}}}'
 
 
 def error_line(custom_id: str | None, code: str, message: str, line_no: int | None = None) -> str:

@@ -43,26 +43,22 @@ async def _start(state, principal, gen, prompts_ids: list[list[int]], model: str
     engine = state.require_engine()
     adapter = await state.resolve_model(principal, model)
     state.check_capacity(principal.tenant)
-    choices, streams = [], []
+    choices, requests = [], []
     labels = (principal.tenant, state.metrics.adapter_label(adapter))
     gen.sampling["priority"] = state.priority_of(principal.tenant, gen.sampling["priority"])
     if (trace := tracing.current()) is not None:
         trace.started(model, state.model_name, principal.tenant, labels[1], sum(map(len, prompts_ids)), n=gen.n,
                       max_tokens=gen.max_tokens, temperature=gen.sampling["temperature"], top_p=gen.sampling["top_p"])
-    try:
-        for pi, ids in enumerate(prompts_ids):
-            state.metrics.prompt(labels, len(ids))
-            if gen.charge is not None:
-                gen.charge(len(ids))
-            for ci, params in enumerate(gen.sampling_params(len(ids), engine.engine.max_model_len)):
-                split = ReasoningSplit(*gen.reasoning) if gen.reasoning else None
-                choices.append(Choice(pi * gen.n + ci, pi, len(ids), state.metrics, labels, gen.charge, split))
-                streams.append(await engine.add_request(ids, params, adapter=adapter, tenant=principal.tenant))
-    except BaseException:
-        for stream in streams:  # a later prompt was refused: the queued ones must not run on
-            stream.close()
-        raise
-    return choices, streams
+    for pi, ids in enumerate(prompts_ids):
+        state.metrics.prompt(labels, len(ids))
+        if gen.charge is not None:
+            gen.charge(len(ids))
+        for ci, params in enumerate(gen.sampling_params(len(ids), engine.engine.max_model_len)):
+            split = ReasoningSplit(*gen.reasoning) if gen.reasoning else None
+            choices.append(Choice(pi * gen.n + ci, pi, len(ids), state.metrics, labels, gen.charge, split))
+            requests.append((ids, params))
+    # All at once: a refused prompt queues none of them
+    return choices, await engine.add_requests(requests, adapter=adapter, tenant=principal.tenant)
 
 
 async def until_disconnect(request: Request, coro):

@@ -121,3 +121,22 @@ def test_a_stream_never_iterated_is_aborted_when_closed_or_dropped(engine):
             break
         time.sleep(0.02)
     assert not inner.has_unfinished and inner.kv.num_free_blocks == inner.kv.num_blocks
+
+
+def test_add_requests_queues_all_or_none(engine, tiny_llama):
+    ps = prompts(5, seed=3)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    other = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+
+    async def main():
+        with pytest.raises(InvalidRequestError):  # the fourth is bad: none of them may run
+            await engine.add_requests([(p, params) for p in ps[:3]] + [([10**9], params)] + [(ps[3], params)])
+        assert not engine.engine.has_unfinished and engine.num_waiting == 0
+        streams = await engine.add_requests([(p, params) for p in ps[:4]] + [(ps[4], other)])
+        return [[t async for o in s for t in o.new_token_ids] for s in streams]
+
+    results = asyncio.run(main())
+    offline = LLM(str(tiny_llama), dtype="float32", progress=False).generate(ps, [params] * 4 + [other])
+    assert results == [r.token_ids for r in offline]
+    kv = engine.engine.kv
+    assert kv.num_free_blocks == kv.num_blocks
