@@ -182,9 +182,10 @@ GATEWAY_HELP = {
     "max_upload_size": "largest adapter upload, e.g. 512MiB",
     "served_model_name": "name clients use for the base model (default: the model's name); several, comma-"
                          "separated, make the others aliases: 'assistant,gpt-4o-mini'",
-    "lora_modules": "adapters to store at start-up from directories on this machine, '[tenant/]name=path,...' "
-                    "(vLLM's --lora-modules): each a PEFT output directory, validated as an upload; the tenant "
-                    "is required with API keys; a restart with the same files adds no version",
+    "lora_modules": "adapters to store at start-up from directories on this machine, as vLLM's --lora-modules: "
+                    "one or more '[tenant/]name=path' (comma-separated too) or '{\"name\": ..., \"path\": ..., "
+                    "\"base_model_name\": ...}'; each a PEFT output directory, validated as an upload; the "
+                    "tenant is required with API keys; a restart with the same files adds no version",
     "allow_runtime_lora_updating": "vLLM's runtime LoRA API: POST /v1/load_lora_adapter {\"lora_name\": "
                                    "\"[tenant/]name\", \"lora_path\": \"/dir\"} stores a PEFT directory on this "
                                    "machine as an adapter (validated as an upload), /v1/unload_lora_adapter "

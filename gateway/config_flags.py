@@ -38,9 +38,13 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, help_texts: dict[s
                                 default=_parse_bool(env) if env is not None else default, metavar="BOOL", help=text)
         else:
             conv = int if base is int else float if base is float else str
-            parser.add_argument(flag, type=conv, default=conv(env) if env is not None else default, help=text)
+            # metadata "several": the flag takes several values (vLLM's --lora-modules a=/x b=/y),
+            # which reach the field one per line
+            parser.add_argument(flag, type=conv, nargs="+" if f.metadata.get("several") else None,
+                                default=conv(env) if env is not None else default, help=text)
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, skip: set[str] = frozenset()):
     names = {f.name for f in dataclasses.fields(cls)} - set(skip)
-    return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+    values = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    return cls(**{n: "\n".join(v) if isinstance(v, list) else v for n, v in values.items()})

@@ -66,7 +66,7 @@ def make_loader(engine_config, settings: GatewaySettings, freeze_heap: bool = Fa
                                        max_bytes=max(settings.max_upload_size, DEFAULT_MAX_ADAPTER_BYTES),
                                        check_weights=partial(check_base_copies, inner.model))
             try:
-                preload(registry, settings.preloaded_adapters(), OPEN_TENANT)
+                preload(registry, settings.preloaded_adapters(), OPEN_TENANT, state.base_names)
             except BaseException:
                 engine.shutdown()  # the server stays up, unready, saying why: without a running engine
                 raise

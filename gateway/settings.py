@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loragate.engine.config import parse_bytes
 from loragate.engine.errors import ModelConfigError
@@ -45,9 +45,9 @@ class GatewaySettings:
     # The name(s) clients use for the base model, comma-separated: the first is its name, the
     # others aliases (vLLM's --served-model-name takes several too); served_names() parses them
     served_model_name: str | None = None
-    # "[tenant/]name=path,...": adapters stored at start-up from directories on the server
-    # (vLLM's --lora-modules; adapters/preload.py)
-    lora_modules: str | None = None
+    # "[tenant/]name=path,..." or JSON objects, one per line: adapters stored at start-up from
+    # directories on the server (vLLM's --lora-modules; adapters/preload.py)
+    lora_modules: str | None = field(default=None, metadata={"several": True})
     # vLLM's runtime LoRA API (POST /v1/load_lora_adapter, /v1/unload_lora_adapter): it reads
     # directories on the server, so it is off unless asked for (gateway/runtime_lora_api.py).
     allow_runtime_lora_updating: bool = False

@@ -427,7 +427,20 @@ def test_preload_racing_another_engine_on_the_store_adds_no_version(make, good, 
         other.register(tenant, name, module)
         raise AdapterNotFound(f"adapter {name!r} does not exist")
     monkeypatch.setattr(reg, "get", get_after_the_other_engine_stored)
-    preload(reg, parse_lora_modules(f"t/a={good}"), "t")
+    preload(reg, parse_lora_modules(f"t/a={good}"), "t", set())
     assert [a.version for a in LocalAdapterStore(tmp_path / "root").list_all()] == [1]
     assert reg.register("t", "a", good2, reuse_same=True).version == 2
     assert reg.register("t", "a", good2, reuse_same=True).version == 2
+
+
+def test_preload_names_a_base_model_name_the_server_does_not_run(make, good, caplog):
+    """vLLM's JSON form may name the base model: another name is logged, not refused (vLLM
+    only shows it in /v1/models), and the adapter is stored either way."""
+    reg = make()
+    entries = (f'{{"name": "a", "path": "{good}", "base_model_name": "org/tiny"}}\n'
+               f'{{"name": "b", "path": "{good}", "base_model_name": "org/other"}}')
+    with caplog.at_level("WARNING", logger="loragate.adapters.preload"):
+        preload(reg, parse_lora_modules(entries), "t", {"tiny", "org/tiny"})
+    warned = [r.getMessage() for r in caplog.records if "base_model_name" in r.getMessage()]
+    assert len(warned) == 1 and "'org/other' is not this server's model (org/tiny, tiny)" in warned[0]
+    assert [reg.get("t", n).version for n in ("a", "b")] == [1, 1]

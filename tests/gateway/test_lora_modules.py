@@ -97,6 +97,12 @@ def test_an_invalid_preloaded_adapter_keeps_the_server_unready_and_says_why(tiny
 
 @pytest.mark.parametrize("spec, message", [
     ("sql", "is not '\\[tenant/\\]name=path'"),
+    ('{"name": "sql"', "is not a JSON object"),
+    ('{"name": "sql", "path": "/x", "base": "m"}', "the keys name, path and base_model_name"),
+    ('{"name": "sql", "path": ""}', "'name' and 'path' must be non-empty strings"),
+    ('{"name": "sql", "path": "/x", "base_model_name": 3}', "'base_model_name' must be a string"),
+    ('["sql=/x"]', "adapter name '\\[\"sql' is not allowed"),
+    ('t/sql=/x\n{"name": "t/sql", "path": "/y"}', "'t/sql' is named twice"),
     ("=/x", "is not"),
     ("team a/sql=/x", "tenant name"),
     ("t/sql=/x,t/sql=/y", "'t/sql' is named twice"),
@@ -106,6 +112,19 @@ def test_malformed_lora_modules_are_bad_settings(spec, message):
         GatewaySettings(lora_modules=spec)
     assert [(m.tenant, m.name) for m in GatewaySettings(lora_modules="sql=/x, t/b=/y").preloaded_adapters()] == \
         [(None, "sql"), ("t", "b")]
+
+
+def test_lora_modules_take_vllms_forms_one_per_argument():
+    """vLLM's `--lora-modules a=/x '{"name": "b", "path": "/y", "base_model_name": "m"}'`."""
+    from loragate.gateway.cli import build_parser
+    from loragate.gateway.config_flags import dataclass_from_args
+
+    args = build_parser().parse_args(["serve", "--lora-modules", "sql=/x,t/c=/z",
+                                      '{"name": "t/b", "path": "/y, z", "base_model_name": "m"}', "--port", "9"])
+    settings = dataclass_from_args(GatewaySettings, args)
+    assert [(m.tenant, m.name, str(m.path), m.base_model) for m in settings.preloaded_adapters()] == \
+        [(None, "sql", "/x", None), ("t", "c", "/z", None), ("t", "b", "/y, z", "m")]
+    assert settings.port == 9
 
 
 @pytest.mark.parametrize("argv, message", [
