@@ -78,14 +78,18 @@ def make_loader(engine_config, settings: GatewaySettings, freeze_heap: bool = Fa
         log.warning("ready: model %r", state.model_name)
         inner.grammars.warm()  # after ready: the first structured-output request need not build it
         if freeze_heap:
-            # The ~400k objects of torch, transformers and the model live as long as the process:
-            # out of the cyclic collector's sight, its full passes (0.2 s each, every stream
-            # waiting them out) stop scanning them. Not in tests: what a server leaves in a cycle
-            # when it stops would never be freed.
-            gc.collect()
-            gc.freeze()
+            freeze_heap_now()
 
     return load
+
+
+def freeze_heap_now() -> None:
+    """What the process has loaded (torch, transformers, the model: ~400k objects) lives as long
+    as it does: out of the cyclic collector's sight, its full passes (0.2 s each with a model,
+    every stream waiting them out) stop scanning it. Only where the process is the server's
+    own: tests' in-process servers would leave whatever they free in cycles uncollected."""
+    gc.collect()
+    gc.freeze()
 
 
 def serve_router(settings: GatewaySettings) -> int:
@@ -98,6 +102,7 @@ def serve_router(settings: GatewaySettings) -> int:
     engines = ", ".join(filter(None, [settings.engine_urls, settings.engine_dns and f"dns {settings.engine_dns}"]))
     print(f"loragate: routing on http://{settings.host}:{settings.port} to engines: {engines} "
           f"(policy {settings.route_policy}; /readyz is 200 once one engine is ready)", file=sys.stderr)
+    freeze_heap_now()  # 180k objects (it imports torch): 80 ms a full pass
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=os.environ.get("LORAGATE_LOG_LEVEL", "warning"))
     return 0
 

@@ -135,20 +135,27 @@ from loragate.gateway.settings import GatewaySettings
 built = []
 build_app = app.build_app
 app.build_app = lambda state, loader, tracing: built.append((state, loader)) or build_app(state, None, tracing)
-uvicorn.run = lambda *args, **kwargs: (built[0][1](built[0][0]), print("frozen", gc.get_freeze_count()))
-server.serve(EngineConfig(model=sys.argv[1], dtype="float32", kv_cache_memory="64MiB"), GatewaySettings())
+def run(*args, **kwargs):
+    if built:  # the model's loader, which serve leaves to the app to run in the background
+        built[0][1](built[0][0])
+    print("frozen", gc.get_freeze_count())
+uvicorn.run = run
+settings = GatewaySettings(role=sys.argv[2], engine_urls="http://127.0.0.1:9")
+server.serve(EngineConfig(model=sys.argv[1], dtype="float32", kv_cache_memory="64MiB"), settings)
 """
 
 
-def test_serve_freezes_the_loaded_heap(tiny_llama, tmp_path):
+@pytest.mark.parametrize("role", ["all", "router"])
+def test_serve_freezes_the_loaded_heap(role, tiny_llama, tmp_path):
     """`loragate serve` moves what loading left (torch, transformers, the model) out of the
-    cyclic collector's scans; in a process of its own, as serve is (tests' servers do not)."""
+    cyclic collector's scans, and so does a router; in a process of its own, as serve is
+    (tests' in-process servers do not)."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "LORAGATE_HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", FREEZE_PROBE, str(tiny_llama)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", FREEZE_PROBE, str(tiny_llama), role], capture_output=True, text=True,
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.split("frozen")[1]) > 50_000, out.stdout
