@@ -8,7 +8,8 @@ first token's, the mean or the maximum over the tokens), else the last token's (
 embedding models such as Qwen3-Embedding). It is L2-normalized, as OpenAI's are, unless the
 config or the request's `normalize` (vLLM's) says false; `dimensions` keeps the first N
 components, then normalizes (Matryoshka models are trained for that cut). `encoding_format`
-"base64" sends float32 little-endian bytes.
+"base64" sends float32 little-endian bytes. vLLM's chat form sends `messages` instead of
+`input`: one input, as the chat template renders it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from loragate.engine import InvalidRequestError, SamplingParams
 from . import json_pieces, tracing
 from .errors import APIError
 from .openai_api import json_body, principal_of, until_disconnect
-from .protocol import truncated, truncation
+from .protocol import chat_messages, template_options, truncated, truncation
 
 MAX_INPUTS = 2048  # OpenAI's limit per request
 
@@ -72,12 +73,22 @@ def _inputs(body: dict) -> list[str | list[int]]:
     return value
 
 
-def _token_ids(tokenizer, inputs: list[str | list[int]]) -> list[list[int]]:
-    """Each input's ids (as the engine's tokenize), the texts in one call: a fast tokenizer
-    encodes a batch in Rust without holding the GIL, so from a worker thread it leaves the
-    event loop free."""
+def _chat_input(tokenizer, body: dict) -> list[str]:
+    """vLLM's chat form of the request: `messages` rendered by the model's chat template (by
+    default without the generation prompt), embedded as one input."""
+    if body.get("input") is not None:
+        raise APIError(400, "give 'input' or 'messages', not both", param="messages")
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "this model has no chat template; send 'input'", param="messages")
+    return [tokenizer.apply_chat_template(chat_messages(body), tokenize=False,
+                                          **template_options(body, generation_prompt=False))]
+
+
+def _token_ids(tokenizer, inputs: list[str | list[int]], special: bool) -> list[list[int]]:
+    """Each input's ids, the texts in one call: a fast tokenizer encodes a batch in Rust
+    without holding the GIL, so from a worker thread it leaves the event loop free."""
     texts = [t for t in inputs if isinstance(t, str)]
-    encoded = iter(tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else ())
+    encoded = iter(tokenizer(texts, add_special_tokens=special)["input_ids"] if texts else ())
     return [next(encoded) if isinstance(t, str) else t for t in inputs]
 
 
@@ -93,12 +104,17 @@ async def embed(state, principal, body: dict, charge=None) -> dict:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise APIError(400, "'model' is required: the base model's name or an adapter's name", param="model")
-    inputs = _inputs(body)
+    engine = state.require_engine()
+    chat = body.get("messages") is not None
+    inputs = _chat_input(engine.tokenizer, body) if chat else _inputs(body)
+    # vLLM's: the tokenizer's BOS and such, on top of what a chat template writes itself
+    special = body.get("add_special_tokens", not chat)
+    if not isinstance(special, bool):
+        raise APIError(400, "'add_special_tokens' must be true or false", param="add_special_tokens")
     keep = truncation(body)
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
         raise APIError(400, "'encoding_format' must be 'float' or 'base64'", param="encoding_format")
-    engine = state.require_engine()
     width = engine.engine.model.config.hidden_size
     dimensions = body.get("dimensions")
     if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool)
@@ -112,7 +128,7 @@ async def embed(state, principal, body: dict, charge=None) -> dict:
     adapter = await state.resolve_model(principal, model)
     state.check_capacity(principal.tenant)
     try:
-        prompts = truncated(await asyncio.to_thread(_token_ids, engine.tokenizer, inputs), keep,
+        prompts = truncated(await asyncio.to_thread(_token_ids, engine.tokenizer, inputs, special), keep,
                             engine.engine.max_model_len)
         streams = await engine.add_requests([(ids, params) for ids in prompts], adapter=adapter, tenant=principal.tenant)
     except InvalidRequestError as e:  # the engine says "prompt"; here it is the input

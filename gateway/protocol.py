@@ -136,7 +136,7 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
                    logprobs=logprobs, seed=seed, **sampling)
     return GenerationRequest(model, n, stream, bool(options.get("include_usage")), logprobs, max_tokens, seed, sampling,
                              echo, tools=tools, suffix=suffix, include_reasoning=_get(body, "include_reasoning", bool, True),
-                             template_kwargs=_template_options(body) if chat else {},
+                             template_kwargs=template_options(body) if chat else {},
                              truncate_prompt_tokens=truncation(body), service_tier=tier,
                              continuous_usage=bool(options.get("continuous_usage_stats")),
                              add_special_tokens=_get(body, "add_special_tokens", bool, not chat))
@@ -151,11 +151,12 @@ def _service_tier(body: dict) -> str:
     return "flex" if tier == "flex" else "default"
 
 
-def _template_options(body: dict) -> dict:
+def template_options(body: dict, generation_prompt: bool = True) -> dict:
     """The chat template's arguments beyond the messages and tools: vLLM's
-    add_generation_prompt and continue_final_message (the answer goes on from a final
-    assistant message: a prefill), and chat_template_kwargs."""
-    add = _get(body, "add_generation_prompt", bool, True)
+    add_generation_prompt (default `generation_prompt`: embeddings' is false) and
+    continue_final_message (the answer goes on from a final assistant message: a prefill),
+    and chat_template_kwargs."""
+    add = _get(body, "add_generation_prompt", bool, generation_prompt)
     go_on = _get(body, "continue_final_message", bool, False)
     if add and go_on:
         raise _bad("'continue_final_message' needs 'add_generation_prompt': false", "continue_final_message")

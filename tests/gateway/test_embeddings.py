@@ -108,12 +108,47 @@ def test_an_adapter_embeds_as_peft_does(server, tiny_llama, tmp_path, save_lora)
     ({"model": "tiny", "input": "t5", "dimensions": 65}, "dimensions"),
     ({"model": "tiny", "input": "t5", "encoding_format": "int8"}, "encoding_format"),
     ({"model": "tiny", "input": "t5", "normalize": "yes"}, "normalize"),
+    ({"model": "tiny", "input": "t5", "add_special_tokens": "no"}, "add_special_tokens"),
+    ({"model": "tiny", "input": "t5", "messages": [{"role": "user", "content": "t5"}]}, "messages"),
+    ({"model": "tiny", "messages": "t5"}, "messages"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "t5"}], "continue_final_message": True,
+      "add_generation_prompt": False}, "continue_final_message"),
 ])
 def test_bad_embedding_requests_are_400s(server, body, param):
     r = httpx.post(server.url + "/v1/embeddings", headers=server.headers(), json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
     assert server.state.engine.num_waiting == 0 and server.state.tenant_in_flight == {}
+
+
+def test_a_chat_is_embedded_as_its_template_renders_it(server, monkeypatch):
+    """vLLM's chat form: `messages` through the chat template, by default without the generation
+    prompt and without special tokens beyond the template's; both can be asked for."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = server.state.engine.tokenizer
+    # The tiny tokenizer adds no BOS of its own: now it does, so add_special_tokens tells
+    monkeypatch.setattr(tok._tokenizer, "post_processor", TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)]))
+    assert tok.encode("t5", add_special_tokens=True) == [1, 5]
+    messages = [{"role": "system", "content": "t3 t4"}, {"role": "user", "content": "t5 t6 t7"}]
+
+    def embedding(**body):
+        r = httpx.post(server.url + "/v1/embeddings", headers=server.headers(), json={"model": "tiny", **body})
+        assert r.status_code == 200, r.text
+        return r.json()["data"][0]["embedding"], r.json()["usage"]["prompt_tokens"]
+
+    for options in ({}, {"add_generation_prompt": True}):
+        ids = tok.apply_chat_template(messages, tokenize=True, return_dict=False, **options)
+        got, tokens = embedding(messages=messages, **options)
+        assert tokens == len(ids)
+        assert got == pytest.approx(embedding(input=ids)[0], abs=1e-6)
+    text = tok.apply_chat_template(messages, tokenize=False)
+    with_bos = tok.encode(text, add_special_tokens=True)
+    assert with_bos[0] == 1 and embedding(messages=messages, add_special_tokens=True) == embedding(input=[with_bos])
+    for special in (True, False):  # the plain form's default is true
+        ids = [1, 5, 6, 7] if special else [5, 6, 7]
+        assert embedding(input="t5 t6 t7", **({} if special else {"add_special_tokens": False})) == \
+            embedding(input=[ids])
 
 
 def test_the_pooling_follows_a_sentence_transformers_config(tiny_llama, tmp_path):
