@@ -18,7 +18,7 @@ class Choice:
         self.index, self.prompt_index, self.prompt_len, self.charge = index, prompt_index, prompt_len, charge
         self.split = split  # a reasoning model's chat answer: its text split into reasoning and content
         self.delta = ("", "")  # the (reasoning, content) text the last output placed
-        self.text, self.tokens, self.logprobs, self.finish_reason = "", [], [], None
+        self.text, self.tokens, self.logprobs, self.finish_reason, self.stop_reason = "", [], [], None, None
         self.prompt_logprobs = None  # with echo + logprobs: the prompt tokens' entries
         self.cached_tokens = 0  # of the prompt, served from the prefix cache
         self.prediction = (0, 0)  # (accepted, rejected) tokens of a predicted output
@@ -52,6 +52,7 @@ class Choice:
             self.charge(len(out.new_token_ids))
         if out.finished:
             self.finish_reason = "length" if out.finish_reason == "length" else "stop"
+            self.stop_reason = out.stop_reason  # vLLM's: the stop string or token id that ended it
             self.queue_seconds = out.queue_seconds
             self.metrics.finish(self.finish_reason, t - self.start, out.queue_seconds, self.first - self.start,
                                 self.prompt_len, len(self.tokens))

@@ -130,10 +130,11 @@ async def collect_answer(state, principal, body: dict, gen, *, chat: bool) -> di
             if c.split is not None:
                 message = with_reasoning(message, c.split.reasoning, gen.include_reasoning)
             out_choices.append({"index": c.index, "message": message, "logprobs": logprobs,
-                                "finish_reason": finish_reason})
+                                "finish_reason": finish_reason, "stop_reason": c.stop_reason})
         else:
             text, logprobs = _completion_piece(gen, tok, prompts, c, c.text, c.logprobs, True, 0)
-            out_choices.append({"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason})
+            out_choices.append({"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                                "stop_reason": c.stop_reason})
     return {"id": rid, "object": kind, "created": created, "model": gen.model, "choices": out_choices,
             "usage": _usage(gen, prompts, choices), "service_tier": gen.service_tier, **_metrics(state, choices)}
 
@@ -251,11 +252,13 @@ async def stream_chunks(state, gen, prompts, choices, streams, *, chat: bool):
                 delta = with_reasoning(delta or {}, reasoning, True)
             delta = {"role": "assistant", **(delta or {})} if first else (delta or {})
             choice = {"index": c.index, "delta": delta, "finish_reason": finish_reason,
-                      "logprobs": chat_logprobs(tok, new) if gen.logprobs is not None else None}
+                      "logprobs": chat_logprobs(tok, new) if gen.logprobs is not None else None,
+                      "stop_reason": c.stop_reason}
         else:
             text, logprobs = _completion_piece(gen, tok, prompts, c, delta_text, new, first,
                                                len(c.text) - len(delta_text))
-            choice = {"index": c.index, "text": text, "finish_reason": c.finish_reason, "logprobs": logprobs}
+            choice = {"index": c.index, "text": text, "finish_reason": c.finish_reason, "logprobs": logprobs,
+                      "stop_reason": c.stop_reason}
         piece = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created, "model": gen.model,
                  "choices": [choice], "service_tier": gen.service_tier}
         if gen.continuous_usage:  # the counts so far; their details come with the final usage chunk

@@ -47,6 +47,22 @@ def test_text_completion_with_n_logprobs_and_stop(server):
         assert words[1] not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
 
 
+def test_stop_reason_names_the_stop_string_or_token_that_ended_a_choice(server):
+    """vLLM's stop_reason beside finish_reason: the matched stop string, the stop token id, or
+    null (end of text, or the length limit), streamed in the last chunk too."""
+    c = client(server)
+    forced = {"model": "tiny", "max_tokens": 4, "temperature": 0, "logit_bias": {"17": 100}}  # always t17
+    messages = [{"role": "user", "content": "t5"}]
+    by_string = c.chat.completions.create(messages=messages, stop=["t17"], **forced).choices[0]
+    assert (by_string.finish_reason, by_string.stop_reason, by_string.message.content) == ("stop", "t17", "")
+    by_token = c.completions.create(prompt="t5", extra_body={"stop_token_ids": [17]}, **forced).choices[0]
+    assert (by_token.finish_reason, by_token.stop_reason) == ("stop", 17)
+    by_length = c.completions.create(prompt="t5", **forced).choices[0]
+    assert (by_length.finish_reason, by_length.stop_reason) == ("length", None)
+    last = [ch for ch in c.chat.completions.create(messages=messages, stop=["t17"], stream=True, **forced)][-1]
+    assert (last.choices[0].finish_reason, last.choices[0].stop_reason) == ("stop", "t17")
+
+
 def test_seeded_sampling_is_reproducible(server):
     c = client(server)
     a = c.completions.create(model="tiny", prompt="t9", max_tokens=8, temperature=1.0, seed=42)
