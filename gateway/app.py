@@ -72,6 +72,7 @@ def build_app(state: ServerState, load=None, tracing=None) -> Starlette:
     from .scores_api import routes as score_routes
     from .sagemaker_api import routes as sagemaker_routes
     from .responses_api import response_store_service, routes as responses_routes
+    from .messages_api import routes as messages_routes
     from .tokenizer_api import routes as tokenizer_routes
     from .version_api import routes as version_routes
     from .batch_runner import batch_service
@@ -114,6 +115,7 @@ def build_app(state: ServerState, load=None, tracing=None) -> Starlette:
         *score_routes,
         *sagemaker_routes(readyz),
         *responses_routes,
+        *messages_routes,
         *tokenizer_routes,
         *file_routes,
         *batch_routes,

@@ -22,6 +22,7 @@ import os
 import sys
 import threading
 
+from .auth import authorization_of
 from .errors import APIError, to_api_error
 
 
@@ -70,7 +71,7 @@ def audited(event: str):
 async def _record(log: AuditLog, request, event: str, response, error: APIError | None) -> None:
     state = request.app.state.server
     try:
-        principal = state.keys.authenticate(request.headers.get("authorization"))
+        principal = state.keys.authenticate(authorization_of(request.headers))
         actor = "admin" if principal.is_admin else principal.tenant
     except APIError:
         principal, actor = None, None

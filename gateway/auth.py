@@ -37,6 +37,13 @@ class Principal:
     is_admin: bool = False
 
 
+def authorization_of(headers) -> str | None:
+    """The request's credentials as an Authorization header: OpenAI's `Authorization: Bearer`,
+    or Anthropic's `x-api-key` (its SDK's way: gateway/messages_api.py)."""
+    key = headers.get("x-api-key")
+    return headers.get("authorization") or (f"Bearer {key}" if key else None)
+
+
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
@@ -112,7 +119,8 @@ class KeyStore:
         if self.is_open:
             return Principal(OPEN_TENANT)
         if not authorization or not authorization.startswith("Bearer "):
-            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", "authentication_error",
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
+                           "authentication_error",
                            code="invalid_api_key")
         presented = _digest(authorization[len("Bearer "):].strip())
         found = None

@@ -20,6 +20,7 @@ from loragate.engine.fill_in_middle import require_fim_format
 from loragate.engine.reasoning import reasoning_start, reasoning_token_count
 
 from . import tracing
+from .auth import authorization_of
 from .choices import Choice, pump
 from .errors import APIError, not_found, to_api_error
 from .reasoning import ReasoningSplit, with_reasoning
@@ -36,7 +37,7 @@ async def json_body(request: Request) -> dict:
 
 
 def principal_of(request: Request):
-    return request.app.state.server.keys.authenticate(request.headers.get("authorization"))
+    return request.app.state.server.keys.authenticate(authorization_of(request.headers))
 
 
 async def _start(state, principal, gen, prompts_ids: list[list[int]], model: str):

@@ -31,7 +31,7 @@ MIN_MATCH_CHUNKS = 2
 def prompt_pieces(body: dict) -> list[str]:
     """The text a request's prompt is made of, in order ([]: nothing to go by)."""
     pieces = []
-    for name in ("instructions", "messages", "input", "prompt"):
+    for name in ("instructions", "system", "messages", "input", "prompt"):
         value = body.get(name)
         if isinstance(value, str):
             pieces.append(value)

@@ -109,21 +109,24 @@ class LeasedStream(StreamingResponse):
             await self.lease.close()
 
 
-def _error_event(message: str, responses_sequence: int | None) -> bytes:
+def _error_event(message: str, style: str, num_events: int) -> bytes:
     """The event a cut stream ends with: chat/completions' `data: {"error": ...}` (then
-    [DONE]), or with a Responses stream's numbering, its `error` event."""
+    [DONE]), a Responses stream's `error` event (numbered after the `num_events` sent), or a
+    Messages stream's (Anthropic's shape)."""
     body = APIError(502, message, "server_error", code="engine_unavailable").body()
-    if responses_sequence is None:
+    if style == "chat":
         return f"data: {json.dumps(body)}\n\n".encode()
-    event = {"type": "error", "sequence_number": responses_sequence, "code": "engine_unavailable",
-             "message": message, "param": None}
+    event = {"type": "error", "sequence_number": num_events, "code": "engine_unavailable", "message": message,
+             "param": None} if style == "responses" else {"type": "error", "error": {"type": "api_error",
+                                                                                      "message": message}}
     return f"event: error\ndata: {json.dumps(event)}\n\n".encode()
 
 
-# A stream is complete after `data: [DONE]` (chat, completions) or one of the Responses API's
-# final events (the first line of an event carrying `event: <type>`).
+# A stream is complete after `data: [DONE]` (chat, completions), one of the Responses API's
+# final events, or the Messages API's message_stop (the first line of an event carrying
+# `event: <type>`).
 _FINAL_EVENTS = frozenset({b"data: [DONE]", b"event: response.completed", b"event: response.incomplete",
-                           b"event: response.failed", b"event: error"})
+                           b"event: response.failed", b"event: message_stop", b"event: error"})
 
 
 async def relay_events(lease: Lease, on_cut, on_charge=None):
@@ -132,7 +135,7 @@ async def relay_events(lease: Lease, on_cut, on_charge=None):
     error event (and [DONE] where that ends a stream). `on_cut(reason, exc)` ejects the engine
     and counts the cut; `on_charge(tokens)` gets the engine's charge reports (gateway/charges.py),
     which are not relayed."""
-    pending, is_done, num_events, responses = b"", False, 0, False
+    pending, is_done, num_events, style = b"", False, 0, None
     error: Exception | None = None
     try:
         async for chunk in lease.upstream.aiter_raw():
@@ -144,7 +147,9 @@ async def relay_events(lease: Lease, on_cut, on_charge=None):
                     on_charge(tokens)
                 first_line = event.strip().split(b"\n", 1)[0]
                 is_done, num_events = first_line in _FINAL_EVENTS, num_events + 1
-                responses = responses or first_line.startswith(b"event: ")
+                if style is None and first_line:  # the first event tells which API's stream this is
+                    style = "messages" if first_line.startswith(b"event: message_") else \
+                        "responses" if first_line.startswith(b"event: ") else "chat"
                 yield event + b"\n\n"
     except (*ENGINE_GONE, httpx.TimeoutException) as e:
         error = e
@@ -154,8 +159,8 @@ async def relay_events(lease: Lease, on_cut, on_charge=None):
         reason = f"{type(error).__name__}: {error}" if error else "the stream ended before its final event"
         on_cut(reason, error)
         yield _error_event(f"the engine serving this stream stopped mid-way ({reason}); the output above is "
-                           "incomplete: retry the request", num_events if responses else None)
-        if not responses:
+                           "incomplete: retry the request", style or "chat", num_events)
+        if style in (None, "chat"):
             yield b"data: [DONE]\n\n"
 
 

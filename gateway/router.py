@@ -43,7 +43,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .auth import watch_keys_file
+from .auth import authorization_of, watch_keys_file
 from .charges import CHARGE_HEADER
 from .discovery import EngineDiscovery, resolve_addresses
 from .errors import APIError, error_response
@@ -272,7 +272,7 @@ class Router:
 async def inference(request: Request) -> Response:
     router: Router = request.app.state.router
     body = await read_bounded_body(request, MAX_INFERENCE_BODY)  # held in memory to be re-sent on a retry
-    authorization = request.headers.get("authorization")
+    authorization = authorization_of(request.headers)
     tenant = await router.limits.admit(authorization) if router.limits is not None else None
     key, prefix = routing_inputs(body, authorization, router.pool.prefixes is not None)
     # identity: SSE events are split on their text; Content-Length: httpx sets it for the bytes.

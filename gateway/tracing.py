@@ -25,7 +25,8 @@ from loragate.engine.errors import ModelConfigError
 PROTOCOLS = ("grpc", "http/protobuf")  # the Python SDK has no http/json exporter
 # The routes that run the model (and that a router routes by adapter affinity)
 INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings",
-                             "/v1/score", "/score", "/v1/rerank", "/rerank", "/v2/rerank", "/invocations"})
+                             "/v1/score", "/score", "/v1/rerank", "/rerank", "/v2/rerank", "/invocations",
+                             "/v1/messages"})
 _current: contextvars.ContextVar[RequestTrace | None] = contextvars.ContextVar("loragate_request_trace", default=None)
 
 

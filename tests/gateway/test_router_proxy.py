@@ -64,7 +64,7 @@ class FakeEngines:
         if mode == "cut_body":
             return httpx.Response(200, headers={"content-type": "application/json", "content-length": "500"},
                                   stream=ChunkStream([b'{"id": "cmpl-1", "cho'], cut))
-        inference = "completions" in request.url.path or request.url.path == "/v1/responses"
+        inference = "completions" in request.url.path or request.url.path in ("/v1/responses", "/v1/messages")
         is_stream = inference and json.loads(body).get("stream") is True
         response_id = f"resp_{len(self.calls)}_{base[7:9]}"  # a response object's id names its engine
         if not is_stream:
@@ -74,6 +74,12 @@ class FakeEngines:
             events = [b"event: response.created\ndata: " + created.encode() + b"\n\nevent: response.output_text",
                       b'.delta\ndata: {"sequence_number": 1}\n\n']
             end = [] if mode != "ok" else [b'event: response.completed\ndata: {"sequence_number": 2}\n\n']
+            return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                                  stream=ChunkStream(events + end, cut if mode == "cut_stream" else None))
+        if request.url.path == "/v1/messages":  # Anthropic's events, ending with message_stop
+            events = [b'event: message_start\ndata: {"type": "message_start"}\n\nevent: content_block',
+                      b'_start\ndata: {"type": "content_block_start"}\n\n']
+            end = [] if mode != "ok" else [b'event: message_stop\ndata: {"type": "message_stop"}\n\n']
             return httpx.Response(200, headers={"content-type": "text/event-stream"},
                                   stream=ChunkStream(events + end, cut if mode == "cut_stream" else None))
         events = [b'data: {"n": 1}\n\ndata: {"n"', b': 2}\n\n']
@@ -228,6 +234,27 @@ def test_a_responses_stream_is_relayed_and_a_cut_one_ends_with_its_error_event(e
         error = json.loads(data[len("data: "):])
         assert kind == "event: error" and error["type"] == "error" and error["code"] == "engine_unavailable"
         assert error["sequence_number"] == 2
+        assert metric(client, f'loragate_router_stream_cuts_total{{replica="{E1}"}}') == 1
+
+
+@pytest.mark.parametrize("mode", ["ok", "cut_stream", "no_done"])
+def test_a_messages_stream_is_relayed_and_a_cut_one_ends_with_anthropics_error_event(engines, mode):
+    with make_client(engines) as client:
+        model = model_preferring(E1)
+        engines.mode[E1] = mode
+        r = client.post("/v1/messages", json={"model": model, "max_tokens": 4, "messages": [], "stream": True},
+                        headers={"x-api-key": "key-a"})
+        events = _events(r)
+        assert r.headers[REPLICA_HEADER] == E1  # the key in x-api-key: the same affinity as a bearer token
+        assert engines.calls[-1][3]["x-api-key"] == "key-a"
+        assert [e.split("\n")[0] for e in events[:2]] == ["event: message_start", "event: content_block_start"]
+        assert len(events) == 3  # no [DONE]: the Messages stream ends with message_stop
+        if mode == "ok":
+            assert events[2].startswith("event: message_stop")
+            assert metric(client, "loragate_router_stream_cuts_total") == 0
+            return
+        kind, data = events[2].split("\n")
+        assert kind == "event: error" and json.loads(data[len("data: "):])["error"]["type"] == "api_error"
         assert metric(client, f'loragate_router_stream_cuts_total{{replica="{E1}"}}') == 1
 
 
