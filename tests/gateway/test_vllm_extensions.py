@@ -133,13 +133,13 @@ def priorities(server, monkeypatch):
     """The scheduling priority of each request the engine is given, in order."""
     seen = []
     engine = server.state.engine
-    add = engine.add_request
+    add = engine.add_requests
 
-    async def recording(prompt, params=None, *args, **kwargs):
-        seen.append(params.priority)
-        return await add(prompt, params, *args, **kwargs)
+    async def recording(prompts, *args, **kwargs):
+        seen.extend(params.priority for _, params in prompts)
+        return await add(prompts, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "add_request", recording)
+    monkeypatch.setattr(engine, "add_requests", recording)
     monkeypatch.setattr(server.state, "tenant_priorities", {"tenant-a": 2})
     return seen
 
