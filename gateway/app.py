@@ -46,7 +46,7 @@ async def metrics(request: Request):
 
 
 async def _handle(request: Request, exc: Exception):
-    response = error_response(exc)
+    response = error_response(exc, request.url.path)
     if response.status_code >= 500 and not isinstance(exc, APIError):
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return response

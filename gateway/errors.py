@@ -1,4 +1,5 @@
-"""HTTP errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+"""HTTP errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}, or on
+Anthropic's Messages API (/v1/messages...) in its: {"type": "error", "error": {"type", "message"}}.
 
 Handlers raise typed exceptions; `error_response` is the one place they become statuses."""
 
@@ -64,6 +65,17 @@ def to_api_error(exc: Exception) -> APIError:
     return APIError(500, "internal server error", "server_error")
 
 
-def error_response(exc: Exception) -> JSONResponse:
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def anthropic_body(error: APIError) -> dict:
+    kind = _ANTHROPIC_TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+def error_response(exc: Exception, path: str = "") -> JSONResponse:
+    """The response for an error on `path` (the request's, which picks the shape)."""
     err = to_api_error(exc)
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    body = anthropic_body(err) if path.startswith("/v1/messages") else err.body()
+    return JSONResponse(body, status_code=err.status, headers=err.headers)

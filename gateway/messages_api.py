@@ -9,45 +9,22 @@ stop_sequence (and which) or tool_use. Streamed, it is Anthropic's event sequenc
 message_start, then per block content_block_start, its deltas (text_delta, thinking_delta,
 input_json_delta) and content_block_stop, then message_delta (the stop reason, the output
 tokens) and message_stop. Errors have Anthropic's shape, {"type": "error", "error": {"type",
-"message"}}, with the status they have on the chat endpoint."""
+"message"}}, with the status they have on the chat endpoint (gateway/errors.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import uuid
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .errors import APIError, to_api_error
+from .errors import APIError, anthropic_body, to_api_error
 from .messages_protocol import chat_body_from
 from .openai_api import collect_answer, json_body, principal_of, stream_chunks, submit_choices, until_disconnect
 from .protocol import chat_messages, parse_common
-
-log = logging.getLogger("loragate.messages")
-
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
-
-
-def error_body(error: APIError) -> dict:
-    kind = _ERROR_TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
-    return {"type": "error", "error": {"type": kind, "message": error.message}}
-
-
-def _anthropic_errors(handler):
-    async def answer(request: Request):
-        try:
-            return await handler(request)
-        except Exception as e:  # noqa: BLE001 - every error in Anthropic's shape
-            error = to_api_error(e)
-            if error.status >= 500 and not isinstance(e, APIError):
-                log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=e)
-            return JSONResponse(error_body(error), status_code=error.status, headers=error.headers)
-    return answer
 
 
 def stop_of(finish_reason: str | None, stop_reason, stop_sequences, called: bool) -> tuple[str, str | None]:
@@ -155,7 +132,6 @@ class MessageEvents:
         yield self.sse("message_stop")
 
 
-@_anthropic_errors
 async def messages(request: Request):
     state = request.app.state.server
     principal = principal_of(request)
@@ -189,7 +165,7 @@ async def messages(request: Request):
             for event in events.end():
                 yield event
         except Exception as e:  # noqa: BLE001 - the status line is gone: report in-band
-            yield events.sse("error", error=error_body(to_api_error(e))["error"])
+            yield events.sse("error", error=anthropic_body(to_api_error(e))["error"])
         finally:
             slot.release()
 
@@ -198,7 +174,6 @@ async def messages(request: Request):
                                       **slot.response_headers()})
 
 
-@_anthropic_errors
 async def count_tokens(request: Request):
     """The prompt's tokens as /v1/messages would run it: {"input_tokens": N}."""
     state = request.app.state.server

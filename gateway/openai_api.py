@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import time
 import uuid
@@ -310,8 +311,19 @@ def _models(request: Request) -> list[dict]:
     return data
 
 
+def _anthropic_model(entry: dict) -> dict:
+    """A model object as Anthropic's SDK reads it (its requests carry anthropic-version)."""
+    created = datetime.datetime.fromtimestamp(entry["created"], datetime.timezone.utc)
+    return {"type": "model", "id": entry["id"], "display_name": entry["id"],
+            "created_at": created.isoformat().replace("+00:00", "Z")}
+
+
 async def list_models(request: Request):
-    return JSONResponse({"object": "list", "data": _models(request)})
+    data = _models(request)
+    if "anthropic-version" in request.headers:
+        data = [_anthropic_model(entry) for entry in data]
+        return JSONResponse({"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]})
+    return JSONResponse({"object": "list", "data": data})
 
 
 async def get_model(request: Request):
@@ -319,5 +331,5 @@ async def get_model(request: Request):
     model = request.path_params["model"]
     for entry in _models(request):
         if entry["id"] == model:
-            return JSONResponse(entry)
+            return JSONResponse(_anthropic_model(entry) if "anthropic-version" in request.headers else entry)
     raise not_found(f"the model {model!r} does not exist (neither the base model nor one of your adapters)")

@@ -305,7 +305,7 @@ async def metrics(request: Request) -> Response:
 
 
 async def _handle(request: Request, exc: Exception) -> Response:
-    response = error_response(exc)
+    response = error_response(exc, request.url.path)
     if response.status_code >= 500 and not isinstance(exc, APIError):
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return response

@@ -100,6 +100,14 @@ def test_requests_that_cannot_be_served_are_named(body, param):
     assert e.value.param == param
 
 
+def test_models_are_listed_as_anthropics_client_reads_them(server):
+    claude, _ = clients(server)
+    models = claude.models.list()
+    assert [m.id for m in models.data] == ["tiny"] and models.data[0].type == "model"
+    assert claude.models.retrieve("tiny").created_at.year >= 2026
+    assert httpx.get(server.url + "/v1/models", headers=server.headers()).json()["object"] == "list"  # OpenAI's
+
+
 def test_errors_have_anthropics_shape_and_tenants_hold(server):
     url = server.url + "/v1/messages"
     body = {"model": "tiny", "messages": [{"role": "user", "content": "t5"}]}

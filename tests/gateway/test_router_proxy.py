@@ -258,6 +258,16 @@ def test_a_messages_stream_is_relayed_and_a_cut_one_ends_with_anthropics_error_e
         assert metric(client, f'loragate_router_stream_cuts_total{{replica="{E1}"}}') == 1
 
 
+def test_the_routers_own_errors_on_the_messages_api_have_anthropics_shape(engines):
+    with make_client(engines) as client:
+        engines.mode[E1] = engines.mode[E2] = "down"
+        body = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]}
+        r = client.post("/v1/messages", json=body, headers={"x-api-key": "key-a"})
+        assert r.status_code == 503 and r.json()["type"] == "error"
+        assert r.json()["error"]["type"] == "overloaded_error"
+        assert client.post("/v1/chat/completions", json=body, headers=AUTH).json()["error"]["code"]  # OpenAI's
+
+
 def test_a_non_streamed_body_cut_mid_way_is_a_502(engines):
     with make_client(engines) as client:
         engines.mode[E1] = engines.mode[E2] = "cut_body"
