@@ -132,12 +132,22 @@ class MessageEvents:
         yield self.sse("message_stop")
 
 
+def _thinking_switch(tokenizer, body: dict, chat: dict) -> None:
+    """Anthropic's `thinking`, on a model whose chat template has Qwen3's switch
+    (enable_thinking): disabled turns thinking off, the other types on. Other models think
+    as their templates have them."""
+    thinking = body.get("thinking")
+    if thinking is not None and "enable_thinking" in (getattr(tokenizer, "chat_template", None) or ""):
+        chat["chat_template_kwargs"] = {"enable_thinking": thinking["type"] != "disabled"}
+
+
 async def messages(request: Request):
     state = request.app.state.server
     principal = principal_of(request)
-    state.require_engine()
+    engine = state.require_engine()
     body = await json_body(request)
     chat = chat_body_from(body)
+    _thinking_switch(engine.tokenizer, body, chat)
     gen = parse_common(chat, chat=True)
     slot = state.open_tenant_request(principal.tenant, request.headers)
     gen.charge = slot.charge
@@ -181,6 +191,7 @@ async def count_tokens(request: Request):
     engine = state.require_engine()
     body = await json_body(request)
     chat = chat_body_from({"max_tokens": 1, **body} if isinstance(body, dict) else body)
+    _thinking_switch(engine.tokenizer, body, chat)
     gen = parse_common(chat, chat=True)
     tok = engine.tokenizer
     if not getattr(tok, "chat_template", None):

@@ -8,8 +8,9 @@ drop earlier reasoning. `max_tokens` (required), `stop_sequences`, `temperature`
 tool, none; disable_parallel_tool_use) map onto their chat counterparts, and
 `output_config.format` (a JSON schema) onto response_format: the answer is constrained to it.
 `metadata`, `service_tier`, `speed`, `output_config.effort` and `cache_control` marks are
-accepted and change nothing (the prefix cache is automatic); `thinking` is validated, and a
-reasoning model's thinking comes back as thinking blocks whatever it says. Images,
+accepted and change nothing (the prefix cache is automatic); `thinking` is validated here
+(gateway/messages_api.py turns it into Qwen3's enable_thinking where a template has it), and
+a reasoning model's thinking comes back as thinking blocks. Images,
 documents, server tools, containers and MCP servers are a 400 naming them
 (InvalidRequestError -> 400)."""
 

@@ -135,6 +135,27 @@ def test_responses_put_the_reasoning_in_its_own_item(thinker_server, expected):
     assert again.status == "incomplete" or again.status == "completed"
 
 
+def test_anthropic_messages_carry_thinking_blocks_and_thinking_can_be_switched_off(thinker_server, expected):
+    """The Messages API: the reasoning as a thinking block before the text, streamed as
+    thinking_delta events; `thinking: disabled` is Qwen3's enable_thinking false here."""
+    import anthropic
+
+    reasoning, content, _ = expected
+    claude = anthropic.Anthropic(base_url=thinker_server.url, api_key="key-a", max_retries=0)
+    asked = dict(model="tiny", max_tokens=12, messages=THOUGHT_MESSAGES, extra_body={"temperature": 0})
+    for thinking in ({}, {"thinking": {"type": "enabled", "budget_tokens": 1024}}):
+        got = claude.messages.create(**asked, **thinking)
+        assert [(b.type, getattr(b, "thinking", None) or b.text) for b in got.content] == \
+            [("thinking", reasoning), ("text", content)]
+    with claude.messages.stream(**asked) as stream:
+        events = list(stream)
+    assert "".join(e.delta.thinking for e in events if e.type == "content_block_delta"
+                   and e.delta.type == "thinking_delta") == reasoning
+    assert [b.type for b in stream.get_final_message().content] == ["thinking", "text"]
+    off = claude.messages.create(**asked, thinking={"type": "disabled"})
+    assert [b.type for b in off.content] == ["text"] and off.content[0].text
+
+
 @pytest.mark.parametrize("kwargs", ["yes", {"tools": []}, {"add_generation_prompt": False}, {"1x": 1}])
 def test_bad_template_variables_are_refused(thinker_server, kwargs):
     r = httpx.post(thinker_server.url + "/v1/chat/completions", headers=thinker_server.headers(),
