@@ -19,6 +19,7 @@ from starlette.routing import Route
 from .auth import keys_file_watched
 from .errors import APIError, error_response
 from .openai_api import chat_completions, completions, get_model, list_models
+from .request_ids import RequestIds, request_id
 from .state import ServerState
 
 log = logging.getLogger("loragate.gateway")
@@ -48,7 +49,8 @@ async def metrics(request: Request):
 async def _handle(request: Request, exc: Exception):
     response = error_response(exc, request.url.path)
     if response.status_code >= 500 and not isinstance(exc, APIError):
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        log.error("unhandled error on %s %s (request %s)", request.method, request.url.path, request_id(request),
+                  exc_info=exc)
     return response
 
 
@@ -123,7 +125,7 @@ def build_app(state: ServerState, load=None, tracing=None) -> Starlette:
     from .metrics import Metrics, RequestCounter
 
     state.metrics = Metrics(state)
-    middleware = [Middleware(RequestCounter, metrics=state.metrics)]
+    middleware = [Middleware(RequestIds), Middleware(RequestCounter, metrics=state.metrics)]
     if tracing is not None:
         middleware.append(Middleware(tracing.middleware))
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={t: _handle for t in _handled_types()},

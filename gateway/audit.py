@@ -24,6 +24,7 @@ import threading
 
 from .auth import authorization_of
 from .errors import APIError, to_api_error
+from .request_ids import request_id
 
 
 class AuditLog:
@@ -78,7 +79,7 @@ async def _record(log: AuditLog, request, event: str, response, error: APIError 
     record = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
               "event": event, "outcome": "refused" if error else "ok",
               "status": error.status if error else response.status_code, "actor": actor,
-              "client": request.client.host if request.client else None,
+              "client": request.client.host if request.client else None, "request_id": request_id(request),
               **_target(request, principal, response)}
     if error is not None:
         record["error"] = {"code": error.code, "message": error.message}

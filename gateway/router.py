@@ -48,6 +48,7 @@ from .charges import CHARGE_HEADER
 from .discovery import EngineDiscovery, resolve_addresses
 from .errors import APIError, error_response
 from .openai_api import until_disconnect
+from .request_ids import RequestIds, request_id
 from .proxy import (ENGINE_GONE, EndCutResponses, Lease, LeasedStream, buffered_response, is_event_stream,
                     read_body, read_bounded_body, relay_events, relay_raw, request_headers, response_headers)
 from .prefix_index import response_hashes, response_id_of
@@ -307,7 +308,8 @@ async def metrics(request: Request) -> Response:
 async def _handle(request: Request, exc: Exception) -> Response:
     response = error_response(exc, request.url.path)
     if response.status_code >= 500 and not isinstance(exc, APIError):
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        log.error("unhandled error on %s %s (request %s)", request.method, request.url.path, request_id(request),
+                  exc_info=exc)
     return response
 
 
@@ -340,7 +342,8 @@ def build_router_app(settings, *, client: httpx.AsyncClient | None = None,
         *(Route(path, forward, methods=_ALL_METHODS) for path in ("/tokenize", "/detokenize", "/tokenizer_info")),
     ]
     middleware = [Middleware(tracing.middleware)] if tracing is not None else []  # the span covers all
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=[*middleware, Middleware(EndCutResponses)],
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    middleware=[Middleware(RequestIds), *middleware, Middleware(EndCutResponses)],
                     exception_handlers={APIError: _handle, HTTPException: _handle, Exception: _handle})
     app.state.router = router
     return app

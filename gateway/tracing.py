@@ -125,7 +125,10 @@ class _TracingMiddleware:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         span = self.tracing.tracer.start_span(self.tracing.span_name, context=propagate.extract(headers),
                                               kind=SpanKind.SERVER,
-                                              attributes={"http.request.method": "POST", "http.route": scope["path"]})
+                                              attributes={"http.request.method": "POST", "http.route": scope["path"],
+                                                          # gateway/request_ids.py has put one on every request
+                                                          "http.request.header.x-request-id":
+                                                              [headers.get("x-request-id", "")]})
         trace = RequestTrace(span)
         status = {"code": None}
 

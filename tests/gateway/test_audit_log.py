@@ -37,7 +37,8 @@ def test_each_management_call_leaves_one_line(audited, tmp_path, monkeypatch):
     created = upload(s, adapter, "sql", "key-a").json()
     files = [("file", (p.name, p.read_bytes())) for p in sorted(adapter.iterdir())]
     assert httpx.put(s.url + "/v1/adapters/sql", files=files, headers=s.headers()).status_code == 200
-    assert httpx.delete(s.url + "/v1/adapters/sql", headers=s.headers("key-b")).status_code == 404  # not b's
+    refused = httpx.delete(s.url + "/v1/adapters/sql", headers={**s.headers("key-b"), "X-Request-Id": "op-7"})
+    assert refused.status_code == 404  # not b's
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text("{not json")
@@ -68,6 +69,7 @@ def test_each_management_call_leaves_one_line(audited, tmp_path, monkeypatch):
     assert (got[0]["version"], got[0]["sha256"]) == (created["version"], created["sha256"]) == (1, got[1]["sha256"])
     assert got[3]["error"]["code"] and "version" not in got[3]
     assert got[0]["client"] == "127.0.0.1" and got[0]["time"].endswith("+00:00")
+    assert got[2]["request_id"] == "op-7" and len(got[0]["request_id"]) == 32  # the caller's, or the server's
     text = path.read_text()
     assert "key-a" not in text and "sk-nobody" not in text and "key-admin" not in text  # never a key
     assert stat.S_IMODE(path.stat().st_mode) == 0o600

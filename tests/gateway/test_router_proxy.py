@@ -38,7 +38,8 @@ class ChunkStream(httpx.AsyncByteStream):
 
 def json_response(status: int, obj) -> httpx.Response:
     # A stream, as from a real socket (a Response built from bytes counts as already read).
-    return httpx.Response(status, headers={"content-type": "application/json"}, stream=ChunkStream([json.dumps(obj).encode()]))
+    return httpx.Response(status, headers={"content-type": "application/json", "x-request-id": "the-engines"},
+                          stream=ChunkStream([json.dumps(obj).encode()]))
 
 
 class FakeEngines:
@@ -256,6 +257,16 @@ def test_a_messages_stream_is_relayed_and_a_cut_one_ends_with_anthropics_error_e
         kind, data = events[2].split("\n")
         assert kind == "event: error" and json.loads(data[len("data: "):])["error"]["type"] == "api_error"
         assert metric(client, f'loragate_router_stream_cuts_total{{replica="{E1}"}}') == 1
+
+
+def test_the_request_id_is_passed_to_the_engine_and_answered_once(engines):
+    with make_client(engines) as client:
+        for sent in ({"X-Request-Id": "abc-1"}, {}):
+            r = client.post("/v1/completions", json={"model": "m", "prompt": "x"}, headers={**AUTH, **sent})
+            got = r.headers.get_list("x-request-id")
+            assert len(got) == 1 and got[0] == sent.get("X-Request-Id", got[0])
+            assert engines.calls[-1][3]["x-request-id"] == got[0]  # the engine's logs name the same request
+        assert len(got[0]) == 32
 
 
 def test_the_routers_own_errors_on_the_messages_api_have_anthropics_shape(engines):
