@@ -49,7 +49,8 @@ def test_a_span_per_request_carries_its_usage_and_the_callers_trace(traced):
     s, tracing, exporter = traced
     headers = {**s.headers(), "traceparent": TRACEPARENT}
     body = {"model": "tiny", "prompt": "t5 t6 t7", "max_tokens": 7, "ignore_eos": True, "n": 2, "temperature": 0.5}
-    answer = httpx.post(s.url + "/v1/completions", json=body, headers=headers, timeout=60).json()
+    answered = httpx.post(s.url + "/v1/completions", json=body, headers=headers, timeout=60)
+    answer = answered.json()
     httpx.get(s.url + "/v1/models", headers=headers)  # not an inference request: no span
     [span] = finished_spans(tracing, exporter)
     a = span.attributes
@@ -65,6 +66,13 @@ def test_a_span_per_request_carries_its_usage_and_the_callers_trace(traced):
     assert 0 <= a["gen_ai.latency.time_in_queue"] < a["gen_ai.latency.e2e"]
     assert span.status.status_code.name == "UNSET"
     assert span.resource.attributes["service.name"] == "loragate-engine"
+    assert tuple(a["http.request.header.x-request-id"]) == (answered.headers["x-request-id"],)
+    message = httpx.post(s.url + "/v1/messages", headers={"x-api-key": "key-a"}, timeout=60, json={
+        "model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "t5"}]}).json()  # Anthropic's API
+    [span] = finished_spans(tracing, exporter)
+    assert span.attributes["http.route"] == "/v1/messages" and span.attributes["loragate.tenant"] == "tenant-a"
+    assert (span.attributes["gen_ai.usage.prompt_tokens"], span.attributes["gen_ai.usage.completion_tokens"]) == (
+        message["usage"]["input_tokens"], message["usage"]["output_tokens"])
 
 
 def test_streams_embeddings_reranks_refusals_and_dropped_streams_are_traced_too(traced):
