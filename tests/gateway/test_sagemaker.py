@@ -49,6 +49,21 @@ def test_invocations_answer_as_the_endpoint_the_body_names(server, path):
     assert same == want_same and numbers == pytest.approx(want_numbers, abs=1e-6)
 
 
+def test_bodies_without_a_model_are_for_the_base_model_and_bedrock_claude_bodies_are_messages(server):
+    chat = {**BODIES["/v1/chat/completions"], "temperature": 0}
+    unnamed = httpx.post(server.url + "/invocations", json=chat, headers=server.headers(), timeout=60).json()
+    named = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", **chat}, headers=server.headers(),
+                       timeout=60).json()
+    assert unnamed["model"] == "tiny" and unnamed["choices"] == named["choices"]
+    claude = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 4, "temperature": 0,
+              "messages": [{"role": "user", "content": [{"type": "text", "text": "t5 t6"}]}]}
+    invoked = httpx.post(server.url + "/invocations", json=claude, headers=server.headers(), timeout=60).json()
+    direct = httpx.post(server.url + "/v1/messages", json={"model": "tiny", **claude}, headers=server.headers(),
+                        timeout=60).json()
+    assert invoked["type"] == "message" and invoked["model"] == "tiny"
+    assert (invoked["content"], invoked["usage"]) == (direct["content"], direct["usage"])
+
+
 def test_a_streamed_invocation_streams_and_bad_ones_are_400s(server):
     body = {"model": "tiny", **BODIES["/v1/chat/completions"], "stream": True}
     events = httpx.post(server.url + "/invocations", json=body, headers=server.headers(), timeout=60).text
