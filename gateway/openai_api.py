@@ -132,13 +132,25 @@ async def collect_answer(state, principal, body: dict, gen, *, chat: bool) -> di
             if c.split is not None:
                 message = with_reasoning(message, c.split.reasoning, gen.include_reasoning)
             out_choices.append({"index": c.index, "message": message, "logprobs": logprobs,
-                                "finish_reason": finish_reason, "stop_reason": c.stop_reason})
+                                "finish_reason": finish_reason, "stop_reason": c.stop_reason,
+                                **_token_ids(gen, c, c.tokens)})
         else:
             text, logprobs = _completion_piece(gen, tok, prompts, c, c.text, c.logprobs, True, 0)
             out_choices.append({"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
-                                "stop_reason": c.stop_reason})
+                                "stop_reason": c.stop_reason, **_token_ids(gen, c, c.tokens, prompts)})
+    prompt_ids = {"prompt_token_ids": prompts[0]} if chat and gen.return_token_ids else {}
     return {"id": rid, "object": kind, "created": created, "model": gen.model, "choices": out_choices,
-            "usage": _usage(gen, prompts, choices), "service_tier": gen.service_tier, **_metrics(state, choices)}
+            "usage": _usage(gen, prompts, choices), "service_tier": gen.service_tier, **prompt_ids,
+            **_metrics(state, choices)}
+
+
+def _token_ids(gen, c: Choice, tokens: list[int], prompts: list[list[int]] | None = None) -> dict:
+    """vLLM's return_token_ids fields of a choice (or a streamed piece of it): the tokens it
+    returns, and on completions (whose choices may have different prompts) its prompt's."""
+    if not gen.return_token_ids:
+        return {}
+    ids = {"token_ids": [] if gen.prompt_only else tokens}
+    return ids if prompts is None else {"prompt_token_ids": prompts[c.prompt_index], **ids}
 
 
 def _metrics(state, choices: list[Choice]) -> dict:
@@ -255,21 +267,24 @@ async def stream_chunks(state, gen, prompts, choices, streams, *, chat: bool):
             delta = {"role": "assistant", **(delta or {})} if first else (delta or {})
             choice = {"index": c.index, "delta": delta, "finish_reason": finish_reason,
                       "logprobs": chat_logprobs(tok, new) if gen.logprobs is not None else None,
-                      "stop_reason": c.stop_reason}
+                      "stop_reason": c.stop_reason, **_token_ids(gen, c, c.tokens[sent_tokens.get(c.index, 0):])}
         else:
             text, logprobs = _completion_piece(gen, tok, prompts, c, delta_text, new, first,
                                                len(c.text) - len(delta_text))
             choice = {"index": c.index, "text": text, "finish_reason": c.finish_reason, "logprobs": logprobs,
-                      "stop_reason": c.stop_reason}
+                      "stop_reason": c.stop_reason,
+                      **_token_ids(gen, c, c.tokens[sent_tokens.get(c.index, 0):], prompts if first else None)}
         piece = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created, "model": gen.model,
                  "choices": [choice], "service_tier": gen.service_tier}
+        if chat and gen.return_token_ids and not started:  # the stream's first chunk: the prompt's ids
+            piece["prompt_token_ids"] = prompts[0]
         if gen.continuous_usage:  # the counts so far; their details come with the final usage chunk
             generated = sum(_generated(gen, c) for c in choices)
             piece["usage"] = {"prompt_tokens": num_prompt_tokens, "completion_tokens": generated,
                               "total_tokens": num_prompt_tokens + generated}
         return piece
 
-    started = set()
+    started, sent_tokens = set(), {}  # choices that have sent a chunk; tokens each has sent
     async with contextlib.aclosing(pump(streams)) as outputs:
         async for i, out in outputs:
             c = choices[i]
@@ -279,6 +294,7 @@ async def stream_chunks(state, gen, prompts, choices, streams, *, chat: bool):
                 if piece is not None:
                     yield piece
                     started.add(i)
+                    sent_tokens[c.index] = len(c.tokens)
     if gen.include_usage:
         yield {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created, "model": gen.model,
                "choices": [], "usage": _usage(gen, prompts, choices), **_metrics(state, choices)}

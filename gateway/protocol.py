@@ -54,6 +54,7 @@ class GenerationRequest:
     reasoning: tuple | None = None  # ... (ThinkMarkers, where the output starts), set once the prompt is built
     continuous_usage: bool = False  # stream_options.continuous_usage_stats (vLLM's): counts so far on every chunk
     add_special_tokens: bool = True  # completions (vLLM's): the tokenizer's BOS and such around a text prompt
+    return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids (RL rollouts train on them)
 
     @property
     def prompt_only(self) -> bool:
@@ -139,7 +140,8 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
                              template_kwargs=template_options(body) if chat else {},
                              truncate_prompt_tokens=truncation(body), service_tier=tier,
                              continuous_usage=bool(options.get("continuous_usage_stats")),
-                             add_special_tokens=_get(body, "add_special_tokens", bool, not chat))
+                             add_special_tokens=_get(body, "add_special_tokens", bool, not chat),
+                             return_token_ids=_get(body, "return_token_ids", bool, False))
 
 
 def _service_tier(body: dict) -> str:

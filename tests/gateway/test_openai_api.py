@@ -427,3 +427,34 @@ def test_a_refused_prompt_in_a_batch_queues_nothing(server):
             break
         time.sleep(0.02)
     assert not engine.has_unfinished and engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+def test_return_token_ids_gives_the_prompts_and_each_choices_tokens(server):
+    """vLLM's return_token_ids, which RL rollouts train on: chat's prompt ids at the top (in a
+    stream's first chunk), completions' per choice; each choice's token_ids, streamed as deltas."""
+    c = client(server)
+    tok = server.state.engine.tokenizer
+    messages = [{"role": "user", "content": "t5 t6"}]
+    ids = {"return_token_ids": True}
+    chat = c.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0, n=2,
+                                     extra_body=ids).model_dump()
+    assert chat["prompt_token_ids"] == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                               return_dict=False)
+    for choice in chat["choices"]:
+        assert tok.decode(choice["token_ids"]).strip() == choice["message"]["content"]
+    assert sum(len(ch["token_ids"]) for ch in chat["choices"]) == chat["usage"]["completion_tokens"]
+    chunks = [ch.model_dump() for ch in c.chat.completions.create(model="tiny", messages=messages, max_tokens=5,
+                                                                   temperature=0, stream=True, extra_body=ids)]
+    assert chunks[0]["prompt_token_ids"] == chat["prompt_token_ids"]
+    assert all(ch.get("prompt_token_ids") is None for ch in chunks[1:])
+    assert [t for ch in chunks for t in ch["choices"][0]["token_ids"]] == chat["choices"][0]["token_ids"]
+    prompts = ["t5 t6 t7", "t9"]
+    plain = c.completions.create(model="tiny", prompt=prompts, max_tokens=4, temperature=0, extra_body=ids).model_dump()
+    assert [ch["prompt_token_ids"] for ch in plain["choices"]] == [tok.encode(p) for p in prompts]
+    streamed = [ch.model_dump() for ch in c.completions.create(model="tiny", prompt=prompts, max_tokens=4,
+                                                               temperature=0, stream=True, extra_body=ids)]
+    for i, choice in enumerate(plain["choices"]):
+        mine = [ch["choices"][0] for ch in streamed if ch["choices"][0]["index"] == i]
+        assert [t for piece in mine for t in piece["token_ids"]] == choice["token_ids"]
+        assert mine[0]["prompt_token_ids"] == choice["prompt_token_ids"] and mine[1].get("prompt_token_ids") is None
+    assert "token_ids" not in c.completions.create(model="tiny", prompt="t5", max_tokens=2).model_dump()["choices"][0]
