@@ -99,12 +99,13 @@ class AsyncEngine:
         return (await self._queue([(prompt, params, request_id, cache_salt, adapter, tenant)]))[0]
 
     async def add_requests(self, prompts: list[tuple[str | list[int], SamplingParams | None]],
-                           adapter: str | None = None, tenant: str | None = None) -> list["RequestStream"]:
+                           adapter: str | None = None, tenant: str | None = None,
+                           cache_salt: str = "") -> list["RequestStream"]:
         """Several (prompt, params) requests at once, as add_request would queue each: all are
         validated before any is queued (one bad prompt queues none), then handed to the engine
         thread together. One lock and one wake-up instead of one per request: adding 2,048
         embedding inputs one by one cost the event loop 0.4 s of GIL hand-offs with that thread."""
-        return await self._queue([(prompt, params, None, "", adapter, tenant) for prompt, params in prompts])
+        return await self._queue([(prompt, params, None, cache_salt, adapter, tenant) for prompt, params in prompts])
 
     async def _queue(self, requests: list[tuple]) -> list["RequestStream"]:
         if self.error is not None:

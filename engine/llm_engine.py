@@ -191,6 +191,8 @@ class LLMEngine:
                 raise InvalidRequestError(f"{name} token ids must be in [0, {vocab})", name)
         prediction = prediction_token_ids(params.prediction, self.tokenizer, vocab, self.max_model_len)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if cache_salt:  # quoted: a salt holding "|lora:x@1" must not spell another request's key
+            cache_salt = f"salt:{cache_salt!r}"
         if tenant is not None:
             cache_salt = f"tenant:{tenant}|{cache_salt}"
         req = Request(request_id, ids, params, cache_salt=cache_salt, tenant=tenant)

@@ -60,7 +60,8 @@ async def _start(state, principal, gen, prompts_ids: list[list[int]], model: str
             choices.append(Choice(pi * gen.n + ci, pi, len(ids), state.metrics, labels, gen.charge, split))
             requests.append((ids, params))
     # All at once: a refused prompt queues none of them
-    return choices, await engine.add_requests(requests, adapter=adapter, tenant=principal.tenant)
+    return choices, await engine.add_requests(requests, adapter=adapter, tenant=principal.tenant,
+                                              cache_salt=gen.cache_salt)
 
 
 async def until_disconnect(request: Request, coro):
@@ -126,7 +127,7 @@ async def collect_answer(state, principal, body: dict, gen, *, chat: bool) -> di
     out_choices = []
     for c in choices:
         if chat:
-            logprobs = chat_logprobs(tok, c.logprobs) if gen.logprobs is not None else None
+            logprobs = chat_logprobs(tok, c.logprobs, gen.tokens_as_ids) if gen.logprobs is not None else None
             message, finish_reason = ({"role": "assistant", "content": c.content}, c.finish_reason) if gen.tools is None \
                 else gen.tools.message(c.content, c.finish_reason)
             if c.split is not None:
@@ -183,13 +184,13 @@ def _completion_piece(gen, tok, prompts, c: Choice, text: str, entries, first: b
     if gen.echo and first:
         prefix = gen.prompt_texts[c.prompt_index]
         if gen.logprobs is not None:
-            logprobs = echo_logprobs(tok, prompts[c.prompt_index], c.prompt_logprobs)
+            logprobs = echo_logprobs(tok, prompts[c.prompt_index], c.prompt_logprobs, gen.tokens_as_ids)
     if gen.prompt_only:
         text, entries = "", []
     if gen.logprobs is None:
         return prefix + text, None
     base = len(gen.prompt_texts[c.prompt_index]) if gen.echo else 0
-    generated = completion_logprobs(tok, entries, base + offset)
+    generated = completion_logprobs(tok, entries, base + offset, gen.tokens_as_ids)
     return prefix + text, generated if logprobs is None else {k: logprobs[k] + generated[k] for k in generated}
 
 
@@ -266,7 +267,7 @@ async def stream_chunks(state, gen, prompts, choices, streams, *, chat: bool):
                 delta = with_reasoning(delta or {}, reasoning, True)
             delta = {"role": "assistant", **(delta or {})} if first else (delta or {})
             choice = {"index": c.index, "delta": delta, "finish_reason": finish_reason,
-                      "logprobs": chat_logprobs(tok, new) if gen.logprobs is not None else None,
+                      "logprobs": chat_logprobs(tok, new, gen.tokens_as_ids) if gen.logprobs is not None else None,
                       "stop_reason": c.stop_reason, **_token_ids(gen, c, c.tokens[sent_tokens.get(c.index, 0):])}
         else:
             text, logprobs = _completion_piece(gen, tok, prompts, c, delta_text, new, first,

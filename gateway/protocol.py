@@ -55,6 +55,8 @@ class GenerationRequest:
     continuous_usage: bool = False  # stream_options.continuous_usage_stats (vLLM's): counts so far on every chunk
     add_special_tokens: bool = True  # completions (vLLM's): the tokenizer's BOS and such around a text prompt
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids (RL rollouts train on them)
+    tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:<id>"
+    cache_salt: str = ""  # vLLM's: prefix-cache entries shared only by requests with the same salt
 
     @property
     def prompt_only(self) -> bool:
@@ -141,7 +143,9 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
                              truncate_prompt_tokens=truncation(body), service_tier=tier,
                              continuous_usage=bool(options.get("continuous_usage_stats")),
                              add_special_tokens=_get(body, "add_special_tokens", bool, not chat),
-                             return_token_ids=_get(body, "return_token_ids", bool, False))
+                             return_token_ids=_get(body, "return_token_ids", bool, False),
+                             tokens_as_ids=_get(body, "return_tokens_as_token_ids", bool, False),
+                             cache_salt=_get(body, "cache_salt", str, ""))
 
 
 def _service_tier(body: dict) -> str:
@@ -304,31 +308,39 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
     return out
 
 
-def completion_logprobs(tokenizer, entries: list[tuple[int, tuple[float, dict[int, float]]]], offset: int) -> dict:
+def _token_name(tokenizer, token: int, as_id: bool) -> str:
+    """How logprobs name a token: its text, or with vLLM's return_tokens_as_token_ids
+    "token_id:<id>" (a token that is part of a character decodes to no usable text)."""
+    return f"token_id:{token}" if as_id else tokenizer.decode([token])
+
+
+def completion_logprobs(tokenizer, entries: list[tuple[int, tuple[float, dict[int, float]]]], offset: int,
+                        as_ids: bool = False) -> dict:
     """Legacy completions shape from (token, (logprob, {alt: logprob})) pairs."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
     for token, (lp, alts) in entries:
-        text = tokenizer.decode([token])
         offsets.append(offset)
-        offset += len(text)
-        tokens.append(text)
+        offset += len(tokenizer.decode([token]))
+        tokens.append(_token_name(tokenizer, token, as_ids))
         token_logprobs.append(lp)
-        tops.append({tokenizer.decode([t]): v for t, v in alts.items()})
+        tops.append({_token_name(tokenizer, t, as_ids): v for t, v in alts.items()})
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
-def echo_logprobs(tokenizer, prompt_ids: list[int], entries: list[tuple[float, dict[int, float]]]) -> dict:
+def echo_logprobs(tokenizer, prompt_ids: list[int], entries: list[tuple[float, dict[int, float]]],
+                  as_ids: bool = False) -> dict:
     """Legacy completions shape for the prompt's own tokens: the first has no context, so its
     logprob and alternatives are null."""
     first = tokenizer.decode([prompt_ids[0]])
-    out = completion_logprobs(tokenizer, list(zip(prompt_ids[1:], entries)), len(first))
-    return {"tokens": [first] + out["tokens"], "token_logprobs": [None] + out["token_logprobs"],
+    out = completion_logprobs(tokenizer, list(zip(prompt_ids[1:], entries)), len(first), as_ids)
+    return {"tokens": [_token_name(tokenizer, prompt_ids[0], as_ids)] + out["tokens"],
+            "token_logprobs": [None] + out["token_logprobs"],
             "top_logprobs": [None] + out["top_logprobs"], "text_offset": [0] + out["text_offset"]}
 
 
-def chat_logprobs(tokenizer, entries: list[tuple[int, tuple[float, dict[int, float]]]]) -> dict:
+def chat_logprobs(tokenizer, entries: list[tuple[int, tuple[float, dict[int, float]]]], as_ids: bool = False) -> dict:
     def item(token: int, lp: float) -> dict:
-        text = tokenizer.decode([token])
+        text = _token_name(tokenizer, token, as_ids)
         return {"token": text, "logprob": lp, "bytes": list(text.encode())}
 
     return {"content": [dict(item(token, lp), top_logprobs=[item(t, v) for t, v in alts.items()])

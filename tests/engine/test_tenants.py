@@ -67,6 +67,18 @@ def test_the_prefix_cache_keeps_tenants_apart(tiny_llama):
     assert cached(None) == 0
 
 
+def test_a_cache_salt_cannot_spell_an_adapters_key(tiny_llama, tmp_path, save_lora):
+    """A base-model request salted "s|lora:a@1" must not share the prefix-cache entries of
+    adapter a's requests salted "s" (their KV differs): the salt is quoted in the key."""
+    engine = make_engine(tiny_llama)
+    engine.add_adapter("a", save_lora(tiny_llama, tmp_path / "a", 0.3, seed=0, r=4, target_modules=["q_proj"]))
+    base = engine.make_request([5, 6, 7], PARAMS, cache_salt="s|lora:a@1", tenant="t")
+    adapted = engine.make_request([5, 6, 7], PARAMS, cache_salt="s", adapter="a", tenant="t")
+    assert adapted.lora_key == "a@1" and base.cache_salt != adapted.cache_salt
+    assert engine.make_request([5], PARAMS, cache_salt="s", tenant="t").cache_salt == \
+        engine.make_request([6], PARAMS, cache_salt="s", tenant="t").cache_salt  # the same salt shares
+
+
 def test_a_short_cache_preempts_the_heaviest_tenants_request(tiny_llama):
     """24 KV blocks for four 40-token prompts growing by 60 tokens each: preemptions are
     needed. Tenant a's three requests give them up; b's request, admitted last (plain LIFO's

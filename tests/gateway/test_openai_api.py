@@ -458,3 +458,31 @@ def test_return_token_ids_gives_the_prompts_and_each_choices_tokens(server):
         assert [t for piece in mine for t in piece["token_ids"]] == choice["token_ids"]
         assert mine[0]["prompt_token_ids"] == choice["prompt_token_ids"] and mine[1].get("prompt_token_ids") is None
     assert "token_ids" not in c.completions.create(model="tiny", prompt="t5", max_tokens=2).model_dump()["choices"][0]
+
+
+def test_tokens_as_ids_in_logprobs_and_a_cache_salt_keeps_prefix_hits_apart(server):
+    """vLLM's return_tokens_as_token_ids names logprobs' tokens "token_id:<id>"; its cache_salt
+    lets only requests with the same salt share prefix-cache entries."""
+    c = client(server)
+    as_ids = {"return_tokens_as_token_ids": True, "return_token_ids": True}
+    chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "t5 t6"}], max_tokens=4,
+                                     temperature=0, logprobs=True, top_logprobs=2, extra_body=as_ids).model_dump()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert [e["token"] for e in content] == [f"token_id:{t}" for t in chat["choices"][0]["token_ids"]]
+    assert all(alt["token"].startswith("token_id:") for e in content for alt in e["top_logprobs"])
+    plain = c.completions.create(model="tiny", prompt="t5 t6", max_tokens=3, temperature=0, logprobs=1, echo=True,
+                                 extra_body=as_ids).model_dump()["choices"][0]
+    tok = server.state.engine.tokenizer
+    prompt = tok.encode("t5 t6")
+    assert plain["logprobs"]["tokens"] == [f"token_id:{t}" for t in prompt + plain["token_ids"]]
+    assert plain["logprobs"]["text_offset"][1] == len(tok.decode(prompt[:1]))  # offsets stay the text's
+
+    long_prompt = " ".join(f"t{i}" for i in range(100, 160))
+
+    def cached(salt: str | None) -> int:
+        extra = {"cache_salt": salt} if salt is not None else {}
+        r = c.completions.create(model="tiny", prompt=long_prompt, max_tokens=1, extra_body=extra)
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("alpha") == 0 and cached("alpha") > 0  # the same salt shares
+    assert cached("beta") == 0 and cached(None) == 0  # another salt, or none, does not
