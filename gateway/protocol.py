@@ -204,6 +204,9 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
         raise _bad("'echo' is for /v1/completions", "echo")
     if body.get("use_beam_search"):
         raise _bad("beam search is not supported", "use_beam_search")
+    if body.get("prompt_logprobs") is not None:  # vLLM's, with ranks this server does not compute
+        raise _bad("'prompt_logprobs' is not supported: /v1/completions with 'echo': true and 'logprobs' scores the "
+                   "prompt's tokens", "prompt_logprobs")
     if chat and body.get("chat_template") is not None:  # as vLLM refuses it by default (--trust-request-chat-template)
         raise _bad("per-request chat templates are not accepted; the model's own is used", "chat_template")
     if chat and body.get("documents"):
