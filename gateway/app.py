@@ -75,6 +75,7 @@ def build_app(state: ServerState, load=None, tracing=None) -> Starlette:
     from .sagemaker_api import routes as sagemaker_routes
     from .responses_api import response_store_service, routes as responses_routes
     from .messages_api import routes as messages_routes
+    from .message_batches_api import routes as message_batch_routes
     from .tokenizer_api import routes as tokenizer_routes
     from .version_api import routes as version_routes
     from .batch_runner import batch_service
@@ -118,6 +119,7 @@ def build_app(state: ServerState, load=None, tracing=None) -> Starlette:
         *sagemaker_routes(readyz),
         *responses_routes,
         *messages_routes,
+        *message_batch_routes,
         *tokenizer_routes,
         *file_routes,
         *batch_routes,

@@ -22,8 +22,9 @@ from .errors import APIError
 
 CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, RESPONSES_ENDPOINT = "/v1/chat/completions", "/v1/completions", "/v1/responses"
 EMBEDDINGS_ENDPOINT, SCORE_ENDPOINT, RERANK_ENDPOINT = "/v1/embeddings", "/v1/score", "/v1/rerank"
+MESSAGES_ENDPOINT = "/v1/messages"  # Anthropic's; its message batches are these (gateway/message_batches_api.py)
 ENDPOINTS = (CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, RESPONSES_ENDPOINT, EMBEDDINGS_ENDPOINT, SCORE_ENDPOINT,
-             RERANK_ENDPOINT)
+             RERANK_ENDPOINT, MESSAGES_ENDPOINT)
 _CHUNK_BYTES = 1 << 20
 
 

@@ -38,13 +38,14 @@ import sqlite3
 import time
 
 from .auth import Principal
-from .batch_input import (CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, RERANK_ENDPOINT, RESPONSES_ENDPOINT, SCORE_ENDPOINT,
-                          BatchInputError, error_line, output_line, read_input)
+from .batch_input import (CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, MESSAGES_ENDPOINT, RERANK_ENDPOINT, RESPONSES_ENDPOINT,
+                          SCORE_ENDPOINT, BatchInputError, error_line, output_line, read_input)
 from .batch_lease import RunnerLease
 from .batch_store import (CANCELLING, FINALIZING, IN_PROGRESS, LINE_CANCELLED, LINE_EXPIRED, LINE_FAILED,
                           ORPHAN_MIN_AGE_S, SUCCEEDED, VALIDATING, BatchRecord, BatchStore, PendingLine)
 from .errors import APIError, to_api_error
 from .embeddings_api import embed
+from .messages_api import answer_message
 from .openai_api import complete
 from .responses_api import respond
 from .scores_api import rerank, score
@@ -234,6 +235,8 @@ class BatchRunner:
                 response = await respond(self.state, principal, body)
             elif batch.endpoint in POOLING_ENDPOINTS:
                 response = await POOLING_ENDPOINTS[batch.endpoint](self.state, principal, body)
+            elif batch.endpoint == MESSAGES_ENDPOINT:
+                response = await answer_message(self.state, principal, body, BATCH_PRIORITY)
             else:
                 if isinstance(body, dict) and isinstance(body.get("priority", 0), int):
                     # behind interactive requests in the engine too: they preempt a batch line for room

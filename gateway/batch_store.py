@@ -9,10 +9,8 @@ twice.
 Engines of a fleet may share one root (one LORAGATE_HOME volume): SQLite's locks serialise
 their writes, and the rollback journal (not WAL, whose shared memory needs every process on
 one host) keeps that true on a shared volume with working POSIX locks. batch_lease.py picks
-the one process that runs lines.
-
-Every method blocks and is thread-safe (one connection behind a lock): async code calls them
-through asyncio.to_thread.
+the one process that runs lines. Every method blocks and is thread-safe (one connection
+behind a lock): async code calls them through asyncio.to_thread.
 """
 
 from __future__ import annotations
@@ -212,8 +210,9 @@ class BatchStore:
         rows = self._rows("SELECT * FROM batches WHERE id = ?", (batch_id,))
         return _record(BatchRecord, rows[0]) if rows else None
 
-    def list_batches(self, tenant: str | None, limit: int, after: str | None) -> tuple[list[BatchRecord], bool]:
-        rows = self._page("batches", tenant, limit, after, ascending=False)
+    def list_batches(self, tenant: str | None, limit: int, after: str | None,
+                     endpoint: str | None = None) -> tuple[list[BatchRecord], bool]:
+        rows = self._page("batches", tenant, limit, after, False, ("endpoint", endpoint))
         return [_record(BatchRecord, r) for r in rows[:limit]], len(rows) > limit
 
     def active_batches(self) -> list[BatchRecord]:
@@ -226,6 +225,27 @@ class BatchStore:
                          "COALESCE(SUM(state IN (?, ?)), 0) AS failed FROM batch_lines WHERE batch_id = ?",
                          (SUCCEEDED, LINE_FAILED, LINE_EXPIRED, batch_id))[0]
         return {"total": row["total"], "completed": row["completed"], "failed": row["failed"]}
+
+    def line_states(self, batch_id: str) -> dict[str, int]:  # {state: lines in it}, for those with any
+        sql = "SELECT state, COUNT(*) AS n FROM batch_lines WHERE batch_id = ? GROUP BY state"
+        return {r["state"]: r["n"] for r in self._rows(sql, (batch_id,))}
+
+    def line_results(self, batch_id: str, after: int, limit: int) -> list[tuple]:  # (line_no, custom_id, state, result)
+        sql = "SELECT * FROM batch_lines WHERE batch_id = ? AND line_no > ? ORDER BY line_no LIMIT ?"
+        return [(r["line_no"], r["custom_id"], r["state"], r["result"]) for r in self._rows(sql, (batch_id, after, limit))]
+
+    def delete_batch(self, batch_id: str) -> None:
+        """A finished batch, its lines and its files (the input's too) gone."""
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            if row["status"] in ACTIVE:
+                raise BatchConflict(row["status"])
+            files = [row[f] for f in ("input_file_id", "output_file_id", "error_file_id") if row[f]]
+            db.execute("DELETE FROM batch_lines WHERE batch_id = ?", (batch_id,))
+            db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+            db.executemany("DELETE FROM files WHERE id = ?", [(f,) for f in files])
+        for file_id in files:
+            self.files.remove(file_id)
 
     def request_cancel(self, batch_id: str) -> BatchRecord:
         with self.transaction() as db:

@@ -50,13 +50,13 @@ def _metadata(value) -> dict | None:
     return value
 
 
-def _notify_runner(request: Request) -> None:
+def notify_runner(request: Request) -> None:
     runner = getattr(request.app.state, "batch_runner", None)
     if runner is not None:
         runner.notify()
 
 
-async def _owned_batch(request: Request, store, principal):
+async def owned_batch(request: Request, store, principal):
     batch_id = request.path_params["batch_id"]
     record = visible(request, principal, await asyncio.to_thread(store.get_batch, batch_id))
     if record is None:
@@ -88,14 +88,14 @@ async def create_batch(request: Request):
                             "be uploaded with purpose \"batch\"", param="input_file_id")
     record = await asyncio.to_thread(store.create_batch, input_file.tenant, endpoint, input_file_id, window,
                                      COMPLETION_WINDOWS[window], metadata)
-    _notify_runner(request)
+    notify_runner(request)
     return await _batch_response(store, record)
 
 
 async def get_batch(request: Request):
     principal = principal_of(request)
     store = batch_store(request)
-    return await _batch_response(store, await _owned_batch(request, store, principal))
+    return await _batch_response(store, await owned_batch(request, store, principal))
 
 
 async def list_batches(request: Request):
@@ -112,13 +112,13 @@ async def list_batches(request: Request):
 async def cancel_batch(request: Request):
     principal = principal_of(request)
     store = batch_store(request)
-    record = await _owned_batch(request, store, principal)
+    record = await owned_batch(request, store, principal)
     try:
         record = await asyncio.to_thread(store.request_cancel, record.id)
     except BatchConflict as e:
         raise APIError(409, f"batch {record.id!r} is {e} and can no longer be cancelled", param="batch_id",
                        code="batch_not_cancellable") from None
-    _notify_runner(request)
+    notify_runner(request)
     return await _batch_response(store, record)
 
 

@@ -141,20 +141,40 @@ def _thinking_switch(tokenizer, body: dict, chat: dict) -> None:
         chat["chat_template_kwargs"] = {"enable_thinking": thinking["type"] != "disabled"}
 
 
+def _prepared(state, body, priority: int | None = None):
+    """(chat body, its GenerationRequest) for a Messages request."""
+    chat = chat_body_from(body)
+    _thinking_switch(state.require_engine().tokenizer, body, chat)
+    if priority is not None:
+        chat["priority"] = priority
+    return chat, parse_common(chat, chat=True)
+
+
+async def _answer(state, principal, body: dict, chat: dict, gen) -> dict:
+    return message_of(body, await collect_answer(state, principal, chat, gen, chat=True))
+
+
+async def answer_message(state, principal, body: dict, priority: int | None = None) -> dict:
+    """The message POST /v1/messages answers for this body, run as `principal` at `priority`
+    (not streamed); errors raise as the handler raises them. The batch runner's."""
+    chat, gen = _prepared(state, body, priority)
+    if gen.stream:
+        raise APIError(400, "'stream' is not supported here: the whole message is returned at once", param="stream")
+    return await _answer(state, principal, body, chat, gen)
+
+
 async def messages(request: Request):
     state = request.app.state.server
     principal = principal_of(request)
-    engine = state.require_engine()
+    state.require_engine()
     body = await json_body(request)
-    chat = chat_body_from(body)
-    _thinking_switch(engine.tokenizer, body, chat)
-    gen = parse_common(chat, chat=True)
+    chat, gen = _prepared(state, body)
     slot = state.open_tenant_request(principal.tenant, request.headers)
     gen.charge = slot.charge
     if not gen.stream:
         try:
-            completion = await until_disconnect(request, collect_answer(state, principal, chat, gen, chat=True))
-            return JSONResponse(message_of(body, completion), headers=slot.response_headers())
+            message = await until_disconnect(request, _answer(state, principal, body, chat, gen))
+            return JSONResponse(message, headers=slot.response_headers())
         finally:
             slot.release()
     gen.include_usage = True  # the output tokens go into message_delta

@@ -172,3 +172,70 @@ def test_forced_tool_use_streamed_and_a_tool_result_turn(real_server):
                                                         "content": "18 C and sunny"}]}]
     answer = claude.messages.create(model="tiny", max_tokens=30, extra_body=GREEDY, messages=history)
     assert answer.content[0].type == "text" and answer.content[0].text
+
+
+def test_message_batches_with_the_official_client(server):
+    """Anthropic's Message Batches API on the batch API's store and runner: results equal to the
+    interactive messages, an errored request in Anthropic's error shape, list, cancel of an
+    ended batch, results, delete; another tenant sees none of it."""
+    import time
+
+    claude, _ = clients(server)
+    asks = {f"ask-{i}": {"model": "tiny", "max_tokens": 4, "temperature": 0,
+                         "messages": [{"role": "user", "content": f"t{5 + i} t9"}]} for i in range(3)}
+    requests = [{"custom_id": k, "params": v} for k, v in asks.items()]
+    requests.append({"custom_id": "bad", "params": {"model": "tiny", "messages": [{"role": "user", "content": "t5"}]}})
+    batch = claude.messages.batches.create(requests=requests)
+    assert batch.type == "message_batch" and batch.processing_status in ("in_progress", "ended")
+    for _ in range(300):
+        batch = claude.messages.batches.retrieve(batch.id)
+        if batch.processing_status == "ended":
+            break
+        time.sleep(0.1)
+    assert batch.processing_status == "ended" and batch.ended_at and batch.results_url
+    counts = batch.request_counts
+    assert (counts.processing, counts.succeeded, counts.errored, counts.canceled, counts.expired) == (0, 3, 1, 0, 0)
+    results = {r.custom_id: r.result for r in claude.messages.batches.results(batch.id)}
+    assert list(results) == ["ask-0", "ask-1", "ask-2", "bad"]
+    for custom_id, params in asks.items():
+        interactive = claude.messages.create(**{k: v for k, v in params.items() if k != "temperature"},
+                                             extra_body={"temperature": 0})
+        assert results[custom_id].type == "succeeded"
+        assert results[custom_id].message.content[0].text == interactive.content[0].text
+        assert results[custom_id].message.usage.output_tokens == interactive.usage.output_tokens
+    bad = results["bad"]
+    assert bad.type == "errored" and bad.error.error.type == "invalid_request_error"
+    assert "max_tokens" in bad.error.error.message
+    assert batch.id in [b.id for b in claude.messages.batches.list(limit=5).data]
+    assert claude.messages.batches.cancel(batch.id).processing_status == "ended"  # nothing left to cancel
+
+    other, _ = clients(server, "key-b")
+    with pytest.raises(anthropic.NotFoundError):
+        other.messages.batches.retrieve(batch.id)
+    assert batch.id not in [b.id for b in other.messages.batches.list().data]
+    assert claude.messages.batches.delete(batch.id).type == "message_batch_deleted"
+    with pytest.raises(anthropic.NotFoundError):
+        claude.messages.batches.retrieve(batch.id)
+    with pytest.raises(anthropic.BadRequestError):  # custom ids are Anthropic's: letters, digits, _ and -
+        claude.messages.batches.create(requests=[{"custom_id": "a b", "params": asks["ask-0"]}])
+
+
+def test_a_cancelled_message_batch_ends_with_its_unrun_requests_canceled(server):
+    import time
+
+    claude, _ = clients(server)
+    params = {"model": "tiny", "max_tokens": 64, "messages": [{"role": "user", "content": "t5 t6"}]}
+    batch = claude.messages.batches.create(requests=[{"custom_id": f"r{i}", "params": params} for i in range(300)])
+    with pytest.raises(anthropic.ConflictError):  # still processing: it must end first
+        claude.messages.batches.delete(batch.id)
+    assert claude.messages.batches.cancel(batch.id).processing_status in ("canceling", "ended")
+    for _ in range(300):
+        batch = claude.messages.batches.retrieve(batch.id)
+        if batch.processing_status == "ended":
+            break
+        time.sleep(0.1)
+    counts = batch.request_counts
+    assert batch.processing_status == "ended" and counts.canceled > 0 and batch.cancel_initiated_at
+    assert counts.succeeded + counts.canceled == 300 and counts.processing == counts.errored == 0
+    kinds = [r.result.type for r in claude.messages.batches.results(batch.id)]
+    assert kinds.count("canceled") == counts.canceled and kinds.count("succeeded") == counts.succeeded
