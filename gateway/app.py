@@ -18,7 +18,8 @@ from starlette.routing import Route
 
 from .auth import keys_file_watched
 from .errors import APIError, error_response
-from .openai_api import chat_completions, completions, get_model, list_models
+from .models_api import get_model, list_models
+from .openai_api import chat_completions, completions
 from .request_ids import RequestIds, request_id
 from .state import ServerState
 

@@ -1,4 +1,4 @@
-"""OpenAI-compatible inference: /v1/completions, /v1/chat/completions, /v1/models.
+"""OpenAI-compatible inference: /v1/completions and /v1/chat/completions (models: models_api.py).
 
 Every choice is one engine request. Streams are SSE `data: {json}` chunks ending in
 `data: [DONE]`; an error mid-stream is a `data: {"error": ...}` event before [DONE]. A client
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import json
 import time
 import uuid
@@ -23,7 +22,7 @@ from loragate.engine.reasoning import reasoning_start, reasoning_token_count
 from . import tracing
 from .auth import authorization_of
 from .choices import Choice, pump
-from .errors import APIError, not_found, to_api_error
+from .errors import APIError, to_api_error
 from .reasoning import ReasoningSplit, with_reasoning
 from .protocol import (chat_logprobs, chat_messages, completion_logprobs, completion_prompts, echo_logprobs, parse_common,
                        truncated, usage)
@@ -307,46 +306,3 @@ async def completions(request: Request):
 
 async def chat_completions(request: Request):
     return await _generate(request, chat=True)
-
-
-def _models(request: Request) -> list[dict]:
-    """The base model and the caller's adapters, as OpenAI model objects, with the context
-    length (vLLM's max_model_len, which clients read to size prompts) once the model is loaded."""
-    state = request.app.state.server
-    principal = principal_of(request)
-    context = {"max_model_len": state.engine.engine.max_model_len} if state.engine is not None else {}
-    data = [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "loragate", **context}
-            for name in state.served_names or (state.model_name,)]
-    if state.registry is not None:
-        shared = state.shared_tenant
-        mine = [(info.name, info) for info in state.registry.list(principal.tenant)]
-        if shared is not None and shared != principal.tenant:
-            mine += [(f"{shared}/{info.name}", info) for info in state.registry.list(shared)]
-        for model_id, info in mine:
-            data.append({"id": model_id, "object": "model", "created": int(info.created), "owned_by": info.tenant,
-                         "parent": state.model_name, **context})
-    return data
-
-
-def _anthropic_model(entry: dict) -> dict:
-    """A model object as Anthropic's SDK reads it (its requests carry anthropic-version)."""
-    created = datetime.datetime.fromtimestamp(entry["created"], datetime.timezone.utc)
-    return {"type": "model", "id": entry["id"], "display_name": entry["id"],
-            "created_at": created.isoformat().replace("+00:00", "Z")}
-
-
-async def list_models(request: Request):
-    data = _models(request)
-    if "anthropic-version" in request.headers:
-        data = [_anthropic_model(entry) for entry in data]
-        return JSONResponse({"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]})
-    return JSONResponse({"object": "list", "data": data})
-
-
-async def get_model(request: Request):
-    """GET /v1/models/{model}: the base model, one of the caller's adapters or a shared one, else 404."""
-    model = request.path_params["model"]
-    for entry in _models(request):
-        if entry["id"] == model:
-            return JSONResponse(_anthropic_model(entry) if "anthropic-version" in request.headers else entry)
-    raise not_found(f"the model {model!r} does not exist (neither the base model nor one of your adapters)")
