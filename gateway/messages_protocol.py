@@ -27,8 +27,7 @@ _REFUSED = {
 }
 
 
-def refuse(message: str, param: str) -> InvalidRequestError:
-    return InvalidRequestError(message, param)
+refuse = InvalidRequestError  # (message, param): a 400 naming what cannot be served
 
 
 def _texts(blocks, where: str) -> str:
