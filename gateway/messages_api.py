@@ -210,9 +210,7 @@ async def count_tokens(request: Request):
     principal_of(request)
     engine = state.require_engine()
     body = await json_body(request)
-    chat = chat_body_from({"max_tokens": 1, **body} if isinstance(body, dict) else body)
-    _thinking_switch(engine.tokenizer, body, chat)
-    gen = parse_common(chat, chat=True)
+    chat, gen = _prepared(state, {"max_tokens": 1, **body} if isinstance(body, dict) else body)  # none asked here
     tok = engine.tokenizer
     if not getattr(tok, "chat_template", None):
         raise APIError(400, "this model has no chat template", param="messages")
