@@ -46,7 +46,7 @@ def run(engine: LLMEngine, requests, clients: int) -> tuple[float, list[list[flo
             open_reqs[engine.add_request(prompt, params).request_id] = i
         for out in engine.step():
             if out.finished:
-                results[open_reqs.pop(out.request_id)] = [lp for lp, _ in out.prompt_logprobs]
+                results[open_reqs.pop(out.request_id)] = [lp for lp, _, _ in out.prompt_logprobs]
     return time.perf_counter() - t0, [results[i] for i in range(len(requests))]
 
 

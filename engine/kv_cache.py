@@ -176,8 +176,8 @@ class KVCacheManager:
         use = max(0, len(kept) - 1)
         bs = self.block_size
         for t in range(len(request.prompt_logprobs) + 1, use * bs + 1):  # a recompute keeps its own
-            logprob, alts = kept[t // bs][t % bs]
-            request.prompt_logprobs.append((logprob, dict(list(alts.items())[:k])))
+            logprob, alts, rank = kept[t // bs][t % bs]
+            request.prompt_logprobs.append((logprob, dict(list(alts.items())[:k]), rank))
         return use
 
     def cache_full_blocks(self, request: Request) -> None:

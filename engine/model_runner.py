@@ -37,7 +37,7 @@ class StepOutput:
     # per request id, the final hidden states [num_logits, hidden] of its sampled positions.
     hidden_states: dict[str, torch.Tensor] | None = None
     # Per request asking for them: the logprobs of the prompt tokens this step reached, in order.
-    prompt_logprobs: dict[str, list[tuple[float, dict[int, float]]]] | None = None
+    prompt_logprobs: dict[str, list[tuple[float, dict[int, float], int]]] | None = None
     # Per request wanting an embedding: (first prompt position, part), engine/pooling.py.
     pooled: dict[str, tuple[int, torch.Tensor]] | None = None
 
@@ -126,8 +126,10 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden[row + i:row + i + n], lora=batch.lora,
                                                    row_slots=[req.lora_slot] * n).cpu()
                 chosen, top_vals, top_ids = logprobs_of(logits, targets[i:i + n], k)
-                entries.extend((lp, dict(zip(ids, vals)))
-                               for lp, ids, vals in zip(chosen.tolist(), top_ids.tolist(), top_vals.tolist()))
+                # vLLM's rank: tokens at least as likely, itself included (a logit's order is its logprob's)
+                ranks = (logits >= logits.gather(1, targets[i:i + n, None])).sum(1)
+                entries.extend((lp, dict(zip(ids, vals)), rank) for lp, ids, vals, rank
+                               in zip(chosen.tolist(), top_ids.tolist(), top_vals.tolist(), ranks.tolist()))
         return out
 
     def sample(self, batch: BatchMetadata, logits: torch.Tensor, num_tokens: int) -> StepOutput:

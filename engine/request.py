@@ -66,9 +66,9 @@ class Request:
     stop_reason: str | int | None = None
     # Per output token: (chosen token logprob, {token id: logprob} of the top alternatives).
     logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
-    # With sampling_params.prompt_logprobs: the same for prompt tokens 1.. (token 0 has no
-    # context), filled as prefill chunks run.
-    prompt_logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
+    # With sampling_params.prompt_logprobs: the same, and each one's rank, for prompt tokens 1..
+    # (token 0 has no context), filled as prefill chunks run.
+    prompt_logprobs: list[tuple[float, dict[int, float], int]] = field(default_factory=list)
     # Speculative decoding: tokens proposed for the next step (verified by the target, not yet
     # part of the output), the distributions they were drawn from ([k, V], None for greedy or
     # deterministic proposers), and this request's recent acceptance (spec.controller.Acceptance).

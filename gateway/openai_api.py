@@ -23,9 +23,9 @@ from . import tracing
 from .auth import authorization_of
 from .choices import Choice, pump
 from .errors import APIError, to_api_error
+from .logprobs_format import chat_logprobs, completion_logprobs, echo_logprobs, vllm_prompt_logprobs
 from .reasoning import ReasoningSplit, with_reasoning
-from .protocol import (chat_logprobs, chat_messages, completion_logprobs, completion_prompts, echo_logprobs, parse_common,
-                       truncated, usage)
+from .protocol import chat_messages, completion_prompts, parse_common, truncated, usage
 from .tool_calls import StreamedCalls, check_template
 
 
@@ -137,11 +137,21 @@ async def collect_answer(state, principal, body: dict, gen, *, chat: bool) -> di
         else:
             text, logprobs = _completion_piece(gen, tok, prompts, c, c.text, c.logprobs, True, 0)
             out_choices.append({"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
-                                "stop_reason": c.stop_reason, **_token_ids(gen, c, c.tokens, prompts)})
+                                "stop_reason": c.stop_reason, **_token_ids(gen, c, c.tokens, prompts),
+                                **_prompt_logprobs(gen, tok, prompts, c)})
     prompt_ids = {"prompt_token_ids": prompts[0]} if chat and gen.return_token_ids else {}
+    prompt_scores = _prompt_logprobs(gen, tok, prompts, choices[0]) if chat else {}
     return {"id": rid, "object": kind, "created": created, "model": gen.model, "choices": out_choices,
-            "usage": _usage(gen, prompts, choices), "service_tier": gen.service_tier, **prompt_ids,
+            "usage": _usage(gen, prompts, choices), "service_tier": gen.service_tier, **prompt_ids, **prompt_scores,
             **_metrics(state, choices)}
+
+
+def _prompt_logprobs(gen, tok, prompts: list[list[int]], c: Choice) -> dict:
+    """vLLM's prompt_logprobs field for choice c's prompt, when asked for (chat: one prompt)."""
+    if gen.prompt_logprobs is None:
+        return {}
+    return {"prompt_logprobs": vllm_prompt_logprobs(tok, prompts[c.prompt_index], c.prompt_logprobs or [],
+                                                    gen.prompt_logprobs, gen.tokens_as_ids)}
 
 
 def _token_ids(gen, c: Choice, tokens: list[int], prompts: list[list[int]] | None = None) -> dict:
@@ -183,7 +193,9 @@ def _completion_piece(gen, tok, prompts, c: Choice, text: str, entries, first: b
     if gen.echo and first:
         prefix = gen.prompt_texts[c.prompt_index]
         if gen.logprobs is not None:
-            logprobs = echo_logprobs(tok, prompts[c.prompt_index], c.prompt_logprobs, gen.tokens_as_ids)
+            top = gen.logprobs  # the engine's top-k may be prompt_logprobs' larger one
+            scored = [(lp, dict(list(alts.items())[:top]), rank) for lp, alts, rank in c.prompt_logprobs]
+            logprobs = echo_logprobs(tok, prompts[c.prompt_index], scored, gen.tokens_as_ids)
     if gen.prompt_only:
         text, entries = "", []
     if gen.logprobs is None:
@@ -273,11 +285,13 @@ async def stream_chunks(state, gen, prompts, choices, streams, *, chat: bool):
                                                len(c.text) - len(delta_text))
             choice = {"index": c.index, "text": text, "finish_reason": c.finish_reason, "logprobs": logprobs,
                       "stop_reason": c.stop_reason,
-                      **_token_ids(gen, c, c.tokens[sent_tokens.get(c.index, 0):], prompts if first else None)}
+                      **_token_ids(gen, c, c.tokens[sent_tokens.get(c.index, 0):], prompts if first else None),
+                      **(_prompt_logprobs(gen, tok, prompts, c) if first else {})}
         piece = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created, "model": gen.model,
                  "choices": [choice], "service_tier": gen.service_tier}
-        if chat and gen.return_token_ids and not started:  # the stream's first chunk: the prompt's ids
-            piece["prompt_token_ids"] = prompts[0]
+        if chat and not started:  # the stream's first chunk: the prompt's ids and scores, if asked for
+            piece.update({"prompt_token_ids": prompts[0]} if gen.return_token_ids else {},
+                         **_prompt_logprobs(gen, tok, prompts, c))
         if gen.continuous_usage:  # the counts so far; their details come with the final usage chunk
             generated = sum(_generated(gen, c) for c in choices)
             piece["usage"] = {"prompt_tokens": num_prompt_tokens, "completion_tokens": generated,

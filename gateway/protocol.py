@@ -57,6 +57,7 @@ class GenerationRequest:
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids (RL rollouts train on them)
     tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:<id>"
     cache_salt: str = ""  # vLLM's: prefix-cache entries shared only by requests with the same salt
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and rank, and the top ones
 
     @property
     def prompt_only(self) -> bool:
@@ -132,8 +133,13 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
         raise _bad("'temperature' must be between 0 and 2", "temperature")
     if max_tokens is not None and max_tokens < (0 if echo else 1):
         raise _bad(f"'{max_name}' must be at least 1 (0 only with 'echo': the prompt alone)", max_name)
-    # echo with logprobs scores the prompt too: each prompt token's logprob given the ones before it
-    sampling["prompt_logprobs"] = logprobs if echo else None
+    # echo with logprobs scores the prompt too: each prompt token's logprob given the ones before it;
+    # so does vLLM's prompt_logprobs (its own shape); the engine computes the larger top-k for both
+    prompt_logprobs = _get(body, "prompt_logprobs", int, None)
+    if prompt_logprobs is not None and not 0 <= prompt_logprobs <= 20:
+        raise _bad("'prompt_logprobs' must be between 0 and 20", "prompt_logprobs")
+    asked = [k for k in (logprobs if echo else None, prompt_logprobs) if k is not None]
+    sampling["prompt_logprobs"] = max(asked) if asked else None
     # validates now, before any tokenising
     SamplingParams(max_tokens=max(1, sampling["min_tokens"]) if not max_tokens else max_tokens,
                    logprobs=logprobs, seed=seed, **sampling)
@@ -145,7 +151,7 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
                              add_special_tokens=_get(body, "add_special_tokens", bool, not chat),
                              return_token_ids=_get(body, "return_token_ids", bool, False),
                              tokens_as_ids=_get(body, "return_tokens_as_token_ids", bool, False),
-                             cache_salt=_get(body, "cache_salt", str, ""))
+                             cache_salt=_get(body, "cache_salt", str, ""), prompt_logprobs=prompt_logprobs)
 
 
 def _service_tier(body: dict) -> str:
@@ -204,9 +210,6 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
         raise _bad("'echo' is for /v1/completions", "echo")
     if body.get("use_beam_search"):
         raise _bad("beam search is not supported", "use_beam_search")
-    if body.get("prompt_logprobs") is not None:  # vLLM's, with ranks this server does not compute
-        raise _bad("'prompt_logprobs' is not supported: /v1/completions with 'echo': true and 'logprobs' scores the "
-                   "prompt's tokens", "prompt_logprobs")
     if chat and body.get("chat_template") is not None:  # as vLLM refuses it by default (--trust-request-chat-template)
         raise _bad("per-request chat templates are not accepted; the model's own is used", "chat_template")
     if chat and body.get("documents"):
@@ -309,42 +312,3 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
     if details:
         out["completion_tokens_details"] = details
     return out
-
-
-def _token_name(tokenizer, token: int, as_id: bool) -> str:
-    """How logprobs name a token: its text, or with vLLM's return_tokens_as_token_ids
-    "token_id:<id>" (a token that is part of a character decodes to no usable text)."""
-    return f"token_id:{token}" if as_id else tokenizer.decode([token])
-
-
-def completion_logprobs(tokenizer, entries: list[tuple[int, tuple[float, dict[int, float]]]], offset: int,
-                        as_ids: bool = False) -> dict:
-    """Legacy completions shape from (token, (logprob, {alt: logprob})) pairs."""
-    tokens, token_logprobs, tops, offsets = [], [], [], []
-    for token, (lp, alts) in entries:
-        offsets.append(offset)
-        offset += len(tokenizer.decode([token]))
-        tokens.append(_token_name(tokenizer, token, as_ids))
-        token_logprobs.append(lp)
-        tops.append({_token_name(tokenizer, t, as_ids): v for t, v in alts.items()})
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
-
-
-def echo_logprobs(tokenizer, prompt_ids: list[int], entries: list[tuple[float, dict[int, float]]],
-                  as_ids: bool = False) -> dict:
-    """Legacy completions shape for the prompt's own tokens: the first has no context, so its
-    logprob and alternatives are null."""
-    first = tokenizer.decode([prompt_ids[0]])
-    out = completion_logprobs(tokenizer, list(zip(prompt_ids[1:], entries)), len(first), as_ids)
-    return {"tokens": [_token_name(tokenizer, prompt_ids[0], as_ids)] + out["tokens"],
-            "token_logprobs": [None] + out["token_logprobs"],
-            "top_logprobs": [None] + out["top_logprobs"], "text_offset": [0] + out["text_offset"]}
-
-
-def chat_logprobs(tokenizer, entries: list[tuple[int, tuple[float, dict[int, float]]]], as_ids: bool = False) -> dict:
-    def item(token: int, lp: float) -> dict:
-        text = _token_name(tokenizer, token, as_ids)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
-
-    return {"content": [dict(item(token, lp), top_logprobs=[item(t, v) for t, v in alts.items()])
-                        for token, (lp, alts) in entries]}

@@ -77,7 +77,7 @@ def run(model_dir, adapter_dirs, device: str, dtype: str, **config) -> list[tupl
     while engine.has_unfinished:
         for out in engine.step():
             if out.finished:
-                prompt_logprobs[out.request_id] = [lp for lp, _ in out.prompt_logprobs or []]
+                prompt_logprobs[out.request_id] = [lp for lp, _, _ in out.prompt_logprobs or []]
     assert engine.lora_pool.num_pinned == 0 and engine.kv.num_free_blocks == engine.kv.num_blocks
     assert engine.lora_pool.stats.evictions > 0  # 3 adapters in 2 slots: loads onto the GPU mid-run
     return [(r.output_token_ids, [lp for lp, _ in r.logprobs or []], prompt_logprobs[r.request_id]) for r in reqs]

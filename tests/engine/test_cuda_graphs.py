@@ -50,7 +50,7 @@ def run(engine: LLMEngine, work) -> list[tuple[list[int], list[float], list[floa
     reqs = [engine.add_request(prompt, params, adapter=adapter) for prompt, adapter, params in work]
     while engine.has_unfinished:
         engine.step()
-    return [(r.output_token_ids, [lp for lp, _ in r.logprobs], [lp for lp, _ in r.prompt_logprobs or []])
+    return [(r.output_token_ids, [lp for lp, _ in r.logprobs], [lp for lp, _, _ in r.prompt_logprobs or []])
             for r in reqs]
 
 

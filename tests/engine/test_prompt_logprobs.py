@@ -27,8 +27,10 @@ def check(entries, model, prompt):
     top ones (ties within LOGIT_ATOL may come in either order), with HF's values."""
     chosen, logp = reference(model, prompt)
     assert len(entries) == len(prompt) - 1
-    torch.testing.assert_close(torch.tensor([lp for lp, _ in entries]), chosen, atol=LOGIT_ATOL, rtol=0)
-    for (_, alts), row in zip(entries, logp):
+    torch.testing.assert_close(torch.tensor([lp for lp, _, _ in entries]), chosen, atol=LOGIT_ATOL, rtol=0)
+    for (_, alts, rank), row, lp in zip(entries, logp, chosen):
+        # vLLM's rank: 1 + the tokens likelier (ties within LOGIT_ATOL may count either way)
+        assert int((row > lp + LOGIT_ATOL).sum()) + 1 <= rank <= int((row >= lp - LOGIT_ATOL).sum())
         ids, vals = torch.tensor(list(alts)), torch.tensor(list(alts.values()))
         if alts:
             torch.testing.assert_close(vals, row[ids], atol=LOGIT_ATOL, rtol=0)
@@ -63,10 +65,10 @@ def test_scored_prefixes_are_reused_with_their_kept_logprobs(tiny_llama):
         assert out.num_cached_tokens == 5 * 16
         check(out.prompt_logprobs, hf, context + ending)
     fewer = llm.generate([context], SamplingParams(max_tokens=1, prompt_logprobs=1))[0]  # kept top-3 serve top-1
-    assert fewer.num_cached_tokens == 5 * 16 and all(len(alts) == 1 for _, alts in fewer.prompt_logprobs)
+    assert fewer.num_cached_tokens == 5 * 16 and all(len(alts) == 1 for _, alts, _ in fewer.prompt_logprobs)
     check(fewer.prompt_logprobs, hf, context)
     more = llm.generate([context], SamplingParams(max_tokens=1, prompt_logprobs=5))[0]  # kept top-3 cannot serve top-5
-    assert more.num_cached_tokens == 0 and all(len(alts) == 5 for _, alts in more.prompt_logprobs)
+    assert more.num_cached_tokens == 0 and all(len(alts) == 5 for _, alts, _ in more.prompt_logprobs)
 
 
 def test_a_cached_prefix_is_recomputed_for_prompt_logprobs(tiny_llama):
@@ -79,8 +81,8 @@ def test_a_cached_prefix_is_recomputed_for_prompt_logprobs(tiny_llama):
     scored = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
     assert scored.num_cached_tokens == 0
     chosen, _ = reference(hf, prompt)
-    torch.testing.assert_close(torch.tensor([lp for lp, _ in scored.prompt_logprobs]), chosen, atol=LOGIT_ATOL, rtol=0)
-    assert all(alts == {} for _, alts in scored.prompt_logprobs)
+    torch.testing.assert_close(torch.tensor([lp for lp, _, _ in scored.prompt_logprobs]), chosen, atol=LOGIT_ATOL, rtol=0)
+    assert all(alts == {} for _, alts, _ in scored.prompt_logprobs)
 
 
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj", "down_proj"], ["lm_head", "embed_tokens"]])

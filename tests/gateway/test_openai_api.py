@@ -266,7 +266,7 @@ def test_models_list_shows_the_base_model_and_one_can_be_retrieved(server):
     ({"model": "tiny", "prompt": "x", "best_of": 3}, "best_of"),
     ({"model": "tiny", "prompt": "x", "seed": 2**64}, "seed"),
     ({"model": "tiny", "prompt": "x", "use_beam_search": True}, "use_beam_search"),
-    ({"model": "tiny", "prompt": "x", "prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"model": "tiny", "prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
     ({"model": "tiny", "prompt": "x", "return_token_ids": "yes"}, "return_token_ids"),
     ({"model": "tiny", "prompt": "x", "cache_salt": 5}, "cache_salt"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 2**63}, "max_tokens"),  # past the context: not a run to its end
@@ -293,7 +293,6 @@ def test_bad_requests_are_400_in_openai_shape(server, body, param):
     ({"documents": [{"title": "a", "text": "b"}]}, "documents"),
     ({"add_special_tokens": True}, "add_special_tokens"),
     ({"use_beam_search": True}, "use_beam_search"),
-    ({"prompt_logprobs": 0}, "prompt_logprobs"),
 ])
 def test_chat_options_that_would_be_ignored_are_400(server, extra, param):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "t6"}], "max_tokens": 1, **extra}
@@ -481,7 +480,7 @@ def test_tokens_as_ids_in_logprobs_and_a_cache_salt_keeps_prefix_hits_apart(serv
     assert plain["logprobs"]["tokens"] == [f"token_id:{t}" for t in prompt + plain["token_ids"]]
     assert plain["logprobs"]["text_offset"][1] == len(tok.decode(prompt[:1]))  # offsets stay the text's
 
-    long_prompt = " ".join(f"t{i}" for i in range(100, 160))
+    long_prompt = " ".join(f"t{i}" for i in range(441, 501))  # no other test of this module sends it
 
     def cached(salt: str | None) -> int:
         extra = {"cache_salt": salt} if salt is not None else {}
@@ -490,3 +489,34 @@ def test_tokens_as_ids_in_logprobs_and_a_cache_salt_keeps_prefix_hits_apart(serv
 
     assert cached("alpha") == 0 and cached("alpha") > 0  # the same salt shares
     assert cached("beta") == 0 and cached(None) == 0  # another salt, or none, does not
+
+
+def test_vllms_prompt_logprobs_score_the_prompt_with_ranks(server):
+    """vLLM's prompt_logprobs: null, then per prompt token its logprob and rank and the top k
+    (ranks 1..k); the values are echo's, per choice on completions, at the top on chat, in a
+    stream's first chunk; echo keeps its own top-k beside a larger prompt_logprobs."""
+    c = client(server)
+    tok = server.state.engine.tokenizer
+    prompt = "t5 t6 t7 t8"
+    ids = tok.encode(prompt)
+    echoed = c.completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=1,
+                                  extra_body={"prompt_logprobs": 3}).model_dump()["choices"][0]
+    scores = echoed["prompt_logprobs"]
+    assert scores[0] is None and len(scores) == len(ids)
+    for position, token, want in zip(scores[1:], ids[1:], echoed["logprobs"]["token_logprobs"][1:len(ids)]):
+        mine = position[str(token)]
+        assert mine["logprob"] == pytest.approx(want, abs=1e-6) and mine["decoded_token"] == tok.decode([token])
+        ranked = sorted(position.values(), key=lambda e: e["rank"])
+        assert [e["rank"] for e in ranked if e is not mine] in ([1, 2, 3], [1, 2]) and mine["rank"] >= 1
+        assert all(e["logprob"] <= ranked[0]["logprob"] for e in ranked)
+        better = [e for e in position.values() if e["logprob"] > mine["logprob"] + 1e-6]
+        assert mine["rank"] > len(better) or mine["rank"] <= 3  # never ranked above likelier tokens
+    assert all(len(top) == 1 for top in echoed["logprobs"]["top_logprobs"][1:len(ids)])  # echo's own k
+    messages = [{"role": "user", "content": prompt}]
+    chat = c.chat.completions.create(model="tiny", messages=messages, max_tokens=1, extra_body={"prompt_logprobs": 0})
+    chat = chat.model_dump()
+    assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+    assert all(len(p) == 1 for p in chat["prompt_logprobs"][1:])  # k 0: the prompt's own tokens alone
+    first = next(iter(c.chat.completions.create(model="tiny", messages=messages, max_tokens=2, stream=True,
+                                                extra_body={"prompt_logprobs": 0}))).model_dump()
+    assert first["prompt_logprobs"] == chat["prompt_logprobs"]
