@@ -57,11 +57,14 @@ async def _answer(request: Request, store, record) -> JSONResponse:
     return JSONResponse(_batch_json(request, record, await asyncio.to_thread(store.line_states, record.id)))
 
 
-async def _message_batch(request: Request, store, principal):
-    record = await owned_batch(request, store, principal)
-    if record.endpoint != MESSAGES_ENDPOINT:  # an OpenAI batch: not one of these
+async def _addressed(request: Request):
+    """(store, the caller's message batch the path names); 404 for another tenant's, or for
+    a batch of the OpenAI API."""
+    store = batch_store(request)
+    record = await owned_batch(request, store, principal_of(request))
+    if record.endpoint != MESSAGES_ENDPOINT:
         raise APIError(404, f"message batch {record.id!r} does not exist", param="batch_id")
-    return record
+    return store, record
 
 
 def _input_lines(body) -> bytes:
@@ -100,9 +103,7 @@ async def create(request: Request):
 
 
 async def retrieve(request: Request):
-    principal = principal_of(request)
-    store = batch_store(request)
-    return await _answer(request, store, await _message_batch(request, store, principal))
+    return await _answer(request, *await _addressed(request))
 
 
 async def list_all(request: Request):
@@ -122,9 +123,7 @@ async def list_all(request: Request):
 
 
 async def cancel(request: Request):
-    principal = principal_of(request)
-    store = batch_store(request)
-    record = await _message_batch(request, store, principal)
+    store, record = await _addressed(request)
     try:
         await asyncio.to_thread(store.request_cancel, record.id)
         notify_runner(request)
@@ -148,9 +147,7 @@ def _result(custom_id: str | None, state: str, line: str | None) -> dict:
 
 
 async def results(request: Request):
-    principal = principal_of(request)
-    store = batch_store(request)
-    record = await _message_batch(request, store, principal)
+    store, record = await _addressed(request)
     if record.status not in _ENDED:
         raise APIError(400, f"message batch {record.id!r} has not ended: its results come once it has",
                        param="batch_id")
@@ -165,9 +162,7 @@ async def results(request: Request):
 
 
 async def delete(request: Request):
-    principal = principal_of(request)
-    store = batch_store(request)
-    record = await _message_batch(request, store, principal)
+    store, record = await _addressed(request)
     try:
         await asyncio.to_thread(store.delete_batch, record.id)
     except BatchConflict:
