@@ -210,9 +210,9 @@ class BatchStore:
         rows = self._rows("SELECT * FROM batches WHERE id = ?", (batch_id,))
         return _record(BatchRecord, rows[0]) if rows else None
 
-    def list_batches(self, tenant: str | None, limit: int, after: str | None,
-                     endpoint: str | None = None) -> tuple[list[BatchRecord], bool]:
-        rows = self._page("batches", tenant, limit, after, False, ("endpoint", endpoint))
+    def list_batches(self, tenant: str | None, limit: int, after: str | None, endpoint: str | None = None,
+                     ascending: bool = False) -> tuple[list[BatchRecord], bool]:
+        rows = self._page("batches", tenant, limit, after, ascending, ("endpoint", endpoint))
         return [_record(BatchRecord, r) for r in rows[:limit]], len(rows) > limit
 
     def active_batches(self) -> list[BatchRecord]:

@@ -1,6 +1,7 @@
 """Anthropic's Message Batches API: POST /v1/messages/batches, GET /v1/messages/batches
 (`limit`, `after_id`), GET /v1/messages/batches/{id}, POST .../{id}/cancel, GET .../{id}/results
-(JSONL) and DELETE .../{id}, for clients written against Anthropic's SDK.
+(JSONL) and DELETE .../{id}, for clients written against Anthropic's SDK. Lists are newest
+first; `after_id` pages to older batches, `before_id` to newer ones.
 
 A message batch is a batch of the batch API (gateway/batch_runner.py) on the endpoint
 /v1/messages: its requests are stored as that batch's input file, so it is durable in the same
@@ -109,14 +110,15 @@ async def retrieve(request: Request):
 async def list_all(request: Request):
     principal = principal_of(request)
     store = batch_store(request)
-    if request.query_params.get("before_id"):
-        raise APIError(400, "'before_id' is not supported: page forward with 'after_id'", param="before_id")
     limit, _ = page_params(request, 20, 1000)
-    after = request.query_params.get("after_id") or None
-    if after is not None and visible(request, principal, await asyncio.to_thread(store.get_batch, after)) is None:
-        raise unknown_cursor(after)
-    records, has_more = await asyncio.to_thread(store.list_batches, tenant_scope(request, principal), limit, after,
-                                                MESSAGES_ENDPOINT)
+    before = request.query_params.get("before_id") or None
+    cursor = before or request.query_params.get("after_id") or None
+    if cursor is not None and visible(request, principal, await asyncio.to_thread(store.get_batch, cursor)) is None:
+        raise unknown_cursor(cursor)
+    # before_id: the newer batches next to it, read oldest first from it, shown newest first
+    records, has_more = await asyncio.to_thread(store.list_batches, tenant_scope(request, principal), limit, cursor,
+                                                MESSAGES_ENDPOINT, before is not None)
+    records = records[::-1] if before is not None else records
     data = [_batch_json(request, r, await asyncio.to_thread(store.line_states, r.id)) for r in records]
     return JSONResponse({"data": data, "has_more": has_more, "first_id": data[0]["id"] if data else None,
                          "last_id": data[-1]["id"] if data else None})

@@ -207,6 +207,11 @@ def test_message_batches_with_the_official_client(server):
     assert bad.type == "errored" and bad.error.error.type == "invalid_request_error"
     assert "max_tokens" in bad.error.error.message
     assert batch.id in [b.id for b in claude.messages.batches.list(limit=5).data]
+    more = [claude.messages.batches.create(requests=requests[:1]).id for _ in range(2)]  # newest last
+    assert [b.id for b in claude.messages.batches.list(limit=2).data] == more[::-1]
+    assert [b.id for b in claude.messages.batches.list(limit=2, after_id=more[1]).data] == [more[0], batch.id]
+    newer = claude.messages.batches.list(limit=1, before_id=batch.id)
+    assert [b.id for b in newer.data] == [more[0]] and newer.has_more
     assert claude.messages.batches.cancel(batch.id).processing_status == "ended"  # nothing left to cancel
 
     other, _ = clients(server, "key-b")
