@@ -63,6 +63,14 @@ def keyed(tiny_llama, tmp_path, monkeypatch):
     s.stop()
 
 
+def replace(path, text: str) -> None:
+    """Write the keys file as operators must while a server reads it: whole, by a rename (a
+    write in place can be read half-done, here with a reload every 50 ms)."""
+    new = path.with_name(path.name + ".new")
+    new.write_text(text)
+    new.replace(path)
+
+
 def eventually(check) -> bool:
     for _ in range(100):
         if check():
@@ -78,9 +86,9 @@ def test_a_running_server_takes_new_keys_and_drops_revoked_ones(keyed):
         return httpx.get(s.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
 
     assert (status("sk-a"), status("sk-c")) == (200, 401)
-    path.write_text("sk-c tenant-c\n")  # sk-a leaked: revoked, sk-c issued
+    replace(path, "sk-c tenant-c\n")  # sk-a leaked: revoked, sk-c issued
     assert eventually(lambda: (status("sk-a"), status("sk-c")) == (401, 200))
-    path.write_text("sk-c tenant c\n")  # a typo: the keys in use stay
+    replace(path, "sk-c tenant c\n")  # a typo: the keys in use stay
     assert eventually(lambda: samples(httpx.get(s.url + "/metrics").text).get(
         ("loragate_api_keys_reload_errors", ()), 0) >= 1)
     assert status("sk-c") == 200
@@ -96,7 +104,7 @@ def test_a_router_keeps_limits_for_a_tenant_added_while_it_runs(keyed):
     new = {"Authorization": "Bearer sk-new"}
     app = build_router_app(settings)
     with TestClient(app) as router:
-        path.write_text("sk-a tenant-a\nsk-new tenant-new\n")
+        replace(path, "sk-a tenant-a\nsk-new tenant-new\n")
         assert eventually(lambda: tenant_of(app.state.router.limits.keys, "sk-new") == "tenant-new")
         assert eventually(lambda: tenant_of(s.state.keys, "sk-new") == "tenant-new")  # the engine's too
         assert router.post("/v1/completions", headers=new, json=body).status_code == 200
