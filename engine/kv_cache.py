@@ -9,6 +9,12 @@ request gives back their blocks that its next queries can no longer see (release
 there its context costs about a window of blocks, however long it grows. Each group's block
 of a given content is cached under its own key, and a prefix hit needs every block for the
 full-attention groups but, for the windowed ones, only those the window still covers.
+
+A freed request's last, partly filled block is remembered too (one full-attention group
+only): a later request that goes on from the same full blocks with the same tokens copies
+those rows into a block of its own instead of computing them. A beam search step
+(engine/beam_search.py) extends each beam by one token, so each of its requests computes one
+token rather than up to a block; a conversation's next turn reuses the previous answer's tail.
 """
 
 from __future__ import annotations
@@ -44,6 +50,12 @@ class KVCacheManager:
         # for a sequence's first), kept while the block is: a prompt scored again reuses the
         # block only where these can stand in for the logits it no longer computes.
         self.prompt_logprobs_by_hash: dict[bytes, tuple[int, list]] = {}
+        # Freed partial blocks: (parent block's hash, salt, the tokens it holds) -> block, and
+        # back. copy_rows(src, dst, num_rows) copies K/V rows between blocks: the engine sets it
+        # to its runner's; without it (or with windows, or several groups) nothing is kept.
+        self.partial_blocks: dict[tuple, int] = {}
+        self.partial_key_of_block: dict[int, tuple] = {}
+        self.copy_rows = None
         # Counters for metrics and tests.
         self.num_prefix_queries_tokens = 0
         self.num_prefix_hit_tokens = 0
@@ -129,10 +141,55 @@ class KVCacheManager:
                     self._ref(table[-1])
         request.num_released_blocks = first_seen if any(self.windowed) else 0
         request.num_registered_blocks = n  # cached already
-        num_hit = n * self.block_size
+        copied = 0 if request.needs_prompt_logprobs else self._copy_partial(request, hashes[n - 1] if n else b"", n)
+        num_hit = n * self.block_size + copied
         self.num_prefix_queries_tokens += request.num_tokens
         self.num_prefix_hit_tokens += num_hit
         return num_hit
+
+    @property
+    def keeps_partial_blocks(self) -> bool:
+        return self.enable_prefix_caching and self.copy_rows is not None and self.windowed == [False]
+
+    def _copy_partial(self, request: Request, parent: bytes, n: int) -> int:
+        """After the request's n hit blocks: copy the rows of a kept partial block holding its
+        next tokens (at most all but its last token) into a new block of its own; how many."""
+        if not self.keeps_partial_blocks or not self.partial_blocks:
+            return 0
+        start = n * self.block_size
+        tail = request.all_token_ids[start:min(start + self.block_size - 1, request.num_tokens - 1)]
+        for rows in range(len(tail), 0, -1):
+            src = self.partial_blocks.get((parent, request.cache_salt, tuple(tail[:rows])))
+            if src is None:
+                continue
+            if len(self.free_blocks) < 2:  # the kept block is one of them, and stays
+                return 0
+            self._ref(src)
+            dst = self._take_free_block()
+            self.copy_rows(src, dst, rows)
+            self._unref(src)
+            request.block_tables[0].append(dst)
+            return rows
+        return 0
+
+    def _keep_partial(self, request: Request) -> None:
+        """Remember the request's last block if it is partly filled and about to be freed."""
+        n, rows = divmod(request.num_computed_tokens, self.block_size)
+        table = request.block_tables[0] if request.block_tables else []
+        if not self.keeps_partial_blocks or rows == 0 or len(table) <= n or self.ref_counts[table[n]] != 1:
+            return
+        self._extend_hashes(request, n * self.block_size)
+        start = n * self.block_size
+        key = (request.block_hashes[n - 1] if n else b"", request.cache_salt,
+               tuple(request.all_token_ids[start:start + rows]))
+        self._forget_partial(self.partial_blocks.get(key))  # an older copy of the same rows
+        self.partial_blocks[key] = table[n]
+        self.partial_key_of_block[table[n]] = key
+
+    def _forget_partial(self, block: int | None) -> None:
+        key = self.partial_key_of_block.pop(block, None)
+        if key is not None:
+            del self.partial_blocks[key]
 
     def _windows_cached(self, hashes: list[bytes], n: int) -> int:
         """The longest hit up to n blocks whose windowed groups hold every block its window
@@ -220,6 +277,7 @@ class KVCacheManager:
 
     def _take_free_block(self) -> int:
         block, _ = self.free_blocks.popitem(last=False)
+        self._forget_partial(block)
         h = self.hash_of_block.pop(block, None)
         if h is not None:
             del self.cached_block_by_hash[h]
@@ -248,6 +306,7 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Drop the request's references. Tail blocks go first in the eviction order: they are
         the least likely to be shared by a later request."""
+        self._keep_partial(request)
         for table in request.block_tables:
             for block in reversed(table):
                 self._unref(block)

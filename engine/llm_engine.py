@@ -81,6 +81,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.lora_pool)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.lora_pool,
                                   cuda_graph_rows=config.cuda_graph_rows, layout=layout)
+        self.kv.copy_rows = self.runner.copy_block_rows
         self.eos_token_ids = _eos_ids(self.tokenizer, hf_config, self.model_dir)
         self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size, self.eos_token_ids)
         self.think_markers = think_markers(self.tokenizer)  # a reasoning model's <think> and </think>, or None

@@ -67,6 +67,11 @@ class ModelRunner:
         if cuda_graph_rows > 0 and self.device.type == "cuda" and not c.is_moe:
             self.graphs = DecodeGraphs(model, self.kv_caches, block_size, num_blocks, cuda_graph_rows, lora_pool)
 
+    def copy_block_rows(self, src: int, dst: int, num_rows: int) -> None:
+        """Copy block src's first num_rows token rows of K and V into block dst, in every layer
+        (KVCacheManager.copy_rows: a kept partial block's rows reused)."""
+        self.kv_cache[:, :, dst, :, :num_rows] = self.kv_cache[:, :, src, :, :num_rows]
+
     @staticmethod
     def bytes_per_block(model: LlamaForCausalLM, block_size: int, layout: KVLayout) -> int:
         c = model.config

@@ -152,3 +152,58 @@ def test_windowed_groups_give_back_and_prefix_hits_need_only_their_window():
     for r in (a, b, filler, scored):
         kv.free(r)
     assert kv.num_free_blocks == 12 and all(c == 0 for c in kv.ref_counts)
+
+
+def keeping_partials(num_blocks=8, block_size=4):
+    """A manager that keeps freed partial blocks, recording the row copies it asks for."""
+    kv = KVCacheManager(num_blocks=num_blocks, block_size=block_size)
+    kv.copies = []
+    kv.copy_rows = lambda src, dst, rows: kv.copies.append((src, dst, rows))
+    return kv
+
+
+def test_a_freed_partial_block_is_copied_for_a_request_that_goes_on_from_it():
+    kv = keeping_partials()
+    a = req(range(10))  # two full blocks and two tokens
+    kv.allocate(a, 10)
+    kept = a.block_ids[2]
+    finish(kv, a)
+    b = req(list(range(10)) + [50, 51], rid="b")  # a's tokens, then its own
+    assert kv.match_prefix(b) == 10
+    assert kv.copies == [(kept, b.block_ids[2], 2)] and b.block_ids[2] != kept
+    assert kv.ref_counts[kept] == 0 and kv.ref_counts[b.block_ids[2]] == 1  # the kept block stays free, and kept
+    assert kv.match_prefix(req(list(range(10)) + [60], rid="c")) == 10
+    # only rows it holds whole, from the same blocks before it, with the same salt
+    assert kv.match_prefix(req(list(range(9)) + [77, 78], rid="d")) == 8
+    assert kv.match_prefix(req(range(11), salt="other", rid="e")) == 0
+    assert kv.match_prefix(req(range(10), rid="f")) == 8  # the last token is always computed
+    assert len(kv.copies) == 2
+
+
+def test_only_computed_rows_are_kept_and_a_reused_block_is_forgotten():
+    kv = keeping_partials(num_blocks=4)
+    a = req(range(10))
+    kv.allocate(a, 10)
+    a.num_computed_tokens = 6  # preempted with 6 rows computed
+    kv.cache_full_blocks(a)
+    kv.free(a)
+    assert kv.match_prefix(req(range(10), rid="b")) == 6
+    kv = keeping_partials(num_blocks=3)
+    a = req(range(6))
+    kv.allocate(a, 6)
+    finish(kv, a)
+    big = req(range(100, 112), rid="big")
+    assert kv.allocate(big, 12)  # takes every block, the kept one too
+    kv.free(big)
+    assert kv.match_prefix(req(range(8), rid="d")) == 0 and kv.copies == []
+
+
+def test_no_copy_without_a_free_block_besides_the_kept_one():
+    kv = keeping_partials(num_blocks=3)
+    a = req(range(6))
+    kv.allocate(a, 6)
+    finish(kv, a)
+    hold = req(range(200, 204), rid="hold")
+    assert kv.allocate(hold, 4)  # one block left free: the kept one
+    b = req(range(8), rid="b")
+    assert kv.match_prefix(b) == 4 and kv.copies == []

@@ -211,3 +211,16 @@ def test_sparse_expert_models_match_hf(tiny_moe):
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == hf_greedy(hf, prompt, 12), f"prompt of {len(prompt)} tokens diverged"
     assert_prefill_logits_close(llm.engine.model, hf, prompts[4], atol=LOGIT_ATOL)
+
+
+def test_a_next_turn_reuses_the_answers_partial_block_and_answers_like_hf(tiny_llama):
+    llm = LLM(str(tiny_llama), dtype="float32", progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    prompt, more = random_prompts([21, 5], hf.config.vocab_size, seed=5)
+    first = llm.generate([prompt], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    turn = prompt + first.token_ids + more
+    second = llm.generate([turn], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    # the first request computed 30 rows (its last token never ran): one block of 16 and 14
+    # rows of a partial one, copied rather than computed again
+    assert second.num_cached_tokens == 30
+    assert second.token_ids == hf_greedy(hf, turn, 10)
