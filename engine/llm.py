@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
+from .beam_search import BeamSearch, BeamSearchParams, BeamSequence, candidates_of, check_fits
 from .config import EngineConfig
 from .llm_engine import LLMEngine, RequestOutput
 from .sampling_params import SamplingParams
@@ -41,6 +42,28 @@ class LLM:
             for rid in ids:
                 self.engine.abort(rid)
             raise
+        final = self._run(ids, progress)
+        return [final[rid] for rid in ids]
+
+    def beam_search(self, prompts: list[str | list[int]], params: BeamSearchParams, *,
+                    adapter: str | None = None) -> list[list[BeamSequence]]:
+        """Beam search (engine/beam_search.py) from each prompt, all searches' steps batched
+        together; returns each prompt's hypotheses, best first."""
+        prompt_ids = [self.engine.tokenize(p) for p in prompts]
+        for ids in prompt_ids:
+            check_fits(len(ids), params, self.engine.max_model_len)
+        searches = [BeamSearch(params, self.engine.eos_token_ids, self.engine.model.config.vocab_size)
+                    for _ in prompt_ids]
+        while pending := [(ids, s) for ids, s in zip(prompt_ids, searches) if not s.done]:
+            steps = [(s, [self.engine.add_request(ids + tokens, s.step_params(), adapter=adapter).request_id
+                          for tokens, _ in s.live]) for ids, s in pending]
+            final = self._run([rid for _, rids in steps for rid in rids])
+            for s, rids in steps:
+                s.advance([candidates_of(final[rid]) for rid in rids])
+        return [s.results(self.tokenizer) for s in searches]
+
+    def _run(self, ids: list[str], progress: bool = False) -> dict[str, RequestOutput]:
+        """Step the engine until the queued requests `ids` have finished; their final outputs."""
         final: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="generate", disable=not progress)
         while len(final) < len(ids):
@@ -49,4 +72,4 @@ class LLM:
                     final[out.request_id] = out
                     bar.update()
         bar.close()
-        return [final[rid] for rid in ids]
+        return final
