@@ -16,6 +16,7 @@ import uuid
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
+from loragate.engine.beam_search import start_beam_search
 from loragate.engine.fill_in_middle import require_fim_format
 from loragate.engine.reasoning import reasoning_start, reasoning_token_count
 
@@ -58,9 +59,24 @@ async def _start(state, principal, gen, prompts_ids: list[list[int]], model: str
             split = ReasoningSplit(*gen.reasoning) if gen.reasoning else None
             choices.append(Choice(pi * gen.n + ci, pi, len(ids), state.metrics, labels, gen.charge, split))
             requests.append((ids, params))
+    if gen.beam is not None:  # one search per prompt: its n best hypotheses are the prompt's n choices
+        return choices, _start_beams(engine, gen, prompts_ids, adapter, principal.tenant)
     # All at once: a refused prompt queues none of them
     return choices, await engine.add_requests(requests, adapter=adapter, tenant=principal.tenant,
                                               cache_salt=gen.cache_salt)
+
+
+def _start_beams(engine, gen, prompts_ids: list[list[int]], adapter: str | None, tenant: str) -> list:
+    streams = []
+    try:
+        for ids in prompts_ids:
+            params = gen.beam_params(len(ids), engine.engine.max_model_len)
+            streams += start_beam_search(engine, ids, params, adapter=adapter, tenant=tenant, cache_salt=gen.cache_salt)
+    except BaseException:  # a refused prompt runs none of the searches
+        for stream in streams:
+            stream.close()
+        raise
+    return streams
 
 
 async def until_disconnect(request: Request, coro):

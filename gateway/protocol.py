@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from loragate.engine import SamplingParams
+from loragate.engine import BeamSearchParams, SamplingParams
 from loragate.engine.errors import InvalidRequestError
 
+from .beam_options import beam_search_options
 from .output_format import output_grammar
 from .reasoning import template_kwargs
 from .tool_calls import ToolPlan, parse_tool_plan, template_message
@@ -58,6 +59,7 @@ class GenerationRequest:
     tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:<id>"
     cache_salt: str = ""  # vLLM's: prefix-cache entries shared only by requests with the same salt
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and rank, and the top ones
+    beam: dict | None = None  # vLLM's use_beam_search: length_penalty and early_stopping of n beams
 
     @property
     def prompt_only(self) -> bool:
@@ -69,6 +71,12 @@ class GenerationRequest:
         max_tokens = 1 if self.prompt_only else self.max_tokens or max(1, max_model_len - prompt_len)
         return [SamplingParams(max_tokens=max_tokens, seed=None if self.seed is None else self.seed + i,
                                logprobs=self.logprobs, **self.sampling) for i in range(self.n)]
+
+    def beam_params(self, prompt_len: int, max_model_len: int) -> BeamSearchParams:
+        """With use_beam_search: the search's settings, n beams returning n choices."""
+        return BeamSearchParams(beam_width=self.n, max_tokens=self.max_tokens or max(1, max_model_len - prompt_len),
+                                ignore_eos=self.sampling["ignore_eos"], stop_token_ids=self.sampling["stop_token_ids"],
+                                priority=self.sampling["priority"], **self.beam)
 
 
 def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
@@ -143,6 +151,8 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
     # validates now, before any tokenising
     SamplingParams(max_tokens=max(1, sampling["min_tokens"]) if not max_tokens else max_tokens,
                    logprobs=logprobs, seed=seed, **sampling)
+    scored = logprobs is not None or echo or suffix is not None or prompt_logprobs is not None
+    beam = beam_search_options(body, sampling, scored)
     return GenerationRequest(model, n, stream, bool(options.get("include_usage")), logprobs, max_tokens, seed, sampling,
                              echo, tools=tools, suffix=suffix, include_reasoning=_get(body, "include_reasoning", bool, True),
                              template_kwargs=template_options(body) if chat else {},
@@ -151,7 +161,8 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
                              add_special_tokens=_get(body, "add_special_tokens", bool, not chat),
                              return_token_ids=_get(body, "return_token_ids", bool, False),
                              tokens_as_ids=_get(body, "return_tokens_as_token_ids", bool, False),
-                             cache_salt=_get(body, "cache_salt", str, ""), prompt_logprobs=prompt_logprobs)
+                             cache_salt=_get(body, "cache_salt", str, ""), prompt_logprobs=prompt_logprobs,
+                             beam=beam)
 
 
 def _service_tier(body: dict) -> str:
@@ -208,8 +219,6 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
         raise _bad("only text output is supported", "modalities")
     if chat and body.get("echo"):
         raise _bad("'echo' is for /v1/completions", "echo")
-    if body.get("use_beam_search"):
-        raise _bad("beam search is not supported", "use_beam_search")
     if chat and body.get("chat_template") is not None:  # as vLLM refuses it by default (--trust-request-chat-template)
         raise _bad("per-request chat templates are not accepted; the model's own is used", "chat_template")
     if chat and body.get("documents"):

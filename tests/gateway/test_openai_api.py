@@ -265,7 +265,6 @@ def test_models_list_shows_the_base_model_and_one_can_be_retrieved(server):
     ({"model": "tiny", "prompt": "x", "suffix": "end"}, "suffix"),
     ({"model": "tiny", "prompt": "x", "best_of": 3}, "best_of"),
     ({"model": "tiny", "prompt": "x", "seed": 2**64}, "seed"),
-    ({"model": "tiny", "prompt": "x", "use_beam_search": True}, "use_beam_search"),
     ({"model": "tiny", "prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
     ({"model": "tiny", "prompt": "x", "return_token_ids": "yes"}, "return_token_ids"),
     ({"model": "tiny", "prompt": "x", "cache_salt": 5}, "cache_salt"),
@@ -292,7 +291,6 @@ def test_bad_requests_are_400_in_openai_shape(server, body, param):
     ({"chat_template": "{{ messages }}"}, "chat_template"),  # vLLM too refuses these by default
     ({"documents": [{"title": "a", "text": "b"}]}, "documents"),
     ({"add_special_tokens": True}, "add_special_tokens"),
-    ({"use_beam_search": True}, "use_beam_search"),
 ])
 def test_chat_options_that_would_be_ignored_are_400(server, extra, param):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "t6"}], "max_tokens": 1, **extra}
