@@ -119,3 +119,19 @@ def test_each_step_computes_one_token_per_beam(llama):
     before = llm.engine.num_computed_tokens_total
     llm.beam_search([prompt], params)
     assert llm.engine.num_computed_tokens_total - before <= len(prompt) + (params.max_tokens - 1) * params.beam_width
+
+
+@pytest.mark.slow
+def test_the_bundled_model_searches_as_transformers_does_in_fp32(real_model_dir):
+    llm = LLM(str(real_model_dir), dtype="float32", progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32)
+    tok = llm.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=False)
+               for q in ("What is the capital of Germany?", "Write a haiku about the sea.")]
+    params = BeamSearchParams(beam_width=4, max_tokens=24)
+    eos = sorted(llm.engine.eos_token_ids)
+    for prompt, ours in zip(prompts, llm.beam_search(prompts, params)):
+        beams, scores = hf_beams(hf, prompt, params, eos)
+        assert [s.token_ids for s in ours] == beams
+        assert [s.score for s in ours] == pytest.approx(scores, abs=1e-4)
