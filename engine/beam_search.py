@@ -19,7 +19,6 @@ beam search the same way). The search itself is transformers' (GenerationMixin._
 from __future__ import annotations
 
 import asyncio
-import math
 from dataclasses import dataclass, field
 
 from .errors import InvalidRequestError
@@ -43,9 +42,11 @@ class BeamSearchParams:
             raise InvalidRequestError(f"beam_width must be an integer in [1, 64], got {self.beam_width!r}", "n")
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
+        # bounded: a length to a larger power overflows a float (and ranks nothing more usefully)
         if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, (int, float)) \
-                or not math.isfinite(self.length_penalty):
-            raise InvalidRequestError(f"length_penalty must be a number, got {self.length_penalty!r}", "length_penalty")
+                or not -10.0 <= self.length_penalty <= 10.0:
+            raise InvalidRequestError(f"length_penalty must be a number in [-10, 10], got {self.length_penalty!r}",
+                                      "length_penalty")
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise InvalidRequestError(f"early_stopping must be true, false or \"never\", got {self.early_stopping!r}",
                                       "early_stopping")

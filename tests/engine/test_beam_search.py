@@ -96,7 +96,8 @@ def test_an_adapters_beams_match_peft(tiny_llama, tmp_path, save_lora):
 @pytest.mark.parametrize("fields,param", [
     ({"beam_width": 0}, "n"), ({"beam_width": True}, "n"), ({"max_tokens": 0}, "max_tokens"),
     ({"early_stopping": 1}, "early_stopping"), ({"early_stopping": "soon"}, "early_stopping"),
-    ({"length_penalty": float("nan")}, "length_penalty"), ({"stop_token_ids": [-1]}, "stop_token_ids")])
+    ({"length_penalty": float("nan")}, "length_penalty"), ({"length_penalty": 1000.0}, "length_penalty"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids")])
 def test_bad_settings_are_refused(fields, param):
     with pytest.raises(InvalidRequestError) as e:
         BeamSearchParams(**fields)
