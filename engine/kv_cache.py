@@ -10,9 +10,9 @@ there its context costs about a window of blocks, however long it grows. Each gr
 of a given content is cached under its own key, and a prefix hit needs every block for the
 full-attention groups but, for the windowed ones, only those the window still covers.
 
-A freed request's last, partly filled block is remembered too (one full-attention group
-only): a later request that goes on from the same full blocks with the same tokens copies
-those rows into a block of its own instead of computing them. A beam search step
+A freed request's last, partly filled block is remembered too (in every group: the last
+block is always within a window): a later request that goes on from the same full blocks
+with the same tokens copies those rows into a block of its own instead of computing them. A beam search step
 (engine/beam_search.py) extends each beam by one token, so each of its requests computes one
 token rather than up to a block; a conversation's next turn reuses the previous answer's tail.
 """
@@ -50,9 +50,9 @@ class KVCacheManager:
         # for a sequence's first), kept while the block is: a prompt scored again reuses the
         # block only where these can stand in for the logits it no longer computes.
         self.prompt_logprobs_by_hash: dict[bytes, tuple[int, list]] = {}
-        # Freed partial blocks: (parent block's hash, salt, the tokens it holds) -> block, and
-        # back. copy_rows(src, dst, num_rows) copies K/V rows between blocks: the engine sets it
-        # to its runner's; without it (or with windows, or several groups) nothing is kept.
+        # Freed partial blocks: (parent block's hash, salt, the tokens it holds, group) -> block,
+        # and back. copy_rows(src, dst, num_rows) copies K/V rows between blocks: the engine
+        # sets it to its runner's; without it nothing is kept.
         self.partial_blocks: dict[tuple, int] = {}
         self.partial_key_of_block: dict[int, tuple] = {}
         self.copy_rows = None
@@ -149,7 +149,7 @@ class KVCacheManager:
 
     @property
     def keeps_partial_blocks(self) -> bool:
-        return self.enable_prefix_caching and self.copy_rows is not None and self.windowed == [False]
+        return self.enable_prefix_caching and self.copy_rows is not None
 
     def _copy_partial(self, request: Request, parent: bytes, n: int) -> int:
         """After the request's n hit blocks: copy the rows of a kept partial block holding its
@@ -159,32 +159,37 @@ class KVCacheManager:
         start = n * self.block_size
         tail = request.all_token_ids[start:min(start + self.block_size - 1, request.num_tokens - 1)]
         for rows in range(len(tail), 0, -1):
-            src = self.partial_blocks.get((parent, request.cache_salt, tuple(tail[:rows])))
-            if src is None:
+            key = (parent, request.cache_salt, tuple(tail[:rows]))
+            kept = [self.partial_blocks.get(key + (g,)) for g in range(len(self.windowed))]
+            if None in kept:
                 continue
-            if len(self.free_blocks) < 2:  # the kept block is one of them, and stays
+            if len(self.free_blocks) < 2 * len(kept):  # the kept blocks are free ones, and stay
                 return 0
-            self._ref(src)
-            dst = self._take_free_block()
-            self.copy_rows(src, dst, rows)
-            self._unref(src)
-            request.block_tables[0].append(dst)
+            for block in kept:
+                self._ref(block)
+            for table, block in zip(request.block_tables, kept):
+                table.append(self._take_free_block())
+                self.copy_rows(block, table[-1], rows)
+            for block in kept:
+                self._unref(block)
             return rows
         return 0
 
     def _keep_partial(self, request: Request) -> None:
         """Remember the request's last block if it is partly filled and about to be freed."""
         n, rows = divmod(request.num_computed_tokens, self.block_size)
-        table = request.block_tables[0] if request.block_tables else []
-        if not self.keeps_partial_blocks or rows == 0 or len(table) <= n or self.ref_counts[table[n]] != 1:
+        tables = request.block_tables
+        if not self.keeps_partial_blocks or rows == 0 or not tables or len(tables[0]) <= n \
+                or any(t[n] == self.released_block or self.ref_counts[t[n]] != 1 for t in tables):
             return
         self._extend_hashes(request, n * self.block_size)
         start = n * self.block_size
         key = (request.block_hashes[n - 1] if n else b"", request.cache_salt,
                tuple(request.all_token_ids[start:start + rows]))
-        self._forget_partial(self.partial_blocks.get(key))  # an older copy of the same rows
-        self.partial_blocks[key] = table[n]
-        self.partial_key_of_block[table[n]] = key
+        for g, table in enumerate(tables):
+            self._forget_partial(self.partial_blocks.get(key + (g,)))  # an older copy of the same rows
+            self.partial_blocks[key + (g,)] = table[n]
+            self.partial_key_of_block[table[n]] = key + (g,)
 
     def _forget_partial(self, block: int | None) -> None:
         key = self.partial_key_of_block.pop(block, None)

@@ -70,12 +70,19 @@ def test_hypotheses_and_scores_match_transformers(llama, width, length_penalty, 
         assert "stop" in reasons
 
 
-def test_a_sliding_window_model_matches_transformers(tiny_qwen3):
-    llm = LLM(str(tiny_qwen3), dtype="float32", progress=False)
-    hf = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32)
+@pytest.mark.parametrize("arch", ["qwen3", "phi3", "gemma3"])
+def test_sliding_window_models_match_transformers_and_compute_one_token_per_beam(request, arch):
+    """Qwen3's second layer, every Phi-3 layer and five of six Gemma 3 layers attend over a
+    window of 20 tokens, which the searches outgrow; the kept partial blocks are every group's."""
+    model_dir = request.getfixturevalue(f"tiny_{arch}")
+    llm = LLM(str(model_dir), dtype="float32", progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     params = BeamSearchParams(beam_width=3, max_tokens=16)
-    prompts = random_prompts([30, 9], hf.config.vocab_size)  # past its 20-token window
-    for prompt, ours in zip(prompts, llm.beam_search(prompts, params)):
+    prompts = random_prompts([30, 9], hf.config.vocab_size)
+    before = llm.engine.num_computed_tokens_total
+    searched = llm.beam_search(prompts, params)
+    assert llm.engine.num_computed_tokens_total - before <= 39 + 2 * (params.max_tokens - 1) * params.beam_width
+    for prompt, ours in zip(prompts, searched):
         assert [s.token_ids for s in ours] == hf_beams(hf, prompt, params, sorted(llm.engine.eos_token_ids))[0]
 
 
