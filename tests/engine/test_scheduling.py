@@ -136,3 +136,25 @@ def test_preemption_under_a_tiny_kv_budget_keeps_outputs(tiny_llama):
     assert got == expected
     assert_all_blocks_free(tight)
     assert_all_blocks_free(roomy)
+
+
+def test_conversations_under_pressure_answer_alike_with_and_without_the_prefix_cache(tiny_llama):
+    """Turns that go on from earlier answers (kept partial blocks copied, full blocks shared),
+    arriving at random steps into a cache that preempts and evicts: the same tokens as an
+    engine without prefix caching, and every block back at the end."""
+    rng = torch.Generator().manual_seed(7)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    size = 16 * 16 * 2 * 2 * 2 * 16 * 4  # 16 blocks: the last turn's six requests grow to about 50
+    cached, plain = make_engine(tiny_llama, kv_cache_memory=size), \
+        make_engine(tiny_llama, kv_cache_memory=size, enable_prefix_caching=False)
+    histories = prompts_of([5, 17, 30, 9, 40, 23], seed=3)
+    for turn in range(4):
+        arrivals: dict[int, list] = {}
+        for i, h in enumerate(histories):
+            arrivals.setdefault(int(torch.randint(0, 3, (1,), generator=rng)), []).append((h, params, f"{turn}-{i}"))
+        got, expected = drain(cached, arrivals), drain(plain, arrivals)
+        assert got == expected
+        more = prompts_of([1 + i % 4 for i in range(len(histories))], seed=10 + turn)
+        histories = [h + got[f"{turn}-{i}"] + m for i, (h, m) in enumerate(zip(histories, more))]
+    assert cached.kv.num_prefix_hit_tokens > 0 and cached.scheduler.num_preemptions > 0
+    assert_all_blocks_free(cached)
