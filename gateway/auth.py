@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,10 @@ log = logging.getLogger("loragate.gateway")
 
 OPEN_TENANT = "default"
 KEYS_RELOAD_SECONDS = 5.0
+# A changed keys file is taken only when a second read this much later agrees: one rewritten
+# in place (`cat > keys`) reads empty or half-written for a moment, and an empty file would
+# revoke every key until the next reload.
+KEYS_SETTLE_SECONDS = 0.2
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -99,9 +104,14 @@ class KeyStore:
 
     def reload(self) -> bool:
         """Read the keys file again; True if it changed, and its keys now hold. A file that
-        cannot be read (OSError) or parsed (ValueError) raises, and the keys in use stay."""
+        cannot be read (OSError) or parsed (ValueError) raises, and the keys in use stay; one
+        still changing (two reads KEYS_SETTLE_SECONDS apart differ) is left for the next
+        reload. Blocks for that while: call it from a worker thread in an event loop."""
         text = Path(self.keys_file).read_text()
         if _digest(text) == self._file_digest:
+            return False
+        time.sleep(KEYS_SETTLE_SECONDS)
+        if Path(self.keys_file).read_text() != text:
             return False
         self._load(text)
         return True

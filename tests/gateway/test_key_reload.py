@@ -4,6 +4,7 @@ given a keys file never becomes open."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -49,6 +50,20 @@ def test_reload_adds_and_revokes_keys_and_keeps_them_through_a_bad_file(tmp_path
     assert store.reload() is True
     assert not store.is_open and tenant_of(store, "sk-b") is None and tenant_of(store, "anything") is None
     assert tenant_of(store, "sk-admin") == "admin"
+
+
+def test_a_file_being_rewritten_in_place_is_taken_once_it_holds_still(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("sk-a tenant-a\nsk-b tenant-b\n")
+    store = KeyStore.from_sources(str(path), None, None)
+    path.write_text("")  # `cat > keys` has truncated it; the rest comes 50 ms later
+    writer = threading.Timer(0.05, path.write_text, ("sk-a tenant-a\nsk-c tenant-c\n",))
+    writer.start()
+    assert store.reload() is False  # the empty read was not taken: it changed under the second read
+    writer.join()
+    assert tenant_of(store, "sk-b") == "tenant-b"
+    assert store.reload() is True
+    assert [tenant_of(store, k) for k in ("sk-a", "sk-b", "sk-c")] == ["tenant-a", None, "tenant-c"]
 
 
 @pytest.fixture
