@@ -9,5 +9,6 @@ from .llm_engine import LLMEngine, RequestOutput
 from .request import Request, RequestStatus
 from .sampling_params import SamplingParams
 
-__all__ = ["AdapterNotFoundError", "AsyncEngine", "BeamSearchParams", "BeamSequence", "EngineConfig", "EngineDeadError", "InvalidRequestError", "LLM", "LLMEngine",
-           "ModelConfigError", "Request", "RequestOutput", "RequestStatus", "SamplingParams"]
+__all__ = ["AdapterNotFoundError", "AsyncEngine", "BeamSearchParams", "BeamSequence", "EngineConfig", "EngineDeadError",
+           "InvalidRequestError", "LLM", "LLMEngine", "ModelConfigError", "Request", "RequestOutput", "RequestStatus",
+           "SamplingParams"]

@@ -12,9 +12,10 @@ full-attention groups but, for the windowed ones, only those the window still co
 
 A freed request's last, partly filled block is remembered too (in every group: the last
 block is always within a window): a later request that goes on from the same full blocks
-with the same tokens copies those rows into a block of its own instead of computing them. A beam search step
-(engine/beam_search.py) extends each beam by one token, so each of its requests computes one
-token rather than up to a block; a conversation's next turn reuses the previous answer's tail.
+with the same tokens copies those rows into a block of its own instead of computing them.
+A beam search step (engine/beam_search.py) extends each beam by one token, so each of its
+requests computes one token rather than up to a block; a conversation's next turn reuses
+the previous answer's tail.
 """
 
 from __future__ import annotations

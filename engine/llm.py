@@ -45,15 +45,18 @@ class LLM:
         final = self._run(ids, progress)
         return [final[rid] for rid in ids]
 
-    def beam_search(self, prompts: list[str | list[int]], params: BeamSearchParams, *,
+    def beam_search(self, prompts: str | list[int] | list[str | list[int]], params: BeamSearchParams, *,
                     adapter: str | None = None) -> list[list[BeamSequence]]:
         """Beam search (engine/beam_search.py) from each prompt, all searches' steps batched
-        together; returns each prompt's hypotheses, best first."""
-        prompt_ids = [self.engine.tokenize(p) for p in prompts]
-        for ids in prompt_ids:
-            check_fits(len(ids), params, self.engine.max_model_len)
+        together; returns each prompt's hypotheses, best first. Every prompt is validated
+        before any search starts."""
+        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+        prompt_ids = [self.engine.tokenize(p) for p in ([prompts] if single else prompts)]
         searches = [BeamSearch(params, self.engine.eos_token_ids, self.engine.model.config.vocab_size)
                     for _ in prompt_ids]
+        for ids, s in zip(prompt_ids, searches):
+            check_fits(len(ids), params, self.engine.max_model_len)
+            self.engine.make_request(ids, s.step_params(), adapter=adapter)  # validates only
         while pending := [(ids, s) for ids, s in zip(prompt_ids, searches) if not s.done]:
             steps = [(s, [self.engine.add_request(ids + tokens, s.step_params(), adapter=adapter).request_id
                           for tokens, _ in s.live]) for ids, s in pending]

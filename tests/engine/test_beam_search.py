@@ -143,3 +143,12 @@ def test_the_bundled_model_searches_as_transformers_does_in_fp32(real_model_dir)
         beams, scores = hf_beams(hf, prompt, params, eos)
         assert [s.token_ids for s in ours] == beams
         assert [s.score for s in ours] == pytest.approx(scores, abs=1e-4)
+
+
+def test_a_bad_prompt_among_several_starts_no_search(llama):
+    llm, _ = llama
+    with pytest.raises(InvalidRequestError, match="prompt token ids"):
+        llm.beam_search([[5, 6, 7], [5, 99999]], BeamSearchParams(beam_width=2, max_tokens=4))
+    assert not llm.engine.has_unfinished
+    one = llm.beam_search([5, 6, 7], BeamSearchParams(beam_width=2, max_tokens=4))  # a single prompt, as generate takes
+    assert len(one) == 1 and len(one[0]) == 2
