@@ -35,6 +35,7 @@ class BeamSearchParams:
     ignore_eos: bool = False
     stop_token_ids: list[int] = field(default_factory=list)  # end a beam like EOS does
     priority: int = 0  # of the engine requests (SamplingParams.priority)
+    logprobs: int | None = None  # each hypothesis token's logprob, with this many top alternatives
 
     def __post_init__(self) -> None:
         self.stop_token_ids = list(self.stop_token_ids)
@@ -52,6 +53,8 @@ class BeamSearchParams:
                                       "early_stopping")
         if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
             raise InvalidRequestError("stop_token_ids must be token ids (integers >= 0)", "stop_token_ids")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20):
+            raise InvalidRequestError(f"logprobs must be in [0, 20], got {self.logprobs!r}", "logprobs")
 
 
 @dataclass
@@ -64,6 +67,9 @@ class BeamSequence:
     score: float  # cum_logprob / len(token_ids) ** length_penalty: what ranks the hypotheses
     finish_reason: str  # "stop" (a stop token) or "length"
     stop_reason: int | None  # a stop_token_ids token that ended it (EOS: None, as for other requests)
+    # With BeamSearchParams.logprobs: per token (its logprob, {top alternative: logprob}), as
+    # RequestOutput.new_logprobs has them; they sum to cum_logprob.
+    logprobs: list[tuple[float, dict[int, float]]] | None = None
 
 
 class BeamSearch:
@@ -74,24 +80,28 @@ class BeamSearch:
         self.params = params
         self.stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
         # transformers' count: with (1 + stop tokens) x beam_width candidates, beam_width of them
-        # continue even when every beam's likeliest tokens all end it
-        self.num_candidates = min(max(2, 1 + len(self.stops)) * params.beam_width, vocab_size)
-        self.live: list[tuple[list[int], float]] = [([], 0.0)]  # (tokens, cumulative logprob), best first
-        self.finished: list[tuple[float, list[int], float]] = []  # (score, tokens, cumulative logprob), best first
+        # continue even when every beam's likeliest tokens all end it (more change nothing)
+        self.num_candidates = min(max(2 * params.beam_width, (1 + len(self.stops)) * params.beam_width,
+                                      params.logprobs or 0), vocab_size)
+        # (tokens, cumulative logprob, logprob entries), best first
+        self.live: list[tuple[list[int], float, list]] = [([], 0.0, [])]
+        self.finished: list[tuple[float, tuple]] = []  # (score, a live beam's tuple), best first
         self.improvable = True
         self.done = False
 
     def advance(self, candidates: list[list[tuple[int, float]]]) -> None:
         """candidates[i]: the num_candidates likeliest (token, logprob) after live beam i."""
         p = self.params
-        pool = sorted(((logprob + lp, i, token) for i, (_, logprob) in enumerate(self.live)
+        pool = sorted(((beam[1] + lp, i, token, lp) for i, beam in enumerate(self.live)
                        for token, lp in candidates[i]), key=lambda c: (-c[0], c[1], c[2]))[:self.num_candidates]
         length = len(self.live[0][0]) + 1  # tokens each candidate has generated
-        ends = [token in self.stops or length >= p.max_tokens for _, _, token in pool]
-        extended = [(self.live[i][0] + [token], total) for total, i, token in pool]
+        ends = [token in self.stops or length >= p.max_tokens for _, _, token, _ in pool]
+        top = p.logprobs or 0
+        extended = [(self.live[i][0] + [token], total,
+                     self.live[i][2] + [(lp, dict(candidates[i][:top]))] if p.logprobs is not None else [])
+                    for total, i, token, lp in pool]
         # Only the best beam_width candidates may finish; the rest are there to keep beams live.
-        new = [(total / length ** p.length_penalty, tokens, total)
-               for (tokens, total), end in zip(extended[:p.beam_width], ends) if end]
+        new = [(beam[1] / length ** p.length_penalty, beam) for beam, end in zip(extended[:p.beam_width], ends) if end]
         self.finished = sorted(self.finished + new, key=lambda f: -f[0])[:p.beam_width]
         self.live = [beam for beam, end in zip(extended, ends) if not end][:p.beam_width]
         full = len(self.finished) == p.beam_width
@@ -103,11 +113,12 @@ class BeamSearch:
 
     def results(self, tokenizer) -> list[BeamSequence]:
         out = []
-        for score, tokens, total in self.finished:
+        for score, (tokens, total, entries) in self.finished:
             stopped = tokens[-1] in self.stops
             text = tokenizer.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=True)
             out.append(BeamSequence(tokens, text, total, score, "stop" if stopped else "length",
-                                    tokens[-1] if stopped and tokens[-1] in self.params.stop_token_ids else None))
+                                    tokens[-1] if stopped and tokens[-1] in self.params.stop_token_ids else None,
+                                    entries if self.params.logprobs is not None else None))
         return out
 
     def step_params(self) -> SamplingParams:
@@ -167,7 +178,7 @@ class BeamStream:
             request_id=f"{first.request_id}-beam{self.index}", prompt_token_ids=self.prompt_ids,
             token_ids=seq.token_ids, new_token_ids=seq.token_ids, text=seq.text, delta_text=seq.text, finished=True,
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, num_cached_tokens=first.num_cached_tokens,
-            queue_seconds=first.queue_seconds)
+            new_logprobs=seq.logprobs or [], queue_seconds=first.queue_seconds)
 
     def close(self) -> None:
         if not self.done:
@@ -191,8 +202,8 @@ async def _search(engine, search: BeamSearch, prompt_ids: list[int], adapter: st
     time). Cancelled, it aborts the step in flight."""
     first = None
     while not search.done:
-        streams = await engine.add_requests([(prompt_ids + tokens, search.step_params()) for tokens, _ in search.live],
-                                            adapter=adapter, tenant=tenant, cache_salt=cache_salt)
+        steps = [(prompt_ids + tokens, search.step_params()) for tokens, *_ in search.live]
+        streams = await engine.add_requests(steps, adapter=adapter, tenant=tenant, cache_salt=cache_salt)
         try:
             outs = [await _last(stream) for stream in streams]
         finally:

@@ -59,7 +59,7 @@ class LLM:
             self.engine.make_request(ids, s.step_params(), adapter=adapter)  # validates only
         while pending := [(ids, s) for ids, s in zip(prompt_ids, searches) if not s.done]:
             steps = [(s, [self.engine.add_request(ids + tokens, s.step_params(), adapter=adapter).request_id
-                          for tokens, _ in s.live]) for ids, s in pending]
+                          for tokens, *_ in s.live]) for ids, s in pending]
             final = self._run([rid for _, rids in steps for rid in rids])
             for s, rids in steps:
                 s.advance([candidates_of(final[rid]) for rid in rids])

@@ -20,7 +20,7 @@ _NOT_WITH_BEAMS = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "presence_penalty": 0
 def beam_search_options(body: dict, sampling: dict, scored: bool) -> dict | None:
     """vLLM's use_beam_search (n beams, n choices, as transformers' beam search ranks them:
     engine/beam_search.py) with its length_penalty and transformers' early_stopping; None
-    without it. scored: the request asks for logprobs, echo, a suffix or prompt logprobs."""
+    without it. scored: the request asks for echo, a suffix or prompt logprobs."""
     given = {name: body[name] for name in ("length_penalty", "early_stopping") if body.get(name) is not None}
     options = {"length_penalty": 1.0, "early_stopping": False, **given}
     if body.get("use_beam_search") not in (None, False, True):
@@ -44,6 +44,6 @@ def beam_search_options(body: dict, sampling: dict, scored: bool) -> dict | None
         if sampling[name] != default:
             raise _bad(f"'{name}' cannot be combined with beam search ('use_beam_search')", name)
     if scored:
-        raise _bad("logprobs, echo, suffix and prompt_logprobs cannot be combined with beam search "
-                   "('use_beam_search')", "use_beam_search")
+        raise _bad("echo, suffix and prompt_logprobs cannot be combined with beam search ('use_beam_search')",
+                   "use_beam_search")
     return options

@@ -76,7 +76,7 @@ class GenerationRequest:
         """With use_beam_search: the search's settings, n beams returning n choices."""
         return BeamSearchParams(beam_width=self.n, max_tokens=self.max_tokens or max(1, max_model_len - prompt_len),
                                 ignore_eos=self.sampling["ignore_eos"], stop_token_ids=self.sampling["stop_token_ids"],
-                                priority=self.sampling["priority"], **self.beam)
+                                priority=self.sampling["priority"], logprobs=self.logprobs, **self.beam)
 
 
 def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
@@ -151,8 +151,7 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
     # validates now, before any tokenising
     SamplingParams(max_tokens=max(1, sampling["min_tokens"]) if not max_tokens else max_tokens,
                    logprobs=logprobs, seed=seed, **sampling)
-    scored = logprobs is not None or echo or suffix is not None or prompt_logprobs is not None
-    beam = beam_search_options(body, sampling, scored)
+    beam = beam_search_options(body, sampling, echo or suffix is not None or prompt_logprobs is not None)
     return GenerationRequest(model, n, stream, bool(options.get("include_usage")), logprobs, max_tokens, seed, sampling,
                              echo, tools=tools, suffix=suffix, include_reasoning=_get(body, "include_reasoning", bool, True),
                              template_kwargs=template_options(body) if chat else {},

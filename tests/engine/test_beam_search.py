@@ -70,6 +70,21 @@ def test_hypotheses_and_scores_match_transformers(llama, width, length_penalty, 
         assert "stop" in reasons
 
 
+def test_hypotheses_carry_their_tokens_logprobs_as_the_model_gives_them(llama):
+    llm, hf = llama
+    prompt = random_prompts([12], hf.config.vocab_size, seed=11)[0]
+    for s in llm.beam_search([prompt], BeamSearchParams(beam_width=3, max_tokens=8, logprobs=4))[0]:
+        assert len(s.logprobs) == len(s.token_ids)
+        assert sum(lp for lp, _ in s.logprobs) == pytest.approx(s.cum_logprob, abs=1e-4)
+        with torch.no_grad():
+            rows = hf(torch.tensor([prompt + s.token_ids])).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
+        for (lp, alternatives), token, row in zip(s.logprobs, s.token_ids, rows):
+            assert lp == pytest.approx(row[token].item(), abs=1e-4)
+            top = row.topk(4)
+            assert list(alternatives) == top.indices.tolist()
+            assert list(alternatives.values()) == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "phi3", "gemma3"])
 def test_sliding_window_models_match_transformers_and_compute_one_token_per_beam(request, arch):
     """Qwen3's second layer, every Phi-3 layer and five of six Gemma 3 layers attend over a
@@ -104,7 +119,7 @@ def test_an_adapters_beams_match_peft(tiny_llama, tmp_path, save_lora):
     ({"beam_width": 0}, "n"), ({"beam_width": True}, "n"), ({"max_tokens": 0}, "max_tokens"),
     ({"early_stopping": 1}, "early_stopping"), ({"early_stopping": "soon"}, "early_stopping"),
     ({"length_penalty": float("nan")}, "length_penalty"), ({"length_penalty": 1000.0}, "length_penalty"),
-    ({"stop_token_ids": [-1]}, "stop_token_ids")])
+    ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"logprobs": 21}, "logprobs")])
 def test_bad_settings_are_refused(fields, param):
     with pytest.raises(InvalidRequestError) as e:
         BeamSearchParams(**fields)

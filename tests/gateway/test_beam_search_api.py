@@ -124,7 +124,7 @@ def test_a_client_that_hangs_up_stops_the_search(server):
     ({"use_beam_search": True, "top_p": 0.9}, "top_p"),
     ({"use_beam_search": True, "presence_penalty": 0.5}, "presence_penalty"),
     ({"use_beam_search": True, "min_tokens": 2}, "min_tokens"),
-    ({"use_beam_search": True, "logprobs": 1}, "use_beam_search"),
+    ({"use_beam_search": True, "prompt_logprobs": 1}, "use_beam_search"),
     ({"use_beam_search": True, "echo": True}, "use_beam_search"),
     ({"use_beam_search": True, "max_tokens": 2048}, "max_tokens"),  # past the context
     ({"use_beam_search": True, "n": 17}, "n"),
@@ -136,10 +136,23 @@ def test_what_beam_search_cannot_honour_is_a_400(server, extra, param):
     assert not server.state.engine.engine.has_unfinished
 
 
-def test_chat_refuses_logprobs_and_formats_with_beams(server):
+def test_beams_carry_their_tokens_logprobs(server):
+    body = {"model": "tiny", "prompt": "t5 t6 t7", "max_tokens": 6, "n": 2, "use_beam_search": True, "logprobs": 3,
+            "return_token_ids": True}
+    for c in post(server, "/v1/completions", body).json()["choices"]:
+        lp = c["logprobs"]
+        assert len(lp["token_logprobs"]) == len(lp["tokens"]) == len(c["token_ids"])
+        for chosen, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
+            assert len(top) == 3 and chosen <= max(top.values()) + 1e-6
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "t5 t6"}], "max_tokens": 6, "n": 2,
+            "use_beam_search": True, "logprobs": True, "top_logprobs": 2}
+    answer = post(server, "/v1/chat/completions", chat).json()
+    assert sum(len(c["logprobs"]["content"]) for c in answer["choices"]) == answer["usage"]["completion_tokens"]
+    assert all(len(e["top_logprobs"]) == 2 for c in answer["choices"] for e in c["logprobs"]["content"])
+
+
+def test_chat_refuses_formats_with_beams(server):
     base = {"model": "tiny", "messages": [{"role": "user", "content": "t5"}], "max_tokens": 4, "use_beam_search": True}
-    r = post(server, "/v1/chat/completions", {**base, "logprobs": True})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "use_beam_search"
     r = post(server, "/v1/chat/completions", {**base, "response_format": {"type": "json_object"}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
     assert "beam search" in r.json()["error"]["message"]
