@@ -3,6 +3,7 @@ with every KV block accounted for at the end."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from loragate.engine import EngineConfig, LLMEngine, SamplingParams
@@ -138,16 +139,19 @@ def test_preemption_under_a_tiny_kv_budget_keeps_outputs(tiny_llama):
     assert_all_blocks_free(roomy)
 
 
-def test_conversations_under_pressure_answer_alike_with_and_without_the_prefix_cache(tiny_llama):
+@pytest.mark.parametrize("speculative", ["off", "ngram", "draft"])
+def test_conversations_under_pressure_answer_alike_with_and_without_the_prefix_cache(tiny_llama, speculative):
     """Turns that go on from earlier answers (kept partial blocks copied, full blocks shared),
-    arriving at random steps into a cache that preempts and evicts: the same tokens as an
-    engine without prefix caching, and every block back at the end."""
+    arriving at random steps into a cache that preempts and evicts, with speculation rolling
+    tokens back: the same tokens as a plain engine without prefix caching, and every block
+    back at the end."""
     rng = torch.Generator().manual_seed(7)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     size = 16 * 16 * 2 * 2 * 2 * 16 * 4  # 16 blocks: the last turn's six requests grow to about 50
-    cached, plain = make_engine(tiny_llama, kv_cache_memory=size), \
+    spec = {"speculative": speculative, **({"draft_model": str(tiny_llama)} if speculative == "draft" else {})}
+    cached, plain = make_engine(tiny_llama, kv_cache_memory=size, **spec), \
         make_engine(tiny_llama, kv_cache_memory=size, enable_prefix_caching=False)
-    histories = prompts_of([5, 17, 30, 9, 40, 23], seed=3)
+    histories = [(p * 3)[:n] for p, n in zip(prompts_of([5, 8, 10, 6, 9, 7], seed=3), [5, 17, 30, 9, 40, 23])]
     for turn in range(4):
         arrivals: dict[int, list] = {}
         for i, h in enumerate(histories):
