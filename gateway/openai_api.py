@@ -25,7 +25,7 @@ from .auth import authorization_of
 from .choices import Choice, pump
 from .errors import APIError, to_api_error
 from .logprobs_format import chat_logprobs, completion_logprobs, echo_logprobs, vllm_prompt_logprobs
-from .reasoning import ReasoningSplit, with_reasoning
+from .reasoning import ReasoningSplit, with_effort, with_reasoning
 from .protocol import chat_messages, completion_prompts, parse_common, truncated, usage
 from .tool_calls import StreamedCalls, check_template
 
@@ -103,8 +103,9 @@ async def submit_choices(state, principal, body: dict, gen, *, chat: bool):
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
         if gen.tools is not None:
             check_template(gen.tools, tok.chat_template)
+        template_kwargs = with_effort(gen.template_kwargs, gen.reasoning_effort, tok.chat_template)
         prompts = [tok.apply_chat_template(chat_messages(body), tools=gen.tools.shown if gen.tools else None,
-                                           tokenize=True, return_dict=False, **gen.template_kwargs)]
+                                           tokenize=True, return_dict=False, **template_kwargs)]
         if state.think_markers is not None:  # a reasoning model: where its output starts decides the split
             gen.reasoning = (state.think_markers, reasoning_start(prompts[0], state.think_markers, tok))
             gen.sampling["reasoning"] = True

@@ -12,7 +12,7 @@ from loragate.engine.errors import InvalidRequestError
 
 from .beam_options import beam_search_options
 from .output_format import output_grammar
-from .reasoning import template_kwargs
+from .reasoning import effort_of, template_kwargs
 from .tool_calls import ToolPlan, parse_tool_plan, template_message
 
 MAX_N = 16
@@ -60,6 +60,7 @@ class GenerationRequest:
     cache_salt: str = ""  # vLLM's: prefix-cache entries shared only by requests with the same salt
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and rank, and the top ones
     beam: dict | None = None  # vLLM's use_beam_search: length_penalty and early_stopping of n beams
+    reasoning_effort: str | None = None  # chat: OpenAI's, for the template (gateway/reasoning.py with_effort)
 
     @property
     def prompt_only(self) -> bool:
@@ -161,7 +162,7 @@ def parse_common(body: dict, *, chat: bool) -> GenerationRequest:
                              return_token_ids=_get(body, "return_token_ids", bool, False),
                              tokens_as_ids=_get(body, "return_tokens_as_token_ids", bool, False),
                              cache_salt=_get(body, "cache_salt", str, ""), prompt_logprobs=prompt_logprobs,
-                             beam=beam)
+                             beam=beam, reasoning_effort=effort_of(body.get("reasoning_effort"), "reasoning_effort"))
 
 
 def _service_tier(body: dict) -> str:
@@ -218,6 +219,8 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
         raise _bad("only text output is supported", "modalities")
     if chat and body.get("echo"):
         raise _bad("'echo' is for /v1/completions", "echo")
+    if not chat and body.get("reasoning_effort") is not None:
+        raise _bad("'reasoning_effort' is for /v1/chat/completions", "reasoning_effort")
     if chat and body.get("chat_template") is not None:  # as vLLM refuses it by default (--trust-request-chat-template)
         raise _bad("per-request chat templates are not accepted; the model's own is used", "chat_template")
     if chat and body.get("documents"):

@@ -47,6 +47,28 @@ def template_kwargs(body: dict) -> dict:
     return kwargs
 
 
+EFFORTS = ("none", "minimal", "low", "medium", "high")  # OpenAI's reasoning_effort values
+
+
+def effort_of(value, param: str) -> str | None:
+    """A request's reasoning effort (None: not given), validated."""
+    if value is not None and value not in EFFORTS:
+        raise InvalidRequestError(f"'{param}' must be one of {', '.join(EFFORTS)}", param)
+    return value
+
+
+def with_effort(kwargs: dict, effort: str | None, template: str | None) -> dict:
+    """The chat template's variables with OpenAI's reasoning effort: `reasoning_effort` for
+    templates that read it (gpt-oss's; vLLM passes it the same way), and on a template with
+    Qwen3's switch, "none" turns thinking off (unless chat_template_kwargs set the switch)."""
+    if effort is None:
+        return kwargs
+    out = {"reasoning_effort": effort, **kwargs}
+    if effort == "none" and "enable_thinking" in (template or "") and "enable_thinking" not in kwargs:
+        out["enable_thinking"] = False
+    return out
+
+
 def with_reasoning(message: dict, reasoning: str, include: bool) -> dict:
     """An answer's message (or a streamed delta) with its reasoning, under both names; a
     reasoning that took every token leaves the content None, as vLLM does."""

@@ -11,7 +11,7 @@ response.incomplete when max_output_tokens cut it).
 A completed response is stored unless `store` is false (gateway/response_store.py, tenant
 scoped): `previous_response_id` continues its conversation, as if its input and answer were
 sent again before the new input. Options this server does not run (conversation objects,
-background, built-in tools, images and files, reasoning settings, ...) are a 400 naming
+background, built-in tools, images and files, ...) are a 400 naming
 them, not an answer that silently ignores them."""
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ import uuid
 
 from loragate.engine.errors import InvalidRequestError
 
+from .reasoning import effort_of
+
 LOGPROBS = "message.output_text.logprobs"  # the one `include` value served
 # Extensions passed through to sampling as on the chat endpoint (vLLM's, and OpenAI chat's).
 _PASSED_THROUGH = ("seed", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
@@ -22,7 +24,6 @@ _REFUSED = {
                     "again in 'input'",
     "prompt": "stored prompt templates are not supported",
     "background": "background responses are not supported",
-    "reasoning": "reasoning settings are not supported",
     "max_tool_calls": "'max_tool_calls' is not supported",
 }
 
@@ -189,4 +190,22 @@ def chat_body_from(body: dict, history: list[dict] = ()) -> dict:
     response_format = _response_format(body)
     if response_format is not None:
         chat["response_format"] = response_format
+    effort = (reasoning_config(body) or {}).get("effort")
+    if effort is not None:
+        chat["reasoning_effort"] = effort
     return chat
+
+
+def reasoning_config(body: dict) -> dict | None:
+    """`reasoning` ({effort, summary}), validated, as the response echoes it. The effort goes
+    to the chat template (gateway/reasoning.py with_effort); a reasoning item carries the
+    whole reasoning text, so a summary asked for is that text's, with `summary` left empty."""
+    reasoning = body.get("reasoning")
+    if reasoning is None:
+        return None
+    if not isinstance(reasoning, dict) or not set(reasoning) <= {"effort", "summary", "generate_summary"}:
+        raise refuse("'reasoning' must be an object with 'effort' and 'summary'", "reasoning")
+    summary = reasoning.get("summary") or reasoning.get("generate_summary")  # the latter: its deprecated name
+    if summary not in (None, "auto", "concise", "detailed"):
+        raise refuse("'reasoning.summary' must be 'auto', 'concise' or 'detailed'", "reasoning.summary")
+    return {"effort": effort_of(reasoning.get("effort"), "reasoning.effort"), "summary": summary}

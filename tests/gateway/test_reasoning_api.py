@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from loragate.engine.errors import ModelConfigError
 from loragate.engine.reasoning import CLOSED, INSIDE, OPEN, ThinkMarkers
-from loragate.gateway.reasoning import ReasoningSplit, reasoning_markers
+from loragate.gateway.reasoning import ReasoningSplit, reasoning_markers, with_effort
 
 from ..thinker import THOUGHT_MESSAGES, greedy, thinker_tokenizer
 from .conftest import _module_server
@@ -161,3 +161,44 @@ def test_bad_template_variables_are_refused(thinker_server, kwargs):
     r = httpx.post(thinker_server.url + "/v1/chat/completions", headers=thinker_server.headers(),
                    json={"model": "tiny", "messages": THOUGHT_MESSAGES, "chat_template_kwargs": kwargs})
     assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"
+
+
+def test_reasoning_effort_none_switches_thinking_off_and_the_others_keep_it(thinker_server, expected):
+    """OpenAI's reasoning_effort (chat) and reasoning.effort (Responses), on a template with
+    Qwen3's switch; the effort also reaches the template as `reasoning_effort`."""
+    reasoning, content, _ = expected
+    c = client(thinker_server)
+    asked = dict(model="tiny", messages=THOUGHT_MESSAGES, max_tokens=12, temperature=0)
+    off = c.chat.completions.create(**asked, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    none = c.chat.completions.create(**asked, reasoning_effort="none")
+    assert none.choices[0].message.reasoning is None
+    assert none.choices[0].message.content == off.choices[0].message.content
+    assert c.chat.completions.create(**asked, reasoning_effort="high").choices[0].message.reasoning == reasoning
+    switched = c.chat.completions.create(**asked, reasoning_effort="none",  # the caller's own switch wins
+                                         extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    assert switched.choices[0].message.reasoning == reasoning
+    r = c.responses.create(model="tiny", input="t10 t11 t12", max_output_tokens=12, temperature=0,
+                           reasoning={"effort": "none", "summary": "auto"})
+    assert [item.type for item in r.output] == ["message"] and r.output_text == none.choices[0].message.content
+    assert (r.reasoning.effort, r.reasoning.summary) == ("none", "auto")
+    kept = c.responses.create(model="tiny", input="t10 t11 t12", max_output_tokens=12, temperature=0,
+                              reasoning={"effort": "medium"})
+    assert [item.type for item in kept.output] == ["reasoning", "message"] and kept.output_text == content
+    assert with_effort({}, "low", "{{ reasoning_effort }}") == {"reasoning_effort": "low"}
+
+
+@pytest.mark.parametrize("path,extra,param", [
+    ("/v1/chat/completions", {"reasoning_effort": "extreme"}, "reasoning_effort"),
+    ("/v1/completions", {"reasoning_effort": "low"}, "reasoning_effort"),
+    ("/v1/responses", {"reasoning": {"effort": "x"}}, "reasoning.effort"),
+    ("/v1/responses", {"reasoning": "high"}, "reasoning"),
+    ("/v1/responses", {"reasoning": {"summary": "long"}}, "reasoning.summary"),
+])
+def test_bad_reasoning_efforts_are_refused(thinker_server, path, extra, param):
+    body = {"model": "tiny", "max_tokens": 2, **extra}
+    body.update({"/v1/chat/completions": {"messages": THOUGHT_MESSAGES}, "/v1/completions": {"prompt": "t5"},
+                 "/v1/responses": {"input": "t5", "max_output_tokens": 2}}[path])
+    if path == "/v1/responses":
+        del body["max_tokens"]
+    r = httpx.post(thinker_server.url + path, headers=thinker_server.headers(), json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
