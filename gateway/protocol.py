@@ -219,6 +219,8 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
         raise _bad("only text output is supported", "modalities")
     if chat and body.get("echo"):
         raise _bad("'echo' is for /v1/completions", "echo")
+    if chat and body.get("web_search_options") is not None:
+        raise _bad("web search is not available on this server", "web_search_options")
     if not chat and body.get("reasoning_effort") is not None:
         raise _bad("'reasoning_effort' is for /v1/chat/completions", "reasoning_effort")
     if chat and body.get("chat_template") is not None:  # as vLLM refuses it by default (--trust-request-chat-template)

@@ -291,6 +291,7 @@ def test_bad_requests_are_400_in_openai_shape(server, body, param):
     ({"chat_template": "{{ messages }}"}, "chat_template"),  # vLLM too refuses these by default
     ({"documents": [{"title": "a", "text": "b"}]}, "documents"),
     ({"add_special_tokens": True}, "add_special_tokens"),
+    ({"web_search_options": {}}, "web_search_options"),
 ])
 def test_chat_options_that_would_be_ignored_are_400(server, extra, param):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "t6"}], "max_tokens": 1, **extra}
