@@ -56,8 +56,8 @@ class ResponseBuilder:
             "temperature": self.gen.sampling["temperature"], "top_p": self.gen.sampling["top_p"],
             "tool_choice": body.get("tool_choice") or ("auto" if body.get("tools") else "none"),
             "tools": body.get("tools") or [], "text": {"format": text_format}, "truncation": "disabled",
-            "previous_response_id": body.get("previous_response_id"), "reasoning": reasoning_config(body), "store": self.stored,
-            "background": False, "service_tier": "default", "user": body.get("user"),
+            "previous_response_id": body.get("previous_response_id"), "reasoning": reasoning_config(body),
+            "store": self.stored, "background": False, "service_tier": "default", "user": body.get("user"),
             "usage": _usage(usage) if usage is not None else None, **(metrics or {}),
         }
 

@@ -4,7 +4,7 @@
 items) become the chat messages; `max_output_tokens`, `temperature`, `top_p`, `tools`
 (function tools), `tool_choice`, `parallel_tool_calls` and `text.format` (text, json_object,
 json_schema) their chat counterparts; `include: ["message.output_text.logprobs"]` with
-`top_logprobs` the chat logprobs. Options that need stored state or something this
+`top_logprobs` the chat logprobs; `reasoning.effort` chat's reasoning_effort. Options that need stored state or something this
 server does not run are refused by name (InvalidRequestError -> 400)."""
 
 from __future__ import annotations
