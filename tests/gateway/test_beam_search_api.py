@@ -156,3 +156,13 @@ def test_chat_refuses_formats_with_beams(server):
     r = post(server, "/v1/chat/completions", {**base, "response_format": {"type": "json_object"}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
     assert "beam search" in r.json()["error"]["message"]
+
+
+def test_a_batch_line_with_beams_answers_as_the_interactive_request(server):
+    from .test_batches import assert_same_answer, content_lines, line, run_batch
+
+    body = {"model": "tiny", "prompt": "t5 t6 t7", "max_tokens": 8, "n": 3, "use_beam_search": True}
+    batch = run_batch(server, [line("beams", body)])
+    assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 1, batch
+    [out] = content_lines(server, batch["output_file_id"])
+    assert_same_answer(out["response"]["body"], post(server, "/v1/completions", body).json(), chat=False)
